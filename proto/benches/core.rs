@@ -1,0 +1,399 @@
+//! Throughput of the sans-IO core, set against the AES-128-GCM cost of the same bytes.
+//!
+//! Run with `cargo bench -p fluidity-proto --bench core`. It prints a table:
+//!
+//! - frame encode+decode rates (16 KiB DATA frames and small control frames);
+//! - a 1 GiB transfer on one stream between two in-memory [`Connection`]s;
+//! - the AES-128-GCM seal rate of the same 1 GiB in 16 KiB records (aws-lc-rs), i.e. the
+//!   cheapest possible TLS cost of those bytes;
+//! - the ratio core time / AES-GCM time: what the tunnel core adds on top of the crypto
+//!   that carrying the bytes needs anyway. The goal is under 10%.
+//!
+//! Each measurement runs `FLUIDITY_BENCH_RUNS` times (default 3), interleaved, and the
+//! fastest run counts: on a shared machine the fastest run is the least disturbed one.
+//! `FLUIDITY_BENCH_MIB` (default 1024) scales the transfer for quick checks;
+//! `FLUIDITY_BENCH_ONLY=transfer` runs the transfer alone (for a profiler).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+use bytes::{Bytes, BytesMut};
+use fluidity_proto::frame::HEADER_LEN;
+use fluidity_proto::{
+    Config, Connection, Credentials, Decoder, Error, ErrorCode, Event, Frame, StreamEvent,
+    StreamId, Target,
+};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+const GIB: f64 = (1024 * MIB) as f64;
+
+/// Size of the application's writes in the transfer.
+const WRITE_LEN: usize = 64 * KIB;
+/// TLS record payload size used for the AES-GCM reference.
+const RECORD_LEN: usize = 16 * KIB;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Deterministic, incompressible-looking filler (xorshift), so nothing is special-cased.
+fn filler(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+// ----- frames -----
+
+/// Encodes and decodes `count` copies of `frame` through one buffer; returns the time.
+fn frame_round_trips(frame: &Frame, count: usize) -> Duration {
+    let mut decoder = Decoder::new(64 * KIB as u32);
+    let mut buf = BytesMut::with_capacity(128 * KIB);
+    let start = Instant::now();
+    for _ in 0..count {
+        black_box(frame).encode(&mut buf);
+        match decoder.decode(&mut buf) {
+            Ok(Some(f)) => {
+                black_box(f);
+            }
+            other => panic!("frame did not round-trip: {other:?}"),
+        }
+    }
+    let elapsed = start.elapsed();
+    assert!(buf.is_empty(), "decoder left {} bytes", buf.len());
+    elapsed
+}
+
+// ----- in-memory transfer -----
+
+/// Two connections joined in memory, following the run loop of the crate docs.
+struct Pair {
+    now: Instant,
+    agent: Connection,
+    server: Connection,
+    a2s: Vec<u8>,
+    s2a: Vec<u8>,
+}
+
+impl Pair {
+    fn new(config: Arc<Config>) -> Pair {
+        let now = Instant::now();
+        Pair {
+            now,
+            agent: Connection::agent(config.clone(), Credentials::none(), now),
+            server: Connection::server(config, now),
+            a2s: Vec::with_capacity(512 * KIB),
+            s2a: Vec::with_capacity(64 * KIB),
+        }
+    }
+
+    /// Agent → server: transmit, feed. Returns whether any byte moved.
+    fn flush_agent(&mut self) -> bool {
+        self.agent.poll_transmit(self.now, &mut self.a2s);
+        feed(&mut self.server, self.now, &mut self.a2s)
+    }
+
+    /// Server → agent: transmit, feed. Returns whether any byte moved.
+    fn flush_server(&mut self) -> bool {
+        self.server.poll_transmit(self.now, &mut self.s2a);
+        feed(&mut self.agent, self.now, &mut self.s2a)
+    }
+}
+
+/// Offers `pending` to `conn`, keeping what it did not consume (its control backlog was
+/// full); the caller transmits and offers the rest again.
+fn feed(conn: &mut Connection, now: Instant, pending: &mut Vec<u8>) -> bool {
+    if pending.is_empty() {
+        return false;
+    }
+    let n = conn.handle_input(now, pending);
+    if n == pending.len() {
+        pending.clear();
+    } else {
+        pending.drain(..n);
+    }
+    n > 0
+}
+
+fn events(conn: &mut Connection) -> Vec<Event> {
+    std::iter::from_fn(|| conn.poll()).collect()
+}
+
+/// Handshake, open, accept; returns the ready pair and the stream.
+fn open_stream(config: Arc<Config>) -> (Pair, StreamId) {
+    let mut p = Pair::new(config);
+    for _ in 0..8 {
+        p.flush_agent();
+        p.flush_server();
+    }
+    assert!(
+        p.agent.is_ready() && p.server.is_ready(),
+        "handshake failed"
+    );
+    events(&mut p.agent);
+    events(&mut p.server);
+    let id = p
+        .agent
+        .open(p.now, Target::parse("127.0.0.1:9").expect("valid target"))
+        .expect("open");
+    p.flush_agent();
+    let requested = events(&mut p.server)
+        .into_iter()
+        .any(|e| matches!(e, Event::Stream(StreamEvent::OpenRequested { id: i, .. }) if i == id));
+    assert!(requested, "server saw no open");
+    p.server.accept_open(id).expect("accept");
+    p.flush_server();
+    assert!(
+        events(&mut p.agent).contains(&Event::Stream(StreamEvent::Opened { id })),
+        "agent saw no open result"
+    );
+    (p, id)
+}
+
+/// Result of one transfer.
+struct Transfer {
+    elapsed: Duration,
+    frames_sent: u64,
+    rounds: u64,
+}
+
+/// Moves `total` bytes from agent to server on one stream, the agent writing
+/// `WRITE_LEN`-byte chunks, the server reading everything it is given.
+fn transfer(config: Arc<Config>, total: usize, source: &[u8]) -> Transfer {
+    let (mut p, id) = open_stream(config);
+    let frames_before = p.agent.stats().frames_sent;
+    let mut written = 0usize;
+    let mut read = 0usize;
+    let mut finished = false;
+    let mut eof = false;
+    let mut rounds = 0u64;
+    let start = Instant::now();
+    while !eof {
+        rounds += 1;
+        // Agent application: write until the stream's credit is used up.
+        while written < total {
+            let len = WRITE_LEN.min(total - written);
+            let off = written % source.len().saturating_sub(WRITE_LEN).max(1);
+            match p.agent.send_stream(id).write(&source[off..off + len]) {
+                Ok(n) => written += n,
+                Err(Error::Blocked) => break,
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
+        if written == total && !finished {
+            p.agent.send_stream(id).finish().expect("finish");
+            finished = true;
+        }
+        // Agent driver: transmit (the run loop's step 1), then events and timer.
+        p.flush_agent();
+        events(&mut p.agent);
+        black_box(p.agent.poll_timeout());
+        // Server driver and application: events, read whatever arrived.
+        events(&mut p.server);
+        loop {
+            match p.server.recv_stream(id).read(usize::MAX) {
+                Ok(Some(chunk)) => read += black_box(chunk).len(),
+                Ok(None) => {
+                    eof = true;
+                    break;
+                }
+                Err(Error::Blocked) => break,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+        black_box(p.server.poll_timeout());
+        // Window updates back to the agent.
+        p.flush_server();
+        assert!(rounds < 1 << 26, "transfer made no progress");
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(read, total, "server read a different byte count");
+    Transfer {
+        elapsed,
+        frames_sent: p.agent.stats().frames_sent - frames_before,
+        rounds,
+    }
+}
+
+// ----- AES-GCM reference -----
+
+/// Seals `total` bytes in `RECORD_LEN` records with AES-128-GCM; returns the time.
+fn aes_gcm_seal(total: usize, source: &[u8]) -> Duration {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).expect("key length"));
+    let mut record = source[..RECORD_LEN].to_vec();
+    let records = total / RECORD_LEN;
+    let start = Instant::now();
+    for seq in 0..records as u64 {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&seq.to_be_bytes());
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from([0x17, 0x03, 0x03, 0x40, 0x11]),
+                &mut record,
+            )
+            .expect("seal");
+        let _ = black_box(tag);
+    }
+    start.elapsed()
+}
+
+// ----- report -----
+
+fn fastest(runs: &[Duration]) -> Duration {
+    runs.iter().copied().min().unwrap_or_default()
+}
+
+fn fmt_runs(runs: &[Duration]) -> String {
+    runs.iter()
+        .map(|d| format!("{:.3}", secs(*d)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn main() {
+    let runs = env_usize("FLUIDITY_BENCH_RUNS", 3).max(1);
+    let total = env_usize("FLUIDITY_BENCH_MIB", 1024).max(1) * MIB;
+    let source = filler(4 * MIB);
+    let config = Arc::new(Config {
+        require_auth: false,
+        ..Config::default()
+    });
+    if std::env::var("FLUIDITY_BENCH_ONLY").as_deref() == Ok("transfer") {
+        for _ in 0..runs {
+            let t = transfer(config.clone(), total, &source);
+            println!(
+                "transfer: {:.3} s, {:.2} GiB/s",
+                secs(t.elapsed),
+                total as f64 / GIB / secs(t.elapsed)
+            );
+        }
+        return;
+    }
+
+    println!(
+        "fluidity-proto core benchmark: {} MiB transfer, {} runs each (fastest counts)",
+        total / MIB,
+        runs
+    );
+    println!(
+        "config: data_frame_len {} KiB, transmit_batch {} KiB, stream window {} KiB, \
+         connection window {} KiB",
+        config.data_frame_len as usize / KIB,
+        config.transmit_batch / KIB,
+        config.limits.stream_window as usize / KIB,
+        config.limits.connection_window as usize / KIB
+    );
+    println!();
+
+    // Frames.
+    let data = Frame::Data {
+        id: StreamId(1),
+        fin: false,
+        payload: Bytes::from(source[..16 * KIB].to_vec()),
+    };
+    let controls = [
+        Frame::WindowUpdate {
+            id: StreamId(1),
+            increment: 128 * 1024,
+        },
+        Frame::Ping {
+            ack: true,
+            opaque: 42,
+        },
+        Frame::Reset {
+            id: StreamId(3),
+            code: ErrorCode::CANCEL,
+        },
+    ];
+    let data_count = total / (16 * KIB);
+    let ctrl_count = 2_000_000;
+    let mut data_runs = Vec::new();
+    let mut ctrl_runs: Vec<Vec<Duration>> = vec![Vec::new(); controls.len()];
+    for _ in 0..runs {
+        data_runs.push(frame_round_trips(&data, data_count));
+        for (i, c) in controls.iter().enumerate() {
+            ctrl_runs[i].push(frame_round_trips(c, ctrl_count));
+        }
+    }
+
+    // Transfer and AES-GCM, interleaved so that both see the same machine.
+    let mut transfer_runs = Vec::new();
+    let mut aes_runs = Vec::new();
+    let mut last = None;
+    for _ in 0..runs {
+        let t = transfer(config.clone(), total, &source);
+        transfer_runs.push(t.elapsed);
+        last = Some(t);
+        aes_runs.push(aes_gcm_seal(total, &source));
+    }
+
+    println!(
+        "{:<44} {:>14} {:>10}   runs (s)",
+        "measurement", "rate", "GiB/s"
+    );
+    let d = fastest(&data_runs);
+    println!(
+        "{:<44} {:>11.0} /s {:>10.2}   {}",
+        "DATA 16 KiB frame encode+decode",
+        data_count as f64 / secs(d),
+        (data_count * (16 * KIB + HEADER_LEN)) as f64 / GIB / secs(d),
+        fmt_runs(&data_runs)
+    );
+    for (c, r) in controls.iter().zip(&ctrl_runs) {
+        let d = fastest(r);
+        let name = format!("{:?} frame encode+decode", c.frame_type());
+        println!(
+            "{:<44} {:>11.0} /s {:>10}   {}",
+            name,
+            ctrl_count as f64 / secs(d),
+            "-",
+            fmt_runs(r)
+        );
+    }
+    let core = fastest(&transfer_runs);
+    let aes = fastest(&aes_runs);
+    println!(
+        "{:<44} {:>14} {:>10.2}   {}",
+        format!("{} MiB stream transfer (in memory)", total / MIB),
+        "-",
+        total as f64 / GIB / secs(core),
+        fmt_runs(&transfer_runs)
+    );
+    println!(
+        "{:<44} {:>14} {:>10.2}   {}",
+        "AES-128-GCM seal, 16 KiB records (aws-lc-rs)",
+        "-",
+        total as f64 / GIB / secs(aes),
+        fmt_runs(&aes_runs)
+    );
+    if let Some(t) = last {
+        println!(
+            "transfer detail: {} DATA frames, {} driver rounds",
+            t.frames_sent, t.rounds
+        );
+    }
+    println!();
+    let ratio = secs(core) / secs(aes);
+    let verdict = if ratio <= 0.10 { "met" } else { "MISSED" };
+    println!(
+        "core time / AES-GCM time = {:.1}% (goal < 10%: {verdict})",
+        ratio * 100.0
+    );
+}

@@ -1,0 +1,86 @@
+//! Configuration: the limits a side advertises and its timers. Every default is documented.
+
+use std::time::Duration;
+
+use crate::frame::MIN_MAX_FRAME_LEN;
+
+/// Limits a side advertises in its hello; the peer must respect them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Limits {
+    /// Largest frame payload this side accepts. Default 64 KiB; never below 16 KiB.
+    pub max_frame_len: u32,
+    /// Initial credit for each stream this side receives on: how many bytes of one
+    /// stream it will buffer. Default 256 KiB.
+    pub stream_window: u32,
+    /// Initial credit for the whole connection: how many data bytes may be in flight
+    /// towards this side before it has processed them. Default 4 MiB.
+    pub connection_window: u32,
+    /// Streams this side lets the peer have open at once. Default 256.
+    pub max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_len: 64 * 1024,
+            stream_window: 256 * 1024,
+            connection_window: 4 * 1024 * 1024,
+            max_streams: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits with each field raised to its protocol minimum (frames of 16 KiB, one
+    /// byte of window, one stream), so that a configuration can never deadlock the tunnel.
+    pub fn sanitized(self) -> Limits {
+        Limits {
+            max_frame_len: self.max_frame_len.max(MIN_MAX_FRAME_LEN),
+            stream_window: self.stream_window.clamp(1, crate::MAX_WINDOW),
+            connection_window: self.connection_window.clamp(1, crate::MAX_WINDOW),
+            max_streams: self.max_streams.max(1),
+        }
+    }
+}
+
+/// Configuration of one side of a connection.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What this side advertises and enforces.
+    pub limits: Limits,
+    /// Time from creation to ready (hello, auth, auth result). Default 30 s, enough for a
+    /// server that asks STS to verify the agent.
+    pub handshake_timeout: Duration,
+    /// How often a ready connection sends a ping (keepalive and RTT sample). Default 5 s.
+    pub keepalive_interval: Duration,
+    /// A peer that sends nothing at all for this long is presumed dead. Default 15 s.
+    pub idle_timeout: Duration,
+    /// Server only: whether authentication goes to the application (`true`) or every
+    /// agent that completes the hello is admitted (`false`, for mTLS-only setups).
+    /// Default `true`.
+    pub require_auth: bool,
+    /// Largest DATA payload this side sends (further capped by the peer's
+    /// `max_frame_len`). Default 16 KiB.
+    pub data_frame_len: u32,
+    /// Control output (answers to pings, window updates, refusals) that may wait
+    /// unsent before `handle_input` stops consuming. Default 256 KiB.
+    pub max_control_backlog: usize,
+    /// Data bytes one `poll_transmit` call emits at most. Default 256 KiB.
+    pub transmit_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            limits: Limits::default(),
+            handshake_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+            require_auth: true,
+            data_frame_len: 16 * 1024,
+            max_control_backlog: 256 * 1024,
+            transmit_batch: 256 * 1024,
+        }
+    }
+}

@@ -1,0 +1,1056 @@
+//! The connection state machine: one per tunnel, the same type on both sides.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{encode_data_header, Decoder, Frame, HEADER_LEN, MIN_MAX_FRAME_LEN};
+use crate::handshake::{AuthFailure, AuthRequest, AuthResult, Credentials, Hello, Phase};
+use crate::stream::flow::{RecvWindow, SendWindow};
+use crate::stream::send::Fin;
+use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
+use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target};
+
+/// How much input `handle_input` decodes between checks of the control backlog.
+const INPUT_SLICE: usize = 16 * 1024;
+
+/// Something the application must know about.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Server: the agent presented credentials; answer with [`Connection::accept_auth`]
+    /// or [`Connection::reject_auth`].
+    AuthRequested(AuthRequest),
+    /// The handshake is complete; streams may be opened.
+    Ready {
+        /// Agent: the principal the server admitted. Server: the principal it accepted.
+        principal: String,
+    },
+    /// A stream event.
+    Stream(StreamEvent),
+    /// The peer takes no new streams; open ones may finish.
+    GoAway {
+        /// Always `NO_ERROR` (an error goaway arrives as [`Event::ConnectionLost`]).
+        code: ErrorCode,
+        /// The peer's explanation.
+        detail: String,
+    },
+    /// The connection is over; every stream is gone. Raised once.
+    ConnectionLost {
+        /// Why.
+        reason: Error,
+    },
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Stream payload bytes transmitted.
+    pub bytes_sent: u64,
+    /// Stream payload bytes received.
+    pub bytes_received: u64,
+    /// Frames transmitted.
+    pub frames_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Streams opened over the connection's life (by either side's count).
+    pub streams_opened: u64,
+    /// Streams alive now.
+    pub streams_active: usize,
+    /// Stream bytes written by the application and not yet transmitted.
+    pub send_buffered: usize,
+    /// Stream bytes received and not yet read by the application.
+    pub recv_buffered: usize,
+    /// Smoothed round-trip time from pings, once measured.
+    pub rtt: Option<Duration>,
+}
+
+/// Why the connection is closing.
+#[derive(Debug)]
+enum Closing {
+    /// Not closing.
+    No,
+    /// The last frames (goaway) are being flushed; then the connection is drained.
+    Flushing,
+    /// Nothing more will be sent or received.
+    Drained,
+}
+
+/// One end of a Fluidity tunnel, as a pure state machine.
+///
+/// Inputs: [`handle_input`](Self::handle_input) (bytes from the peer),
+/// [`handle_eof`](Self::handle_eof), [`handle_timeout`](Self::handle_timeout), and the
+/// application calls (open, accept, write, read, ...). Outputs:
+/// [`poll_transmit`](Self::poll_transmit), [`poll_timeout`](Self::poll_timeout) and
+/// [`poll`](Self::poll). After every input, drain the outputs in that order (see the crate
+/// documentation for the run loop). No method reads a clock or panics on peer input.
+#[derive(Debug)]
+pub struct Connection {
+    side: Side,
+    config: Arc<Config>,
+    limits: Limits,
+    phase: Phase,
+    peer: Option<Hello>,
+    decoder: Decoder,
+    rx: BytesMut,
+    /// Encoded control frames not yet handed to `poll_transmit`.
+    ctrl: Vec<u8>,
+    events: VecDeque<Event>,
+    streams: BTreeMap<StreamId, StreamState>,
+    /// Round-robin of streams with output.
+    sendable: VecDeque<StreamId>,
+    /// Agent: the next id to open. Server: one past the highest id the agent opened.
+    next_stream: u32,
+    conn_send: SendWindow,
+    conn_recv: RecvWindow,
+    handshake_deadline: Instant,
+    last_recv: Instant,
+    next_ping: Option<Instant>,
+    ping_outstanding: Option<(u64, Instant)>,
+    ping_counter: u64,
+    go_away_sent: bool,
+    go_away_received: bool,
+    closing: Closing,
+    lost: bool,
+    stats: Stats,
+}
+
+impl Connection {
+    /// The agent end. It sends its hello and `credentials` at once.
+    pub fn agent(config: Arc<Config>, credentials: Credentials, now: Instant) -> Connection {
+        let mut c = Connection::new(Side::Agent, config, now);
+        c.queue(&Frame::Auth {
+            method: credentials.method,
+            payload: credentials.payload,
+        });
+        c
+    }
+
+    /// The server end. It sends its hello at once.
+    pub fn server(config: Arc<Config>, now: Instant) -> Connection {
+        Connection::new(Side::Server, config, now)
+    }
+
+    fn new(side: Side, config: Arc<Config>, now: Instant) -> Connection {
+        let limits = config.limits.sanitized();
+        let mut c = Connection {
+            side,
+            limits,
+            phase: Phase::AwaitHello,
+            peer: None,
+            decoder: Decoder::new(limits.max_frame_len),
+            rx: BytesMut::new(),
+            ctrl: Vec::new(),
+            events: VecDeque::new(),
+            streams: BTreeMap::new(),
+            sendable: VecDeque::new(),
+            next_stream: 1,
+            // Zero until the peer's hello says what it allows.
+            conn_send: SendWindow::new(0),
+            conn_recv: RecvWindow::new(limits.connection_window),
+            handshake_deadline: now + config.handshake_timeout,
+            last_recv: now,
+            next_ping: None,
+            ping_outstanding: None,
+            ping_counter: 0,
+            go_away_sent: false,
+            go_away_received: false,
+            closing: Closing::No,
+            lost: false,
+            stats: Stats::default(),
+            config,
+        };
+        c.queue(&Frame::Hello(Hello::ours(limits)));
+        c
+    }
+
+    // ----- getters -----
+
+    /// Which end this is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Whether the handshake is complete and the connection not closing.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready && matches!(self.closing, Closing::No)
+    }
+
+    /// Whether the connection has finished: nothing more to send, nothing more accepted.
+    /// The driver closes the transport once this is true.
+    pub fn is_drained(&self) -> bool {
+        matches!(self.closing, Closing::Drained)
+    }
+
+    /// Whether this side may open streams now (agent, ready, no goaway either way).
+    pub fn can_open(&self) -> bool {
+        self.side == Side::Agent && self.is_ready() && !self.go_away_received && !self.go_away_sent
+    }
+
+    /// The limits the peer advertised, once its hello has arrived.
+    pub fn peer_limits(&self) -> Option<Limits> {
+        self.peer.map(|h| h.limits)
+    }
+
+    /// The limits this side advertised.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.streams_active = self.streams.len();
+        s.send_buffered = self.streams.values().map(|st| st.send.buf.len()).sum();
+        s.recv_buffered = self.streams.values().map(|st| st.recv.buffered).sum();
+        s
+    }
+
+    /// A snapshot of one stream, if it exists.
+    pub fn stream_info(&self, id: StreamId) -> Option<StreamInfo> {
+        self.streams.get(&id).map(|s| StreamInfo {
+            send_buffered: s.send.buf.len(),
+            send_credit: s.send.window.credit(),
+            sent: s.send.sent,
+            recv_buffered: s.recv.buffered,
+            received: s.recv.received,
+            read: s.recv.read,
+            fin_received: s.recv.fin_received,
+            fin_sent: s.send.fin == Fin::Sent,
+        })
+    }
+
+    /// Ids of the streams alive now, in order.
+    pub fn stream_ids(&self) -> impl Iterator<Item = StreamId> + '_ {
+        self.streams.keys().copied()
+    }
+
+    // ----- inputs -----
+
+    /// Feeds bytes received from the peer and returns how many were consumed. Fewer than
+    /// `data.len()` means the control backlog is full: call `poll_transmit`, then offer
+    /// the rest again. Protocol violations close the connection and surface as
+    /// [`Event::ConnectionLost`]; they are never returned.
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> usize {
+        if !matches!(self.closing, Closing::No) {
+            // Nothing more is accepted once closing; the bytes are discarded.
+            return data.len();
+        }
+        self.last_recv = now;
+        let mut consumed = 0;
+        while consumed < data.len() {
+            if self.ctrl.len() >= self.config.max_control_backlog {
+                break;
+            }
+            let end = (consumed + INPUT_SLICE).min(data.len());
+            self.rx.extend_from_slice(&data[consumed..end]);
+            consumed = end;
+            loop {
+                match self.decoder.decode(&mut self.rx) {
+                    Ok(Some(frame)) => {
+                        self.stats.frames_received += 1;
+                        self.on_frame(now, frame);
+                        if !matches!(self.closing, Closing::No) {
+                            return data.len();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(Error::protocol(e.code(), e.to_string()), true);
+                        return data.len();
+                    }
+                }
+            }
+        }
+        self.check_invariants();
+        consumed
+    }
+
+    /// The transport ended (EOF or error). Unless the connection was drained, it is lost.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        match self.closing {
+            Closing::No => self.fail(Error::TransportClosed, false),
+            Closing::Flushing => self.closing = Closing::Drained,
+            Closing::Drained => {}
+        }
+    }
+
+    /// Processes timers due at `now`: the handshake deadline, keepalive pings and the idle
+    /// timeout.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !matches!(self.closing, Closing::No) {
+            return;
+        }
+        if self.phase != Phase::Ready {
+            if now >= self.handshake_deadline {
+                self.fail(Error::HandshakeTimeout(self.config.handshake_timeout), true);
+            }
+            return;
+        }
+        if now >= self.last_recv + self.config.idle_timeout {
+            self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
+            return;
+        }
+        if let Some(at) = self.next_ping {
+            if now >= at {
+                if self.ping_outstanding.is_none() {
+                    self.ping_counter += 1;
+                    self.ping_outstanding = Some((self.ping_counter, now));
+                    self.queue(&Frame::Ping {
+                        ack: false,
+                        opaque: self.ping_counter,
+                    });
+                }
+                self.next_ping = Some(now + self.config.keepalive_interval);
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// Appends frames to send to `buf` and returns how many bytes were appended (0 when
+    /// there is nothing to send). Emits all pending control frames and at most
+    /// `Config::transmit_batch` bytes of stream data, round-robin across streams.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> usize {
+        let start = buf.len();
+        buf.append(&mut self.ctrl);
+        if self.phase == Phase::Ready && matches!(self.closing, Closing::No) {
+            self.transmit_data(buf);
+        }
+        if matches!(self.closing, Closing::Flushing) && self.ctrl.is_empty() {
+            self.closing = Closing::Drained;
+        }
+        buf.len() - start
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !matches!(self.closing, Closing::No) {
+            return None;
+        }
+        if self.phase != Phase::Ready {
+            return Some(self.handshake_deadline);
+        }
+        let idle = self.last_recv + self.config.idle_timeout;
+        Some(match self.next_ping {
+            Some(p) if self.ping_outstanding.is_none() => p.min(idle),
+            _ => idle,
+        })
+    }
+
+    /// The next event, if any.
+    pub fn poll(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- handshake answers (server) -----
+
+    /// Admits the agent as `principal` (may be empty), valid for `lifetime_secs` (0: for
+    /// the connection's life). The connection becomes ready.
+    pub fn accept_auth(
+        &mut self,
+        now: Instant,
+        request: AuthRequest,
+        principal: String,
+        lifetime_secs: u32,
+    ) {
+        drop(request);
+        if self.phase != Phase::AuthPending || !matches!(self.closing, Closing::No) {
+            return;
+        }
+        self.queue(&Frame::AuthResult(AuthResult::Accepted {
+            principal: principal.clone(),
+            lifetime_secs,
+        }));
+        self.become_ready(now, principal);
+    }
+
+    /// Refuses the agent; the connection closes after telling it why.
+    pub fn reject_auth(
+        &mut self,
+        _now: Instant,
+        request: AuthRequest,
+        failure: AuthFailure,
+        detail: String,
+    ) {
+        drop(request);
+        if self.phase != Phase::AuthPending || !matches!(self.closing, Closing::No) {
+            return;
+        }
+        self.queue(&Frame::AuthResult(AuthResult::Rejected {
+            failure,
+            detail: detail.clone(),
+        }));
+        self.fail(Error::AuthRejected { failure, detail }, true);
+    }
+
+    // ----- streams -----
+
+    /// Agent: opens a stream to `target`. Data may be written at once (it is carried
+    /// behind the open); reading waits for [`StreamEvent::Opened`].
+    pub fn open(&mut self, _now: Instant, target: Target) -> Result<StreamId, Error> {
+        if self.side != Side::Agent {
+            return Err(Error::WrongSide);
+        }
+        self.check_alive()?;
+        if self.phase != Phase::Ready {
+            return Err(Error::NotReady);
+        }
+        if self.go_away_received || self.go_away_sent {
+            return Err(Error::GoingAway);
+        }
+        let peer = self.peer_limits().ok_or(Error::NotReady)?;
+        if self.streams.len() >= peer.max_streams as usize {
+            return Err(Error::TooManyStreams);
+        }
+        if self.next_stream == u32::MAX {
+            return Err(Error::StreamIdsExhausted);
+        }
+        let id = StreamId(self.next_stream);
+        self.next_stream += 2;
+        self.streams.insert(
+            id,
+            StreamState::new(
+                OpenPhase::Opening,
+                peer.stream_window,
+                self.limits.stream_window,
+            ),
+        );
+        self.stats.streams_opened += 1;
+        self.queue(&Frame::Open { id, target });
+        Ok(id)
+    }
+
+    /// Server: accepts the stream the agent asked for; its buffered data becomes readable.
+    pub fn accept_open(&mut self, id: StreamId) -> Result<(), Error> {
+        self.check_alive()?;
+        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        if s.phase != OpenPhase::PendingAccept {
+            return Err(Error::NotPendingOpen(id));
+        }
+        s.phase = OpenPhase::Open;
+        let readable = s.recv.buffered > 0 || s.recv.fin_received;
+        self.queue(&Frame::OpenResult { id, result: Ok(()) });
+        if readable {
+            self.signal_readable(id);
+        }
+        Ok(())
+    }
+
+    /// Server: refuses the stream the agent asked for; it no longer exists.
+    pub fn refuse_open(&mut self, id: StreamId, refusal: OpenRefusal) -> Result<(), Error> {
+        self.check_alive()?;
+        let s = self.streams.get(&id).ok_or(Error::UnknownStream(id))?;
+        if s.phase != OpenPhase::PendingAccept {
+            return Err(Error::NotPendingOpen(id));
+        }
+        self.remove_stream(id);
+        self.queue(&Frame::OpenResult {
+            id,
+            result: Err(refusal),
+        });
+        self.check_drain();
+        Ok(())
+    }
+
+    /// The sending half of stream `id`.
+    pub fn send_stream(&mut self, id: StreamId) -> SendStream<'_> {
+        SendStream { conn: self, id }
+    }
+
+    /// The receiving half of stream `id`.
+    pub fn recv_stream(&mut self, id: StreamId) -> RecvStream<'_> {
+        RecvStream { conn: self, id }
+    }
+
+    // ----- shutdown -----
+
+    /// Graceful shutdown: tells the peer no new streams will be taken; the connection is
+    /// drained once every open stream has ended.
+    pub fn go_away(&mut self, _now: Instant) {
+        if self.go_away_sent || !matches!(self.closing, Closing::No) {
+            return;
+        }
+        self.go_away_sent = true;
+        let last = self.last_stream_id();
+        self.queue(&Frame::GoAway {
+            last_stream: last,
+            code: ErrorCode::NO_ERROR,
+            detail: "shutting down".into(),
+        });
+        if self.phase != Phase::Ready {
+            self.closing = Closing::Flushing;
+            self.streams.clear();
+            return;
+        }
+        self.check_drain();
+    }
+
+    /// Immediate close: every stream is dropped and the peer told `code` and `detail`.
+    pub fn close(&mut self, _now: Instant, code: ErrorCode, detail: &str) {
+        if !matches!(self.closing, Closing::No) {
+            return;
+        }
+        let last = self.last_stream_id();
+        self.queue(&Frame::GoAway {
+            last_stream: last,
+            code,
+            detail: detail.to_owned(),
+        });
+        self.fail(Error::LocallyClosed(code), false);
+    }
+
+    // ----- internals: streams -----
+
+    fn check_alive(&self) -> Result<(), Error> {
+        if matches!(self.closing, Closing::No) {
+            Ok(())
+        } else {
+            Err(Error::ConnectionClosed)
+        }
+    }
+
+    pub(crate) fn stream_write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, Error> {
+        self.check_alive()?;
+        let side = self.side;
+        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        if side == Side::Server && s.phase != OpenPhase::Open {
+            return Err(Error::NotOpen(id));
+        }
+        if s.send.fin != Fin::Open {
+            return Err(Error::StreamFinished(id));
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let n = s.send.writable().min(data.len());
+        if n == 0 {
+            s.send.blocked = true;
+            return Err(Error::Blocked);
+        }
+        s.send.buf.extend_from_slice(&data[..n]);
+        self.schedule(id);
+        Ok(n)
+    }
+
+    pub(crate) fn stream_writable(&self, id: StreamId) -> Result<usize, Error> {
+        self.check_alive()?;
+        let s = self.streams.get(&id).ok_or(Error::UnknownStream(id))?;
+        if s.send.fin != Fin::Open {
+            return Err(Error::StreamFinished(id));
+        }
+        Ok(s.send.writable())
+    }
+
+    pub(crate) fn stream_finish(&mut self, id: StreamId) -> Result<(), Error> {
+        self.check_alive()?;
+        let side = self.side;
+        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        if side == Side::Server && s.phase != OpenPhase::Open {
+            return Err(Error::NotOpen(id));
+        }
+        if s.send.fin != Fin::Open {
+            return Err(Error::StreamFinished(id));
+        }
+        s.send.fin = Fin::Queued;
+        self.schedule(id);
+        Ok(())
+    }
+
+    pub(crate) fn stream_reset(&mut self, id: StreamId, code: ErrorCode) -> Result<(), Error> {
+        self.check_alive()?;
+        if !self.streams.contains_key(&id) {
+            return Err(Error::UnknownStream(id));
+        }
+        self.remove_stream(id);
+        self.queue(&Frame::Reset { id, code });
+        self.check_drain();
+        Ok(())
+    }
+
+    pub(crate) fn stream_read(&mut self, id: StreamId, max: usize) -> Result<Option<Bytes>, Error> {
+        self.check_alive()?;
+        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        if s.phase != OpenPhase::Open {
+            return Err(Error::NotOpen(id));
+        }
+        if max == 0 {
+            return Err(Error::Blocked);
+        }
+        if let Some(chunk) = s.recv.take(max) {
+            let n = chunk.len() as u64;
+            // No credit after FIN: the peer cannot use it.
+            if !s.recv.fin_received {
+                if let Some(increment) = s.recv.window.on_release(n) {
+                    self.queue(&Frame::WindowUpdate { id, increment });
+                }
+            }
+            return Ok(Some(chunk));
+        }
+        if s.recv.fin_received {
+            s.recv.fin_read = true;
+            if s.is_done() {
+                self.remove_stream(id);
+                self.check_drain();
+            }
+            return Ok(None);
+        }
+        s.recv.signalled = false;
+        Err(Error::Blocked)
+    }
+
+    fn schedule(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.scheduled && s.send.has_output() {
+                s.scheduled = true;
+                self.sendable.push_back(id);
+            }
+        }
+    }
+
+    fn signal_readable(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.recv.signalled {
+                s.recv.signalled = true;
+                self.events
+                    .push_back(Event::Stream(StreamEvent::Readable { id }));
+            }
+        }
+    }
+
+    fn remove_stream(&mut self, id: StreamId) {
+        // The round-robin skips ids that no longer exist.
+        self.streams.remove(&id);
+    }
+
+    /// Whether `id` names a stream that existed once and is gone (late frames for it are
+    /// ignored), as opposed to one that never existed (a protocol error).
+    fn was_opened(&self, id: StreamId) -> bool {
+        id.is_agent_initiated() && id.0 < self.next_stream
+    }
+
+    fn last_stream_id(&self) -> StreamId {
+        StreamId(self.next_stream.saturating_sub(2))
+    }
+
+    fn transmit_data(&mut self, buf: &mut Vec<u8>) {
+        let max_frame = self
+            .peer
+            .map_or(MIN_MAX_FRAME_LEN, |p| p.limits.max_frame_len)
+            .min(self.config.data_frame_len.max(1)) as usize;
+        let mut budget = self.config.transmit_batch;
+        let mut rounds = self.sendable.len();
+        while budget > 0 && rounds > 0 {
+            let Some(id) = self.sendable.pop_front() else {
+                break;
+            };
+            rounds -= 1;
+            let conn_credit = self.conn_send.credit();
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.scheduled = false;
+            if !s.send.has_output() {
+                continue;
+            }
+            let avail = s.send.buf.len();
+            let n = avail
+                .min(max_frame)
+                .min(usize::try_from(conn_credit).unwrap_or(usize::MAX))
+                .min(budget);
+            if n == 0 && avail > 0 {
+                // Out of connection credit (or budget): keep its turn for later.
+                s.scheduled = true;
+                self.sendable.push_front(id);
+                break;
+            }
+            let fin = s.send.fin == Fin::Queued && n == avail;
+            encode_data_header(buf, id, fin, n);
+            buf.extend_from_slice(&s.send.buf[..n]);
+            bytes::Buf::advance(&mut s.send.buf, n);
+            s.send.window.consume(n as u64);
+            s.send.sent += n as u64;
+            self.conn_send.consume(n as u64);
+            self.stats.bytes_sent += n as u64;
+            self.stats.frames_sent += 1;
+            budget = budget.saturating_sub(n + HEADER_LEN);
+            if fin {
+                s.send.fin = Fin::Sent;
+                if s.is_done() {
+                    self.remove_stream(id);
+                    self.check_drain();
+                    continue;
+                }
+            }
+            if s.send.has_output() {
+                s.scheduled = true;
+                self.sendable.push_back(id);
+                rounds += 1;
+            }
+        }
+    }
+
+    // ----- internals: frames -----
+
+    fn queue(&mut self, frame: &Frame) {
+        frame.encode(&mut self.ctrl);
+        self.stats.frames_sent += 1;
+    }
+
+    fn violation(&mut self, code: ErrorCode, detail: impl Into<String>) {
+        self.fail(Error::protocol(code, detail), true);
+    }
+
+    /// Ends the connection: drops every stream, tells the peer (when `tell`), and raises
+    /// [`Event::ConnectionLost`] once.
+    fn fail(&mut self, reason: Error, tell: bool) {
+        if !matches!(self.closing, Closing::No) {
+            return;
+        }
+        if tell {
+            let last = self.last_stream_id();
+            self.queue(&Frame::GoAway {
+                last_stream: last,
+                code: reason.code(),
+                detail: reason.to_string(),
+            });
+        }
+        tracing::debug!(side = ?self.side, %reason, "tunnel connection lost");
+        self.streams.clear();
+        self.sendable.clear();
+        self.closing = Closing::Flushing;
+        if !self.lost {
+            self.lost = true;
+            self.events.push_back(Event::ConnectionLost { reason });
+        }
+    }
+
+    fn become_ready(&mut self, now: Instant, principal: String) {
+        self.phase = Phase::Ready;
+        self.next_ping = Some(now + self.config.keepalive_interval);
+        self.events.push_back(Event::Ready { principal });
+    }
+
+    fn check_drain(&mut self) {
+        if (self.go_away_sent || self.go_away_received)
+            && self.streams.is_empty()
+            && matches!(self.closing, Closing::No)
+        {
+            self.closing = Closing::Flushing;
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) {
+        match frame {
+            Frame::Hello(h) => self.on_hello(h),
+            _ if self.phase == Phase::AwaitHello => {
+                self.violation(ErrorCode::PROTOCOL, "frame before hello")
+            }
+            Frame::Auth { method, payload } => self.on_auth(now, method, payload),
+            Frame::AuthResult(r) => self.on_auth_result(now, r),
+            Frame::Ping { ack: false, opaque } => self.queue(&Frame::Ping { ack: true, opaque }),
+            Frame::Ping { ack: true, opaque } => self.on_pong(now, opaque),
+            Frame::GoAway {
+                last_stream,
+                code,
+                detail,
+            } => self.on_go_away(last_stream, code, detail),
+            Frame::WindowUpdate { id, increment } if id == StreamId::CONNECTION => {
+                if self.conn_send.grant(increment).is_err() {
+                    self.violation(ErrorCode::FLOW_CONTROL, "connection window above 2^31-1");
+                }
+            }
+            _ if self.phase != Phase::Ready => self.violation(
+                ErrorCode::PROTOCOL,
+                "stream frame before the handshake completed",
+            ),
+            Frame::Open { id, target } => self.on_open(id, target),
+            Frame::OpenResult { id, result } => self.on_open_result(id, result),
+            Frame::Data { id, fin, payload } => self.on_data(id, fin, payload),
+            Frame::WindowUpdate { id, increment } => self.on_window_update(id, increment),
+            Frame::Reset { id, code } => self.on_reset(id, code),
+        }
+    }
+
+    fn on_hello(&mut self, h: Hello) {
+        if self.phase != Phase::AwaitHello {
+            return self.violation(ErrorCode::PROTOCOL, "second hello");
+        }
+        let ours = Hello::ours(self.limits);
+        if let Err(e) = ours.negotiate(&h) {
+            return self.fail(e, true);
+        }
+        if h.limits.max_frame_len < MIN_MAX_FRAME_LEN
+            || h.limits.stream_window == 0
+            || h.limits.stream_window > crate::MAX_WINDOW
+            || h.limits.connection_window == 0
+            || h.limits.connection_window > crate::MAX_WINDOW
+        {
+            return self.violation(ErrorCode::PROTOCOL, "hello limits out of range");
+        }
+        self.conn_send = SendWindow::new(h.limits.connection_window);
+        self.peer = Some(h);
+        self.phase = match self.side {
+            Side::Agent => Phase::AwaitAuthResult,
+            Side::Server => Phase::AwaitAuth,
+        };
+    }
+
+    fn on_auth(&mut self, now: Instant, method: String, payload: Bytes) {
+        if self.side != Side::Server || self.phase != Phase::AwaitAuth {
+            return self.violation(ErrorCode::PROTOCOL, "unexpected auth frame");
+        }
+        if self.config.require_auth {
+            self.phase = Phase::AuthPending;
+            self.events
+                .push_back(Event::AuthRequested(AuthRequest { method, payload }));
+        } else {
+            self.queue(&Frame::AuthResult(AuthResult::Accepted {
+                principal: String::new(),
+                lifetime_secs: 0,
+            }));
+            self.become_ready(now, String::new());
+        }
+    }
+
+    fn on_auth_result(&mut self, now: Instant, r: AuthResult) {
+        if self.side != Side::Agent || self.phase != Phase::AwaitAuthResult {
+            return self.violation(ErrorCode::PROTOCOL, "unexpected auth result");
+        }
+        match r {
+            AuthResult::Accepted { principal, .. } => self.become_ready(now, principal),
+            // The server closes the connection itself; nothing to tell it.
+            AuthResult::Rejected { failure, detail } => {
+                self.fail(Error::AuthRejected { failure, detail }, false)
+            }
+        }
+    }
+
+    fn on_pong(&mut self, now: Instant, opaque: u64) {
+        if let Some((sent_id, at)) = self.ping_outstanding {
+            if sent_id == opaque {
+                self.ping_outstanding = None;
+                let sample = now.saturating_duration_since(at);
+                self.stats.rtt = Some(match self.stats.rtt {
+                    None => sample,
+                    Some(r) => (r * 7 + sample) / 8,
+                });
+            }
+        }
+    }
+
+    fn on_go_away(&mut self, last_stream: StreamId, code: ErrorCode, detail: String) {
+        if code != ErrorCode::NO_ERROR {
+            return self.fail(Error::PeerClosed { code, detail }, false);
+        }
+        if self.side == Side::Agent {
+            // Opens the server will never process: refuse them here instead of waiting.
+            let unprocessed: Vec<StreamId> = self
+                .streams
+                .iter()
+                .filter(|(id, s)| id.0 > last_stream.0 && s.phase == OpenPhase::Opening)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in unprocessed {
+                self.remove_stream(id);
+                self.events.push_back(Event::Stream(StreamEvent::Refused {
+                    id,
+                    refusal: OpenRefusal::new(RefusalReason::GoingAway, "server is shutting down"),
+                }));
+            }
+        }
+        if !self.go_away_received {
+            self.go_away_received = true;
+            self.events.push_back(Event::GoAway { code, detail });
+        }
+        if self.phase != Phase::Ready {
+            self.closing = Closing::Flushing;
+            return;
+        }
+        self.check_drain();
+    }
+
+    fn on_open(&mut self, id: StreamId, target: Target) {
+        if self.side != Side::Server {
+            return self.violation(ErrorCode::PROTOCOL, "the server cannot open streams");
+        }
+        if !id.is_agent_initiated() || id.0 < self.next_stream {
+            return self.violation(
+                ErrorCode::PROTOCOL,
+                format!("stream id {id} is not a new agent stream id"),
+            );
+        }
+        self.next_stream = id.0.saturating_add(2);
+        self.stats.streams_opened += 1;
+        let refusal = if self.go_away_sent {
+            Some(OpenRefusal::new(
+                RefusalReason::GoingAway,
+                "server is shutting down",
+            ))
+        } else if self.streams.len() >= self.limits.max_streams as usize {
+            Some(OpenRefusal::new(
+                RefusalReason::TooManyStreams,
+                format!("limit of {} streams reached", self.limits.max_streams),
+            ))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.queue(&Frame::OpenResult {
+                id,
+                result: Err(refusal),
+            });
+            return;
+        }
+        let peer = self.peer_limits().unwrap_or_default();
+        self.streams.insert(
+            id,
+            StreamState::new(
+                OpenPhase::PendingAccept,
+                peer.stream_window,
+                self.limits.stream_window,
+            ),
+        );
+        self.events
+            .push_back(Event::Stream(StreamEvent::OpenRequested { id, target }));
+    }
+
+    fn on_open_result(&mut self, id: StreamId, result: Result<(), OpenRefusal>) {
+        if self.side != Side::Agent {
+            return self.violation(ErrorCode::PROTOCOL, "the agent does not answer opens");
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            if self.was_opened(id) {
+                return; // We reset it meanwhile.
+            }
+            return self.violation(
+                ErrorCode::PROTOCOL,
+                format!("open result for unknown stream {id}"),
+            );
+        };
+        if s.phase != OpenPhase::Opening {
+            return self.violation(
+                ErrorCode::PROTOCOL,
+                format!("second open result for stream {id}"),
+            );
+        }
+        match result {
+            Ok(()) => {
+                s.phase = OpenPhase::Open;
+                self.events
+                    .push_back(Event::Stream(StreamEvent::Opened { id }));
+            }
+            Err(refusal) => {
+                self.remove_stream(id);
+                self.events
+                    .push_back(Event::Stream(StreamEvent::Refused { id, refusal }));
+                self.check_drain();
+            }
+        }
+    }
+
+    fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
+        let n = payload.len() as u64;
+        if self.conn_recv.on_receive(n).is_err() {
+            return self.violation(ErrorCode::FLOW_CONTROL, "data beyond the connection window");
+        }
+        // Connection credit comes back as soon as the bytes are processed: the stream
+        // windows bound what is buffered, so a stalled stream cannot starve the others.
+        if let Some(increment) = self.conn_recv.on_release(n) {
+            self.queue(&Frame::WindowUpdate {
+                id: StreamId::CONNECTION,
+                increment,
+            });
+        }
+        self.stats.bytes_received += n;
+        let side = self.side;
+        let Some(s) = self.streams.get_mut(&id) else {
+            if self.was_opened(id) {
+                return; // Crossed our reset; dropped.
+            }
+            return self.violation(ErrorCode::PROTOCOL, format!("data on unknown stream {id}"));
+        };
+        if side == Side::Agent && s.phase == OpenPhase::Opening {
+            return self.violation(
+                ErrorCode::PROTOCOL,
+                format!("data on stream {id} before its open result"),
+            );
+        }
+        if s.recv.fin_received {
+            return self.violation(
+                ErrorCode::STREAM_CLOSED,
+                format!("data on stream {id} after its FIN"),
+            );
+        }
+        if s.recv.window.on_receive(n).is_err() {
+            return self.violation(
+                ErrorCode::FLOW_CONTROL,
+                format!("data beyond the window of stream {id}"),
+            );
+        }
+        s.recv.received += n;
+        if !payload.is_empty() {
+            s.recv.buffered += payload.len();
+            s.recv.chunks.push_back(payload);
+        }
+        if fin {
+            s.recv.fin_received = true;
+        }
+        if s.phase == OpenPhase::Open && (n > 0 || fin) {
+            self.signal_readable(id);
+        }
+    }
+
+    fn on_window_update(&mut self, id: StreamId, increment: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            if self.was_opened(id) {
+                return;
+            }
+            return self.violation(
+                ErrorCode::PROTOCOL,
+                format!("window update for unknown stream {id}"),
+            );
+        };
+        if s.send.window.grant(increment).is_err() {
+            return self.violation(
+                ErrorCode::FLOW_CONTROL,
+                format!("window of stream {id} above 2^31-1"),
+            );
+        }
+        if s.send.blocked && s.send.fin == Fin::Open {
+            s.send.blocked = false;
+            self.events
+                .push_back(Event::Stream(StreamEvent::Writable { id }));
+        }
+    }
+
+    fn on_reset(&mut self, id: StreamId, code: ErrorCode) {
+        if !self.streams.contains_key(&id) {
+            if self.was_opened(id) {
+                return;
+            }
+            return self.violation(ErrorCode::PROTOCOL, format!("reset of unknown stream {id}"));
+        }
+        self.remove_stream(id);
+        self.events
+            .push_back(Event::Stream(StreamEvent::Reset { id, code }));
+        self.check_drain();
+    }
+
+    /// Internal consistency, checked in debug builds after every input.
+    fn check_invariants(&self) {
+        if cfg!(debug_assertions) {
+            for (id, s) in &self.streams {
+                debug_assert!(
+                    s.send.buf.len() as u64 <= s.send.window.credit(),
+                    "stream {id}: buffered beyond credit"
+                );
+                debug_assert!(
+                    s.recv.buffered as u64 <= u64::from(self.limits.stream_window),
+                    "stream {id}: received beyond the window"
+                );
+            }
+        }
+    }
+}

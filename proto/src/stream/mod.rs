@@ -1,0 +1,166 @@
+//! Multiplexed streams: state per stream, the events they raise, and the borrowing views
+//! through which the application writes and reads.
+
+pub(crate) mod flow;
+pub(crate) mod recv;
+pub(crate) mod send;
+pub mod target;
+
+use bytes::Bytes;
+
+use crate::connection::Connection;
+use crate::{Error, ErrorCode, OpenRefusal, StreamId, Target};
+
+use recv::RecvState;
+use send::SendState;
+
+/// Where a stream is in its opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenPhase {
+    /// Agent: open sent, no answer yet. Data may already flow out (within credit).
+    Opening,
+    /// Server: open received; the application has not answered.
+    PendingAccept,
+    /// Accepted.
+    Open,
+}
+
+#[derive(Debug)]
+pub(crate) struct StreamState {
+    pub(crate) phase: OpenPhase,
+    pub(crate) send: SendState,
+    pub(crate) recv: RecvState,
+    /// Queued in the connection's round-robin of streams with output.
+    pub(crate) scheduled: bool,
+}
+
+impl StreamState {
+    pub(crate) fn new(phase: OpenPhase, send_credit: u32, recv_window: u32) -> Self {
+        StreamState {
+            phase,
+            send: SendState::new(send_credit),
+            recv: RecvState::new(recv_window),
+            scheduled: false,
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.send.is_done() && self.recv.is_done()
+    }
+}
+
+/// Something that happened to a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Server: the agent asks for a stream to `target`. Answer with
+    /// `Connection::accept_open` or `Connection::refuse_open`.
+    OpenRequested {
+        /// The stream.
+        id: StreamId,
+        /// Where to connect.
+        target: Target,
+    },
+    /// Agent: the server accepted the stream.
+    Opened {
+        /// The stream.
+        id: StreamId,
+    },
+    /// Agent: the server refused the stream; it no longer exists.
+    Refused {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        refusal: OpenRefusal,
+    },
+    /// New bytes or the end of the stream can be read. Edge-triggered: raised again only
+    /// after a read has returned [`Error::Blocked`].
+    Readable {
+        /// The stream.
+        id: StreamId,
+    },
+    /// Credit arrived after a write returned [`Error::Blocked`].
+    Writable {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The peer aborted the stream in both directions; it no longer exists.
+    Reset {
+        /// The stream.
+        id: StreamId,
+        /// The peer's code.
+        code: ErrorCode,
+    },
+}
+
+/// A snapshot of one stream's counters, for tests, metrics and invariant checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// Bytes written but not yet transmitted.
+    pub send_buffered: usize,
+    /// Bytes the peer still allows this side to send.
+    pub send_credit: u64,
+    /// Bytes transmitted.
+    pub sent: u64,
+    /// Bytes received and buffered, not yet read.
+    pub recv_buffered: usize,
+    /// Bytes received from the wire.
+    pub received: u64,
+    /// Bytes handed to the application.
+    pub read: u64,
+    /// Whether the peer's FIN has arrived.
+    pub fin_received: bool,
+    /// Whether this side's FIN was transmitted.
+    pub fin_sent: bool,
+}
+
+/// The sending half of a stream, borrowed from its connection.
+#[derive(Debug)]
+pub struct SendStream<'a> {
+    pub(crate) conn: &'a mut Connection,
+    pub(crate) id: StreamId,
+}
+
+impl SendStream<'_> {
+    /// Buffers as much of `data` as the stream's credit allows and returns how much that
+    /// was. [`Error::Blocked`] (not fatal) means no credit: wait for
+    /// [`StreamEvent::Writable`].
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, Error> {
+        self.conn.stream_write(self.id, data)
+    }
+
+    /// Ends this direction: FIN goes out after the buffered bytes. Reading continues.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        self.conn.stream_finish(self.id)
+    }
+
+    /// Aborts the stream in both directions with `code`; buffered data is dropped.
+    pub fn reset(&mut self, code: ErrorCode) -> Result<(), Error> {
+        self.conn.stream_reset(self.id, code)
+    }
+
+    /// How many bytes a write would take now.
+    pub fn writable(&self) -> Result<usize, Error> {
+        self.conn.stream_writable(self.id)
+    }
+}
+
+/// The receiving half of a stream, borrowed from its connection.
+#[derive(Debug)]
+pub struct RecvStream<'a> {
+    pub(crate) conn: &'a mut Connection,
+    pub(crate) id: StreamId,
+}
+
+impl RecvStream<'_> {
+    /// Takes up to `max` buffered bytes. `Ok(None)` is the end of the stream (the peer's
+    /// FIN). [`Error::Blocked`] (not fatal) means nothing yet: wait for
+    /// [`StreamEvent::Readable`]. Reading returns credit to the peer.
+    pub fn read(&mut self, max: usize) -> Result<Option<Bytes>, Error> {
+        self.conn.stream_read(self.id, max)
+    }
+
+    /// Aborts the stream in both directions with `code` (the reader's way to say "no more").
+    pub fn stop(&mut self, code: ErrorCode) -> Result<(), Error> {
+        self.conn.stream_reset(self.id, code)
+    }
+}

@@ -1,0 +1,541 @@
+//! Scripted tests of two connections joined in memory on one virtual clock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::frame::{Frame, HEADER_LEN};
+use crate::*;
+
+struct Pair {
+    now: Instant,
+    agent: Connection,
+    server: Connection,
+    agent_events: Vec<Event>,
+    server_events: Vec<Event>,
+}
+
+fn cfg(require_auth: bool) -> Arc<Config> {
+    Arc::new(Config {
+        require_auth,
+        ..Config::default()
+    })
+}
+
+impl Pair {
+    fn new(agent_cfg: Arc<Config>, server_cfg: Arc<Config>) -> Pair {
+        let now = Instant::now();
+        Pair {
+            now,
+            agent: Connection::agent(agent_cfg, Credentials::none(), now),
+            server: Connection::server(server_cfg, now),
+            agent_events: Vec::new(),
+            server_events: Vec::new(),
+        }
+    }
+
+    fn ready() -> Pair {
+        let mut p = Pair::new(cfg(false), cfg(false));
+        p.drive();
+        assert!(p.agent.is_ready() && p.server.is_ready());
+        p.agent_events.clear();
+        p.server_events.clear();
+        p
+    }
+
+    /// Moves bytes both ways until neither side has anything to send.
+    fn drive(&mut self) {
+        for _ in 0..1000 {
+            let mut a = Vec::new();
+            let mut s = Vec::new();
+            self.agent.poll_transmit(self.now, &mut a);
+            self.server.poll_transmit(self.now, &mut s);
+            if a.is_empty() && s.is_empty() {
+                self.collect();
+                return;
+            }
+            assert_eq!(self.server.handle_input(self.now, &a), a.len());
+            assert_eq!(self.agent.handle_input(self.now, &s), s.len());
+            self.collect();
+        }
+        panic!("livelock: still sending after 1000 rounds");
+    }
+
+    fn collect(&mut self) {
+        while let Some(e) = self.agent.poll() {
+            self.agent_events.push(e);
+        }
+        while let Some(e) = self.server.poll() {
+            self.server_events.push(e);
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.agent.handle_timeout(self.now);
+        self.server.handle_timeout(self.now);
+    }
+
+    fn open_accepted(&mut self) -> StreamId {
+        let id = self.agent.open(self.now, target()).unwrap();
+        self.drive();
+        let req = self.server_events.iter().any(
+            |e| matches!(e, Event::Stream(StreamEvent::OpenRequested { id: i, .. }) if *i == id),
+        );
+        assert!(req, "server saw no open request");
+        self.server.accept_open(id).unwrap();
+        self.drive();
+        assert!(self
+            .agent_events
+            .contains(&Event::Stream(StreamEvent::Opened { id })));
+        id
+    }
+}
+
+fn target() -> Target {
+    Target::parse("example.com:80").unwrap()
+}
+
+fn read_all(c: &mut Connection, id: StreamId) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    loop {
+        match c.recv_stream(id).read(usize::MAX) {
+            Ok(Some(b)) => out.extend_from_slice(&b),
+            Ok(None) => return (out, true),
+            Err(Error::Blocked) => return (out, false),
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn handshake_with_application_auth() {
+    let mut p = Pair::new(cfg(true), cfg(true));
+    p.drive();
+    let req = p
+        .server_events
+        .drain(..)
+        .find_map(|e| match e {
+            Event::AuthRequested(r) => Some(r),
+            _ => None,
+        })
+        .expect("auth requested");
+    assert_eq!(req.method, "none");
+    assert!(!p.agent.is_ready());
+    assert_eq!(p.agent.open(p.now, target()), Err(Error::NotReady));
+    p.server
+        .accept_auth(p.now, req, "arn:aws:iam::1:user/a".into(), 0);
+    p.drive();
+    assert!(p.agent_events.contains(&Event::Ready {
+        principal: "arn:aws:iam::1:user/a".into()
+    }));
+    assert!(p.agent.is_ready());
+}
+
+#[test]
+fn rejected_auth_closes_both_sides_with_the_reason() {
+    let mut p = Pair::new(cfg(true), cfg(true));
+    p.drive();
+    let req = p
+        .server_events
+        .drain(..)
+        .find_map(|e| match e {
+            Event::AuthRequested(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    p.server.reject_auth(
+        p.now,
+        req,
+        AuthFailure::NotAllowed,
+        "not on the list".into(),
+    );
+    p.drive();
+    let lost = p.agent_events.iter().find_map(|e| match e {
+        Event::ConnectionLost { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        lost,
+        Some(Error::AuthRejected {
+            failure: AuthFailure::NotAllowed,
+            detail: "not on the list".into()
+        })
+    );
+    assert!(p.server.is_drained());
+    assert!(p.agent.is_drained());
+}
+
+#[test]
+fn handshake_deadline_fires_when_the_server_never_answers() {
+    let mut p = Pair::new(cfg(true), cfg(true));
+    p.drive();
+    // The server application holds the auth request and never answers.
+    let deadline = p.agent.poll_timeout().unwrap();
+    assert_eq!(deadline, p.now + Duration::from_secs(30));
+    p.advance(Duration::from_secs(30));
+    p.drive();
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::ConnectionLost {
+            reason: Error::HandshakeTimeout(_)
+        }
+    )));
+}
+
+#[test]
+fn data_flows_both_ways_with_half_close() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    assert_eq!(p.agent.send_stream(id).write(b"request").unwrap(), 7);
+    p.agent.send_stream(id).finish().unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.server, id), (b"request".to_vec(), true));
+    // The server's direction is still open after the agent's FIN.
+    p.server.send_stream(id).write(b"response").unwrap();
+    p.server.send_stream(id).finish().unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.agent, id), (b"response".to_vec(), true));
+    p.drive();
+    assert_eq!(p.agent.stats().streams_active, 0);
+    assert_eq!(p.server.stats().streams_active, 0);
+}
+
+#[test]
+fn data_written_before_the_open_result_is_delivered_after_accept() {
+    let mut p = Pair::ready();
+    let id = p.agent.open(p.now, target()).unwrap();
+    p.agent.send_stream(id).write(b"early").unwrap();
+    p.drive();
+    assert_eq!(
+        p.server.recv_stream(id).read(10),
+        Err(Error::NotOpen(id)),
+        "not readable before accept"
+    );
+    p.server.accept_open(id).unwrap();
+    p.drive();
+    assert!(p
+        .server_events
+        .contains(&Event::Stream(StreamEvent::Readable { id })));
+    assert_eq!(read_all(&mut p.server, id).0, b"early");
+}
+
+#[test]
+fn refusal_reaches_the_agent_typed() {
+    let mut p = Pair::ready();
+    let id = p.agent.open(p.now, target()).unwrap();
+    p.drive();
+    p.server
+        .refuse_open(id, OpenRefusal::new(RefusalReason::NoSuchHost, "nx"))
+        .unwrap();
+    p.drive();
+    assert!(p
+        .agent_events
+        .contains(&Event::Stream(StreamEvent::Refused {
+            id,
+            refusal: OpenRefusal::new(RefusalReason::NoSuchHost, "nx")
+        })));
+    assert_eq!(p.agent.stream_info(id), None);
+}
+
+#[test]
+fn writer_blocks_at_the_window_and_resumes_when_the_reader_reads() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    let window = Limits::default().stream_window as usize;
+    let big = vec![7u8; window * 3];
+    let n = p.agent.send_stream(id).write(&big).unwrap();
+    assert_eq!(n, window, "write takes exactly the credit");
+    assert_eq!(p.agent.send_stream(id).write(&big), Err(Error::Blocked));
+    p.drive();
+    let info = p.server.stream_info(id).unwrap();
+    assert_eq!(
+        info.recv_buffered, window,
+        "receiver buffers at most the window"
+    );
+    let (got, _) = read_all(&mut p.server, id);
+    assert_eq!(got.len(), window);
+    p.drive();
+    assert!(p
+        .agent_events
+        .contains(&Event::Stream(StreamEvent::Writable { id })));
+    assert!(p.agent.send_stream(id).write(&big).unwrap() > 0);
+}
+
+#[test]
+fn a_stalled_stream_does_not_block_another() {
+    let mut p = Pair::ready();
+    let stalled = p.open_accepted();
+    let live = p.open_accepted();
+    let chunk = vec![1u8; 64 * 1024];
+    // Fill the stalled stream's window; its reader never reads.
+    while p.agent.send_stream(stalled).write(&chunk).is_ok() {}
+    p.drive();
+    // The live stream moves many windows' worth of data.
+    let mut moved = 0;
+    while moved < 16 * 1024 * 1024 {
+        if let Ok(n) = p.agent.send_stream(live).write(&chunk) {
+            moved += n;
+        }
+        p.drive();
+        read_all(&mut p.server, live);
+    }
+    assert_eq!(p.server.stream_info(live).unwrap().read, moved as u64);
+    assert_eq!(
+        p.server.stream_info(stalled).unwrap().recv_buffered,
+        Limits::default().stream_window as usize
+    );
+}
+
+#[test]
+fn reset_reaches_the_peer_with_its_code_and_late_frames_are_ignored() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.server.send_stream(id).write(b"in flight").unwrap();
+    p.agent.send_stream(id).reset(ErrorCode(77)).unwrap();
+    p.drive();
+    assert!(p.server_events.contains(&Event::Stream(StreamEvent::Reset {
+        id,
+        code: ErrorCode(77)
+    })));
+    assert!(
+        p.agent.is_ready() && p.server.is_ready(),
+        "connection survives"
+    );
+}
+
+#[test]
+fn keepalive_measures_rtt_and_detects_a_dead_peer() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(5));
+    p.drive();
+    assert!(p.agent.stats().rtt.is_some());
+    // The server goes silent: nothing it sends is delivered any more.
+    for _ in 0..4 {
+        p.now += Duration::from_secs(5);
+        p.agent.handle_timeout(p.now);
+        let mut sink = Vec::new();
+        p.agent.poll_transmit(p.now, &mut sink);
+    }
+    p.collect();
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::ConnectionLost {
+            reason: Error::IdleTimeout(_)
+        }
+    )));
+}
+
+#[test]
+fn goaway_lets_open_streams_finish_then_drains() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.server.go_away(p.now);
+    p.drive();
+    assert!(p
+        .agent_events
+        .iter()
+        .any(|e| matches!(e, Event::GoAway { .. })));
+    assert_eq!(p.agent.open(p.now, target()), Err(Error::GoingAway));
+    assert!(!p.agent.is_drained());
+    p.agent.send_stream(id).write(b"last").unwrap();
+    p.agent.send_stream(id).finish().unwrap();
+    p.server.send_stream(id).finish().unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.server, id), (b"last".to_vec(), true));
+    assert_eq!(read_all(&mut p.agent, id), (Vec::new(), true));
+    p.drive();
+    assert!(p.agent.is_drained() && p.server.is_drained());
+}
+
+#[test]
+fn server_refuses_streams_beyond_its_limit() {
+    let scfg = Arc::new(Config {
+        require_auth: false,
+        limits: Limits {
+            max_streams: 1,
+            ..Limits::default()
+        },
+        ..Config::default()
+    });
+    let mut p = Pair::new(cfg(false), scfg);
+    p.drive();
+    let _a = p.open_accepted();
+    assert_eq!(p.agent.open(p.now, target()), Err(Error::TooManyStreams));
+}
+
+fn expect_violation(p: &mut Pair, code: ErrorCode) {
+    p.collect();
+    let lost = p.server_events.iter().find_map(|e| match e {
+        Event::ConnectionLost { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    match lost {
+        Some(r) => assert_eq!(r.code(), code, "{r}"),
+        None => panic!("no connection loss"),
+    }
+    // The goaway goes out, then the connection is drained.
+    let mut out = Vec::new();
+    p.server.poll_transmit(p.now, &mut out);
+    assert!(out.len() >= HEADER_LEN);
+    assert!(p.server.is_drained());
+}
+
+fn raw(frame: Frame) -> Vec<u8> {
+    let mut v = Vec::new();
+    frame.encode(&mut v);
+    v
+}
+
+#[test]
+fn frames_before_hello_are_a_protocol_error() {
+    let now = Instant::now();
+    let mut server = Connection::server(cfg(false), now);
+    let mut p = Pair::new(cfg(false), cfg(false));
+    std::mem::swap(&mut p.server, &mut server);
+    p.server.handle_input(
+        now,
+        &raw(Frame::Ping {
+            ack: false,
+            opaque: 1,
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::PROTOCOL);
+}
+
+#[test]
+fn stream_frames_before_ready_are_a_protocol_error() {
+    let mut p = Pair::new(cfg(true), cfg(true));
+    p.drive(); // Server waits for the application's auth answer.
+    p.server.handle_input(
+        p.now,
+        &raw(Frame::Open {
+            id: StreamId(1),
+            target: target(),
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::PROTOCOL);
+}
+
+#[test]
+fn data_beyond_the_window_is_a_flow_control_error() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    let too_much = Bytes::from(vec![0u8; Limits::default().stream_window as usize + 1]);
+    // Split into legal frame sizes; the sum breaks the stream window.
+    for c in too_much.chunks(60_000) {
+        p.server.handle_input(
+            p.now,
+            &raw(Frame::Data {
+                id,
+                fin: false,
+                payload: Bytes::copy_from_slice(c),
+            }),
+        );
+    }
+    expect_violation(&mut p, ErrorCode::FLOW_CONTROL);
+}
+
+#[test]
+fn data_on_a_never_opened_stream_is_a_protocol_error() {
+    let mut p = Pair::ready();
+    p.server.handle_input(
+        p.now,
+        &raw(Frame::Data {
+            id: StreamId(99),
+            fin: false,
+            payload: Bytes::from_static(b"x"),
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::PROTOCOL);
+}
+
+#[test]
+fn duplicate_open_is_a_protocol_error() {
+    let mut p = Pair::ready();
+    let _ = p.open_accepted();
+    p.server.handle_input(
+        p.now,
+        &raw(Frame::Open {
+            id: StreamId(1),
+            target: target(),
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::PROTOCOL);
+}
+
+#[test]
+fn data_after_fin_is_a_stream_closed_error() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.agent.send_stream(id).finish().unwrap();
+    p.drive();
+    p.server.handle_input(
+        p.now,
+        &raw(Frame::Data {
+            id,
+            fin: false,
+            payload: Bytes::from_static(b"x"),
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::STREAM_CLOSED);
+}
+
+#[test]
+fn window_overflow_is_a_flow_control_error() {
+    let mut p = Pair::ready();
+    p.server.handle_input(
+        p.now,
+        &raw(Frame::WindowUpdate {
+            id: StreamId::CONNECTION,
+            increment: u32::MAX,
+        }),
+    );
+    expect_violation(&mut p, ErrorCode::FLOW_CONTROL);
+}
+
+#[test]
+fn oversize_frame_is_a_frame_size_error() {
+    let mut p = Pair::ready();
+    let mut bytes = Vec::new();
+    frame::Header {
+        ty: FrameType::DATA,
+        flags: frame::Flags::default(),
+        stream: StreamId(1),
+        len: 10 << 20,
+    }
+    .encode(&mut bytes);
+    p.server.handle_input(p.now, &bytes);
+    expect_violation(&mut p, ErrorCode::FRAME_SIZE);
+}
+
+#[test]
+fn ping_flood_is_backpressured_not_buffered_without_bound() {
+    let mut p = Pair::ready();
+    let mut flood = Vec::new();
+    for i in 0..100_000u64 {
+        Frame::Ping {
+            ack: false,
+            opaque: i,
+        }
+        .encode(&mut flood);
+    }
+    let n = p.server.handle_input(p.now, &flood);
+    assert!(n < flood.len(), "stops consuming while answers pile up");
+    let mut out = Vec::new();
+    p.server.poll_transmit(p.now, &mut out);
+    assert!(out.len() <= Config::default().max_control_backlog + 64 * 1024);
+    let m = p.server.handle_input(p.now, &flood[n..]);
+    assert!(m > 0, "consumes again once the backlog is sent");
+}
+
+#[test]
+fn eof_before_drain_is_reported() {
+    let mut p = Pair::ready();
+    p.agent.handle_eof(p.now);
+    p.collect();
+    assert!(p.agent_events.contains(&Event::ConnectionLost {
+        reason: Error::TransportClosed
+    }));
+}
