@@ -1,0 +1,100 @@
+//! What both binaries need around the runtime: an executor on a few threads, shutdown
+//! signals, and logging.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing_subscriber::EnvFilter;
+
+/// Runs `main` on a multi-threaded smol executor (`threads` workers, at least one) until it
+/// completes; tasks it spawns on the executor it is given run on all workers.
+pub fn run<T, F, Fut>(threads: usize, main: F) -> T
+where
+    F: FnOnce(Arc<smol::Executor<'static>>) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let ex = Arc::new(smol::Executor::new());
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    std::thread::scope(|scope| {
+        for i in 1..threads.max(1) {
+            let ex = ex.clone();
+            let stopped = stopped.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("fluidity-worker-{i}"))
+                .spawn_scoped(scope, move || smol::block_on(ex.run(stopped.recv())));
+        }
+        let out = smol::block_on(ex.run(main(ex.clone())));
+        drop(stop);
+        out
+    })
+}
+
+/// The number of worker threads to use: the machine's parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop).
+pub async fn shutdown_signal() {
+    use async_signal::{Signal, Signals};
+    use futures_lite::StreamExt;
+    match Signals::new([Signal::Term, Signal::Int]) {
+        Ok(mut signals) => {
+            if let Some(Ok(sig)) = signals.next().await {
+                tracing::info!(signal = ?sig, "shutdown requested");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for signals; stop the process to exit");
+            futures_lite::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global tracing subscriber on stderr. The level comes from `FLUIDITY_LOG`
+/// (same syntax as `RUST_LOG`), else `default_filter`.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_env("FLUIDITY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Reads a TOML configuration file and makes the relative paths `paths(&mut cfg)` yields
+/// relative to the file's folder, as a user expects of paths written in a config file.
+/// The error says which file and what is wrong.
+pub fn load_toml<T, F>(path: &Path, paths: F) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned,
+    F: FnOnce(&mut T) -> Vec<&mut PathBuf>,
+{
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let mut cfg: T =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        for p in paths(&mut cfg) {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+    Ok(cfg)
+}

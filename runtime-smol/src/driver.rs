@@ -1,0 +1,754 @@
+//! The connection driver: one task owns the socket, the TLS session and the
+//! `fluidity-proto` connection, and moves bytes between them.
+//!
+//! Each turn of the driver (see [`Driver`]'s `poll`):
+//! 1. read path: socket → `read_tls` → `process_new_packets` → `reader()` →
+//!    `handle_input`, keeping any plaintext the connection did not consume;
+//! 2. write path: `poll_transmit` → `writer()` → `write_tls` while the socket takes it;
+//! 3. events: wake the stream handles and tell the application;
+//! 4. re-arm the one timer at `poll_timeout`.
+//!
+//! Handles ([`Tunnel`], [`TunnelStream`](crate::stream::TunnelStream)) share the state
+//! under one mutex; they register their wakers under that lock, so no wakeup is lost, and
+//! wake the driver after every change.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use fluidity_proto::{
+    AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Stats, StreamEvent,
+    StreamId, Target,
+};
+use futures_lite::FutureExt;
+
+use crate::stream::TunnelStream;
+use crate::tls::{Established, PeerCheck, TlsSession};
+use crate::Error;
+
+/// Plaintext or ciphertext handled per driver turn before yielding, so one busy tunnel
+/// cannot starve other tasks on the executor.
+const TURN_BUDGET: usize = 1024 * 1024;
+
+/// Limit on TLS records waiting for the socket; beyond it the driver stops asking the
+/// connection for more output (backpressure to the streams).
+const TLS_SEND_LIMIT: usize = 512 * 1024;
+
+/// What the application learns from the tunnel, in order.
+#[derive(Debug)]
+pub enum TunnelEvent {
+    /// Server: the agent presented credentials; answer with [`Tunnel::accept_auth`] or
+    /// [`Tunnel::reject_auth`].
+    AuthRequested(AuthRequest),
+    /// The tunnel is ready for streams.
+    Ready {
+        /// The principal the server admitted.
+        principal: String,
+    },
+    /// Server: the agent asks for a stream; answer with [`Tunnel::accept_open`] or
+    /// [`Tunnel::refuse_open`].
+    OpenRequested {
+        /// The stream.
+        id: StreamId,
+        /// Where to connect.
+        target: Target,
+    },
+    /// The peer takes no new streams.
+    GoAway,
+    /// The tunnel is over.
+    Closed {
+        /// Why; `None` after a graceful drain.
+        reason: Option<fluidity_proto::Error>,
+    },
+}
+
+/// What became of a stream's open, as far as its handle knows.
+#[derive(Debug, Clone)]
+pub(crate) enum SlotState {
+    Opening,
+    Open,
+    Refused(OpenRefusal),
+    Reset(ErrorCode),
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) state: SlotState,
+    pub(crate) read_waker: Option<Waker>,
+    pub(crate) write_waker: Option<Waker>,
+}
+
+impl Slot {
+    fn new(state: SlotState) -> Slot {
+        Slot {
+            state,
+            read_waker: None,
+            write_waker: None,
+        }
+    }
+
+    fn wake_all(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// State shared by the driver and the handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) conn: Connection,
+    pub(crate) slots: HashMap<StreamId, Slot>,
+    pub(crate) driver_waker: Option<Waker>,
+    /// Set once the connection is lost or drained.
+    pub(crate) closed: Option<Option<fluidity_proto::Error>>,
+    pub(crate) ready: bool,
+    ready_wakers: Vec<Waker>,
+    events: async_channel::Sender<TunnelEvent>,
+}
+
+impl Shared {
+    pub(crate) fn wake_driver(&mut self) {
+        if let Some(w) = self.driver_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The error a handle reports once the tunnel is gone.
+    pub(crate) fn closed_error(&self) -> io::Error {
+        match &self.closed {
+            Some(Some(reason)) => io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("tunnel lost: {reason}"),
+            ),
+            _ => io::Error::new(io::ErrorKind::ConnectionAborted, "tunnel closed"),
+        }
+    }
+
+    fn send_event(&self, e: TunnelEvent) {
+        // Unbounded, and the receiver may be gone: both fine.
+        let _ = self.events.try_send(e);
+    }
+
+    /// Moves every proto event to the handles and the application.
+    fn dispatch_events(&mut self) {
+        while let Some(event) = self.conn.poll() {
+            match event {
+                Event::AuthRequested(req) => self.send_event(TunnelEvent::AuthRequested(req)),
+                Event::Ready { principal } => {
+                    self.ready = true;
+                    for w in self.ready_wakers.drain(..) {
+                        w.wake();
+                    }
+                    self.send_event(TunnelEvent::Ready { principal });
+                }
+                Event::Stream(se) => self.on_stream_event(se),
+                Event::GoAway { .. } => self.send_event(TunnelEvent::GoAway),
+                Event::ConnectionLost { reason } => self.finish(Some(reason)),
+            }
+        }
+    }
+
+    fn on_stream_event(&mut self, se: StreamEvent) {
+        match se {
+            StreamEvent::OpenRequested { id, target } => {
+                self.slots.insert(id, Slot::new(SlotState::Opening));
+                self.send_event(TunnelEvent::OpenRequested { id, target });
+            }
+            StreamEvent::Opened { id } => {
+                if let Some(s) = self.slots.get_mut(&id) {
+                    s.state = SlotState::Open;
+                    s.wake_all();
+                }
+            }
+            StreamEvent::Refused { id, refusal } => {
+                if let Some(s) = self.slots.get_mut(&id) {
+                    s.state = SlotState::Refused(refusal);
+                    s.wake_all();
+                }
+            }
+            StreamEvent::Readable { id } => {
+                if let Some(w) = self.slots.get_mut(&id).and_then(|s| s.read_waker.take()) {
+                    w.wake();
+                }
+            }
+            StreamEvent::Writable { id } => {
+                if let Some(w) = self.slots.get_mut(&id).and_then(|s| s.write_waker.take()) {
+                    w.wake();
+                }
+            }
+            StreamEvent::Reset { id, code } => {
+                if let Some(s) = self.slots.get_mut(&id) {
+                    s.state = SlotState::Reset(code);
+                    s.wake_all();
+                }
+            }
+        }
+    }
+
+    /// The tunnel is over: every handle learns it.
+    fn finish(&mut self, reason: Option<fluidity_proto::Error>) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.closed = Some(reason.clone());
+        for s in self.slots.values_mut() {
+            s.wake_all();
+        }
+        for w in self.ready_wakers.drain(..) {
+            w.wake();
+        }
+        self.send_event(TunnelEvent::Closed { reason });
+        self.events.close();
+    }
+}
+
+pub(crate) type SharedRef = Arc<Mutex<Shared>>;
+
+pub(crate) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
+    // A panic while holding the lock is a bug elsewhere; the state itself stays usable.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A handle on a running tunnel: open or answer streams, answer authentication, shut down.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    shared: SharedRef,
+    peer: SocketAddr,
+}
+
+impl Tunnel {
+    /// The peer's socket address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Waits until the handshake is complete. Errors if the tunnel closes first.
+    pub async fn ready(&self) -> Result<(), Error> {
+        futures_lite::future::poll_fn(|cx| {
+            let mut s = lock(&self.shared);
+            if let Some(reason) = &s.closed {
+                return Poll::Ready(Err(match reason {
+                    Some(r) => Error::Tunnel(r.clone()),
+                    None => Error::Tunnel(fluidity_proto::Error::ConnectionClosed),
+                }));
+            }
+            if s.ready {
+                return Poll::Ready(Ok(()));
+            }
+            s.ready_wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether the tunnel has closed (lost or drained).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared).closed.is_some()
+    }
+
+    /// Whether new streams can be opened now.
+    pub fn can_open(&self) -> bool {
+        let s = lock(&self.shared);
+        s.closed.is_none() && s.conn.can_open()
+    }
+
+    /// Agent: opens a stream to `target` and waits for the server's answer.
+    pub async fn open(&self, target: Target) -> Result<TunnelStream, Error> {
+        let id = {
+            let mut s = lock(&self.shared);
+            if s.closed.is_some() {
+                return Err(Error::Tunnel(fluidity_proto::Error::ConnectionClosed));
+            }
+            let id = s.conn.open(Instant::now(), target).map_err(Error::Tunnel)?;
+            s.slots.insert(id, Slot::new(SlotState::Opening));
+            s.wake_driver();
+            id
+        };
+        // From here the handle owns the stream: dropping it (say, on cancellation) resets it.
+        let stream = TunnelStream::new(self.shared.clone(), id);
+        futures_lite::future::poll_fn(|cx| {
+            let mut s = lock(&self.shared);
+            let closed = s.closed.is_some();
+            let Some(slot) = s.slots.get_mut(&id) else {
+                return Poll::Ready(Err(Error::Tunnel(fluidity_proto::Error::UnknownStream(id))));
+            };
+            match &slot.state {
+                SlotState::Open => Poll::Ready(Ok(())),
+                SlotState::Refused(r) => Poll::Ready(Err(Error::Refused(r.clone()))),
+                SlotState::Reset(code) => Poll::Ready(Err(Error::StreamReset(*code))),
+                SlotState::Opening if closed => Poll::Ready(Err(Error::Io(s.closed_error()))),
+                SlotState::Opening => {
+                    slot.read_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
+        Ok(stream)
+    }
+
+    /// Server: accepts stream `id` and returns its handle.
+    pub fn accept_open(&self, id: StreamId) -> Result<TunnelStream, Error> {
+        let mut s = lock(&self.shared);
+        s.conn.accept_open(id).map_err(Error::Tunnel)?;
+        if let Some(slot) = s.slots.get_mut(&id) {
+            slot.state = SlotState::Open;
+        }
+        s.wake_driver();
+        drop(s);
+        Ok(TunnelStream::new(self.shared.clone(), id))
+    }
+
+    /// Server: refuses stream `id` with a typed reason.
+    pub fn refuse_open(&self, id: StreamId, refusal: OpenRefusal) -> Result<(), Error> {
+        let mut s = lock(&self.shared);
+        s.slots.remove(&id);
+        s.conn.refuse_open(id, refusal).map_err(Error::Tunnel)?;
+        s.wake_driver();
+        Ok(())
+    }
+
+    /// Server: admits the agent as `principal`.
+    pub fn accept_auth(&self, request: AuthRequest, principal: String, lifetime_secs: u32) {
+        let mut s = lock(&self.shared);
+        s.conn
+            .accept_auth(Instant::now(), request, principal, lifetime_secs);
+        s.wake_driver();
+    }
+
+    /// Server: refuses the agent; the tunnel closes after telling it why.
+    pub fn reject_auth(&self, request: AuthRequest, failure: AuthFailure, detail: String) {
+        let mut s = lock(&self.shared);
+        s.conn.reject_auth(Instant::now(), request, failure, detail);
+        s.wake_driver();
+    }
+
+    /// Graceful shutdown: no new streams; the driver ends once open streams finish.
+    pub fn go_away(&self) {
+        let mut s = lock(&self.shared);
+        s.conn.go_away(Instant::now());
+        s.wake_driver();
+    }
+
+    /// Immediate shutdown with `code`; open streams fail.
+    pub fn close(&self, code: ErrorCode, detail: &str) {
+        let mut s = lock(&self.shared);
+        s.conn.close(Instant::now(), code, detail);
+        s.wake_driver();
+    }
+
+    /// The connection's counters.
+    pub fn stats(&self) -> Stats {
+        lock(&self.shared).conn.stats()
+    }
+}
+
+/// The future that runs a tunnel; spawn it on an executor. It completes when the
+/// tunnel is drained or lost; the reason is also reported as [`TunnelEvent::Closed`].
+pub struct Driver {
+    shared: SharedRef,
+    sock: Async<TcpStream>,
+    tls: TlsSession,
+    timer: Timer,
+    timer_at: Option<Instant>,
+    /// Plaintext from TLS that the connection has not consumed yet.
+    plain_in: Vec<u8>,
+    /// Frames from the connection that TLS has not taken yet.
+    plain_out: Vec<u8>,
+    eof: bool,
+    done: bool,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").finish_non_exhaustive()
+    }
+}
+
+/// Starts a tunnel over an established TLS session (see [`crate::handshake`]). Returns the
+/// handle, the events receiver, and the driver future to spawn.
+pub fn start(
+    sock: Async<TcpStream>,
+    mut tls: TlsSession,
+    conn: Connection,
+) -> Result<(Tunnel, async_channel::Receiver<TunnelEvent>, Driver), Error> {
+    let peer = sock.get_ref().peer_addr().map_err(Error::Io)?;
+    tls.set_buffer_limit(Some(TLS_SEND_LIMIT));
+    let (tx, rx) = async_channel::unbounded();
+    let shared = Arc::new(Mutex::new(Shared {
+        conn,
+        slots: HashMap::new(),
+        driver_waker: None,
+        closed: None,
+        ready: false,
+        ready_wakers: Vec::new(),
+        events: tx,
+    }));
+    let mut driver = Driver {
+        shared: shared.clone(),
+        sock,
+        tls,
+        timer: Timer::never(),
+        timer_at: None,
+        plain_in: Vec::new(),
+        plain_out: Vec::new(),
+        eof: false,
+        done: false,
+    };
+    // The handshake may have decrypted the peer's first frames along with its last
+    // handshake message; they wait in rustls, not in the socket.
+    driver.take_plaintext().map_err(Error::Io)?;
+    Ok((Tunnel { shared, peer }, rx, driver))
+}
+
+impl Driver {
+    /// One turn; `Ready` when the tunnel is over.
+    fn turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let shared = self.shared.clone();
+        let mut s = lock(&shared);
+        s.driver_waker = Some(cx.waker().clone());
+        let now = Instant::now();
+
+        let mut budget = TURN_BUDGET;
+        // Whether reading stopped with more possibly waiting (budget or backpressure).
+        let mut more_to_read = false;
+        // Read path.
+        loop {
+            if !self.plain_in.is_empty() {
+                let n = s.conn.handle_input(now, &self.plain_in);
+                self.plain_in.drain(..n);
+                if !self.plain_in.is_empty() {
+                    more_to_read = true; // Backpressure: the connection must transmit first.
+                    break;
+                }
+            }
+            if self.eof {
+                break;
+            }
+            if budget == 0 {
+                more_to_read = true;
+                break;
+            }
+            match self.read_tls() {
+                Ok(0) => {
+                    self.eof = true;
+                    s.conn.handle_eof(now);
+                    break;
+                }
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel transport failed");
+                    self.eof = true;
+                    s.conn.handle_eof(now);
+                    break;
+                }
+            }
+        }
+        if s.conn.poll_timeout().is_some_and(|t| t <= now) {
+            s.conn.handle_timeout(now);
+        }
+
+        // Write path.
+        let mut write_blocked = false;
+        loop {
+            if !self.plain_out.is_empty() {
+                match self.tls.writer().write(&self.plain_out) {
+                    Ok(n) => {
+                        self.plain_out.drain(..n);
+                    }
+                    Err(e) => return self.fail(&mut s, Error::Io(e)),
+                }
+            }
+            match self.flush_tls() {
+                Ok(true) => {}
+                Ok(false) => {
+                    write_blocked = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel transport failed");
+                    self.eof = true;
+                    s.conn.handle_eof(now);
+                    break;
+                }
+            }
+            if !self.plain_out.is_empty() || write_blocked {
+                break;
+            }
+            if s.conn.poll_transmit(now, &mut self.plain_out) == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(self.plain_out.len());
+            if budget == 0 {
+                // Let other tasks run; come back at once.
+                cx.waker().wake_by_ref();
+                break;
+            }
+        }
+
+        s.dispatch_events();
+
+        if s.conn.is_drained() && self.plain_out.is_empty() {
+            if !self.done {
+                self.done = true;
+                self.tls.send_close_notify();
+            }
+            match self.flush_tls() {
+                Ok(false) => write_blocked = true,
+                Ok(true) | Err(_) => {
+                    let _ = self.sock.get_ref().shutdown(std::net::Shutdown::Write);
+                    s.finish(None);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        if self.eof && s.closed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+
+        // Wait for the next reason to run.
+        match s.conn.poll_timeout() {
+            Some(at) if self.timer_at != Some(at) => {
+                self.timer.set_at(at);
+                self.timer_at = Some(at);
+            }
+            None if self.timer_at.is_some() => {
+                self.timer = Timer::never();
+                self.timer_at = None;
+            }
+            _ => {}
+        }
+        drop(s);
+        if self.timer_at.is_some() && Pin::new(&mut self.timer).poll(cx).is_ready() {
+            self.timer_at = None;
+            cx.waker().wake_by_ref();
+        }
+        if !self.eof && !more_to_read {
+            if let Poll::Ready(r) = self.sock.poll_readable(cx) {
+                if r.is_err() {
+                    self.eof = true;
+                }
+                cx.waker().wake_by_ref();
+            }
+        }
+        if write_blocked {
+            if self.sock.poll_writable(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        } else if more_to_read {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    /// Reads ciphertext and decrypts it into `plain_in`. `Ok(0)` is the end of the
+    /// transport (EOF or the peer's close_notify).
+    fn read_tls(&mut self) -> io::Result<usize> {
+        let n = self.tls.read_tls(&mut SockIo(&self.sock))?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let (got, closed) = self.take_plaintext()?;
+        if closed {
+            return Ok(0);
+        }
+        Ok(n.max(got))
+    }
+
+    /// Moves decrypted bytes from rustls into `plain_in`; also says whether the peer
+    /// has sent close_notify and nothing is left to read.
+    fn take_plaintext(&mut self) -> io::Result<(usize, bool)> {
+        let state = self
+            .tls
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut got = 0;
+        let want = state.plaintext_bytes_to_read();
+        if want > 0 {
+            let start = self.plain_in.len();
+            self.plain_in.resize(start + want, 0);
+            got = self.tls.reader().read(&mut self.plain_in[start..])?;
+            self.plain_in.truncate(start + got);
+        }
+        Ok((got, state.peer_has_closed() && want == 0))
+    }
+
+    /// Writes pending TLS records; `Ok(true)` when all were written.
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut SockIo(&self.sock)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn fail(&mut self, s: &mut Shared, e: Error) -> Poll<Result<(), Error>> {
+        s.conn.handle_eof(Instant::now());
+        s.dispatch_events();
+        s.finish(Some(fluidity_proto::Error::TransportClosed));
+        Poll::Ready(Err(e))
+    }
+}
+
+impl Future for Driver {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.turn(cx)
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // A driver dropped mid-flight (task cancelled) must not leave handles hanging.
+        let mut s = lock(&self.shared);
+        if s.closed.is_none() {
+            s.conn.handle_eof(Instant::now());
+            s.dispatch_events();
+            s.finish(Some(fluidity_proto::Error::TransportClosed));
+        }
+    }
+}
+
+/// Non-blocking std I/O on the async socket (async-io put it in non-blocking mode).
+struct SockIo<'a>(&'a Async<TcpStream>);
+
+impl Read for SockIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&mut self.0.get_ref()).read(buf)
+    }
+}
+
+impl Write for SockIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&mut self.0.get_ref()).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Completes a TLS handshake on `sock` within `timeout`.
+pub async fn handshake(
+    sock: &Async<TcpStream>,
+    tls: &mut TlsSession,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let work = async {
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut SockIo(sock)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        sock.writable().await.map_err(Error::Io)?
+                    }
+                    Err(e) => return Err(Error::Io(e)),
+                }
+            }
+            if !tls.is_handshaking() {
+                return Ok(());
+            }
+            match tls.read_tls(&mut SockIo(sock)) {
+                Ok(0) => {
+                    return Err(Error::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection during the TLS handshake",
+                    )))
+                }
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        // Send the alert so the peer learns why.
+                        while tls.wants_write() {
+                            if tls.write_tls(&mut SockIo(sock)).is_err() {
+                                break;
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    sock.readable().await.map_err(Error::Io)?
+                }
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+    };
+    work.or(async {
+        Timer::after(timeout).await;
+        Err(Error::Timeout("TLS handshake"))
+    })
+    .await
+}
+
+/// A TCP connection whose TLS handshake is complete and checked.
+#[derive(Debug)]
+pub struct Handshaken {
+    /// The socket.
+    pub sock: Async<TcpStream>,
+    /// The TLS session.
+    pub tls: TlsSession,
+    /// The peer's checked names and this session's channel binding.
+    pub established: Established,
+}
+
+/// Agent side: connects to `addr`, completes the TLS handshake within `timeout` and checks
+/// ALPN and the server's names against `check`.
+pub async fn connect(
+    addr: SocketAddr,
+    mut tls: TlsSession,
+    check: &PeerCheck,
+    timeout: Duration,
+) -> Result<Handshaken, Error> {
+    let sock = Async::<TcpStream>::connect(addr)
+        .or(async {
+            Timer::after(timeout).await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TCP connect to {addr} timed out after {timeout:?}"),
+            ))
+        })
+        .await
+        .map_err(Error::Io)?;
+    sock.get_ref().set_nodelay(true).map_err(Error::Io)?;
+    handshake(&sock, &mut tls, timeout).await?;
+    let established = tls.established(check)?;
+    Ok(Handshaken {
+        sock,
+        tls,
+        established,
+    })
+}
+
+/// Server side: completes the TLS handshake on an accepted socket within `timeout` and
+/// checks ALPN and the agent's names against `check` (which may require the socket's
+/// peer address among the certificate's IP SANs).
+pub async fn accept(
+    sock: Async<TcpStream>,
+    mut tls: TlsSession,
+    check: &PeerCheck,
+    timeout: Duration,
+) -> Result<Handshaken, Error> {
+    sock.get_ref().set_nodelay(true).map_err(Error::Io)?;
+    handshake(&sock, &mut tls, timeout).await?;
+    let established = tls.established(check)?;
+    Ok(Handshaken {
+        sock,
+        tls,
+        established,
+    })
+}

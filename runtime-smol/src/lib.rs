@@ -1,0 +1,24 @@
+//! Runtime for Fluidity tunnel connections: TLS and certificates, and (to come) the
+//! driver that runs a `fluidity-proto` connection over `smol`/`async-io` sockets.
+//!
+//! - [`tls`] is the only module of the data plane that touches rustls. It builds the
+//!   mutual TLS 1.3 configurations (private CA, ALPN `fluidity/1`, aws-lc-rs passed
+//!   explicitly), checks peer identities (CN and IP SANs), derives the channel-binding
+//!   value used by tunnel authentication, and wraps a rustls connection for a
+//!   buffered-API driver.
+//! - [`pki`] generates the private CA and the server and agent certificates, creates
+//!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
+
+pub mod app;
+pub mod driver;
+pub mod pki;
+pub mod relay;
+pub mod stream;
+pub mod tls;
+
+pub use driver::{accept, connect, handshake, start, Driver, Handshaken, Tunnel, TunnelEvent};
+pub use stream::TunnelStream;
+
+mod error;
+
+pub use error::{Error, IdentityError, PeerRole};

@@ -1,0 +1,170 @@
+//! Stream handles: async byte pipes over one tunnel stream.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use fluidity_proto::{Error as ProtoError, ErrorCode, StreamId};
+use futures_io::{AsyncRead, AsyncWrite};
+
+use crate::driver::{lock, SharedRef, SlotState};
+
+/// One tunnel stream as `AsyncRead + AsyncWrite`.
+///
+/// Backpressure is end to end: a write waits for the peer's credit, and credit returns
+/// only as the peer's application reads. `poll_close` half-closes (FIN); reading goes on.
+/// Dropping the handle before both directions have ended resets the stream
+/// ([`ErrorCode::CANCEL`]), so the peer sees an abort, never a silent truncation.
+#[derive(Debug)]
+pub struct TunnelStream {
+    shared: SharedRef,
+    id: StreamId,
+    finished: bool,
+    eof: bool,
+}
+
+impl TunnelStream {
+    pub(crate) fn new(shared: SharedRef, id: StreamId) -> Self {
+        TunnelStream {
+            shared,
+            id,
+            finished: false,
+            eof: false,
+        }
+    }
+
+    /// The stream's id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Aborts the stream in both directions with `code`.
+    pub fn reset(&mut self, code: ErrorCode) {
+        let mut s = lock(&self.shared);
+        let _ = s.conn.send_stream(self.id).reset(code);
+        s.slots.remove(&self.id);
+        s.wake_driver();
+        self.finished = true;
+        self.eof = true;
+    }
+}
+
+fn reset_error(code: ErrorCode) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset by the peer ({code})"),
+    )
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.eof || buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let id = self.id;
+        let shared = self.shared.clone();
+        let mut s = lock(&shared);
+        match s.conn.recv_stream(id).read(buf.len()) {
+            Ok(Some(bytes)) => {
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                s.wake_driver();
+                Poll::Ready(Ok(bytes.len()))
+            }
+            Ok(None) => {
+                self.eof = true;
+                s.wake_driver();
+                Poll::Ready(Ok(0))
+            }
+            Err(ProtoError::Blocked) => {
+                if let Some(slot) = s.slots.get_mut(&id) {
+                    slot.read_waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(_) => Poll::Ready(Err(gone(&s, id))),
+        }
+    }
+}
+
+/// Why a stream that proto no longer knows cannot be used.
+fn gone(s: &crate::driver::Shared, id: StreamId) -> io::Error {
+    match s.slots.get(&id).map(|slot| &slot.state) {
+        Some(SlotState::Reset(code)) => reset_error(*code),
+        Some(SlotState::Refused(r)) => {
+            io::Error::new(io::ErrorKind::ConnectionRefused, r.to_string())
+        }
+        _ => s.closed_error(),
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.finished {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream already closed for writing",
+            )));
+        }
+        let id = self.id;
+        let mut s = lock(&self.shared);
+        match s.conn.send_stream(id).write(buf) {
+            Ok(n) => {
+                s.wake_driver();
+                Poll::Ready(Ok(n))
+            }
+            Err(ProtoError::Blocked) => {
+                if let Some(slot) = s.slots.get_mut(&id) {
+                    slot.write_waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(_) => Poll::Ready(Err(gone(&s, id))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are already the driver's to send.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let id = self.id;
+        let shared = self.shared.clone();
+        let mut s = lock(&shared);
+        match s.conn.send_stream(id).finish() {
+            Ok(()) => {
+                self.finished = true;
+                s.wake_driver();
+                Poll::Ready(Ok(()))
+            }
+            Err(ProtoError::StreamFinished(_)) => {
+                self.finished = true;
+                Poll::Ready(Ok(()))
+            }
+            Err(_) => Poll::Ready(Err(gone(&s, id))),
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        let mut s = lock(&self.shared);
+        s.slots.remove(&self.id);
+        if !(self.finished && self.eof) && s.closed.is_none() {
+            // Ignored when proto already forgot the stream (it ended or was reset).
+            let _ = s.conn.send_stream(self.id).reset(ErrorCode::CANCEL);
+        }
+        s.wake_driver();
+    }
+}

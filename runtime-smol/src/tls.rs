@@ -1,0 +1,1649 @@
+//! Mutual TLS 1.3 for the tunnel: configurations, peer identity checks, the
+//! channel-binding exporter, and a thin wrapper over a rustls connection.
+//!
+//! This is the only module of the data plane that uses rustls. Every configuration is
+//! built with the aws-lc-rs provider passed explicitly, never the process default.
+//!
+//! Identity model (DESIGN.md, Security):
+//! - both sides present a certificate from the private CA (WebPKI chain checks, and
+//!   the extended key usage: serverAuth for the server, clientAuth for the agent);
+//! - the agent checks the server's certificate against the name or address it dialled
+//!   (the standard WebPKI name check, so a dialled IP must be in the IP SANs) and then
+//!   against a [`PeerCheck`] (in AWS mode: CN = server ARN);
+//! - the server checks the agent's CN during the handshake and, once it knows the TCP
+//!   source address, that address against the agent's IP SANs ([`check_client`]).
+
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, CommonState, DigitallySignedStruct,
+    DistinguishedName, OtherError, RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use x509_parser::extensions::GeneralName;
+
+use crate::error::{IdentityError, PeerRole};
+use crate::pki::{read_pem_file, CertifiedKeyPem};
+use crate::Error;
+
+/// The ALPN protocol both sides require.
+pub const ALPN_PROTOCOL: &[u8] = b"fluidity/1";
+
+/// The TLS exporter label of the channel-binding value (RFC 5705 / RFC 8446 §7.5).
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-fluidity-channel-binding";
+
+/// Length of the channel-binding value in bytes.
+pub const CHANNEL_BINDING_LEN: usize = 32;
+
+/// Largest certificate whose names are parsed. Fluidity's certificates are under 1 KiB;
+/// rustls bounds what a peer can send, and this bounds what we parse.
+const MAX_CERT_DER_LEN: usize = 16 * 1024;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+// ---------------------------------------------------------------------------------------
+// PEM loading
+
+/// Parses every certificate in PEM text; `origin` (a path or a description) names the
+/// input in errors. Fails if there is none, so the result is never empty.
+pub fn certs_from_pem(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let bad = |problem: String| Error::BadPem {
+        origin: origin.to_owned(),
+        problem,
+    };
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "no certificate found (expected a \"BEGIN CERTIFICATE\" block)".into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key (PKCS#8, PKCS#1 or SEC1) in PEM text; `origin` names the
+/// input in errors.
+pub fn key_from_pem(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::BadPem {
+        origin: origin.to_owned(),
+        problem: match e {
+            rustls_pki_types::pem::Error::NoItemsFound => {
+                "no private key found (expected a \"BEGIN PRIVATE KEY\" block)".into()
+            }
+            other => format!("invalid PEM: {other}"),
+        },
+    })
+}
+
+/// A certificate chain (leaf first) and its private key: what one side presents.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"[elided]")
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Builds an identity from PEM text: a certificate chain (leaf first) and a key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        Self::checked(
+            certs_from_pem(cert_pem, "certificate")?,
+            key_from_pem(key_pem, "private key")?,
+            "certificate and private key",
+        )
+    }
+
+    /// Builds an identity from a certificate issued by [`crate::pki`].
+    pub fn from_certified(certified: &CertifiedKeyPem) -> Result<Self, Error> {
+        Self::from_pem(&certified.cert_pem, &certified.key_pem)
+    }
+
+    /// Loads an identity from a certificate chain file and a key file.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, Error> {
+        let chain = certs_from_pem(&read_pem_file(cert_path)?, &cert_path.display().to_string())?;
+        let key = key_from_pem(&read_pem_file(key_path)?, &key_path.display().to_string())?;
+        Self::checked(
+            chain,
+            key,
+            &format!("{} and {}", cert_path.display(), key_path.display()),
+        )
+    }
+
+    /// Rejects a key that does not belong to the leaf certificate here, where the files
+    /// can still be named, instead of as an obscure handshake failure later.
+    fn checked(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        origin: &str,
+    ) -> Result<Self, Error> {
+        let bad = |problem: String| Error::BadPem {
+            origin: origin.to_owned(),
+            problem,
+        };
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| bad(format!("unusable private key: {e}")))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing_key)
+            .keys_match()
+            .map_err(|e| bad(format!("key does not belong to the certificate: {e}")))?;
+        Ok(Identity { chain, key })
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The names in the leaf certificate.
+    pub fn names(&self) -> Result<PeerIdentity, IdentityError> {
+        match self.chain.first() {
+            Some(leaf) => PeerIdentity::from_der(leaf),
+            None => Err(IdentityError::Unparsable("empty certificate chain".into())),
+        }
+    }
+}
+
+/// The CA certificates one side trusts for the other's certificates.
+#[derive(Debug, Clone)]
+pub struct CaRoots {
+    store: Arc<RootCertStore>,
+}
+
+impl CaRoots {
+    /// Parses one or more CA certificates from PEM text.
+    pub fn from_pem(pem: &str) -> Result<Self, Error> {
+        Self::from_certs(certs_from_pem(pem, "CA certificate")?, "CA certificate")
+    }
+
+    /// Loads one or more CA certificates from a PEM file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let origin = path.display().to_string();
+        Self::from_certs(certs_from_pem(&read_pem_file(path)?, &origin)?, &origin)
+    }
+
+    fn from_certs(certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<Self, Error> {
+        let mut store = RootCertStore::empty();
+        for cert in certs {
+            store.add(cert).map_err(|e| Error::BadPem {
+                origin: origin.to_owned(),
+                problem: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+        Ok(CaRoots {
+            store: Arc::new(store),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Identities and checks
+
+/// The names in a certificate (or CSR) that identity checks look at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The subject's common name, if it has one.
+    pub common_name: Option<String>,
+    /// IP address SANs.
+    pub ip_sans: Vec<IpAddr>,
+    /// DNS name SANs.
+    pub dns_sans: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// Reads the names of a DER certificate.
+    ///
+    /// A certificate with more than one CN is refused: which one counts would be
+    /// ambiguous, and Fluidity's CA never issues such a certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
+        if der.len() > MAX_CERT_DER_LEN {
+            return Err(IdentityError::Unparsable(format!(
+                "certificate is {} bytes, more than the {MAX_CERT_DER_LEN}-byte limit",
+                der.len()
+            )));
+        }
+        let unparsable = |e: &dyn fmt::Display| IdentityError::Unparsable(e.to_string());
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| unparsable(&e))?;
+
+        let mut cns = cert.subject().iter_common_name();
+        let common_name = match cns.next() {
+            None => None,
+            Some(attr) => Some(attr.as_str().map_err(|e| unparsable(&e))?.to_owned()),
+        };
+        if cns.next().is_some() {
+            return Err(IdentityError::Unparsable(
+                "certificate has more than one CN".into(),
+            ));
+        }
+
+        let mut identity = PeerIdentity {
+            common_name,
+            ..PeerIdentity::default()
+        };
+        if let Some(san) = cert
+            .subject_alternative_name()
+            .map_err(|e| unparsable(&e))?
+        {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => identity.dns_sans.push((*dns).to_owned()),
+                    GeneralName::IPAddress(bytes) => identity.ip_sans.push(ip_from_san(bytes)?),
+                    _ => {}
+                }
+            }
+        }
+        Ok(identity)
+    }
+}
+
+fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, IdentityError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Ok(IpAddr::from(v4));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        return Ok(IpAddr::from(v6));
+    }
+    Err(IdentityError::Unparsable(format!(
+        "IP address SAN of {} bytes",
+        bytes.len()
+    )))
+}
+
+/// What a peer's certificate must name, beyond being issued by the trusted CA.
+///
+/// In AWS mode both sides expect CN = the server's ARN, and the server also expects
+/// the agent's source address among the agent's IP SANs. In local mode the default
+/// (no extra requirement) leaves the standard checks alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCheck {
+    /// The CN the certificate must carry, if any.
+    pub expected_cn: Option<String>,
+    /// An address the certificate's IP SANs must contain, if any.
+    pub expected_ip: Option<IpAddr>,
+}
+
+impl PeerCheck {
+    /// Requires CN = `cn` (in AWS mode, the server ARN).
+    pub fn cn(cn: impl Into<String>) -> Self {
+        PeerCheck {
+            expected_cn: Some(cn.into()),
+            expected_ip: None,
+        }
+    }
+
+    /// Also requires `ip` among the IP SANs.
+    pub fn with_ip(mut self, ip: IpAddr) -> Self {
+        self.expected_ip = Some(ip);
+        self
+    }
+
+    /// Checks a certificate's names against this requirement.
+    pub fn check(&self, id: &PeerIdentity) -> Result<(), IdentityError> {
+        if let Some(expected) = &self.expected_cn {
+            match &id.common_name {
+                None => {
+                    return Err(IdentityError::CommonNameMissing {
+                        expected: expected.clone(),
+                    })
+                }
+                Some(found) if found != expected => {
+                    return Err(IdentityError::CommonNameMismatch {
+                        found: found.clone(),
+                        expected: expected.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(address) = self.expected_ip {
+            // An IPv4 peer reaching a dual-stack socket shows up as ::ffff:a.b.c.d.
+            let address = canonical_ip(address);
+            if !id.ip_sans.iter().any(|ip| canonical_ip(*ip) == address) {
+                return Err(IdentityError::AddressNotInSan {
+                    address,
+                    sans: id.ip_sans.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// Turns a failed identity check into the rustls error a verifier returns, so the
+/// handshake fails with a certificate alert and the local error says exactly why.
+fn reject(peer: PeerRole, source: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+        Error::PeerIdentity { peer, source },
+    ))))
+}
+
+fn peer_identity_of(state: &CommonState, peer: PeerRole) -> Result<PeerIdentity, Error> {
+    if state.is_handshaking() {
+        return Err(Error::HandshakeIncomplete);
+    }
+    let leaf = state
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or(Error::NoPeerCertificate { peer })?;
+    PeerIdentity::from_der(leaf).map_err(|source| Error::PeerIdentity { peer, source })
+}
+
+/// Applies `check` to the agent's certificate once the handshake is done, when the
+/// server knows the TCP source address (put it in `check.expected_ip`).
+pub fn check_client(conn: &ServerConnection, check: &PeerCheck) -> Result<PeerIdentity, Error> {
+    let identity = peer_identity_of(conn, PeerRole::Client)?;
+    check
+        .check(&identity)
+        .map_err(|source| Error::PeerIdentity {
+            peer: PeerRole::Client,
+            source,
+        })?;
+    Ok(identity)
+}
+
+/// Fails unless the handshake negotiated ALPN `fluidity/1`.
+///
+/// rustls already aborts when both sides offer protocols and none match; this catches
+/// a peer that offered none.
+pub fn check_alpn(state: &CommonState) -> Result<(), Error> {
+    if state.is_handshaking() {
+        return Err(Error::HandshakeIncomplete);
+    }
+    match state.alpn_protocol() {
+        Some(p) if p == ALPN_PROTOCOL => Ok(()),
+        other => Err(Error::AlpnMismatch {
+            got: other.map(<[u8]>::to_vec),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configurations and verifiers
+
+/// Builds the server's TLS configuration: TLS 1.3 only, ALPN `fluidity/1`, client
+/// certificates required and verified against `client_ca`, and `client_check` applied
+/// to them during the handshake.
+///
+/// The agent's source address is known only per connection: check it after the
+/// handshake with [`check_client`] or [`TlsSession::established`].
+pub fn server_config(
+    identity: &Identity,
+    client_ca: &CaRoots,
+    client_check: &PeerCheck,
+) -> Result<Arc<ServerConfig>, Error> {
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(
+        Arc::clone(&client_ca.store),
+        Arc::clone(&provider),
+    )
+    .build()?;
+    let verifier = Arc::new(CheckingClientVerifier {
+        inner: webpki,
+        check: client_check.clone(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the agent's TLS configuration: TLS 1.3 only, ALPN `fluidity/1`, presenting
+/// `identity`, and accepting a server certificate only if it chains to `server_ca`,
+/// is valid for the dialled name or address, and passes `server_check`.
+pub fn client_config(
+    identity: &Identity,
+    server_ca: &CaRoots,
+    server_check: &PeerCheck,
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = provider();
+    let webpki = WebPkiServerVerifier::builder_with_provider(
+        Arc::clone(&server_ca.store),
+        Arc::clone(&provider),
+    )
+    .build()?;
+    let verifier = Arc::new(CheckingServerVerifier {
+        inner: webpki,
+        check: server_check.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// WebPKI verification (chain, validity, serverAuth, dialled name) followed by a
+/// [`PeerCheck`].
+#[derive(Debug)]
+struct CheckingServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    check: PeerCheck,
+}
+
+impl ServerCertVerifier for CheckingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let identity =
+            PeerIdentity::from_der(end_entity).map_err(|e| reject(PeerRole::Server, e))?;
+        self.check
+            .check(&identity)
+            .map_err(|e| reject(PeerRole::Server, e))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// WebPKI client verification (chain, validity, clientAuth; certificate mandatory)
+/// followed by a [`PeerCheck`].
+#[derive(Debug)]
+struct CheckingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    check: PeerCheck,
+}
+
+impl ClientCertVerifier for CheckingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let identity =
+            PeerIdentity::from_der(end_entity).map_err(|e| reject(PeerRole::Client, e))?;
+        self.check
+            .check(&identity)
+            .map_err(|e| reject(PeerRole::Client, e))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Channel binding
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for rustls::ClientConnection {}
+    impl Sealed for rustls::ServerConnection {}
+    impl Sealed for rustls::Connection {}
+    impl Sealed for super::TlsSession {}
+}
+
+/// A TLS connection that can export keying material (RFC 5705 / RFC 8446 §7.5).
+pub trait KeyingMaterialExporter: sealed::Sealed {
+    /// Fills `out` with the exporter value for `label` and no context.
+    fn export(
+        &self,
+        out: [u8; CHANNEL_BINDING_LEN],
+        label: &[u8],
+    ) -> Result<[u8; CHANNEL_BINDING_LEN], rustls::Error>;
+}
+
+impl KeyingMaterialExporter for ClientConnection {
+    fn export(
+        &self,
+        out: [u8; CHANNEL_BINDING_LEN],
+        label: &[u8],
+    ) -> Result<[u8; CHANNEL_BINDING_LEN], rustls::Error> {
+        self.export_keying_material(out, label, None)
+    }
+}
+
+impl KeyingMaterialExporter for ServerConnection {
+    fn export(
+        &self,
+        out: [u8; CHANNEL_BINDING_LEN],
+        label: &[u8],
+    ) -> Result<[u8; CHANNEL_BINDING_LEN], rustls::Error> {
+        self.export_keying_material(out, label, None)
+    }
+}
+
+impl KeyingMaterialExporter for rustls::Connection {
+    fn export(
+        &self,
+        out: [u8; CHANNEL_BINDING_LEN],
+        label: &[u8],
+    ) -> Result<[u8; CHANNEL_BINDING_LEN], rustls::Error> {
+        self.export_keying_material(out, label, None)
+    }
+}
+
+impl KeyingMaterialExporter for TlsSession {
+    fn export(
+        &self,
+        out: [u8; CHANNEL_BINDING_LEN],
+        label: &[u8],
+    ) -> Result<[u8; CHANNEL_BINDING_LEN], rustls::Error> {
+        self.conn.export(out, label)
+    }
+}
+
+/// The channel-binding value of a finished handshake: 32 bytes exported with label
+/// [`CHANNEL_BINDING_LABEL`] and no context. Both ends get the same bytes; every
+/// session gets different ones. Tunnel authentication signs it so that a signature
+/// cannot be replayed on another TLS session.
+pub fn channel_binding(
+    conn: &(impl KeyingMaterialExporter + ?Sized),
+) -> Result<[u8; CHANNEL_BINDING_LEN], Error> {
+    Ok(conn.export([0u8; CHANNEL_BINDING_LEN], CHANNEL_BINDING_LABEL)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Session wrapper
+
+/// One side of a Fluidity TLS connection, for a driver using rustls's buffered API
+/// (`read_tls` → `process_new_packets` → `reader()`; `writer()` → `write_tls`).
+///
+/// Once [`is_handshaking`](Self::is_handshaking) turns false, call
+/// [`established`](Self::established) before trusting the connection.
+///
+/// In TLS 1.3 the client finishes its handshake before the server has judged the
+/// client's certificate: a rejection reaches the client only as an alert on its next
+/// read. The client should therefore treat the first message from the server (the
+/// tunnel's hello), not the end of the TLS handshake, as proof of acceptance.
+#[derive(Debug)]
+pub struct TlsSession {
+    conn: rustls::Connection,
+}
+
+/// What a finished, checked handshake established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Established {
+    /// The names in the peer's certificate.
+    pub peer: PeerIdentity,
+    /// The channel-binding value (see [`channel_binding`]).
+    pub channel_binding: [u8; CHANNEL_BINDING_LEN],
+}
+
+impl TlsSession {
+    /// Starts a client session to `server`, an IP address or a DNS name. The server's
+    /// certificate must be valid for it (an IP must be among its IP SANs).
+    pub fn client(config: Arc<ClientConfig>, server: &str) -> Result<Self, Error> {
+        let name = ServerName::try_from(server.to_owned())
+            .map_err(|_| Error::InvalidServerName(server.to_owned()))?;
+        Ok(TlsSession {
+            conn: ClientConnection::new(config, name)?.into(),
+        })
+    }
+
+    /// Starts a server session.
+    pub fn server(config: Arc<ServerConfig>) -> Result<Self, Error> {
+        Ok(TlsSession {
+            conn: ServerConnection::new(config)?.into(),
+        })
+    }
+
+    /// Whether this is the client (agent) side.
+    pub fn is_client(&self) -> bool {
+        matches!(self.conn, rustls::Connection::Client(_))
+    }
+
+    fn peer_role(&self) -> PeerRole {
+        if self.is_client() {
+            PeerRole::Server
+        } else {
+            PeerRole::Client
+        }
+    }
+
+    /// Reads TLS records from `rd` (see `rustls::Connection::read_tls`).
+    pub fn read_tls(&mut self, rd: &mut dyn io::Read) -> io::Result<usize> {
+        self.conn.read_tls(rd)
+    }
+
+    /// Processes records read so far. Errors are fatal; the alert still waits in
+    /// [`write_tls`](Self::write_tls).
+    pub fn process_new_packets(&mut self) -> Result<rustls::IoState, Error> {
+        Ok(self.conn.process_new_packets()?)
+    }
+
+    /// Decrypted application data.
+    pub fn reader(&mut self) -> rustls::Reader<'_> {
+        self.conn.reader()
+    }
+
+    /// Where application data to encrypt is written.
+    pub fn writer(&mut self) -> rustls::Writer<'_> {
+        self.conn.writer()
+    }
+
+    /// Writes pending TLS records to `wr`.
+    pub fn write_tls(&mut self, wr: &mut dyn io::Write) -> io::Result<usize> {
+        self.conn.write_tls(wr)
+    }
+
+    /// Whether rustls wants more TLS input.
+    pub fn wants_read(&self) -> bool {
+        self.conn.wants_read()
+    }
+
+    /// Whether rustls has TLS output pending.
+    pub fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Whether the handshake is still in progress.
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// Queues a close_notify alert.
+    pub fn send_close_notify(&mut self) {
+        self.conn.send_close_notify();
+    }
+
+    /// Bounds rustls's buffers of outgoing and received plaintext (`None` = unbounded).
+    pub fn set_buffer_limit(&mut self, limit: Option<usize>) {
+        self.conn.set_buffer_limit(limit);
+    }
+
+    /// The negotiated ALPN protocol, once the handshake is done.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    /// Fails unless ALPN `fluidity/1` was negotiated (see [`check_alpn`]).
+    pub fn check_alpn(&self) -> Result<(), Error> {
+        check_alpn(&self.conn)
+    }
+
+    /// The names in the peer's certificate.
+    pub fn peer_identity(&self) -> Result<PeerIdentity, Error> {
+        peer_identity_of(&self.conn, self.peer_role())
+    }
+
+    /// The channel-binding value (see [`channel_binding`]).
+    pub fn channel_binding(&self) -> Result<[u8; CHANNEL_BINDING_LEN], Error> {
+        channel_binding(self)
+    }
+
+    /// Everything to check once the handshake is done: ALPN, then the peer's
+    /// certificate names against `peer_check` (on the server, a check carrying the
+    /// agent's CN and TCP source address), then the channel-binding value.
+    pub fn established(&self, peer_check: &PeerCheck) -> Result<Established, Error> {
+        self.check_alpn()?;
+        let peer = self.peer_identity()?;
+        peer_check
+            .check(&peer)
+            .map_err(|source| Error::PeerIdentity {
+                peer: self.peer_role(),
+                source,
+            })?;
+        Ok(Established {
+            peer,
+            channel_binding: self.channel_binding()?,
+        })
+    }
+
+    /// The underlying rustls connection.
+    pub fn connection(&self) -> &rustls::Connection {
+        &self.conn
+    }
+
+    /// The underlying rustls connection, mutably.
+    pub fn connection_mut(&mut self) -> &mut rustls::Connection {
+        &mut self.conn
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::thread;
+    use std::time::Duration;
+
+    use rustls::{AlertDescription, PeerIncompatible};
+
+    use super::*;
+    use crate::pki::{self, CaBundle, SanEntry};
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+    const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/fluidity/0123456789abcdef";
+    const AGENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+    /// Bounds the in-memory handshakes; a TLS 1.3 handshake needs three or four rounds.
+    const MAX_ROUNDS: usize = 32;
+    /// Bounds every blocking socket operation of the TCP tests.
+    const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Pki {
+        ca: CaBundle,
+        roots: CaRoots,
+    }
+
+    impl Pki {
+        fn new(name: &str) -> Self {
+            let ca = pki::generate_ca(name, 30 * DAY).expect("CA");
+            let roots = CaRoots::from_pem(ca.cert_pem()).expect("roots");
+            Pki { ca, roots }
+        }
+
+        fn server(&self, cn: &str, names: &[&str]) -> Identity {
+            let names: Vec<SanEntry> = names.iter().map(|n| n.parse().expect("name")).collect();
+            let issued = pki::issue_server(&self.ca, &names, cn, 30 * DAY).expect("server cert");
+            Identity::from_certified(&issued).expect("server identity")
+        }
+
+        fn client(&self, cn: &str, ips: &[IpAddr]) -> Identity {
+            let issued = pki::issue_client(&self.ca, cn, ips, 30 * DAY).expect("client cert");
+            Identity::from_certified(&issued).expect("client identity")
+        }
+
+        fn local_server(&self) -> Identity {
+            self.server("localhost", &["localhost", "127.0.0.1", "::1"])
+        }
+
+        fn local_client(&self) -> Identity {
+            self.client("fluidity-agent", &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
+        }
+    }
+
+    fn server_session(pki: &Pki, identity: &Identity, check: &PeerCheck) -> TlsSession {
+        TlsSession::server(server_config(identity, &pki.roots, check).expect("server config"))
+            .expect("server session")
+    }
+
+    fn client_session(
+        roots: &CaRoots,
+        identity: &Identity,
+        check: &PeerCheck,
+        server: &str,
+    ) -> TlsSession {
+        let config = client_config(identity, roots, check).expect("client config");
+        TlsSession::client(config, server).expect("client session")
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct Outcome {
+        pub(crate) client: Result<(), Error>,
+        pub(crate) server: Result<(), Error>,
+    }
+
+    impl Outcome {
+        fn client_tls_error(&self) -> &rustls::Error {
+            match &self.client {
+                Err(Error::Tls(e)) => e,
+                other => panic!("expected a client TLS error, got {other:?} ({self:?})"),
+            }
+        }
+
+        fn server_tls_error(&self) -> &rustls::Error {
+            match &self.server {
+                Err(Error::Tls(e)) => e,
+                other => panic!("expected a server TLS error, got {other:?} ({self:?})"),
+            }
+        }
+    }
+
+    /// Moves every pending record from `from` to `to`; returns how many bytes moved.
+    fn move_records(
+        from: &mut TlsSession,
+        to: &mut TlsSession,
+        to_err: &mut Option<Error>,
+    ) -> usize {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).expect("write_tls to a Vec");
+        }
+        if to_err.is_some() {
+            return buf.len();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).expect("read_tls from a slice");
+            if let Err(e) = to.process_new_packets() {
+                *to_err = Some(e);
+                break;
+            }
+        }
+        buf.len()
+    }
+
+    /// Runs a handshake in memory until both sides are done or have failed and no
+    /// bytes are left in flight (so a late alert reaches the other side).
+    pub(crate) fn handshake(client: &mut TlsSession, server: &mut TlsSession) -> Outcome {
+        let mut client_err = None;
+        let mut server_err = None;
+        for _ in 0..MAX_ROUNDS {
+            let moved = move_records(client, server, &mut server_err)
+                + move_records(server, client, &mut client_err);
+            let done = !client.is_handshaking() && !server.is_handshaking();
+            let failed = client_err.is_some() || server_err.is_some();
+            if moved == 0 && (done || failed) {
+                return Outcome {
+                    client: client_err.map_or(Ok(()), Err),
+                    server: server_err.map_or(Ok(()), Err),
+                };
+            }
+        }
+        panic!("handshake did not settle within {MAX_ROUNDS} rounds");
+    }
+
+    fn assert_rejected_identity(err: &Result<(), Error>, peer: PeerRole, expected: &IdentityError) {
+        match err {
+            Err(Error::PeerIdentity { peer: p, source }) => {
+                assert_eq!(*p, peer);
+                assert_eq!(source, expected);
+            }
+            other => panic!("expected Error::PeerIdentity, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_mutual_tls_succeeds_in_memory_and_carries_data() {
+        let pki = Pki::new("test CA");
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = client_session(
+            &pki.roots,
+            &pki.local_client(),
+            &PeerCheck::default(),
+            "localhost",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            outcome.client.is_ok() && outcome.server.is_ok(),
+            "{outcome:?}"
+        );
+
+        assert_eq!(client.alpn_protocol(), Some(ALPN_PROTOCOL));
+        assert_eq!(server.alpn_protocol(), Some(ALPN_PROTOCOL));
+        assert_eq!(
+            client.connection().protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+
+        let at_client = client
+            .established(&PeerCheck::cn("localhost"))
+            .expect("client side");
+        let at_server = server
+            .established(&PeerCheck::cn("fluidity-agent").with_ip(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+            .expect("server side");
+        assert_eq!(at_client.peer.common_name.as_deref(), Some("localhost"));
+        assert_eq!(at_client.peer.dns_sans, vec!["localhost".to_owned()]);
+        assert_eq!(
+            at_client.peer.ip_sans,
+            vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            ]
+        );
+        assert_eq!(
+            at_server.peer.common_name.as_deref(),
+            Some("fluidity-agent")
+        );
+        assert_eq!(at_client.channel_binding, at_server.channel_binding);
+        assert_ne!(at_client.channel_binding, [0u8; CHANNEL_BINDING_LEN]);
+
+        client
+            .writer()
+            .write_all(b"hello over fluidity/1")
+            .expect("write");
+        let mut none = None;
+        move_records(&mut client, &mut server, &mut none);
+        assert!(none.is_none(), "{none:?}");
+        let mut got = vec![0u8; 64];
+        let n = server.reader().read(&mut got).expect("read");
+        assert_eq!(&got[..n], b"hello over fluidity/1");
+    }
+
+    #[test]
+    fn channel_binding_matches_across_ends_and_differs_across_sessions() {
+        let pki = Pki::new("test CA");
+        let server_cfg = server_config(&pki.local_server(), &pki.roots, &PeerCheck::default())
+            .expect("server config");
+        let client_cfg = client_config(&pki.local_client(), &pki.roots, &PeerCheck::default())
+            .expect("client config");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let mut server = TlsSession::server(Arc::clone(&server_cfg)).expect("server");
+            let mut client =
+                TlsSession::client(Arc::clone(&client_cfg), "127.0.0.1").expect("client");
+            let outcome = handshake(&mut client, &mut server);
+            assert!(
+                outcome.client.is_ok() && outcome.server.is_ok(),
+                "{outcome:?}"
+            );
+
+            // The free function works on the raw rustls connections too.
+            let rustls::Connection::Client(raw_client) = client.connection() else {
+                panic!("client session holds a server connection");
+            };
+            let rustls::Connection::Server(raw_server) = server.connection() else {
+                panic!("server session holds a client connection");
+            };
+            let a = channel_binding(raw_client).expect("client exporter");
+            let b = channel_binding(raw_server).expect("server exporter");
+            assert_eq!(a, b);
+            assert_eq!(a, client.channel_binding().expect("session exporter"));
+            assert!(
+                !seen.contains(&a),
+                "exporter value repeated across sessions"
+            );
+            seen.push(a);
+        }
+    }
+
+    #[test]
+    fn exporter_and_identity_refuse_before_handshake() {
+        let pki = Pki::new("test CA");
+        let client = client_session(
+            &pki.roots,
+            &pki.local_client(),
+            &PeerCheck::default(),
+            "localhost",
+        );
+        assert!(matches!(client.channel_binding(), Err(Error::Tls(_))));
+        assert!(matches!(
+            client.peer_identity(),
+            Err(Error::HandshakeIncomplete)
+        ));
+        assert!(matches!(
+            client.check_alpn(),
+            Err(Error::HandshakeIncomplete)
+        ));
+    }
+
+    #[test]
+    fn aws_mode_checks_arn_and_addresses() {
+        let pki = Pki::new("fluidity CA");
+        // The server's SAN holds its own and the agent's public IPs; the agent's holds its own.
+        let server_id = pki.server(ARN, &["127.0.0.1", &AGENT_IP.to_string()]);
+        let client_id = pki.client(ARN, &[AGENT_IP]);
+
+        let mut server = server_session(&pki, &server_id, &PeerCheck::cn(ARN));
+        let mut client = client_session(&pki.roots, &client_id, &PeerCheck::cn(ARN), "127.0.0.1");
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            outcome.client.is_ok() && outcome.server.is_ok(),
+            "{outcome:?}"
+        );
+        server
+            .established(&PeerCheck::cn(ARN).with_ip(AGENT_IP))
+            .expect("agent address is in its SAN");
+        let rustls::Connection::Server(raw_server) = server.connection() else {
+            panic!("server session holds a client connection");
+        };
+        check_client(raw_server, &PeerCheck::cn(ARN).with_ip(AGENT_IP)).expect("check_client");
+
+        // The same agent seen from another source address is refused, with a clear reason.
+        let elsewhere = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+        let err = check_client(raw_server, &PeerCheck::cn(ARN).with_ip(elsewhere))
+            .expect_err("address not in SAN");
+        assert_eq!(
+            err.to_string(),
+            "client certificate rejected: address 203.0.113.9 is not in its IP SANs [198.51.100.7]"
+        );
+    }
+
+    #[test]
+    fn client_rejects_server_with_wrong_cn() {
+        let pki = Pki::new("fluidity CA");
+        let other_arn = "arn:aws:ecs:us-east-1:123456789012:task/fluidity/ffffffffffffffff";
+        let server_id = pki.server(other_arn, &["127.0.0.1"]);
+        let mut server = server_session(&pki, &server_id, &PeerCheck::default());
+        let mut client = client_session(
+            &pki.roots,
+            &pki.client(ARN, &[AGENT_IP]),
+            &PeerCheck::cn(ARN),
+            "127.0.0.1",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert_rejected_identity(
+            &outcome.client,
+            PeerRole::Server,
+            &IdentityError::CommonNameMismatch {
+                found: other_arn.into(),
+                expected: ARN.into(),
+            },
+        );
+        assert_eq!(
+            outcome.client.as_ref().map_err(ToString::to_string),
+            Err(format!(
+                "server certificate rejected: CN is {other_arn:?}, expected {ARN:?}"
+            ))
+        );
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::AlertReceived(AlertDescription::CertificateUnknown)
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn server_rejects_client_with_wrong_cn() {
+        let pki = Pki::new("fluidity CA");
+        let mut server =
+            server_session(&pki, &pki.server(ARN, &["127.0.0.1"]), &PeerCheck::cn(ARN));
+        let mut client = client_session(
+            &pki.roots,
+            &pki.client("someone-else", &[AGENT_IP]),
+            &PeerCheck::cn(ARN),
+            "127.0.0.1",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert_rejected_identity(
+            &outcome.server,
+            PeerRole::Client,
+            &IdentityError::CommonNameMismatch {
+                found: "someone-else".into(),
+                expected: ARN.into(),
+            },
+        );
+        assert_eq!(
+            outcome.server.as_ref().map_err(ToString::to_string),
+            Err(format!(
+                "client certificate rejected: CN is \"someone-else\", expected {ARN:?}"
+            ))
+        );
+        // TLS 1.3 clients finish before the server has judged them: they learn of the
+        // rejection from the alert.
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::AlertReceived(AlertDescription::CertificateUnknown)
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn client_rejects_server_not_valid_for_dialled_address() {
+        let pki = Pki::new("fluidity CA");
+        let mut server = server_session(
+            &pki,
+            &pki.server(ARN, &["127.0.0.1"]),
+            &PeerCheck::default(),
+        );
+        let mut client = client_session(
+            &pki.roots,
+            &pki.client(ARN, &[AGENT_IP]),
+            &PeerCheck::cn(ARN),
+            "127.0.0.2",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn client_check_can_require_an_ip_san() {
+        let pki = Pki::new("fluidity CA");
+        let mut server = server_session(
+            &pki,
+            &pki.server("srv", &["localhost"]),
+            &PeerCheck::default(),
+        );
+        let check = PeerCheck::default().with_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let mut client = client_session(&pki.roots, &pki.local_client(), &check, "localhost");
+        let outcome = handshake(&mut client, &mut server);
+        assert_rejected_identity(
+            &outcome.client,
+            PeerRole::Server,
+            &IdentityError::AddressNotInSan {
+                address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                sans: vec![],
+            },
+        );
+    }
+
+    #[test]
+    fn server_rejects_client_without_certificate() {
+        let pki = Pki::new("test CA");
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(Arc::clone(&pki.roots.store))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        let mut client = TlsSession::client(Arc::new(config), "localhost").expect("client");
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::NoCertificatesPresented
+            ),
+            "{outcome:?}"
+        );
+        assert!(outcome.client.is_err(), "{outcome:?}");
+    }
+
+    #[test]
+    fn server_rejects_client_certificate_from_another_ca() {
+        let pki = Pki::new("test CA");
+        let rogue = Pki::new("rogue CA");
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        // The client trusts the real CA but presents a certificate from the rogue one.
+        let mut client = client_session(
+            &pki.roots,
+            &rogue.local_client(),
+            &PeerCheck::default(),
+            "localhost",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            ),
+            "{outcome:?}"
+        );
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::AlertReceived(AlertDescription::UnknownCA)
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn client_rejects_server_certificate_from_another_ca() {
+        let pki = Pki::new("test CA");
+        let rogue = Pki::new("rogue CA");
+        let mut server = TlsSession::server(
+            server_config(&rogue.local_server(), &pki.roots, &PeerCheck::default())
+                .expect("config"),
+        )
+        .expect("server");
+        let mut client = client_session(
+            &pki.roots,
+            &pki.local_client(),
+            &PeerCheck::default(),
+            "localhost",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            ),
+            "{outcome:?}"
+        );
+        assert!(outcome.server.is_err(), "{outcome:?}");
+    }
+
+    #[test]
+    fn certificates_are_not_accepted_in_the_wrong_role() {
+        let pki = Pki::new("test CA");
+        // A server certificate presented by a client (serverAuth only) is refused...
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = client_session(
+            &pki.roots,
+            &pki.local_server(),
+            &PeerCheck::default(),
+            "localhost",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::InvalidCertificate(
+                    CertificateError::InvalidPurpose
+                        | CertificateError::InvalidPurposeContext { .. }
+                )
+            ),
+            "{outcome:?}"
+        );
+
+        // ...and so is a client certificate (clientAuth only) presented by a server.
+        let client_as_server = pki.client("localhost", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        let mut server = server_session(&pki, &client_as_server, &PeerCheck::default());
+        let mut client = client_session(
+            &pki.roots,
+            &pki.local_client(),
+            &PeerCheck::default(),
+            "127.0.0.1",
+        );
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::InvalidCertificate(
+                    CertificateError::InvalidPurpose
+                        | CertificateError::InvalidPurposeContext { .. }
+                )
+            ),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn server_rejects_tls12_only_client() {
+        let pki = Pki::new("test CA");
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let identity = pki.local_client();
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("versions")
+            .with_root_certificates(Arc::clone(&pki.roots.store))
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .expect("client cert");
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        let mut client = TlsSession::client(Arc::new(config), "localhost").expect("client");
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::PeerIncompatible(PeerIncompatible::Tls12NotOfferedOrEnabled)
+            ),
+            "{outcome:?}"
+        );
+        assert!(
+            matches!(
+                outcome.client_tls_error(),
+                rustls::Error::AlertReceived(AlertDescription::ProtocolVersion)
+            ),
+            "{outcome:?}"
+        );
+        assert!(client.is_handshaking() && server.is_handshaking());
+    }
+
+    #[test]
+    fn alpn_mismatch_is_detected() {
+        let pki = Pki::new("test CA");
+        let identity = pki.local_client();
+        let config_with = |alpn: Vec<Vec<u8>>| {
+            let mut config = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("versions")
+                .with_root_certificates(Arc::clone(&pki.roots.store))
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .expect("client cert");
+            config.alpn_protocols = alpn;
+            Arc::new(config)
+        };
+
+        // A client offering only another protocol is refused during the handshake.
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = TlsSession::client(config_with(vec![b"http/1.1".to_vec()]), "localhost")
+            .expect("client");
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            matches!(
+                outcome.server_tls_error(),
+                rustls::Error::NoApplicationProtocol
+            ),
+            "{outcome:?}"
+        );
+
+        // A client offering nothing completes TLS, and the ALPN check catches it.
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = TlsSession::client(config_with(vec![]), "localhost").expect("client");
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            outcome.client.is_ok() && outcome.server.is_ok(),
+            "{outcome:?}"
+        );
+        let err = server
+            .established(&PeerCheck::default())
+            .expect_err("no ALPN");
+        assert!(matches!(err, Error::AlpnMismatch { got: None }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "peer did not negotiate ALPN protocol \"fluidity/1\" (got none)"
+        );
+    }
+
+    #[test]
+    fn invalid_server_name_is_refused() {
+        let pki = Pki::new("test CA");
+        let config =
+            client_config(&pki.local_client(), &pki.roots, &PeerCheck::default()).expect("config");
+        let err = TlsSession::client(config, "not a host name").expect_err("bad name");
+        assert!(matches!(err, Error::InvalidServerName(_)), "{err:?}");
+    }
+
+    #[test]
+    fn identity_rejects_mismatched_key_and_bad_pem() {
+        let pki = Pki::new("test CA");
+        let a = pki::issue_client(&pki.ca, "a", &[], DAY).expect("a");
+        let b = pki::issue_client(&pki.ca, "b", &[], DAY).expect("b");
+        let err = Identity::from_pem(&a.cert_pem, &b.key_pem).expect_err("mismatch");
+        assert!(
+            err.to_string()
+                .contains("key does not belong to the certificate"),
+            "{err}"
+        );
+
+        let err = Identity::from_pem(&a.key_pem, &a.key_pem).expect_err("no cert");
+        assert!(err.to_string().contains("no certificate found"), "{err}");
+        let err = Identity::from_pem(&a.cert_pem, &a.cert_pem).expect_err("no key");
+        assert!(err.to_string().contains("no private key found"), "{err}");
+    }
+
+    #[test]
+    fn loading_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.pem");
+        let err = CaRoots::load(&missing).expect_err("missing file");
+        assert!(matches!(err, Error::ReadFile { .. }), "{err:?}");
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "this is not PEM\n").expect("write");
+        let err = CaRoots::load(&garbage).expect_err("garbage");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: no certificate found (expected a \"BEGIN CERTIFICATE\" block)",
+                garbage.display()
+            )
+        );
+        let err = Identity::load(&garbage, &garbage).expect_err("garbage");
+        assert!(
+            err.to_string().starts_with(&garbage.display().to_string()),
+            "{err}"
+        );
+
+        let huge = dir.path().join("huge.pem");
+        std::fs::write(&huge, vec![b'A'; pki::MAX_PEM_LEN + 1]).expect("write");
+        let err = CaRoots::load(&huge).expect_err("too large");
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    // ---- over real TCP on 127.0.0.1 -------------------------------------------------
+
+    fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        for sock in [&client, &server] {
+            sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            sock.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        }
+        (client, server)
+    }
+
+    fn flush(session: &mut TlsSession, sock: &mut TcpStream) {
+        while session.wants_write() {
+            session.write_tls(sock).expect("write_tls");
+        }
+    }
+
+    /// Flushes, then reads and processes one batch of records. An error is returned
+    /// after the alert it queued has been sent.
+    fn read_once(session: &mut TlsSession, sock: &mut TcpStream) -> Result<(), Error> {
+        flush(session, sock);
+        if session.read_tls(sock).expect("read_tls (timed out?)") == 0 {
+            return Err(Error::HandshakeIncomplete);
+        }
+        let processed = session.process_new_packets();
+        flush(session, sock);
+        processed.map(|_| ())
+    }
+
+    fn complete_handshake(session: &mut TlsSession, sock: &mut TcpStream) -> Result<(), Error> {
+        while session.is_handshaking() {
+            read_once(session, sock)?;
+        }
+        flush(session, sock);
+        Ok(())
+    }
+
+    fn read_message(
+        session: &mut TlsSession,
+        sock: &mut TcpStream,
+        len: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let mut got = Vec::new();
+        while got.len() < len {
+            let mut buf = [0u8; 256];
+            match session.reader().read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_once(session, sock)?,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        Ok(got)
+    }
+
+    /// The server side of a TCP test: handshake, check the agent against its source
+    /// address, echo one message back.
+    fn serve_one(
+        mut sock: TcpStream,
+        config: Arc<ServerConfig>,
+        expected_cn: &'static str,
+    ) -> thread::JoinHandle<Result<Established, Error>> {
+        thread::spawn(move || {
+            let peer: SocketAddr = sock.peer_addr().expect("peer addr");
+            let mut session = TlsSession::server(config)?;
+            complete_handshake(&mut session, &mut sock)?;
+            let established =
+                session.established(&PeerCheck::cn(expected_cn).with_ip(peer.ip()))?;
+            let msg = read_message(&mut session, &mut sock, 4)?;
+            session.writer().write_all(&msg).expect("write");
+            session.send_close_notify();
+            flush(&mut session, &mut sock);
+            Ok(established)
+        })
+    }
+
+    #[test]
+    fn tcp_handshake_checks_source_address_and_carries_data() {
+        let pki = Pki::new("test CA");
+        let (mut client_sock, server_sock) = tcp_pair();
+        let server_cfg = server_config(
+            &pki.local_server(),
+            &pki.roots,
+            &PeerCheck::cn("fluidity-agent"),
+        )
+        .expect("server config");
+        let server = serve_one(server_sock, server_cfg, "fluidity-agent");
+
+        let mut client = client_session(
+            &pki.roots,
+            &pki.local_client(),
+            &PeerCheck::cn("localhost"),
+            "127.0.0.1",
+        );
+        complete_handshake(&mut client, &mut client_sock).expect("handshake");
+        let at_client = client
+            .established(&PeerCheck::default())
+            .expect("client side");
+        client.writer().write_all(b"ping").expect("write");
+        flush(&mut client, &mut client_sock);
+        assert_eq!(
+            read_message(&mut client, &mut client_sock, 4).expect("echo"),
+            b"ping"
+        );
+
+        let at_server = server.join().expect("server thread").expect("server side");
+        assert_eq!(at_client.channel_binding, at_server.channel_binding);
+        assert_eq!(
+            at_server.peer.ip_sans,
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        );
+    }
+
+    #[test]
+    fn tcp_server_refuses_agent_whose_address_is_not_in_its_san() {
+        let pki = Pki::new("fluidity CA");
+        let (mut client_sock, server_sock) = tcp_pair();
+        let server_cfg = server_config(
+            &pki.server(ARN, &["127.0.0.1"]),
+            &pki.roots,
+            &PeerCheck::cn(ARN),
+        )
+        .expect("server config");
+        let server = serve_one(server_sock, server_cfg, ARN);
+
+        // A genuine agent certificate, but for another public address.
+        let mut client = client_session(
+            &pki.roots,
+            &pki.client(ARN, &[AGENT_IP]),
+            &PeerCheck::cn(ARN),
+            "127.0.0.1",
+        );
+        complete_handshake(&mut client, &mut client_sock).expect("handshake");
+        let err = server
+            .join()
+            .expect("server thread")
+            .expect_err("address check");
+        assert_eq!(
+            err.to_string(),
+            "client certificate rejected: address 127.0.0.1 is not in its IP SANs [198.51.100.7]"
+        );
+    }
+
+    #[test]
+    fn tcp_server_refuses_client_certificate_from_another_ca() {
+        let pki = Pki::new("test CA");
+        let rogue = Pki::new("rogue CA");
+        let (mut client_sock, server_sock) = tcp_pair();
+        let server_cfg = server_config(&pki.local_server(), &pki.roots, &PeerCheck::default())
+            .expect("server config");
+        let server = serve_one(server_sock, server_cfg, "fluidity-agent");
+
+        let mut client = client_session(
+            &pki.roots,
+            &rogue.local_client(),
+            &PeerCheck::default(),
+            "127.0.0.1",
+        );
+        complete_handshake(&mut client, &mut client_sock).expect("client finishes first");
+        // The rejection reaches the client as an alert on its next read.
+        let err = read_once(&mut client, &mut client_sock).expect_err("alert");
+        assert!(
+            matches!(
+                err,
+                Error::Tls(rustls::Error::AlertReceived(AlertDescription::UnknownCA))
+            ),
+            "{err:?}"
+        );
+        let err = server
+            .join()
+            .expect("server thread")
+            .expect_err("unknown CA");
+        assert!(
+            matches!(
+                err,
+                Error::Tls(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer
+                ))
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! A real tunnel on loopback: TLS 1.3 with generated certificates, the proto connection
+//! and the driver, with many concurrent streams echoed by the server.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_io::{Async, Timer};
+use fluidity_proto::{Config, Connection, Credentials, OpenRefusal, RefusalReason, Target};
+use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
+use fluidity_runtime_smol::tls::{
+    client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
+};
+use fluidity_runtime_smol::{accept, connect, start, Tunnel, TunnelEvent};
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+
+const DAY: Duration = Duration::from_secs(86_400);
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Certs {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+fn certs() -> Certs {
+    let ca = generate_ca("test ca", DAY).unwrap();
+    let roots = CaRoots::from_pem(ca.cert_pem()).unwrap();
+    let names: Vec<SanEntry> = vec!["127.0.0.1".parse().unwrap()];
+    let server = issue_server(&ca, &names, "server", DAY).unwrap();
+    let client = issue_client(&ca, "agent", &["127.0.0.1".parse().unwrap()], DAY).unwrap();
+    Certs {
+        server: server_config(
+            &Identity::from_certified(&server).unwrap(),
+            &roots,
+            &PeerCheck::default(),
+        )
+        .unwrap(),
+        client: client_config(
+            &Identity::from_certified(&client).unwrap(),
+            &roots,
+            &PeerCheck::default(),
+        )
+        .unwrap(),
+    }
+}
+
+fn proto_config() -> Arc<Config> {
+    Arc::new(Config {
+        require_auth: false,
+        ..Config::default()
+    })
+}
+
+/// Serves one tunnel: echoes every stream, refuses port 1.
+async fn serve_echo(
+    ex: Arc<smol::Executor<'static>>,
+    listener: Async<TcpListener>,
+    cfg: Arc<rustls::ServerConfig>,
+) {
+    let (sock, _) = listener.accept().await.unwrap();
+    let h = accept(
+        sock,
+        TlsSession::server(cfg).unwrap(),
+        &PeerCheck::default(),
+        LIMIT,
+    )
+    .await
+    .unwrap();
+    let conn = Connection::server(proto_config(), std::time::Instant::now());
+    let (tunnel, events, driver) = start(h.sock, h.tls, conn).unwrap();
+    ex.spawn(driver).detach();
+    while let Ok(ev) = events.recv().await {
+        if let TunnelEvent::OpenRequested { id, target } = ev {
+            if target.port == 1 {
+                tunnel
+                    .refuse_open(
+                        id,
+                        OpenRefusal::new(RefusalReason::ConnectionRefused, "port 1"),
+                    )
+                    .unwrap();
+                continue;
+            }
+            let s = tunnel.accept_open(id).unwrap();
+            ex.spawn(async move {
+                let (r, mut w) = futures_lite::io::split(s);
+                futures_lite::io::copy(r, &mut w).await.unwrap();
+                w.close().await.unwrap();
+            })
+            .detach();
+        }
+    }
+}
+
+async fn agent(
+    addr: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    ex: &smol::Executor<'static>,
+) -> Tunnel {
+    let h = connect(
+        addr,
+        TlsSession::client(cfg, "127.0.0.1").unwrap(),
+        &PeerCheck::default(),
+        LIMIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.established.channel_binding.len(), 32);
+    let conn = Connection::agent(
+        proto_config(),
+        Credentials::none(),
+        std::time::Instant::now(),
+    );
+    let (tunnel, _events, driver) = start(h.sock, h.tls, conn).unwrap();
+    ex.spawn(driver).detach();
+    tunnel.ready().await.unwrap();
+    tunnel
+}
+
+fn payload(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+        .collect()
+}
+
+fn run<T: Send + 'static>(f: impl FnOnce(Arc<smol::Executor<'static>>) -> smol::Task<T>) -> T {
+    let ex = Arc::new(smol::Executor::new());
+    let task = f(ex.clone());
+    let timeout = async {
+        Timer::after(Duration::from_secs(120)).await;
+        panic!("test timed out");
+    };
+    std::thread::scope(|s| {
+        let ex2 = ex.clone();
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        s.spawn(move || smol::block_on(ex2.run(stopped.recv())));
+        let out = smol::block_on(ex.run(task.or(timeout)));
+        drop(stop);
+        out
+    })
+}
+
+#[test]
+fn many_concurrent_streams_are_echoed_byte_exact() {
+    run(|ex| {
+        let certs = certs();
+        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
+        ex.spawn(serve_echo(ex.clone(), listener, certs.server))
+            .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            let mut tasks = Vec::new();
+            for i in 0..50usize {
+                let tunnel = tunnel.clone();
+                tasks.push(ex2.spawn(async move {
+                    let data = payload(i, 200_000 + i * 1000);
+                    let s = tunnel
+                        .open(Target::parse("echo.test:7").unwrap())
+                        .await
+                        .unwrap();
+                    let (mut r, mut w) = futures_lite::io::split(s);
+                    let sent = data.clone();
+                    let writer = async move {
+                        w.write_all(&sent).await.unwrap();
+                        w.close().await.unwrap();
+                    };
+                    let reader = async move {
+                        let mut got = Vec::new();
+                        r.read_to_end(&mut got).await.unwrap();
+                        got
+                    };
+                    let ((), got) = futures_lite::future::zip(writer, reader).await;
+                    assert!(got == data, "stream {i} corrupted");
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            let stats = tunnel.stats();
+            assert_eq!(stats.streams_opened, 50);
+        })
+    });
+}
+
+#[test]
+fn refusal_arrives_typed() {
+    run(|ex| {
+        let certs = certs();
+        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
+        ex.spawn(serve_echo(ex.clone(), listener, certs.server))
+            .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            match tunnel.open(Target::parse("x.test:1").unwrap()).await {
+                Err(fluidity_runtime_smol::Error::Refused(r)) => {
+                    assert_eq!(r.reason, RefusalReason::ConnectionRefused)
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            // The tunnel still works.
+            let mut s = tunnel
+                .open(Target::parse("x.test:2").unwrap())
+                .await
+                .unwrap();
+            s.write_all(b"ok").await.unwrap();
+            s.close().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"ok");
+        })
+    });
+}
