@@ -1,0 +1,249 @@
+//! Dialling a stream's target: policy, resolution, and one TCP connection attempt per
+//! allowed address.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use async_net::TcpStream;
+use fluidity_proto::{OpenRefusal, RefusalReason, Target};
+use futures_lite::FutureExt;
+
+use super::policy::EgressPolicy;
+use super::resolve::Resolver;
+
+/// Default time allowed for one connection attempt to one address.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default time allowed for a whole dial: resolution and every attempt.
+pub const DEFAULT_DIAL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Dials targets under an [`EgressPolicy`]; cheap to clone (clones share the policy and
+/// the resolver's lookup slots).
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    policy: Arc<EgressPolicy>,
+    resolver: Resolver,
+    connect_timeout: Duration,
+    deadline: Duration,
+}
+
+impl Dialer {
+    /// A dialer with the default resolver, connect timeout and deadline.
+    pub fn new(policy: EgressPolicy) -> Self {
+        Dialer {
+            policy: Arc::new(policy),
+            resolver: Resolver::default(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            deadline: DEFAULT_DIAL_DEADLINE,
+        }
+    }
+
+    /// Sets the time allowed for one connection attempt.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the time allowed for a whole dial.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets the resolver (and so the lookup timeout and concurrency).
+    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// The policy this dialer enforces.
+    pub fn policy(&self) -> &EgressPolicy {
+        &self.policy
+    }
+
+    /// The time allowed for one connection attempt.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The time allowed for a whole dial.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Connects to `target`: checks the policy, resolves the name, drops every address the
+    /// policy refuses, then tries the rest in turn (IPv6 and IPv4 alternating, starting with
+    /// the resolver's first) until one connects. Returns the connected socket, with
+    /// `TCP_NODELAY` set, and the address it reached.
+    ///
+    /// A refusal carries the reason of the last failed attempt (a refused connection,
+    /// unreachable network, timeout) or of the policy or lookup, and a detail line that names
+    /// the target and the last error.
+    pub async fn dial(&self, target: &Target) -> Result<(TcpStream, SocketAddr), OpenRefusal> {
+        let start = Instant::now();
+        let give_up_at = start + self.deadline;
+
+        if let Err(denied) = self.policy.check_target(target) {
+            tracing::debug!(%target, %denied, "egress denied before resolution");
+            return Err(denied.to_refusal(target));
+        }
+
+        let deadline = self.deadline;
+        let resolved = self
+            .resolver
+            .resolve(target)
+            .or(async {
+                Timer::at(give_up_at).await;
+                Err(OpenRefusal::new(
+                    RefusalReason::TimedOut,
+                    format!("{target}: not resolved within the dial deadline of {deadline:?}"),
+                ))
+            })
+            .await?;
+
+        let mut allowed = Vec::with_capacity(resolved.len());
+        let mut first_denial = None;
+        for addr in resolved {
+            match self.policy.check_resolved(target, addr.ip()) {
+                Ok(()) => allowed.push(addr),
+                Err(denied) => {
+                    tracing::debug!(%target, %addr, %denied, "skipping denied address");
+                    first_denial.get_or_insert(denied);
+                }
+            }
+        }
+        if allowed.is_empty() {
+            let why = first_denial.map(|d| d.to_string()).unwrap_or_default();
+            return Err(OpenRefusal::new(
+                RefusalReason::DeniedByPolicy,
+                format!("{target}: resolves only to denied addresses ({why})"),
+            ));
+        }
+
+        let addrs = interleave_families(allowed);
+        let tried = addrs.len();
+        let mut last: Option<(RefusalReason, String)> = None;
+        for addr in addrs {
+            let remaining = give_up_at.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                last = Some((
+                    RefusalReason::TimedOut,
+                    format!("dial deadline of {deadline:?} reached before trying {addr}"),
+                ));
+                break;
+            }
+            let attempt = self.connect_timeout.min(remaining);
+            let result = TcpStream::connect(addr)
+                .or(async {
+                    Timer::after(attempt).await;
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {attempt:?}"),
+                    ))
+                })
+                .await;
+            match result {
+                Ok(stream) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        // Only latency suffers; the connection itself is fine.
+                        tracing::debug!(%target, %addr, error = %e, "could not set TCP_NODELAY");
+                    }
+                    tracing::debug!(%target, %addr, elapsed = ?start.elapsed(), "dialled");
+                    return Ok((stream, addr));
+                }
+                Err(e) => {
+                    let reason = classify_connect_error(&e);
+                    tracing::debug!(%target, %addr, error = %e, ?reason, "connection attempt failed");
+                    last = Some((reason, format!("{addr}: {e}")));
+                }
+            }
+        }
+        let (reason, detail) = last.unwrap_or((RefusalReason::Other, "no address tried".into()));
+        let plural = if tried == 1 { "" } else { "es" };
+        Err(OpenRefusal::new(
+            reason,
+            format!("{target}: {tried} address{plural} tried, last error {detail}"),
+        ))
+    }
+}
+
+/// The refusal reason for a failed connection attempt.
+pub fn classify_connect_error(e: &io::Error) -> RefusalReason {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
+            RefusalReason::ConnectionRefused
+        }
+        io::ErrorKind::NetworkUnreachable
+        | io::ErrorKind::HostUnreachable
+        | io::ErrorKind::NetworkDown => RefusalReason::Unreachable,
+        io::ErrorKind::TimedOut => RefusalReason::TimedOut,
+        _ => RefusalReason::Other,
+    }
+}
+
+/// Alternates IPv6 and IPv4 addresses (keeping each family's order), starting with the
+/// family of the first address, so that a broken family costs one timeout, not all.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let first_is_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (mut a, mut b): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|s| s.is_ipv6() == first_is_v6);
+    a.reverse();
+    b.reverse();
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    loop {
+        match (a.pop(), b.pop()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaves_families_from_the_first() {
+        let s = |t: &str| t.parse::<SocketAddr>().unwrap();
+        let got = interleave_families(vec![
+            s("[2001:4860::1]:80"),
+            s("[2001:4860::2]:80"),
+            s("[2001:4860::3]:80"),
+            s("8.8.8.8:80"),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                s("[2001:4860::1]:80"),
+                s("8.8.8.8:80"),
+                s("[2001:4860::2]:80"),
+                s("[2001:4860::3]:80"),
+            ]
+        );
+        let got = interleave_families(vec![s("1.1.1.1:1"), s("1.0.0.1:1"), s("[2606::1]:1")]);
+        assert_eq!(got, vec![s("1.1.1.1:1"), s("[2606::1]:1"), s("1.0.0.1:1")]);
+        assert!(interleave_families(Vec::new()).is_empty());
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn maps_connect_errors() {
+        let os = io::Error::from_raw_os_error;
+        // Linux errno values: the mapping must hold for what the kernel really returns.
+        assert_eq!(
+            classify_connect_error(&os(111)),
+            RefusalReason::ConnectionRefused
+        );
+        assert_eq!(classify_connect_error(&os(101)), RefusalReason::Unreachable);
+        assert_eq!(classify_connect_error(&os(113)), RefusalReason::Unreachable);
+        assert_eq!(classify_connect_error(&os(110)), RefusalReason::TimedOut);
+        assert_eq!(
+            classify_connect_error(&os(104)),
+            RefusalReason::ConnectionRefused
+        );
+        assert_eq!(classify_connect_error(&os(99)), RefusalReason::Other);
+    }
+}

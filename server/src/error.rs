@@ -1,0 +1,60 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Everything that can go wrong in the server outside of a single stream's open (those are
+/// answered with a [`fluidity_proto::OpenRefusal`] instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A CIDR block in the egress policy could not be parsed.
+    #[error("invalid CIDR block {input:?}: {why}")]
+    InvalidCidr {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A host pattern in the egress policy could not be parsed.
+    #[error("invalid host pattern {input:?}: {why}")]
+    InvalidHostPattern {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A port or port range in the egress policy could not be parsed.
+    #[error("invalid port rule {input:?}: {why}")]
+    InvalidPortRule {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// An egress rule given on the command line could not be parsed.
+    #[error("invalid egress rule {input:?}: {why}")]
+    InvalidEgressRule {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A socket operation failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The configuration is unusable; the text says what to fix.
+    #[error("{0}")]
+    Config(String),
+    /// Loading certificates or building the TLS configuration failed.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] fluidity_runtime_smol::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: io::Error,
+    },
+}

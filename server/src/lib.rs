@@ -1,0 +1,19 @@
+//! Fluidity server library: the cloud side of the tunnel.
+//!
+//! - [`egress`]: the egress policy, name resolution and the dialler that answers every
+//!   stream open with a connection or a typed refusal;
+//! - [`health`]: the server's counters and the `/healthz` and `/metrics` endpoint;
+//! - [`config`]: the configuration file and its defaults;
+//! - [`serve`]: the tunnel listener, one tunnel per agent, streams dialled through egress;
+//! - [`Error`]: the crate's error type.
+
+pub mod config;
+pub mod egress;
+pub mod health;
+pub mod serve;
+
+mod error;
+
+pub use config::ServerConfig;
+pub use error::Error;
+pub use serve::Server;

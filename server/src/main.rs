@@ -1,0 +1,136 @@
+//! `fluidity-server`: the cloud end of the Fluidity tunnel.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use fluidity_runtime_smol::app::{self, LogFormat};
+use fluidity_server::config::AuthMode;
+use fluidity_server::egress::EgressRule;
+use fluidity_server::health::{serve_health, Metrics};
+use fluidity_server::{Error, Server, ServerConfig};
+
+/// Terminates Fluidity tunnels from agents and makes their outbound connections.
+///
+/// Settings come from the config file (TOML; see docs in README.md), then from these
+/// flags and their environment variables, which win.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "FLUIDITY_SERVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Tunnel listener [default: 0.0.0.0:8443].
+    #[arg(long, env = "FLUIDITY_SERVER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Health and metrics listener (/healthz, /metrics) [default: 0.0.0.0:8080].
+    #[arg(long, env = "FLUIDITY_SERVER_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// Server certificate chain, PEM [default: server.pem].
+    #[arg(long, env = "FLUIDITY_SERVER_CERT")]
+    cert: Option<PathBuf>,
+    /// Server private key, PEM [default: server-key.pem].
+    #[arg(long, env = "FLUIDITY_SERVER_KEY")]
+    key: Option<PathBuf>,
+    /// CA certificate that issues agent certificates, PEM [default: ca.pem].
+    #[arg(long, env = "FLUIDITY_SERVER_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// Tunnels served at once [default: 64].
+    #[arg(long)]
+    max_tunnels: Option<usize>,
+    /// Streams per tunnel [default: 256].
+    #[arg(long)]
+    max_streams: Option<u32>,
+    /// Authentication beyond the client certificate [default: mtls].
+    #[arg(long, value_enum, env = "FLUIDITY_SERVER_AUTH")]
+    auth: Option<AuthMode>,
+    /// Egress rule, repeatable: allow_cidrs=127.0.0.1/32, deny_cidrs=..., allow_hosts=*.example.com,
+    /// deny_hosts=..., allow_ports=80,443, deny_ports=25, allow_private=true.
+    #[arg(long = "egress", value_name = "KEY=VALUE")]
+    egress: Vec<EgressRule>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "FLUIDITY_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+fn config(cli: &Cli) -> Result<ServerConfig, Error> {
+    let mut cfg = match &cli.config {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = cli.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = cli.health_listen {
+        cfg.health_listen = v;
+    }
+    if let Some(v) = &cli.cert {
+        cfg.cert = v.clone();
+    }
+    if let Some(v) = &cli.key {
+        cfg.key = v.clone();
+    }
+    if let Some(v) = &cli.client_ca {
+        cfg.client_ca = v.clone();
+    }
+    if let Some(v) = cli.max_tunnels {
+        cfg.max_tunnels = v;
+    }
+    if let Some(v) = cli.max_streams {
+        cfg.max_streams = v;
+    }
+    if let Some(v) = cli.auth {
+        cfg.auth = v;
+    }
+    for rule in &cli.egress {
+        cfg.egress.apply(rule.clone());
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    app::init_logging(cli.log_format, "info");
+    let cfg = match config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fluidity-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fluidity-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: ServerConfig) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::new());
+    let health_addr = cfg.health_listen;
+    let server = Server::new(cfg, metrics.clone(), None)?;
+    let listener = server.bind()?;
+    let health = smol::block_on(async_net::TcpListener::bind(health_addr)).map_err(|source| {
+        Error::Bind {
+            addr: health_addr,
+            source,
+        }
+    })?;
+    app::run(app::default_threads(), |ex| async move {
+        let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        // The health endpoint runs on this (main) task: it is not Send.
+        let health = serve_health(health, metrics, async move {
+            let _ = stop_rx.recv().await;
+        });
+        let tunnels = async {
+            server.run(&ex, listener, app::shutdown_signal()).await;
+            drop(stop_tx);
+        };
+        futures_lite::future::zip(tunnels, health).await;
+    });
+    Ok(())
+}

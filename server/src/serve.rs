@@ -1,0 +1,319 @@
+//! The tunnel server: accepts TLS connections, runs one tunnel per agent, and dials the
+//! streams the agent opens under the egress policy.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
+use fluidity_runtime_smol::relay::{relay, Direction};
+use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck, TlsSession};
+use fluidity_runtime_smol::{Tunnel, TunnelEvent};
+use futures_lite::FutureExt;
+use smol::Executor;
+
+use crate::config::{AuthMode, ServerConfig};
+use crate::egress::Dialer;
+use crate::health::Metrics;
+use crate::Error;
+
+/// Decides whether an agent that presented credentials is admitted (IAM mode).
+pub trait Authenticator: Send + Sync + 'static {
+    /// Checks `request` from `peer` on a TLS session whose channel binding is `binding`.
+    /// Runs on a blocking thread; may call out to STS.
+    fn authenticate(
+        &self,
+        request: &fluidity_proto::AuthRequest,
+        binding: &[u8],
+        peer: SocketAddr,
+    ) -> Result<String, (fluidity_proto::AuthFailure, String)>;
+}
+
+/// A running server's shared state.
+pub struct Server {
+    cfg: ServerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    proto: Arc<fluidity_proto::Config>,
+    dialer: Dialer,
+    metrics: Arc<Metrics>,
+    authenticator: Option<Arc<dyn Authenticator>>,
+    tunnels: Mutex<HashMap<u64, Tunnel>>,
+    next_tunnel: AtomicU64,
+    handshaking: AtomicUsize,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listen", &self.cfg.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds a counted slot until dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Server {
+    /// Loads certificates and builds everything the listener needs.
+    pub fn new(
+        cfg: ServerConfig,
+        metrics: Arc<Metrics>,
+        authenticator: Option<Arc<dyn Authenticator>>,
+    ) -> Result<Arc<Server>, Error> {
+        let identity = Identity::load(&cfg.cert, &cfg.key)?;
+        let roots = CaRoots::load(&cfg.client_ca)?;
+        let check = PeerCheck {
+            expected_cn: cfg.expected_client_cn.clone(),
+            expected_ip: None,
+        };
+        let tls = tls::server_config(&identity, &roots, &check)?;
+        if cfg.auth == AuthMode::Iam && authenticator.is_none() {
+            return Err(Error::Config(
+                "auth = \"iam\" needs an authenticator; configure [iam]".into(),
+            ));
+        }
+        let proto = Arc::new(fluidity_proto::Config {
+            limits: Limits {
+                max_streams: cfg.max_streams,
+                ..Limits::default()
+            },
+            handshake_timeout: Duration::from_secs(cfg.tunnel_handshake_secs.max(1)),
+            require_auth: cfg.auth == AuthMode::Iam,
+            ..fluidity_proto::Config::default()
+        });
+        let dialer = Dialer::new(cfg.egress.clone())
+            .with_connect_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)));
+        Ok(Arc::new(Server {
+            cfg,
+            tls,
+            proto,
+            dialer,
+            metrics,
+            authenticator,
+            tunnels: Mutex::new(HashMap::new()),
+            next_tunnel: AtomicU64::new(1),
+            handshaking: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Binds the tunnel listener from the configuration.
+    pub fn bind(&self) -> Result<Async<TcpListener>, Error> {
+        Async::<TcpListener>::bind(self.cfg.listen).map_err(|source| Error::Bind {
+            addr: self.cfg.listen,
+            source,
+        })
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tunnel>> {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts agents until `shutdown` completes, then asks every tunnel to go away and
+    /// waits up to the drain deadline for their streams to finish.
+    pub async fn run(
+        self: &Arc<Self>,
+        ex: &Arc<Executor<'static>>,
+        listener: Async<TcpListener>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let local = listener.get_ref().local_addr().ok();
+        tracing::info!(listen = ?local, auth = ?self.cfg.auth, "fluidity-server listening");
+        let accept_loop = async {
+            loop {
+                match listener.accept().await {
+                    Ok((sock, peer)) => self.clone().admit(ex, sock, peer),
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        Timer::after(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        accept_loop.or(shutdown).await;
+        drop(listener);
+        self.metrics.set_draining();
+        let tunnels: Vec<Tunnel> = self.tunnels().values().cloned().collect();
+        tracing::info!(tunnels = tunnels.len(), "draining");
+        for t in &tunnels {
+            t.go_away();
+        }
+        let deadline = Instant::now() + self.cfg.drain_timeout();
+        while !self.tunnels().is_empty() && Instant::now() < deadline {
+            Timer::after(Duration::from_millis(50)).await;
+        }
+        for t in self.tunnels().values() {
+            t.close(ErrorCode::NO_ERROR, "server stopped");
+        }
+        tracing::info!("stopped");
+    }
+
+    fn admit(
+        self: Arc<Self>,
+        ex: &Arc<Executor<'static>>,
+        sock: Async<std::net::TcpStream>,
+        peer: SocketAddr,
+    ) {
+        // Only a bounded number of connections may sit in the TLS handshake; they have
+        // earned nothing yet (slowloris), so the excess is dropped at once.
+        if self.handshaking.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_handshakes {
+            self.handshaking.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "too many connections in handshake; dropped");
+            return;
+        }
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            if let Err(e) = self.serve_tunnel(&ex2, sock, peer).await {
+                tracing::info!(%peer, error = %e, "tunnel ended with an error");
+            }
+        })
+        .detach();
+    }
+
+    async fn serve_tunnel(
+        self: &Arc<Self>,
+        ex: &Arc<Executor<'static>>,
+        sock: Async<std::net::TcpStream>,
+        peer: SocketAddr,
+    ) -> Result<(), Error> {
+        let check = PeerCheck {
+            expected_cn: self.cfg.expected_client_cn.clone(),
+            expected_ip: self.cfg.check_client_ip.then_some(peer.ip()),
+        };
+        let handshake = {
+            let _slot = Slot(&self.handshaking);
+            fluidity_runtime_smol::accept(
+                sock,
+                TlsSession::server(self.tls.clone())?,
+                &check,
+                self.cfg.tls_handshake_timeout(),
+            )
+            .await
+        };
+        let h = match handshake {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                self.metrics.record_auth_failure();
+                return Ok(());
+            }
+        };
+        if self.tunnels().len() >= self.cfg.max_tunnels {
+            tracing::warn!(%peer, limit = self.cfg.max_tunnels, "tunnel limit reached; connection refused");
+            return Ok(());
+        }
+        let binding = h.established.channel_binding;
+        let agent_cn = h.established.peer.common_name.clone().unwrap_or_default();
+        let conn = Connection::server(self.proto.clone(), Instant::now());
+        let (tunnel, events, driver) = fluidity_runtime_smol::start(h.sock, h.tls, conn)?;
+        let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
+        self.tunnels().insert(id, tunnel.clone());
+        let _active = self.metrics.track_tunnel();
+        let driver = ex.spawn(driver);
+        tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");
+
+        while let Ok(event) = events.recv().await {
+            match event {
+                TunnelEvent::AuthRequested(req) => {
+                    let Some(auth) = self.authenticator.clone() else {
+                        tunnel.reject_auth(
+                            req,
+                            fluidity_proto::AuthFailure::UnsupportedMethod,
+                            "this server does not take tunnel authentication".into(),
+                        );
+                        continue;
+                    };
+                    let (tunnel, metrics) = (tunnel.clone(), self.metrics.clone());
+                    ex.spawn(async move {
+                        let (req, verdict) = blocking::unblock(move || {
+                            let v = auth.authenticate(&req, &binding, peer);
+                            (req, v)
+                        })
+                        .await;
+                        match verdict {
+                            Ok(principal) => {
+                                tracing::info!(%peer, %principal, "agent authenticated");
+                                tunnel.accept_auth(req, principal, 0);
+                            }
+                            Err((failure, detail)) => {
+                                tracing::warn!(%peer, %failure, %detail, "agent authentication denied");
+                                metrics.record_auth_failure();
+                                tunnel.reject_auth(req, failure, detail);
+                            }
+                        }
+                    })
+                    .detach();
+                }
+                TunnelEvent::Ready { principal } => {
+                    tracing::info!(%peer, tunnel = id, %principal, "tunnel ready");
+                }
+                TunnelEvent::OpenRequested { id: sid, target } => {
+                    let this = self.clone();
+                    let tunnel = tunnel.clone();
+                    ex.spawn(async move { this.serve_stream(tunnel, sid, target).await })
+                        .detach();
+                }
+                TunnelEvent::GoAway => {}
+                TunnelEvent::Closed { reason } => {
+                    match reason {
+                        None => tracing::info!(%peer, tunnel = id, "tunnel closed"),
+                        Some(r) => tracing::info!(%peer, tunnel = id, reason = %r, "tunnel lost"),
+                    }
+                    break;
+                }
+            }
+        }
+        self.tunnels().remove(&id);
+        let _ = driver.await;
+        Ok(())
+    }
+
+    async fn serve_stream(self: Arc<Self>, tunnel: Tunnel, id: StreamId, target: Target) {
+        self.metrics.touch();
+        let started = Instant::now();
+        match self.dialer.dial(&target).await {
+            Err(refusal) => {
+                tracing::info!(stream = %id, %target, %refusal, "open refused");
+                self.metrics.record_refusal(refusal.reason);
+                let _ = tunnel.refuse_open(id, refusal);
+            }
+            Ok((tcp, addr)) => {
+                let Ok(stream) = tunnel.accept_open(id) else {
+                    return; // The tunnel is gone.
+                };
+                let _active = self.metrics.track_stream();
+                let metrics = self.metrics.clone();
+                let result = relay(stream, tcp, |dir, n| {
+                    match dir {
+                        // Agent → target is "in" (received from the agent), as in Metrics.
+                        Direction::AToB => metrics.add_bytes_in(n as u64),
+                        Direction::BToA => metrics.add_bytes_out(n as u64),
+                    }
+                    metrics.touch();
+                })
+                .await;
+                match result {
+                    Ok((up, down)) => tracing::debug!(
+                        stream = %id, %target, %addr, up, down,
+                        ms = started.elapsed().as_millis() as u64, "stream done"
+                    ),
+                    Err(e) => tracing::debug!(stream = %id, %target, error = %e, "stream aborted"),
+                }
+            }
+        }
+    }
+}
