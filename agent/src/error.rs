@@ -1,0 +1,46 @@
+//! The agent's error type.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// Everything that can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket or stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// A proxy client sent nothing, or only part of a request, within the head timeout.
+    #[error("the client sent no complete request within {0:?}")]
+    ClientTimeout(std::time::Duration),
+    /// A proxy client broke HTTP/1.1 or SOCKS5; it has been answered and disconnected.
+    #[error("proxy client protocol error: {0}")]
+    ClientProtocol(String),
+    /// The proxy would listen on a non-loopback address without credentials.
+    #[error(
+        "refusing to listen on {0} without proxy credentials: anyone who can reach that \
+         address could use the tunnel; set a proxy username and password, or listen on 127.0.0.1"
+    )]
+    UnauthenticatedListener(SocketAddr),
+    /// The configuration is unusable; the text says what to fix.
+    #[error("{0}")]
+    Config(String),
+    /// Certificates or TLS setup failed.
+    #[error("{0}")]
+    Tls(#[from] fluidity_runtime_smol::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// The local server failed to start.
+    #[error("local server: {0}")]
+    Server(#[from] fluidity_server::Error),
+}
+
+/// Result with the agent's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,121 @@
+//! Local mode: certificates in a cache folder, a server on loopback and the agent proxy,
+//! all in one process. The embedded default for trying Fluidity on one machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fluidity_runtime_smol::pki::{ensure_dir, CertInitOptions, EnsureOutcome};
+use fluidity_server::egress::EgressRule;
+use fluidity_server::health::Metrics;
+use fluidity_server::{Server, ServerConfig};
+use smol::Executor;
+
+use crate::config::AgentConfig;
+use crate::error::Result;
+use crate::run;
+use crate::tunnel::TunnelDialer;
+
+/// Settings of local mode.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Where certificates are generated and kept.
+    pub dir: PathBuf,
+    /// The proxy listener.
+    pub listen: SocketAddr,
+    /// The in-process server's listener (port 0 picks a free port).
+    pub server_listen: SocketAddr,
+    /// Egress rules for the in-process server (for example allowing 127.0.0.1).
+    pub egress: Vec<EgressRule>,
+}
+
+/// The default certificate folder: `$XDG_CACHE_HOME/fluidity/local`, else
+/// `~/.cache/fluidity/local`, else `./.fluidity-local`.
+pub fn default_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("fluidity").join("local");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h)
+            .join(".cache")
+            .join("fluidity")
+            .join("local");
+    }
+    PathBuf::from(".fluidity-local")
+}
+
+/// Runs local mode until `shutdown` completes.
+pub async fn run_local(
+    ex: &Arc<Executor<'static>>,
+    opts: LocalOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let (paths, outcome) = ensure_dir(&opts.dir, &CertInitOptions::default())?;
+    match outcome {
+        EnsureOutcome::Created => {
+            tracing::info!(dir = %opts.dir.display(), "generated certificates")
+        }
+        EnsureOutcome::Renewed => tracing::info!(dir = %opts.dir.display(), "renewed certificates"),
+        EnsureOutcome::Kept => {
+            tracing::info!(dir = %opts.dir.display(), "using cached certificates")
+        }
+    }
+    let mut scfg = ServerConfig {
+        listen: opts.server_listen,
+        cert: paths.server_cert.clone(),
+        key: paths.server_key.clone(),
+        client_ca: paths.ca_cert.clone(),
+        ..ServerConfig::default()
+    };
+    for rule in opts.egress {
+        scfg.egress.apply(rule);
+    }
+    let server = Server::new(scfg, Arc::new(Metrics::new()), None)?;
+    let listener = server.bind()?;
+    let server_addr = listener
+        .get_ref()
+        .local_addr()
+        .map_err(crate::error::Error::Io)?;
+    let (stop_server, server_stopped) = async_channel::bounded::<()>(1);
+    let server_task = {
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            server
+                .run(&ex2, listener, async move {
+                    let _ = server_stopped.recv().await;
+                })
+                .await
+        })
+    };
+
+    let acfg = AgentConfig {
+        listen: opts.listen,
+        server: server_addr.to_string(),
+        server_name: Some(server_addr.ip().to_string()),
+        cert: paths.client_cert.clone(),
+        key: paths.client_key.clone(),
+        ca: paths.ca_cert.clone(),
+        ..AgentConfig::default()
+    };
+    let proxy_cfg = run::proxy_config(&acfg)?;
+    let settings = run::tunnel_settings(&acfg, None)?;
+    let listener = run::bind(opts.listen)?;
+    let listen = listener.local_addr().map_err(crate::error::Error::Io)?;
+    let dialer = TunnelDialer::new(settings, ex.clone());
+    if let Err(e) = dialer.tunnel().await {
+        tracing::error!(error = %e, "the local server is not reachable");
+    }
+    println!(
+        "fluidity local mode: proxy on {listen} (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5), \
+         server on {server_addr}, certificates in {}\n\
+         try:   curl -x http://{listen} https://example.com/\n\
+         or:    curl --socks5-hostname {listen} https://example.com/\n\
+         browser: set the HTTP and HTTPS proxy (or SOCKS v5 with remote DNS) to {listen}\n\
+         stop with Ctrl-C",
+        opts.dir.display()
+    );
+    run::serve(ex, listener, dialer, proxy_cfg, shutdown).await;
+    drop(stop_server);
+    server_task.await;
+    Ok(())
+}

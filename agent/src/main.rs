@@ -1,0 +1,243 @@
+//! `fluidity`: the agent. A local proxy whose every connection goes through one mutually
+//! authenticated TLS tunnel to `fluidity-server`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use fluidity_agent::config::{AgentAuth, AgentConfig};
+use fluidity_agent::error::{Error, Result};
+use fluidity_agent::local::{self, LocalOptions};
+use fluidity_agent::run;
+use fluidity_agent::tunnel::TunnelDialer;
+use fluidity_runtime_smol::app::{self, LogFormat};
+use fluidity_runtime_smol::pki::{init_dir, CertInitOptions, SanEntry};
+use fluidity_server::egress::EgressRule;
+
+/// Fluidity agent: a local proxy (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5) that carries
+/// every connection through one mutually authenticated TLS 1.3 tunnel to your server.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Log format.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "FLUIDITY_LOG_FORMAT",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy against a configured server (the default command).
+    Run(RunArgs),
+    /// Try Fluidity on this machine: generate certificates, start a server on loopback
+    /// and the proxy, all in this process.
+    Local(LocalArgs),
+    /// Certificate tools.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short, env = "FLUIDITY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Proxy listener [default: 127.0.0.1:8080]; non-loopback needs proxy credentials.
+    #[arg(long, env = "FLUIDITY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Server address host:port [default: 127.0.0.1:8443].
+    #[arg(long, env = "FLUIDITY_SERVER")]
+    server: Option<String>,
+    /// Name or IP the server certificate must be valid for [default: the server's host].
+    #[arg(long, env = "FLUIDITY_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Agent certificate, PEM [default: client.pem].
+    #[arg(long, env = "FLUIDITY_CERT")]
+    cert: Option<PathBuf>,
+    /// Agent private key, PEM [default: client-key.pem].
+    #[arg(long, env = "FLUIDITY_KEY")]
+    key: Option<PathBuf>,
+    /// CA that issued the server certificate, PEM [default: ca.pem].
+    #[arg(long, env = "FLUIDITY_CA")]
+    ca: Option<PathBuf>,
+    /// Username proxy clients must present.
+    #[arg(long, env = "FLUIDITY_PROXY_USERNAME")]
+    proxy_username: Option<String>,
+    /// Password proxy clients must present (prefer the environment variable).
+    #[arg(long, env = "FLUIDITY_PROXY_PASSWORD", hide_env_values = true)]
+    proxy_password: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct LocalArgs {
+    /// Certificate folder [default: ~/.cache/fluidity/local].
+    #[arg(long, env = "FLUIDITY_LOCAL_DIR")]
+    dir: Option<PathBuf>,
+    /// Proxy listener.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FLUIDITY_LISTEN")]
+    listen: SocketAddr,
+    /// The in-process server's listener (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    server_listen: SocketAddr,
+    /// Egress rule for the in-process server, repeatable (e.g. allow_cidrs=127.0.0.1/32 to
+    /// reach services on this machine, which the default policy refuses).
+    #[arg(long = "egress", value_name = "KEY=VALUE")]
+    egress: Vec<EgressRule>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a private CA and server and agent certificates in a folder.
+    Init(CertsInitArgs),
+}
+
+#[derive(Debug, Args)]
+struct CertsInitArgs {
+    /// Folder to write ca.pem, ca-key.pem, server.pem, server-key.pem, client.pem,
+    /// client-key.pem into.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Server certificate names: DNS names or IPs, repeatable
+    /// [default: localhost, 127.0.0.1, ::1].
+    #[arg(long = "server-name")]
+    server_names: Vec<SanEntry>,
+    /// Server certificate CN [default: localhost].
+    #[arg(long)]
+    server_cn: Option<String>,
+    /// Agent certificate CN [default: fluidity-agent].
+    #[arg(long)]
+    client_cn: Option<String>,
+    /// Agent certificate IP SANs, repeatable [default: 127.0.0.1, ::1].
+    #[arg(long = "client-ip")]
+    client_ips: Vec<IpAddr>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    app::init_logging(cli.log_format, "info");
+    let result = match cli.command {
+        None => run_agent(cli.run),
+        Some(Command::Run(args)) => run_agent(args),
+        Some(Command::Local(args)) => run_local(args),
+        Some(Command::Certs(CertsCommand::Init(args))) => certs_init(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fluidity: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agent_config(args: RunArgs) -> Result<AgentConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.server {
+        cfg.server = v;
+    }
+    if let Some(v) = args.server_name {
+        cfg.server_name = Some(v);
+    }
+    if let Some(v) = args.cert {
+        cfg.cert = v;
+    }
+    if let Some(v) = args.key {
+        cfg.key = v;
+    }
+    if let Some(v) = args.ca {
+        cfg.ca = v;
+    }
+    if let Some(v) = args.proxy_username {
+        cfg.proxy_username = Some(v);
+    }
+    if let Some(v) = args.proxy_password {
+        cfg.proxy_password = Some(v);
+    }
+    Ok(cfg)
+}
+
+fn run_agent(args: RunArgs) -> Result<()> {
+    let cfg = agent_config(args)?;
+    if cfg.auth == AgentAuth::Iam {
+        return Err(Error::Config(
+            "auth = \"iam\" is not available in this build yet; use auth = \"none\" (mTLS)".into(),
+        ));
+    }
+    let proxy_cfg = run::proxy_config(&cfg)?;
+    let settings = run::tunnel_settings(&cfg, None)?;
+    let listener = run::bind(cfg.listen)?;
+    app::run(app::default_threads(), |ex| async move {
+        let dialer = TunnelDialer::new(settings, ex.clone());
+        tracing::info!(listen = %cfg.listen, server = %cfg.server, "fluidity proxy listening");
+        if let Err(e) = dialer.tunnel().await {
+            tracing::warn!(error = %e, "server not reachable yet; will retry when a client connects");
+        }
+        run::serve(&ex, listener, dialer, proxy_cfg, app::shutdown_signal()).await;
+    });
+    Ok(())
+}
+
+fn run_local(args: LocalArgs) -> Result<()> {
+    let opts = LocalOptions {
+        dir: args.dir.unwrap_or_else(local::default_dir),
+        listen: args.listen,
+        server_listen: args.server_listen,
+        egress: args.egress,
+    };
+    app::run(app::default_threads(), |ex| async move {
+        local::run_local(&ex, opts, app::shutdown_signal()).await
+    })
+}
+
+fn certs_init(args: CertsInitArgs) -> Result<()> {
+    let mut opts = CertInitOptions {
+        validity_days: args.days,
+        force: args.force,
+        ..CertInitOptions::default()
+    };
+    if !args.server_names.is_empty() {
+        opts.server_names = args.server_names;
+    }
+    if let Some(cn) = args.server_cn {
+        opts.server_cn = cn;
+    }
+    if let Some(cn) = args.client_cn {
+        opts.client_cn = cn;
+    }
+    if !args.client_ips.is_empty() {
+        opts.client_ips = args.client_ips;
+    }
+    let paths = init_dir(&args.dir, &opts)?;
+    println!(
+        "wrote {}, {}, {}, {}, {}, {}",
+        paths.ca_cert.display(),
+        paths.ca_key.display(),
+        paths.server_cert.display(),
+        paths.server_key.display(),
+        paths.client_cert.display(),
+        paths.client_key.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Entry points for fuzzing the proxy's parsers of network input. Each must never panic,
+//! whatever the bytes; the checks inside are the parsers' own invariants.
+
+use super::chunked::ChunkedDecoder;
+use super::head;
+use super::socks5;
+
+/// Parses `data` as a request head and, if complete, its framing and target.
+pub fn fuzz_http_request_head(data: &[u8]) {
+    if let Ok(Some((req, len))) = head::parse_request_head(data) {
+        assert!(len <= data.len() && len <= head::MAX_HEAD_LEN);
+        let _ = head::request_framing(&req);
+        if let Ok(abs) = head::parse_absolute_target(&req.target) {
+            assert!(abs.path.starts_with('/'));
+        }
+    }
+}
+
+/// Parses `data` as a response head and, if complete, its framing for GET and HEAD.
+pub fn fuzz_http_response_head(data: &[u8]) {
+    if let Ok(Some((resp, len))) = head::parse_response_head(data) {
+        assert!(len <= data.len() && len <= head::MAX_HEAD_LEN);
+        let _ = head::response_framing("GET", &resp);
+        assert_eq!(
+            head::response_framing("HEAD", &resp),
+            Ok(head::Framing::Empty)
+        );
+    }
+}
+
+/// Decodes `data` as a chunked body, split where its first byte says, and checks that
+/// the split does not change the result.
+pub fn fuzz_chunked(data: &[u8]) {
+    let Some((&split, body)) = data.split_first() else {
+        return;
+    };
+    let whole = decode(&[body]);
+    let at = usize::from(split).min(body.len());
+    let parts = decode(&[&body[..at], &body[at..]]);
+    assert_eq!(whole, parts);
+}
+
+fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), super::chunked::ChunkedError> {
+    let mut dec = ChunkedDecoder::new();
+    let mut out = Vec::new();
+    let mut total = 0;
+    for piece in pieces {
+        let mut rest = *piece;
+        while !rest.is_empty() && !dec.is_done() {
+            let step = dec.feed(rest)?;
+            assert!(step.consumed <= rest.len() && step.data.end <= step.consumed);
+            out.extend_from_slice(&rest[step.data]);
+            total += step.consumed;
+            rest = &rest[step.consumed..];
+            if step.consumed == 0 {
+                break;
+            }
+        }
+    }
+    Ok((out, total, dec.is_done()))
+}
+
+/// Parses `data` as each SOCKS5 message in turn.
+pub fn fuzz_socks5(data: &[u8]) {
+    if let Ok(Some((_, len))) = socks5::parse_greeting(data) {
+        assert!(len <= data.len());
+    }
+    if let Ok(Some((_, len))) = socks5::parse_user_pass(data) {
+        assert!(len <= data.len());
+    }
+    if let Ok(Some((req, len))) = socks5::parse_request(data) {
+        assert!(len <= data.len());
+        let _ = req.target();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn entry_points_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            fuzz_http_request_head(&data);
+            fuzz_http_response_head(&data);
+            fuzz_chunked(&data);
+            fuzz_socks5(&data);
+        }
+
+        #[test]
+        fn heads_with_arbitrary_header_text_never_panic(
+            target in "[ -~]{0,40}",
+            name in "[!-~]{1,20}",
+            value in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut req = format!("GET {target} HTTP/1.1\r\n{name}: ").into_bytes();
+            req.extend_from_slice(&value);
+            req.extend_from_slice(b"\r\n\r\n");
+            fuzz_http_request_head(&req);
+            let mut resp = format!("HTTP/1.1 200 OK\r\n{name}: ").into_bytes();
+            resp.extend_from_slice(&value);
+            resp.extend_from_slice(b"\r\n\r\n");
+            fuzz_http_response_head(&resp);
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! Sans-IO HTTP/1.1 head parsing for the forward proxy: request and response heads with
+//! explicit size limits, message framing (RFC 9112 §6), and absolute-form targets.
+
+use fluidity_proto::{Host, Target};
+
+/// Largest request or response head accepted, request line and headers included.
+pub const MAX_HEAD_LEN: usize = 64 * 1024;
+/// Most header fields accepted in a request head.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+/// Most header fields accepted in a response head (origins send many `Set-Cookie`s).
+pub const MAX_RESPONSE_HEADERS: usize = 256;
+
+/// One header field as received; the value is kept as bytes because HTTP allows obs-text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Field name as sent (compare case-insensitively).
+    pub name: String,
+    /// Field value without surrounding whitespace.
+    pub value: Vec<u8>,
+}
+
+impl Header {
+    /// Whether this field is called `name` (ASCII case-insensitive).
+    pub fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Method token, e.g. `GET`.
+    pub method: String,
+    /// Request target exactly as sent.
+    pub target: String,
+    /// `1` for HTTP/1.1, `0` for HTTP/1.0.
+    pub minor_version: u8,
+    /// Header fields in order.
+    pub headers: Vec<Header>,
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// `1` for HTTP/1.1, `0` for HTTP/1.0.
+    pub minor_version: u8,
+    /// Status code.
+    pub status: u16,
+    /// Reason phrase (may be empty).
+    pub reason: String,
+    /// Header fields in order.
+    pub headers: Vec<Header>,
+}
+
+/// Why a head could not be parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// The head is longer than [`MAX_HEAD_LEN`].
+    TooLarge,
+    /// The head has more header fields than allowed.
+    TooManyHeaders,
+    /// The head is not valid HTTP/1.x; the text says what is wrong.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::TooLarge => write!(f, "head larger than {MAX_HEAD_LEN} bytes"),
+            HeadError::TooManyHeaders => f.write_str("too many header fields"),
+            HeadError::Malformed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Number of bytes of leading empty lines (`\r\n` or `\n`) that RFC 9112 §2.2 lets a
+/// recipient skip before a start line. Callers drop them before parsing so that a stream
+/// of empty lines cannot make them parse the same bytes again and again.
+pub fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        if buf[i..].starts_with(b"\r\n") {
+            i += 2;
+        } else if buf[i..].starts_with(b"\n") {
+            i += 1;
+        } else {
+            return i;
+        }
+    }
+}
+
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_owned(),
+            value: h.value.to_vec(),
+        })
+        .collect()
+}
+
+fn map_err(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::NewLine => HeadError::Malformed("invalid line ending"),
+        httparse::Error::Status => HeadError::Malformed("invalid status line"),
+        httparse::Error::Token => HeadError::Malformed("invalid method or token"),
+        httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+    }
+}
+
+/// Parses a request head at the start of `buf`. `Ok(None)` means more bytes are needed;
+/// `Ok(Some((head, len)))` gives the head and its length in bytes.
+pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            if len > MAX_HEAD_LEN {
+                return Err(HeadError::TooLarge);
+            }
+            let (Some(method), Some(target), Some(minor_version)) =
+                (req.method, req.path, req.version)
+            else {
+                return Err(HeadError::Malformed("incomplete request line"));
+            };
+            Ok(Some((
+                RequestHead {
+                    method: method.to_owned(),
+                    target: target.to_owned(),
+                    minor_version,
+                    headers: owned_headers(req.headers),
+                },
+                len,
+            )))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+/// Parses a response head at the start of `buf`, like [`parse_request_head`].
+pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            if len > MAX_HEAD_LEN {
+                return Err(HeadError::TooLarge);
+            }
+            let (Some(minor_version), Some(status)) = (resp.version, resp.code) else {
+                return Err(HeadError::Malformed("incomplete status line"));
+            };
+            if !(100..=999).contains(&status) {
+                return Err(HeadError::Malformed("invalid status code"));
+            }
+            Ok(Some((
+                ResponseHead {
+                    minor_version,
+                    status,
+                    reason: resp.reason.unwrap_or("").to_owned(),
+                    headers: owned_headers(resp.headers),
+                },
+                len,
+            )))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+/// How the body of a message is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding, ending with the last chunk and trailer section.
+    Chunked,
+    /// Everything until the sender closes the connection (responses only).
+    UntilClose,
+}
+
+/// Comma-separated tokens of every field called `name`, lowercased.
+pub fn header_tokens(headers: &[Header], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.is(name))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether any `Connection` field lists `token`.
+pub fn connection_has(headers: &[Header], token: &str) -> bool {
+    header_tokens(headers, "connection")
+        .iter()
+        .any(|t| t == token)
+}
+
+/// The one Content-Length value of a message, if it has one. Repeated identical values
+/// are one value (RFC 9110 §8.6); anything else is an error, since two recipients could
+/// disagree on where the message ends.
+fn content_length(headers: &[Header]) -> Result<Option<u64>, &'static str> {
+    let mut found: Option<u64> = None;
+    for h in headers.iter().filter(|h| h.is("content-length")) {
+        for part in h.value.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(prev) if prev != n => return Err("conflicting Content-Length values"),
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `Some(true)` if the message has Transfer-Encoding with chunked last, `Some(false)` if it
+/// has Transfer-Encoding without that, `None` if it has none. Chunked anywhere but last is
+/// an error (RFC 9112 §6.1).
+fn transfer_chunked(headers: &[Header]) -> Result<Option<bool>, &'static str> {
+    let codings = header_tokens(headers, "transfer-encoding");
+    if codings.is_empty() {
+        return Ok(headers
+            .iter()
+            .any(|h| h.is("transfer-encoding"))
+            .then_some(false));
+    }
+    let chunked_last = codings.last().is_some_and(|c| c == "chunked");
+    let chunked_count = codings.iter().filter(|c| *c == "chunked").count();
+    if chunked_count > 1 || (chunked_count == 1 && !chunked_last) {
+        return Err("chunked must be the last transfer coding, applied once");
+    }
+    Ok(Some(chunked_last))
+}
+
+/// Framing of a request body (RFC 9112 §6.3, rules 4-7 for requests). Transfer-Encoding
+/// together with Content-Length is refused: it is the classic request smuggling vector.
+pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
+    let te = transfer_chunked(&head.headers)?;
+    let cl = content_length(&head.headers)?;
+    match (te, cl) {
+        (Some(_), Some(_)) => Err("both Transfer-Encoding and Content-Length"),
+        (Some(_), None) if head.minor_version == 0 => {
+            Err("Transfer-Encoding in an HTTP/1.0 request")
+        }
+        (Some(true), None) => Ok(Framing::Chunked),
+        (Some(false), None) => Err("a request's last transfer coding must be chunked"),
+        (None, Some(0)) | (None, None) => Ok(Framing::Empty),
+        (None, Some(n)) => Ok(Framing::Length(n)),
+    }
+}
+
+/// Framing of a response body to a request with `method` (RFC 9112 §6.3).
+pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'static str> {
+    if method.eq_ignore_ascii_case("HEAD")
+        || (100..200).contains(&head.status)
+        || head.status == 204
+        || head.status == 304
+    {
+        return Ok(Framing::Empty);
+    }
+    match transfer_chunked(&head.headers)? {
+        Some(true) => return Ok(Framing::Chunked),
+        Some(false) => return Ok(Framing::UntilClose),
+        None => {}
+    }
+    match content_length(&head.headers)? {
+        Some(0) => Ok(Framing::Empty),
+        Some(n) => Ok(Framing::Length(n)),
+        None => Ok(Framing::UntilClose),
+    }
+}
+
+/// An absolute-form request target split into what the proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsoluteTarget {
+    /// Where to open the stream.
+    pub target: Target,
+    /// The `Host` value for the origin: host, plus `:port` when not the default.
+    pub authority: String,
+    /// Origin-form path and query, never empty (at least `/`).
+    pub path: String,
+}
+
+/// Why a request target cannot be proxied; the text is shown to the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetError {
+    /// The request was meant for a server, not a proxy (`GET /path`).
+    OriginForm,
+    /// `https://` and `wss://` must use CONNECT; other schemes are not HTTP.
+    Scheme(String),
+    /// Host or port is not valid.
+    Authority,
+}
+
+impl std::fmt::Display for TargetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetError::OriginForm => f.write_str(
+                "this is the fluidity forward proxy, not a web server: configure it as your \
+                 HTTP proxy so that requests carry an absolute URL (http://host/path)",
+            ),
+            TargetError::Scheme(s) if s == "https" || s == "wss" => write!(
+                f,
+                "{s}:// URLs go through the proxy with CONNECT; configure the proxy for HTTPS too"
+            ),
+            TargetError::Scheme(s) => write!(f, "the {s}:// scheme cannot be proxied; use http://"),
+            TargetError::Authority => f.write_str("the URL has no valid host and port"),
+        }
+    }
+}
+
+/// Parses an absolute-form request target (`http://host[:port]/path?query`).
+pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err(TargetError::OriginForm);
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "ws" {
+        if scheme.is_empty()
+            || !scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        {
+            return Err(TargetError::OriginForm);
+        }
+        return Err(TargetError::Scheme(scheme));
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    // Credentials in the URL would be dropped on the way to the origin; refuse them openly.
+    if authority.is_empty() || authority.contains('@') {
+        return Err(TargetError::Authority);
+    }
+    let (host, port) = if let Some(v6_end) = authority.strip_prefix('[').and_then(|a| a.find(']')) {
+        let host = &authority[..v6_end + 2];
+        (host, &authority[v6_end + 2..])
+    } else {
+        match authority.find(':') {
+            Some(i) => (&authority[..i], &authority[i..]),
+            None => (authority, ""),
+        }
+    };
+    let port = match port {
+        "" | ":" => 80,
+        p => match p
+            .strip_prefix(':')
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<u16>().ok())
+        {
+            Some(p) if p != 0 => p,
+            _ => return Err(TargetError::Authority),
+        },
+    };
+    let host = Host::parse(host).ok_or(TargetError::Authority)?;
+    let authority = if port == 80 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    let tail = tail.split('#').next().unwrap_or("");
+    let path = if tail.is_empty() {
+        "/".to_owned()
+    } else if tail.starts_with('?') {
+        format!("/{tail}")
+    } else {
+        tail.to_owned()
+    };
+    Ok(AbsoluteTarget {
+        target: Target::new(host, port),
+        authority,
+        path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &str) -> RequestHead {
+        parse_request_head(raw.as_bytes()).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn parses_request_and_reports_length() {
+        let raw = b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\nBODY";
+        let (head, len) = parse_request_head(raw).unwrap().unwrap();
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.target, "http://a.example/x");
+        assert_eq!(&raw[len..], b"BODY");
+        assert_eq!(parse_request_head(&raw[..20]).unwrap(), None);
+    }
+
+    #[test]
+    fn limits_head_size_and_header_count() {
+        let mut big = b"GET http://a/ HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD_LEN + 10, b'a');
+        assert_eq!(parse_request_head(&big), Err(HeadError::TooLarge));
+        let mut many = "GET http://a/ HTTP/1.1\r\n".to_owned();
+        for i in 0..=MAX_REQUEST_HEADERS {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(
+            parse_request_head(many.as_bytes()),
+            Err(HeadError::TooManyHeaders)
+        );
+        assert!(matches!(
+            parse_request_head(b"GARBAGE\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn request_framing_rules() {
+        assert_eq!(
+            request_framing(&req("GET http://a/ HTTP/1.1\r\n\r\n")),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            request_framing(&req(
+                "POST http://a/ HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n"
+            )),
+            Ok(Framing::Length(5))
+        );
+        assert!(request_framing(&req(
+            "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+        ))
+        .is_err());
+        assert_eq!(
+            request_framing(&req(
+                "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"
+            )),
+            Ok(Framing::Chunked)
+        );
+        assert!(request_framing(&req(
+            "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+        ))
+        .is_err());
+        assert!(request_framing(&req(
+            "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"
+        ))
+        .is_err());
+        assert!(request_framing(&req(
+            "POST http://a/ HTTP/1.1\r\nContent-Length: +5\r\n\r\n"
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn response_framing_rules() {
+        let resp = |raw: &str| parse_response_head(raw.as_bytes()).unwrap().unwrap().0;
+        let r200 = resp("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+        assert_eq!(response_framing("GET", &r200), Ok(Framing::Length(10)));
+        assert_eq!(response_framing("HEAD", &r200), Ok(Framing::Empty));
+        assert_eq!(
+            response_framing(
+                "GET",
+                &resp("HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n")
+            ),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            response_framing("GET", &resp("HTTP/1.1 304 Not Modified\r\n\r\n")),
+            Ok(Framing::Empty)
+        );
+        assert_eq!(
+            response_framing("GET", &resp("HTTP/1.1 200 OK\r\n\r\n")),
+            Ok(Framing::UntilClose)
+        );
+        assert_eq!(
+            response_framing(
+                "GET",
+                &resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
+            ),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            response_framing(
+                "GET",
+                &resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n")
+            ),
+            Ok(Framing::UntilClose)
+        );
+    }
+
+    #[test]
+    fn absolute_targets() {
+        let t = parse_absolute_target("http://Example.COM/a?b#frag").unwrap();
+        assert_eq!(t.target.to_string(), "example.com:80");
+        assert_eq!(t.authority, "example.com");
+        assert_eq!(t.path, "/a?b");
+        let t = parse_absolute_target("http://[::1]:8080?q").unwrap();
+        assert_eq!(t.target.to_string(), "[::1]:8080");
+        assert_eq!(t.authority, "[::1]:8080");
+        assert_eq!(t.path, "/?q");
+        let t = parse_absolute_target("HTTP://10.0.0.1:").unwrap();
+        assert_eq!(t.target.port, 80);
+        assert_eq!(t.path, "/");
+        assert_eq!(
+            parse_absolute_target("/health"),
+            Err(TargetError::OriginForm)
+        );
+        assert_eq!(parse_absolute_target("*"), Err(TargetError::OriginForm));
+        assert_eq!(
+            parse_absolute_target("https://a/"),
+            Err(TargetError::Scheme("https".into()))
+        );
+        assert_eq!(
+            parse_absolute_target("http://u:p@a/"),
+            Err(TargetError::Authority)
+        );
+        assert_eq!(
+            parse_absolute_target("http://a:0/"),
+            Err(TargetError::Authority)
+        );
+        assert_eq!(
+            parse_absolute_target("http://a:99999/"),
+            Err(TargetError::Authority)
+        );
+        assert_eq!(
+            parse_absolute_target("http:///x"),
+            Err(TargetError::Authority)
+        );
+        assert_eq!(
+            parse_absolute_target("http://a:+80/"),
+            Err(TargetError::Authority)
+        );
+    }
+}

@@ -1,0 +1,775 @@
+//! HTTP/1.1 forward proxy: absolute-form requests, CONNECT, and WebSocket upgrades.
+//!
+//! Each request is rewritten to origin-form and sent over a stream to its origin. A stream
+//! is kept for the next request when it goes to the same origin and both messages were
+//! cleanly delimited; otherwise it is dropped and a new one is opened. Bodies are streamed
+//! in both directions, never buffered whole.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use fluidity_proto::{RefusalReason, Target};
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::AsyncWriteExt;
+
+use super::head::{
+    self, connection_has, header_tokens, parse_absolute_target, AbsoluteTarget, Framing, HeadError,
+    Header, RequestHead, ResponseHead,
+};
+use super::io::{
+    copy_chunked, copy_exact, linger_close, read_head, relay, timeout, CopyError, Inbound,
+    ReadHeadError,
+};
+use super::{dial, one_line, DialError, Dialer, ProxyConfig};
+use crate::error::{Error, Result};
+
+/// An open stream to an origin, kept between requests.
+struct Upstream<S> {
+    target: Target,
+    inb: Inbound<ReadHalf<S>>,
+    w: WriteHalf<S>,
+    /// Whether it has carried a request before (so that a failure may just mean the origin
+    /// closed an idle connection, and one retry is safe).
+    reused: bool,
+}
+
+/// What to do with the client connection after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    /// Close after lingering (the client may still be sending).
+    Close,
+    /// The connection was already ended (relayed or aborted); just drop it.
+    Done,
+}
+
+/// Serves HTTP/1.1 requests from one client until it closes.
+pub(super) async fn serve<D, R, W>(
+    cin: &mut Inbound<R>,
+    cw: &mut W,
+    peer: SocketAddr,
+    dialer: &D,
+    cfg: &ProxyConfig,
+) -> Result<()>
+where
+    D: Dialer,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut upstream: Option<Upstream<D::Stream>> = None;
+    let mut first = true;
+    loop {
+        let head = match timeout(cfg.head_timeout, read_head(cin, head::parse_request_head)).await {
+            // An idle keep-alive connection simply expires.
+            None if !first && cin.buffered().is_empty() => return Ok(()),
+            None => {
+                tracing::debug!(%peer, "client sent no complete request head in time");
+                return Err(Error::ClientTimeout(cfg.head_timeout));
+            }
+            Some(Ok(Some(head))) => head,
+            Some(Ok(None)) => return Ok(()),
+            Some(Err(ReadHeadError::Io(e))) => return Err(e.into()),
+            Some(Err(ReadHeadError::Truncated)) => {
+                return Err(Error::ClientProtocol(
+                    "connection closed mid-request".into(),
+                ))
+            }
+            Some(Err(ReadHeadError::Head(e))) => {
+                let (status, why) = match e {
+                    HeadError::TooLarge | HeadError::TooManyHeaders => (431, e.to_string()),
+                    HeadError::Malformed(_) => (400, format!("malformed request: {e}")),
+                };
+                tracing::info!(%peer, status, error = %why, "bad request head");
+                let _ = answer(cw, status, &format!("fluidity proxy: {why}"), true, &[]).await;
+                linger_close(cin, cw).await;
+                return Err(Error::ClientProtocol(why));
+            }
+        };
+        first = false;
+        match request(head, cin, cw, &mut upstream, peer, dialer, cfg).await? {
+            Next::KeepAlive => {}
+            Next::Close => {
+                linger_close(cin, cw).await;
+                return Ok(());
+            }
+            Next::Done => return Ok(()),
+        }
+    }
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        407 => "Proxy Authentication Required",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+/// Writes a complete plain-text answer from the proxy itself.
+async fn answer<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    status: u16,
+    line: &str,
+    close: bool,
+    extra: &[(&str, &str)],
+) -> std::io::Result<()> {
+    let body = format!("{}\n", one_line(line, 1000));
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        status_text(status),
+        body.len()
+    );
+    for (name, value) in extra {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    w.write_all(out.as_bytes()).await?;
+    w.flush().await
+}
+
+/// Status and one-line explanation for a failed open.
+fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
+    match e {
+        DialError::TunnelDown(why) => (
+            502,
+            format!(
+                "fluidity: cannot reach {target}: the tunnel to the fluidity server is down ({}); \
+                 the agent reconnects on its own, retry in a moment",
+                one_line(why, 200)
+            ),
+        ),
+        DialError::Refused(r) => {
+            let (status, advice) = match r.reason {
+                RefusalReason::NoSuchHost => (502, "check the host name"),
+                RefusalReason::ConnectionRefused => (502, "is the service running on that port?"),
+                RefusalReason::Unreachable => (502, "the server has no route to it"),
+                RefusalReason::TimedOut => (504, "the host did not answer in time; retry later"),
+                RefusalReason::DeniedByPolicy => (
+                    403,
+                    "the server's egress policy forbids this destination; change the policy if it should be allowed",
+                ),
+                RefusalReason::TooManyStreams => (503, "the tunnel is at its stream limit; retry shortly"),
+                RefusalReason::GoingAway => (503, "the server is shutting down; retry in a moment"),
+                RefusalReason::Other | RefusalReason::Unknown(_) => (502, "see the server's log"),
+            };
+            let detail = if r.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", one_line(&r.detail, 300))
+            };
+            (
+                status,
+                format!(
+                    "fluidity: cannot reach {target}: {}{detail}; {advice}",
+                    r.reason
+                ),
+            )
+        }
+    }
+}
+
+/// Header fields that concern only one connection and are never forwarded (RFC 9110 §7.6.1),
+/// plus every field the `Connection` header names. Framing fields are handled separately.
+fn is_hop_by_hop(h: &Header, connection_tokens: &[String]) -> bool {
+    let name = h.name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade"
+    ) || name.starts_with("proxy-")
+        || (connection_tokens.contains(&name)
+            && !matches!(
+                name.as_str(),
+                "host" | "content-length" | "transfer-encoding"
+            ))
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether the request asks for a WebSocket upgrade (RFC 6455 §4.1).
+fn is_websocket(head: &RequestHead) -> bool {
+    head.minor_version == 1
+        && head.method.eq_ignore_ascii_case("GET")
+        && header_tokens(&head.headers, "upgrade")
+            .iter()
+            .any(|t| t == "websocket")
+        && connection_has(&head.headers, "upgrade")
+}
+
+/// The request as sent to the origin: origin-form target, Host from the URL, no
+/// hop-by-hop or proxy fields.
+fn origin_request(
+    head: &RequestHead,
+    abs: &AbsoluteTarget,
+    websocket: bool,
+    close: bool,
+) -> Vec<u8> {
+    let tokens = header_tokens(&head.headers, "connection");
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(
+        format!(
+            "{} {} HTTP/1.{}\r\n",
+            head.method, abs.path, head.minor_version
+        )
+        .as_bytes(),
+    );
+    push_header(&mut out, "Host", abs.authority.as_bytes());
+    for h in &head.headers {
+        if !h.is("host") && !is_hop_by_hop(h, &tokens) {
+            push_header(&mut out, &h.name, &h.value);
+        }
+    }
+    if websocket {
+        for h in head.headers.iter().filter(|h| h.is("upgrade")) {
+            push_header(&mut out, "Upgrade", &h.value);
+        }
+        push_header(&mut out, "Connection", b"Upgrade");
+    } else if close {
+        push_header(&mut out, "Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The response as sent to the client.
+fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
+    let tokens = header_tokens(&resp.headers, "connection");
+    let chunked = resp.headers.iter().any(|h| h.is("transfer-encoding"));
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            resp.status,
+            one_line(&resp.reason, 200)
+        )
+        .as_bytes(),
+    );
+    for h in &resp.headers {
+        // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
+        let stale_length = chunked && h.is("content-length");
+        if !is_hop_by_hop(h, &tokens) && !stale_length {
+            push_header(&mut out, &h.name, &h.value);
+        }
+    }
+    if upgrade {
+        for h in resp.headers.iter().filter(|h| h.is("upgrade")) {
+            push_header(&mut out, "Upgrade", &h.value);
+        }
+        push_header(&mut out, "Connection", b"Upgrade");
+    } else if close {
+        push_header(&mut out, "Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Handles one request whose head has been read.
+#[allow(clippy::too_many_arguments)]
+async fn request<D, R, W>(
+    head: RequestHead,
+    cin: &mut Inbound<R>,
+    cw: &mut W,
+    upstream: &mut Option<Upstream<D::Stream>>,
+    peer: SocketAddr,
+    dialer: &D,
+    cfg: &ProxyConfig,
+) -> Result<Next>
+where
+    D: Dialer,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let method = head.method.clone();
+    let is_connect = method.eq_ignore_ascii_case("CONNECT");
+    let framing = if is_connect {
+        Framing::Empty
+    } else {
+        match head::request_framing(&head) {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::info!(%peer, %method, status = 400, error = why, "bad request framing");
+                answer(cw, 400, &format!("fluidity proxy: {why}"), true, &[]).await?;
+                return Ok(Next::Close);
+            }
+        }
+    };
+    // An answer from the proxy keeps the connection only if no request body follows.
+    let keep = framing == Framing::Empty;
+    let next_after_answer = if keep { Next::KeepAlive } else { Next::Close };
+
+    if let Some(creds) = &cfg.auth {
+        let ok = head
+            .headers
+            .iter()
+            .filter(|h| h.is("proxy-authorization"))
+            .any(|h| creds.matches_basic(&h.value));
+        if !ok {
+            tracing::info!(%peer, %method, target = %one_line(&head.target, 200), status = 407, "proxy authentication required");
+            answer(
+                cw,
+                407,
+                "fluidity proxy: authentication required; configure the proxy username and password",
+                !keep,
+                &[("Proxy-Authenticate", "Basic realm=\"fluidity\"")],
+            )
+            .await?;
+            return Ok(next_after_answer);
+        }
+    }
+
+    if is_connect {
+        return connect(&head, cin, cw, peer, dialer, cfg).await;
+    }
+
+    let abs = match parse_absolute_target(&head.target) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(%peer, %method, target = %one_line(&head.target, 200), status = 400, error = %e, "not a proxy request");
+            answer(cw, 400, &format!("fluidity proxy: {e}"), true, &[]).await?;
+            return Ok(Next::Close);
+        }
+    };
+    let websocket = is_websocket(&head);
+    let client_close = head.minor_version == 0 || connection_has(&head.headers, "close");
+    let head_bytes = origin_request(&head, &abs, websocket, client_close);
+    let ctx = Exchange {
+        method: &method,
+        framing,
+        websocket,
+        client_close,
+        client_minor: head.minor_version,
+    };
+
+    // One retry, only for an idempotent request without a body on a reused stream that
+    // failed before any answer: the origin most likely closed the idle connection just
+    // then. Anything else might have taken effect and must not be replayed (RFC 9110 §9.2.2).
+    let retryable = framing == Framing::Empty
+        && ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
+            .iter()
+            .any(|m| method.eq_ignore_ascii_case(m));
+    for attempt in 0..2 {
+        if upstream.as_ref().is_some_and(|u| u.target != abs.target) || !still_usable(upstream) {
+            *upstream = None;
+        }
+        if upstream.is_none() {
+            match dial(dialer, &abs.target, cfg).await {
+                Ok(s) => {
+                    let (r, w) = futures_lite::io::split(s);
+                    *upstream = Some(Upstream {
+                        target: abs.target.clone(),
+                        inb: Inbound::new(r),
+                        w,
+                        reused: false,
+                    });
+                }
+                Err(e) => {
+                    let (status, line) = dial_failure(&abs.target, &e);
+                    tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
+                    answer(cw, status, &line, !keep, &[]).await?;
+                    return Ok(next_after_answer);
+                }
+            }
+        }
+        let Some(up) = upstream.as_mut() else {
+            return Ok(Next::Close);
+        };
+        let reused = up.reused;
+        up.reused = true;
+        let result = exchange(&ctx, &head_bytes, cin, cw, up).await;
+        let outcome = match result {
+            Err(ExchangeError::NoResponse(_)) if reused && retryable && attempt == 0 => {
+                *upstream = None;
+                continue;
+            }
+            Err(e) => {
+                *upstream = None;
+                return fail(e, cw, peer, &method, &abs.target).await;
+            }
+            Ok(o) => o,
+        };
+        tracing::info!(
+            %peer, %method, target = %abs.target, status = outcome.status,
+            up = outcome.up, down = outcome.down, "request"
+        );
+        match outcome.end {
+            End::Upgraded => {
+                let Some(mut up) = upstream.take() else {
+                    return Ok(Next::Done);
+                };
+                match relay(cin, cw, &mut up.inb, &mut up.w).await {
+                    Ok((up, down)) => {
+                        tracing::info!(%peer, target = %abs.target, up, down, "websocket closed")
+                    }
+                    Err(e) => {
+                        tracing::info!(%peer, target = %abs.target, error = %e, "websocket aborted")
+                    }
+                }
+                return Ok(Next::Done);
+            }
+            End::Delimited {
+                client_keep,
+                upstream_keep,
+            } => {
+                if !upstream_keep {
+                    *upstream = None;
+                }
+                return Ok(if client_keep {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                });
+            }
+            End::Aborted => {
+                *upstream = None;
+                return Ok(Next::Done);
+            }
+        }
+    }
+    // Both attempts ended in `continue`, which the match above allows only once.
+    *upstream = None;
+    answer(
+        cw,
+        502,
+        &format!(
+            "fluidity: {} closed the connection without answering",
+            abs.target
+        ),
+        true,
+        &[],
+    )
+    .await?;
+    Ok(Next::Close)
+}
+
+/// Whether a kept stream can take another request: nothing unexpected is buffered and the
+/// origin has not closed it meanwhile (checked without waiting).
+fn still_usable<S: AsyncRead + Unpin>(upstream: &mut Option<Upstream<S>>) -> bool {
+    let Some(up) = upstream else {
+        return true;
+    };
+    if !up.inb.buffered().is_empty() {
+        return false;
+    }
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut fill = pin!(up.inb.fill());
+    // Data or EOF from an idle origin: either way its next answer cannot be trusted.
+    fill.as_mut().poll(&mut cx).is_pending()
+}
+
+async fn fail<W: AsyncWrite + Unpin>(
+    e: ExchangeError,
+    cw: &mut W,
+    peer: SocketAddr,
+    method: &str,
+    target: &Target,
+) -> Result<Next> {
+    tracing::info!(%peer, %method, %target, error = %e, "request failed");
+    let line = match &e {
+        ExchangeError::NoResponse(_) => {
+            format!("fluidity: {target} closed the connection without answering")
+        }
+        ExchangeError::BadResponse(why) => {
+            format!("fluidity: {target} sent an invalid response ({why})")
+        }
+        ExchangeError::BadRequestBody(why) => {
+            answer(
+                cw,
+                400,
+                &format!("fluidity proxy: invalid request body: {why}"),
+                true,
+                &[],
+            )
+            .await?;
+            return Ok(Next::Close);
+        }
+        ExchangeError::Aborted => return Ok(Next::Done),
+    };
+    answer(cw, 502, &line, true, &[]).await?;
+    Ok(Next::Close)
+}
+
+/// What a request needs to know while its response is relayed.
+struct Exchange<'a> {
+    method: &'a str,
+    framing: Framing,
+    websocket: bool,
+    client_close: bool,
+    client_minor: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    /// The origin ended or failed before any response; nothing was sent to the client.
+    #[error("no response from the origin: {0}")]
+    NoResponse(String),
+    /// The origin's response head or framing is invalid; nothing was sent to the client.
+    #[error("invalid response from the origin: {0}")]
+    BadResponse(String),
+    /// The client's body is invalid; nothing was sent to the client.
+    #[error("invalid request body: {0}")]
+    BadRequestBody(String),
+    /// Failed after the response began, or the client went away: the client connection
+    /// must be dropped without an answer.
+    #[error("aborted mid-message")]
+    Aborted,
+}
+
+#[derive(Debug)]
+enum End {
+    Delimited {
+        client_keep: bool,
+        upstream_keep: bool,
+    },
+    Upgraded,
+    Aborted,
+}
+
+struct Outcome {
+    status: u16,
+    up: u64,
+    down: u64,
+    end: End,
+}
+
+/// Sends the request head and body while relaying the response(s); the two run at once so
+/// that `Expect: 100-continue` and early answers (an origin refusing a large upload) work.
+async fn exchange<S, R, W>(
+    ctx: &Exchange<'_>,
+    head_bytes: &[u8],
+    cin: &mut Inbound<R>,
+    cw: &mut W,
+    up: &mut Upstream<S>,
+) -> Result<Outcome, ExchangeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Atomic only so that the future stays Send; both users run in this one task.
+    let started = AtomicBool::new(false);
+    let mut sent: Option<Result<u64, CopyError>> = None;
+    let result = {
+        let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut up.w));
+        let mut recv = pin!(relay_response(ctx, &mut up.inb, cw, &started));
+        futures_lite::future::poll_fn(|cx| {
+            if sent.is_none() {
+                if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                    let client_failed = matches!(
+                        r,
+                        Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_))
+                    );
+                    sent = Some(r);
+                    if client_failed {
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+            recv.as_mut().poll(cx).map(Some)
+        })
+        .await
+    };
+    let up_bytes = match &sent {
+        Some(Ok(n)) => *n,
+        _ => 0,
+    };
+    let Some(result) = result else {
+        // The client's body failed: answer if nothing was sent yet, else just drop.
+        return Err(match sent {
+            Some(Err(CopyError::Chunked(e))) if !started.load(Ordering::Relaxed) => {
+                ExchangeError::BadRequestBody(e.to_string())
+            }
+            _ => ExchangeError::Aborted,
+        });
+    };
+    let mut outcome = result?;
+    outcome.up = up_bytes;
+    if let End::Delimited {
+        client_keep,
+        upstream_keep,
+    } = &mut outcome.end
+    {
+        // The request body is not fully read (or not fully sent): neither connection is
+        // at a message boundary.
+        if !matches!(sent, Some(Ok(_))) {
+            *client_keep = false;
+            *upstream_keep = false;
+        }
+    }
+    if matches!(outcome.end, End::Upgraded) && !matches!(sent, Some(Ok(_))) {
+        outcome.end = End::Aborted;
+    }
+    Ok(outcome)
+}
+
+async fn send_request<R, W>(
+    head_bytes: &[u8],
+    framing: Framing,
+    cin: &mut Inbound<R>,
+    uw: &mut W,
+) -> Result<u64, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    uw.write_all(head_bytes).await.map_err(CopyError::Write)?;
+    uw.flush().await.map_err(CopyError::Write)?;
+    match framing {
+        Framing::Empty | Framing::UntilClose => Ok(0),
+        Framing::Length(n) => copy_exact(cin, uw, n).await.map(|()| n),
+        Framing::Chunked => copy_chunked(cin, uw).await,
+    }
+}
+
+async fn relay_response<UR, W>(
+    ctx: &Exchange<'_>,
+    uin: &mut Inbound<UR>,
+    cw: &mut W,
+    started: &AtomicBool,
+) -> Result<Outcome, ExchangeError>
+where
+    UR: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut down = 0u64;
+    loop {
+        let resp = match read_head(uin, head::parse_response_head).await {
+            Ok(Some(r)) => r,
+            Ok(None) if down == 0 => return Err(ExchangeError::NoResponse("closed".into())),
+            Ok(None) | Err(ReadHeadError::Truncated) => {
+                return Err(ExchangeError::BadResponse("response head cut short".into()))
+            }
+            Err(ReadHeadError::Io(e)) if down == 0 => {
+                return Err(ExchangeError::NoResponse(e.to_string()))
+            }
+            Err(ReadHeadError::Io(_)) => return Err(ExchangeError::Aborted),
+            Err(ReadHeadError::Head(e)) => return Err(ExchangeError::BadResponse(e.to_string())),
+        };
+        if resp.status == 101 {
+            if !ctx.websocket {
+                return Err(ExchangeError::BadResponse(
+                    "101 Switching Protocols without an upgrade request".into(),
+                ));
+            }
+            let bytes = client_response(&resp, true, false);
+            started.store(true, Ordering::Relaxed);
+            cw.write_all(&bytes)
+                .await
+                .map_err(|_| ExchangeError::Aborted)?;
+            cw.flush().await.map_err(|_| ExchangeError::Aborted)?;
+            return Ok(Outcome {
+                status: 101,
+                up: 0,
+                down: down + bytes.len() as u64,
+                end: End::Upgraded,
+            });
+        }
+        if resp.status < 200 {
+            // RFC 9110 §15.2: interim responses are not forwarded to HTTP/1.0 clients.
+            if ctx.client_minor == 1 {
+                let bytes = client_response(&resp, false, false);
+                cw.write_all(&bytes)
+                    .await
+                    .map_err(|_| ExchangeError::Aborted)?;
+                cw.flush().await.map_err(|_| ExchangeError::Aborted)?;
+                down += bytes.len() as u64;
+            }
+            continue;
+        }
+        let framing = head::response_framing(ctx.method, &resp)
+            .map_err(|why| ExchangeError::BadResponse(why.into()))?;
+        let close = ctx.client_close || framing == Framing::UntilClose;
+        let upstream_keep =
+            !close && resp.minor_version == 1 && !connection_has(&resp.headers, "close");
+        let bytes = client_response(&resp, false, close);
+        started.store(true, Ordering::Relaxed);
+        cw.write_all(&bytes)
+            .await
+            .map_err(|_| ExchangeError::Aborted)?;
+        down += bytes.len() as u64;
+        let body = match framing {
+            Framing::Empty => cw.flush().await.map(|()| 0).map_err(CopyError::Write),
+            Framing::Length(n) => copy_exact(uin, cw, n).await.map(|()| n),
+            Framing::Chunked => copy_chunked(uin, cw).await,
+            Framing::UntilClose => super::io::pipe(uin, cw).await,
+        };
+        let Ok(body) = body else {
+            return Err(ExchangeError::Aborted);
+        };
+        return Ok(Outcome {
+            status: resp.status,
+            up: 0,
+            down: down + body,
+            end: End::Delimited {
+                client_keep: !close,
+                upstream_keep,
+            },
+        });
+    }
+}
+
+/// CONNECT: open the stream, answer 200, then relay raw bytes both ways.
+async fn connect<D, R, W>(
+    head: &RequestHead,
+    cin: &mut Inbound<R>,
+    cw: &mut W,
+    peer: SocketAddr,
+    dialer: &D,
+    cfg: &ProxyConfig,
+) -> Result<Next>
+where
+    D: Dialer,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(target) = Target::parse(&head.target).filter(|t| t.port != 0) else {
+        let line = format!(
+            "fluidity proxy: CONNECT needs host:port, got {:?}",
+            one_line(&head.target, 200)
+        );
+        tracing::info!(%peer, method = "CONNECT", status = 400, "bad CONNECT target");
+        answer(cw, 400, &line, true, &[]).await?;
+        return Ok(Next::Close);
+    };
+    let stream = match dial(dialer, &target, cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            let (status, line) = dial_failure(&target, &e);
+            tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
+            answer(cw, status, &line, false, &[]).await?;
+            return Ok(Next::KeepAlive);
+        }
+    };
+    cw.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    cw.flush().await?;
+    let (r, mut w) = futures_lite::io::split(stream);
+    let mut sin = Inbound::new(r);
+    match relay(cin, cw, &mut sin, &mut w).await {
+        Ok((up, down)) => {
+            tracing::info!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed")
+        }
+        Err(e) => {
+            tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted")
+        }
+    }
+    Ok(Next::Done)
+}

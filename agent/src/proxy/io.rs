@@ -1,0 +1,266 @@
+//! Buffered reading and byte relays shared by the HTTP and SOCKS5 front ends.
+
+use std::io;
+use std::time::Duration;
+
+use async_io::Timer;
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+
+use super::chunked::{ChunkedDecoder, ChunkedError};
+use super::head::{leading_empty_lines, HeadError, MAX_HEAD_LEN};
+
+/// Capacity of every read buffer: a maximal head plus room to notice that it is too long.
+const BUF_CAP: usize = MAX_HEAD_LEN + 8 * 1024;
+
+/// A reader with a fixed-size buffer whose unread bytes can be inspected and consumed.
+pub(crate) struct Inbound<R> {
+    io: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> Inbound<R> {
+    pub(crate) fn new(io: R) -> Self {
+        Inbound {
+            io,
+            buf: vec![0; BUF_CAP].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes received and not yet consumed.
+    pub(crate) fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more bytes after the buffered ones; `Ok(0)` means end of stream.
+    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            if self.start == 0 {
+                return Err(io::Error::other("read buffer full"));
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.io.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// Why a head could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadHeadError {
+    /// The peer closed the connection in the middle of a head.
+    Truncated,
+    /// The head is invalid or too large.
+    Head(HeadError),
+    /// Reading failed.
+    Io(io::Error),
+}
+
+type ParseFn<T> = fn(&[u8]) -> Result<Option<(T, usize)>, HeadError>;
+
+/// Reads and consumes one head. `Ok(None)` means the peer closed the connection cleanly
+/// before sending any byte of it.
+pub(crate) async fn read_head<R: AsyncRead + Unpin, T>(
+    inb: &mut Inbound<R>,
+    parse: ParseFn<T>,
+) -> Result<Option<T>, ReadHeadError> {
+    // Parse only when a new line has arrived: the number of lines is bounded by the
+    // header-count limit, so the total parsing work stays bounded even for a client that
+    // sends one byte at a time.
+    let mut parse_now = !inb.buffered().is_empty();
+    loop {
+        let skip = leading_empty_lines(inb.buffered());
+        inb.consume(skip);
+        if parse_now {
+            if let Some((head, len)) = parse(inb.buffered()).map_err(ReadHeadError::Head)? {
+                inb.consume(len);
+                return Ok(Some(head));
+            }
+        }
+        if inb.buffered().len() > MAX_HEAD_LEN {
+            return Err(ReadHeadError::Head(HeadError::TooLarge));
+        }
+        let before = inb.buffered().len();
+        let n = inb.fill().await.map_err(ReadHeadError::Io)?;
+        if n == 0 {
+            return if inb.buffered().is_empty() {
+                Ok(None)
+            } else {
+                Err(ReadHeadError::Truncated)
+            };
+        }
+        parse_now = inb.buffered()[before..].contains(&b'\n');
+    }
+}
+
+/// Runs `fut`, giving up with `None` after `limit`.
+pub(crate) async fn timeout<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    async { Some(fut.await) }
+        .or(async {
+            Timer::after(limit).await;
+            None
+        })
+        .await
+}
+
+/// Why a body could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CopyError {
+    /// The reading side ended before the body did.
+    #[error("connection closed before the end of the body")]
+    Eof,
+    /// The reading side failed.
+    #[error("read failed: {0}")]
+    Read(io::Error),
+    /// The writing side failed.
+    #[error("write failed: {0}")]
+    Write(io::Error),
+    /// The chunked coding is invalid.
+    #[error("{0}")]
+    Chunked(ChunkedError),
+}
+
+/// Copies exactly `len` bytes.
+pub(crate) async fn copy_exact<R, W>(
+    from: &mut Inbound<R>,
+    to: &mut W,
+    mut len: u64,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while len > 0 {
+        if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
+            return Err(CopyError::Eof);
+        }
+        let n = from
+            .buffered()
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX));
+        to.write_all(&from.buffered()[..n])
+            .await
+            .map_err(CopyError::Write)?;
+        from.consume(n);
+        len -= n as u64;
+    }
+    to.flush().await.map_err(CopyError::Write)
+}
+
+/// Copies one chunked body unchanged, stopping exactly at its end; returns its length.
+pub(crate) async fn copy_chunked<R, W>(from: &mut Inbound<R>, to: &mut W) -> Result<u64, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut decoder = ChunkedDecoder::new();
+    let mut total = 0u64;
+    while !decoder.is_done() {
+        if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
+            return Err(CopyError::Eof);
+        }
+        // Find how much of the buffer belongs to the body, then forward it in one write.
+        let buf = from.buffered();
+        let mut used = 0;
+        while used < buf.len() && !decoder.is_done() {
+            let step = decoder.feed(&buf[used..]).map_err(CopyError::Chunked)?;
+            if step.consumed == 0 {
+                break;
+            }
+            used += step.consumed;
+        }
+        to.write_all(&buf[..used]).await.map_err(CopyError::Write)?;
+        from.consume(used);
+        total += used as u64;
+    }
+    to.flush().await.map_err(CopyError::Write)?;
+    Ok(total)
+}
+
+/// Copies everything until `from` ends, then closes the write side of `to` (a half-close:
+/// the other direction carries on). Returns the number of bytes copied.
+pub(crate) async fn pipe<R, W>(from: &mut Inbound<R>, to: &mut W) -> Result<u64, CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    loop {
+        if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
+            break;
+        }
+        let n = from.buffered().len();
+        to.write_all(from.buffered())
+            .await
+            .map_err(CopyError::Write)?;
+        to.flush().await.map_err(CopyError::Write)?;
+        from.consume(n);
+        total += n as u64;
+    }
+    to.close().await.map_err(CopyError::Write)?;
+    Ok(total)
+}
+
+/// Relays both directions until each has ended; returns (a→b, b→a) byte counts. An error
+/// in either direction ends both: the caller drops both ends, which resets them.
+pub(crate) async fn relay<AR, AW, BR, BW>(
+    a_in: &mut Inbound<AR>,
+    a_out: &mut AW,
+    b_in: &mut Inbound<BR>,
+    b_out: &mut BW,
+) -> Result<(u64, u64), CopyError>
+where
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
+    futures_lite::future::try_zip(pipe(a_in, b_out), pipe(b_in, a_out)).await
+}
+
+/// Ends a connection after an error answer: closes our sending side, then reads and drops
+/// what the client still sends (bounded in time and size) so that closing with unread
+/// data does not reset the connection before the client has read the answer.
+pub(crate) async fn linger_close<R, W>(inb: &mut Inbound<R>, w: &mut W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 4 * 1024 * 1024;
+    if w.close().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut dropped = inb.buffered().len();
+        inb.consume(dropped);
+        while dropped < LINGER_BYTES {
+            match inb.fill().await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    dropped += n;
+                    inb.consume(n);
+                }
+            }
+        }
+    };
+    let _ = timeout(LINGER_TIME, drain).await;
+}

@@ -1,0 +1,190 @@
+//! The local proxy front end: turns each client connection (HTTP/1.1 forward proxy,
+//! CONNECT, WebSocket upgrade, or SOCKS5) into streams opened through a [`Dialer`].
+//!
+//! The front end knows nothing of the tunnel: a [`Dialer`] opens a byte stream to
+//! `host:port` (the server resolves names and dials), or says why it could not, and the
+//! front end turns that into an honest answer for the client (HTTP status or SOCKS5 reply).
+//! Parsers of client and origin bytes are sans-IO ([`head`], [`chunked`], [`socks5`]) with
+//! explicit limits, and are exposed for fuzzing through [`fuzzing`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fluidity_proto::{OpenRefusal, RefusalReason, Target};
+use futures_io::{AsyncRead, AsyncWrite};
+
+use crate::error::{Error, Result};
+
+mod auth;
+pub mod chunked;
+pub mod head;
+mod http;
+mod io;
+mod socks;
+pub mod socks5;
+
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
+
+/// Opens streams to targets. Implemented by the tunnel; tests use a direct TCP dialer.
+pub trait Dialer: Send + Sync + 'static {
+    /// A reliable byte stream to the target. `poll_close` means "I finished sending"
+    /// (a half-close): reading continues until the other side finishes too. Reads and
+    /// writes may be pending at the same time from one task (separate wakers).
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Opens a stream to `target`. Must finish in bounded time, with a stream or a reason.
+    fn open(&self, target: Target) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialError {
+    /// The server answered the open with a refusal.
+    #[error("refused: {0}")]
+    Refused(OpenRefusal),
+    /// There is no working tunnel to the server right now; the text says why.
+    #[error("the tunnel is down: {0}")]
+    TunnelDown(String),
+}
+
+/// Username and password that proxy clients must present.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Username.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Settings of the proxy front end.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Credentials required from clients (HTTP Basic or SOCKS5 username/password), if any.
+    pub auth: Option<Credentials>,
+    /// How long a client may take to send a complete request head (or SOCKS5 handshake),
+    /// and how long an idle keep-alive connection is kept. Relays have no idle timeout.
+    pub head_timeout: Duration,
+    /// Upper bound on opening a stream, in case the dialer never answers.
+    pub dial_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    /// No credentials, 30 s head timeout, 60 s dial timeout.
+    fn default() -> Self {
+        ProxyConfig {
+            auth: None,
+            head_timeout: Duration::from_secs(30),
+            dial_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks that listening on `listen` is safe with this configuration: any address
+    /// other than loopback requires credentials.
+    pub fn validate_for(&self, listen: SocketAddr) -> Result<()> {
+        if self.auth.is_none() && !listen.ip().to_canonical().is_loopback() {
+            return Err(Error::UnauthenticatedListener(listen));
+        }
+        Ok(())
+    }
+}
+
+/// Serves one client connection to the end: sniffs the protocol from the first byte
+/// (0x05 is SOCKS5, anything else HTTP/1.1) and proxies through `dialer`.
+pub async fn serve_connection<D, C>(
+    client: C,
+    peer: SocketAddr,
+    dialer: &D,
+    cfg: &ProxyConfig,
+) -> Result<()>
+where
+    D: Dialer,
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (r, w) = futures_lite::io::split(client);
+    let mut inb = io::Inbound::new(r);
+    let mut w = w;
+    let first = match io::timeout(cfg.head_timeout, inb.fill()).await {
+        None => {
+            tracing::debug!(%peer, "client sent nothing; closing");
+            return Err(Error::ClientTimeout(cfg.head_timeout));
+        }
+        Some(Ok(0)) => return Ok(()),
+        Some(Ok(_)) => inb.buffered()[0],
+        Some(Err(e)) => return Err(e.into()),
+    };
+    if first == socks5::VERSION {
+        socks::serve(&mut inb, &mut w, peer, dialer, cfg).await
+    } else {
+        http::serve(&mut inb, &mut w, peer, dialer, cfg).await
+    }
+}
+
+/// Opens a stream, bounded by the configured dial timeout.
+async fn dial<D: Dialer>(
+    dialer: &D,
+    target: &Target,
+    cfg: &ProxyConfig,
+) -> Result<D::Stream, DialError> {
+    match io::timeout(cfg.dial_timeout, dialer.open(target.clone())).await {
+        Some(r) => r,
+        None => Err(DialError::Refused(OpenRefusal::new(
+            RefusalReason::TimedOut,
+            format!("the tunnel gave no answer within {:?}", cfg.dial_timeout),
+        ))),
+    }
+}
+
+/// One printable line, for putting peer-supplied text in an answer or a log.
+fn one_line(s: &str, max: usize) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_listen_needs_credentials() {
+        let open = ProxyConfig::default();
+        assert!(open.validate_for("127.0.0.1:8080".parse().unwrap()).is_ok());
+        assert!(open.validate_for("[::1]:8080".parse().unwrap()).is_ok());
+        assert!(open
+            .validate_for("[::ffff:127.0.0.1]:8080".parse().unwrap())
+            .is_ok());
+        let err = open
+            .validate_for("0.0.0.0:8080".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0.0.0.0:8080") && err.contains("password"),
+            "{err}"
+        );
+        let locked = ProxyConfig {
+            auth: Some(Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            ..ProxyConfig::default()
+        };
+        assert!(locked
+            .validate_for("192.168.1.2:8080".parse().unwrap())
+            .is_ok());
+        assert!(!format!("{locked:?}").contains("\"p\""));
+    }
+}

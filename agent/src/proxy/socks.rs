@@ -1,0 +1,179 @@
+//! SOCKS5 front end: handshake, CONNECT through the dialer, then a raw relay.
+
+use std::net::SocketAddr;
+
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncWriteExt;
+
+use super::io::{relay, timeout, Inbound};
+use super::socks5::{self, reply, Socks5Error};
+use super::{dial, DialError, Dialer, ProxyConfig};
+use crate::error::{Error, Result};
+
+type ParseFn<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+
+/// Reads one message; `Err(None)` means the client went away mid-handshake.
+async fn read_msg<R: AsyncRead + Unpin, T>(
+    inb: &mut Inbound<R>,
+    parse: ParseFn<T>,
+) -> Result<T, Option<Socks5Error>> {
+    loop {
+        match parse(inb.buffered()) {
+            Ok(Some((msg, len))) => {
+                inb.consume(len);
+                return Ok(msg);
+            }
+            Ok(None) => match inb.fill().await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            },
+            Err(e) => return Err(Some(e)),
+        }
+    }
+}
+
+/// What the handshake ended with.
+enum Handshake {
+    /// The client asked to connect here.
+    Connect(fluidity_proto::Target),
+    /// The client was answered and must be disconnected; the text is for the log.
+    Rejected(String),
+}
+
+async fn handshake<R, W>(inb: &mut Inbound<R>, w: &mut W, cfg: &ProxyConfig) -> Result<Handshake>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let greeting = match read_msg(inb, socks5::parse_greeting).await {
+        Ok(g) => g,
+        Err(e) => return Ok(Handshake::Rejected(describe(e))),
+    };
+    let method = if cfg.auth.is_some() {
+        greeting
+            .offers(socks5::METHOD_USER_PASS)
+            .then_some(socks5::METHOD_USER_PASS)
+    } else if greeting.offers(socks5::METHOD_NO_AUTH) {
+        Some(socks5::METHOD_NO_AUTH)
+    } else {
+        // No credentials are configured, but a client that only offers username/password
+        // still gets through: it is accepted whatever it sends.
+        greeting
+            .offers(socks5::METHOD_USER_PASS)
+            .then_some(socks5::METHOD_USER_PASS)
+    };
+    let Some(method) = method else {
+        w.write_all(&[socks5::VERSION, socks5::METHOD_NONE_ACCEPTABLE])
+            .await?;
+        w.flush().await?;
+        return Ok(Handshake::Rejected(
+            "no acceptable authentication method (credentials are required)".into(),
+        ));
+    };
+    w.write_all(&[socks5::VERSION, method]).await?;
+    w.flush().await?;
+
+    if method == socks5::METHOD_USER_PASS {
+        let up = match read_msg(inb, socks5::parse_user_pass).await {
+            Ok(up) => up,
+            Err(e) => return Ok(Handshake::Rejected(describe(e))),
+        };
+        let ok = cfg
+            .auth
+            .as_ref()
+            .is_none_or(|c| c.matches(&up.username, &up.password));
+        w.write_all(&[1, if ok { 0 } else { 1 }]).await?;
+        w.flush().await?;
+        if !ok {
+            return Ok(Handshake::Rejected("wrong username or password".into()));
+        }
+    }
+
+    let request = match read_msg(inb, socks5::parse_request).await {
+        Ok(r) => r,
+        Err(Some(Socks5Error::AddressType(t))) => {
+            w.write_all(&socks5::reply(reply::ADDRESS_TYPE_NOT_SUPPORTED))
+                .await?;
+            return Ok(Handshake::Rejected(format!("unsupported address type {t}")));
+        }
+        Err(e @ Some(Socks5Error::Reserved | Socks5Error::EmptyDomain)) => {
+            w.write_all(&socks5::reply(reply::GENERAL_FAILURE)).await?;
+            return Ok(Handshake::Rejected(describe(e)));
+        }
+        Err(e) => return Ok(Handshake::Rejected(describe(e))),
+    };
+    if request.command != socks5::CMD_CONNECT {
+        w.write_all(&socks5::reply(reply::COMMAND_NOT_SUPPORTED))
+            .await?;
+        return Ok(Handshake::Rejected(format!(
+            "command {} is not supported (only CONNECT)",
+            request.command
+        )));
+    }
+    match request.target() {
+        Some(t) => Ok(Handshake::Connect(t)),
+        None => {
+            w.write_all(&socks5::reply(reply::HOST_UNREACHABLE)).await?;
+            Ok(Handshake::Rejected("invalid host name".into()))
+        }
+    }
+}
+
+fn describe(e: Option<Socks5Error>) -> String {
+    match e {
+        Some(e) => e.to_string(),
+        None => "client closed the connection during the handshake".into(),
+    }
+}
+
+/// Serves a SOCKS5 client whose first byte is buffered in `inb`.
+pub(super) async fn serve<D, R, W>(
+    inb: &mut Inbound<R>,
+    w: &mut W,
+    peer: SocketAddr,
+    dialer: &D,
+    cfg: &ProxyConfig,
+) -> Result<()>
+where
+    D: Dialer,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let target = match timeout(cfg.head_timeout, handshake(inb, w, cfg)).await {
+        None => return Err(Error::ClientTimeout(cfg.head_timeout)),
+        Some(Err(e)) => return Err(e),
+        Some(Ok(Handshake::Rejected(why))) => {
+            let _ = w.flush().await;
+            tracing::info!(%peer, proto = "socks5", error = %why, "request rejected");
+            return Err(Error::ClientProtocol(why));
+        }
+        Some(Ok(Handshake::Connect(t))) => t,
+    };
+    let stream = match dial(dialer, &target, cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            let code = match &e {
+                DialError::Refused(r) => socks5::reply_for_refusal(r.reason),
+                DialError::TunnelDown(_) => reply::GENERAL_FAILURE,
+            };
+            tracing::info!(%peer, proto = "socks5", %target, reply = code, error = %e, "connect refused");
+            w.write_all(&socks5::reply(code)).await?;
+            w.flush().await?;
+            return Ok(());
+        }
+    };
+    w.write_all(&socks5::reply(reply::SUCCEEDED)).await?;
+    w.flush().await?;
+    let (sr, mut sw) = futures_lite::io::split(stream);
+    let mut sin = Inbound::new(sr);
+    let result = relay(inb, w, &mut sin, &mut sw).await;
+    match result {
+        Ok((up, down)) => {
+            tracing::info!(%peer, proto = "socks5", %target, up, down, "tunnel closed");
+        }
+        Err(e) => {
+            tracing::info!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
+        }
+    }
+    Ok(())
+}

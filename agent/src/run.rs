@@ -1,0 +1,125 @@
+//! Running the agent: the proxy listener in front of a [`TunnelDialer`].
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
+use futures_lite::FutureExt;
+use smol::Executor;
+
+use crate::config::{AgentAuth, AgentConfig};
+use crate::error::{Error, Result};
+use crate::proxy::{self, Credentials, ProxyConfig};
+use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
+
+/// Builds the tunnel settings from the configuration: loads certificates and resolves
+/// the server's address (the server's own name only; targets are never resolved here).
+pub fn tunnel_settings(
+    cfg: &AgentConfig,
+    credentials: Option<CredentialSource>,
+) -> Result<TunnelSettings> {
+    if cfg.auth == AgentAuth::Iam && credentials.is_none() {
+        return Err(Error::Config(
+            "auth = \"iam\" needs AWS credentials; this build has no credential source configured"
+                .into(),
+        ));
+    }
+    let identity = Identity::load(&cfg.cert, &cfg.key)?;
+    let roots = CaRoots::load(&cfg.ca)?;
+    let check = PeerCheck {
+        expected_cn: cfg.expected_server_cn.clone(),
+        expected_ip: None,
+    };
+    let tls = tls::client_config(&identity, &roots, &check)?;
+    let server = cfg
+        .server
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("server address {:?}: {e}", cfg.server)))?
+        .next()
+        .ok_or_else(|| {
+            Error::Config(format!("server address {:?} has no addresses", cfg.server))
+        })?;
+    Ok(TunnelSettings {
+        server,
+        server_name: cfg
+            .server_name
+            .clone()
+            .unwrap_or_else(|| cfg.server_host().to_owned()),
+        tls,
+        peer_check: check,
+        proto: Arc::new(fluidity_proto::Config::default()),
+        connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+        credentials,
+        min_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(30),
+    })
+}
+
+/// The proxy front end's settings from the configuration; refuses a non-loopback
+/// listener without credentials.
+pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
+    let auth = match (&cfg.proxy_username, &cfg.proxy_password) {
+        (Some(u), Some(p)) => Some(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "set both proxy_username and proxy_password, or neither".into(),
+            ))
+        }
+    };
+    let pc = ProxyConfig {
+        auth,
+        head_timeout: Duration::from_secs(cfg.head_timeout_secs.max(1)),
+        ..ProxyConfig::default()
+    };
+    pc.validate_for(cfg.listen)?;
+    Ok(pc)
+}
+
+/// Binds the proxy listener.
+pub fn bind(listen: SocketAddr) -> Result<async_net::TcpListener> {
+    smol::block_on(async_net::TcpListener::bind(listen)).map_err(|source| Error::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// Serves proxy clients until `shutdown` completes, then lets the tunnel drain.
+pub async fn serve(
+    ex: &Arc<Executor<'static>>,
+    listener: async_net::TcpListener,
+    dialer: TunnelDialer,
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let cfg = Arc::new(cfg);
+    let accept_loop = async {
+        loop {
+            match listener.accept().await {
+                Ok((client, peer)) => {
+                    let _ = client.set_nodelay(true);
+                    let (dialer, cfg) = (dialer.clone(), cfg.clone());
+                    ex.spawn(async move {
+                        if let Err(e) = proxy::serve_connection(client, peer, &dialer, &cfg).await {
+                            tracing::debug!(%peer, error = %e, "client connection ended");
+                        }
+                    })
+                    .detach();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
+    accept_loop.or(shutdown).await;
+    dialer.shutdown(SHUTDOWN_GRACE).await;
+}
+
+/// Time open streams get to finish when the agent stops.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

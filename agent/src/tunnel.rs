@@ -1,0 +1,261 @@
+//! The agent's side of the tunnel: one TLS connection to the server, opened on demand,
+//! reconnected with backoff when lost, behind a circuit breaker so that a dead server
+//! gives clients a fast, honest error instead of a hang.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fluidity_proto::{Credentials, Target};
+use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
+use fluidity_runtime_smol::{Tunnel, TunnelEvent, TunnelStream};
+use futures_lite::FutureExt;
+use smol::Executor;
+
+use crate::proxy::{DialError, Dialer};
+
+/// Produces the tunnel credentials for a TLS session from its channel-binding value.
+/// Runs on a blocking thread (it may fetch AWS credentials).
+pub type CredentialSource = Arc<dyn Fn(&[u8]) -> Result<Credentials, String> + Send + Sync>;
+
+/// How to reach and trust the server.
+#[derive(Clone)]
+pub struct TunnelSettings {
+    /// Server address.
+    pub server: SocketAddr,
+    /// Name or IP the server certificate must be valid for.
+    pub server_name: String,
+    /// TLS client configuration (identity, CA, server checks).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Extra checks on the server certificate after the handshake.
+    pub peer_check: PeerCheck,
+    /// Protocol configuration.
+    pub proto: Arc<fluidity_proto::Config>,
+    /// Limit on TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// Tunnel credentials (IAM), or `None` for mTLS only.
+    pub credentials: Option<CredentialSource>,
+    /// First reconnect delay; doubles per failure up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for TunnelSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelSettings")
+            .field("server", &self.server)
+            .field("server_name", &self.server_name)
+            .field("iam", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Consecutive failures and when the next attempt is allowed.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+struct Inner {
+    settings: TunnelSettings,
+    ex: Arc<Executor<'static>>,
+    current: Mutex<Option<Tunnel>>,
+    connecting: smol::lock::Mutex<()>,
+    breaker: Mutex<Breaker>,
+}
+
+/// Opens streams through the tunnel, connecting and reconnecting as needed. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct TunnelDialer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TunnelDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelDialer")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TunnelDialer {
+    /// A dialer that connects on first use; tunnel tasks are spawned on `ex`.
+    pub fn new(settings: TunnelSettings, ex: Arc<Executor<'static>>) -> TunnelDialer {
+        TunnelDialer {
+            inner: Arc::new(Inner {
+                settings,
+                ex,
+                current: Mutex::new(None),
+                connecting: smol::lock::Mutex::new(()),
+                breaker: Mutex::new(Breaker::default()),
+            }),
+        }
+    }
+
+    /// Returns a ready tunnel, connecting if there is none.
+    pub async fn tunnel(&self) -> Result<Tunnel, String> {
+        if let Some(t) = self.usable() {
+            return Ok(t);
+        }
+        let _one_at_a_time = self.inner.connecting.lock().await;
+        if let Some(t) = self.usable() {
+            return Ok(t);
+        }
+        {
+            let b = lock(&self.inner.breaker);
+            if let Some(at) = b.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    return Err(format!(
+                        "{} (next attempt in {:.1} s)",
+                        b.last_error,
+                        (at - now).as_secs_f32()
+                    ));
+                }
+            }
+        }
+        match self.connect().await {
+            Ok(t) => {
+                *lock(&self.inner.breaker) = Breaker::default();
+                *lock(&self.inner.current) = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => {
+                let mut b = lock(&self.inner.breaker);
+                b.failures = b.failures.saturating_add(1);
+                let s = &self.inner.settings;
+                let backoff = s
+                    .min_backoff
+                    .saturating_mul(1u32 << b.failures.min(16).saturating_sub(1))
+                    .min(s.max_backoff);
+                b.retry_at = Some(Instant::now() + backoff);
+                b.last_error = e.clone();
+                tracing::warn!(server = %s.server, error = %e, failures = b.failures,
+                    retry_in_ms = backoff.as_millis() as u64, "cannot reach the server");
+                Err(e)
+            }
+        }
+    }
+
+    /// Graceful shutdown: no new streams; waits up to `grace` for open streams to
+    /// finish, then closes the tunnel.
+    pub async fn shutdown(&self, grace: Duration) {
+        let Some(t) = lock(&self.inner.current).take() else {
+            return;
+        };
+        t.go_away();
+        let deadline = Instant::now() + grace;
+        while !t.is_closed() && Instant::now() < deadline {
+            smol::Timer::after(Duration::from_millis(20)).await;
+        }
+        if !t.is_closed() {
+            tracing::warn!(
+                streams = t.stats().streams_active,
+                "streams still open at the shutdown deadline; closing"
+            );
+            t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+        }
+    }
+
+    fn usable(&self) -> Option<Tunnel> {
+        let cur = lock(&self.inner.current);
+        cur.as_ref().filter(|t| t.can_open()).cloned()
+    }
+
+    async fn connect(&self) -> Result<Tunnel, String> {
+        let s = &self.inner.settings;
+        tracing::info!(server = %s.server, "connecting to the server");
+        let tls = TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
+        let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)
+            .await
+            .map_err(|e| format!("cannot connect to the server at {}: {e}", s.server))?;
+        let credentials = match &s.credentials {
+            None => Credentials::none(),
+            Some(source) => {
+                let source = source.clone();
+                let binding = h.established.channel_binding;
+                blocking::unblock(move || source(&binding))
+                    .await
+                    .map_err(|e| format!("cannot build tunnel credentials: {e}"))?
+            }
+        };
+        let conn = fluidity_proto::Connection::agent(s.proto.clone(), credentials, Instant::now());
+        let (tunnel, events, driver) =
+            fluidity_runtime_smol::start(h.sock, h.tls, conn).map_err(|e| e.to_string())?;
+        self.inner.ex.spawn(driver).detach();
+        let server = s.server;
+        self.inner
+            .ex
+            .spawn(async move {
+                while let Ok(ev) = events.recv().await {
+                    match ev {
+                        TunnelEvent::Ready { principal } => {
+                            tracing::info!(%server, %principal, "tunnel ready")
+                        }
+                        TunnelEvent::GoAway => tracing::info!(%server, "server is going away"),
+                        TunnelEvent::Closed { reason: None } => {
+                            tracing::info!(%server, "tunnel closed")
+                        }
+                        TunnelEvent::Closed { reason: Some(r) } => {
+                            tracing::warn!(%server, reason = %r, "tunnel lost")
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .detach();
+        let deadline = s.proto.handshake_timeout + Duration::from_secs(1);
+        tunnel
+            .ready()
+            .or(async {
+                smol::Timer::after(deadline).await;
+                Err(fluidity_runtime_smol::Error::Timeout("tunnel handshake"))
+            })
+            .await
+            .map_err(|e| match e {
+                fluidity_runtime_smol::Error::Timeout(_) => format!(
+                    "the server at {server} did not complete the tunnel handshake within {deadline:?}; \
+                     check that it is a fluidity-server and that authentication is configured alike"
+                ),
+                e => format!("the server at {server} refused the tunnel: {e}"),
+            })?;
+        Ok(tunnel)
+    }
+}
+
+impl Dialer for TunnelDialer {
+    type Stream = TunnelStream;
+
+    async fn open(&self, target: Target) -> Result<TunnelStream, DialError> {
+        // One retry: a tunnel that died between the check and the open is replaced.
+        for attempt in 0..2 {
+            let tunnel = self.tunnel().await.map_err(DialError::TunnelDown)?;
+            match tunnel.open(target.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),
+                Err(fluidity_runtime_smol::Error::Tunnel(
+                    fluidity_proto::Error::TooManyStreams,
+                )) => {
+                    return Err(DialError::Refused(fluidity_proto::OpenRefusal::new(
+                        fluidity_proto::RefusalReason::TooManyStreams,
+                        "the tunnel carries as many streams as the server allows",
+                    )))
+                }
+                Err(e) if attempt == 0 && !tunnel.can_open() => {
+                    tracing::debug!(error = %e, "tunnel unusable; reconnecting");
+                    lock(&self.inner.current).take();
+                }
+                Err(e) => return Err(DialError::TunnelDown(e.to_string())),
+            }
+        }
+        Err(DialError::TunnelDown("the tunnel keeps failing".into()))
+    }
+}
