@@ -1,0 +1,719 @@
+//! Credential providers and the default chain, as the AWS SDKs resolve credentials:
+//! environment, shared profile files, ECS container credentials, EC2 instance metadata,
+//! then optionally STS AssumeRole on top; cached and refreshed before expiry.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use crate::client::AwsConfig;
+use crate::clients::sts::StsClient;
+use crate::credentials::Credentials;
+use crate::endpoints::Endpoints;
+use crate::env::Env;
+use crate::error::{Error, Result};
+use crate::http::{HttpClient, HttpRequest, RetryPolicy};
+use crate::imds::Imds;
+
+/// A source of credentials.
+///
+/// Returning [`Error::NoCredentials`] means "not configured here", which lets a chain try
+/// the next provider; any other error means the provider is configured but failed, which
+/// stops the chain (as in the SDKs, so a broken configuration is not silently bypassed).
+pub trait ProvideCredentials: Send + Sync + std::fmt::Debug {
+    /// Credentials valid now. May block on the network.
+    fn provide(&self) -> Result<Credentials>;
+}
+
+impl ProvideCredentials for Credentials {
+    fn provide(&self) -> Result<Credentials> {
+        Ok(self.clone())
+    }
+}
+
+/// What the default chain needs beyond the environment.
+#[derive(Clone, Debug, Default)]
+pub struct ChainOptions {
+    /// The region; `None` resolves it from the environment and profile.
+    pub region: Option<String>,
+    /// The profile; `None` means `AWS_PROFILE`, else `default`.
+    pub profile: Option<String>,
+    /// A role to assume on top of the chain's credentials.
+    pub iam_role_arn: Option<String>,
+    /// The AssumeRole session name; `None` means `fluidity-<unix time>`.
+    pub role_session_name: Option<String>,
+    /// The AssumeRole external id, if the role's trust policy asks for one.
+    pub external_id: Option<String>,
+    /// Explicit endpoint overrides, layered over `AWS_ENDPOINT_URL*`.
+    pub endpoints: Endpoints,
+}
+
+/// Parses an RFC 3339 timestamp such as `2024-05-01T12:00:00Z`.
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let dt = aws_smithy_types::DateTime::from_str(
+        s.trim(),
+        aws_smithy_types::date_time::Format::DateTime,
+    )
+    .ok()?;
+    SystemTime::try_from(dt).ok()
+}
+
+/// Static keys from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+#[derive(Debug, Clone)]
+pub struct EnvProvider {
+    env: Env,
+}
+
+impl EnvProvider {
+    /// Reads from `env`.
+    pub fn new(env: &Env) -> Self {
+        EnvProvider { env: env.clone() }
+    }
+}
+
+impl ProvideCredentials for EnvProvider {
+    fn provide(&self) -> Result<Credentials> {
+        let id = self.env.get("AWS_ACCESS_KEY_ID");
+        let secret = self.env.get("AWS_SECRET_ACCESS_KEY");
+        match (id, secret) {
+            (Some(id), Some(secret)) => Ok(Credentials::new(
+                id,
+                secret,
+                self.env.get("AWS_SESSION_TOKEN").map(str::to_string),
+                None,
+                "environment",
+            )),
+            (None, None) => Err(Error::NoCredentials("environment".into())),
+            _ => Err(Error::Credentials {
+                provider: "environment",
+                message: "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together".into(),
+            }),
+        }
+    }
+}
+
+/// Credentials from the shared `credentials`/`config` files: static keys, or `role_arn`
+/// with `source_profile` (static keys of another profile) or `credential_source`
+/// (`Environment`, `EcsContainer`, `Ec2InstanceMetadata`).
+#[derive(Debug, Clone)]
+pub struct ProfileProvider {
+    env: Env,
+    profile: Option<String>,
+    http: HttpClient,
+    region: String,
+    endpoints: Endpoints,
+}
+
+/// How many `source_profile` hops are followed before giving up (loops are errors anyway).
+const MAX_PROFILE_HOPS: usize = 4;
+
+impl ProfileProvider {
+    /// Reads profile `profile` (or `AWS_PROFILE`, or `default`) from the files `env` names;
+    /// AssumeRole calls go to STS in `region` through `endpoints`.
+    pub fn new(
+        env: &Env,
+        profile: Option<&str>,
+        http: &HttpClient,
+        region: &str,
+        endpoints: &Endpoints,
+    ) -> Self {
+        ProfileProvider {
+            env: env.clone(),
+            profile: profile.map(str::to_string),
+            http: http.clone(),
+            region: region.to_string(),
+            endpoints: endpoints.clone(),
+        }
+    }
+
+    fn assume(
+        &self,
+        source: Arc<dyn ProvideCredentials>,
+        p: &crate::profile::Profile,
+        role_arn: &str,
+    ) -> Result<Credentials> {
+        let config = AwsConfig::new(
+            p.get("region")
+                .cloned()
+                .unwrap_or_else(|| self.region.clone()),
+            source,
+            self.endpoints.clone(),
+            self.http.clone(),
+        );
+        let session = p
+            .get("role_session_name")
+            .cloned()
+            .unwrap_or_else(default_session_name);
+        let duration = p
+            .get("duration_seconds")
+            .and_then(|d| d.parse().ok())
+            .map(Duration::from_secs);
+        StsClient::new(&config).assume_role(
+            role_arn,
+            &session,
+            p.get("external_id").map(String::as_str),
+            duration,
+        )
+    }
+}
+
+impl ProfileProvider {
+    fn resolve(
+        &self,
+        profiles: &std::collections::BTreeMap<String, crate::profile::Profile>,
+        name: &str,
+        visited: &mut Vec<String>,
+    ) -> Result<Credentials> {
+        let fail = |message: String| Error::Credentials {
+            provider: "profile",
+            message,
+        };
+        let Some(p) = profiles.get(name) else {
+            return Err(if visited.is_empty() {
+                Error::NoCredentials(format!("profile {name:?}"))
+            } else {
+                fail(format!("source_profile {name:?} is not defined"))
+            });
+        };
+        if visited.iter().any(|v| v == name) || visited.len() > MAX_PROFILE_HOPS {
+            return Err(fail(format!(
+                "source_profile loop or chain too long at {name:?}"
+            )));
+        }
+        visited.push(name.to_string());
+        let static_keys = match (p.get("aws_access_key_id"), p.get("aws_secret_access_key")) {
+            (Some(id), Some(secret)) => Some(Credentials::new(
+                id,
+                secret,
+                p.get("aws_session_token").cloned(),
+                None,
+                "profile",
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(fail(format!(
+                    "profile {name:?} needs both aws_access_key_id and aws_secret_access_key"
+                )))
+            }
+        };
+        let Some(role) = p.get("role_arn") else {
+            return static_keys.ok_or_else(|| {
+                if visited.len() == 1 {
+                    Error::NoCredentials(format!(
+                        "profile {name:?} (no keys; sso, web identity and credential_process are not supported)"
+                    ))
+                } else {
+                    fail(format!("source_profile {name:?} has no keys"))
+                }
+            });
+        };
+        let source: Arc<dyn ProvideCredentials> = match (p.get("source_profile"), p.get("credential_source")) {
+            (Some(_), Some(_)) => {
+                return Err(fail(format!(
+                    "profile {name:?} sets both source_profile and credential_source"
+                )))
+            }
+            // A profile that names itself uses its own keys to assume the role.
+            (Some(src), None) if src == name => Arc::new(
+                static_keys.ok_or_else(|| fail(format!("profile {name:?} has no keys")))?,
+            ),
+            (Some(src), None) => Arc::new(self.resolve(profiles, src, visited)?),
+            (None, Some(source)) => match source.as_str() {
+                "Environment" => Arc::new(EnvProvider::new(&self.env)),
+                "EcsContainer" => Arc::new(ContainerProvider::new(&self.env, &self.http)),
+                "Ec2InstanceMetadata" => match Imds::from_env(&self.env)? {
+                    Some(imds) => Arc::new(ImdsProvider::new(imds)),
+                    None => {
+                        return Err(fail(
+                            "credential_source Ec2InstanceMetadata, but AWS_EC2_METADATA_DISABLED is set".into(),
+                        ))
+                    }
+                },
+                other => return Err(fail(format!("unsupported credential_source {other:?}"))),
+            },
+            (None, None) => {
+                return Err(fail(format!(
+                    "profile {name:?} has role_arn but neither source_profile nor credential_source"
+                )))
+            }
+        };
+        self.assume(source, p, role)
+    }
+}
+
+impl ProvideCredentials for ProfileProvider {
+    fn provide(&self) -> Result<Credentials> {
+        let profiles = crate::profile::load_profiles(&self.env)?;
+        let name = crate::profile::profile_name(&self.env, self.profile.as_deref());
+        self.resolve(&profiles, &name, &mut Vec::new())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MetadataCredentials {
+    code: Option<String>,
+    message: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    token: Option<String>,
+    expiration: Option<String>,
+}
+
+impl MetadataCredentials {
+    fn into_credentials(self, provider: &'static str) -> Result<Credentials> {
+        if let Some(code) = self.code.filter(|c| c != "Success") {
+            return Err(Error::Credentials {
+                provider,
+                message: format!("{code}: {}", self.message.unwrap_or_default()),
+            });
+        }
+        let (Some(id), Some(secret)) = (self.access_key_id, self.secret_access_key) else {
+            return Err(Error::Credentials {
+                provider,
+                message: "answer lacks AccessKeyId or SecretAccessKey".into(),
+            });
+        };
+        let expiry = match self.expiration {
+            Some(e) => Some(parse_rfc3339(&e).ok_or_else(|| Error::Credentials {
+                provider,
+                message: format!("unparsable Expiration {e:?}"),
+            })?),
+            None => None,
+        };
+        Ok(Credentials::new(id, secret, self.token, expiry, provider))
+    }
+}
+
+/// ECS (and EKS Pod Identity) container credentials: `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`
+/// or `AWS_CONTAINER_CREDENTIALS_FULL_URI`, with the token of
+/// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` or `AWS_CONTAINER_AUTHORIZATION_TOKEN`.
+#[derive(Debug, Clone)]
+pub struct ContainerProvider {
+    env: Env,
+    http: HttpClient,
+}
+
+/// The ECS agent's credential address.
+const ECS_HOST: &str = "http://169.254.170.2";
+/// Token files larger than this are refused.
+const MAX_TOKEN_FILE: u64 = 16 * 1024;
+
+impl ContainerProvider {
+    /// Reads the variables from `env`.
+    pub fn new(env: &Env, http: &HttpClient) -> Self {
+        ContainerProvider {
+            env: env.clone(),
+            http: http.clone(),
+        }
+    }
+
+    fn url(&self) -> Result<Option<String>> {
+        if let Some(rel) = self.env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+            if !rel.starts_with('/') {
+                return Err(Error::Credentials {
+                    provider: "ecs-container",
+                    message: "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI must start with /".into(),
+                });
+            }
+            return Ok(Some(format!("{ECS_HOST}{rel}")));
+        }
+        let Some(full) = self.env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") else {
+            return Ok(None);
+        };
+        let uri: ureq::http::Uri = full.parse().map_err(|e| Error::Credentials {
+            provider: "ecs-container",
+            message: format!("invalid AWS_CONTAINER_CREDENTIALS_FULL_URI: {e}"),
+        })?;
+        let allowed = match uri.scheme_str() {
+            Some("https") => true,
+            // Plain HTTP only to the local host or the ECS/EKS agent addresses, so the token
+            // and the credentials never cross a network in the clear.
+            Some("http") => uri.host().is_some_and(is_allowed_http_host),
+            _ => false,
+        };
+        if !allowed {
+            return Err(Error::Credentials {
+                provider: "ecs-container",
+                message: "AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, or http to a loopback or ECS/EKS agent address".into(),
+            });
+        }
+        Ok(Some(full.to_string()))
+    }
+
+    fn token(&self) -> Result<Option<String>> {
+        let token = if let Some(path) = self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
+            let path = self.env.expand_home(path);
+            let io = |source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            if std::fs::metadata(&path).map_err(io)?.len() > MAX_TOKEN_FILE {
+                return Err(Error::Credentials {
+                    provider: "ecs-container",
+                    message: "authorization token file is too large".into(),
+                });
+            }
+            Some(
+                std::fs::read_to_string(&path)
+                    .map_err(io)?
+                    .trim()
+                    .to_string(),
+            )
+        } else {
+            self.env
+                .get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+                .map(str::to_string)
+        };
+        if token.as_deref().is_some_and(|t| t.contains(['\r', '\n'])) {
+            return Err(Error::Credentials {
+                provider: "ecs-container",
+                message: "authorization token contains a line break".into(),
+            });
+        }
+        Ok(token.filter(|t| !t.is_empty()))
+    }
+}
+
+fn is_allowed_http_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => true,
+        Ok(IpAddr::V4(v4)) => [[169, 254, 170, 2], [169, 254, 170, 23]].contains(&v4.octets()),
+        Ok(IpAddr::V6(v6)) => v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23),
+        Err(_) => false,
+    }
+}
+
+impl ProvideCredentials for ContainerProvider {
+    fn provide(&self) -> Result<Credentials> {
+        let Some(url) = self.url()? else {
+            return Err(Error::NoCredentials("ecs-container".into()));
+        };
+        let mut headers = vec![("accept".to_string(), "application/json".to_string())];
+        if let Some(token) = self.token()? {
+            headers.push(("authorization".to_string(), token));
+        }
+        let req = HttpRequest {
+            method: "GET",
+            url: url.clone(),
+            headers,
+            body: Vec::new(),
+            timeout: Some(Duration::from_secs(5)),
+        };
+        // A GET of credentials is idempotent: retry transient failures.
+        let resp =
+            RetryPolicy::default().run("container credentials", Error::is_retryable, |_| {
+                let resp = self.http.send(&req)?;
+                if resp.status == 200 {
+                    Ok(resp)
+                } else {
+                    Err(Error::HttpStatus {
+                        url: crate::http::redact_url(&url),
+                        status: resp.status,
+                        body: resp.body_snippet(),
+                    })
+                }
+            })?;
+        let parsed: MetadataCredentials =
+            serde_json::from_slice(&resp.body).map_err(|e| Error::Credentials {
+                provider: "ecs-container",
+                message: format!("invalid JSON: {e}"),
+            })?;
+        parsed.into_credentials("ecs-container")
+    }
+}
+
+/// EC2 instance-role credentials from the metadata service (IMDSv2).
+#[derive(Debug, Clone)]
+pub struct ImdsProvider {
+    imds: Arc<Imds>,
+}
+
+impl ImdsProvider {
+    /// Reads from `imds`.
+    pub fn new(imds: Imds) -> Self {
+        ImdsProvider {
+            imds: Arc::new(imds),
+        }
+    }
+}
+
+impl ProvideCredentials for ImdsProvider {
+    fn provide(&self) -> Result<Credentials> {
+        const BASE: &str = "/latest/meta-data/iam/security-credentials/";
+        let role = match self.imds.get(BASE) {
+            Ok(r) => r,
+            // Not on EC2, or no instance profile: nothing configured here.
+            Err(e @ (Error::Transport { .. } | Error::Timeout { .. })) => {
+                tracing::debug!(error = %e, "instance metadata service not reachable");
+                return Err(Error::NoCredentials("imds (not reachable)".into()));
+            }
+            Err(Error::HttpStatus { status: 404, .. }) => {
+                return Err(Error::NoCredentials("imds (no instance profile)".into()))
+            }
+            Err(e) => return Err(e),
+        };
+        let role = role.lines().next().unwrap_or("").trim();
+        if role.is_empty()
+            || !role
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+        {
+            return Err(Error::Credentials {
+                provider: "imds",
+                message: "metadata service returned an invalid role name".into(),
+            });
+        }
+        let body = self.imds.get(&format!("{BASE}{role}"))?;
+        let parsed: MetadataCredentials =
+            serde_json::from_str(&body).map_err(|e| Error::Credentials {
+                provider: "imds",
+                message: format!("invalid JSON: {e}"),
+            })?;
+        parsed.into_credentials("imds")
+    }
+}
+
+/// STS AssumeRole with credentials from another provider.
+#[derive(Debug, Clone)]
+pub struct AssumeRoleProvider {
+    config: AwsConfig,
+    role_arn: String,
+    session_name: String,
+    external_id: Option<String>,
+    duration: Option<Duration>,
+}
+
+fn default_session_name() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("fluidity-{secs}")
+}
+
+impl AssumeRoleProvider {
+    /// Assumes `role_arn` with the credentials of `config.credentials`, calling STS as
+    /// `config` says. `session_name` defaults to `fluidity-<unix time>`.
+    pub fn new(
+        config: AwsConfig,
+        role_arn: impl Into<String>,
+        session_name: Option<String>,
+        external_id: Option<String>,
+        duration: Option<Duration>,
+    ) -> Self {
+        AssumeRoleProvider {
+            config,
+            role_arn: role_arn.into(),
+            session_name: session_name.unwrap_or_else(default_session_name),
+            external_id,
+            duration,
+        }
+    }
+}
+
+impl ProvideCredentials for AssumeRoleProvider {
+    fn provide(&self) -> Result<Credentials> {
+        StsClient::new(&self.config).assume_role(
+            &self.role_arn,
+            &self.session_name,
+            self.external_id.as_deref(),
+            self.duration,
+        )
+    }
+}
+
+/// Tries providers in order; see [`ProvideCredentials`] for when it moves on.
+#[derive(Debug, Clone)]
+pub struct ChainProvider {
+    providers: Vec<Arc<dyn ProvideCredentials>>,
+}
+
+impl ChainProvider {
+    /// A chain of `providers`, tried first to last.
+    pub fn new(providers: Vec<Arc<dyn ProvideCredentials>>) -> Self {
+        ChainProvider { providers }
+    }
+}
+
+impl ProvideCredentials for ChainProvider {
+    fn provide(&self) -> Result<Credentials> {
+        let mut tried = Vec::new();
+        for p in &self.providers {
+            match p.provide() {
+                Ok(c) => {
+                    tracing::debug!(
+                        provider = c.provider(),
+                        access_key_id = c.access_key_id(),
+                        "loaded AWS credentials"
+                    );
+                    return Ok(c);
+                }
+                Err(Error::NoCredentials(what)) => tried.push(what),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::NoCredentials(tried.join(", ")))
+    }
+}
+
+/// Caches another provider's credentials and refreshes them a margin before they expire.
+/// If a refresh fails while the old credentials are still valid, they are used on.
+#[derive(Debug)]
+pub struct CachedProvider {
+    inner: Arc<dyn ProvideCredentials>,
+    margin: Duration,
+    cache: Mutex<Option<Credentials>>,
+}
+
+/// The SDKs refresh five minutes before expiry.
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+impl CachedProvider {
+    /// Caches `inner`, refreshing `margin` before expiry.
+    pub fn new(inner: Arc<dyn ProvideCredentials>, margin: Duration) -> Self {
+        CachedProvider {
+            inner,
+            margin,
+            cache: Mutex::new(None),
+        }
+    }
+}
+
+impl ProvideCredentials for CachedProvider {
+    fn provide(&self) -> Result<Credentials> {
+        // Holding the lock across the refresh makes concurrent callers wait for one fetch
+        // instead of stampeding the credential source.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        if let Some(c) = cache.as_ref() {
+            match c.expiry() {
+                None => return Ok(c.clone()),
+                Some(exp) if exp > now + self.margin => return Ok(c.clone()),
+                _ => {}
+            }
+        }
+        match self.inner.provide() {
+            Ok(c) => {
+                *cache = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => match cache.as_ref() {
+                Some(c)
+                    if c.expiry()
+                        .is_some_and(|exp| exp > now + Duration::from_secs(10)) =>
+                {
+                    tracing::warn!(error = %e, "credential refresh failed; using the cached credentials until they expire");
+                    Ok(c.clone())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+/// The default chain: environment, profile, container, instance metadata, cached; with
+/// `options.iam_role_arn`, AssumeRole on top (cached separately).
+pub fn default_chain(
+    env: &Env,
+    http: &HttpClient,
+    region: &str,
+    endpoints: &Endpoints,
+    options: &ChainOptions,
+) -> Result<Arc<dyn ProvideCredentials>> {
+    let mut providers: Vec<Arc<dyn ProvideCredentials>> = vec![
+        Arc::new(EnvProvider::new(env)),
+        Arc::new(ProfileProvider::new(
+            env,
+            options.profile.as_deref(),
+            http,
+            region,
+            endpoints,
+        )),
+        Arc::new(ContainerProvider::new(env, http)),
+    ];
+    if let Some(imds) = Imds::from_env(env)? {
+        providers.push(Arc::new(ImdsProvider::new(imds)));
+    }
+    let base: Arc<dyn ProvideCredentials> = Arc::new(CachedProvider::new(
+        Arc::new(ChainProvider::new(providers)),
+        DEFAULT_REFRESH_MARGIN,
+    ));
+    let Some(role) = &options.iam_role_arn else {
+        return Ok(base);
+    };
+    let config = AwsConfig::new(region, base, endpoints.clone(), http.clone());
+    Ok(Arc::new(CachedProvider::new(
+        Arc::new(AssumeRoleProvider::new(
+            config,
+            role.clone(),
+            options.role_session_name.clone(),
+            options.external_id.clone(),
+            None,
+        )),
+        DEFAULT_REFRESH_MARGIN,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_provider_needs_both_keys() {
+        let env = Env::from_pairs([("AWS_ACCESS_KEY_ID", "AKID")]);
+        assert!(matches!(
+            EnvProvider::new(&env).provide(),
+            Err(Error::Credentials { .. })
+        ));
+        assert!(matches!(
+            EnvProvider::new(&Env::empty()).provide(),
+            Err(Error::NoCredentials(_))
+        ));
+        let c = EnvProvider::new(
+            &env.with("AWS_SECRET_ACCESS_KEY", "s")
+                .with("AWS_SESSION_TOKEN", "t"),
+        )
+        .provide()
+        .unwrap();
+        assert_eq!(c.session_token(), Some("t"));
+    }
+
+    #[test]
+    fn container_full_uri_must_be_local_or_tls() {
+        let http = HttpClient::direct().unwrap();
+        for (uri, ok) in [
+            ("http://127.0.0.1:9/creds", true),
+            ("http://localhost/creds", true),
+            ("http://169.254.170.23/v1/credentials", true),
+            ("http://[fd00:ec2::23]/v1/credentials", true),
+            ("https://creds.example.com/x", true),
+            ("http://creds.example.com/x", false),
+            ("http://10.0.0.1/x", false),
+            ("file:///etc/passwd", false),
+        ] {
+            let env = Env::from_pairs([("AWS_CONTAINER_CREDENTIALS_FULL_URI", uri)]);
+            assert_eq!(
+                ContainerProvider::new(&env, &http).url().is_ok(),
+                ok,
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn rfc3339_parses() {
+        let t = parse_rfc3339("2024-01-02T03:04:05Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_704_164_645
+        );
+        assert!(parse_rfc3339("yesterday").is_none());
+    }
+}

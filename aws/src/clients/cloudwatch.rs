@@ -1,0 +1,151 @@
+//! CloudWatch metrics: PutMetricData and GetMetricStatistics (query protocol).
+
+use std::time::{Duration, SystemTime};
+
+use aws_smithy_types::date_time::Format;
+use aws_smithy_types::DateTime;
+
+use crate::client::AwsConfig;
+use crate::clients::malformed;
+use crate::endpoints::Service;
+use crate::error::{Error, Result};
+
+/// One metric value to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricDatum {
+    /// The metric name.
+    pub name: String,
+    /// The value.
+    pub value: f64,
+    /// The unit (`Count`, `Bytes`, `Seconds`, `None`, …).
+    pub unit: String,
+    /// Dimension name/value pairs.
+    pub dimensions: Vec<(String, String)>,
+    /// When it was measured; `None` means now (as CloudWatch receives it).
+    pub timestamp: Option<SystemTime>,
+}
+
+/// One aggregated data point.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Datapoint {
+    /// The start of the period.
+    pub timestamp: Option<SystemTime>,
+    /// `Sum`, if asked for.
+    pub sum: Option<f64>,
+    /// `Average`, if asked for.
+    pub average: Option<f64>,
+    /// `Maximum`, if asked for.
+    pub maximum: Option<f64>,
+    /// `Minimum`, if asked for.
+    pub minimum: Option<f64>,
+    /// `SampleCount`, if asked for.
+    pub sample_count: Option<f64>,
+}
+
+fn iso8601(t: SystemTime) -> Result<String> {
+    DateTime::from(t)
+        .fmt(Format::DateTime)
+        .map_err(|e| Error::Config(format!("unrepresentable time: {e}")))
+}
+
+/// The CloudWatch client.
+#[derive(Clone, Debug)]
+pub struct CloudWatchClient {
+    config: AwsConfig,
+}
+
+impl CloudWatchClient {
+    /// A client using `config`.
+    pub fn new(config: &AwsConfig) -> Self {
+        CloudWatchClient {
+            config: config.clone(),
+        }
+    }
+
+    /// PutMetricData (up to 1000 data).
+    pub fn put_metric_data(&self, namespace: &str, data: &[MetricDatum]) -> Result<()> {
+        if data.len() > 1000 {
+            return Err(Error::Config(
+                "PutMetricData takes at most 1000 data".into(),
+            ));
+        }
+        let mut params: Vec<(String, String)> = vec![("Namespace".into(), namespace.into())];
+        for (i, d) in data.iter().enumerate() {
+            let p = format!("MetricData.member.{}", i + 1);
+            params.push((format!("{p}.MetricName"), d.name.clone()));
+            params.push((format!("{p}.Value"), d.value.to_string()));
+            params.push((format!("{p}.Unit"), d.unit.clone()));
+            if let Some(t) = d.timestamp {
+                params.push((format!("{p}.Timestamp"), iso8601(t)?));
+            }
+            for (j, (k, v)) in d.dimensions.iter().enumerate() {
+                params.push((format!("{p}.Dimensions.member.{}.Name", j + 1), k.clone()));
+                params.push((format!("{p}.Dimensions.member.{}.Value", j + 1), v.clone()));
+            }
+        }
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.config
+            .call_query(Service::CloudWatch, "PutMetricData", &params)?;
+        Ok(())
+    }
+
+    /// GetMetricStatistics over `[start, end)` in periods of `period`, for `statistics`
+    /// (`Sum`, `Average`, `Maximum`, `Minimum`, `SampleCount`). Data points are sorted by
+    /// time. An idle metric has no data points at all: callers must treat that as zero.
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_metric_statistics(
+        &self,
+        namespace: &str,
+        metric: &str,
+        dimensions: &[(&str, &str)],
+        start: SystemTime,
+        end: SystemTime,
+        period: Duration,
+        statistics: &[&str],
+    ) -> Result<Vec<Datapoint>> {
+        let mut params: Vec<(String, String)> = vec![
+            ("Namespace".into(), namespace.into()),
+            ("MetricName".into(), metric.into()),
+            ("StartTime".into(), iso8601(start)?),
+            ("EndTime".into(), iso8601(end)?),
+            ("Period".into(), period.as_secs().max(1).to_string()),
+        ];
+        for (i, s) in statistics.iter().enumerate() {
+            params.push((format!("Statistics.member.{}", i + 1), s.to_string()));
+        }
+        for (i, (k, v)) in dimensions.iter().enumerate() {
+            params.push((format!("Dimensions.member.{}.Name", i + 1), k.to_string()));
+            params.push((format!("Dimensions.member.{}.Value", i + 1), v.to_string()));
+        }
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let root = self
+            .config
+            .call_query(Service::CloudWatch, "GetMetricStatistics", &params)?;
+        let result = root
+            .child("GetMetricStatisticsResult")
+            .ok_or_else(|| malformed("monitoring", "GetMetricStatistics", "no result"))?;
+        let num =
+            |n: &crate::xml::XmlNode, name: &str| n.text_at(&[name]).and_then(|v| v.parse().ok());
+        let mut points: Vec<Datapoint> = result
+            .items("Datapoints")
+            .map(|n| Datapoint {
+                timestamp: n
+                    .text_at(&["Timestamp"])
+                    .and_then(crate::chain::parse_rfc3339),
+                sum: num(n, "Sum"),
+                average: num(n, "Average"),
+                maximum: num(n, "Maximum"),
+                minimum: num(n, "Minimum"),
+                sample_count: num(n, "SampleCount"),
+            })
+            .collect();
+        points.sort_by_key(|p| p.timestamp);
+        Ok(points)
+    }
+}
