@@ -1,0 +1,651 @@
+//! Origin servers on 127.0.0.1, on std threads: HTTP/1.1 (plain and TLS), echo, flood,
+//! black hole, and a Python WebSocket echo server.
+//!
+//! The HTTP origin understands just enough HTTP/1.1 for the tests, with explicit limits:
+//! - `GET /hello`: `hello from NAME`;
+//! - `GET /bytes/N`: N bytes of [`payload`](super::client::payload), with Content-Length;
+//! - `POST /sha256`: reads a Content-Length or chunked body (answering
+//!   `Expect: 100-continue`) and answers the body's SHA-256 in hex;
+//! - `GET /hang/N/M`: announces Content-Length M, sends the first N bytes of the payload,
+//!   then waits for the client to go away (a transfer that can only end in an error);
+//! - keep-alive unless the client sends `Connection: close`.
+//!
+//! A client that breaks the protocol or a limit gets its connection closed; an origin
+//! thread never panics on what a client sends.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fluidity_runtime_smol::pki::{self, SanEntry};
+use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
+
+use super::client::{payload_into, Sha256};
+use super::proc::{wait_for, Proc};
+
+/// Largest request head the origin reads.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest chunk-size line.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Bytes per write when sending a body.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Accepts on a listener in a thread until `stop` is set, handing each connection to
+/// `serve` on its own thread.
+fn accept_loop<F>(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    serve: F,
+) where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+}
+
+/// Wakes an accept loop so that it sees its stop flag.
+fn stop_accepting(addr: SocketAddr, stop: &AtomicBool) {
+    stop.store(true, Ordering::SeqCst);
+    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+}
+
+fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("binding an origin on 127.0.0.1")
+}
+
+/// A plain HTTP/1.1 origin.
+#[derive(Debug)]
+pub struct HttpOrigin {
+    addr: SocketAddr,
+    name: String,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl HttpOrigin {
+    /// Starts an origin that calls itself `name` in `/hello`.
+    pub fn start(name: &str) -> HttpOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let n = name.to_owned();
+        accept_loop(listener, stop.clone(), connections.clone(), move |conn| {
+            let _ = conn.set_nodelay(true);
+            let _ = serve_http(conn, &n);
+        });
+        HttpOrigin {
+            addr,
+            name: name.to_owned(),
+            stop,
+            connections,
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// An HTTPS origin (TLS 1.3 or 1.2, rustls) serving the same routes, with a certificate
+/// for `localhost` and `127.0.0.1` from its own CA.
+#[derive(Debug)]
+pub struct TlsOrigin {
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl TlsOrigin {
+    /// Starts the origin and writes its CA certificate to `dir/origin-ca.pem`.
+    pub fn start(name: &str, dir: &Path) -> TlsOrigin {
+        let day = Duration::from_secs(24 * 3600);
+        let ca = pki::generate_ca("fluidity e2e origin CA", day).expect("origin CA");
+        let leaf = pki::issue_server(
+            &ca,
+            &[
+                SanEntry::Dns("localhost".into()),
+                SanEntry::Ip([127, 0, 0, 1].into()),
+            ],
+            "localhost",
+            day,
+        )
+        .expect("origin certificate");
+        let ca_file = dir.join("origin-ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).expect("writing the origin CA");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                certs_from_pem(&leaf.cert_pem, "origin certificate").expect("origin chain"),
+                key_from_pem(&leaf.key_pem, "origin key").expect("origin key"),
+            )
+            .expect("origin TLS config");
+        let config = Arc::new(config);
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let n = name.to_owned();
+        accept_loop(
+            listener,
+            stop.clone(),
+            Arc::new(AtomicUsize::new(0)),
+            move |conn| {
+                let _ = conn.set_nodelay(true);
+                let Ok(tls) = rustls::ServerConnection::new(config.clone()) else {
+                    return;
+                };
+                let _ = serve_http(rustls::StreamOwned::new(tls, conn), &n);
+            },
+        );
+        TlsOrigin {
+            addr,
+            ca_file,
+            stop,
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate file, for `curl --cacert`.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+}
+
+impl Drop for TlsOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// The parts of a request head the origin uses.
+struct Request {
+    method: String,
+    path: String,
+    content_length: Option<u64>,
+    chunked: bool,
+    expect_continue: bool,
+    close: bool,
+}
+
+/// Reads one request head; `None` on a clean end of stream before it.
+fn read_head<R: BufRead>(r: &mut R) -> io::Result<Option<Request>> {
+    let mut head = Vec::new();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            if head.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // Take bytes up to and including the end of the head, and no further.
+        let mut take = buf.len();
+        let mut done = false;
+        for (i, b) in buf.iter().enumerate() {
+            head.push(*b);
+            if head.ends_with(b"\r\n\r\n") {
+                take = i + 1;
+                done = true;
+                break;
+            }
+        }
+        if !done {
+            take = buf.len();
+        }
+        r.consume(take);
+        if done {
+            break;
+        }
+        if head.len() > MAX_HEAD {
+            return Err(io::Error::other("request head too large"));
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(io::Error::other("malformed request head")),
+    }
+    let mut out = Request {
+        method: req.method.unwrap_or("").to_owned(),
+        path: req.path.unwrap_or("").to_owned(),
+        content_length: None,
+        chunked: false,
+        expect_continue: false,
+        close: req.version == Some(0),
+    };
+    for h in req.headers.iter() {
+        let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();
+        match h.name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                out.content_length = Some(
+                    v.parse()
+                        .map_err(|_| io::Error::other("bad Content-Length"))?,
+                )
+            }
+            "transfer-encoding" => out.chunked = v.ends_with("chunked"),
+            "expect" => out.expect_continue = v == "100-continue",
+            "connection" if v.split(',').any(|t| t.trim() == "close") => out.close = true,
+            _ => {}
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Feeds exactly `n` body bytes to `sink`.
+fn read_body_exact<R: Read>(r: &mut R, mut n: u64, sink: &mut Sha256) -> io::Result<()> {
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    while n > 0 {
+        let want = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        let got = r.read(&mut buf[..want])?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        sink.update(&buf[..got]);
+        n -= got as u64;
+    }
+    Ok(())
+}
+
+fn read_line<R: BufRead>(r: &mut R) -> io::Result<String> {
+    let mut line = Vec::new();
+    r.by_ref()
+        .take(MAX_CHUNK_LINE as u64)
+        .read_until(b'\n', &mut line)?;
+    if !line.ends_with(b"\n") {
+        return Err(io::Error::other("chunk line too long or truncated"));
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_owned())
+}
+
+/// Feeds a chunked body to `sink`, through the last chunk and the trailer section.
+fn read_body_chunked<R: BufRead>(r: &mut R, sink: &mut Sha256) -> io::Result<()> {
+    loop {
+        let line = read_line(r)?;
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        let size = u64::from_str_radix(size_text, 16)
+            .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            // Trailer fields, then the empty line.
+            while !read_line(r)?.is_empty() {}
+            return Ok(());
+        }
+        read_body_exact(r, size, sink)?;
+        if !read_line(r)?.is_empty() {
+            return Err(io::Error::other("chunk not followed by CRLF"));
+        }
+    }
+}
+
+fn respond<W: Write>(w: &mut W, status: &str, body: &[u8], close: bool) -> io::Result<()> {
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    )?;
+    w.write_all(body)?;
+    w.flush()
+}
+
+fn send_payload<W: Write>(w: &mut W, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    let mut off = 0u64;
+    while off < len {
+        let n = buf
+            .len()
+            .min(usize::try_from(len - off).unwrap_or(usize::MAX));
+        payload_into(off, &mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    w.flush()
+}
+
+/// Serves HTTP/1.1 requests on one connection until it closes or misbehaves.
+fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
+    let mut conn = BufReader::with_capacity(WRITE_CHUNK, conn);
+    while let Some(req) = read_head(&mut conn)? {
+        let close = req.close;
+        let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+        match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["hello"]) => respond(
+                conn.get_mut(),
+                "200 OK",
+                format!("hello from {name}\n").as_bytes(),
+                close,
+            )?,
+            ("GET", ["bytes", n]) => match n.parse::<u64>() {
+                Ok(len) => {
+                    let w = conn.get_mut();
+                    write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                         Content-Length: {len}\r\n\r\n"
+                    )?;
+                    send_payload(w, len)?;
+                }
+                Err(_) => respond(conn.get_mut(), "400 Bad Request", b"bad length\n", true)?,
+            },
+            ("GET", ["hang", sent, total]) => {
+                let (Ok(sent), Ok(total)) = (sent.parse::<u64>(), total.parse::<u64>()) else {
+                    return respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true);
+                };
+                let w = conn.get_mut();
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {total}\r\n\r\n"
+                )?;
+                send_payload(w, sent.min(total))?;
+                // Hold the connection open until the client goes away.
+                let mut sink = [0u8; 1024];
+                while conn.read(&mut sink)? > 0 {}
+                return Ok(());
+            }
+            ("POST", ["sha256"]) => {
+                if req.expect_continue {
+                    conn.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+                    conn.get_mut().flush()?;
+                }
+                let mut sha = Sha256::new();
+                if req.chunked {
+                    read_body_chunked(&mut conn, &mut sha)?;
+                } else {
+                    read_body_exact(&mut conn, req.content_length.unwrap_or(0), &mut sha)?;
+                }
+                respond(conn.get_mut(), "200 OK", sha.hex().as_bytes(), close)?;
+            }
+            _ => respond(conn.get_mut(), "404 Not Found", b"no such route\n", close)?,
+        }
+        if close {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Echoes every byte back; half-closes when the client does.
+#[derive(Debug)]
+pub struct EchoOrigin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl EchoOrigin {
+    /// Starts the echo server.
+    pub fn start() -> EchoOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        accept_loop(listener, stop.clone(), connections.clone(), |conn| {
+            let _ = conn.set_nodelay(true);
+            let Ok(mut w) = conn.try_clone() else { return };
+            let mut r = conn;
+            if io::copy(&mut r, &mut w).is_ok() {
+                let _ = w.shutdown(Shutdown::Write);
+            }
+        });
+        EchoOrigin {
+            addr,
+            stop,
+            connections,
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// Sends payload bytes to every client as fast as it takes them, forever, and counts
+/// what it managed to write. Its send buffer is kept small so that the count is close to
+/// what the peer actually accepted.
+#[derive(Debug)]
+pub struct FloodOrigin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    written: Arc<Mutex<Vec<Arc<AtomicU64>>>>,
+}
+
+impl FloodOrigin {
+    /// Starts the flood server.
+    pub fn start() -> FloodOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(Mutex::new(Vec::<Arc<AtomicU64>>::new()));
+        let (all, s2) = (written.clone(), stop.clone());
+        accept_loop(
+            listener,
+            stop.clone(),
+            Arc::new(AtomicUsize::new(0)),
+            move |mut conn| {
+                let _ = socket2::SockRef::from(&conn).set_send_buffer_size(64 * 1024);
+                let count = Arc::new(AtomicU64::new(0));
+                all.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(count.clone());
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut off = 0u64;
+                while !s2.load(Ordering::SeqCst) {
+                    payload_into(off, &mut buf);
+                    match conn.write(&buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            off += n as u64;
+                            count.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                    }
+                }
+            },
+        );
+        FloodOrigin {
+            addr,
+            stop,
+            written,
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Bytes written to each client so far, in the order they connected.
+    pub fn written_per_connection(&self) -> Vec<u64> {
+        let all = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Bytes written to all clients so far.
+    pub fn written(&self) -> u64 {
+        self.written_per_connection().iter().sum()
+    }
+}
+
+impl Drop for FloodOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// A port that never answers: a listener with a backlog of zero that is never accepted
+/// from, filled with connections, so that the kernel drops further SYNs and a connect
+/// attempt can only time out.
+#[derive(Debug)]
+pub struct BlackHole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+}
+
+impl BlackHole {
+    /// Creates the listener and fills its backlog.
+    pub fn start() -> BlackHole {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        sock.listen(0).expect("listen");
+        let addr = sock
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        let mut fillers = Vec::new();
+        // Connect until one attempt is left unanswered: the backlog is then full. Only a
+        // probe: a slow machine merely adds a filler or two.
+        for _ in 0..64 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+        }
+        BlackHole {
+            addr,
+            _listener: sock,
+            _fillers: fillers,
+        }
+    }
+
+    /// The address that never answers.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A port on 127.0.0.1 with nothing listening (connections are refused). It was free a
+/// moment ago; nothing in these tests binds fixed ports, so it stays free.
+pub fn refused_port() -> u16 {
+    super::tunnel::free_port()
+}
+
+/// The Python interpreter of the test virtual environment, with `websockets` installed by
+/// `.ci/setup-e2e.sh`.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("FLUIDITY_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fluidity-venv")))
+        .expect("FLUIDITY_VENV or HOME is set");
+    let py = venv.join("bin").join("python");
+    let ok = Command::new(&py)
+        .args(["-c", "import websockets"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import websockets: run .ci/setup-e2e.sh first",
+        py.display()
+    );
+    py
+}
+
+const WS_ECHO_SERVER: &str = r#"
+import sys
+from websockets.sync.server import serve
+
+def echo(ws):
+    for message in ws:
+        ws.send(message)
+
+with serve(echo, "127.0.0.1", 0, max_size=None) as server:
+    print(server.socket.getsockname()[1], flush=True)
+    server.serve_forever()
+"#;
+
+/// A WebSocket echo server: Python `websockets`, a real implementation of RFC 6455.
+#[derive(Debug)]
+pub struct WsOrigin {
+    /// The Python process.
+    pub proc: Proc,
+    addr: SocketAddr,
+}
+
+impl WsOrigin {
+    /// Starts the server and waits for it to print its port.
+    pub fn start(log_dir: &Path) -> WsOrigin {
+        let mut cmd = Command::new(python());
+        cmd.args(["-u", "-c", WS_ECHO_SERVER]);
+        let proc = Proc::spawn("ws-origin", cmd, log_dir);
+        let port: u16 = wait_for(
+            "the WebSocket origin's port",
+            Duration::from_secs(30),
+            || {
+                proc.stdout()
+                    .lines()
+                    .next()
+                    .and_then(|l| l.trim().parse().ok())
+            },
+        );
+        WsOrigin {
+            proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}

@@ -1,0 +1,321 @@
+//! Starting the real server and agent and waiting until the tunnel is ready.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fluidity_runtime_smol::pki::CertPaths;
+use tempfile::TempDir;
+
+use super::bin::binaries;
+use super::proc::{wait_for, Proc};
+
+/// How long a binary may take to come up (a cold debug build on a busy machine is slow).
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// Attempts at starting a binary whose freshly picked port was taken in the meantime.
+const START_ATTEMPTS: usize = 5;
+
+/// The egress rule that lets the server reach the origins on this machine.
+pub const ALLOW_LOOPBACK: &str = "allow_cidrs=127.0.0.1/32";
+
+/// A port that was free a moment ago on 127.0.0.1. Another process may take it before it
+/// is used, so starting a binary on it is retried.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Generates a CA and certificates with the real `fluidity certs init`.
+pub fn certs_init(dir: &Path) -> CertPaths {
+    let out = Command::new(&binaries().agent)
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running fluidity certs init");
+    assert!(
+        out.status.success(),
+        "fluidity certs init failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths = CertPaths::in_dir(dir);
+    for p in [
+        &paths.ca_cert,
+        &paths.server_cert,
+        &paths.server_key,
+        &paths.client_cert,
+        &paths.client_key,
+    ] {
+        assert!(p.is_file(), "certs init did not write {}", p.display());
+    }
+    paths
+}
+
+/// One plain HTTP/1.1 GET to `addr` (no proxy), returning status and body. For the
+/// server's health listener.
+pub fn plain_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// How to start a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `--egress` rules. Default: [`ALLOW_LOOPBACK`].
+    pub egress: Vec<String>,
+    /// Contents of a TOML config file passed with `--config`, if any.
+    pub config: Option<String>,
+    /// Extra `FLUIDITY_LOG` filter, e.g. `debug`.
+    pub log: Option<String>,
+    /// The tunnel listener; default: a free port on 127.0.0.1 (a fixed address is for
+    /// bringing a server back where an agent expects it).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            egress: vec![ALLOW_LOOPBACK.to_owned()],
+            config: None,
+            log: None,
+            listen: None,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The server's default egress policy: private and loopback targets refused.
+    pub fn default_policy() -> Self {
+        ServerOptions {
+            egress: Vec::new(),
+            ..ServerOptions::default()
+        }
+    }
+}
+
+/// A running `fluidity-server`.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// The tunnel listener.
+    pub listen: SocketAddr,
+    /// The health and metrics listener.
+    pub health: SocketAddr,
+}
+
+impl Server {
+    /// Starts a server with the certificates in `certs` and waits until `/healthz`
+    /// answers 200. Logs go to `log_dir`.
+    pub fn start(certs: &CertPaths, opts: &ServerOptions, log_dir: &Path) -> Server {
+        let config = opts.config.as_ref().map(|text| {
+            let p = log_dir.join("server.toml");
+            std::fs::write(&p, text).expect("writing the server config");
+            p
+        });
+        for attempt in 1..=START_ATTEMPTS {
+            let listen = opts.listen.unwrap_or_else(|| loopback(free_port()));
+            let health = loopback(free_port());
+            let mut cmd = Command::new(&binaries().server);
+            if let Some(p) = &config {
+                cmd.arg("--config").arg(p);
+            }
+            cmd.arg("--listen")
+                .arg(listen.to_string())
+                .arg("--health-listen")
+                .arg(health.to_string())
+                .arg("--cert")
+                .arg(&certs.server_cert)
+                .arg("--key")
+                .arg(&certs.server_key)
+                .arg("--client-ca")
+                .arg(&certs.ca_cert);
+            for rule in &opts.egress {
+                cmd.arg("--egress").arg(rule);
+            }
+            if let Some(f) = &opts.log {
+                cmd.env("FLUIDITY_LOG", f);
+            }
+            let mut proc = Proc::spawn("fluidity-server", cmd, log_dir);
+            let deadline = Instant::now() + START_LIMIT;
+            loop {
+                if let Ok((200, _)) = plain_get(health, "/healthz") {
+                    return Server {
+                        proc,
+                        listen,
+                        health,
+                    };
+                }
+                if let Some(status) = proc.exited() {
+                    let log = proc.log();
+                    assert!(
+                        attempt < START_ATTEMPTS && log.contains("bind"),
+                        "fluidity-server exited ({status}) while starting:\n{log}"
+                    );
+                    break; // A port was taken: retry with new ones.
+                }
+                if Instant::now() >= deadline {
+                    proc.print_log();
+                    panic!("fluidity-server did not answer /healthz within {START_LIMIT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        match plain_get(self.health, "/metrics") {
+            Ok((200, body)) => body,
+            other => panic!("GET /metrics: {other:?}"),
+        }
+    }
+
+    /// One unlabelled metric's value, e.g. `fluidity_tunnels_total`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("metric {name} not in /metrics:\n{text}"))
+    }
+}
+
+/// A running agent (`fluidity run`).
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// The proxy listener.
+    pub listen: SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent against `server` and waits until its log says the tunnel is ready
+    /// and its proxy port accepts connections.
+    pub fn start(certs: &CertPaths, server: SocketAddr, log_dir: &Path) -> Agent {
+        for attempt in 1..=START_ATTEMPTS {
+            let listen = loopback(free_port());
+            let mut cmd = Command::new(&binaries().agent);
+            cmd.arg("run")
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--server")
+                .arg(server.to_string())
+                .arg("--cert")
+                .arg(&certs.client_cert)
+                .arg("--key")
+                .arg(&certs.client_key)
+                .arg("--ca")
+                .arg(&certs.ca_cert);
+            let mut proc = Proc::spawn("fluidity", cmd, log_dir);
+            let ready = proc.wait_log(START_LIMIT, |l| l.contains("tunnel ready"));
+            if let Some(status) = proc.exited() {
+                let log = proc.log();
+                assert!(
+                    attempt < START_ATTEMPTS && log.contains("bind"),
+                    "fluidity exited ({status}) while starting:\n{log}"
+                );
+                continue;
+            }
+            if !ready {
+                proc.print_log();
+                panic!("the agent's tunnel was not ready within {START_LIMIT:?}");
+            }
+            wait_for("the proxy port", START_LIMIT, || {
+                TcpStream::connect(listen).ok()
+            });
+            return Agent { proc, listen };
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    /// `http://127.0.0.1:PORT`, for `curl -x`.
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+}
+
+/// A server and an agent joined by one tunnel, with their certificates and logs in a
+/// temporary folder.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The agent; dropped first so that it does not log a lost server at teardown.
+    pub agent: Agent,
+    /// The server.
+    pub server: Server,
+    /// The certificates.
+    pub certs: CertPaths,
+    /// The temporary folder (certificates, logs, scratch files); removed on drop.
+    pub dir: TempDir,
+}
+
+impl Tunnel {
+    /// A tunnel whose server may reach 127.0.0.1.
+    pub fn start() -> Tunnel {
+        Tunnel::with(ServerOptions::default())
+    }
+
+    /// A tunnel with a server started with `opts`.
+    pub fn with(opts: ServerOptions) -> Tunnel {
+        let dir = tempfile::Builder::new()
+            .prefix("fluidity-e2e-")
+            .tempdir()
+            .expect("creating a temporary folder");
+        let certs = certs_init(&dir.path().join("certs"));
+        let server = Server::start(&certs, &opts, dir.path());
+        let agent = Agent::start(&certs, server.listen, dir.path());
+        Tunnel {
+            agent,
+            server,
+            certs,
+            dir,
+        }
+    }
+
+    /// The agent's proxy address.
+    pub fn proxy(&self) -> SocketAddr {
+        self.agent.listen
+    }
+
+    /// `http://127.0.0.1:PORT`, for `curl -x`.
+    pub fn proxy_url(&self) -> String {
+        self.agent.proxy_url()
+    }
+
+    /// A path in the temporary folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}

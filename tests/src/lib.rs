@@ -1,0 +1,3 @@
+//! Test support for Fluidity: the deterministic simulation harness.
+
+pub mod e2e;

@@ -1,0 +1,378 @@
+//! Bad input and failures, each answered honestly and each leaving the tunnel working:
+//! garbage and oversized heads at the proxy, strangers at the server's TLS port, targets
+//! that cannot be reached or may not be, and the server dying mid-transfer.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluidity_runtime_smol::pki;
+use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
+use fluidity_tests::e2e::client::{curl_status, read_all_lossy, LiveStream};
+use fluidity_tests::e2e::origin::{refused_port, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin};
+use fluidity_tests::e2e::proc::{wait_for, Proc};
+use fluidity_tests::e2e::{watchdog, Server, ServerOptions, Tunnel};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A GET through the tunnel still works.
+fn assert_tunnel_works(t: &Tunnel, origin: &HttpOrigin, after: &str) {
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, format!("hello from {}\n", origin.name()).as_str()),
+        "the tunnel should still work after {after}"
+    );
+}
+
+/// Sends `bytes` to the proxy (from a separate thread, so that a proxy that answers
+/// early is not blocked by our write) and returns what it answered.
+fn send_raw(proxy: SocketAddr, bytes: Vec<u8>) -> String {
+    let s = TcpStream::connect(proxy).expect("connecting to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        // The proxy may close before taking everything; that is its right.
+        let _ = w.write_all(&bytes);
+    });
+    let mut r = s;
+    let answer = read_all_lossy(&mut r);
+    let _ = writer.join();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn garbage_and_a_huge_head_get_400_and_431() {
+    let _wd = watchdog("garbage_and_huge_head", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("after-garbage");
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+
+    let garbage =
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\xde\xad\xbe\xef garbage\x00\xff\r\n\r\n";
+    let answer = send_raw(t.proxy(), garbage.to_vec());
+    assert!(
+        answer.starts_with("HTTP/1.1 400 "),
+        "garbage should get 400, got {answer:?}"
+    );
+    assert_tunnel_works(&t, &origin, "garbage");
+
+    let mut huge = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nX-Filler: ",
+        origin.url("/hello"),
+        origin.addr()
+    )
+    .into_bytes();
+    huge.resize(huge.len() + MIB as usize, b'a');
+    huge.extend_from_slice(b"\r\n\r\n");
+    let answer = send_raw(t.proxy(), huge);
+    assert!(
+        answer.starts_with("HTTP/1.1 431 "),
+        "a 1 MiB request head should get 431, got {answer:?}"
+    );
+    assert_eq!(
+        origin.connections(),
+        1,
+        "only the check request reached the origin"
+    );
+    assert_tunnel_works(&t, &origin, "a 1 MiB head");
+    live.assert_alive("garbage and a 1 MiB head");
+}
+
+/// Connects to the server's tunnel port with a TLS client that trusts the server's CA and
+/// presents `client` (or nothing), and returns what the server did: `Ok(bytes)` with
+/// what it sent after the handshake, or the error that ended the connection.
+fn stranger(
+    server: SocketAddr,
+    ca: &Path,
+    client: Option<&pki::CertifiedKeyPem>,
+) -> Result<Vec<u8>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = std::fs::read_to_string(ca).expect("reading the CA");
+    for c in certs_from_pem(&ca_pem, "ca").expect("CA certificate") {
+        roots.add(c).expect("adding the CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(k) => builder
+            .with_client_auth_cert(
+                certs_from_pem(&k.cert_pem, "client").expect("client chain"),
+                key_from_pem(&k.key_pem, "client key").expect("client key"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let sock = TcpStream::connect(server).expect("connecting to the server");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    // A client speaks first in the tunnel protocol; send something that looks like it.
+    tls.write_all(&[0u8; 12]).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err(format!(
+                    "no answer within the read timeout after {} bytes",
+                    got.len()
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[test]
+fn clients_without_a_valid_certificate_are_turned_away() {
+    let _wd = watchdog("tls_strangers", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("after-strangers");
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    let failures_before = t.server.metric("fluidity_auth_failures_total");
+
+    let no_cert = stranger(t.server.listen, &t.certs.ca_cert, None);
+    let day = Duration::from_secs(24 * 3600);
+    let other_ca = pki::generate_ca("some other CA", day).expect("CA");
+    let other = pki::issue_client(
+        &other_ca,
+        "fluidity-agent",
+        &["127.0.0.1".parse().unwrap()],
+        day,
+    )
+    .expect("client certificate");
+    let wrong_ca = stranger(t.server.listen, &t.certs.ca_cert, Some(&other));
+    eprintln!("no certificate: {no_cert:?}; another CA: {wrong_ca:?}");
+    for (who, result) in [
+        ("no certificate", &no_cert),
+        ("another CA's certificate", &wrong_ca),
+    ] {
+        match result {
+            Err(e) => assert!(
+                !e.contains("no answer within"),
+                "a client with {who}: the server neither refused nor served it: {e}"
+            ),
+            Ok(bytes) => assert!(
+                bytes.is_empty(),
+                "a client with {who} got {} bytes of tunnel traffic",
+                bytes.len()
+            ),
+        }
+    }
+    let failures = wait_for(
+        "the refusals to be counted",
+        Duration::from_secs(20),
+        || {
+            let n = t.server.metric("fluidity_auth_failures_total");
+            (n >= failures_before + 2.0).then_some(n)
+        },
+    );
+    assert!(failures >= 2.0);
+    assert_eq!(
+        t.server.metric("fluidity_tunnels_total"),
+        1.0,
+        "no tunnel for a stranger"
+    );
+    assert_tunnel_works(&t, &origin, "strangers at the TLS port");
+    live.assert_alive("strangers at the TLS port");
+}
+
+#[test]
+fn unreachable_targets_get_502_and_504() {
+    let _wd = watchdog("unreachable_targets", Duration::from_secs(180));
+    // A short dial timeout, so that the black hole answers 504 soon.
+    let t = Tunnel::with(ServerOptions {
+        config: Some("connect_timeout_secs = 2\n".into()),
+        ..ServerOptions::default()
+    });
+    let origin = HttpOrigin::start("after-unreachable");
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    let proxy = t.proxy_url();
+
+    let (status, body) = curl_status(&proxy, "http://nonexistent.invalid/");
+    assert_eq!(status, 502, "unresolvable name: {body}");
+    assert_tunnel_works(&t, &origin, "an unresolvable name");
+
+    let (status, body) = curl_status(&proxy, &format!("http://127.0.0.1:{}/", refused_port()));
+    assert_eq!(status, 502, "refused port: {body}");
+    assert_tunnel_works(&t, &origin, "a refused port");
+
+    let hole = BlackHole::start();
+    let (status, body) = curl_status(&proxy, &format!("http://{}/", hole.addr()));
+    assert_eq!(status, 504, "a port that never answers: {body}");
+    assert_tunnel_works(&t, &origin, "a port that never answers");
+
+    // The same through CONNECT.
+    let out = fluidity_tests::e2e::curl([
+        "-x",
+        &proxy,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_connect}",
+        "https://nonexistent.invalid/",
+    ]);
+    assert_eq!(
+        out.text(),
+        "502",
+        "CONNECT to an unresolvable name: {}",
+        out.stderr
+    );
+    assert_tunnel_works(&t, &origin, "a CONNECT to an unresolvable name");
+    live.assert_alive("unreachable targets");
+}
+
+#[test]
+fn a_private_address_is_refused_under_the_default_policy() {
+    let _wd = watchdog("default_policy", Duration::from_secs(120));
+    let t = Tunnel::with(ServerOptions::default_policy());
+    let origin = HttpOrigin::start("private");
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!(status, 403, "loopback must be refused by default: {body}");
+    let (status, _) = curl_status(&t.proxy_url(), "http://10.1.2.3/");
+    assert_eq!(status, 403, "a private address must be refused by default");
+    assert_eq!(origin.connections(), 0, "nothing reached the origin");
+    assert_eq!(
+        t.server.metric("fluidity_tunnels_active"),
+        1.0,
+        "the tunnel stays up"
+    );
+}
+
+/// Starts curl in the background, writing the body to `out`.
+fn background_curl(name: &str, args: &[&str], out: &Path, log_dir: &Path) -> Proc {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--no-buffer", "--max-time", "120", "-o"])
+        .arg(out)
+        .args(args);
+    Proc::spawn(name, cmd, log_dir)
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
+    let _wd = watchdog("server_killed", Duration::from_secs(180));
+    let mut t = Tunnel::start();
+    let origin = HttpOrigin::start("hangs");
+    let tls = TlsOrigin::start("hangs-tls", t.dir.path());
+    let sent = 4 * MIB;
+    let total = 1024 * MIB;
+    let proxy = t.proxy_url();
+    let plain_out = t.path("plain.part");
+    let tls_out = t.path("tls.part");
+    let mut plain = background_curl(
+        "curl-plain",
+        &["-x", &proxy, &origin.url(&format!("/hang/{sent}/{total}"))],
+        &plain_out,
+        t.dir.path(),
+    );
+    let tls_url = format!(
+        "https://127.0.0.1:{}/hang/{sent}/{total}",
+        tls.addr().port()
+    );
+    let mut https = background_curl(
+        "curl-connect",
+        &[
+            "-x",
+            &proxy,
+            "--cacert",
+            tls.ca_file().to_str().unwrap(),
+            &tls_url,
+        ],
+        &tls_out,
+        t.dir.path(),
+    );
+    // Both transfers are under way (curl may hold back a buffer's worth of what it
+    // received, so half of what the origins send is the sign).
+    wait_for("both transfers to start", Duration::from_secs(60), || {
+        (file_len(&plain_out) >= sent / 2 && file_len(&tls_out) >= sent / 2).then_some(())
+    });
+
+    t.server.proc.kill();
+
+    for c in [&mut plain, &mut https] {
+        let status = wait_for("curl to give up", Duration::from_secs(100), || c.exited());
+        let code = status.code();
+        assert!(
+            code.is_some_and(|c| c != 0 && c != 28),
+            "{}: a transfer cut by the server's death must fail at once, not succeed or \
+             hang until the timeout; exit {status}: {}",
+            c.name(),
+            c.log()
+        );
+    }
+    assert!(file_len(&plain_out) < total && file_len(&tls_out) < total);
+    assert!(
+        t.agent.proc.exited().is_none(),
+        "the agent survives its server"
+    );
+
+    // With no server, a new request gets an error status, not a hang.
+    let (status, _) = curl_status(&proxy, &origin.url("/hello"));
+    assert!(
+        (500..600).contains(&status),
+        "a request with the server gone should get a 5xx, got {status}"
+    );
+
+    // A server back at the same address: the agent reconnects on its own.
+    std::fs::create_dir_all(t.path("second-server")).expect("log folder");
+    let back = Server::start(
+        &t.certs,
+        &ServerOptions {
+            listen: Some(t.server.listen),
+            ..ServerOptions::default()
+        },
+        &t.path("second-server"),
+    );
+    let (status, body) = wait_for("the agent to reconnect", Duration::from_secs(90), || {
+        let (status, body) = curl_status(&proxy, &origin.url("/hello"));
+        (status == 200).then_some((status, body))
+    });
+    assert_eq!((status, body.as_str()), (200, "hello from hangs\n"));
+    assert_eq!(back.metric("fluidity_tunnels_total"), 1.0);
+}
+
+#[test]
+fn socks5_refusals_get_the_matching_reply_codes() {
+    let _wd = watchdog("socks5_refusals", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("after-socks");
+    let proxy = t.proxy().to_string();
+    // curl reports the SOCKS5 reply code in parentheses: 4 host unreachable, 5 connection
+    // refused, 2 not allowed by the ruleset.
+    for (url, reply) in [
+        ("http://nonexistent.invalid/".to_owned(), "(4)"),
+        (format!("http://localhost:{}/", refused_port()), "(5)"),
+        ("http://10.1.2.3/".to_owned(), "(2)"),
+    ] {
+        let out = fluidity_tests::e2e::curl(["--socks5-hostname", &proxy, &url]);
+        assert_eq!(out.code, Some(97), "{url}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(reply),
+            "{url}: expected SOCKS5 reply {reply}: {}",
+            out.stderr
+        );
+    }
+    assert_tunnel_works(&t, &origin, "SOCKS5 refusals");
+}

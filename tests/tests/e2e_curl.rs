@@ -1,0 +1,197 @@
+//! curl and a real WebSocket client through the real agent and server: large bodies both
+//! ways, HTTPS through CONNECT, keep-alive across origins, SOCKS5 with server-side name
+//! resolution, and WebSocket by absolute-form upgrade and by CONNECT.
+
+use std::time::Duration;
+
+use fluidity_tests::e2e::client::{
+    curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
+};
+use fluidity_tests::e2e::origin::{HttpOrigin, TlsOrigin, WsOrigin};
+use fluidity_tests::e2e::{curl, watchdog, Tunnel};
+
+const MIB: u64 = 1024 * 1024;
+const BIG: u64 = 50 * MIB;
+
+#[test]
+fn http_get_and_post_50_mib_with_content_length_and_chunked() {
+    let _wd = watchdog("http_get_and_post_50_mib", Duration::from_secs(240));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("origin");
+    let proxy = t.proxy_url();
+    let expected = payload_sha256(BIG);
+
+    // GET: 50 MiB down, Content-Length framed.
+    let down = t.path("down.bin");
+    let out = curl([
+        "-x",
+        &proxy,
+        "-o",
+        down.to_str().unwrap(),
+        "-w",
+        "%{http_code} %{size_download}",
+        &origin.url(&format!("/bytes/{BIG}")),
+    ]);
+    out.assert_ok();
+    assert_eq!(out.text(), format!("200 {BIG}"));
+    assert_eq!(sha256_file(&down), expected, "downloaded body differs");
+
+    // POST: 50 MiB up, once with Content-Length and once chunked; the origin answers
+    // the SHA-256 of what it received.
+    let up = t.path("up.bin");
+    write_payload_file(&up, BIG);
+    let data = format!("@{}", up.display());
+    let sha_url = origin.url("/sha256");
+    let with_length = curl(["-x", &proxy, "--data-binary", &data, &sha_url]);
+    with_length.assert_ok();
+    assert_eq!(
+        with_length.text(),
+        expected,
+        "Content-Length upload differs"
+    );
+    let chunked = curl([
+        "-x",
+        &proxy,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &data,
+        &sha_url,
+    ]);
+    chunked.assert_ok();
+    assert_eq!(chunked.text(), expected, "chunked upload differs");
+}
+
+#[test]
+fn https_through_connect_to_a_tls_origin() {
+    let _wd = watchdog("https_through_connect", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = TlsOrigin::start("tls-origin", t.dir.path());
+    let len = 5 * MIB;
+    let down = t.path("tls.bin");
+    let url = format!("https://127.0.0.1:{}/bytes/{len}", origin.addr().port());
+    let out = curl([
+        "-x",
+        &t.proxy_url(),
+        "--cacert",
+        origin.ca_file().to_str().unwrap(),
+        "-o",
+        down.to_str().unwrap(),
+        "-w",
+        "%{http_code} %{size_download}",
+        &url,
+    ]);
+    out.assert_ok();
+    assert_eq!(out.text(), format!("200 {len}"));
+    assert_eq!(sha256_file(&down), payload_sha256(len));
+
+    // The name form too: the server resolves `localhost`, the certificate names it.
+    let url = format!("https://localhost:{}/hello", origin.addr().port());
+    let out = curl([
+        "-x",
+        &t.proxy_url(),
+        "--cacert",
+        origin.ca_file().to_str().unwrap(),
+        &url,
+    ]);
+    out.assert_ok();
+    assert_eq!(out.text(), "hello from tls-origin\n");
+}
+
+#[test]
+fn two_origins_on_one_keep_alive_client_connection() {
+    let _wd = watchdog("two_origins_one_connection", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let a = HttpOrigin::start("a");
+    let b = HttpOrigin::start("b");
+    let proxy = t.proxy_url();
+    // `%{num_connects}` is how many new connections curl made for each transfer: the
+    // second must reuse the first's connection to the proxy.
+    let out = curl([
+        "-x",
+        &proxy,
+        "-w",
+        "connects=%{num_connects}\n",
+        &a.url("/hello"),
+        "--next",
+        "-x",
+        &proxy,
+        "-w",
+        "connects=%{num_connects}\n",
+        &b.url("/hello"),
+        "--next",
+        "-x",
+        &proxy,
+        "-w",
+        "connects=%{num_connects}\n",
+        &b.url("/bytes/100000"),
+        "-o",
+        "/dev/null",
+    ]);
+    out.assert_ok();
+    assert_eq!(
+        out.text(),
+        "hello from a\nconnects=1\nhello from b\nconnects=0\nconnects=0\n",
+        "curl should have sent all three requests on one proxy connection; stderr: {}",
+        out.stderr
+    );
+    assert_eq!(a.connections(), 1, "origin a was asked once");
+    assert_eq!(
+        b.connections(),
+        1,
+        "two requests in a row to origin b should share one kept-alive stream"
+    );
+}
+
+#[test]
+fn socks5_with_the_name_resolved_by_the_server() {
+    let _wd = watchdog("socks5_hostname", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("socks-origin");
+    let len = 3 * MIB;
+    let down = t.path("socks.bin");
+    let url = format!("http://localhost:{}/bytes/{len}", origin.addr().port());
+    let out = curl([
+        "--socks5-hostname",
+        &t.proxy().to_string(),
+        "-o",
+        down.to_str().unwrap(),
+        "-w",
+        "%{http_code} %{size_download}",
+        &url,
+    ]);
+    out.assert_ok();
+    assert_eq!(out.text(), format!("200 {len}"));
+    assert_eq!(sha256_file(&down), payload_sha256(len));
+    assert_eq!(origin.connections(), 1);
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!((status, body.as_str()), (200, "hello from socks-origin\n"));
+}
+
+#[test]
+fn websocket_by_absolute_form_upgrade_and_by_connect() {
+    let _wd = watchdog("websocket", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let ws = WsOrigin::start(t.dir.path());
+    let target = ws.addr().to_string();
+    for via in [WsVia::AbsoluteForm, WsVia::Connect] {
+        let (code, stdout, stderr) = ws_client(t.proxy(), &target, via);
+        assert_eq!(
+            code,
+            Some(0),
+            "WebSocket client via {via:?} failed\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        assert!(stdout.trim_end().ends_with("ok 6"), "via {via:?}: {stdout}");
+    }
+    // Both ways were taken: the agent logged an upgrade and a CONNECT to the origin.
+    let log = t.agent.proc.log();
+    assert!(
+        log.contains("websocket closed"),
+        "no upgrade in the agent log"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("CONNECT") && l.contains(&target)),
+        "no CONNECT to {target} in the agent log"
+    );
+}

@@ -1,0 +1,103 @@
+//! `fluidity local`: certificates, an in-process server and the proxy from one command.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use fluidity_runtime_smol::pki::CertPaths;
+use fluidity_tests::e2e::bin::binaries;
+use fluidity_tests::e2e::client::{payload_sha256, sha256_hex};
+use fluidity_tests::e2e::origin::HttpOrigin;
+use fluidity_tests::e2e::proc::{wait_for, Proc};
+use fluidity_tests::e2e::tunnel::{free_port, ALLOW_LOOPBACK};
+use fluidity_tests::e2e::{curl, watchdog};
+
+/// Starts `fluidity local` and waits for its usage lines; retries if the port was taken.
+fn start_local(dir: &std::path::Path, logs: &std::path::Path) -> (Proc, SocketAddr) {
+    for attempt in 1..=5 {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(&binaries().agent);
+        cmd.arg("local")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--egress")
+            .arg(ALLOW_LOOPBACK);
+        let mut p = Proc::spawn("fluidity-local", cmd, logs);
+        let printed = wait_for("fluidity local to start", Duration::from_secs(30), || {
+            if p.stdout().contains("stop with Ctrl-C") {
+                return Some(true);
+            }
+            p.exited().map(|_| false)
+        });
+        if printed {
+            return (p, listen);
+        }
+        assert!(
+            attempt < 5 && p.log().contains("bind"),
+            "fluidity local exited while starting:\n{}",
+            p.log()
+        );
+    }
+    unreachable!("the last attempt panics or returns")
+}
+
+#[test]
+fn local_mode_generates_certificates_prints_usage_and_proxies() {
+    let _wd = watchdog("local_mode", Duration::from_secs(120));
+    let tmp = tempfile::tempdir().expect("temporary folder");
+    let dir = tmp.path().join("local-certs");
+    assert!(!dir.exists());
+    let (local, listen) = start_local(&dir, tmp.path());
+
+    let paths = CertPaths::in_dir(&dir);
+    for p in [
+        &paths.ca_cert,
+        &paths.server_cert,
+        &paths.server_key,
+        &paths.client_cert,
+        &paths.client_key,
+    ] {
+        assert!(p.is_file(), "local mode did not write {}", p.display());
+    }
+    let usage = local.stdout();
+    for expected in [
+        format!("proxy on {listen}"),
+        format!("curl -x http://{listen} "),
+        format!("curl --socks5-hostname {listen} "),
+        format!("certificates in {}", dir.display()),
+    ] {
+        assert!(
+            usage.contains(&expected),
+            "usage lacks {expected:?}:\n{usage}"
+        );
+    }
+
+    let origin = HttpOrigin::start("local-origin");
+    let proxy = format!("http://{listen}");
+    let out = curl(["-x", &proxy, &origin.url("/hello")]);
+    out.assert_ok();
+    assert_eq!(out.text(), "hello from local-origin\n");
+    let len = 1024 * 1024;
+    let out = curl(["-x", &proxy, &origin.url(&format!("/bytes/{len}"))]);
+    out.assert_ok();
+    assert_eq!(sha256_hex(&out.stdout), payload_sha256(len));
+    let out = curl([
+        "--socks5-hostname",
+        &listen.to_string(),
+        &format!("http://localhost:{}/hello", origin.addr().port()),
+    ]);
+    out.assert_ok();
+    assert_eq!(out.text(), "hello from local-origin\n");
+    drop(local);
+
+    // A second start keeps the certificates it made.
+    let ca_before = std::fs::read(&paths.ca_cert).expect("CA");
+    let (local, listen) = start_local(&dir, tmp.path());
+    assert_eq!(std::fs::read(&paths.ca_cert).expect("CA"), ca_before);
+    let out = curl(["-x", &format!("http://{listen}"), &origin.url("/hello")]);
+    out.assert_ok();
+    assert_eq!(out.text(), "hello from local-origin\n");
+    drop(local);
+}
