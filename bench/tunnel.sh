@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# Tunnel benchmark: the real release binaries on loopback against a direct connection to
+# the same origin, measured in the same run.
+#
+#   bench/tunnel.sh
+#
+# Measures, direct and through the tunnel (agent proxy -> TLS tunnel -> server -> origin):
+#   - a 1 GiB download through CONNECT (curl -p), time ratio tunnel/direct;
+#   - 10 KiB GETs through the HTTP proxy at concurrency 64 (hey), rate ratio;
+#   - added latency p50/p99, at concurrency 64 (hey) and sequentially (one curl client
+#     on one kept-alive connection);
+#   - peak RSS (VmHWM) of the agent and the server after all runs.
+# It prints a table and exits 0 whether or not a goal is met (MISSED marks a miss); it
+# exits non-zero only when the benchmark itself cannot run.
+#
+# Settings (environment):
+#   BENCH_ROUNDS=2          rounds of each measurement, alternating direct and tunnel;
+#                           the best round of each counts
+#   BENCH_BULK_MIB=1024     size of the CONNECT download
+#   BENCH_REQUESTS=20000    requests per concurrent run
+#   BENCH_CONCURRENCY=64    concurrent clients
+#   BENCH_SEQ_REQUESTS=2000 requests per sequential run
+#   BENCH_SKIP_BUILD=1      use the release binaries already in target/release
+#
+# Needs curl, python3 (free ports), nginx (origin) and hey (load tool with -x for a
+# forward proxy); nginx and hey are installed from Debian's packages when missing.
+set -euo pipefail
+
+ROUNDS=${BENCH_ROUNDS:-2}
+BULK_MIB=${BENCH_BULK_MIB:-1024}
+REQUESTS=${BENCH_REQUESTS:-20000}
+CONCURRENCY=${BENCH_CONCURRENCY:-64}
+SEQ_REQUESTS=${BENCH_SEQ_REQUESTS:-2000}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+log() { printf '== %s\n' "$*" >&2; }
+die() {
+    printf 'bench/tunnel.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# ----- tools -----
+
+if ! command -v hey >/dev/null || ! command -v nginx >/dev/null; then
+    log "installing hey and nginx from Debian's packages"
+    [ "$(id -u)" = 0 ] || die "hey and nginx are missing; install them (apt-get install hey nginx-core)"
+    apt-get update -qq
+    # policy-rc.d on these machines keeps the packaged nginx service from starting.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx-core >/dev/null
+fi
+for tool in curl python3 hey nginx awk; do
+    command -v "$tool" >/dev/null || die "$tool is required"
+done
+
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    log "building release binaries"
+    cargo build --release -p fluidity-agent -p fluidity-server
+fi
+AGENT_BIN=$ROOT/target/release/fluidity
+SERVER_BIN=$ROOT/target/release/fluidity-server
+[ -x "$AGENT_BIN" ] && [ -x "$SERVER_BIN" ] || die "release binaries missing"
+
+# ----- scratch folder and cleanup -----
+
+TMP=$(mktemp -d /tmp/fluidity-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# nginx workers drop to an unprivileged user: the files they serve must be readable.
+chmod 755 "$TMP"
+
+read -r ORIGIN_PORT SERVER_PORT HEALTH_PORT AGENT_PORT < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+)
+
+# Polls `cmd...` until it succeeds (every 50 ms, at most `tries` times).
+wait_until() {
+    local what=$1 tries=$2
+    shift 2
+    local i
+    for ((i = 0; i < tries; i++)); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    for f in "$TMP"/*.log; do
+        printf -- '--- %s\n' "$f" >&2
+        tail -n 20 "$f" >&2 || true
+    done
+    die "$what did not become ready"
+}
+
+# ----- origin -----
+
+mkdir -p "$TMP/www" "$TMP/nginx"
+head -c 10240 /dev/urandom >"$TMP/www/10k"
+# Sparse: served from the page cache, so the origin's disk is out of the picture.
+truncate -s "${BULK_MIB}M" "$TMP/www/bulk"
+chmod 644 "$TMP/www/"*
+cat >"$TMP/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT;
+        root $TMP/www;
+    }
+}
+EOF
+nginx -p "$TMP/nginx" -e "$TMP/nginx.log" -c "$TMP/nginx/nginx.conf" &
+PIDS+=($!)
+ORIGIN=http://127.0.0.1:$ORIGIN_PORT
+wait_until "origin (nginx)" 200 curl -sf -o /dev/null "$ORIGIN/10k"
+
+# ----- tunnel -----
+
+"$AGENT_BIN" certs init --dir "$TMP/certs" >"$TMP/certs.log" 2>&1
+"$SERVER_BIN" --listen "127.0.0.1:$SERVER_PORT" --health-listen "127.0.0.1:$HEALTH_PORT" \
+    --cert "$TMP/certs/server.pem" --key "$TMP/certs/server-key.pem" \
+    --client-ca "$TMP/certs/ca.pem" --egress allow_cidrs=127.0.0.1/32 \
+    >"$TMP/server.log" 2>&1 &
+SERVER_PID=$!
+PIDS+=("$SERVER_PID")
+wait_until "fluidity-server" 200 curl -sf -o /dev/null "http://127.0.0.1:$HEALTH_PORT/healthz"
+
+"$AGENT_BIN" run --listen "127.0.0.1:$AGENT_PORT" --server "127.0.0.1:$SERVER_PORT" \
+    --cert "$TMP/certs/client.pem" --key "$TMP/certs/client-key.pem" --ca "$TMP/certs/ca.pem" \
+    >"$TMP/agent.log" 2>&1 &
+AGENT_PID=$!
+PIDS+=("$AGENT_PID")
+PROXY=127.0.0.1:$AGENT_PORT
+wait_until "fluidity agent" 200 curl -sf -o /dev/null -x "http://$PROXY" "$ORIGIN/10k"
+
+# ----- measurements -----
+
+# Seconds for one bulk download; checks the status and the byte count.
+bulk() {
+    local out code size secs
+    out=$(curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}' "$@" "$ORIGIN/bulk" || true)
+    read -r code size secs <<<"$out"
+    [ "$code" = 200 ] && [ "$size" = $((BULK_MIB * 1024 * 1024)) ] ||
+        die "bulk download failed: status $code, $size bytes"
+    echo "$secs"
+}
+
+# Runs hey; prints "rate p50_ms p99_ms", failing on any non-200 answer or error.
+load() {
+    local n=$1 c=$2
+    shift 2
+    local out
+    # hey gives each client n/c requests.
+    local expected=$((n / c * c))
+    out=$(hey -n "$n" -c "$c" "$@" "$ORIGIN/10k")
+    if ! grep -q "\[200\]	$expected responses" <<<"$out" || grep -q "Error distribution" <<<"$out"; then
+        printf '%s\n' "$out" >&2
+        die "load run had failures"
+    fi
+    awk '
+        /Requests\/sec:/ { rate = $2 }
+        /^ *50% in/ { p50 = $3 * 1000 }
+        /^ *99% in/ { p99 = $3 * 1000 }
+        END { printf "%.1f %.3f %.3f\n", rate, p50, p99 }
+    ' <<<"$out"
+}
+
+# One client, one kept-alive connection, requests one after another (curl, microsecond
+# timings; hey reports only tenths of a millisecond). Prints "p50_ms p99_ms".
+sequential() {
+    local n=$1
+    shift
+    local cfg=$TMP/seq.curl i
+    : >"$cfg"
+    for ((i = 0; i < n; i++)); do
+        printf 'url = "%s/10k"\noutput = "/dev/null"\n' "$ORIGIN" >>"$cfg"
+    done
+    curl -s --fail -K "$cfg" -w '%{http_code} %{time_total}\n' "$@" >"$TMP/seq.out" || true
+    if [ "$(grep -c '^200 ' "$TMP/seq.out")" != "$n" ]; then
+        die "sequential run failed: $(grep -vc '^200 ' "$TMP/seq.out") bad answers"
+    fi
+    awk '{ printf "%.3f\n", $2 * 1000 }' "$TMP/seq.out" | sort -g >"$TMP/seq.sorted"
+    echo "$(sed -n "$((n / 2))p" "$TMP/seq.sorted") $(sed -n "$((n * 99 / 100))p" "$TMP/seq.sorted")"
+}
+
+min() { printf '%s\n' "$@" | sort -g | head -n 1; }
+max() { printf '%s\n' "$@" | sort -g | tail -n 1; }
+
+log "warming up"
+bulk >/dev/null
+bulk -p -x "http://$PROXY" >/dev/null
+load 2000 "$CONCURRENCY" >/dev/null
+load 2000 "$CONCURRENCY" -x "http://$PROXY" >/dev/null
+
+declare -a BD BT RD RT P50D P50T P99D P99T S50D S50T S99D S99T
+for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS: ${BULK_MIB} MiB through CONNECT"
+    BD+=("$(bulk)")
+    BT+=("$(bulk -p -x "http://$PROXY")")
+    log "round $r/$ROUNDS: $REQUESTS x 10 KiB GET at concurrency $CONCURRENCY"
+    out=$(load "$REQUESTS" "$CONCURRENCY")
+    read -r rate p50 p99 <<<"$out"
+    RD+=("$rate") P50D+=("$p50") P99D+=("$p99")
+    out=$(load "$REQUESTS" "$CONCURRENCY" -x "http://$PROXY")
+    read -r rate p50 p99 <<<"$out"
+    RT+=("$rate") P50T+=("$p50") P99T+=("$p99")
+    log "round $r/$ROUNDS: $SEQ_REQUESTS x 10 KiB GET, one client"
+    out=$(sequential "$SEQ_REQUESTS")
+    read -r p50 p99 <<<"$out"
+    S50D+=("$p50") S99D+=("$p99")
+    out=$(sequential "$SEQ_REQUESTS" -x "http://$PROXY")
+    read -r p50 p99 <<<"$out"
+    S50T+=("$p50") S99T+=("$p99")
+done
+
+kb() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
+AGENT_HWM=$(kb "$AGENT_PID" VmHWM)
+SERVER_HWM=$(kb "$SERVER_PID" VmHWM)
+AGENT_RSS=$(kb "$AGENT_PID" VmRSS)
+SERVER_RSS=$(kb "$SERVER_PID" VmRSS)
+kill -0 "$AGENT_PID" "$SERVER_PID" 2>/dev/null || die "agent or server exited during the runs"
+
+# ----- report -----
+
+bd=$(min "${BD[@]}") bt=$(min "${BT[@]}")
+rd=$(max "${RD[@]}") rt=$(max "${RT[@]}")
+p50d=$(min "${P50D[@]}") p50t=$(min "${P50T[@]}")
+p99d=$(min "${P99D[@]}") p99t=$(min "${P99T[@]}")
+s50d=$(min "${S50D[@]}") s50t=$(min "${S50T[@]}")
+s99d=$(min "${S99D[@]}") s99t=$(min "${S99T[@]}")
+
+verdict() { awk -v ok="$1" 'BEGIN { print (ok ? "met" : "MISSED") }'; }
+bulk_ratio=$(awk -v t="$bt" -v d="$bd" 'BEGIN { printf "%.2f", t / d }')
+rate_ratio=$(awk -v t="$rt" -v d="$rd" 'BEGIN { printf "%.2f", t / d }')
+agent_mib=$(awk -v k="$AGENT_HWM" 'BEGIN { printf "%.1f", k / 1024 }')
+server_mib=$(awk -v k="$SERVER_HWM" 'BEGIN { printf "%.1f", k / 1024 }')
+
+echo
+echo "Fluidity tunnel benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "rounds: $ROUNDS (best round counts); origin nginx (1 worker) on loopback"
+echo
+printf '%-40s %12s %12s %10s  %-10s %s\n' "measurement" "direct" "tunnel" "ratio" "goal" "status"
+printf '%-40s %12.3f %12.3f %9sx  %-10s %s\n' "${BULK_MIB} MiB via CONNECT, time (s)" "$bd" "$bt" \
+    "$bulk_ratio" "<= 1.5x" "$(verdict "$(awk -v r="$bulk_ratio" 'BEGIN { print (r <= 1.5) }')")"
+printf '%-40s %12.0f %12.0f %9sx  %-10s %s\n' "10 KiB GET c=$CONCURRENCY, rate (req/s)" "$rd" "$rt" \
+    "$rate_ratio" ">= 0.5x" "$(verdict "$(awk -v r="$rate_ratio" 'BEGIN { print (r >= 0.5) }')")"
+for row in "p50 c=$CONCURRENCY|$p50d|$p50t" "p99 c=$CONCURRENCY|$p99d|$p99t" \
+    "p50 one client|$s50d|$s50t" "p99 one client|$s99d|$s99t"; do
+    IFS='|' read -r name d t <<<"$row"
+    printf '%-40s %12.3f %12.3f %+9.3f   %-10s %s\n' "10 KiB GET latency $name (ms)" "$d" "$t" \
+        "$(awk -v t="$t" -v d="$d" 'BEGIN { print t - d }')" "(added ms)" ""
+done
+printf '%-40s %12s %12s %10s  %-10s %s\n' "agent peak RSS, VmHWM (MiB)" "-" "$agent_mib" "-" "<= 12" \
+    "$(verdict "$(awk -v m="$agent_mib" 'BEGIN { print (m <= 12) }')")"
+printf '%-40s %12s %12s %10s  %-10s %s\n' "server peak RSS, VmHWM (MiB)" "-" "$server_mib" "-" "<= 12" \
+    "$(verdict "$(awk -v m="$server_mib" 'BEGIN { print (m <= 12) }')")"
+echo
+echo "all rounds: bulk direct ${BD[*]} s; tunnel ${BT[*]} s"
+echo "            rate direct ${RD[*]}; tunnel ${RT[*]} req/s"
+echo "RSS now: agent $((AGENT_RSS / 1024)) MiB, server $((SERVER_RSS / 1024)) MiB"
