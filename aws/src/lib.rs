@@ -16,10 +16,13 @@
 pub mod chain;
 mod client;
 pub mod clients;
+pub mod control;
 mod credentials;
 pub mod endpoints;
 mod env;
 mod error;
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
 pub mod http;
 pub mod iam_auth;
 pub mod imds;
