@@ -1,3 +1,4 @@
 //! Test support for Fluidity: the deterministic simulation harness.
 
 pub mod e2e;
+pub mod moto;
