@@ -48,6 +48,13 @@ pub enum Error {
     /// Loading certificates or building the TLS configuration failed.
     #[error("TLS setup: {0}")]
     Tls(#[from] fluidity_runtime_smol::Error),
+    /// AWS-mode start-up failed (discovery, the agent's address, the certificate); the
+    /// text says which step and why.
+    #[error("AWS mode: {0}")]
+    AwsStartup(String),
+    /// An AWS call failed.
+    #[error("AWS: {0}")]
+    Aws(#[from] fluidity_aws::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
     Bind {
