@@ -97,12 +97,12 @@ impl AwsConfig {
                 )))
             }
         };
-        let mut body = format!("Action={}&Version={version}", url_encode(action));
+        let mut body = format!("Action={}&Version={version}", form_encode(action));
         for (k, v) in params {
             body.push('&');
-            body.push_str(&url_encode(k));
+            body.push_str(&form_encode(k));
             body.push('=');
-            body.push_str(&url_encode(v));
+            body.push_str(&form_encode(v));
         }
         let headers = vec![(
             "content-type".to_string(),
@@ -252,12 +252,19 @@ fn normalize_code(code: &str) -> String {
     code.split(':').next().unwrap_or(code).trim().to_string()
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub(crate) fn url_encode(s: &str) -> String {
+/// Encodes a query-protocol form value: RFC 3986 unreserved characters as they are, space
+/// as `+`, everything else percent-encoded (`application/x-www-form-urlencoded`).
+///
+/// AWS hashes the raw body, so `%20` would do as well; but moto rebuilds the body from the
+/// parsed form with Python's `urlencode` before checking the signature, and that writes
+/// `+`. Writing what both accept keeps signatures valid against moto too.
+pub(crate) fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(b as char);
+        } else if b == b' ' {
+            out.push('+');
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
@@ -328,6 +335,10 @@ mod tests {
         assert_eq!(e.code(), Some("SignatureDoesNotMatch"));
         assert!(e.to_string().contains("bad sig"));
         assert!(e.to_string().contains("r1"));
+        assert!(
+            e.to_string().contains("AWS_SECRET_ACCESS_KEY"),
+            "the message says what to check: {e}"
+        );
         let e = service_error(
             "dynamodb",
             "PutItem",
@@ -357,8 +368,8 @@ mod tests {
     }
 
     #[test]
-    fn url_encoding_keeps_unreserved_only() {
-        assert_eq!(url_encode("a b/c=d&e~"), "a%20b%2Fc%3Dd%26e~");
-        assert_eq!(url_encode("é"), "%C3%A9");
+    fn form_encoding_keeps_unreserved_only() {
+        assert_eq!(form_encode("a b/c=d&e~+"), "a+b%2Fc%3Dd%26e~%2B");
+        assert_eq!(form_encode("é"), "%C3%A9");
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// AWS answered with an error document.
-    #[error("{service} {operation} failed: {code}: {message} (HTTP {status}{})", request_id.as_deref().map(|id| format!(", request id {id}")).unwrap_or_default())]
+    #[error("{service} {operation} failed: {code}: {message} (HTTP {status}{}){}", request_id.as_deref().map(|id| format!(", request id {id}")).unwrap_or_default(), advice(service, operation, code))]
     Service {
         /// The service's signing name, e.g. `sts`.
         service: &'static str,
@@ -122,6 +122,36 @@ const TRANSIENT_CODES: &[&str] = &[
     "ServiceUnavailable",
     "IDPCommunicationError",
 ];
+
+/// What to do about the authentication and authorisation errors people meet first, so
+/// that the message answers "now what?" (empty for other codes).
+fn advice(service: &str, operation: &str, code: &str) -> String {
+    match code {
+        "SignatureDoesNotMatch" | "IncompleteSignature" | "InvalidSignatureException" => {
+            "; check that the secret key (AWS_SECRET_ACCESS_KEY, or aws_secret_access_key in \
+             the profile in use) belongs to the access key id, and that this machine's clock is right"
+                .to_string()
+        }
+        "InvalidClientTokenId" | "UnrecognizedClientException" | "InvalidAccessKeyId"
+        | "AuthFailure" => "; the access key is not known to this endpoint: check \
+             AWS_ACCESS_KEY_ID (or the profile in use), that the key is active, and that the \
+             endpoint and region belong to the key's account"
+            .to_string(),
+        "ExpiredToken" | "ExpiredTokenException" | "RequestExpired" => {
+            "; the temporary credentials have expired: refresh them (aws sso login, a new \
+             session token) or check this machine's clock"
+                .to_string()
+        }
+        "MissingAuthenticationToken" | "MissingAuthenticationTokenException" => {
+            "; the request was not signed: configure AWS credentials".to_string()
+        }
+        "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation"
+        | "UnauthorizedAccess" => format!(
+            "; the caller's IAM policies must allow {service}:{operation} on this resource"
+        ),
+        _ => String::new(),
+    }
+}
 
 impl Error {
     /// The AWS error code, when AWS answered with one.

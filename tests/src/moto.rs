@@ -36,6 +36,9 @@
 //! Moto quirks worth knowing (checked on moto 5.2):
 //! - `UpdateService(desiredCount)` only changes counters; it starts no task. Use
 //!   [`Moto::run_fargate_task`] to get a task (with `startedBy` and `group` as you like).
+//!   ListTasks ignores its `serviceName` filter (filter on `startedBy` or `family`).
+//! - Tasks stay RUNNING here until StopTask ([`Moto::keep_tasks_running`]); moto's own
+//!   default moves a task towards STOPPED on every DescribeTasks.
 //! - A FARGATE task's ENI has no public IP unless an Elastic IP is associated
 //!   ([`Moto::associate_public_ip`]).
 //! - DynamoDB TTL is accepted but expired items are never deleted: filter on read.
@@ -280,7 +283,7 @@ impl Moto {
             let endpoint = format!("http://{addr}");
             let admin = bootstrap_admin(&endpoint);
             let admin_config = config_for(&endpoint, admin.credentials());
-            return Moto {
+            let moto = Moto {
                 proc,
                 addr,
                 endpoint,
@@ -288,6 +291,8 @@ impl Moto {
                 admin_config,
                 _dir: dir,
             };
+            moto.keep_tasks_running();
+            return moto;
         }
         panic!("moto_server did not start after 5 attempts; see its logs above");
     }
@@ -436,6 +441,31 @@ impl Moto {
         );
         self.admin = bootstrap_admin(&self.endpoint);
         self.admin_config = config_for(&self.endpoint, self.admin.credentials());
+        self.keep_tasks_running();
+    }
+
+    /// Sets how moto moves a model through its states
+    /// (`POST /moto-api/state-manager/set-transition`), e.g. model `ecs::task` with
+    /// `{"progression": "manual", "times": 3}` (advance one state every 3 DescribeTasks) or
+    /// `{"progression": "time", "seconds": 5}`.
+    pub fn set_transition(&self, model: &str, transition: Value) {
+        let body = json!({ "model_name": model, "transition": transition }).to_string();
+        self.moto_api(
+            "/moto-api/state-manager/set-transition",
+            "application/json",
+            &body,
+        );
+    }
+
+    /// Keeps ECS tasks RUNNING until StopTask. moto's default advances a task one state
+    /// (RUNNING, DEACTIVATING, STOPPING, DEPROVISIONING, STOPPED) on every DescribeTasks,
+    /// which a control plane that polls would see as a crash. [`Moto::start`] and
+    /// [`Moto::reset`] call this; use [`Moto::set_transition`] to test stopping tasks.
+    pub fn keep_tasks_running(&self) {
+        self.set_transition(
+            "ecs::task",
+            json!({ "progression": "manual", "times": 1_000_000_000u64 }),
+        );
     }
 
     /// Sends a POST to moto's own API (`/moto-api/...`) and returns the body; panics on a
