@@ -16,6 +16,13 @@ use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, 
 /// How much input `handle_input` decodes between checks of the control backlog.
 const INPUT_SLICE: usize = 16 * 1024;
 
+/// Smallest allocation of the receive buffer. Decoded payloads share the buffer's
+/// allocation (no copy), so while any of them is alive the buffer cannot grow in place:
+/// each growth allocates anew and copies the partial frame it holds. Growing by at least
+/// this much keeps those copies to one per several frames instead of one (or two) per
+/// frame, while an allocation that a stalled stream's chunks keep alive stays small.
+const RX_ALLOC: usize = 64 * 1024;
+
 /// Something the application must know about.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -244,7 +251,11 @@ impl Connection {
                 break;
             }
             let end = (consumed + INPUT_SLICE).min(data.len());
-            self.rx.extend_from_slice(&data[consumed..end]);
+            let chunk = &data[consumed..end];
+            if self.rx.capacity() - self.rx.len() < chunk.len() {
+                self.rx.reserve(chunk.len().max(RX_ALLOC));
+            }
+            self.rx.extend_from_slice(chunk);
             consumed = end;
             loop {
                 match self.decoder.decode(&mut self.rx) {
