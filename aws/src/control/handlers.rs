@@ -1,0 +1,518 @@
+//! The handlers: Wake, Query, Kill, Sleep and CA as plain functions of a [`Control`] (the
+//! settings and the AWS clients), a request and the time.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use fluidity_runtime_smol::pki::CaBundle;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::agent_ip::{live_agent_ip, put_agent_ip, read_agent_ip};
+use super::ca;
+use super::config::ControlConfig;
+use super::error::ControlError;
+use super::types::{
+    CertificateRequest, CertificateResponse, Function, IpKind, KillRequest, KillResponse,
+    QueryRequest, QueryResponse, ServerId, ServerStatus, SleepAction, SleepResponse, WakeRequest,
+    WakeResponse, METRIC_ACTIVE_TUNNELS, METRIC_DIMENSION, METRIC_PERIOD,
+};
+use crate::clients::cloudwatch::CloudWatchClient;
+use crate::clients::dynamodb::DynamoDbClient;
+use crate::clients::ec2::Ec2Client;
+use crate::clients::ecs::{EcsClient, EcsService, EcsTask, TaskFilter};
+use crate::clients::secrets::SecretsManagerClient;
+use crate::AwsConfig;
+
+/// How long the CA is kept in memory between invocations: long enough to spare Secrets
+/// Manager a call per certificate, short enough that a rotated CA is picked up soon.
+const CA_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// Largest request body accepted (a CSR is about 1 KiB).
+pub const MAX_BODY_LEN: usize = 64 * 1024;
+
+/// What the control functions run with: settings, AWS configuration and a cache of the CA.
+#[derive(Debug)]
+pub struct Control {
+    config: ControlConfig,
+    aws: AwsConfig,
+    ca_cache: Mutex<Option<(Instant, CaBundle)>>,
+}
+
+/// The server's task, its addresses, and the service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerState {
+    /// The ECS service.
+    pub service: EcsService,
+    /// The task serving, if one exists (a running one in preference).
+    pub task: Option<EcsTask>,
+    /// The public IP of the task's network interface, if any.
+    pub public_ip: Option<IpAddr>,
+    /// The private IP of the task, if known.
+    pub private_ip: Option<IpAddr>,
+}
+
+/// The public and private IPs of network interface `eni`: how the server finds its own
+/// public IP from its task metadata, and how Query finds it from the task.
+pub fn interface_ips(
+    ec2: &Ec2Client,
+    eni: &str,
+) -> crate::Result<(Option<IpAddr>, Option<IpAddr>)> {
+    let found = ec2.describe_network_interfaces(&[eni])?;
+    let Some(ni) = found.into_iter().find(|n| n.id == eni) else {
+        return Ok((None, None));
+    };
+    let ip = |s: Option<String>| s.and_then(|s| s.parse::<IpAddr>().ok());
+    Ok((ip(ni.public_ip), ip(ni.private_ip)))
+}
+
+/// Unmaps IPv4-mapped IPv6 addresses (a dual-stack listener's view of an IPv4 caller),
+/// so the address stored and certified is the one the server will see.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ControlError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ControlError::bad_request(format!("the request body is not the expected JSON: {e}"))
+    })
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
+    serde_json::to_value(v).map_err(|e| ControlError::config(format!("unserialisable answer: {e}")))
+}
+
+impl Control {
+    /// Handlers over `config` calling AWS with `aws`.
+    pub fn new(config: ControlConfig, aws: AwsConfig) -> Self {
+        Control {
+            config,
+            aws,
+            ca_cache: Mutex::new(None),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+
+    /// Runs `function` on a raw request body: what the Lambda entry point and the local
+    /// control host call. `source_ip` is the caller's address (function URLs and the
+    /// local host know it; a scheduled or direct invocation does not).
+    pub fn dispatch(
+        &self,
+        function: Function,
+        source_ip: Option<IpAddr>,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<Value, ControlError> {
+        if body.len() > MAX_BODY_LEN {
+            return Err(ControlError::bad_request(format!(
+                "the request body is {} bytes, more than {MAX_BODY_LEN}",
+                body.len()
+            )));
+        }
+        match function {
+            Function::Wake => {
+                let req: WakeRequest = parse_body(body)?;
+                let ip = source_ip.ok_or_else(|| {
+                    ControlError::bad_request(
+                        "Wake needs the caller's source IP: call it through its function URL",
+                    )
+                })?;
+                to_value(&self.wake(&req, ip, now)?)
+            }
+            Function::Query => to_value(&self.query(&parse_body::<QueryRequest>(body)?, now)?),
+            Function::Kill => to_value(&self.kill(&parse_body::<KillRequest>(body)?)?),
+            Function::Sleep => to_value(&self.sleep(now)?),
+            Function::Ca => {
+                if body.iter().all(u8::is_ascii_whitespace) {
+                    return Err(ControlError::bad_request(
+                        "the CA needs a JSON body with csr and role",
+                    ));
+                }
+                let req: CertificateRequest = serde_json::from_slice(body).map_err(|e| {
+                    ControlError::bad_request(format!(
+                        "the request body is not {{\"csr\": PEM, \"role\": \"agent\"|\"server\"}}: {e}"
+                    ))
+                })?;
+                to_value(&self.sign_certificate(&req)?)
+            }
+        }
+    }
+
+    fn ecs(&self) -> EcsClient {
+        EcsClient::new(&self.aws)
+    }
+
+    fn ddb(&self) -> DynamoDbClient {
+        DynamoDbClient::new(&self.aws)
+    }
+
+    /// The ECS service, or a clear error when it or its cluster does not exist.
+    fn service(&self, id: &ServerId) -> Result<EcsService, ControlError> {
+        let (found, failures) = self
+            .ecs()
+            .describe_services(id.cluster(), &[id.service()])
+            .map_err(|e| ControlError::aws(&format!("could not read ECS service {id}"), &e))?;
+        match found.into_iter().find(|s| s.status != "INACTIVE") {
+            Some(s) => Ok(s),
+            None => {
+                let reason = failures
+                    .iter()
+                    .find_map(|f| f.reason.clone())
+                    .unwrap_or_else(|| "INACTIVE".into());
+                Err(ControlError {
+                    status: 502,
+                    code: "service_not_found",
+                    message: format!(
+                        "ECS service {} does not exist in cluster {} ({reason}); check FLUIDITY_CLUSTER and FLUIDITY_SERVICE",
+                        id.service(),
+                        id.cluster()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The task serving `id`: listed by service, described, and chosen running first.
+    ///
+    /// ListTasks filters by service in AWS (moto ignores that filter), and tasks whose
+    /// group names another service are dropped as well, so a cluster shared with other
+    /// services cannot lend this one a task.
+    fn task(&self, id: &ServerId) -> Result<Option<EcsTask>, ControlError> {
+        let ecs = self.ecs();
+        let filter = TaskFilter {
+            service_name: Some(id.service().to_string()),
+            ..TaskFilter::default()
+        };
+        let what = format!("could not list the tasks of ECS service {id}");
+        let arns = ecs
+            .list_tasks(id.cluster(), &filter)
+            .map_err(|e| ControlError::aws(&what, &e))?;
+        let mut tasks = Vec::new();
+        for chunk in arns.chunks(100) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let (found, _) = ecs
+                .describe_tasks(id.cluster(), &refs)
+                .map_err(|e| ControlError::aws(&what, &e))?;
+            tasks.extend(found);
+        }
+        let own_group = format!("service:{}", id.service());
+        tasks.retain(|t| {
+            t.last_status != "STOPPED"
+                && t.desired_status != "STOPPED"
+                && t.group
+                    .as_deref()
+                    .is_none_or(|g| !g.starts_with("service:") || g == own_group)
+        });
+        tasks.sort_by_key(|t| t.last_status != "RUNNING");
+        Ok(tasks.into_iter().next())
+    }
+
+    /// The service, its task and the task's addresses.
+    pub fn server_state(&self, id: &ServerId) -> Result<ServerState, ControlError> {
+        let service = self.service(id)?;
+        let task = self.task(id)?;
+        let mut state = ServerState {
+            service,
+            public_ip: None,
+            private_ip: task
+                .as_ref()
+                .and_then(|t| t.private_ipv4.as_deref())
+                .and_then(|s| s.parse().ok()),
+            task,
+        };
+        if let Some(eni) = state
+            .task
+            .as_ref()
+            .and_then(|t| t.network_interface_id.clone())
+        {
+            let (public, private) =
+                interface_ips(&Ec2Client::new(&self.aws), &eni).map_err(|e| {
+                    ControlError::aws(&format!("could not read network interface {eni}"), &e)
+                })?;
+            state.public_ip = public;
+            state.private_ip = private.or(state.private_ip);
+        }
+        Ok(state)
+    }
+
+    /// The address to dial and its kind, per the private-IP fallback setting.
+    fn dial_ip(&self, state: &ServerState) -> Option<(IpAddr, IpKind)> {
+        match (state.public_ip, state.private_ip) {
+            (Some(ip), _) => Some((ip, IpKind::Public)),
+            (None, Some(ip)) if self.config.private_ip_fallback => Some((ip, IpKind::Private)),
+            _ => None,
+        }
+    }
+
+    /// The status and, when not usable yet, why.
+    fn status(&self, state: &ServerState) -> (ServerStatus, Option<String>) {
+        let task = state.task.as_ref();
+        if state.service.desired_count == 0 {
+            return match task {
+                Some(t) => (
+                    ServerStatus::Stopping,
+                    Some(format!("task is {} and being stopped", t.last_status)),
+                ),
+                None => (ServerStatus::Stopped, None),
+            };
+        }
+        match task {
+            None => (
+                ServerStatus::Starting,
+                Some("no task yet: ECS is placing one".into()),
+            ),
+            Some(t) if t.last_status != "RUNNING" => (
+                ServerStatus::Starting,
+                Some(format!("task is {}", t.last_status)),
+            ),
+            Some(_) if self.dial_ip(state).is_none() => (
+                ServerStatus::Starting,
+                Some(match state.private_ip {
+                    Some(p) => format!(
+                        "task is RUNNING but its network interface has no public IP (private {p}; set FLUIDITY_PRIVATE_IP_FALLBACK=true to use it)"
+                    ),
+                    None => "task is RUNNING but has no network interface address yet".into(),
+                }),
+            ),
+            Some(_) => (ServerStatus::Running, None),
+        }
+    }
+
+    /// Wake: stores the caller's IP for the server (one-hour TTL), then sets the
+    /// service's desired count to 1 unless it already is, and reports the task if one
+    /// exists. The IP is stored first so that a server never starts without it; a
+    /// missing service or table fails the call before anything changes.
+    pub fn wake(
+        &self,
+        _req: &WakeRequest,
+        source_ip: IpAddr,
+        now: SystemTime,
+    ) -> Result<WakeResponse, ControlError> {
+        let id = self.config.server()?;
+        let table = self.config.table()?;
+        let agent_ip = canonical_ip(source_ip);
+        let service = self.service(id)?;
+        put_agent_ip(
+            &self.ddb(),
+            table,
+            id,
+            agent_ip,
+            now,
+            self.config.agent_ip_ttl,
+        )
+        .map_err(|e| {
+            ControlError::aws(
+                &format!("could not store the agent IP in DynamoDB table {table}"),
+                &e,
+            )
+        })?;
+        let changed = service.desired_count != 1;
+        if changed {
+            self.ecs()
+                .update_service(id.cluster(), id.service(), Some(1), false)
+                .map_err(|e| {
+                    ControlError::aws(&format!("could not set ECS service {id} to 1 task"), &e)
+                })?;
+        }
+        let mut state = self.server_state(id)?;
+        state.service.desired_count = 1;
+        let (status, _) = self.status(&state);
+        tracing::info!(server = %id, %agent_ip, changed, %status, "wake");
+        Ok(WakeResponse {
+            status,
+            server_arn: state.task.as_ref().map(|t| t.task_arn.clone()),
+            server_public_ip: state.public_ip,
+            agent_public_ip_as_seen: agent_ip,
+            desired_count: 1,
+            changed,
+        })
+    }
+
+    /// Query: the server's status, ARN and address, and the agent IP stored for it.
+    pub fn query(
+        &self,
+        _req: &QueryRequest,
+        now: SystemTime,
+    ) -> Result<QueryResponse, ControlError> {
+        let id = self.config.server()?;
+        let table = self.config.table()?;
+        let state = self.server_state(id)?;
+        let agent = live_agent_ip(&self.ddb(), table, id, now).map_err(|e| {
+            ControlError::aws(
+                &format!("could not read the agent IP from DynamoDB table {table}"),
+                &e,
+            )
+        })?;
+        let (status, detail) = self.status(&state);
+        let dial = self.dial_ip(&state);
+        Ok(QueryResponse {
+            status,
+            server_ip: dial.map(|(ip, _)| ip),
+            server_ip_kind: dial.map(|(_, kind)| kind),
+            server_arn: state.task.as_ref().map(|t| t.task_arn.clone()),
+            agent_public_ip: agent.map(|r| r.agent_ip),
+            desired_count: state.service.desired_count,
+            task_status: state.task.as_ref().map(|t| t.last_status.clone()),
+            detail,
+        })
+    }
+
+    /// Kill: sets the desired count to 0 unless it already is.
+    pub fn kill(&self, _req: &KillRequest) -> Result<KillResponse, ControlError> {
+        let id = self.config.server()?;
+        let service = self.service(id)?;
+        let changed = service.desired_count != 0;
+        if changed {
+            self.ecs()
+                .update_service(id.cluster(), id.service(), Some(0), false)
+                .map_err(|e| {
+                    ControlError::aws(&format!("could not set ECS service {id} to 0 tasks"), &e)
+                })?;
+        }
+        let task = self.task(id)?;
+        let status = if task.is_some() {
+            ServerStatus::Stopping
+        } else {
+            ServerStatus::Stopped
+        };
+        tracing::info!(server = %id, changed, %status, "kill");
+        Ok(KillResponse {
+            status,
+            desired_count: 0,
+            changed,
+        })
+    }
+
+    /// Sleep: scales the service to zero when no tunnel was active for the idle timeout.
+    ///
+    /// The decision, in order: nothing to do if the desired count is 0; keep a server
+    /// woken within the idle timeout (a server that just started has published nothing
+    /// yet, so an empty metric must not kill it); keep it if any `ActiveTunnels` sample in
+    /// the window is above zero; otherwise stop it, whether the samples were all zero or
+    /// there were none at all (a server that long after its wake publishes nothing is not
+    /// serving). Any failure to read leaves the server running and fails the call.
+    pub fn sleep(&self, now: SystemTime) -> Result<SleepResponse, ControlError> {
+        let id = self.config.server()?;
+        let table = self.config.table()?;
+        let idle = self.config.idle_timeout;
+        let idle_minutes = idle.as_secs() / 60;
+        let answer = |action, reason: String| {
+            tracing::info!(server = %id, ?action, %reason, "sleep");
+            Ok(SleepResponse {
+                action,
+                reason,
+                idle_timeout_secs: idle.as_secs(),
+            })
+        };
+        let service = self.service(id)?;
+        if service.desired_count == 0 {
+            return answer(
+                SleepAction::AlreadyStopped,
+                "the desired count is already 0".into(),
+            );
+        }
+        // The record's time counts even past its TTL: it is the last wake either way.
+        let record = read_agent_ip(&self.ddb(), table, id).map_err(|e| {
+            ControlError::aws(
+                &format!("could not read the last wake from DynamoDB table {table}"),
+                &e,
+            )
+        })?;
+        if let Some(r) = &record {
+            let since = now.duration_since(r.updated_at).unwrap_or(Duration::ZERO);
+            if since < idle {
+                return answer(
+                    SleepAction::Kept,
+                    format!(
+                        "woken {}s ago, less than the {idle_minutes}-minute idle timeout",
+                        since.as_secs()
+                    ),
+                );
+            }
+        }
+        let start = now.checked_sub(idle).unwrap_or(SystemTime::UNIX_EPOCH);
+        let key = id.key();
+        let points = CloudWatchClient::new(&self.aws)
+            .get_metric_statistics(
+                &self.config.metric_namespace,
+                METRIC_ACTIVE_TUNNELS,
+                &[(METRIC_DIMENSION, key.as_str())],
+                start,
+                now,
+                METRIC_PERIOD,
+                &["Maximum"],
+            )
+            .map_err(|e| {
+                ControlError::aws(
+                    &format!("could not read the {METRIC_ACTIVE_TUNNELS} metric"),
+                    &e,
+                )
+            })?;
+        let busiest = points
+            .iter()
+            .filter_map(|p| p.maximum)
+            .fold(0.0_f64, f64::max);
+        if busiest > 0.0 {
+            return answer(
+                SleepAction::Kept,
+                format!("up to {busiest} active tunnels in the last {idle_minutes} minutes"),
+            );
+        }
+        let reason = if points.is_empty() {
+            format!(
+                "no {METRIC_ACTIVE_TUNNELS} data in the last {idle_minutes} minutes and no wake in that time"
+            )
+        } else {
+            format!("no active tunnel in the last {idle_minutes} minutes")
+        };
+        self.ecs()
+            .update_service(id.cluster(), id.service(), Some(0), false)
+            .map_err(|e| {
+                ControlError::aws(&format!("could not set ECS service {id} to 0 tasks"), &e)
+            })?;
+        answer(SleepAction::ScaledToZero, reason)
+    }
+
+    /// CA: checks the request against the policy (before touching the CA) and signs it.
+    pub fn sign_certificate(
+        &self,
+        req: &CertificateRequest,
+    ) -> Result<CertificateResponse, ControlError> {
+        let max_days = self.config.max_cert_days(req.role);
+        ca::check_request(req, max_days)?;
+        let bundle = self.ca()?;
+        let resp = ca::sign(&bundle, req, max_days)?;
+        tracing::info!(role = %req.role, not_after = resp.not_after, "certificate issued");
+        Ok(resp)
+    }
+
+    /// The CA from Secrets Manager, cached for [`CA_CACHE_TTL`].
+    fn ca(&self) -> Result<CaBundle, ControlError> {
+        let mut cache = self.ca_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, bundle)) = cache.as_ref() {
+            if at.elapsed() < CA_CACHE_TTL {
+                return Ok(bundle.clone());
+            }
+        }
+        let secret_id = self.config.ca_secret()?;
+        let secret = SecretsManagerClient::new(&self.aws)
+            .get_secret_value(secret_id)
+            .map_err(|e| {
+                ControlError::aws(&format!("could not read the CA secret {secret_id}"), &e)
+            })?;
+        let text = secret.secret_string.as_deref().ok_or_else(|| {
+            ControlError::config(format!("the CA secret {secret_id} holds no string"))
+        })?;
+        let bundle = ca::parse_ca_secret(text)?;
+        *cache = Some((Instant::now(), bundle.clone()));
+        Ok(bundle)
+    }
+}
