@@ -254,7 +254,7 @@ fn secrets_manager_create_put_get() {
 }
 
 #[test]
-fn cloudwatch_put_metric_data_then_get_metric_statistics() {
+fn cloudwatch_put_metric_data_then_get_metric_statistics_and_data() {
     let moto = Moto::start();
     let user = moto.create_user("server");
     let cw = CloudWatchClient::new(&moto.aws_config(&user));
@@ -295,6 +295,32 @@ fn cloudwatch_put_metric_data_then_get_metric_statistics() {
         )
         .expect("GetMetricStatistics");
     assert!(other.is_empty(), "another dimension has no data: {other:?}");
+    let series = cw
+        .get_metric_data(
+            "Fluidity",
+            "ActiveConnections",
+            &[("Server", "s1")],
+            now - Duration::from_secs(600),
+            now + Duration::from_secs(600),
+            Duration::from_secs(60),
+            "Sum",
+        )
+        .expect("GetMetricData");
+    assert_eq!(series.status, "Complete");
+    let total: f64 = series.points.iter().map(|(_, v)| v).sum();
+    assert_eq!(total, 7.0, "{series:?}");
+    let idle = cw
+        .get_metric_data(
+            "Fluidity",
+            "ActiveConnections",
+            &[("Server", "s2")],
+            now - Duration::from_secs(600),
+            now + Duration::from_secs(600),
+            Duration::from_secs(60),
+            "Sum",
+        )
+        .expect("GetMetricData");
+    assert!(idle.points.is_empty(), "{idle:?}");
 }
 
 #[test]
@@ -435,6 +461,60 @@ fn credentials_from_a_container_credentials_endpoint() {
         !err.to_string().contains("wrong-token"),
         "no token in errors: {err}"
     );
+}
+
+#[test]
+fn credentials_from_instance_metadata_with_imdsv2_tokens() {
+    let moto = Moto::start();
+    let boot = moto.create_user("instance-bootstrap");
+    let role = moto.create_role("fluidity-instance", &boot.arn);
+    let creds = StsClient::new(&moto.aws_config(&boot))
+        .assume_role(&role.arn, "i-0123", None, None)
+        .expect("AssumeRole");
+    let body = json!({
+        "Code": "Success",
+        "Type": "AWS-HMAC",
+        "AccessKeyId": creds.access_key_id(),
+        "SecretAccessKey": creds.secret_access_key(),
+        "Token": creds.session_token(),
+        "Expiration": aws_time(creds.expiry().expect("an expiry")),
+    })
+    .to_string();
+    const TOKEN: &str = "imds-session-token";
+    let tokens_issued = Arc::new(AtomicUsize::new(0));
+    let issued = Arc::clone(&tokens_issued);
+    // IMDSv2 only: every GET must carry the session token from a PUT with a TTL.
+    let server = Scripted::start(Box::new(move |req: &Request| {
+        if req.method == "PUT" && req.path == "/latest/api/token" {
+            return match req.header("x-aws-ec2-metadata-token-ttl-seconds") {
+                Some(_) => {
+                    issued.fetch_add(1, Ordering::SeqCst);
+                    Reply::status(200, TOKEN)
+                }
+                None => Reply::status(400, "missing TTL"),
+            };
+        }
+        if req.header("x-aws-ec2-metadata-token") != Some(TOKEN) {
+            return Reply::status(401, "IMDSv2 token required");
+        }
+        match req.path.as_str() {
+            "/latest/meta-data/iam/security-credentials/" => {
+                Reply::status(200, "fluidity-instance")
+            }
+            "/latest/meta-data/iam/security-credentials/fluidity-instance" => {
+                Reply::json(200, &body)
+            }
+            _ => Reply::status(404, "not found"),
+        }
+    }));
+    let mut env = Env::from_pairs(moto.env_vars_without_keys());
+    env.remove("AWS_EC2_METADATA_DISABLED");
+    env.set("AWS_EC2_METADATA_SERVICE_ENDPOINT", server.url(""));
+    let config = AwsConfig::from_env(&env, &ChainOptions::default()).expect("config");
+    let got = config.credentials.provide().expect("instance credentials");
+    assert_eq!(got.provider(), "imds");
+    assert_eq!(whoami(&config), role.assumed_arn("i-0123"));
+    assert_eq!(tokens_issued.load(Ordering::SeqCst), 1, "one token, reused");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! CloudWatch metrics: PutMetricData and GetMetricStatistics (query protocol).
+//! CloudWatch metrics: PutMetricData, GetMetricStatistics and GetMetricData (query
+//! protocol).
 
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +41,15 @@ pub struct Datapoint {
     pub minimum: Option<f64>,
     /// `SampleCount`, if asked for.
     pub sample_count: Option<f64>,
+}
+
+/// The values of one metric over time, as GetMetricData returns them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricSeries {
+    /// `(period start, value)` pairs, sorted by time.
+    pub points: Vec<(SystemTime, f64)>,
+    /// `Complete`, or `PartialData` when CloudWatch had more than it returned.
+    pub status: String,
 }
 
 fn iso8601(t: SystemTime) -> Result<String> {
@@ -147,5 +157,88 @@ impl CloudWatchClient {
             .collect();
         points.sort_by_key(|p| p.timestamp);
         Ok(points)
+    }
+
+    /// GetMetricData for one metric and one statistic (`Sum`, `Average`, `Maximum`,
+    /// `Minimum`, `SampleCount`, `p99`, …) over `[start, end)` in periods of `period`.
+    /// Periods without data are absent: callers must treat that as zero.
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_metric_data(
+        &self,
+        namespace: &str,
+        metric: &str,
+        dimensions: &[(&str, &str)],
+        start: SystemTime,
+        end: SystemTime,
+        period: Duration,
+        statistic: &str,
+    ) -> Result<MetricSeries> {
+        const Q: &str = "MetricDataQueries.member.1";
+        let mut params: Vec<(String, String)> = vec![
+            (format!("{Q}.Id"), "m1".into()),
+            (format!("{Q}.MetricStat.Metric.Namespace"), namespace.into()),
+            (format!("{Q}.MetricStat.Metric.MetricName"), metric.into()),
+            (
+                format!("{Q}.MetricStat.Period"),
+                period.as_secs().max(1).to_string(),
+            ),
+            (format!("{Q}.MetricStat.Stat"), statistic.into()),
+            (format!("{Q}.ReturnData"), "true".into()),
+            ("StartTime".into(), iso8601(start)?),
+            ("EndTime".into(), iso8601(end)?),
+        ];
+        for (i, (k, v)) in dimensions.iter().enumerate() {
+            let d = format!("{Q}.MetricStat.Metric.Dimensions.member.{}", i + 1);
+            params.push((format!("{d}.Name"), k.to_string()));
+            params.push((format!("{d}.Value"), v.to_string()));
+        }
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let root = self
+            .config
+            .call_query(Service::CloudWatch, "GetMetricData", &params)?;
+        let result = root
+            .child("GetMetricDataResult")
+            .ok_or_else(|| malformed("monitoring", "GetMetricData", "no result"))?;
+        let Some(series) = result
+            .items("MetricDataResults")
+            .find(|r| r.text_at(&["Id"]) == Some("m1"))
+        else {
+            return Ok(MetricSeries {
+                points: Vec::new(),
+                status: "Complete".into(),
+            });
+        };
+        let times = series.items("Timestamps").map(|t| {
+            crate::chain::parse_rfc3339(&t.text)
+                .ok_or_else(|| malformed("monitoring", "GetMetricData", "unparsable Timestamp"))
+        });
+        let values = series.items("Values").map(|v| {
+            v.text
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| malformed("monitoring", "GetMetricData", "unparsable value"))
+        });
+        let mut points = Vec::new();
+        for (t, v) in times.zip(values) {
+            points.push((t?, v?));
+        }
+        if series.items("Timestamps").count() != series.items("Values").count() {
+            return Err(malformed(
+                "monitoring",
+                "GetMetricData",
+                "Timestamps and Values differ in length",
+            ));
+        }
+        points.sort_by_key(|p| p.0);
+        Ok(MetricSeries {
+            points,
+            status: series
+                .text_at(&["StatusCode"])
+                .unwrap_or("Complete")
+                .to_string(),
+        })
     }
 }
