@@ -746,7 +746,8 @@ impl Verifier {
                     "STS throttled the call: {message}"
                 )));
             }
-            message.truncate(300);
+            // By characters: `String::truncate` panics inside a multi-byte character.
+            message = message.chars().take(300).collect();
             return Err(AuthDenied::SignatureRejected { code, message });
         }
         let root = crate::xml::parse(&resp.body)
