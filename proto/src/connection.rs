@@ -16,11 +16,12 @@ use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, 
 /// How much input `handle_input` decodes between checks of the control backlog.
 const INPUT_SLICE: usize = 16 * 1024;
 
-/// Smallest allocation of the receive buffer. Decoded payloads share the buffer's
-/// allocation (no copy), so while any of them is alive the buffer cannot grow in place:
-/// each growth allocates anew and copies the partial frame it holds. Growing by at least
-/// this much keeps those copies to one per several frames instead of one (or two) per
-/// frame, while an allocation that a stalled stream's chunks keep alive stays small.
+/// Initial capacity of the receive buffer, which `BytesMut` also uses as its smallest
+/// allocation. Decoded payloads share the buffer's allocation (no copy), so while any of
+/// them is alive the buffer cannot grow in place: each growth allocates anew and copies
+/// the partial frame it holds. Allocating at least this much keeps those copies to one per
+/// several frames instead of one or two per frame, while an allocation that a stalled
+/// stream's chunks keep alive stays small.
 const RX_ALLOC: usize = 64 * 1024;
 
 /// Something the application must know about.
@@ -147,7 +148,7 @@ impl Connection {
             phase: Phase::AwaitHello,
             peer: None,
             decoder: Decoder::new(limits.max_frame_len),
-            rx: BytesMut::new(),
+            rx: BytesMut::with_capacity(RX_ALLOC),
             ctrl: Vec::new(),
             events: VecDeque::new(),
             streams: BTreeMap::new(),
@@ -251,11 +252,7 @@ impl Connection {
                 break;
             }
             let end = (consumed + INPUT_SLICE).min(data.len());
-            let chunk = &data[consumed..end];
-            if self.rx.capacity() - self.rx.len() < chunk.len() {
-                self.rx.reserve(chunk.len().max(RX_ALLOC));
-            }
-            self.rx.extend_from_slice(chunk);
+            self.rx.extend_from_slice(&data[consumed..end]);
             consumed = end;
             loop {
                 match self.decoder.decode(&mut self.rx) {
@@ -739,6 +736,9 @@ impl Connection {
 
     fn become_ready(&mut self, now: Instant, principal: String) {
         self.phase = Phase::Ready;
+        // The idle clock starts now: while the server application decides on the auth,
+        // the agent has nothing to send, and the handshake deadline covers that wait.
+        self.last_recv = now;
         self.next_ping = Some(now + self.config.keepalive_interval);
         self.events.push_back(Event::Ready { principal });
     }
