@@ -1,0 +1,450 @@
+//! AWS mode (`mode = "aws"`): the agent brings its own server up, trusts exactly that
+//! instance, and stops it when it is done.
+//!
+//! 1. **Wake** (signed call to the Wake function): the service is wanted; the answer
+//!    carries the agent's public IP as the control plane saw it.
+//! 2. **Query** until the server runs and has an address, showing the phase and the time
+//!    spent ([`wait`]), and giving up after `[lifecycle] wait_secs`.
+//! 3. **Certificate**: a key and CSR with CN = the server's ARN and the one IP SAN the
+//!    agent's public IP, signed by the CA function and cached in the state folder (reused
+//!    only for the same ARN and address, and renewed 30 days before expiry).
+//! 4. **Connect** to the server's IP; the server's certificate must chain to the CA, carry
+//!    CN = the ARN, and name the dialled IP among its SANs. Then IAM authentication (when
+//!    `auth = "iam"`), then ready: the proxy serves.
+//!
+//! The server's IP is held in memory only: it is never written to disk, and there is no
+//! option to pin or force it. On a clean exit (Ctrl-C, SIGTERM) and on an unrecoverable
+//! error the agent calls **Kill**, once ([`KillOnce`]).
+
+pub mod wait;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluidity_aws::control::types::{CertRole, WakeResponse};
+use fluidity_aws::control::{ControlClient, ControlUrls};
+use fluidity_aws::Env;
+use fluidity_runtime_smol::pki::RENEW_BEFORE;
+use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
+use fluidity_server::aws::cert::{self as certs, CertFiles, ControlCa};
+use futures_lite::FutureExt;
+use serde::Deserialize;
+use smol::Executor;
+
+use self::wait::{Located, Phase, Progress};
+use crate::config::AgentConfig;
+use crate::error::{Error, Result};
+use crate::run;
+use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
+
+/// The `[lifecycle]` section: where the control functions are and how long to wait.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleSettings {
+    /// Base URL of one control host serving `/wake`, `/query`, `/kill`, `/ca`
+    /// (`fluidity-control`). Default: `FLUIDITY_CONTROL_URL`.
+    pub control_url: Option<String>,
+    /// The Wake function URL. Default: `FLUIDITY_WAKE_URL`, else under `control_url`.
+    pub wake_url: Option<String>,
+    /// The Query function URL. Default: `FLUIDITY_QUERY_URL`, else under `control_url`.
+    pub query_url: Option<String>,
+    /// The Kill function URL. Default: `FLUIDITY_KILL_URL`, else under `control_url`.
+    pub kill_url: Option<String>,
+    /// The CA function URL. Default: `FLUIDITY_CA_URL`, else under `control_url`.
+    pub ca_url: Option<String>,
+    /// The server's tunnel port. Default 8443.
+    pub server_port: u16,
+    /// Seconds to wait for the server to run with an address, and again to connect to
+    /// it, before giving up (and calling Kill). Default 300.
+    pub wait_secs: u64,
+    /// Seconds between Query calls while waiting. Default 3.
+    pub poll_secs: u64,
+    /// Folder of the cached agent certificate. Default: `$XDG_CACHE_HOME/fluidity/aws`,
+    /// else `~/.cache/fluidity/aws`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        LifecycleSettings {
+            control_url: None,
+            wake_url: None,
+            query_url: None,
+            kill_url: None,
+            ca_url: None,
+            server_port: 8443,
+            wait_secs: 300,
+            poll_secs: 3,
+            state_dir: None,
+        }
+    }
+}
+
+impl LifecycleSettings {
+    /// The four function URLs: each explicit setting, else the environment
+    /// (`FLUIDITY_*_URL`), else a path under `control_url` / `FLUIDITY_CONTROL_URL`.
+    pub fn urls(&self, env: &Env) -> Result<ControlUrls> {
+        let host = self
+            .control_url
+            .as_deref()
+            .or_else(|| env.get("FLUIDITY_CONTROL_URL"))
+            .map(ControlUrls::on_host);
+        let pick = |set: &Option<String>, var: &str, under: Option<&String>| {
+            set.clone()
+                .or_else(|| env.get(var).map(str::to_owned))
+                .or_else(|| under.cloned())
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "AWS mode needs the control functions: set [lifecycle] control_url \
+                         (or FLUIDITY_CONTROL_URL), or {var}"
+                    ))
+                })
+        };
+        Ok(ControlUrls {
+            wake: pick(
+                &self.wake_url,
+                "FLUIDITY_WAKE_URL",
+                host.as_ref().map(|h| &h.wake),
+            )?,
+            query: pick(
+                &self.query_url,
+                "FLUIDITY_QUERY_URL",
+                host.as_ref().map(|h| &h.query),
+            )?,
+            kill: pick(
+                &self.kill_url,
+                "FLUIDITY_KILL_URL",
+                host.as_ref().map(|h| &h.kill),
+            )?,
+            ca: pick(
+                &self.ca_url,
+                "FLUIDITY_CA_URL",
+                host.as_ref().map(|h| &h.ca),
+            )?,
+        })
+    }
+
+    /// The folder of the cached certificate.
+    pub fn state_dir(&self, env: &Env) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(x) = env.get("XDG_CACHE_HOME") {
+            return PathBuf::from(x).join("fluidity").join("aws");
+        }
+        match env.home_dir() {
+            Some(h) => h.join(".cache").join("fluidity").join("aws"),
+            None => PathBuf::from(".fluidity-aws"),
+        }
+    }
+}
+
+/// Calls Kill at most once, however many exit paths ask for it (the earlier
+/// implementation called it twice on exit).
+pub struct KillOnce {
+    kill: Box<dyn Fn() -> std::result::Result<String, String> + Send + Sync>,
+    done: AtomicBool,
+}
+
+impl std::fmt::Debug for KillOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KillOnce")
+            .field("done", &self.done.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl KillOnce {
+    /// Wraps a Kill call that returns a description of the outcome.
+    pub fn new(
+        kill: impl Fn() -> std::result::Result<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        KillOnce {
+            kill: Box::new(kill),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Calls Kill unless it was called before; says why on stderr and in the log.
+    /// Returns whether this call made the request.
+    pub fn kill(&self, why: &str) -> bool {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        eprintln!("fluidity: stopping the server ({why})");
+        match (self.kill)() {
+            Ok(outcome) => tracing::info!(reason = why, outcome = %outcome, "Kill called"),
+            Err(e) => {
+                tracing::error!(reason = why, error = %e, "Kill failed; the Sleep function will stop the idle server");
+                eprintln!("fluidity: Kill failed: {e}");
+            }
+        }
+        true
+    }
+}
+
+/// Makes the IAM tunnel credentials for a server id (its ARN, learnt from Query).
+pub type CredentialsFor = Arc<dyn Fn(&str) -> Result<CredentialSource> + Send + Sync>;
+
+/// Everything AWS mode needs besides the agent configuration.
+#[derive(Clone)]
+pub struct AwsRun {
+    /// The control client (signed calls to the four functions).
+    pub control: ControlClient,
+    /// Lifecycle settings.
+    pub lifecycle: LifecycleSettings,
+    /// The environment snapshot (state folder).
+    pub env: Env,
+    /// IAM tunnel credentials for a given server id (the ARN), when `auth = "iam"`.
+    pub credentials: Option<CredentialsFor>,
+    /// Keep progress off stderr (the log still has it).
+    pub quiet: bool,
+}
+
+impl std::fmt::Debug for AwsRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsRun")
+            .field("urls", self.control.urls())
+            .field("lifecycle", &self.lifecycle)
+            .field("iam", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the agent in AWS mode until `shutdown` completes or an unrecoverable error, and
+/// calls Kill (once) either way.
+pub async fn run_aws(
+    ex: &Arc<Executor<'static>>,
+    cfg: AgentConfig,
+    aws: AwsRun,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    // Bind first: a taken port is found before a server is started for nothing.
+    let proxy_cfg = run::proxy_config(&cfg)?;
+    let listener = run::bind(cfg.listen)?;
+    let control = aws.control.clone();
+    let killer = KillOnce::new(move || {
+        control
+            .kill()
+            .map(|k| format!("status {}, desired count {}", k.status, k.desired_count))
+            .map_err(|e| e.to_string())
+    });
+    // One shutdown signal, shared by the waiting phases and the proxy.
+    let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+    ex.spawn(async move {
+        shutdown.await;
+        drop(stop_tx);
+    })
+    .detach();
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let rx = rx.clone();
+            async move {
+                let _ = rx.recv().await;
+            }
+        }
+    };
+
+    let up = async { Some(bring_up(ex, &cfg, &aws).await) }
+        .or(async {
+            stopped().await;
+            None
+        })
+        .await;
+    let outcome: Result<&str> = match up {
+        None => Ok("stopped before the server was ready"),
+        Some(Err(e)) => Err(e),
+        Some(Ok(dialer)) => {
+            let listen = listener.local_addr().map_err(Error::Io)?;
+            eprintln!(
+                "fluidity: ready; proxy on {listen} (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5)"
+            );
+            tracing::info!(%listen, "fluidity proxy listening");
+            // The proxy drains its streams when told to stop, so it gets the signal itself.
+            run::serve(ex, listener, dialer, proxy_cfg, stopped()).await;
+            Ok("the agent stopped")
+        }
+    };
+    let why = match &outcome {
+        Ok(why) => why.to_string(),
+        Err(e) => format!("unrecoverable error: {e}"),
+    };
+    blocking::unblock(move || killer.kill(&why)).await;
+    outcome.map(|_| ())
+}
+
+/// Wake, wait, certificate, connect: returns a dialer with a ready tunnel.
+async fn bring_up(
+    ex: &Arc<Executor<'static>>,
+    cfg: &AgentConfig,
+    aws: &AwsRun,
+) -> Result<TunnelDialer> {
+    let s = &aws.lifecycle;
+    let limit = Duration::from_secs(s.wait_secs.max(1));
+    let poll = Duration::from_secs(s.poll_secs.max(1));
+    let mut progress = Progress::new(Duration::from_secs(10), aws.quiet);
+
+    progress.report(Phase::Waking);
+    let control = aws.control.clone();
+    let woke: WakeResponse = blocking::unblock(move || control.wake())
+        .await
+        .map_err(|e| Error::Lifecycle(format!("Wake failed: {e}")))?;
+    tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
+        changed = woke.changed, "server woken");
+
+    let control = aws.control.clone();
+    let located = wait::wait_until_running(
+        || {
+            let c = control.clone();
+            async move {
+                blocking::unblock(move || c.query())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        },
+        limit,
+        poll,
+        &mut progress,
+    )
+    .await
+    .map_err(|g| {
+        eprintln!("fluidity: {g}");
+        Error::Lifecycle(format!("the server did not become usable: {g}"))
+    })?;
+    let agent_ip = woke.agent_public_ip_as_seen;
+    if let Some(stored) = located.agent_ip.filter(|ip| *ip != agent_ip) {
+        tracing::warn!(%stored, seen = %agent_ip,
+            "the control plane holds another agent address for this server; the server will refuse this agent");
+    }
+    tracing::info!(server_arn = %located.server_arn, server_ip = %located.server_ip, "server located");
+
+    progress.report(Phase::Certifying);
+    let files = CertFiles::in_dir(&s.state_dir(&aws.env), "agent");
+    let ca = ControlCa {
+        client: aws.control.clone(),
+        role: CertRole::Agent,
+    };
+    {
+        let (files, arn) = (files.clone(), located.server_arn.clone());
+        blocking::unblock(move || certs::obtain(&files, &arn, &[agent_ip], &ca, RENEW_BEFORE))
+            .await
+            .map_err(|e| Error::Lifecycle(format!("agent certificate: {e}")))?;
+    }
+
+    let settings = tunnel_settings(cfg, aws, &files, &located)?;
+    let dialer = TunnelDialer::new(settings, ex.clone());
+    connect(&dialer, &located, limit, &mut progress).await?;
+    Ok(dialer)
+}
+
+/// The tunnel towards the located server: its IP (never written anywhere), its ARN as the
+/// required CN, the dialled IP as the name its certificate must hold.
+fn tunnel_settings(
+    cfg: &AgentConfig,
+    aws: &AwsRun,
+    files: &CertFiles,
+    located: &Located,
+) -> Result<TunnelSettings> {
+    let identity = Identity::load(&files.cert, &files.key)?;
+    let roots = CaRoots::load(&files.ca)?;
+    let check = PeerCheck::cn(located.server_arn.clone());
+    let credentials = match &aws.credentials {
+        Some(make) => Some(make(&located.server_arn)?),
+        None => None,
+    };
+    Ok(TunnelSettings {
+        server: SocketAddr::new(located.server_ip, aws.lifecycle.server_port),
+        // WebPKI checks the dialled IP against the certificate's IP SANs.
+        server_name: located.server_ip.to_string(),
+        tls: tls::client_config(&identity, &roots, &check)?,
+        peer_check: check,
+        proto: Arc::new(fluidity_proto::Config::default()),
+        connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+        credentials,
+        min_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(5),
+    })
+}
+
+/// Connects until the tunnel is ready or `limit` passes: the task runs before the server
+/// in it listens (it discovers itself and gets its certificate first).
+async fn connect(
+    dialer: &TunnelDialer,
+    located: &Located,
+    limit: Duration,
+    progress: &mut Progress,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let phase = Phase::Connecting {
+        server_ip: located.server_ip,
+    };
+    loop {
+        progress.report(phase.clone());
+        match dialer.tunnel().await {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() + Duration::from_secs(1) > limit => {
+                let msg = format!(
+                    "cannot connect to the server {} at {} within {}s: {e}",
+                    located.server_arn,
+                    located.server_ip,
+                    limit.as_secs()
+                );
+                eprintln!("fluidity: {msg}");
+                return Err(Error::Lifecycle(msg));
+            }
+            Err(e) => tracing::debug!(error = %e, "not connected yet"),
+        }
+        async_io::Timer::after(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn kill_is_called_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let k = KillOnce::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok("stopped".into())
+        });
+        assert!(k.kill("Ctrl-C"));
+        assert!(!k.kill("exit"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn urls_and_state_dir() {
+        let s = LifecycleSettings::default();
+        let env = Env::from_pairs([("FLUIDITY_CONTROL_URL", "http://127.0.0.1:9000")]);
+        let u = s.urls(&env).unwrap();
+        assert_eq!(u.wake, "http://127.0.0.1:9000/wake");
+        assert_eq!(u.ca, "http://127.0.0.1:9000/ca");
+        let s2 = LifecycleSettings {
+            kill_url: Some("https://k.lambda-url.eu-west-1.on.aws/".into()),
+            ..LifecycleSettings::default()
+        };
+        assert_eq!(
+            s2.urls(&env).unwrap().kill,
+            "https://k.lambda-url.eu-west-1.on.aws/"
+        );
+        let err = s.urls(&Env::empty()).unwrap_err().to_string();
+        assert!(err.contains("FLUIDITY_WAKE_URL"), "{err}");
+        let env = Env::from_pairs([("HOME", "/home/u")]);
+        assert_eq!(
+            s.state_dir(&env),
+            PathBuf::from("/home/u/.cache/fluidity/aws")
+        );
+        let parsed: LifecycleSettings = toml::from_str("wait_secs = 20").unwrap();
+        assert_eq!(parsed.wait_secs, 20);
+        assert_eq!(parsed.server_port, 8443);
+        assert!(toml::from_str::<LifecycleSettings>("server_ip = \"1.2.3.4\"").is_err());
+    }
+}

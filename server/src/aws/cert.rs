@@ -1,0 +1,401 @@
+//! Certificates issued by the CA function, kept on disk between restarts.
+//!
+//! Both ends of an AWS-mode tunnel hold a certificate whose CN is the server's ARN and
+//! whose IP SANs name the addresses it may be used from. A cached certificate is reused
+//! only if it still names exactly that ARN and those addresses and has more than
+//! [`RENEW_BEFORE`] left; anything else (another server, another address, near expiry,
+//! a missing or unreadable file) means a new key, a new CSR and a new signature. The agent
+//! uses this module too, so the two sides can never disagree on what "usable" means.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use fluidity_aws::control::types::{CertRole, CertificateRequest};
+use fluidity_aws::control::ControlClient;
+use fluidity_runtime_smol::pki;
+#[cfg(doc)]
+use fluidity_runtime_smol::pki::RENEW_BEFORE;
+use fluidity_runtime_smol::tls::{certs_from_pem, Identity, PeerIdentity};
+
+use crate::Error;
+
+/// A certificate signed by the CA function, with the CA certificate that signed it (the
+/// trust anchor for the peer's certificate, which the same CA signs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCertificate {
+    /// The issued certificate, PEM.
+    pub cert_pem: String,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+/// Signs CSRs: in production the CA function behind its function URL; in tests anything
+/// that answers like it.
+pub trait CertificateAuthority: Send + Sync {
+    /// Submits `csr_pem` and returns the certificate, or the CA's reason for refusing.
+    fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String>;
+}
+
+/// The CA function, reached through the control client, asked for certificates of one
+/// role (the server's or the agent's).
+#[derive(Debug, Clone)]
+pub struct ControlCa {
+    /// The control client (only its CA URL is used).
+    pub client: ControlClient,
+    /// Which certificate to ask for.
+    pub role: CertRole,
+}
+
+impl CertificateAuthority for ControlCa {
+    fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
+        let answer = self
+            .client
+            .sign_certificate(&CertificateRequest {
+                csr: csr_pem.to_owned(),
+                role: self.role,
+                validity_days: None,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(SignedCertificate {
+            cert_pem: answer.certificate,
+            ca_pem: answer.ca_certificate,
+        })
+    }
+}
+
+/// The three files of a cached certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// `STEM.pem`: the certificate.
+    pub cert: PathBuf,
+    /// `STEM-key.pem`: its private key (mode 0600).
+    pub key: PathBuf,
+    /// `STEM-ca.pem`: the CA certificate that signed it.
+    pub ca: PathBuf,
+}
+
+impl CertFiles {
+    /// The files named after `stem` (`server`, `agent`) inside `dir`.
+    pub fn in_dir(dir: &Path, stem: &str) -> CertFiles {
+        CertFiles {
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}-key.pem")),
+            ca: dir.join(format!("{stem}-ca.pem")),
+        }
+    }
+}
+
+/// Where a certificate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Obtained {
+    /// The cached certificate was still right for this ARN and these addresses.
+    Cached,
+    /// A new certificate was issued (none cached, or the cached one did not fit).
+    Issued,
+}
+
+/// Returns why the cached certificate in `files` cannot be used for `cn` and `ips` at
+/// `now` (it must have more than `renew_before` left), or `None` if it can.
+pub fn cached_unusable(
+    files: &CertFiles,
+    cn: &str,
+    ips: &[IpAddr],
+    now: SystemTime,
+    renew_before: Duration,
+) -> Option<String> {
+    let read = |p: &Path| fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (cert_pem, key_pem, ca_pem) = match (read(&files.cert), read(&files.key), read(&files.ca)) {
+        (Ok(c), Ok(k), Ok(a)) => (c, k, a),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Some(e),
+    };
+    if let Err(e) = certs_from_pem(&ca_pem, &files.ca.display().to_string()) {
+        return Some(e.to_string());
+    }
+    let identity = match Identity::from_pem(&cert_pem, &key_pem) {
+        Ok(i) => i,
+        Err(e) => return Some(e.to_string()),
+    };
+    let names = match identity.names() {
+        Ok(n) => n,
+        Err(e) => return Some(e.to_string()),
+    };
+    if let Some(why) = names_differ(&names, cn, ips) {
+        return Some(why);
+    }
+    match pki::not_after(&cert_pem) {
+        Err(e) => Some(e.to_string()),
+        Ok(end) if end <= now + renew_before => Some(format!(
+            "it expires within the renewal window ({} days)",
+            renew_before.as_secs() / 86_400
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// Whether a certificate's names are exactly `cn` and the IP SANs `ips` (in any order).
+fn names_differ(names: &PeerIdentity, cn: &str, ips: &[IpAddr]) -> Option<String> {
+    if names.common_name.as_deref() != Some(cn) {
+        return Some(format!(
+            "it was issued for {:?}, not {cn}",
+            names.common_name.as_deref().unwrap_or("no CN")
+        ));
+    }
+    let mut have = names.ip_sans.clone();
+    let mut want = ips.to_vec();
+    have.sort();
+    have.dedup();
+    want.sort();
+    want.dedup();
+    if have != want || !names.dns_sans.is_empty() {
+        return Some(format!("it names the addresses {have:?}, not {want:?}"));
+    }
+    None
+}
+
+/// Returns a certificate for `cn` and `ips` in `files`: the cached one if it still fits
+/// and has more than `renew_before` left (the agent uses [`RENEW_BEFORE`], 30 days), else
+/// a fresh key and CSR signed by `ca` and written to `files` (key first, mode 0600).
+///
+/// The answer of the CA is checked before it is stored: a certificate for other names
+/// than were asked for is refused rather than cached.
+pub fn obtain(
+    files: &CertFiles,
+    cn: &str,
+    ips: &[IpAddr],
+    ca: &dyn CertificateAuthority,
+    renew_before: Duration,
+) -> Result<Obtained, Error> {
+    match cached_unusable(files, cn, ips, SystemTime::now(), renew_before) {
+        None => {
+            tracing::info!(cert = %files.cert.display(), cn, "using the cached certificate");
+            return Ok(Obtained::Cached);
+        }
+        Some(why) => tracing::info!(
+            cert = %files.cert.display(), reason = %why, "requesting a new certificate"
+        ),
+    }
+    let csr = pki::create_csr(cn, ips)?;
+    let signed = ca
+        .sign(&csr.csr_pem)
+        .map_err(|e| Error::AwsStartup(format!("the CA function refused the CSR: {e}")))?;
+    let identity = Identity::from_pem(&signed.cert_pem, &csr.key_pem).map_err(|e| {
+        Error::AwsStartup(format!(
+            "the CA function returned a certificate that does not match the request: {e}"
+        ))
+    })?;
+    let names = identity.names().map_err(|e| {
+        Error::AwsStartup(format!(
+            "the CA function returned an unreadable certificate: {e}"
+        ))
+    })?;
+    if let Some(why) = names_differ(&names, cn, ips) {
+        return Err(Error::AwsStartup(format!(
+            "the CA function returned a certificate that does not match the request: {why}"
+        )));
+    }
+    certs_from_pem(&signed.ca_pem, "the CA function's CA certificate")?;
+    if let Some(dir) = files.cert.parent() {
+        create_private_dir(dir)?;
+    }
+    write_atomic(&files.key, csr.key_pem.as_bytes(), 0o600)?;
+    write_atomic(&files.cert, signed.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&files.ca, signed.ca_pem.as_bytes(), 0o644)?;
+    tracing::info!(cert = %files.cert.display(), cn, ?ips, "certificate issued by the CA function");
+    Ok(Obtained::Issued)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// Writes through a temporary file and a rename, so that a reader never sees half a file
+/// and a key never exists with looser permissions than `mode`.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = options.open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fluidity_runtime_smol::pki::{generate_ca, sign_csr, CaBundle, CertUsage, RENEW_BEFORE};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/0123456789abcdef";
+    const OTHER_ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/fedcba9876543210";
+
+    /// A CA that signs everything with a real CA key, for `days`, and counts its calls.
+    struct TestCa {
+        ca: CaBundle,
+        days: u64,
+        calls: AtomicUsize,
+    }
+
+    impl TestCa {
+        fn new(days: u64) -> TestCa {
+            TestCa {
+                ca: generate_ca("test CA", Duration::from_secs(3650 * 86400)).unwrap(),
+                days,
+                calls: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl CertificateAuthority for TestCa {
+        fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let cert_pem = sign_csr(
+                &self.ca,
+                csr_pem,
+                CertUsage::Server,
+                Duration::from_secs(self.days * 86400),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(SignedCertificate {
+                cert_pem,
+                ca_pem: self.ca.cert_pem().to_owned(),
+            })
+        }
+    }
+
+    /// A CA that answers with a certificate for other names than asked.
+    struct LyingCa(TestCa);
+
+    impl CertificateAuthority for LyingCa {
+        fn sign(&self, _csr_pem: &str) -> Result<SignedCertificate, String> {
+            let other = pki::create_csr(OTHER_ARN, &["192.0.2.1".parse().unwrap()]).unwrap();
+            self.0.sign(&other.csr_pem)
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn issues_then_reuses_and_reissues_when_names_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(&dir.path().join("cache"), "server");
+        let ca = TestCa::new(365);
+        let addrs = ips(&["198.51.100.7", "203.0.113.9"]);
+
+        assert_eq!(
+            obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
+        let names = Identity::load(&files.cert, &files.key)
+            .unwrap()
+            .names()
+            .unwrap();
+        assert_eq!(names.common_name.as_deref(), Some(ARN));
+        assert_eq!(names.ip_sans, addrs);
+
+        // Same names in another order: the cache fits.
+        let reversed: Vec<IpAddr> = addrs.iter().rev().copied().collect();
+        assert_eq!(
+            obtain(&files, ARN, &reversed, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Cached
+        );
+        assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
+
+        // Another server or another agent address: a new certificate.
+        assert_eq!(
+            obtain(&files, OTHER_ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        let moved = ips(&["198.51.100.7", "203.0.113.10"]);
+        assert_eq!(
+            obtain(&files, OTHER_ARN, &moved, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        assert_eq!(ca.calls.load(Ordering::Relaxed), 3);
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&files.key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the key must not be readable by others");
+        }
+    }
+
+    #[test]
+    fn renews_within_thirty_days_of_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        let addrs = ips(&["203.0.113.9"]);
+        let short = TestCa::new(20);
+        assert_eq!(
+            obtain(&files, ARN, &addrs, &short, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        let why = cached_unusable(&files, ARN, &addrs, SystemTime::now(), RENEW_BEFORE).unwrap();
+        assert!(why.contains("renewal window"), "{why}");
+        assert_eq!(
+            obtain(&files, ARN, &addrs, &short, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        assert_eq!(short.calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn refuses_a_certificate_for_other_names_and_a_broken_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        let addrs = ips(&["203.0.113.9"]);
+        let err = obtain(
+            &files,
+            ARN,
+            &addrs,
+            &LyingCa(TestCa::new(365)),
+            RENEW_BEFORE,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not match the request"), "{err}");
+        assert!(
+            !files.cert.exists(),
+            "a wrong certificate must not be cached"
+        );
+
+        let ca = TestCa::new(365);
+        obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap();
+        fs::write(&files.key, "garbage").unwrap();
+        assert!(cached_unusable(&files, ARN, &addrs, SystemTime::now(), RENEW_BEFORE).is_some());
+        assert_eq!(
+            obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+    }
+}

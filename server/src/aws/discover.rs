@@ -1,0 +1,423 @@
+//! Who and where this server is: its ARN, its cluster and service, its public address.
+//!
+//! The ARN comes from, in order: ECS task metadata v4 (`ECS_CONTAINER_METADATA_URI_V4`,
+//! `GET ${uri}/task`), the `ECS_TASK_ARN` and `SERVER_ARN` variables, and the EC2 instance
+//! identity document (IMDSv2). The public address comes from the task's network
+//! interface (ECS DescribeTasks, then EC2 DescribeNetworkInterfaces) or, on EC2, from the
+//! instance metadata.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use fluidity_aws::clients::ec2::Ec2Client;
+use fluidity_aws::clients::ecs::EcsClient;
+use fluidity_aws::imds::Imds;
+use fluidity_aws::Env;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Deadline of one task-metadata request; the endpoint is local to the task.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest task-metadata document read.
+const METADATA_LIMIT: u64 = 1024 * 1024;
+
+/// Where the ARN was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArnSource {
+    /// ECS task metadata v4.
+    TaskMetadata,
+    /// The `ECS_TASK_ARN` variable.
+    EcsTaskArn,
+    /// The `SERVER_ARN` variable.
+    ServerArn,
+    /// The EC2 instance identity document.
+    Ec2Metadata,
+}
+
+/// The parts of the ECS task metadata v4 `/task` document that the server reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct TaskMetadata {
+    /// The cluster, usually as an ARN.
+    #[serde(rename = "Cluster")]
+    pub cluster: String,
+    /// The task ARN.
+    #[serde(rename = "TaskARN")]
+    pub task_arn: String,
+    /// The service the task belongs to (recent agents fill it in).
+    #[serde(rename = "ServiceName")]
+    pub service_name: Option<String>,
+    /// The containers, with their networks.
+    #[serde(rename = "Containers")]
+    pub containers: Vec<ContainerMetadata>,
+}
+
+/// One container of [`TaskMetadata`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ContainerMetadata {
+    /// The container's networks.
+    #[serde(rename = "Networks")]
+    pub networks: Vec<NetworkMetadata>,
+}
+
+/// One network of a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NetworkMetadata {
+    /// `awsvpc`, `bridge`, `host`, …
+    #[serde(rename = "NetworkMode")]
+    pub network_mode: String,
+    /// The private IPv4 addresses.
+    #[serde(rename = "IPv4Addresses")]
+    pub ipv4_addresses: Vec<String>,
+}
+
+impl TaskMetadata {
+    /// The task's private addresses, for logging.
+    pub fn private_ips(&self) -> Vec<IpAddr> {
+        self.containers
+            .iter()
+            .flat_map(|c| &c.networks)
+            .flat_map(|n| &n.ipv4_addresses)
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+}
+
+/// What the server knows about itself after discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// The server's ARN: the CN of both certificates.
+    pub arn: String,
+    /// Where it was found.
+    pub source: ArnSource,
+    /// The task metadata, when running as an ECS task with metadata v4.
+    pub task: Option<TaskMetadata>,
+}
+
+impl ServerIdentity {
+    /// The cluster name from the task metadata (an ARN is shortened to its name).
+    pub fn cluster(&self) -> Option<String> {
+        self.task
+            .as_ref()
+            .map(|t| resource_name(&t.cluster).to_owned())
+            .filter(|c| !c.is_empty())
+    }
+
+    /// The service name from the task metadata.
+    pub fn service(&self) -> Option<String> {
+        self.task
+            .as_ref()
+            .and_then(|t| t.service_name.clone())
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// The last path segment of an ARN (`arn:…:cluster/NAME` → `NAME`); a name stays as it is.
+pub fn resource_name(name_or_arn: &str) -> &str {
+    if name_or_arn.starts_with("arn:") {
+        name_or_arn.rsplit('/').next().unwrap_or(name_or_arn)
+    } else {
+        name_or_arn
+    }
+}
+
+/// Whether `s` has the shape `arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE` with a
+/// non-empty partition, service and resource, and no whitespace or control characters.
+pub fn is_well_formed_arn(s: &str) -> bool {
+    let parts: Vec<&str> = s.splitn(6, ':').collect();
+    parts.len() == 6
+        && parts[0] == "arn"
+        && !parts[1].is_empty()
+        && !parts[2].is_empty()
+        && !parts[5].is_empty()
+        && s.len() <= 1024
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// GETs `url` without a proxy (metadata endpoints are link-local) and returns the body of
+/// a 200 answer.
+pub fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .call()
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(METADATA_LIMIT)
+        .read_to_string()
+        .map_err(|e| format!("GET {url}: reading the answer: {e}"))?;
+    if status != 200 {
+        let snippet: String = body.chars().take(200).collect();
+        return Err(format!("GET {url} answered HTTP {status}: {snippet}"));
+    }
+    Ok(body)
+}
+
+/// Fetches and parses `${base}/task` of ECS task metadata v4.
+pub fn task_metadata(base: &str) -> Result<TaskMetadata, Error> {
+    let url = format!("{}/task", base.trim_end_matches('/'));
+    let body = http_get(&url, METADATA_TIMEOUT)
+        .map_err(|e| Error::AwsStartup(format!("cannot read the ECS task metadata: {e}")))?;
+    let md: TaskMetadata = serde_json::from_str(&body).map_err(|e| {
+        Error::AwsStartup(format!(
+            "the ECS task metadata at {url} is not what ECS serves: {e}"
+        ))
+    })?;
+    if !is_well_formed_arn(&md.task_arn) {
+        return Err(Error::AwsStartup(format!(
+            "the ECS task metadata at {url} has no usable TaskARN ({:?})",
+            md.task_arn
+        )));
+    }
+    Ok(md)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InstanceIdentity {
+    account_id: String,
+    region: String,
+    instance_id: String,
+}
+
+/// The partition of a region: `aws-cn`, `aws-us-gov` or `aws`.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
+/// Discovers the server's ARN (see the module documentation for the order).
+pub fn discover_identity(env: &Env) -> Result<ServerIdentity, Error> {
+    if let Some(base) = env.get("ECS_CONTAINER_METADATA_URI_V4") {
+        let md = task_metadata(base)?;
+        return Ok(ServerIdentity {
+            arn: md.task_arn.clone(),
+            source: ArnSource::TaskMetadata,
+            task: Some(md),
+        });
+    }
+    for (var, source) in [
+        ("ECS_TASK_ARN", ArnSource::EcsTaskArn),
+        ("SERVER_ARN", ArnSource::ServerArn),
+    ] {
+        if let Some(arn) = env.get(var) {
+            if !is_well_formed_arn(arn) {
+                return Err(Error::AwsStartup(format!(
+                    "{var} is set but is not an ARN: {arn:?}"
+                )));
+            }
+            return Ok(ServerIdentity {
+                arn: arn.to_owned(),
+                source,
+                task: None,
+            });
+        }
+    }
+    let imds = Imds::from_env(env)?.ok_or_else(|| {
+        Error::AwsStartup(
+            "cannot tell this server's ARN: no ECS_CONTAINER_METADATA_URI_V4, ECS_TASK_ARN or \
+             SERVER_ARN, and the EC2 metadata service is disabled"
+                .into(),
+        )
+    })?;
+    let doc = imds
+        .get("/latest/dynamic/instance-identity/document")
+        .map_err(|e| {
+            Error::AwsStartup(format!(
+                "cannot tell this server's ARN: no ECS_CONTAINER_METADATA_URI_V4, ECS_TASK_ARN \
+                 or SERVER_ARN, and the EC2 metadata service did not answer: {e}"
+            ))
+        })?;
+    let id: InstanceIdentity = serde_json::from_str(&doc).map_err(|e| {
+        Error::AwsStartup(format!(
+            "the EC2 instance identity document is unreadable: {e}"
+        ))
+    })?;
+    Ok(ServerIdentity {
+        arn: format!(
+            "arn:{}:ec2:{}:{}:instance/{}",
+            partition(&id.region),
+            id.region,
+            id.account_id,
+            id.instance_id
+        ),
+        source: ArnSource::Ec2Metadata,
+        task: None,
+    })
+}
+
+/// The public address of an ECS task: DescribeTasks gives its network interface, and
+/// DescribeNetworkInterfaces that interface's public IP. `Ok(None)` while it has none.
+pub fn task_public_ip(
+    ecs: &EcsClient,
+    ec2: &Ec2Client,
+    cluster: &str,
+    task_arn: &str,
+) -> Result<Option<IpAddr>, Error> {
+    let (tasks, failures) = ecs.describe_tasks(cluster, &[task_arn])?;
+    let task = tasks
+        .into_iter()
+        .find(|t| t.task_arn == task_arn)
+        .ok_or_else(|| {
+            Error::AwsStartup(format!(
+                "ECS does not know this task ({task_arn} in cluster {cluster}): {failures:?}"
+            ))
+        })?;
+    let Some(eni) = task.network_interface_id else {
+        return Ok(None);
+    };
+    let enis = ec2.describe_network_interfaces(&[eni.as_str()])?;
+    let public = enis
+        .into_iter()
+        .find(|n| n.id == eni)
+        .and_then(|n| n.public_ip)
+        .map(|ip| {
+            ip.parse::<IpAddr>().map_err(|_| {
+                Error::AwsStartup(format!("EC2 gave {eni} an unreadable public IP {ip:?}"))
+            })
+        })
+        .transpose()?;
+    Ok(public)
+}
+
+/// The instance's public IPv4 address from the EC2 metadata service.
+pub fn instance_public_ip(imds: &Imds) -> Result<IpAddr, Error> {
+    let text = imds
+        .get("/latest/meta-data/public-ipv4")
+        .map_err(|e| Error::AwsStartup(format!("the instance has no public IPv4 address: {e}")))?;
+    text.trim().parse().map_err(|_| {
+        Error::AwsStartup(format!(
+            "the EC2 metadata gave an unreadable public IP {text:?}"
+        ))
+    })
+}
+
+/// The server's public address: the task's interface when running on ECS (waiting up to
+/// `limit` for the address to be attached), else the instance metadata.
+pub fn discover_public_ip(
+    identity: &ServerIdentity,
+    env: &Env,
+    ecs: &EcsClient,
+    ec2: &Ec2Client,
+    cluster: Option<&str>,
+    limit: Duration,
+) -> Result<IpAddr, Error> {
+    let is_task = identity.task.is_some() || identity.source == ArnSource::EcsTaskArn;
+    if let (true, Some(cluster)) = (is_task, cluster) {
+        let deadline = Instant::now() + limit;
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match task_public_ip(ecs, ec2, cluster, &identity.arn) {
+                Ok(Some(ip)) => return Ok(ip),
+                Ok(None) => tracing::info!("the task's network interface has no public IP yet"),
+                Err(Error::Aws(e)) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "looking up the task's public IP")
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() + delay > deadline {
+                return Err(Error::AwsStartup(format!(
+                    "the task's network interface got no public IP within {limit:?}; run the \
+                     service with assignPublicIp ENABLED"
+                )));
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+    let imds = Imds::from_env(env)?.ok_or_else(|| {
+        Error::AwsStartup(
+            "cannot tell this server's public IP: not an ECS task with a known cluster, and the \
+             EC2 metadata service is disabled"
+                .into(),
+        )
+    })?;
+    instance_public_ip(&imds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arn_shapes() {
+        assert!(is_well_formed_arn(
+            "arn:aws:ecs:us-east-1:123456789012:task/fluidity/abc"
+        ));
+        assert!(is_well_formed_arn("arn:aws:ec2:us-east-1:1:instance/i-1"));
+        assert!(!is_well_formed_arn("fluidity-server"));
+        assert!(!is_well_formed_arn("arn:aws:ecs:us-east-1:1"));
+        assert!(!is_well_formed_arn("arn::ecs:r:1:task/x"));
+        assert!(!is_well_formed_arn("arn:aws:ecs:r:1:task/x y"));
+        assert_eq!(
+            resource_name("arn:aws:ecs:us-east-1:1:cluster/fluidity"),
+            "fluidity"
+        );
+        assert_eq!(resource_name("fluidity"), "fluidity");
+        assert_eq!(partition("cn-north-1"), "aws-cn");
+        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
+        assert_eq!(partition("eu-west-1"), "aws");
+    }
+
+    #[test]
+    fn env_variables_in_order_and_refuses_a_non_arn() {
+        let env = Env::from_pairs([
+            ("ECS_TASK_ARN", "arn:aws:ecs:r:1:task/c/one"),
+            ("SERVER_ARN", "arn:aws:ecs:r:1:task/c/two"),
+        ]);
+        let id = discover_identity(&env).unwrap();
+        assert_eq!(id.arn, "arn:aws:ecs:r:1:task/c/one");
+        assert_eq!(id.source, ArnSource::EcsTaskArn);
+        let env = Env::from_pairs([("SERVER_ARN", "arn:aws:ecs:r:1:task/c/two")]);
+        assert_eq!(
+            discover_identity(&env).unwrap().source,
+            ArnSource::ServerArn
+        );
+        let env = Env::from_pairs([("SERVER_ARN", "my-server")]);
+        let err = discover_identity(&env).unwrap_err().to_string();
+        assert!(err.contains("not an ARN"), "{err}");
+        let env = Env::from_pairs([("AWS_EC2_METADATA_DISABLED", "true")]);
+        let err = discover_identity(&env).unwrap_err().to_string();
+        assert!(err.contains("cannot tell this server's ARN"), "{err}");
+    }
+
+    #[test]
+    fn parses_task_metadata_v4() {
+        let doc = r#"{
+            "Cluster": "arn:aws:ecs:us-west-2:111122223333:cluster/fluidity",
+            "TaskARN": "arn:aws:ecs:us-west-2:111122223333:task/fluidity/158d1c8083dd49d6",
+            "Family": "fluidity-server", "Revision": "3", "ServiceName": "fluidity-server",
+            "Containers": [{"Name": "server", "Networks": [
+                {"NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.0.108"]}]}],
+            "LaunchType": "FARGATE"
+        }"#;
+        let md: TaskMetadata = serde_json::from_str(doc).unwrap();
+        let id = ServerIdentity {
+            arn: md.task_arn.clone(),
+            source: ArnSource::TaskMetadata,
+            task: Some(md.clone()),
+        };
+        assert_eq!(id.cluster().as_deref(), Some("fluidity"));
+        assert_eq!(id.service().as_deref(), Some("fluidity-server"));
+        assert_eq!(
+            md.private_ips(),
+            vec!["10.0.0.108".parse::<IpAddr>().unwrap()]
+        );
+    }
+}
