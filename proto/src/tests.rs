@@ -133,6 +133,39 @@ fn handshake_with_application_auth() {
     assert!(p.agent.is_ready());
 }
 
+/// Found by the simulation (seed 0x7ad86dffe7b8664b): a server application that takes
+/// longer than the idle timeout to decide on the auth (allowed: the handshake deadline is
+/// longer) must not declare the waiting agent dead the moment it admits it.
+#[test]
+fn a_slow_auth_decision_does_not_trip_the_idle_timeout() {
+    let mut p = Pair::new(cfg(true), cfg(true));
+    p.drive();
+    let req = p
+        .server_events
+        .drain(..)
+        .find_map(|e| match e {
+            Event::AuthRequested(r) => Some(r),
+            _ => None,
+        })
+        .expect("auth requested");
+    // Past the 15 s idle timeout, within the 30 s handshake deadline.
+    p.advance(Duration::from_secs(20));
+    p.server.accept_auth(p.now, req, "slow".into(), 0);
+    p.drive();
+    p.advance(Duration::from_millis(1));
+    p.drive();
+    assert!(
+        !p.server_events
+            .iter()
+            .chain(&p.agent_events)
+            .any(|e| matches!(e, Event::ConnectionLost { .. })),
+        "{:?} {:?}",
+        p.server_events,
+        p.agent_events
+    );
+    assert!(p.server.is_ready() && p.agent.is_ready());
+}
+
 #[test]
 fn rejected_auth_closes_both_sides_with_the_reason() {
     let mut p = Pair::new(cfg(true), cfg(true));
