@@ -359,6 +359,24 @@ impl Moto {
         vars
     }
 
+    /// [`Moto::env_vars`] for any credentials, temporary ones included
+    /// (`AWS_SESSION_TOKEN` is set when they have a session token).
+    pub fn env_vars_for(&self, credentials: &Credentials) -> Vec<(String, String)> {
+        let mut vars = self.env_vars_without_keys();
+        vars.push((
+            "AWS_ACCESS_KEY_ID".into(),
+            credentials.access_key_id().into(),
+        ));
+        vars.push((
+            "AWS_SECRET_ACCESS_KEY".into(),
+            credentials.secret_access_key().into(),
+        ));
+        if let Some(token) = credentials.session_token() {
+            vars.push(("AWS_SESSION_TOKEN".into(), token.into()));
+        }
+        vars
+    }
+
     /// [`Moto::env_vars`] without the keys: region, endpoint and isolation only, for tests
     /// that supply credentials another way (profile files, container endpoint).
     pub fn env_vars_without_keys(&self) -> Vec<(String, String)> {
@@ -426,6 +444,15 @@ impl Moto {
             name: name.to_string(),
             arn,
         }
+    }
+
+    /// Temporary credentials of `role` for session `session`, obtained by `user` with STS
+    /// AssumeRole (one hour). GetCallerIdentity with them reports
+    /// [`TestRole::assumed_arn`]`(session)`.
+    pub fn assume_role(&self, user: &TestUser, role: &TestRole, session: &str) -> Credentials {
+        fluidity_aws::clients::sts::StsClient::new(&self.aws_config(user))
+            .assume_role(&role.arn, session, None, None)
+            .unwrap_or_else(|e| panic!("{} assuming {}: {e}", user.name, role.arn))
     }
 
     /// Clears all of moto's state (`POST /moto-api/reset`) and creates a new administrator:

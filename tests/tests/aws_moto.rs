@@ -563,6 +563,43 @@ fn endpoint_overrides_per_service_win_over_the_global_one() {
     assert!(err.is_connection_refused(), "{err}");
 }
 
+#[test]
+fn loopback_endpoints_bypass_a_configured_proxy() {
+    let moto = Moto::start();
+    let alice = moto.create_user("alice");
+    // A proxy nobody listens on: calls to moto on 127.0.0.1 must not try it.
+    let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let env = moto.env(&alice).with("HTTPS_PROXY", proxy);
+    let config = AwsConfig::from_env(&env, &ChainOptions::default())
+        .expect("config")
+        .with_retry(RetryPolicy::none());
+    assert!(config.http.config().proxy.is_some());
+    assert_eq!(whoami(&config), alice.arn);
+}
+
+#[test]
+fn temporary_credentials_in_the_environment_carry_their_session_token() {
+    let moto = Moto::start();
+    let alice = moto.create_user("alice");
+    let role = moto.create_role("env-role", &alice.arn);
+    let creds = moto.assume_role(&alice, &role, "from-env");
+    let env = Env::from_pairs(moto.env_vars_for(&creds));
+    let config = AwsConfig::from_env(&env, &ChainOptions::default()).expect("config");
+    assert_eq!(whoami(&config), role.assumed_arn("from-env"));
+    // Without the token, the temporary key id alone is refused.
+    let mut env = env;
+    env.remove("AWS_SESSION_TOKEN");
+    let config = AwsConfig::from_env(&env, &ChainOptions::default())
+        .expect("config")
+        .with_retry(RetryPolicy::none());
+    let err = StsClient::new(&config)
+        .get_caller_identity()
+        .expect_err("a temporary key without its token");
+    assert_eq!(err.status(), Some(403), "{err}");
+}
+
 // ---- transport behaviour, against local servers that misbehave on purpose ----
 
 const CALLER_IDENTITY: &str =
