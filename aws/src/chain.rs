@@ -707,6 +707,101 @@ mod tests {
         }
     }
 
+    /// Hands out credentials expiring `lifetime` from now, or fails once `fail` is set;
+    /// counts the calls.
+    #[derive(Debug)]
+    struct Counting {
+        lifetime: Duration,
+        calls: std::sync::atomic::AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl ProvideCredentials for Counting {
+        fn provide(&self) -> Result<Credentials> {
+            use std::sync::atomic::Ordering;
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::Credentials {
+                    provider: "test",
+                    message: "down".into(),
+                });
+            }
+            Ok(Credentials::new(
+                format!("AKID{n}"),
+                "s",
+                Some("t".into()),
+                Some(SystemTime::now() + self.lifetime),
+                "test",
+            ))
+        }
+    }
+
+    fn counting(lifetime: Duration) -> Arc<Counting> {
+        Arc::new(Counting {
+            lifetime,
+            calls: Default::default(),
+            fail: Default::default(),
+        })
+    }
+
+    #[test]
+    fn cache_refreshes_within_the_margin_and_rides_out_failed_refreshes() {
+        use std::sync::atomic::Ordering;
+        // Far from expiry: fetched once.
+        let inner = counting(Duration::from_secs(3600));
+        let cached = CachedProvider::new(inner.clone(), DEFAULT_REFRESH_MARGIN);
+        let first = cached.provide().unwrap();
+        assert_eq!(cached.provide().unwrap(), first);
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 1);
+
+        // Inside the refresh margin: every call refreshes.
+        let inner = counting(Duration::from_secs(120));
+        let cached = CachedProvider::new(inner.clone(), DEFAULT_REFRESH_MARGIN);
+        let first = cached.provide().unwrap();
+        let second = cached.provide().unwrap();
+        assert_ne!(first.access_key_id(), second.access_key_id());
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+
+        // A failed refresh while the old credentials still work: the old ones are used.
+        inner.fail.store(true, Ordering::SeqCst);
+        assert_eq!(cached.provide().unwrap(), second);
+
+        // Nothing cached and the source fails: the error comes through.
+        let inner = counting(Duration::from_secs(120));
+        inner.fail.store(true, Ordering::SeqCst);
+        let cached = CachedProvider::new(inner, DEFAULT_REFRESH_MARGIN);
+        assert!(matches!(
+            cached.provide(),
+            Err(Error::Credentials {
+                provider: "test",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn chain_moves_on_only_when_a_provider_has_nothing() {
+        let env_empty: Arc<dyn ProvideCredentials> = Arc::new(EnvProvider::new(&Env::empty()));
+        let broken: Arc<dyn ProvideCredentials> = Arc::new(EnvProvider::new(&Env::from_pairs([(
+            "AWS_ACCESS_KEY_ID",
+            "AKID",
+        )])));
+        let good: Arc<dyn ProvideCredentials> = counting(Duration::from_secs(3600));
+        let c = ChainProvider::new(vec![env_empty.clone(), good.clone()])
+            .provide()
+            .unwrap();
+        assert_eq!(c.provider(), "test");
+        // A configured but broken provider stops the chain rather than being bypassed.
+        assert!(matches!(
+            ChainProvider::new(vec![broken, good]).provide(),
+            Err(Error::Credentials { .. })
+        ));
+        match ChainProvider::new(vec![env_empty]).provide() {
+            Err(Error::NoCredentials(tried)) => assert!(tried.contains("environment")),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rfc3339_parses() {
         let t = parse_rfc3339("2024-01-02T03:04:05Z").unwrap();
