@@ -121,6 +121,9 @@ pub struct Connection {
     go_away_received: bool,
     closing: Closing,
     lost: bool,
+    /// The peer drained and closed the transport after a goaway; the streams left are
+    /// complete and only wait for the application to read them.
+    peer_done: bool,
     stats: Stats,
 }
 
@@ -166,6 +169,7 @@ impl Connection {
             go_away_received: false,
             closing: Closing::No,
             lost: false,
+            peer_done: false,
             stats: Stats::default(),
             config,
         };
@@ -275,10 +279,29 @@ impl Connection {
         consumed
     }
 
-    /// The transport ended (EOF or error). Unless the connection was drained, it is lost.
+    /// The transport ended (EOF or error). Unless the connection was drained, it is lost,
+    /// with one exception: after a goaway, a peer that drained closes the transport while
+    /// streams it completed may still hold unread data here; they stay readable and the
+    /// connection drains once they have been read.
     pub fn handle_eof(&mut self, _now: Instant) {
         match self.closing {
-            Closing::No => self.fail(Error::TransportClosed, false),
+            Closing::No => {
+                // After a goaway the peer drains and closes the transport once it has sent
+                // everything and read our FINs, while streams it completed may still hold
+                // unread data here. Those stay readable, and the connection drains when
+                // they have been read. Anything short of that is a broken transport.
+                let peer_drained = (self.go_away_received || self.go_away_sent)
+                    && self.rx.is_empty()
+                    && self
+                        .streams
+                        .values()
+                        .all(|s| s.recv.fin_received && s.send.fin == Fin::Sent);
+                if peer_drained {
+                    self.peer_done = true;
+                } else {
+                    self.fail(Error::TransportClosed, false);
+                }
+            }
             Closing::Flushing => self.closing = Closing::Drained,
             Closing::Drained => {}
         }
@@ -287,7 +310,8 @@ impl Connection {
     /// Processes timers due at `now`: the handshake deadline, keepalive pings and the idle
     /// timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if !matches!(self.closing, Closing::No) {
+        // A peer that drained sends nothing more: no keepalive, no idle timeout.
+        if !matches!(self.closing, Closing::No) || self.peer_done {
             return;
         }
         if self.phase != Phase::Ready {
@@ -334,7 +358,7 @@ impl Connection {
 
     /// When `handle_timeout` must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !matches!(self.closing, Closing::No) {
+        if !matches!(self.closing, Closing::No) || self.peer_done {
             return None;
         }
         if self.phase != Phase::Ready {

@@ -382,6 +382,61 @@ fn goaway_lets_open_streams_finish_then_drains() {
     assert!(p.agent.is_drained() && p.server.is_drained());
 }
 
+/// Found by the simulation (seed 0x23d5ddc4f8399db2): after a goaway the server completes
+/// its side of a stream, drains and closes the transport; the agent, whose application
+/// had not yet read the stream's last bytes, must still be able to read them instead of
+/// losing the connection and the stream's tail.
+#[test]
+fn a_peer_that_drains_first_leaves_complete_streams_readable() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.agent.send_stream(id).write(b"ping").unwrap();
+    p.agent.send_stream(id).finish().unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.server, id), (b"ping".to_vec(), true));
+    p.server.send_stream(id).write(b"pong").unwrap();
+    p.server.send_stream(id).finish().unwrap();
+    p.server.go_away(p.now);
+    p.drive();
+    assert!(p.server.is_drained(), "the server has nothing left");
+    p.agent.handle_eof(p.now);
+    p.collect();
+    assert!(
+        !p.agent_events
+            .iter()
+            .any(|e| matches!(e, Event::ConnectionLost { .. })),
+        "{:?}",
+        p.agent_events
+    );
+    assert_eq!(
+        p.agent.poll_timeout(),
+        None,
+        "no keepalive towards a peer that is gone"
+    );
+    assert_eq!(read_all(&mut p.agent, id), (b"pong".to_vec(), true));
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert!(p.agent.is_drained());
+}
+
+/// A transport that ends while a stream still expects data is lost, goaway or not.
+#[test]
+fn eof_after_goaway_with_an_incomplete_stream_is_reported() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.server.send_stream(id).write(b"partial").unwrap();
+    p.server.go_away(p.now);
+    p.drive();
+    p.agent.handle_eof(p.now);
+    p.collect();
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::ConnectionLost {
+            reason: Error::TransportClosed
+        }
+    )));
+}
+
 #[test]
 fn server_refuses_streams_beyond_its_limit() {
     let scfg = Arc::new(Config {
