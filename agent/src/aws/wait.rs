@@ -146,6 +146,10 @@ pub fn interpret(q: &QueryResponse) -> Result<Located, Phase> {
             agent_ip: q.agent_public_ip,
         }),
         (ServerStatus::Running, _, _) => Err(Phase::Addressing),
+        // The task runs; only its public address is missing.
+        (ServerStatus::Starting, _, _) if q.task_status.as_deref() == Some("RUNNING") => {
+            Err(Phase::Addressing)
+        }
         _ => Err(Phase::Starting {
             task_status: q.task_status.clone(),
         }),

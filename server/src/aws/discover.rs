@@ -420,4 +420,55 @@ mod tests {
             vec!["10.0.0.108".parse::<IpAddr>().unwrap()]
         );
     }
+
+    /// Serves one canned HTTP answer per connection on 127.0.0.1, `n` times.
+    fn serve(answers: Vec<(u16, String)>) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let Ok((conn, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = conn;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://{addr}/v4/abc")
+    }
+
+    #[test]
+    fn reads_task_metadata_over_http_before_the_variables() {
+        let doc = r#"{"Cluster":"arn:aws:ecs:eu-west-1:1:cluster/c","TaskARN":"arn:aws:ecs:eu-west-1:1:task/c/t1","ServiceName":"s"}"#;
+        let uri = serve(vec![(200, doc.to_owned())]);
+        let env = Env::from_pairs([
+            ("ECS_CONTAINER_METADATA_URI_V4", uri.as_str()),
+            ("SERVER_ARN", "arn:aws:ecs:eu-west-1:1:task/c/other"),
+        ]);
+        let id = discover_identity(&env).unwrap();
+        assert_eq!(id.arn, "arn:aws:ecs:eu-west-1:1:task/c/t1");
+        assert_eq!(id.source, ArnSource::TaskMetadata);
+        assert_eq!(id.cluster().as_deref(), Some("c"));
+        assert_eq!(id.service().as_deref(), Some("s"));
+
+        let uri = serve(vec![
+            (404, "no".into()),
+            (200, r#"{"TaskARN":"nope"}"#.into()),
+        ]);
+        let env = Env::from_pairs([("ECS_CONTAINER_METADATA_URI_V4", uri.as_str())]);
+        let err = discover_identity(&env).unwrap_err().to_string();
+        assert!(err.contains("404"), "{err}");
+        let err = discover_identity(&env).unwrap_err().to_string();
+        assert!(err.contains("no usable TaskARN"), "{err}");
+    }
 }
