@@ -15,7 +15,11 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
     echo "setup-moto: creating virtual environment at $venv" >&2
     mkdir -p "$(dirname "$venv")"
-    "$python" -m venv "$venv"
+    if ! "$python" -m venv "$venv" >&2; then
+        rm -rf "$venv"
+        echo "setup-moto: could not create a virtual environment; on Debian/Ubuntu install python3-venv" >&2
+        exit 1
+    fi
 fi
 
 # pip is quiet when the requirement is already satisfied, so reruns are cheap.
