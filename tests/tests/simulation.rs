@@ -1,0 +1,300 @@
+//! Deterministic simulation of an agent and a server `Connection` over a faulty link.
+//!
+//! Each seed stands for a scenario (configurations, link faults, streams and how they end,
+//! how the connection ends); invariants are checked after every step. Environment:
+//!
+//! - `FLUIDITY_SIM_SEEDS=N`: how many seeds the sweep runs (default 200; CI: 1000);
+//! - `FLUIDITY_SIM_SEED=S` (decimal or `0x…`): replays only that seed.
+//!
+//! A failure prints its seed, the options it stands for, the last events and the command
+//! that replays it.
+
+mod sim;
+
+use std::time::{Duration, Instant};
+
+use fluidity_proto::{Config, ErrorCode, Limits, Side};
+
+use sim::options::{AuthPlan, DirPlan, Ending, LinkOptions, ReaderPlan, StreamPlan};
+use sim::rng::{mix, Rng};
+use sim::world::DETECTION_SLACK;
+use sim::Options;
+
+/// Seeds in the sweep when `FLUIDITY_SIM_SEEDS` is not set.
+const DEFAULT_SEEDS: u64 = 200;
+/// The sweep is split into this many tests so that the runner spreads it over cores.
+const SHARDS: u64 = 4;
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
+}
+
+/// The `i`-th seed of the sweep.
+fn sweep_seed(i: u64) -> u64 {
+    mix(0xF1D1_D17E_0000_0000 ^ i)
+}
+
+/// Runs this shard's part of the sweep (or the one seed to replay) and fails with the
+/// report of the first failing seed.
+fn sweep(shard: u64) {
+    let seeds: Vec<u64> = match env_u64("FLUIDITY_SIM_SEED") {
+        Some(seed) if shard == 0 => vec![seed],
+        Some(_) => return,
+        None => {
+            let n = env_u64("FLUIDITY_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+            (0..n)
+                .filter(|i| i % SHARDS == shard)
+                .map(sweep_seed)
+                .collect()
+        }
+    };
+    let wall = Instant::now();
+    let mut failures = Vec::new();
+    let (mut completed, mut bytes, mut steps, mut lost) = (0usize, 0u64, 0u64, 0usize);
+    let mut window_use = 0.0f64;
+    for &seed in &seeds {
+        let opts = Options::generate(seed);
+        match sim::run(&opts) {
+            Ok(o) => {
+                completed += o.completed;
+                bytes += o.bytes_read;
+                steps += o.steps;
+                lost += usize::from(o.agent_lost.is_some()) + usize::from(o.server_lost.is_some());
+                window_use = window_use.max(o.max_window_use);
+            }
+            Err(report) => failures.push((seed, report)),
+        }
+    }
+    println!(
+        "shard {shard}: {} seeds in {:?}: {completed} streams completed, {bytes} bytes read, \
+         {steps} steps, {lost} connection losses, fullest window {:.0}%",
+        seeds.len(),
+        wall.elapsed(),
+        window_use * 100.0
+    );
+    if let Some((_, report)) = failures.first() {
+        let seeds: Vec<String> = failures.iter().map(|(s, _)| format!("{s:#x}")).collect();
+        panic!(
+            "{} of {} seeds failed ({})\n{report}",
+            failures.len(),
+            seeds.len(),
+            seeds.join(", ")
+        );
+    }
+}
+
+#[test]
+fn seeds_sweep_part_1() {
+    sweep(0);
+}
+
+#[test]
+fn seeds_sweep_part_2() {
+    sweep(1);
+}
+
+#[test]
+fn seeds_sweep_part_3() {
+    sweep(2);
+}
+
+#[test]
+fn seeds_sweep_part_4() {
+    sweep(3);
+}
+
+/// A seed replays exactly: two runs hash the same bytes, events and instants.
+#[test]
+fn a_seed_replays_to_the_same_trace() {
+    let mut traces = Vec::new();
+    for i in 0..8 {
+        let opts = Options::generate(sweep_seed(i));
+        let first = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+        let second = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+        assert_eq!(
+            (first.trace, first.steps, first.elapsed),
+            (second.trace, second.steps, second.elapsed),
+            "seed {:#x} is not deterministic",
+            opts.seed
+        );
+        traces.push(first.trace);
+    }
+    traces.sort_unstable();
+    traces.dedup();
+    assert!(
+        traces.len() > 1,
+        "every seed hashed to the same trace: the hash covers nothing"
+    );
+}
+
+/// A link that goes silent (no bytes, no EOF) is noticed by both sides through the
+/// keepalive, within the configured idle timeout of the last byte, whatever was going on.
+#[test]
+fn a_silent_peer_is_detected_within_the_idle_timeout() {
+    let mut rng = Rng::new(0xDEAD);
+    for i in 0..40u64 {
+        let mut opts = Options::generate(mix(0xDEAD_0000 ^ i));
+        opts.server.require_auth = false;
+        opts.auth = AuthPlan::Accept(Duration::ZERO);
+        // Cut after the handshake (the worst link delay is far below a second), while
+        // streams may still be running.
+        let at = Duration::from_secs(1)
+            + opts.worst_delay() * 4
+            + rng.duration(Duration::ZERO, Duration::from_secs(3));
+        opts.ending = Ending::Silent { at };
+        let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+        for (side, detected, cfg) in [
+            (Side::Agent, o.detection[0], &opts.agent),
+            (Side::Server, o.detection[1], &opts.server),
+        ] {
+            let detected = detected.unwrap_or_else(|| {
+                panic!(
+                    "seed {:#x}: the {side:?} never noticed the silent peer",
+                    opts.seed
+                )
+            });
+            assert!(
+                detected <= cfg.idle_timeout + DETECTION_SLACK,
+                "seed {:#x}: the {side:?} noticed after {detected:?}, idle timeout {:?}",
+                opts.seed,
+                cfg.idle_timeout
+            );
+        }
+    }
+}
+
+/// Cut during the handshake (the server application never gets the auth request in
+/// time): both sides give up at their handshake deadline.
+#[test]
+fn a_peer_silent_during_the_handshake_is_detected_at_the_deadline() {
+    for i in 0..20u64 {
+        let mut opts = Options::generate(mix(0xBEEF_0000 ^ i));
+        opts.server.require_auth = true;
+        opts.auth = AuthPlan::Accept(opts.server.handshake_timeout);
+        opts.ending = Ending::Silent {
+            at: Duration::from_millis(i * 10),
+        };
+        let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+        assert!(
+            o.agent_lost.is_some() && o.server_lost.is_some(),
+            "seed {:#x}: {o:?}",
+            opts.seed
+        );
+    }
+}
+
+fn quiet_link() -> LinkOptions {
+    LinkOptions {
+        latency: Duration::from_millis(5),
+        jitter: Duration::ZERO,
+        split_per_mille: 300,
+        split_max: 100,
+        stall_per_mille: 0,
+        stall_max: Duration::ZERO,
+    }
+}
+
+/// Small windows: a reader that stops holds exactly its stream's window and no more,
+/// while the other streams, sharing a connection window smaller than all their stream
+/// windows together, carry on to the end.
+#[test]
+fn a_stopped_reader_holds_only_its_own_window() {
+    const WINDOW: u32 = 1000;
+    const PAUSE: Duration = Duration::from_secs(5);
+    let config = |conn_window: u32| Config {
+        limits: Limits {
+            max_frame_len: 16 * 1024,
+            stream_window: WINDOW,
+            connection_window: conn_window,
+            max_streams: 8,
+        },
+        require_auth: false,
+        data_frame_len: 300,
+        keepalive_interval: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let eager = ReaderPlan {
+        chunk: 64 * 1024,
+        interval: Duration::ZERO,
+        pause_at: None,
+        pause_for: None,
+    };
+    let dir = |reader: ReaderPlan| DirPlan {
+        len: 30_000,
+        write_chunk: 4096,
+        reader,
+    };
+    let stream = |reader: ReaderPlan| StreamPlan {
+        open_at: Duration::ZERO,
+        answer_delay: Duration::ZERO,
+        refuse: None,
+        up: dir(reader),
+        down: dir(eager),
+        reset: None,
+    };
+    let stopped = ReaderPlan {
+        pause_at: Some(Duration::ZERO),
+        pause_for: Some(PAUSE),
+        ..eager
+    };
+    let opts = Options {
+        seed: 0xF10,
+        agent: config(2500),
+        server: config(2500),
+        up_link: quiet_link(),
+        down_link: quiet_link(),
+        auth: AuthPlan::Accept(Duration::ZERO),
+        streams: vec![stream(stopped), stream(eager), stream(eager)],
+        ending: Ending::GoAway {
+            by: Side::Agent,
+            at: None,
+        },
+    };
+    let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(o.completed, 3, "{o:?}");
+    assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+    // The stalled stream filled its window exactly: the writer neither stopped short nor
+    // overran it.
+    assert_eq!(o.max_in_flight[0][0], u64::from(WINDOW), "{o:?}");
+    for k in 0..3 {
+        assert!(
+            o.max_in_flight[k][0] <= u64::from(WINDOW)
+                && o.max_in_flight[k][1] <= u64::from(WINDOW),
+            "{o:?}"
+        );
+    }
+    let done = |k: usize| o.done_at[k].unwrap_or_else(|| panic!("plan {k} never ended: {o:?}"));
+    assert!(
+        done(1) < PAUSE && done(2) < PAUSE,
+        "the other streams waited for the stopped reader: {o:?}"
+    );
+    assert!(done(0) > PAUSE, "{o:?}");
+}
+
+/// Every stream is reset by the agent at once with its own code; the server sees each
+/// reset with that code and nothing is left behind.
+#[test]
+fn resets_reach_the_peer_with_their_codes() {
+    let mut opts = Options::generate(0x5E5E7);
+    opts.ending = Ending::GoAway {
+        by: Side::Server,
+        at: None,
+    };
+    opts.auth = AuthPlan::Accept(Duration::ZERO);
+    for (k, s) in opts.streams.iter_mut().enumerate() {
+        s.refuse = None;
+        s.reset = Some(sim::options::ResetPlan {
+            by: Side::Agent,
+            after: Duration::from_millis(20 * k as u64),
+            code: ErrorCode(100 + k as u32),
+        });
+    }
+    sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+}
