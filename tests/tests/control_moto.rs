@@ -19,7 +19,7 @@ use fluidity_aws::control::ca::ca_secret_json;
 use fluidity_aws::control::{
     CertRole, CertificateRequest, Control, ControlClient, ControlConfig, ControlError, ControlUrls,
     IpKind, ServerId, ServerStatus, SleepAction, WakeRequest, WakeResponse, AGENT_IP_TTL,
-    METRIC_ACTIVE_TUNNELS, METRIC_DIMENSION, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
+    METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
 };
 use fluidity_aws::{AwsConfig, Service};
 use fluidity_runtime_smol::pki::{self, CaBundle};
@@ -152,7 +152,7 @@ impl World {
                     name: METRIC_ACTIVE_TUNNELS.into(),
                     value,
                     unit: "Count".into(),
-                    dimensions: vec![(METRIC_DIMENSION.into(), format!("{CLUSTER}/{SERVICE}"))],
+                    dimensions: ServerId::new(CLUSTER, SERVICE).metric_dimensions(),
                     timestamp: Some(at),
                 }],
             )

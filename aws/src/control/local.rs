@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,8 @@ const MAX_HEAD_LEN: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Time a client has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed at once rather than given a thread each.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Settings of the local control host.
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,13 +42,21 @@ pub fn serve(
     control: Arc<Control>,
     options: LocalOptions,
 ) -> std::io::Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, peer) = listener.accept()?;
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%peer, "too many control connections; closing this one");
+            continue;
+        }
         let control = Arc::clone(&control);
+        let active = Arc::clone(&active);
         std::thread::spawn(move || {
             if let Err(e) = handle_connection(stream, peer.ip(), &control, options) {
                 tracing::debug!(%peer, error = %e, "control connection ended");
             }
+            active.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }

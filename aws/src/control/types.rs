@@ -69,6 +69,12 @@ impl ServerId {
     pub fn key(&self) -> String {
         format!("{}/{}", self.cluster, self.service)
     }
+
+    /// The dimensions the server's metrics carry (`Service=CLUSTER/SERVICE`), which is
+    /// what Sleep reads them by.
+    pub fn metric_dimensions(&self) -> Vec<(String, String)> {
+        vec![(METRIC_DIMENSION.to_string(), self.key())]
+    }
 }
 
 impl fmt::Display for ServerId {
