@@ -516,3 +516,68 @@ impl Control {
         Ok(bundle)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{Credentials, Endpoints, HttpClient};
+
+    /// Handlers whose AWS calls would go nowhere: every case here must be decided before
+    /// any call is made.
+    fn offline(config: ControlConfig) -> Control {
+        let aws = AwsConfig::new(
+            "us-east-1",
+            Arc::new(Credentials::new("AKIDTEST", "secret", None, None, "test")),
+            Endpoints::global("http://127.0.0.1:9"),
+            HttpClient::direct().unwrap(),
+        );
+        Control::new(config, aws)
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_any_aws_call() {
+        let c = offline(ControlConfig::default());
+        let now = SystemTime::now();
+        let ip = Some("203.0.113.9".parse().unwrap());
+        for (function, body, why) in [
+            (Function::Ca, &b""[..], "needs a JSON body"),
+            (Function::Ca, b"{\"csr\": 1}", "not {\"csr\""),
+            (Function::Query, b"[1, 2]", "not the expected JSON"),
+            (Function::Wake, b"nonsense", "not the expected JSON"),
+        ] {
+            let e = c.dispatch(function, ip, body, now).unwrap_err();
+            assert_eq!(e.code, "bad_request", "{function}: {e}");
+            assert!(e.message.contains(why), "{function}: {e}");
+        }
+        let e = c.dispatch(Function::Wake, None, b"{}", now).unwrap_err();
+        assert!(e.message.contains("source IP"), "{e}");
+        let big = vec![b' '; MAX_BODY_LEN + 1];
+        let e = c.dispatch(Function::Kill, ip, &big, now).unwrap_err();
+        assert!(e.message.contains("more than"), "{e}");
+        let e = c.dispatch(Function::Query, ip, b"", now).unwrap_err();
+        assert_eq!((e.status, e.code), (500, "configuration"));
+        assert!(e.message.contains("FLUIDITY_CLUSTER"), "{e}");
+    }
+
+    #[test]
+    fn function_url_refusals_are_http_answers() {
+        let c = offline(ControlConfig::default());
+        let event = serde_json::json!({
+            "requestContext": { "http": { "method": "POST", "sourceIp": "203.0.113.9" } },
+            "body": "{\"csr\": \"x\", \"role\": \"agent\"}",
+        });
+        let answer =
+            super::super::lambda::handle_event(&c, Function::Ca, &event, SystemTime::now())
+                .unwrap();
+        assert_eq!(answer["statusCode"], 400);
+        let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["error"], "csr_refused");
+        // A scheduled invocation that fails is an error for the runtime to report.
+        let sched = serde_json::json!({ "source": "aws.events" });
+        let e = super::super::lambda::handle_event(&c, Function::Sleep, &sched, SystemTime::now())
+            .unwrap_err();
+        assert_eq!(e.code, "configuration");
+    }
+}
