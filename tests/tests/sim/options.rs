@@ -141,9 +141,9 @@ pub struct Options {
 }
 
 /// Upper bound on frames one direction of one stream may need: keeps each seed cheap.
-const MAX_FRAMES_PER_DIR: u64 = 1500;
+const MAX_FRAMES_PER_DIR: u64 = 4000;
 /// Upper bound on window round trips one direction may need.
-const MAX_WINDOW_ROUNDS: u64 = 60;
+const MAX_WINDOW_ROUNDS: u64 = 150;
 
 impl Options {
     /// The scenario for `seed`.
@@ -184,15 +184,15 @@ impl Options {
 
         let n_streams = match rng.below(10) {
             0 => 0,
-            1..=6 => rng.range_usize(1, 4),
-            _ => rng.range_usize(5, 14),
+            1..=5 => rng.range_usize(1, 4),
+            _ => rng.range_usize(5, 16),
         };
         let mut streams = Vec::with_capacity(n_streams);
         for _ in 0..n_streams {
             streams.push(stream(&mut rng, &agent, &server, n_streams));
         }
 
-        let horizon = Duration::from_millis(rng.range(0, 4000));
+        let horizon = Duration::from_millis(rng.range(0, 8000));
         let ending = match rng.below(20) {
             0..=9 => Ending::GoAway {
                 by: side(&mut rng),
@@ -294,7 +294,7 @@ fn dir(rng: &mut Rng, sender: &Config, receiver: &Config, n_streams: usize) -> D
         .max(1);
     let cap = (frame * MAX_FRAMES_PER_DIR)
         .min(per_round * MAX_WINDOW_ROUNDS)
-        .min(200_000);
+        .min(400_000);
     let len = match rng.below(10) {
         0 => 0,
         1 => rng.range(1, 16.min(cap)),

@@ -19,7 +19,7 @@ use fluidity_proto::{
 };
 
 use super::link::Link;
-use super::model::{dir_of, other, End, StreamModel};
+use super::model::{dir_of, other, AppStream, End, StreamModel};
 use super::options::{AuthPlan, Ending, Options};
 use super::rng::{fill_pattern, mix, pattern_mismatch, Rng, TraceHash};
 
@@ -1186,12 +1186,23 @@ impl<'a> World<'a> {
             if m.agent.end.is_final() && m.server.end.is_final() {
                 continue;
             }
+            let app = |a: &AppStream| {
+                format!(
+                    "{:?} started {:?} readable {} write_blocked {} next_read {:?} reset_tried {}",
+                    a.end,
+                    a.started.map(|t| t - self.start),
+                    a.readable,
+                    a.write_blocked,
+                    a.next_read.map(|t| t - self.start),
+                    a.reset_tried
+                )
+            };
             let _ = writeln!(
                 s,
-                "  plan {k} {:?}: agent {:?} server {:?} up {:?} down {:?} opened {} answer {:?}",
+                "  plan {k} {:?}: agent [{}] server [{}] up {:?} down {:?} opened {} answer {:?}",
                 m.id,
-                m.agent,
-                m.server,
+                app(&m.agent),
+                app(&m.server),
                 m.up,
                 m.down,
                 m.opened,
