@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fluidity_aws::clients::cloudwatch::{CloudWatchClient, MetricDatum};
-use fluidity_aws::control::types::{METRIC_ACTIVE_TUNNELS, METRIC_DIMENSION, METRIC_PERIOD};
+use fluidity_aws::control::types::{METRIC_ACTIVE_TUNNELS, METRIC_PERIOD};
 use fluidity_aws::control::ServerId;
 use futures_lite::FutureExt;
 
@@ -30,7 +30,7 @@ pub fn sample(
     id: &ServerId,
     at: SystemTime,
 ) -> (Vec<MetricDatum>, Previous) {
-    let dims = vec![(METRIC_DIMENSION.to_owned(), id.key())];
+    let dims = id.metric_dimensions();
     let datum = |name: &str, value: u64, unit: &str| MetricDatum {
         name: name.to_owned(),
         value: value as f64,
@@ -110,6 +110,7 @@ pub async fn publish_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fluidity_aws::control::types::METRIC_DIMENSION;
 
     #[test]
     fn samples_carry_deltas_and_the_dimension() {

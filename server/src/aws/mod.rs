@@ -110,6 +110,24 @@ pub struct AwsStartup {
     pub metrics_period: Duration,
 }
 
+impl AwsStartup {
+    /// Publishes `metrics` to CloudWatch every period, forever: spawn it on the executor
+    /// and drop (cancel) the task at shutdown.
+    pub fn publish_metrics(
+        &self,
+        metrics: std::sync::Arc<crate::health::Metrics>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        metrics::publish_loop(
+            fluidity_aws::clients::cloudwatch::CloudWatchClient::new(&self.aws),
+            self.metric_namespace.clone(),
+            metrics,
+            self.server_id.clone(),
+            Some(self.metrics_period),
+            futures_lite::future::pending::<()>(),
+        )
+    }
+}
+
 fn setting(
     configured: &Option<String>,
     env: &Env,
