@@ -20,7 +20,11 @@
 #   BENCH_REQUESTS=20000    requests per concurrent run
 #   BENCH_CONCURRENCY=64    concurrent clients
 #   BENCH_SEQ_REQUESTS=2000 requests per sequential run
-#   BENCH_SKIP_BUILD=1      use the release binaries already in target/release
+#   BENCH_SKIP_BUILD=1      use the release binaries already built
+#   AGENT_BIN, SERVER_BIN   the binaries to measure (default: fluidity and fluidity-server
+#                           in $CARGO_TARGET_DIR/release, or target/release without it)
+#   BENCH_COMMIT            the commit the binaries were built from, for the report
+#                           (default: this checkout's HEAD)
 #
 # Needs curl, python3 (free ports), nginx (origin) and hey (load tool with -x for a
 # forward proxy); nginx and hey are installed from Debian's packages when missing.
@@ -58,9 +62,12 @@ if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     log "building release binaries"
     cargo build --release -p fluidity-agent -p fluidity-server
 fi
-AGENT_BIN=$ROOT/target/release/fluidity
-SERVER_BIN=$ROOT/target/release/fluidity-server
-[ -x "$AGENT_BIN" ] && [ -x "$SERVER_BIN" ] || die "release binaries missing"
+# Cargo puts its output in CARGO_TARGET_DIR when that is set (the project's scripts share
+# one), not in target/.
+BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
+AGENT_BIN=${AGENT_BIN:-$BIN_DIR/fluidity}
+SERVER_BIN=${SERVER_BIN:-$BIN_DIR/fluidity-server}
+[ -x "$AGENT_BIN" ] && [ -x "$SERVER_BIN" ] || die "release binaries missing ($AGENT_BIN, $SERVER_BIN)"
 
 # ----- scratch folder and cleanup -----
 
@@ -80,6 +87,14 @@ trap cleanup EXIT
 
 # nginx workers drop to an unprivileged user: the files they serve must be readable.
 chmod 755 "$TMP"
+
+# Private copies: a build started meanwhile in a shared target directory must not replace
+# the binaries under the running measurement.
+mkdir -p "$TMP/bin"
+cp "$AGENT_BIN" "$TMP/bin/fluidity"
+cp "$SERVER_BIN" "$TMP/bin/fluidity-server"
+AGENT_BIN=$TMP/bin/fluidity
+SERVER_BIN=$TMP/bin/fluidity-server
 
 read -r ORIGIN_PORT SERVER_PORT HEALTH_PORT AGENT_PORT < <(python3 - <<'EOF'
 import socket
@@ -266,7 +281,8 @@ agent_mib=$(awk -v k="$AGENT_HWM" 'BEGIN { printf "%.1f", k / 1024 }')
 server_mib=$(awk -v k="$SERVER_HWM" 'BEGIN { printf "%.1f", k / 1024 }')
 
 echo
-echo "Fluidity tunnel benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "Fluidity tunnel benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit $COMMIT"
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "rounds: $ROUNDS (best round counts); origin nginx (1 worker) on loopback"
 echo
