@@ -18,6 +18,53 @@ pub enum AgentAuth {
     Iam,
 }
 
+/// The agent's AWS identity, the `[aws]` table: where credentials and the region come
+/// from. Used by IAM tunnel authentication (`auth = "iam"`) and by anything else the
+/// agent calls AWS for. Credentials always come from the default chain (environment,
+/// `AWS_PROFILE` and the shared files, container credentials, instance metadata), never
+/// from this file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsSettings {
+    /// AWS region. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region.
+    pub region: Option<String>,
+    /// Profile of the shared credentials and config files. Default: `AWS_PROFILE`, else
+    /// `default`.
+    pub profile: Option<String>,
+    /// Role to assume (STS AssumeRole) on top of the chain's credentials. Default: none.
+    pub iam_role_arn: Option<String>,
+    /// External id the role's trust policy asks for. Default: none.
+    pub external_id: Option<String>,
+    /// Session name of the assumed role. Default: `fluidity-<unix time>`.
+    pub role_session_name: Option<String>,
+    /// STS endpoint: AssumeRole goes there, and the tunnel authentication request is
+    /// signed for it (it must equal the server's `[iam] sts_endpoint`). Default:
+    /// `AWS_ENDPOINT_URL_STS`, `AWS_ENDPOINT_URL`, else `https://sts.REGION.amazonaws.com`.
+    pub sts_endpoint: Option<String>,
+}
+
+/// IAM tunnel authentication settings (`auth = "iam"`), the `[iam]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IamAuthSettings {
+    /// The server's id, signed into every authentication request so that it is good for
+    /// that server only; must equal the server's `[iam] server_id` (by default its
+    /// certificate CN; in AWS mode the server ARN). Default: `expected_server_cn`.
+    pub server_id: Option<String>,
+    /// Seconds to get credentials, sign, and hear the server's verdict, after the TLS
+    /// handshake. Default 30.
+    pub timeout_secs: u64,
+}
+
+impl Default for IamAuthSettings {
+    fn default() -> Self {
+        IamAuthSettings {
+            server_id: None,
+            timeout_secs: 30,
+        }
+    }
+}
+
 /// The agent configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +95,10 @@ pub struct AgentConfig {
     pub head_timeout_secs: u64,
     /// Tunnel authentication. Default `none`.
     pub auth: AgentAuth,
+    /// AWS identity (region, profile, role, STS endpoint).
+    pub aws: AwsSettings,
+    /// IAM tunnel authentication, for `auth = "iam"`.
+    pub iam: IamAuthSettings,
 }
 
 impl Default for AgentConfig {
@@ -65,6 +116,8 @@ impl Default for AgentConfig {
             connect_timeout_secs: 10,
             head_timeout_secs: 30,
             auth: AgentAuth::None,
+            aws: AwsSettings::default(),
+            iam: IamAuthSettings::default(),
         }
     }
 }

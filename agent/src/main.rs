@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use fluidity_agent::config::{AgentAuth, AgentConfig};
-use fluidity_agent::error::{Error, Result};
+use fluidity_agent::error::Result;
 use fluidity_agent::local::{self, LocalOptions};
 use fluidity_agent::run;
 use fluidity_agent::tunnel::TunnelDialer;
+use fluidity_aws::Env;
 use fluidity_runtime_smol::app::{self, LogFormat};
 use fluidity_runtime_smol::pki::{init_dir, CertInitOptions, SanEntry};
 use fluidity_server::egress::EgressRule;
@@ -38,7 +39,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy against a configured server (the default command).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Try Fluidity on this machine: generate certificates, start a server on loopback
     /// and the proxy, all in this process.
     Local(LocalArgs),
@@ -76,6 +77,30 @@ struct RunArgs {
     /// Password proxy clients must present (prefer the environment variable).
     #[arg(long, env = "FLUIDITY_PROXY_PASSWORD", hide_env_values = true)]
     proxy_password: Option<String>,
+    /// Tunnel authentication beyond the client certificate: none, or iam (sign an STS
+    /// request with the AWS credential chain) [default: none].
+    #[arg(long, value_enum, env = "FLUIDITY_AUTH")]
+    auth: Option<AgentAuth>,
+    /// AWS region [default: AWS_REGION, AWS_DEFAULT_REGION, the profile's region].
+    #[arg(long, env = "FLUIDITY_AWS_REGION")]
+    region: Option<String>,
+    /// AWS profile of the shared credentials and config files [default: AWS_PROFILE].
+    #[arg(long)]
+    aws_profile: Option<String>,
+    /// Role to assume on top of the AWS credential chain.
+    #[arg(long, env = "FLUIDITY_IAM_ROLE_ARN")]
+    iam_role_arn: Option<String>,
+    /// STS endpoint to sign for; must equal the server's [default: AWS_ENDPOINT_URL_STS,
+    /// AWS_ENDPOINT_URL, else https://sts.REGION.amazonaws.com].
+    #[arg(long, env = "FLUIDITY_STS_ENDPOINT")]
+    sts_endpoint: Option<String>,
+    /// The server's IAM server id (its certificate CN unless it sets one)
+    /// [default: expected_server_cn].
+    #[arg(long, env = "FLUIDITY_IAM_SERVER_ID")]
+    iam_server_id: Option<String>,
+    /// Seconds to get credentials and hear the server's IAM verdict [default: 30].
+    #[arg(long, env = "FLUIDITY_AUTH_TIMEOUT_SECS")]
+    auth_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -128,12 +153,25 @@ struct CertsInitArgs {
     force: bool,
 }
 
+/// `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
+/// Authorization header and session tokens included, as hex at trace level. Whatever
+/// `FLUIDITY_LOG` asks for, that target is capped at debug (where `ureq` redacts them).
+/// Runs first in `main`, before any thread exists.
+// The shared logging set-up (`fluidity_runtime_smol::app::init_logging`) is the better
+// home for this cap; until it has it, each binary applies it.
+fn cap_secret_dumping_logs() {
+    if let Ok(filter) = std::env::var("FLUIDITY_LOG") {
+        std::env::set_var("FLUIDITY_LOG", format!("{filter},ureq_proto=debug"));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cap_secret_dumping_logs();
     app::init_logging(cli.log_format, "info");
     let result = match cli.command {
         None => run_agent(cli.run),
-        Some(Command::Run(args)) => run_agent(args),
+        Some(Command::Run(args)) => run_agent(*args),
         Some(Command::Local(args)) => run_local(args),
         Some(Command::Certs(CertsCommand::Init(args))) => certs_init(args),
     };
@@ -175,18 +213,35 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
     if let Some(v) = args.proxy_password {
         cfg.proxy_password = Some(v);
     }
+    if let Some(v) = args.auth {
+        cfg.auth = v;
+    }
+    if let Some(v) = args.region {
+        cfg.aws.region = Some(v);
+    }
+    if let Some(v) = args.aws_profile {
+        cfg.aws.profile = Some(v);
+    }
+    if let Some(v) = args.iam_role_arn {
+        cfg.aws.iam_role_arn = Some(v);
+    }
+    if let Some(v) = args.sts_endpoint {
+        cfg.aws.sts_endpoint = Some(v);
+    }
+    if let Some(v) = args.iam_server_id {
+        cfg.iam.server_id = Some(v);
+    }
+    if let Some(v) = args.auth_timeout_secs {
+        cfg.iam.timeout_secs = v;
+    }
     Ok(cfg)
 }
 
 fn run_agent(args: RunArgs) -> Result<()> {
     let cfg = agent_config(args)?;
-    if cfg.auth == AgentAuth::Iam {
-        return Err(Error::Config(
-            "auth = \"iam\" is not available in this build yet; use auth = \"none\" (mTLS)".into(),
-        ));
-    }
     let proxy_cfg = run::proxy_config(&cfg)?;
-    let settings = run::tunnel_settings(&cfg, None)?;
+    let credentials = run::credential_source(&cfg, &Env::process())?;
+    let settings = run::tunnel_settings(&cfg, credentials)?;
     let listener = run::bind(cfg.listen)?;
     app::run(app::default_threads(), |ex| async move {
         let dialer = TunnelDialer::new(settings, ex.clone());

@@ -8,10 +8,27 @@ use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use futures_lite::FutureExt;
 use smol::Executor;
 
+use fluidity_aws::Env;
+
 use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
+use crate::iam::IamSigner;
 use crate::proxy::{self, Credentials, ProxyConfig};
 use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
+
+/// The tunnel credentials `cfg` asks for: `None` for `auth = "none"`; for `auth = "iam"`,
+/// an [`IamSigner`] over the default AWS credential chain read from `env`.
+pub fn credential_source(cfg: &AgentConfig, env: &Env) -> Result<Option<CredentialSource>> {
+    match cfg.auth {
+        AgentAuth::None => Ok(None),
+        AgentAuth::Iam => {
+            let signer = IamSigner::from_config(cfg, env)?;
+            tracing::info!(server_id = %signer.server_id(), sts = %signer.sts_endpoint(),
+                region = %signer.region(), "IAM tunnel authentication on");
+            Ok(Some(signer.into_source()))
+        }
+    }
+}
 
 /// Builds the tunnel settings from the configuration: loads certificates and resolves
 /// the server's address (the server's own name only; targets are never resolved here).
@@ -21,8 +38,7 @@ pub fn tunnel_settings(
 ) -> Result<TunnelSettings> {
     if cfg.auth == AgentAuth::Iam && credentials.is_none() {
         return Err(Error::Config(
-            "auth = \"iam\" needs AWS credentials; this build has no credential source configured"
-                .into(),
+            "auth = \"iam\" needs a credential source (see run::credential_source)".into(),
         ));
     }
     let identity = Identity::load(&cfg.cert, &cfg.key)?;
@@ -40,6 +56,11 @@ pub fn tunnel_settings(
         .ok_or_else(|| {
             Error::Config(format!("server address {:?} has no addresses", cfg.server))
         })?;
+    let proto = fluidity_proto::Config {
+        // Bounds the whole tunnel handshake, IAM credentials and verdict included.
+        handshake_timeout: Duration::from_secs(cfg.iam.timeout_secs.max(1)),
+        ..fluidity_proto::Config::default()
+    };
     Ok(TunnelSettings {
         server,
         server_name: cfg
@@ -48,7 +69,7 @@ pub fn tunnel_settings(
             .unwrap_or_else(|| cfg.server_host().to_owned()),
         tls,
         peer_check: check,
-        proto: Arc::new(fluidity_proto::Config::default()),
+        proto: Arc::new(proto),
         connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
         credentials,
         min_backoff: Duration::from_millis(250),

@@ -29,7 +29,8 @@ pub struct TunnelSettings {
     pub tls: Arc<rustls::ClientConfig>,
     /// Extra checks on the server certificate after the handshake.
     pub peer_check: PeerCheck,
-    /// Protocol configuration.
+    /// Protocol configuration. Its `handshake_timeout` also bounds, after the TLS
+    /// handshake, getting credentials, signing and hearing the server's verdict.
     pub proto: Arc<fluidity_proto::Config>,
     /// Limit on TCP connect plus TLS handshake.
     pub connect_timeout: Duration,
@@ -177,21 +178,34 @@ impl TunnelDialer {
         let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)
             .await
             .map_err(|e| format!("cannot connect to the server at {}: {e}", s.server))?;
+        // One deadline covers credentials, signing and the server's verdict: no wait of
+        // the tunnel handshake is unbounded.
+        let limit = s.proto.handshake_timeout;
+        let auth_deadline = Instant::now() + limit;
+        let server = s.server;
         let credentials = match &s.credentials {
             None => Credentials::none(),
             Some(source) => {
                 let source = source.clone();
                 let binding = h.established.channel_binding;
                 blocking::unblock(move || source(&binding))
+                    .or(async {
+                        smol::Timer::at(auth_deadline).await;
+                        Err(format!(
+                            "no AWS credentials within {limit:?}; check the credential chain \
+                             (environment, profile, container or instance role) and, with a \
+                             role to assume, that the STS endpoint is reachable"
+                        ))
+                    })
                     .await
                     .map_err(|e| format!("cannot build tunnel credentials: {e}"))?
             }
         };
+        let iam = s.credentials.is_some();
         let conn = fluidity_proto::Connection::agent(s.proto.clone(), credentials, Instant::now());
         let (tunnel, events, driver) =
             fluidity_runtime_smol::start(h.sock, h.tls, conn).map_err(|e| e.to_string())?;
         self.inner.ex.spawn(driver).detach();
-        let server = s.server;
         self.inner
             .ex
             .spawn(async move {
@@ -212,22 +226,69 @@ impl TunnelDialer {
                 }
             })
             .detach();
-        let deadline = s.proto.handshake_timeout + Duration::from_secs(1);
-        tunnel
+        let ready = tunnel
             .ready()
             .or(async {
-                smol::Timer::after(deadline).await;
+                smol::Timer::at(auth_deadline).await;
                 Err(fluidity_runtime_smol::Error::Timeout("tunnel handshake"))
             })
-            .await
-            .map_err(|e| match e {
-                fluidity_runtime_smol::Error::Timeout(_) => format!(
-                    "the server at {server} did not complete the tunnel handshake within {deadline:?}; \
-                     check that it is a fluidity-server and that authentication is configured alike"
-                ),
-                e => format!("the server at {server} refused the tunnel: {e}"),
-            })?;
+            .await;
+        if let Err(e) = ready {
+            // Nothing more will come of this connection; do not leave it half open.
+            tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "handshake abandoned");
+            return Err(handshake_error(server, iam, limit, e));
+        }
         Ok(tunnel)
+    }
+}
+
+/// What went wrong in the tunnel handshake, with what to check.
+fn handshake_error(
+    server: SocketAddr,
+    iam: bool,
+    limit: Duration,
+    e: fluidity_runtime_smol::Error,
+) -> String {
+    use fluidity_proto::AuthFailure as F;
+    match e {
+        fluidity_runtime_smol::Error::Timeout(_) if iam => format!(
+            "no answer to IAM authentication from the server at {server} within {limit:?}; \
+             check that the server can reach its STS endpoint, that this principal is on its \
+             allow list, and the clocks of both machines"
+        ),
+        fluidity_runtime_smol::Error::Timeout(_) => format!(
+            "the server at {server} did not complete the tunnel handshake within {limit:?}; \
+             check that it is a fluidity-server and that authentication is configured alike"
+        ),
+        fluidity_runtime_smol::Error::Tunnel(fluidity_proto::Error::AuthRejected {
+            failure,
+            detail,
+        }) => {
+            let check = match failure {
+                F::InvalidCredentials => {
+                    "check the AWS credentials (access key, secret key, session token)"
+                }
+                F::NotAllowed => {
+                    "ask for this principal to be added to the server's allowed_principals"
+                }
+                F::ClockSkew => "check the clocks of this machine and the server",
+                F::WrongServer => "set [iam] server_id to the server's id",
+                F::ChannelBindingMismatch | F::Replayed => {
+                    "the request was not signed for this connection; retrying signs anew"
+                }
+                F::VerifierUnavailable => {
+                    "the server could not reach STS; check its sts_endpoint and network"
+                }
+                F::UnsupportedMethod => "check that auth is configured alike on both sides",
+                F::Malformed => {
+                    "check that [aws] sts_endpoint and region match the server's STS endpoint"
+                }
+                F::RateLimited => "wait a minute before trying again",
+                _ => "check the server's log",
+            };
+            format!("the server at {server} denied authentication: {failure}: {detail}; {check}")
+        }
+        e => format!("the server at {server} refused the tunnel: {e}"),
     }
 }
 

@@ -56,3 +56,51 @@ fn help_documents_every_command() {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
 }
+
+#[test]
+fn iam_and_aws_settings_have_documented_defaults_and_are_read() {
+    let (_d, path) = file("");
+    let cfg = AgentConfig::load(&path).unwrap();
+    assert_eq!(cfg.iam.timeout_secs, 30);
+    assert!(cfg.iam.server_id.is_none());
+    assert!(cfg.aws.region.is_none() && cfg.aws.iam_role_arn.is_none());
+    assert!(cfg.aws.sts_endpoint.is_none() && cfg.aws.profile.is_none());
+
+    let (_d, path) = file(
+        "auth = \"iam\"\n[aws]\nregion = \"eu-west-1\"\nprofile = \"work\"\niam_role_arn = \"arn:aws:iam::123456789012:role/fluidity-agent\"\nsts_endpoint = \"https://sts.eu-west-1.amazonaws.com\"\n[iam]\nserver_id = \"srv\"\ntimeout_secs = 12\n",
+    );
+    let cfg = AgentConfig::load(&path).unwrap();
+    assert_eq!(cfg.auth, AgentAuth::Iam);
+    assert_eq!(cfg.aws.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(cfg.aws.profile.as_deref(), Some("work"));
+    assert_eq!(
+        cfg.aws.iam_role_arn.as_deref(),
+        Some("arn:aws:iam::123456789012:role/fluidity-agent")
+    );
+    assert_eq!(cfg.iam.server_id.as_deref(), Some("srv"));
+    assert_eq!(cfg.iam.timeout_secs, 12);
+    let (_d, path) = file("[aws]\nrole_arn = \"x\"\n");
+    assert!(
+        AgentConfig::load(&path).is_err(),
+        "a misspelt key must not be ignored"
+    );
+}
+
+#[test]
+fn help_documents_the_iam_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluidity"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--auth",
+        "--region",
+        "--iam-role-arn",
+        "--sts-endpoint",
+        "--iam-server-id",
+        "--auth-timeout-secs",
+    ] {
+        assert!(help.contains(word), "run --help lacks {word}:\n{help}");
+    }
+}

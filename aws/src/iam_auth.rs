@@ -595,19 +595,20 @@ impl Verifier {
     ) -> Result<Principal, AuthDenied> {
         let key = rate_key(source_ip);
         if self.is_rate_limited(key, now) {
-            tracing::warn!(%source_ip, "authentication refused: rate limited");
+            // The caller (the server) logs the verdict; this is the detail for debugging.
+            tracing::debug!(%source_ip, "authentication refused: rate limited");
             return Err(AuthDenied::RateLimited);
         }
         let result = self.verify_inner(payload, channel_binding, now);
         match &result {
             Ok(p) => {
-                tracing::info!(arn = %p.arn, caller = %p.caller_arn, %source_ip, "client authenticated")
+                tracing::debug!(arn = %p.arn, caller = %p.caller_arn, %source_ip, "STS vouched for the client")
             }
             Err(denied) => {
                 if !matches!(denied, AuthDenied::StsUnreachable(_)) {
                     self.record_failure(key, now);
                 }
-                tracing::warn!(%source_ip, reason = denied.code(), error = %denied, "authentication denied");
+                tracing::debug!(%source_ip, reason = denied.code(), error = %denied, "verification failed");
             }
         }
         result

@@ -21,20 +21,61 @@ pub enum AuthMode {
     Iam,
 }
 
-/// IAM authentication settings (`auth = "iam"`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// IAM authentication settings (`auth = "iam"`), the `[iam]` table.
+///
+/// The agent signs an STS `GetCallerIdentity` request naming this server and its TLS
+/// session; the server checks those, the time window and replays, forwards the request to
+/// its STS endpoint, and admits the ARN STS reports if it is on `allowed_principals`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IamSettings {
-    /// Principals admitted: exact ARNs, `account:123456789012`, or ARN patterns ending
-    /// in `*`. Empty admits nobody.
+    /// Principals admitted: exact ARNs (`arn:aws:iam::123456789012:user/alice`; an
+    /// assumed-role ARN counts as its role), `account:123456789012`, or ARN prefixes
+    /// ending in `*` after the account (`arn:aws:iam::123456789012:role/fluidity-*`).
+    /// Required: an empty list is a configuration error.
     pub allowed_principals: Vec<String>,
-    /// STS endpoint the signed requests are forwarded to. Default: the regional endpoint.
+    /// STS endpoint the signed requests are forwarded to; agents must sign for the same
+    /// URL. Default: `AWS_ENDPOINT_URL_STS`, `AWS_ENDPOINT_URL`, else the regional
+    /// endpoint `https://sts.REGION.amazonaws.com`.
     pub sts_endpoint: Option<String>,
-    /// AWS region. Default: from the environment (`AWS_REGION`).
+    /// AWS region, for the default STS endpoint. Default: `AWS_REGION`,
+    /// `AWS_DEFAULT_REGION`, then the shared config file's profile.
     pub region: Option<String>,
     /// This server's identity as agents name it (`x-fluidity-server-id`). Default: the
-    /// server certificate's CN.
+    /// server certificate's CN (in AWS mode, the server ARN).
     pub server_id: Option<String>,
+    /// Accepted distance in seconds between the request's `X-Amz-Date` and this server's
+    /// clock; signatures are remembered this long to refuse replays. Default 300.
+    pub time_window_secs: u64,
+    /// Deadline in seconds of the call to STS. Must be shorter than
+    /// `tunnel_handshake_secs`. Default 5.
+    pub sts_timeout_secs: u64,
+    /// Seconds an admission is valid; when it ends the tunnel is asked to go away (open
+    /// streams get `drain_secs` to finish) and the agent reconnects and authenticates
+    /// again, so a principal removed from the allow list loses access. 0: for the life of
+    /// the connection. Default 3600.
+    pub session_secs: u64,
+    /// Failed attempts allowed per source address (IPv6: per /64) within
+    /// `failure_window_secs`; more are refused without asking STS. Default 10.
+    pub max_failures: u32,
+    /// The window of the failure count, in seconds. Default 60.
+    pub failure_window_secs: u64,
+}
+
+impl Default for IamSettings {
+    fn default() -> Self {
+        IamSettings {
+            allowed_principals: Vec::new(),
+            sts_endpoint: None,
+            region: None,
+            server_id: None,
+            time_window_secs: 300,
+            sts_timeout_secs: 5,
+            session_secs: 3600,
+            max_failures: 10,
+            failure_window_secs: 60,
+        }
+    }
 }
 
 /// The server configuration.

@@ -5,11 +5,13 @@
 //! - [`health`]: the server's counters and the `/healthz` and `/metrics` endpoint;
 //! - [`config`]: the configuration file and its defaults;
 //! - [`serve`]: the tunnel listener, one tunnel per agent, streams dialled through egress;
+//! - [`iam`]: IAM authentication of agents through STS (`auth = "iam"`);
 //! - [`Error`]: the crate's error type.
 
 pub mod config;
 pub mod egress;
 pub mod health;
+pub mod iam;
 pub mod serve;
 
 mod error;

@@ -6,10 +6,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use fluidity_aws::Env;
 use fluidity_runtime_smol::app::{self, LogFormat};
 use fluidity_server::config::AuthMode;
 use fluidity_server::egress::EgressRule;
 use fluidity_server::health::{serve_health, Metrics};
+use fluidity_server::iam::IamAuthenticator;
+use fluidity_server::serve::Authenticator;
 use fluidity_server::{Error, Server, ServerConfig};
 
 /// Terminates Fluidity tunnels from agents and makes their outbound connections.
@@ -46,6 +49,26 @@ struct Cli {
     /// Authentication beyond the client certificate [default: mtls].
     #[arg(long, value_enum, env = "FLUIDITY_SERVER_AUTH")]
     auth: Option<AuthMode>,
+    /// IAM: a principal admitted (exact ARN, account:123456789012, or an ARN prefix
+    /// ending in *); repeatable or comma-separated; replaces [iam] allowed_principals.
+    #[arg(
+        long = "iam-allow",
+        value_name = "PRINCIPAL",
+        env = "FLUIDITY_SERVER_IAM_ALLOW",
+        value_delimiter = ','
+    )]
+    iam_allow: Vec<String>,
+    /// IAM: this server's id as agents must name it [default: the certificate's CN].
+    #[arg(long, env = "FLUIDITY_SERVER_IAM_SERVER_ID")]
+    iam_server_id: Option<String>,
+    /// IAM: STS endpoint signed requests are forwarded to [default: AWS_ENDPOINT_URL_STS,
+    /// AWS_ENDPOINT_URL, else https://sts.REGION.amazonaws.com].
+    #[arg(long, env = "FLUIDITY_SERVER_STS_ENDPOINT")]
+    sts_endpoint: Option<String>,
+    /// IAM: AWS region for the default STS endpoint [default: AWS_REGION,
+    /// AWS_DEFAULT_REGION, the shared config file].
+    #[arg(long, env = "FLUIDITY_SERVER_REGION")]
+    region: Option<String>,
     /// Egress rule, repeatable: allow_cidrs=127.0.0.1/32, deny_cidrs=..., allow_hosts=*.example.com,
     /// deny_hosts=..., allow_ports=80,443, deny_ports=25, allow_private=true.
     #[arg(long = "egress", value_name = "KEY=VALUE")]
@@ -84,14 +107,39 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     if let Some(v) = cli.auth {
         cfg.auth = v;
     }
+    if !cli.iam_allow.is_empty() {
+        cfg.iam.allowed_principals = cli.iam_allow.clone();
+    }
+    if let Some(v) = &cli.iam_server_id {
+        cfg.iam.server_id = Some(v.clone());
+    }
+    if let Some(v) = &cli.sts_endpoint {
+        cfg.iam.sts_endpoint = Some(v.clone());
+    }
+    if let Some(v) = &cli.region {
+        cfg.iam.region = Some(v.clone());
+    }
     for rule in &cli.egress {
         cfg.egress.apply(rule.clone());
     }
     Ok(cfg)
 }
 
+/// `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
+/// Authorization header and session tokens included, as hex at trace level. Whatever
+/// `FLUIDITY_LOG` asks for, that target is capped at debug (where `ureq` redacts them).
+/// Runs first in `main`, before any thread exists.
+// The shared logging set-up (`fluidity_runtime_smol::app::init_logging`) is the better
+// home for this cap; until it has it, each binary applies it.
+fn cap_secret_dumping_logs() {
+    if let Ok(filter) = std::env::var("FLUIDITY_LOG") {
+        std::env::set_var("FLUIDITY_LOG", format!("{filter},ureq_proto=debug"));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cap_secret_dumping_logs();
     app::init_logging(cli.log_format, "info");
     let cfg = match config(&cli) {
         Ok(c) => c,
@@ -112,7 +160,17 @@ fn main() -> ExitCode {
 fn run(cfg: ServerConfig) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
     let health_addr = cfg.health_listen;
-    let server = Server::new(cfg, metrics.clone(), None)?;
+    let authenticator: Option<Arc<dyn Authenticator>> = match cfg.auth {
+        AuthMode::Mtls => None,
+        AuthMode::Iam => {
+            let iam = IamAuthenticator::from_config(&cfg, &Env::process())?;
+            let vc = iam.verifier_config();
+            tracing::info!(server_id = %vc.server_id, sts = %vc.sts_endpoint,
+                allowed = vc.allowed.len(), "IAM authentication on");
+            Some(Arc::new(iam))
+        }
+    };
+    let server = Server::new(cfg, metrics.clone(), authenticator)?;
     let listener = server.bind()?;
     let health = smol::block_on(async_net::TcpListener::bind(health_addr)).map_err(|source| {
         Error::Bind {

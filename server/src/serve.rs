@@ -20,16 +20,52 @@ use crate::egress::Dialer;
 use crate::health::Metrics;
 use crate::Error;
 
+/// An agent admitted by an [`Authenticator`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Who the agent is (for IAM, the normalised ARN); logged and told to the agent.
+    pub principal: String,
+    /// How long the admission holds; when it ends the tunnel is asked to go away and the
+    /// agent authenticates again on a new connection. `None`: the connection's life.
+    pub lifetime: Option<Duration>,
+}
+
+/// Why an agent was refused: the typed reason for the wire and one line for humans
+/// (sent to the agent and logged, so it never holds a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The typed reason.
+    pub failure: fluidity_proto::AuthFailure,
+    /// What happened and what to check.
+    pub detail: String,
+}
+
 /// Decides whether an agent that presented credentials is admitted (IAM mode).
 pub trait Authenticator: Send + Sync + 'static {
-    /// Checks `request` from `peer` on a TLS session whose channel binding is `binding`.
-    /// Runs on a blocking thread; may call out to STS.
+    /// Checks the credentials (`method`, `payload`) an agent at `peer` presented on a TLS
+    /// session whose channel binding is `binding`. Runs on a blocking thread; may call out
+    /// to STS, within [`Authenticator::deadline`].
     fn authenticate(
         &self,
-        request: &fluidity_proto::AuthRequest,
+        method: &str,
+        payload: &[u8],
         binding: &[u8],
         peer: SocketAddr,
-    ) -> Result<String, (fluidity_proto::AuthFailure, String)>;
+    ) -> Result<Admission, Denial>;
+
+    /// How long the server waits for [`Authenticator::authenticate`] before it refuses
+    /// the agent as "verifier unavailable" on its own.
+    fn deadline(&self) -> Duration;
+}
+
+/// What woke the tunnel's event loop.
+enum Next {
+    /// A tunnel event, or `None` when the tunnel's events have ended.
+    Event(Option<TunnelEvent>),
+    /// The agent was admitted for this long.
+    Admitted(Duration),
+    /// The admission (or, second time, its drain) ran out.
+    Expired,
 }
 
 /// A running server's shared state.
@@ -226,7 +262,50 @@ impl Server {
         let driver = ex.spawn(driver);
         tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");
 
-        while let Ok(event) = events.recv().await {
+        // The auth task reports an admission's lifetime here; the loop enforces it.
+        let (admitted_tx, admitted_rx) = async_channel::bounded::<Duration>(1);
+        let mut expiry: Option<(Instant, bool)> = None;
+        loop {
+            let next = async { Next::Event(events.recv().await.ok()) }
+                .or(async {
+                    match admitted_rx.recv().await {
+                        Ok(d) => Next::Admitted(d),
+                        Err(_) => std::future::pending().await,
+                    }
+                })
+                .or(async {
+                    match expiry {
+                        Some((at, _)) => {
+                            Timer::at(at).await;
+                            Next::Expired
+                        }
+                        None => std::future::pending().await,
+                    }
+                })
+                .await;
+            let event = match next {
+                Next::Event(Some(event)) => event,
+                Next::Event(None) => break,
+                Next::Admitted(lifetime) => {
+                    expiry = Some((Instant::now() + lifetime, false));
+                    continue;
+                }
+                Next::Expired => {
+                    match expiry {
+                        Some((_, false)) => {
+                            tracing::info!(%peer, tunnel = id,
+                                "admission expired; asking the agent to authenticate again");
+                            tunnel.go_away();
+                            expiry = Some((Instant::now() + self.cfg.drain_timeout(), true));
+                        }
+                        _ => {
+                            tunnel.close(ErrorCode::NO_ERROR, "admission expired");
+                            expiry = None;
+                        }
+                    }
+                    continue;
+                }
+            };
             match event {
                 TunnelEvent::AuthRequested(req) => {
                     let Some(auth) = self.authenticator.clone() else {
@@ -238,19 +317,43 @@ impl Server {
                         continue;
                     };
                     let (tunnel, metrics) = (tunnel.clone(), self.metrics.clone());
+                    let admitted_tx = admitted_tx.clone();
                     ex.spawn(async move {
-                        let (req, verdict) = blocking::unblock(move || {
-                            let v = auth.authenticate(&req, &binding, peer);
-                            (req, v)
+                        let limit = auth.deadline();
+                        let (method, payload) = (req.method.clone(), req.payload.clone());
+                        // The verification blocks (STS); a stuck one is abandoned at the
+                        // deadline and the agent told so, rather than left waiting.
+                        let verdict = blocking::unblock(move || {
+                            auth.authenticate(&method, &payload, &binding, peer)
+                        })
+                        .or(async {
+                            Timer::after(limit).await;
+                            Err(Denial {
+                                failure: fluidity_proto::AuthFailure::VerifierUnavailable,
+                                detail: format!(
+                                    "the server could not verify the request within {limit:?}"
+                                ),
+                            })
                         })
                         .await;
                         match verdict {
-                            Ok(principal) => {
-                                tracing::info!(%peer, %principal, "agent authenticated");
-                                tunnel.accept_auth(req, principal, 0);
+                            Ok(Admission {
+                                principal,
+                                lifetime,
+                            }) => {
+                                let secs = lifetime.map_or(0, |d| {
+                                    u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
+                                });
+                                tracing::info!(%peer, tunnel = id, %principal,
+                                    expires_in_secs = secs, "agent authentication approved");
+                                tunnel.accept_auth(req, principal, secs);
+                                if let Some(d) = lifetime {
+                                    let _ = admitted_tx.try_send(d);
+                                }
                             }
-                            Err((failure, detail)) => {
-                                tracing::warn!(%peer, %failure, %detail, "agent authentication denied");
+                            Err(Denial { failure, detail }) => {
+                                tracing::warn!(%peer, tunnel = id, reason = %failure, %detail,
+                                    "agent authentication denied");
                                 metrics.record_auth_failure();
                                 tunnel.reject_auth(req, failure, detail);
                             }

@@ -97,6 +97,13 @@ pub struct ServerOptions {
     /// The tunnel listener; default: a free port on 127.0.0.1 (a fixed address is for
     /// bringing a server back where an agent expects it).
     pub listen: Option<SocketAddr>,
+    /// Extra command-line arguments (e.g. `--auth iam`).
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Remove every inherited `AWS_*` variable first, so only what `env` sets reaches the
+    /// process (the developer's own AWS configuration must not).
+    pub clear_aws_env: bool,
 }
 
 impl Default for ServerOptions {
@@ -106,6 +113,18 @@ impl Default for ServerOptions {
             config: None,
             log: None,
             listen: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            clear_aws_env: false,
+        }
+    }
+}
+
+/// Removes every `AWS_*` variable `cmd` would inherit.
+fn clear_aws_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(k);
         }
     }
 }
@@ -160,6 +179,11 @@ impl Server {
             for rule in &opts.egress {
                 cmd.arg("--egress").arg(rule);
             }
+            cmd.args(&opts.args);
+            if opts.clear_aws_env {
+                clear_aws_env(&mut cmd);
+            }
+            cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
             if let Some(f) = &opts.log {
                 cmd.env("FLUIDITY_LOG", f);
             }
@@ -221,44 +245,106 @@ pub struct Agent {
     pub listen: SocketAddr,
 }
 
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The process and log file name. Default `fluidity` (give agents sharing a log
+    /// folder different names).
+    pub name: String,
+    /// Extra command-line arguments after `run` (e.g. `--auth iam`).
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Remove every inherited `AWS_*` variable first.
+    pub clear_aws_env: bool,
+    /// Extra `FLUIDITY_LOG` filter, e.g. `debug`.
+    pub log: Option<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            name: "fluidity".to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+            clear_aws_env: false,
+            log: None,
+        }
+    }
+}
+
 impl Agent {
     /// Starts an agent against `server` and waits until its log says the tunnel is ready
     /// and its proxy port accepts connections.
     pub fn start(certs: &CertPaths, server: SocketAddr, log_dir: &Path) -> Agent {
+        Agent::start_with(certs, server, &AgentOptions::default(), log_dir)
+    }
+
+    /// [`Agent::start`] with options.
+    pub fn start_with(
+        certs: &CertPaths,
+        server: SocketAddr,
+        opts: &AgentOptions,
+        log_dir: &Path,
+    ) -> Agent {
         for attempt in 1..=START_ATTEMPTS {
-            let listen = loopback(free_port());
-            let mut cmd = Command::new(&binaries().agent);
-            cmd.arg("run")
-                .arg("--listen")
-                .arg(listen.to_string())
-                .arg("--server")
-                .arg(server.to_string())
-                .arg("--cert")
-                .arg(&certs.client_cert)
-                .arg("--key")
-                .arg(&certs.client_key)
-                .arg("--ca")
-                .arg(&certs.ca_cert);
-            let mut proc = Proc::spawn("fluidity", cmd, log_dir);
-            let ready = proc.wait_log(START_LIMIT, |l| l.contains("tunnel ready"));
-            if let Some(status) = proc.exited() {
-                let log = proc.log();
+            let mut agent = Agent::spawn(certs, server, opts, log_dir);
+            let ready = agent
+                .proc
+                .wait_log(START_LIMIT, |l| l.contains("tunnel ready"));
+            if let Some(status) = agent.proc.exited() {
+                let log = agent.proc.log();
                 assert!(
                     attempt < START_ATTEMPTS && log.contains("bind"),
-                    "fluidity exited ({status}) while starting:\n{log}"
+                    "{} exited ({status}) while starting:\n{log}",
+                    opts.name
                 );
                 continue;
             }
             if !ready {
-                proc.print_log();
+                agent.proc.print_log();
                 panic!("the agent's tunnel was not ready within {START_LIMIT:?}");
             }
+            let listen = agent.listen;
             wait_for("the proxy port", START_LIMIT, || {
                 TcpStream::connect(listen).ok()
             });
-            return Agent { proc, listen };
+            return agent;
         }
         unreachable!("the last attempt panics or returns")
+    }
+
+    /// Starts an agent without waiting for its tunnel (for tests of a tunnel that must
+    /// not come up); the proxy port is picked free but may not be listening yet.
+    pub fn spawn(
+        certs: &CertPaths,
+        server: SocketAddr,
+        opts: &AgentOptions,
+        log_dir: &Path,
+    ) -> Agent {
+        let listen = loopback(free_port());
+        let mut cmd = Command::new(&binaries().agent);
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--server")
+            .arg(server.to_string())
+            .arg("--cert")
+            .arg(&certs.client_cert)
+            .arg("--key")
+            .arg(&certs.client_key)
+            .arg("--ca")
+            .arg(&certs.ca_cert)
+            .args(&opts.args);
+        if opts.clear_aws_env {
+            clear_aws_env(&mut cmd);
+        }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(f) = &opts.log {
+            cmd.env("FLUIDITY_LOG", f);
+        }
+        let proc = Proc::spawn(&opts.name, cmd, log_dir);
+        Agent { proc, listen }
     }
 
     /// `http://127.0.0.1:PORT`, for `curl -x`.
@@ -289,13 +375,18 @@ impl Tunnel {
 
     /// A tunnel with a server started with `opts`.
     pub fn with(opts: ServerOptions) -> Tunnel {
+        Tunnel::with_agent(opts, AgentOptions::default())
+    }
+
+    /// A tunnel with a server started with `server` and an agent started with `agent`.
+    pub fn with_agent(server: ServerOptions, agent: AgentOptions) -> Tunnel {
         let dir = tempfile::Builder::new()
             .prefix("fluidity-e2e-")
             .tempdir()
             .expect("creating a temporary folder");
         let certs = certs_init(&dir.path().join("certs"));
-        let server = Server::start(&certs, &opts, dir.path());
-        let agent = Agent::start(&certs, server.listen, dir.path());
+        let server = Server::start(&certs, &server, dir.path());
+        let agent = Agent::start_with(&certs, server.listen, &agent, dir.path());
         Tunnel {
             agent,
             server,
