@@ -3,7 +3,7 @@
 //! Each seed stands for a scenario (configurations, link faults, streams and how they end,
 //! how the connection ends); invariants are checked after every step. Environment:
 //!
-//! - `FLUIDITY_SIM_SEEDS=N`: how many seeds the sweep runs (default 200; CI: 1000);
+//! - `FLUIDITY_SIM_SEEDS=N`: how many seeds the sweep runs (default 400; CI: 1000);
 //! - `FLUIDITY_SIM_SEED=S` (decimal or `0x…`): replays only that seed.
 //!
 //! A failure prints its seed, the options it stands for, the last events and the command
@@ -21,9 +21,11 @@ use sim::world::DETECTION_SLACK;
 use sim::Options;
 
 /// Seeds in the sweep when `FLUIDITY_SIM_SEEDS` is not set.
-const DEFAULT_SEEDS: u64 = 200;
+const DEFAULT_SEEDS: u64 = 400;
 /// The sweep is split into this many tests so that the runner spreads it over cores.
 const SHARDS: u64 = 4;
+/// A shard at least this large must exercise every fault and outcome at least once.
+const MIN_SEEDS_FOR_COVERAGE: usize = 100;
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
@@ -58,6 +60,7 @@ fn sweep(shard: u64) {
     let mut failures = Vec::new();
     let (mut completed, mut bytes, mut steps, mut lost) = (0usize, 0u64, 0u64, 0usize);
     let mut window_use = 0.0f64;
+    let mut coverage = sim::world::Coverage::default();
     for &seed in &seeds {
         let opts = Options::generate(seed);
         match sim::run(&opts) {
@@ -67,6 +70,7 @@ fn sweep(shard: u64) {
                 steps += o.steps;
                 lost += usize::from(o.agent_lost.is_some()) + usize::from(o.server_lost.is_some());
                 window_use = window_use.max(o.max_window_use);
+                coverage.add(&o.coverage);
             }
             Err(report) => failures.push((seed, report)),
         }
@@ -78,6 +82,12 @@ fn sweep(shard: u64) {
         wall.elapsed(),
         window_use * 100.0
     );
+    let counts: Vec<String> = coverage
+        .fields()
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!("shard {shard} exercised: {}", counts.join(", "));
     if let Some((_, report)) = failures.first() {
         let seeds: Vec<String> = failures.iter().map(|(s, _)| format!("{s:#x}")).collect();
         panic!(
@@ -86,6 +96,17 @@ fn sweep(shard: u64) {
             seeds.len(),
             seeds.join(", ")
         );
+    }
+    // A sweep of this size has always hit every one of these; none at all means the
+    // generator or the harness stopped exercising it.
+    if seeds.len() >= MIN_SEEDS_FOR_COVERAGE {
+        let missing: Vec<&str> = coverage
+            .fields()
+            .iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(name, _)| *name)
+            .collect();
+        assert!(missing.is_empty(), "the sweep never exercised: {missing:?}");
     }
 }
 

@@ -34,6 +34,10 @@ pub struct Link {
     pub bytes_sent: u64,
     /// Bytes handed to the receiver.
     pub bytes_delivered: u64,
+    /// Transmissions cut into more than one piece.
+    pub splits: u64,
+    /// Stalls started.
+    pub stalls: u64,
 }
 
 impl Link {
@@ -49,6 +53,8 @@ impl Link {
             cut: false,
             bytes_sent: 0,
             bytes_delivered: 0,
+            splits: 0,
+            stalls: 0,
         }
     }
 
@@ -62,6 +68,7 @@ impl Link {
         if self.opts.stall_per_mille > 0 && rng.chance(self.opts.stall_per_mille) {
             let d = rng.duration(Duration::ZERO, self.opts.stall_max);
             self.stalled_until = self.stalled_until.max(now + d);
+            self.stalls += 1;
         }
         let mut rest = data;
         while !rest.is_empty() {
@@ -70,6 +77,9 @@ impl Link {
             } else {
                 rest.len()
             };
+            if n < rest.len() {
+                self.splits += 1;
+            }
             let (piece, tail) = rest.split_at(n);
             rest = tail;
             let jitter = rng.duration(Duration::ZERO, self.opts.jitter);

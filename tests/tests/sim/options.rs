@@ -166,7 +166,7 @@ impl Options {
         let handshake = agent.handshake_timeout.min(server.handshake_timeout);
         let auth = if !server.require_auth {
             AuthPlan::Accept(Duration::ZERO)
-        } else if rng.chance(100) {
+        } else if rng.chance(200) {
             let failure = rng.pick(&[
                 AuthFailure::NotAllowed,
                 AuthFailure::InvalidCredentials,
@@ -174,7 +174,7 @@ impl Options {
                 AuthFailure::RateLimited,
             ]);
             AuthPlan::Reject(rng.duration(Duration::ZERO, handshake / 2), failure)
-        } else if rng.chance(15) {
+        } else if rng.chance(80) {
             AuthPlan::Ignore
         } else {
             // Well inside the handshake deadline even with a stalled link.
@@ -194,11 +194,11 @@ impl Options {
 
         let horizon = Duration::from_millis(rng.range(0, 8000));
         let ending = match rng.below(20) {
-            0..=9 => Ending::GoAway {
+            0..=7 => Ending::GoAway {
                 by: side(&mut rng),
                 at: None,
             },
-            10..=11 => Ending::GoAway {
+            8..=11 => Ending::GoAway {
                 by: side(&mut rng),
                 at: Some(horizon),
             },
@@ -276,7 +276,12 @@ fn config(rng: &mut Rng, keepalive: Duration, idle: Duration) -> Config {
         idle_timeout: idle,
         require_auth: true,
         data_frame_len: rng.log_range(1, 20_000) as u32,
-        max_control_backlog: rng.log_range(1, 300_000) as usize,
+        // Tiny backlogs make `handle_input` stop early and ask to be called again.
+        max_control_backlog: if rng.chance(300) {
+            rng.range(1, 64) as usize
+        } else {
+            rng.log_range(1, 300_000) as usize
+        },
         transmit_batch: rng.log_range(100, 300_000) as usize,
     }
 }

@@ -63,6 +63,107 @@ pub struct Outcome {
     pub done_at: Vec<Option<Duration>>,
     /// Per plan and direction (up, down): the largest `sent - read` seen.
     pub max_in_flight: Vec<[u64; 2]>,
+    /// What the run exercised.
+    pub coverage: Coverage,
+}
+
+/// How often the interesting things happened in a run: a sweep checks that each did
+/// happen somewhere, so a harness change cannot quietly stop exercising it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Coverage {
+    /// Writes refused for lack of credit.
+    pub blocked_writes: u64,
+    /// `Writable` events after a blocked write.
+    pub writable_events: u64,
+    /// Opens retried because the peer's stream limit was reached.
+    pub open_retries: u64,
+    /// `handle_input` calls that took only part of what was offered (control backlog).
+    pub partial_inputs: u64,
+    /// Transmissions cut into pieces by the link.
+    pub splits: u64,
+    /// Link stalls.
+    pub stalls: u64,
+    /// Streams reset by the application.
+    pub resets: u64,
+    /// Streams refused.
+    pub refusals: u64,
+    /// Readers that held a stream's whole window.
+    pub full_windows: u64,
+    /// Graceful goaways received.
+    pub goaways: u64,
+    /// Transport EOFs after which complete streams were still read.
+    pub reads_after_peer_drained: u64,
+    /// Streams completed on both sides.
+    pub completed: u64,
+    /// Connection losses by kind: idle timeout, handshake timeout, auth rejection, peer
+    /// close, local close, transport closed.
+    pub lost_idle: u64,
+    /// See `lost_idle`.
+    pub lost_handshake: u64,
+    /// See `lost_idle`.
+    pub lost_auth: u64,
+    /// See `lost_idle`.
+    pub lost_peer_closed: u64,
+    /// See `lost_idle`.
+    pub lost_locally_closed: u64,
+    /// See `lost_idle`.
+    pub lost_transport: u64,
+}
+
+impl Coverage {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &Coverage) {
+        for (mine, (_, theirs)) in self.fields_mut().into_iter().zip(other.fields()) {
+            *mine += theirs;
+        }
+    }
+
+    /// The counters by name.
+    pub fn fields(&self) -> [(&'static str, u64); 18] {
+        [
+            ("blocked_writes", self.blocked_writes),
+            ("writable_events", self.writable_events),
+            ("open_retries", self.open_retries),
+            ("partial_inputs", self.partial_inputs),
+            ("splits", self.splits),
+            ("stalls", self.stalls),
+            ("resets", self.resets),
+            ("refusals", self.refusals),
+            ("full_windows", self.full_windows),
+            ("goaways", self.goaways),
+            ("reads_after_peer_drained", self.reads_after_peer_drained),
+            ("completed", self.completed),
+            ("lost_idle", self.lost_idle),
+            ("lost_handshake", self.lost_handshake),
+            ("lost_auth", self.lost_auth),
+            ("lost_peer_closed", self.lost_peer_closed),
+            ("lost_locally_closed", self.lost_locally_closed),
+            ("lost_transport", self.lost_transport),
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [&mut u64; 18] {
+        [
+            &mut self.blocked_writes,
+            &mut self.writable_events,
+            &mut self.open_retries,
+            &mut self.partial_inputs,
+            &mut self.splits,
+            &mut self.stalls,
+            &mut self.resets,
+            &mut self.refusals,
+            &mut self.full_windows,
+            &mut self.goaways,
+            &mut self.reads_after_peer_drained,
+            &mut self.completed,
+            &mut self.lost_idle,
+            &mut self.lost_handshake,
+            &mut self.lost_auth,
+            &mut self.lost_peer_closed,
+            &mut self.lost_locally_closed,
+            &mut self.lost_transport,
+        ]
+    }
 }
 
 /// A failed run: what went wrong and the recent history.
@@ -154,6 +255,7 @@ pub struct World<'a> {
     max_window_use: f64,
     done_at: Vec<Option<Duration>>,
     max_in_flight: Vec<[u64; 2]>,
+    cov: Coverage,
 }
 
 type Check = Result<(), String>;
@@ -202,6 +304,7 @@ impl<'a> World<'a> {
             max_window_use: 0.0,
             done_at: vec![None; opts.streams.len()],
             max_in_flight: vec![[0; 2]; opts.streams.len()],
+            cov: Coverage::default(),
         }
     }
 
@@ -270,6 +373,17 @@ impl<'a> World<'a> {
             max_window_use: self.max_window_use,
             done_at: self.done_at.clone(),
             max_in_flight: self.max_in_flight.clone(),
+            coverage: {
+                let mut c = self.cov;
+                c.splits = self.links.iter().map(|l| l.splits).sum();
+                c.stalls = self.links.iter().map(|l| l.stalls).sum();
+                c.completed = self
+                    .streams
+                    .iter()
+                    .filter(|m| m.agent.end == End::Completed && m.server.end == End::Completed)
+                    .count() as u64;
+                c
+            },
         }
     }
 
@@ -342,6 +456,9 @@ impl<'a> World<'a> {
             p.inbox.drain(..n);
             p.last_input = now;
             progress |= n > 0;
+            if n < offered {
+                self.cov.partial_inputs += 1;
+            }
         }
         if delivered > 0 {
             self.trace.u64(delivered as u64);
@@ -351,6 +468,9 @@ impl<'a> World<'a> {
             p.conn.handle_eof(now);
             p.eof_handled = true;
             progress = true;
+            if p.conn.stream_ids().next().is_some() && !p.conn.is_drained() {
+                self.cov.reads_after_peer_drained += 1;
+            }
             self.note(Some(side), || "transport EOF".into());
         }
         Ok(progress)
@@ -441,12 +561,21 @@ impl<'a> World<'a> {
                 if !peer.went_away && peer.closed_with != Some(ErrorCode::NO_ERROR) {
                     return Err(format!("{side:?}: GoAway although the peer never sent one"));
                 }
+                self.cov.goaways += 1;
             }
             Event::ConnectionLost { reason } => {
                 if self.peers[i].lost.is_some() {
                     return Err(format!("{side:?}: second ConnectionLost"));
                 }
                 self.check_loss(side, &reason)?;
+                match reason {
+                    Error::IdleTimeout(_) => self.cov.lost_idle += 1,
+                    Error::HandshakeTimeout(_) => self.cov.lost_handshake += 1,
+                    Error::AuthRejected { .. } => self.cov.lost_auth += 1,
+                    Error::PeerClosed { .. } => self.cov.lost_peer_closed += 1,
+                    Error::LocallyClosed(_) => self.cov.lost_locally_closed += 1,
+                    _ => self.cov.lost_transport += 1,
+                }
                 self.peers[i].lost = Some((reason, now));
                 for m in &mut self.streams {
                     let pending_answer = side == Side::Server && m.answer_at.is_some();
@@ -521,6 +650,7 @@ impl<'a> World<'a> {
                     ));
                 }
                 m.agent.end = End::Refused(refusal.reason);
+                self.cov.refusals += 1;
             }
             StreamEvent::Readable { id } => {
                 let k = self.plan_of(side, id)?;
@@ -540,6 +670,7 @@ impl<'a> World<'a> {
                         ));
                     }
                     app.write_blocked = false;
+                    self.cov.writable_events += 1;
                 }
             }
             StreamEvent::Reset { id, code } => {
@@ -633,7 +764,10 @@ impl<'a> World<'a> {
                     self.note(Some(Side::Agent), || format!("opened {id} (plan {k})"));
                 }
                 // Streams end as events arrive; the open is retried then.
-                Err(Error::TooManyStreams) => break,
+                Err(Error::TooManyStreams) => {
+                    self.cov.open_retries += 1;
+                    break;
+                }
                 Err(Error::GoingAway | Error::ConnectionClosed) => {
                     self.streams[k].agent.end = End::NeverOpened;
                 }
@@ -715,6 +849,7 @@ impl<'a> World<'a> {
                 match conn.send_stream(id).reset(r.code) {
                     Ok(()) => {
                         m.app_mut(side).end = End::ResetLocal(r.code);
+                        self.cov.resets += 1;
                         self.note(Some(side), || format!("reset {id} with {}", r.code));
                         return Ok(true);
                     }
@@ -743,13 +878,31 @@ impl<'a> World<'a> {
                     d.written,
                     &mut self.scratch,
                 );
+                // `writable` must predict exactly what a write takes.
+                let writable = conn
+                    .send_stream(id)
+                    .writable()
+                    .map_err(|e| format!("{side:?}: writable() on live stream {id}: {e}"))?;
                 match conn.send_stream(id).write(&self.scratch) {
+                    Ok(w) if w != n.min(writable) => {
+                        return Err(format!(
+                            "{side:?}: write of {n} on {id} took {w} although writable() said {writable}"
+                        ))
+                    }
+                    Err(Error::Blocked) if writable > 0 => {
+                        return Err(format!(
+                            "{side:?}: write on {id} blocked although writable() said {writable}"
+                        ))
+                    }
                     Ok(w) if w > 0 && w <= n => {
                         m.sending_mut(side).written += w as u64;
                         progress = true;
                     }
                     Ok(w) => return Err(format!("{side:?}: write of {n} on {id} returned {w}")),
-                    Err(Error::Blocked) => m.app_mut(side).write_blocked = true,
+                    Err(Error::Blocked) => {
+                        m.app_mut(side).write_blocked = true;
+                        self.cov.blocked_writes += 1;
+                    }
                     Err(e) => return Err(format!("{side:?}: write on live stream {id}: {e}")),
                 }
             } else {
@@ -1031,6 +1184,9 @@ impl<'a> World<'a> {
                     ));
                 }
                 let in_flight = info.sent.saturating_sub(sending.read);
+                if in_flight == peer_window && info.send_credit == 0 {
+                    self.cov.full_windows += 1;
+                }
                 let slot = &mut self.max_in_flight[k][dir_of(side) as usize];
                 *slot = (*slot).max(in_flight);
                 if peer_window > 0 {
