@@ -711,3 +711,80 @@ fn logs_of_approved_and_denied_authentication_hold_no_secret() {
             .join("\n")
     );
 }
+
+#[test]
+fn the_agent_gives_up_waiting_for_a_verdict_at_its_own_deadline() {
+    let _wd = watchdog("agent_auth_deadline", Duration::from_secs(180));
+    let w = World::new();
+    let alice = w.moto.create_user("alice");
+    let black_hole = TcpListener::bind("127.0.0.1:0").expect("binding a black hole");
+    let sts = format!("http://{}", black_hole.local_addr().expect("address"));
+    // The server would wait 20 s for STS; the agent waits 2 s for the verdict.
+    let server = w.server(
+        &[&alice.arn],
+        Some(&sts),
+        "sts_timeout_secs = 20\n",
+        &w.log_dir("server"),
+    );
+    let opts = w.agent_opts_for(
+        "fluidity",
+        &alice,
+        SERVER_ID,
+        &sts,
+        &["--auth-timeout-secs", "2"],
+    );
+    let mut agent = Agent::spawn(&w.certs, server.listen, &opts, &w.log_dir("agent"));
+    let log = denial_of(&mut agent);
+    assert!(
+        log.contains("no answer to IAM authentication")
+            && log.contains("within 2s")
+            && log.contains("allow list")
+            && log.contains("clocks")
+            && log.contains("STS endpoint"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_expired_admission_makes_the_agent_authenticate_again() {
+    let _wd = watchdog("admission_expiry", Duration::from_secs(180));
+    let w = World::new();
+    let alice = w.moto.create_user("alice");
+    let mut server = w.server(
+        &[&alice.arn],
+        None,
+        "session_secs = 2\n",
+        &w.log_dir("server"),
+    );
+    let agent = Agent::start_with(
+        &w.certs,
+        server.listen,
+        &w.agent_opts("fluidity", &alice, &[]),
+        &w.log_dir("agent"),
+    );
+    let origin = HttpOrigin::start("again");
+    assert_eq!(
+        curl_status(&agent.proxy_url(), &origin.url("/hello")).0,
+        200
+    );
+    let expired = server
+        .proc
+        .wait_log(LIMIT, |l| l.contains("admission expired"));
+    assert!(expired, "{}", server.proc.log());
+    // The next request finds the tunnel going away and opens a new, freshly
+    // authenticated one.
+    let approvals = |log: &str| log.matches("agent authentication approved").count();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (status, _) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+        if status == 200 && approvals(&server.proc.log()) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second authentication after expiry:\n{}",
+            server.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
