@@ -788,3 +788,71 @@ fn an_expired_admission_makes_the_agent_authenticate_again() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn repeated_failures_from_one_address_are_rate_limited() {
+    let _wd = watchdog("rate_limited", Duration::from_secs(180));
+    let w = World::new();
+    let alice = w.moto.create_user("alice");
+    let server = w.server(
+        &[&alice.arn],
+        None,
+        "max_failures = 2\nfailure_window_secs = 600\n",
+        &w.log_dir("server"),
+    );
+    let wrong = alice.with_wrong_secret().credentials();
+    for _ in 0..2 {
+        let outcome = handshake_as_agent(&w.certs, server.listen, |binding| {
+            sts_credentials(&signed(
+                &w.moto,
+                &wrong,
+                SERVER_ID,
+                binding,
+                SystemTime::now(),
+            ))
+        });
+        assert!(
+            matches!(outcome, Outcome::Denied(AuthFailure::InvalidCredentials, _)),
+            "{outcome:?}"
+        );
+    }
+    // Now even a good signature from this address is refused without asking STS.
+    let good = alice.credentials();
+    let outcome = handshake_as_agent(&w.certs, server.listen, |binding| {
+        sts_credentials(&signed(
+            &w.moto,
+            &good,
+            SERVER_ID,
+            binding,
+            SystemTime::now(),
+        ))
+    });
+    match outcome {
+        Outcome::Denied(AuthFailure::RateLimited, detail) => {
+            assert!(detail.contains("try again later"), "{detail}")
+        }
+        other => panic!("the third attempt was not rate limited: {other:?}"),
+    }
+}
+
+#[test]
+fn an_agent_without_iam_is_told_to_turn_it_on() {
+    let _wd = watchdog("agent_without_iam", Duration::from_secs(180));
+    let w = World::new();
+    let alice = w.moto.create_user("alice");
+    let server = w.server(&[&alice.arn], None, "", &w.log_dir("server"));
+    let mut agent = Agent::spawn(
+        &w.certs,
+        server.listen,
+        &AgentOptions {
+            clear_aws_env: true,
+            ..AgentOptions::default()
+        },
+        &w.log_dir("agent"),
+    );
+    let log = denial_of(&mut agent);
+    assert!(
+        log.contains("unsupported authentication method") && log.contains("auth = \"iam\""),
+        "{log}"
+    );
+}
