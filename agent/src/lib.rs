@@ -6,10 +6,12 @@
 //!   reconnection and a circuit breaker;
 //! - [`iam`]: IAM tunnel authentication (signing an STS request with the AWS credential
 //!   chain);
+//! - [`aws`]: AWS mode: wake, query, certificate, connect, kill on exit;
 //! - [`config`]: the configuration file and its defaults;
 //! - [`run`]: wiring the proxy to the tunnel;
 //! - [`local`]: local mode (certificates, an in-process server and the proxy).
 
+pub mod aws;
 pub mod config;
 pub mod error;
 pub mod iam;
