@@ -218,6 +218,7 @@ fn quiet_link() -> LinkOptions {
         split_max: 100,
         stall_per_mille: 0,
         stall_max: Duration::ZERO,
+        capacity: None,
     }
 }
 
@@ -318,4 +319,69 @@ fn resets_reach_the_peer_with_their_codes() {
         });
     }
     sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+}
+
+/// Both sides push bulk data at once through transports whose buffers hold only 2 KiB,
+/// so each side's driver spends most of the transfer unable to write: both directions
+/// must still complete. (With a control backlog below a couple of frames this
+/// deadlocks: neither side may transmit, so neither consumes input; the simulation
+/// reports it as an idle timeout. The sweep therefore keeps the backlog at or above
+/// `MIN_BACKLOG_WITH_FULL_TRANSPORTS` when transports can fill up.)
+#[test]
+fn bulk_transfer_both_ways_through_full_transports() {
+    let config = Config {
+        limits: Limits {
+            max_frame_len: 64 * 1024,
+            stream_window: 256 * 1024,
+            connection_window: 1024 * 1024,
+            max_streams: 8,
+        },
+        require_auth: false,
+        max_control_backlog: sim::options::MIN_BACKLOG_WITH_FULL_TRANSPORTS,
+        ..Config::default()
+    };
+    let link = LinkOptions {
+        latency: Duration::from_millis(1),
+        capacity: Some(2048),
+        ..quiet_link()
+    };
+    let eager = ReaderPlan {
+        chunk: 1 << 20,
+        interval: Duration::ZERO,
+        pause_at: None,
+        pause_for: None,
+    };
+    let dir = DirPlan {
+        len: 1_000_000,
+        write_chunk: 1 << 20,
+        reader: eager,
+    };
+    let stream = StreamPlan {
+        open_at: Duration::ZERO,
+        answer_delay: Duration::ZERO,
+        refuse: None,
+        up: dir,
+        down: dir,
+        reset: None,
+    };
+    let opts = Options {
+        seed: 0xB0B,
+        agent: config.clone(),
+        server: config,
+        up_link: link,
+        down_link: link,
+        auth: AuthPlan::Accept(Duration::ZERO),
+        streams: vec![stream.clone(), stream],
+        ending: Ending::GoAway {
+            by: Side::Agent,
+            at: None,
+        },
+    };
+    let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(o.completed, 2, "{o:?}");
+    assert_eq!(o.bytes_read, 4 * 1_000_000, "{o:?}");
+    assert!(
+        o.coverage.full_transports > 0,
+        "the transports never filled up: {o:?}"
+    );
 }

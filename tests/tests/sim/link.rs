@@ -117,6 +117,11 @@ impl Link {
         self.queue.clear();
     }
 
+    /// How many bytes the transport holds towards the receiver at most.
+    pub fn capacity(&self) -> Option<usize> {
+        self.opts.capacity
+    }
+
     /// Whether the link was cut.
     pub fn is_cut(&self) -> bool {
         self.cut

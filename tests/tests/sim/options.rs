@@ -23,6 +23,10 @@ pub struct LinkOptions {
     pub stall_per_mille: u64,
     /// Longest stall.
     pub stall_max: Duration,
+    /// Bytes the transport holds towards the receiver (in the network plus read but not
+    /// yet consumed), like TCP's buffers: while full, the sender's driver stops calling
+    /// `poll_transmit`. `None`: unbounded.
+    pub capacity: Option<usize>,
 }
 
 /// How a reader consumes one direction of a stream.
@@ -140,6 +144,8 @@ pub struct Options {
     pub ending: Ending,
 }
 
+/// The smallest control backlog drawn when a transport can fill up.
+pub const MIN_BACKLOG_WITH_FULL_TRANSPORTS: usize = 1024;
 /// Upper bound on frames one direction of one stream may need: keeps each seed cheap.
 const MAX_FRAMES_PER_DIR: u64 = 4000;
 /// Upper bound on window round trips one direction may need.
@@ -156,12 +162,36 @@ impl Options {
         // Keepalive must keep a live connection alive through the worst stall and delay
         // the link can produce, or a correct implementation would time out.
         let keepalive = rng.duration(Duration::from_millis(100), Duration::from_millis(2000));
+        let bounded = up_link.capacity.is_some() || down_link.capacity.is_some();
+        // A pong waits behind whatever the driver already took from `poll_transmit`; with
+        // small transport buffers that is a few round trips more (batches are capped to
+        // a few buffers' worth below).
+        let queueing = if bounded {
+            max_delay * 12
+        } else {
+            Duration::ZERO
+        };
         let idle = keepalive * 2
             + max_stall * 2
             + max_delay * 4
+            + queueing
             + rng.duration(Duration::from_millis(100), Duration::from_millis(3000));
-        let agent = config(&mut rng, keepalive, idle);
+        let mut agent = config(&mut rng, keepalive, idle);
         let mut server = config(&mut rng, keepalive, idle);
+        for (c, link) in [(&mut agent, &up_link), (&mut server, &down_link)] {
+            if bounded {
+                // With full transports both ways, a control backlog smaller than a
+                // couple of frames deadlocks: neither side may transmit, so neither
+                // consumes input (see `bulk_transfer_both_ways_through_full_transports`).
+                c.max_control_backlog = c.max_control_backlog.max(MIN_BACKLOG_WITH_FULL_TRANSPORTS);
+            }
+            if let Some(cap) = link.capacity {
+                // A batch far larger than the transport's buffers would hold keepalive
+                // answers back for longer than any idle timeout drawn here: a property
+                // of the driver's batching on a slow link, not of the protocol.
+                c.transmit_batch = c.transmit_batch.min(cap * 4).max(100);
+            }
+        }
         server.require_auth = rng.chance(500);
         let handshake = agent.handshake_timeout.min(server.handshake_timeout);
         let auth = if !server.require_auth {
@@ -258,6 +288,7 @@ fn link(rng: &mut Rng) -> LinkOptions {
         split_max: rng.log_range(1, 70_000) as usize,
         stall_per_mille: if calm { 0 } else { rng.pick(&[0, 0, 5, 30]) },
         stall_max: rng.duration(Duration::ZERO, Duration::from_millis(500)),
+        capacity: rng.chance(400).then(|| rng.log_range(64, 300_000) as usize),
     }
 }
 
@@ -334,9 +365,12 @@ fn stream(rng: &mut Rng, agent: &Config, server: &Config, n_streams: usize) -> S
         after: rng.duration(Duration::ZERO, Duration::from_millis(1500)),
         code: ErrorCode(rng.range(0, 20) as u32),
     });
-    // A reader that stops for ever needs a reset to end its stream.
+    // A reader that stops for ever needs a reset to end its stream. Only one direction
+    // may: the other reader may finish before its pause and never reset.
+    let mut forever = false;
     for (d, reader_side) in [(&mut up, Side::Server), (&mut down, Side::Agent)] {
-        if d.reader.pause_at.is_some() && rng.chance(200) {
+        if d.reader.pause_at.is_some() && !forever && rng.chance(200) {
+            forever = true;
             // Only the reader can be relied on to reset: the writer's side of the
             // stream may have ended (FIN sent, EOF read) before its reset time.
             d.reader.pause_for = None;

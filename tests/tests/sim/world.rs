@@ -93,6 +93,8 @@ pub struct Coverage {
     pub goaways: u64,
     /// Transport EOFs after which complete streams were still read.
     pub reads_after_peer_drained: u64,
+    /// Rounds in which a side could not transmit because its transport was full.
+    pub full_transports: u64,
     /// Streams completed on both sides.
     pub completed: u64,
     /// Connection losses by kind: idle timeout, handshake timeout, auth rejection, peer
@@ -119,7 +121,7 @@ impl Coverage {
     }
 
     /// The counters by name.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 19] {
         [
             ("blocked_writes", self.blocked_writes),
             ("writable_events", self.writable_events),
@@ -132,6 +134,7 @@ impl Coverage {
             ("full_windows", self.full_windows),
             ("goaways", self.goaways),
             ("reads_after_peer_drained", self.reads_after_peer_drained),
+            ("full_transports", self.full_transports),
             ("completed", self.completed),
             ("lost_idle", self.lost_idle),
             ("lost_handshake", self.lost_handshake),
@@ -142,7 +145,7 @@ impl Coverage {
         ]
     }
 
-    fn fields_mut(&mut self) -> [&mut u64; 18] {
+    fn fields_mut(&mut self) -> [&mut u64; 19] {
         [
             &mut self.blocked_writes,
             &mut self.writable_events,
@@ -155,6 +158,7 @@ impl Coverage {
             &mut self.full_windows,
             &mut self.goaways,
             &mut self.reads_after_peer_drained,
+            &mut self.full_transports,
             &mut self.completed,
             &mut self.lost_idle,
             &mut self.lost_handshake,
@@ -181,7 +185,7 @@ struct Peer {
     conn: Connection,
     /// Delivered by the link, not yet consumed by `handle_input`.
     inbox: Vec<u8>,
-    /// Reused transmit buffer.
+    /// Output of `poll_transmit` the transport has not taken yet (it was full).
     out: Vec<u8>,
     /// This side closed its sending direction (after draining).
     transport_closed: bool,
@@ -313,7 +317,11 @@ impl<'a> World<'a> {
         match self.run_inner() {
             Ok(()) => Ok(self.outcome()),
             Err(message) => Err(Failure {
-                message: format!("at t={:?}: {message}", self.now - self.start),
+                message: format!(
+                    "at t={:?}: {message}\nstate:\n{}",
+                    self.now - self.start,
+                    self.dump()
+                ),
                 recent: self.log.iter().cloned().collect(),
             }),
         }
@@ -327,22 +335,13 @@ impl<'a> World<'a> {
             }
             self.steps += 1;
             if self.steps > MAX_STEPS {
-                return Err(format!(
-                    "livelock: more than {MAX_STEPS} steps\n{}",
-                    self.dump()
-                ));
+                return Err(format!("livelock: more than {MAX_STEPS} steps"));
             }
             let Some(next) = self.next_instant()? else {
-                return Err(format!(
-                    "stuck: nothing is scheduled but the run is not over\n{}",
-                    self.dump()
-                ));
+                return Err("stuck: nothing is scheduled but the run is not over".into());
             };
             if next - self.start > HORIZON {
-                return Err(format!(
-                    "not quiescent after {HORIZON:?} of virtual time\n{}",
-                    self.dump()
-                ));
+                return Err(format!("not quiescent after {HORIZON:?} of virtual time"));
             }
             self.now = next;
         }
@@ -427,8 +426,7 @@ impl<'a> World<'a> {
             }
         }
         Err(format!(
-            "livelock: still busy after {MAX_ROUNDS_PER_INSTANT} rounds at one instant\n{}",
-            self.dump()
+            "livelock: still busy after {MAX_ROUNDS_PER_INSTANT} rounds at one instant"
         ))
     }
 
@@ -481,31 +479,49 @@ impl<'a> World<'a> {
         let now = self.now;
         let i = ix(side);
         let mut progress = false;
+        // Like the runtime's driver: `poll_transmit` fills the outbox only once it is
+        // empty, and the outbox goes to the transport as far as its buffers have room
+        // (what is on the way plus what the receiver has not consumed yet).
         let mut out = std::mem::take(&mut self.peers[i].out);
-        out.clear();
+        let capacity = self.links[i].capacity().unwrap_or(usize::MAX);
+        let on_the_way = self.links[i].queued() + self.peers[1 - i].inbox.len();
+        let mut room = capacity.saturating_sub(on_the_way);
         let mut calls = 0u32;
-        while self.peers[i].conn.poll_transmit(now, &mut out) > 0 {
-            calls += 1;
-            if calls > MAX_ROUNDS_PER_INSTANT {
-                return Err(format!("{side:?}: poll_transmit never returns 0"));
+        loop {
+            if out.is_empty() {
+                if self.peers[i].conn.poll_transmit(now, &mut out) == 0 {
+                    break;
+                }
+                calls += 1;
+                if calls > MAX_ROUNDS_PER_INSTANT {
+                    return Err(format!("{side:?}: poll_transmit never returns 0"));
+                }
             }
-        }
-        if !out.is_empty() {
+            if self.peers[i].transport_closed {
+                out.clear();
+                continue;
+            }
+            let n = out.len().min(room);
+            if n == 0 {
+                self.cov.full_transports += 1;
+                break;
+            }
             progress = true;
             self.trace.u64(ix(side) as u64);
             self.trace.u64((now - self.start).as_nanos() as u64);
-            self.trace.bytes(&out);
-            if !self.peers[i].transport_closed {
-                self.links[i].send(now, &out, &mut self.rng);
-            }
+            self.trace.bytes(&out[..n]);
+            self.links[i].send(now, &out[..n], &mut self.rng);
+            out.drain(..n);
+            room -= n;
         }
+        let outbox_empty = out.is_empty();
         self.peers[i].out = out;
         while let Some(ev) = self.peers[i].conn.poll() {
             progress = true;
             self.on_event(side, ev)?;
         }
         let p = &mut self.peers[i];
-        if p.conn.is_drained() && !p.transport_closed {
+        if p.conn.is_drained() && outbox_empty && !p.transport_closed {
             p.transport_closed = true;
             self.links[i].close(now);
             progress = true;
@@ -1308,7 +1324,7 @@ impl<'a> World<'a> {
         for p in &self.peers {
             let _ = writeln!(
                 s,
-                "  {:?}: ready {:?} lost {:?} drained {} went_away {} closed_with {:?} inbox {} timer {:?} stats {:?}",
+                "  {:?}: ready {:?} lost {:?} drained {} went_away {} closed_with {:?} inbox {} outbox {} timer {:?} stats {:?}",
                 p.side,
                 p.ready_at.map(|t| t - self.start),
                 p.lost.as_ref().map(|(e, t)| (e.to_string(), *t - self.start)),
@@ -1316,6 +1332,7 @@ impl<'a> World<'a> {
                 p.went_away,
                 p.closed_with,
                 p.inbox.len(),
+                p.out.len(),
                 p.conn.poll_timeout().map(|t| t.saturating_duration_since(self.start)),
                 p.conn.stats(),
             );
