@@ -65,10 +65,26 @@ impl Default for IamAuthSettings {
     }
 }
 
+/// How the agent finds its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    /// Dial `server` with the certificates in `cert`, `key` and `ca`.
+    #[default]
+    Direct,
+    /// Wake an on-demand server in AWS, wait for it, get a certificate from the CA
+    /// function, connect, and stop the server on exit (see `[lifecycle]`).
+    Aws,
+}
+
 /// The agent configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
+    /// `direct` or `aws`. Default `direct`.
+    pub mode: AgentMode,
+    /// The AWS-mode lifecycle (control functions, waiting limit), for `mode = "aws"`.
+    pub lifecycle: crate::aws::LifecycleSettings,
     /// Local proxy listener (HTTP, CONNECT, WebSocket and SOCKS5 on one port). Any
     /// address other than loopback requires `proxy_username` and `proxy_password`.
     /// Default `127.0.0.1:8080`.
@@ -104,6 +120,8 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
+            mode: AgentMode::Direct,
+            lifecycle: crate::aws::LifecycleSettings::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             server: "127.0.0.1:8443".into(),
             server_name: None,

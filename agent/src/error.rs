@@ -41,9 +41,6 @@ pub enum Error {
     /// the connection); the text says which step and why.
     #[error("{0}")]
     Lifecycle(String),
-    /// An AWS call failed.
-    #[error("AWS: {0}")]
-    Aws(#[from] fluidity_aws::Error),
     /// The local server failed to start.
     #[error("local server: {0}")]
     Server(#[from] fluidity_server::Error),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use fluidity_agent::config::{AgentAuth, AgentConfig};
+use fluidity_agent::config::{AgentAuth, AgentConfig, AgentMode};
 use fluidity_agent::error::Result;
 use fluidity_agent::local::{self, LocalOptions};
 use fluidity_agent::run;
@@ -53,6 +53,10 @@ struct RunArgs {
     /// TOML configuration file.
     #[arg(long, short, env = "FLUIDITY_CONFIG")]
     config: Option<PathBuf>,
+    /// direct (dial --server) or aws (wake an on-demand server; see [lifecycle])
+    /// [default: direct].
+    #[arg(long, value_enum, env = "FLUIDITY_MODE")]
+    mode: Option<AgentMode>,
     /// Proxy listener [default: 127.0.0.1:8080]; non-loopback needs proxy credentials.
     #[arg(long, env = "FLUIDITY_LISTEN")]
     listen: Option<SocketAddr>,
@@ -189,6 +193,9 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),
     };
+    if let Some(v) = args.mode {
+        cfg.mode = v;
+    }
     if let Some(v) = args.listen {
         cfg.listen = v;
     }
@@ -239,6 +246,9 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
 
 fn run_agent(args: RunArgs) -> Result<()> {
     let cfg = agent_config(args)?;
+    if cfg.mode == AgentMode::Aws {
+        return fluidity_agent::aws::run_configured(cfg);
+    }
     let proxy_cfg = run::proxy_config(&cfg)?;
     let credentials = run::credential_source(&cfg, &Env::process())?;
     let settings = run::tunnel_settings(&cfg, credentials)?;

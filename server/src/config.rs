@@ -78,10 +78,26 @@ impl Default for IamSettings {
     }
 }
 
+/// Where the server's identity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerMode {
+    /// Certificates from files (`cert`, `key`, `client_ca`).
+    #[default]
+    Standalone,
+    /// An on-demand server in AWS: it discovers its ARN and address, reads the agent's
+    /// address from DynamoDB and gets its certificate from the CA function (see `[aws]`).
+    Aws,
+}
+
 /// The server configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
+    /// `standalone` or `aws`. Default `standalone`.
+    pub mode: ServerMode,
+    /// AWS mode settings, for `mode = "aws"`.
+    pub aws: crate::aws::AwsSettings,
     /// Tunnel listener. Default `0.0.0.0:8443`.
     pub listen: SocketAddr,
     /// `/healthz` and `/metrics` listener. Default `0.0.0.0:8080`.
@@ -124,6 +140,8 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            mode: ServerMode::Standalone,
+            aws: crate::aws::AwsSettings::default(),
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             health_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             cert: "server.pem".into(),

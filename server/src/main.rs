@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fluidity_aws::Env;
 use fluidity_runtime_smol::app::{self, LogFormat};
-use fluidity_server::config::AuthMode;
+use fluidity_server::config::{AuthMode, ServerMode};
 use fluidity_server::egress::EgressRule;
 use fluidity_server::health::{serve_health, Metrics};
 use fluidity_server::iam::IamAuthenticator;
@@ -49,6 +49,10 @@ struct Cli {
     /// Authentication beyond the client certificate [default: mtls].
     #[arg(long, value_enum, env = "FLUIDITY_SERVER_AUTH")]
     auth: Option<AuthMode>,
+    /// standalone (certificates from files) or aws (discover, certificate from the CA
+    /// function; see [aws]) [default: standalone].
+    #[arg(long, value_enum, env = "FLUIDITY_SERVER_MODE")]
+    mode: Option<ServerMode>,
     /// IAM: a principal admitted (exact ARN, account:123456789012, or an ARN prefix
     /// ending in *); repeatable or comma-separated; replaces [iam] allowed_principals.
     #[arg(
@@ -107,6 +111,9 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     if let Some(v) = cli.auth {
         cfg.auth = v;
     }
+    if let Some(v) = cli.mode {
+        cfg.mode = v;
+    }
     if !cli.iam_allow.is_empty() {
         cfg.iam.allowed_principals = cli.iam_allow.clone();
     }
@@ -157,8 +164,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: ServerConfig) -> Result<(), Error> {
+fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
+    // AWS mode finds out who it is and gets its certificate before anything listens.
+    let aws = match cfg.mode {
+        ServerMode::Standalone => None,
+        ServerMode::Aws => {
+            let settings = cfg.aws.clone();
+            Some(fluidity_server::aws::start_up(
+                &mut cfg,
+                &settings,
+                &Env::process(),
+            )?)
+        }
+    };
     let health_addr = cfg.health_listen;
     let authenticator: Option<Arc<dyn Authenticator>> = match cfg.auth {
         AuthMode::Mtls => None,
@@ -179,6 +198,8 @@ fn run(cfg: ServerConfig) -> Result<(), Error> {
         }
     })?;
     app::run(app::default_threads(), |ex| async move {
+        // Dropped (cancelled) when the server has stopped.
+        let _publisher = aws.map(|a| ex.spawn(a.publish_metrics(metrics.clone())));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         // The health endpoint runs on this (main) task: it is not Send.
         let health = serve_health(health, metrics, async move {

@@ -27,6 +27,7 @@ use std::time::Duration;
 use fluidity_aws::control::types::{CertRole, WakeResponse};
 use fluidity_aws::control::{ControlClient, ControlUrls};
 use fluidity_aws::Env;
+use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::pki::RENEW_BEFORE;
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use fluidity_server::aws::cert::{self as certs, CertFiles, ControlCa};
@@ -35,8 +36,9 @@ use serde::Deserialize;
 use smol::Executor;
 
 use self::wait::{Located, Phase, Progress};
-use crate::config::AgentConfig;
+use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
+use crate::iam::IamSigner;
 use crate::run;
 use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
 
@@ -214,6 +216,37 @@ impl std::fmt::Debug for AwsRun {
     }
 }
 
+/// Runs the agent in AWS mode from its configuration until Ctrl-C or SIGTERM: the control
+/// client signs with the `[aws]` identity (the default credential chain), and with
+/// `auth = "iam"` the tunnel authentication names the server's ARN learnt from Query.
+pub fn run_configured(cfg: AgentConfig) -> Result<()> {
+    let env = Env::process();
+    let aws_config = crate::iam::aws_config(&cfg, &env)?;
+    let control = ControlClient::new(&aws_config, cfg.lifecycle.urls(&env)?);
+    let credentials: Option<CredentialsFor> = match cfg.auth {
+        AgentAuth::None => None,
+        AgentAuth::Iam => {
+            if cfg.iam.server_id.is_some() {
+                tracing::warn!("[iam] server_id is ignored in AWS mode: the server id is its ARN");
+            }
+            let signer = IamSigner::new(aws_config, "", cfg.aws.iam_role_arn.clone())?;
+            Some(Arc::new(move |arn: &str| {
+                Ok(signer.for_server(arn).into_source())
+            }))
+        }
+    };
+    let aws = AwsRun {
+        control,
+        lifecycle: cfg.lifecycle.clone(),
+        env,
+        credentials,
+        quiet: false,
+    };
+    app::run(app::default_threads(), |ex| async move {
+        run_aws(&ex, cfg, aws, app::shutdown_signal()).await
+    })
+}
+
 /// Runs the agent in AWS mode until `shutdown` completes or an unrecoverable error, and
 /// calls Kill (once) either way.
 pub async fn run_aws(
@@ -362,7 +395,11 @@ fn tunnel_settings(
         server_name: located.server_ip.to_string(),
         tls: tls::client_config(&identity, &roots, &check)?,
         peer_check: check,
-        proto: Arc::new(fluidity_proto::Config::default()),
+        proto: Arc::new(fluidity_proto::Config {
+            // Bounds the whole tunnel handshake, IAM credentials and verdict included.
+            handshake_timeout: Duration::from_secs(cfg.iam.timeout_secs.max(1)),
+            ..fluidity_proto::Config::default()
+        }),
         connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
         credentials,
         min_backoff: Duration::from_millis(250),

@@ -1,0 +1,202 @@
+//! The on-demand lifecycle end to end, on one machine: the real agent wakes its server
+//! through the real control host (`fluidity-control`) against moto with IAM checks on;
+//! this test plays ECS and starts the real `fluidity-server` with task metadata served
+//! locally; the server discovers itself, reads the agent's address, gets its certificate;
+//! the agent queries, gets its certificate, connects, checks, authenticates through moto's
+//! STS; curl works through it; on SIGTERM the agent calls Kill and the service's desired
+//! count is 0 again. Then the refusals: another server's ARN (both directions), a source
+//! address that is not in the agent certificate, a server that never gets an address.
+//!
+//! Addresses: server 127.0.0.2, agent 127.0.0.1 (see `lifecycle/mod.rs`).
+
+mod lifecycle;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use fluidity_aws::clients::cloudwatch::CloudWatchClient;
+use fluidity_aws::control::types::{
+    CertRole, CertificateRequest, METRIC_ACTIVE_TUNNELS, METRIC_DIMENSION, METRIC_NAMESPACE,
+};
+use fluidity_aws::control::{ControlClient, ControlUrls};
+use fluidity_runtime_smol::pki::create_csr;
+use fluidity_tests::e2e::client::curl_status;
+use fluidity_tests::e2e::origin::HttpOrigin;
+use fluidity_tests::e2e::proc::wait_for;
+use fluidity_tests::e2e::watchdog;
+
+use lifecycle::{server_accepts, server_ip, terminate, Scenario, World, AGENT_IP, LIMIT};
+
+/// IAM tunnel authentication through moto's STS on both sides.
+const IAM: bool = true;
+
+/// A certificate from the CA function (through the control host) for `cn` and `ip`, as
+/// an agent would get one; returns (certificate, key, CA certificate).
+fn agent_certificate(w: &World, cn: &str, ip: IpAddr) -> (String, String, String) {
+    let control = ControlClient::new(
+        &w.moto.aws_config(&w.agent_user),
+        ControlUrls::on_host(&w.control_url),
+    );
+    let csr = create_csr(cn, &[ip]).expect("a CSR");
+    let answer = control
+        .sign_certificate(&CertificateRequest {
+            csr: csr.csr_pem.clone(),
+            role: CertRole::Agent,
+            validity_days: None,
+        })
+        .expect("the CA function signs an agent CSR");
+    (answer.certificate, csr.key_pem, answer.ca_certificate)
+}
+
+#[test]
+fn wake_discover_certify_connect_curl_and_kill_on_exit() {
+    let _wd = watchdog("wake_discover_certify_connect", Duration::from_secs(600));
+    let w = World::start();
+    let player = w.play_ecs(Scenario::Normal, IAM);
+    let origin = HttpOrigin::start("origin");
+    let (mut agent, proxy) = w.start_agent(180, IAM);
+
+    let ready = agent.wait_log(LIMIT * 2, |l| l.contains("fluidity: ready"));
+    if !ready {
+        agent.print_log();
+        eprintln!("---- server ----\n{}", player.server_log());
+        panic!("the agent did not become ready");
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("waking the server… "),
+        "progress is shown:\n{log}"
+    );
+    assert!(
+        log.contains("connecting to the server at 127.0.0.2"),
+        "{log}"
+    );
+    assert_eq!(player.slot().tasks_started, 1, "one wake, one task");
+    let asked = player.slot().metadata.as_ref().map_or(0, |m| m.requests());
+    assert!(asked >= 1, "the server read its task metadata");
+
+    // The server found itself, the agent's address and its certificate.
+    let task_arn = player.slot().task_arn.clone().expect("a task runs");
+    let server_log = player.server_log();
+    assert!(
+        server_log.contains(&task_arn) && server_log.contains("AWS mode ready"),
+        "the server discovered its ARN {task_arn}:\n{server_log}"
+    );
+    assert!(server_log.contains("127.0.0.1"), "{server_log}");
+
+    // Traffic flows.
+    let (status, body) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
+    assert_eq!((status, body.as_str()), (200, "hello from origin\n"));
+
+    // The server refuses another server's certificate, and a certificate for another
+    // source address; it admits a certificate for its ARN from the right address.
+    let server = SocketAddr::new(server_ip(), w.server_port);
+    let other_arn = task_arn.replace("task/", "task/other-");
+    let (cert, key, ca) = agent_certificate(&w, &other_arn, IpAddr::V4(AGENT_IP));
+    assert!(!server_accepts(server, &cert, &key, &ca));
+    player.wait_server_log("the CN refusal", |l| {
+        l.contains(&format!("CN is \"{other_arn}\", expected \"{task_arn}\""))
+    });
+    let (cert, key, ca) = agent_certificate(&w, &task_arn, "127.0.0.3".parse().unwrap());
+    assert!(!server_accepts(server, &cert, &key, &ca));
+    player.wait_server_log("the source address refusal", |l| {
+        l.contains("address 127.0.0.1 is not in its IP SANs")
+    });
+    let (cert, key, ca) = agent_certificate(&w, &task_arn, IpAddr::V4(AGENT_IP));
+    assert!(
+        server_accepts(server, &cert, &key, &ca),
+        "a certificate for this server from the right address is admitted to the handshake"
+    );
+
+    // The server publishes its metrics for Sleep.
+    let cw = CloudWatchClient::new(w.moto.admin_config());
+    let key = format!("{}/{}", lifecycle::CLUSTER, lifecycle::SERVICE);
+    wait_for("ActiveTunnels in CloudWatch", LIMIT, || {
+        let now = SystemTime::now();
+        let points = cw
+            .get_metric_statistics(
+                METRIC_NAMESPACE,
+                METRIC_ACTIVE_TUNNELS,
+                &[(METRIC_DIMENSION, key.as_str())],
+                now - Duration::from_secs(600),
+                now + Duration::from_secs(60),
+                Duration::from_secs(60),
+                &["Maximum"],
+            )
+            .ok()?;
+        points
+            .iter()
+            .any(|p| p.maximum.is_some_and(|m| m >= 1.0))
+            .then_some(())
+    });
+
+    // A clean exit calls Kill: the desired count is 0 again.
+    let status = terminate(&mut agent);
+    let log = agent.log();
+    assert!(status.success(), "the agent exits cleanly: {status}\n{log}");
+    assert!(log.contains("stopping the server"), "{log}");
+    assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+    wait_for("the played ECS to stop the server", LIMIT, || {
+        player.slot().proc.is_none().then_some(())
+    });
+    drop(player);
+    // The agent keeps its certificate, key and CA, and nothing else: the server's address
+    // is never written down.
+    let mut kept: Vec<String> = std::fs::read_dir(w.path("agent-state"))
+        .expect("the agent's state folder")
+        .map(|e| {
+            e.expect("a folder entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["agent-ca.pem", "agent-key.pem", "agent.pem"]);
+}
+
+#[test]
+fn agent_gives_up_on_a_server_without_an_address_and_kills_it() {
+    let _wd = watchdog("agent_gives_up", Duration::from_secs(400));
+    let w = World::start();
+    let player = w.play_ecs(Scenario::NoAddress, IAM);
+    let (mut agent, _) = w.start_agent(8, IAM);
+    let status = wait_for("the agent to give up", LIMIT, || agent.exited());
+    let log = agent.log();
+    assert!(!status.success(), "giving up is a failure: {status}\n{log}");
+    assert!(log.contains("waiting for an address"), "{log}");
+    assert!(log.contains("gave up after"), "{log}");
+    assert!(log.contains("stopping the server"), "{log}");
+    assert_eq!(
+        log.matches("stopping the server").count(),
+        1,
+        "Kill is called once:\n{log}"
+    );
+    assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+    assert_eq!(player.slot().tasks_started, 1);
+}
+
+#[test]
+fn agent_refuses_a_server_whose_certificate_names_another_arn() {
+    let _wd = watchdog("agent_refuses_impostor", Duration::from_secs(500));
+    let w = World::start();
+    let player = w.play_ecs(Scenario::ImpostorServer, IAM);
+    let (mut agent, _) = w.start_agent(25, IAM);
+    let (task_arn, impostor) = wait_for("the played ECS to start the server", LIMIT, || {
+        let slot = player.slot();
+        Some((slot.task_arn.clone()?, slot.server_arn.clone()?))
+    });
+    assert_ne!(task_arn, impostor);
+    let status = wait_for("the agent to give up", LIMIT * 2, || agent.exited());
+    let log = agent.log();
+    assert!(!status.success(), "{status}\n{log}");
+    // The CN appears in the log escaped or not, depending on the log format.
+    let plain = format!("CN is \"{impostor}\", expected \"{task_arn}\"");
+    assert!(
+        log.contains(&plain) || log.contains(&plain.replace('"', "\\\"")),
+        "the agent names both ARNs:\n{log}\n---- server ----\n{}",
+        player.server_log()
+    );
+    assert!(log.contains("stopping the server"), "{log}");
+    assert_eq!(w.desired_count(), 0);
+}
