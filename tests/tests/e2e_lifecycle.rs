@@ -200,3 +200,28 @@ fn agent_refuses_a_server_whose_certificate_names_another_arn() {
     assert!(log.contains("stopping the server"), "{log}");
     assert_eq!(w.desired_count(), 0);
 }
+
+#[test]
+fn sigterm_while_waiting_stops_the_server_too() {
+    let _wd = watchdog("sigterm_while_waiting", Duration::from_secs(400));
+    let w = World::start();
+    let _player = w.play_ecs(Scenario::NoAddress, IAM);
+    let (mut agent, _) = w.start_agent(300, IAM);
+    assert!(
+        agent.wait_log(LIMIT, |l| l.contains("waiting for an address")),
+        "the agent waits for the address:\n{}",
+        agent.log()
+    );
+    assert_eq!(w.desired_count(), 1, "the agent woke the server");
+    let status = terminate(&mut agent);
+    let log = agent.log();
+    assert!(
+        status.success(),
+        "Ctrl-C or SIGTERM is a clean exit: {status}\n{log}"
+    );
+    assert!(
+        log.contains("stopping the server (stopped before the server was ready)"),
+        "{log}"
+    );
+    assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+}
