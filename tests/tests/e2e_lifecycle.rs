@@ -160,7 +160,7 @@ fn agent_gives_up_on_a_server_without_an_address_and_kills_it() {
     let _wd = watchdog("agent_gives_up", Duration::from_secs(400));
     let w = World::start();
     let player = w.play_ecs(Scenario::NoAddress, IAM);
-    let (mut agent, _) = w.start_agent(8, IAM);
+    let (mut agent, _) = w.start_agent(20, IAM);
     let status = wait_for("the agent to give up", LIMIT, || agent.exited());
     let log = agent.log();
     assert!(!status.success(), "giving up is a failure: {status}\n{log}");
