@@ -137,6 +137,12 @@ pub fn is_well_formed_arn(s: &str) -> bool {
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// Whether `arn` names an ECS task (`arn:…:ecs:…:task/…`).
+pub fn is_ecs_task_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    parts.len() == 6 && parts[2] == "ecs" && parts[5].starts_with("task/")
+}
+
 /// GETs `url` without a proxy (metadata endpoints are link-local) and returns the body of
 /// a 200 answer.
 pub fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
@@ -318,7 +324,9 @@ pub fn discover_public_ip(
     cluster: Option<&str>,
     limit: Duration,
 ) -> Result<IpAddr, Error> {
-    let is_task = identity.task.is_some() || identity.source == ArnSource::EcsTaskArn;
+    // An ECS task ARN (from the metadata or either variable) has a network interface to
+    // look up; anything else is an instance, which the metadata service describes.
+    let is_task = identity.task.is_some() || is_ecs_task_arn(&identity.arn);
     if let (true, Some(cluster)) = (is_task, cluster) {
         let deadline = Instant::now() + limit;
         let mut delay = Duration::from_millis(500);
@@ -373,6 +381,9 @@ mod tests {
         assert_eq!(partition("cn-north-1"), "aws-cn");
         assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
         assert_eq!(partition("eu-west-1"), "aws");
+        assert!(is_ecs_task_arn("arn:aws:ecs:r:1:task/c/abc"));
+        assert!(!is_ecs_task_arn("arn:aws:ec2:r:1:instance/i-1"));
+        assert!(!is_ecs_task_arn("arn:aws:ecs:r:1:service/c/s"));
     }
 
     #[test]
