@@ -492,6 +492,17 @@ impl<'a> World<'a> {
                 if self.peers[i].conn.poll_transmit(now, &mut out) == 0 {
                     break;
                 }
+                // One call emits the pending control frames (bounded by the backlog plus
+                // what one input slice and the application's calls can add) and at most
+                // one batch of data.
+                let cfg = self.config(side);
+                let bound = cfg.max_control_backlog + cfg.transmit_batch + 64 * 1024;
+                if out.len() > bound {
+                    return Err(format!(
+                        "{side:?}: one poll_transmit emitted {} bytes, beyond {bound}",
+                        out.len()
+                    ));
+                }
                 calls += 1;
                 if calls > MAX_ROUNDS_PER_INSTANT {
                     return Err(format!("{side:?}: poll_transmit never returns 0"));
@@ -530,6 +541,13 @@ impl<'a> World<'a> {
         Ok(progress)
     }
 
+    fn config(&self, side: Side) -> &'a fluidity_proto::Config {
+        match side {
+            Side::Agent => &self.opts.agent,
+            Side::Server => &self.opts.server,
+        }
+    }
+
     // ----- events -----
 
     fn on_event(&mut self, side: Side, ev: Event) -> Check {
@@ -539,6 +557,9 @@ impl<'a> World<'a> {
         self.note(Some(side), || text);
         let now = self.now;
         let i = ix(side);
+        if self.peers[i].lost.is_some() {
+            return Err(format!("{side:?}: an event after ConnectionLost"));
+        }
         match ev {
             Event::AuthRequested(req) => {
                 if side != Side::Server || !self.opts.server.require_auth {
@@ -1212,6 +1233,17 @@ impl<'a> World<'a> {
                 recv_total += info.recv_buffered as u64;
             }
             let stats = me.stats();
+            // Every ping crosses the link both ways, and delays only add to latency.
+            let floor = self.opts.up_link.latency + self.opts.down_link.latency;
+            if stats
+                .rtt
+                .is_some_and(|rtt| rtt + Duration::from_micros(1) < floor)
+            {
+                return Err(format!(
+                    "{side:?}: RTT estimate {:?} below the link's round trip {floor:?}",
+                    stats.rtt
+                ));
+            }
             if stats.recv_buffered as u64 != recv_total {
                 return Err(format!(
                     "{side:?}: stats say {} bytes buffered, streams {recv_total}",
