@@ -174,8 +174,8 @@ fn main() -> ExitCode {
     cap_secret_dumping_logs();
     app::init_logging(cli.log_format, "info");
     let result = match cli.command {
-        None => run_agent(cli.run),
-        Some(Command::Run(args)) => run_agent(*args),
+        None => run_agent(cli.run, cli.log_format),
+        Some(Command::Run(args)) => run_agent(*args, cli.log_format),
         Some(Command::Local(args)) => run_local(args),
         Some(Command::Certs(CertsCommand::Init(args))) => certs_init(args),
     };
@@ -244,10 +244,11 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
     Ok(cfg)
 }
 
-fn run_agent(args: RunArgs) -> Result<()> {
+fn run_agent(args: RunArgs, log_format: LogFormat) -> Result<()> {
     let cfg = agent_config(args)?;
     if cfg.mode == AgentMode::Aws {
-        return fluidity_agent::aws::run_configured(cfg);
+        // Progress lines would break JSON logs; they are log events there.
+        return fluidity_agent::aws::run_configured(cfg, log_format == LogFormat::Json);
     }
     let proxy_cfg = run::proxy_config(&cfg)?;
     let credentials = run::credential_source(&cfg, &Env::process())?;

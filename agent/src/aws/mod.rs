@@ -219,7 +219,8 @@ impl std::fmt::Debug for AwsRun {
 /// Runs the agent in AWS mode from its configuration until Ctrl-C or SIGTERM: the control
 /// client signs with the `[aws]` identity (the default credential chain), and with
 /// `auth = "iam"` the tunnel authentication names the server's ARN learnt from Query.
-pub fn run_configured(cfg: AgentConfig) -> Result<()> {
+/// `quiet` keeps progress lines off stderr (they stay log events), for JSON logs.
+pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
     let env = Env::process();
     let aws_config = crate::iam::aws_config(&cfg, &env)?;
     let control = ControlClient::new(&aws_config, cfg.lifecycle.urls(&env)?);
@@ -240,7 +241,7 @@ pub fn run_configured(cfg: AgentConfig) -> Result<()> {
         lifecycle: cfg.lifecycle.clone(),
         env,
         credentials,
-        quiet: false,
+        quiet,
     };
     app::run(app::default_threads(), |ex| async move {
         run_aws(&ex, cfg, aws, app::shutdown_signal()).await

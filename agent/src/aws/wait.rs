@@ -49,8 +49,9 @@ impl fmt::Display for Phase {
     }
 }
 
-/// Shows progress: a line on stderr (and a log event) when the phase changes and then
-/// every `every`, each with the time since the lifecycle began.
+/// Shows progress: a line on stderr (`fluidity: waking the server… 3s`), or an info log
+/// event when quiet, when the phase changes and then every `every`, each with the time
+/// since the lifecycle began.
 #[derive(Debug)]
 pub struct Progress {
     started: Instant,
@@ -60,8 +61,8 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress starting now, repeating every `every`; `quiet` keeps it off stderr (the
-    /// log still has it).
+    /// Progress starting now, repeating every `every`; `quiet` makes it info log events
+    /// instead of stderr lines.
     pub fn new(every: Duration, quiet: bool) -> Self {
         Progress {
             started: Instant::now(),
@@ -92,9 +93,13 @@ impl Progress {
             return;
         }
         let line = self.line(&phase);
-        tracing::info!(phase = %phase, elapsed_s = self.elapsed().as_secs(), "{line}");
-        if !self.quiet {
+        let elapsed_s = self.elapsed().as_secs();
+        if self.quiet {
+            tracing::info!(phase = %phase, elapsed_s, "{line}");
+        } else {
+            // Shown once, as a plain line; the log keeps it at debug level.
             eprintln!("fluidity: {line}");
+            tracing::debug!(phase = %phase, elapsed_s, "{line}");
         }
         self.last = Some((phase, now));
     }
