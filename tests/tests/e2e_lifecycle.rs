@@ -20,6 +20,7 @@ use fluidity_aws::control::types::{
 };
 use fluidity_aws::control::{ControlClient, ControlUrls};
 use fluidity_runtime_smol::pki::create_csr;
+use fluidity_runtime_smol::tls::Identity;
 use fluidity_tests::e2e::client::curl_status;
 use fluidity_tests::e2e::origin::HttpOrigin;
 use fluidity_tests::e2e::proc::wait_for;
@@ -82,7 +83,28 @@ fn wake_discover_certify_connect_curl_and_kill_on_exit() {
         server_log.contains(&task_arn) && server_log.contains("AWS mode ready"),
         "the server discovered its ARN {task_arn}:\n{server_log}"
     );
-    assert!(server_log.contains("127.0.0.1"), "{server_log}");
+    assert!(
+        server_log.contains("agent address read from DynamoDB")
+            && server_log.contains("agent_ip=127.0.0.1"),
+        "{server_log}"
+    );
+    // Both certificates name this server's ARN; the server's names its address and the
+    // agent's, the agent's names the agent's address.
+    let names = |dir: &str, stem: &str| {
+        Identity::load(
+            &w.path(dir).join(format!("{stem}.pem")),
+            &w.path(dir).join(format!("{stem}-key.pem")),
+        )
+        .expect("a cached certificate")
+        .names()
+        .expect("its names")
+    };
+    let server_names = names("server-cache", "server");
+    assert_eq!(server_names.common_name.as_deref(), Some(task_arn.as_str()));
+    assert_eq!(server_names.ip_sans, [server_ip(), IpAddr::V4(AGENT_IP)]);
+    let agent_names = names("agent-state", "agent");
+    assert_eq!(agent_names.common_name.as_deref(), Some(task_arn.as_str()));
+    assert_eq!(agent_names.ip_sans, [IpAddr::V4(AGENT_IP)]);
 
     // Traffic flows.
     let (status, body) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
