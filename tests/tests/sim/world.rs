@@ -409,7 +409,13 @@ impl<'a> World<'a> {
     fn settle(&mut self) -> Check {
         for _ in 0..MAX_ROUNDS_PER_INSTANT {
             let mut progress = self.ending()?;
-            for side in [Side::Agent, Side::Server] {
+            // Either side may go first: the order of two drivers is not fixed.
+            let order = if self.rng.chance(500) {
+                [Side::Agent, Side::Server]
+            } else {
+                [Side::Server, Side::Agent]
+            };
+            for side in order {
                 progress |= self.feed(side)?;
                 progress |= self.drain(side)?;
                 progress |= self.app(side)?;
@@ -439,6 +445,9 @@ impl<'a> World<'a> {
             self.peers[i].conn.handle_timeout(now);
             self.trace.u64(0x71);
             progress = true;
+        } else if self.rng.chance(20) {
+            // A driver's timer may wake it early; that must change nothing.
+            self.peers[i].conn.handle_timeout(now);
         }
         let p = &mut self.peers[i];
         let link = &mut self.links[1 - i];
@@ -774,8 +783,11 @@ impl<'a> World<'a> {
             Side::Agent => self.agent_opens()?,
             Side::Server => self.server_answers()?,
         };
-        for k in 0..self.streams.len() {
-            progress |= self.stream_app(side, k)?;
+        // The application serves its streams in a rotating order.
+        let n = self.streams.len();
+        let first = self.rng.below(n as u64) as usize;
+        for j in 0..n {
+            progress |= self.stream_app(side, (first + j) % n)?;
         }
         Ok(progress)
     }
