@@ -485,4 +485,114 @@ mod tests {
         assert_eq!(parsed.server_port, 8443);
         assert!(toml::from_str::<LifecycleSettings>("server_ip = \"1.2.3.4\"").is_err());
     }
+
+    /// A server in this process with a certificate for `server_cn` and `server_ips`, on
+    /// 127.0.0.2, and an agent's tunnel settings for `located` with a certificate for
+    /// `arn` and 127.0.0.1; returns the agent's verdict on the server.
+    fn dial(server_cn: &str, server_ips: &[&str], arn: &str) -> std::result::Result<(), String> {
+        use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
+        use fluidity_server::health::Metrics;
+        use fluidity_server::{Server, ServerConfig};
+
+        let dir = tempfile::tempdir().unwrap();
+        let year = Duration::from_secs(365 * 86_400);
+        let ca = generate_ca("test CA", year).unwrap();
+        let sans: Vec<SanEntry> = server_ips
+            .iter()
+            .map(|ip| SanEntry::Ip(ip.parse().unwrap()))
+            .collect();
+        let server_cert = issue_server(&ca, &sans, server_cn, year).unwrap();
+        let agent_cert = issue_client(&ca, arn, &["127.0.0.1".parse().unwrap()], year).unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        std::fs::write(&files.cert, &agent_cert.cert_pem).unwrap();
+        std::fs::write(&files.key, &agent_cert.key_pem).unwrap();
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        let (cert, key) = (dir.path().join("s.pem"), dir.path().join("s-key.pem"));
+        std::fs::write(&cert, &server_cert.cert_pem).unwrap();
+        std::fs::write(&key, &server_cert.key_pem).unwrap();
+
+        let server = Server::new(
+            ServerConfig {
+                listen: "127.0.0.2:0".parse().unwrap(),
+                cert,
+                key,
+                client_ca: files.ca.clone(),
+                expected_client_cn: Some(server_cn.to_owned()),
+                check_client_ip: true,
+                ..ServerConfig::default()
+            },
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
+        let listener = server.bind().unwrap();
+        let port = listener.get_ref().local_addr().unwrap().port();
+        let located = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: arn.to_owned(),
+            agent_ip: None,
+        };
+        let aws = AwsRun {
+            control: ControlClient::new(
+                &fluidity_aws::AwsConfig::new(
+                    "us-east-1",
+                    Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
+                    fluidity_aws::Endpoints::none(),
+                    fluidity_aws::HttpClient::direct().unwrap(),
+                ),
+                ControlUrls::on_host("http://127.0.0.1:9"),
+            ),
+            lifecycle: LifecycleSettings {
+                server_port: port,
+                ..LifecycleSettings::default()
+            },
+            env: Env::empty(),
+            credentials: None,
+            quiet: true,
+        };
+        let settings = tunnel_settings(&AgentConfig::default(), &aws, &files, &located).unwrap();
+        assert_eq!(settings.server, SocketAddr::new(located.server_ip, port));
+        assert_eq!(settings.server_name, "127.0.0.2");
+        assert_eq!(settings.peer_check, PeerCheck::cn(arn));
+
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(async {
+            let (stop, stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let task = ex.spawn(async move {
+                server
+                    .run(&ex2, listener, async move {
+                        let _ = stopped.recv().await;
+                    })
+                    .await
+            });
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            let verdict = dialer.tunnel().await.map(|_| ());
+            dialer.shutdown(Duration::from_millis(100)).await;
+            drop(stop);
+            task.await;
+            verdict
+        }))
+    }
+
+    const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/one";
+
+    #[test]
+    fn connects_only_to_this_arn_at_the_dialled_address() {
+        dial(ARN, &["127.0.0.2", "127.0.0.1"], ARN).expect("the right server is accepted");
+
+        let other = "arn:aws:ecs:us-east-1:123456789012:task/c/two";
+        let err = dial(other, &["127.0.0.2", "127.0.0.1"], ARN).unwrap_err();
+        assert!(
+            err.contains(&format!("CN is \"{other}\", expected \"{ARN}\"")),
+            "{err}"
+        );
+
+        let err = dial(ARN, &["127.0.0.9", "127.0.0.1"], ARN).unwrap_err();
+        assert!(
+            err.contains("certificate not valid for name \"127.0.0.2\""),
+            "the dialled address is not in the server's SANs: {err}"
+        );
+        assert!(!err.contains("CN is"), "{err}");
+    }
 }
