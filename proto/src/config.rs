@@ -64,9 +64,9 @@ pub struct Config {
     /// `max_frame_len`). Default 16 KiB.
     pub data_frame_len: u32,
     /// Control output (answers to pings, window updates, refusals) that may wait
-    /// unsent before `handle_input` stops consuming. Default 256 KiB.
+    /// unsent before `handle_input` stops consuming. Default 256 KiB; 0 counts as 1.
     pub max_control_backlog: usize,
-    /// Data bytes one `poll_transmit` call emits at most. Default 256 KiB.
+    /// Data bytes one `poll_transmit` call emits at most. Default 256 KiB; 0 counts as 1.
     pub transmit_batch: usize,
 }
 

@@ -252,7 +252,8 @@ impl Connection {
         self.last_recv = now;
         let mut consumed = 0;
         while consumed < data.len() {
-            if self.ctrl.len() >= self.config.max_control_backlog {
+            // A zero backlog would stop input for good; one frame's worth is the least that works.
+            if self.ctrl.len() >= self.config.max_control_backlog.max(1) {
                 break;
             }
             let end = (consumed + INPUT_SLICE).min(data.len());
@@ -671,7 +672,8 @@ impl Connection {
             .peer
             .map_or(MIN_MAX_FRAME_LEN, |p| p.limits.max_frame_len)
             .min(self.config.data_frame_len.max(1)) as usize;
-        let mut budget = self.config.transmit_batch;
+        // A zero batch would never send stream data.
+        let mut budget = self.config.transmit_batch.max(1);
         let mut rounds = self.sendable.len();
         while budget > 0 && rounds > 0 {
             let Some(id) = self.sendable.pop_front() else {

@@ -627,3 +627,52 @@ fn eof_before_drain_is_reported() {
         reason: Error::TransportClosed
     }));
 }
+
+#[test]
+fn zero_control_backlog_and_transmit_batch_still_make_progress() {
+    let zero = Arc::new(Config {
+        require_auth: false,
+        max_control_backlog: 0,
+        transmit_batch: 0,
+        ..Config::default()
+    });
+    let now = Instant::now();
+    let mut agent = Connection::agent(zero.clone(), Credentials::none(), now);
+    let mut server = Connection::server(zero, now);
+    // Input a side could not take yet waits here, as a transport's buffer would hold it.
+    let (mut to_server, mut to_agent) = (Vec::new(), Vec::new());
+    let mut id = None;
+    let mut received = Vec::new();
+    let mut finished = false;
+    for _ in 0..100_000 {
+        agent.poll_transmit(now, &mut to_server);
+        server.poll_transmit(now, &mut to_agent);
+        let n = server.handle_input(now, &to_server);
+        to_server.drain(..n);
+        let n = agent.handle_input(now, &to_agent);
+        to_agent.drain(..n);
+        while let Some(e) = server.poll() {
+            if let Event::Stream(StreamEvent::OpenRequested { id: i, .. }) = e {
+                server.accept_open(i).unwrap();
+            }
+        }
+        while agent.poll().is_some() {}
+        if agent.is_ready() && id.is_none() {
+            let i = agent.open(now, target()).unwrap();
+            assert_eq!(agent.send_stream(i).write(b"progress").unwrap(), 8);
+            agent.send_stream(i).finish().unwrap();
+            id = Some(i);
+        }
+        if let Some(i) = id {
+            if server.stream_info(i).is_some() {
+                let (bytes, fin) = read_all(&mut server, i);
+                received.extend_from_slice(&bytes);
+                finished |= fin;
+            }
+        }
+        if finished {
+            break;
+        }
+    }
+    assert_eq!((received.as_slice(), finished), (&b"progress"[..], true));
+}
