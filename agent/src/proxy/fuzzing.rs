@@ -79,6 +79,59 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Every file of `fuzz/corpus/<target>/`; the corpus must not be empty.
+    fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("directory entry").path())
+            .collect();
+        files.sort();
+        let out: Vec<_> = files
+            .into_iter()
+            .map(|p| {
+                let data = std::fs::read(&p).expect("corpus file");
+                (p.display().to_string(), data)
+            })
+            .collect();
+        assert!(!out.is_empty(), "no corpus in {}", dir.display());
+        out
+    }
+
+    #[test]
+    fn corpus_replays_through_http_request_head() {
+        for (name, data) in corpus("http_request_head") {
+            eprintln!("{name}");
+            fuzz_http_request_head(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_http_response_head() {
+        for (name, data) in corpus("http_response_head") {
+            eprintln!("{name}");
+            fuzz_http_response_head(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_chunked_body() {
+        for (name, data) in corpus("chunked_body") {
+            eprintln!("{name}");
+            fuzz_chunked(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_socks5() {
+        for (name, data) in corpus("socks5") {
+            eprintln!("{name}");
+            fuzz_socks5(&data);
+        }
+    }
+
     proptest! {
         #[test]
         fn entry_points_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
