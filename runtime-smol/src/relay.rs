@@ -5,8 +5,13 @@ use std::io;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Buffer per direction.
-const RELAY_BUF: usize = 64 * 1024;
+/// Buffer per direction to start with: enough for a typical web response or request in
+/// one piece, and small enough that many idle or short connections stay cheap.
+const RELAY_BUF_MIN: usize = 16 * 1024;
+
+/// Largest buffer per direction. A direction whose reads keep filling its buffer (a bulk
+/// transfer) grows up to this, so that each piece costs fewer system calls and wake-ups.
+const RELAY_BUF_MAX: usize = 64 * 1024;
 
 /// Which way bytes moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +50,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUF];
+    let mut buf = vec![0u8; RELAY_BUF_MIN];
     let mut total = 0u64;
     loop {
         let n = r.read(&mut buf).await?;
@@ -56,5 +61,9 @@ where
         w.write_all(&buf[..n]).await?;
         total += n as u64;
         on_bytes(n);
+        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
+            // A full read: more is probably waiting; grow (the bytes in it are sent).
+            buf = vec![0u8; (buf.len() * 2).min(RELAY_BUF_MAX)];
+        }
     }
 }

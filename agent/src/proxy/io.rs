@@ -10,8 +10,14 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use super::chunked::{ChunkedDecoder, ChunkedError};
 use super::head::{leading_empty_lines, HeadError, MAX_HEAD_LEN};
 
-/// Capacity of every read buffer: a maximal head plus room to notice that it is too long.
+/// Largest capacity of a read buffer: a maximal head plus room to notice that it is too
+/// long.
 const BUF_CAP: usize = MAX_HEAD_LEN + 8 * 1024;
+
+/// Capacity a read buffer starts with. Most heads and small bodies fit; a buffer grows
+/// towards [`BUF_CAP`] only for a longer head or a bulk transfer, so that many short
+/// connections at once stay cheap in memory.
+const BUF_START: usize = 16 * 1024;
 
 /// A reader with a fixed-size buffer whose unread bytes can be inspected and consumed.
 pub(crate) struct Inbound<R> {
@@ -19,15 +25,18 @@ pub(crate) struct Inbound<R> {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Whether the last read filled the buffer to the end (more was probably waiting).
+    filled: bool,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub(crate) fn new(io: R) -> Self {
         Inbound {
             io,
-            buf: vec![0; BUF_CAP].into_boxed_slice(),
+            buf: vec![0; BUF_START].into_boxed_slice(),
             start: 0,
             end: 0,
+            filled: false,
         }
     }
 
@@ -48,15 +57,33 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
         if self.end == self.buf.len() {
             if self.start == 0 {
-                return Err(io::Error::other("read buffer full"));
+                if self.buf.len() >= BUF_CAP {
+                    return Err(io::Error::other("read buffer full"));
+                }
+                self.grow();
+            } else {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
             }
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+        } else if self.end == 0 && self.filled && self.buf.len() < BUF_CAP {
+            // Empty, and the last read filled it: a bulk transfer; read larger pieces.
+            self.grow();
         }
         let n = self.io.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        self.filled = n > 0 && self.end == self.buf.len();
         Ok(n)
+    }
+
+    /// Doubles the buffer (up to [`BUF_CAP`]), keeping the unread bytes.
+    fn grow(&mut self) {
+        let mut bigger = vec![0; (self.buf.len() * 2).min(BUF_CAP)].into_boxed_slice();
+        let kept = self.end - self.start;
+        bigger[..kept].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = bigger;
+        self.start = 0;
+        self.end = kept;
     }
 }
 
