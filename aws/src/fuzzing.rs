@@ -5,7 +5,11 @@
 //! - [`sts_response`]: STS answers (the XML reader, `GetCallerIdentity` results, error
 //!   documents, ARN normalisation);
 //! - [`auth_verify`]: the server's whole verification of a payload, with STS played by a
-//!   local responder that answers with fuzzer-chosen status and body.
+//!   local responder that answers with fuzzer-chosen status and body;
+//! - [`control_event`]: the Lambda events the control functions receive;
+//! - [`control_local_request`]: the local control host's HTTP request reader, over a socket;
+//! - [`control_types`]: the control functions' JSON request and answer bodies;
+//! - [`ca_csr`]: the CA function's CSR policy, and signing with a fixed CA.
 //!
 //! Not a stable API: it exists for the `fuzz/` targets and for the test below that replays
 //! the checked-in corpus (`fuzz/corpus/<target>/`).
@@ -15,7 +19,20 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use base64::Engine as _;
+use fluidity_runtime_smol::pki::{self, CaBundle};
+use fluidity_runtime_smol::tls::PeerIdentity;
+
 use crate::clients::sts::CallerIdentity;
+use crate::control::ca;
+use crate::control::client::explain;
+use crate::control::handlers::{parse_body, MAX_BODY_LEN};
+use crate::control::lambda::{function_url_response, parse_event, EventKind};
+use crate::control::local;
+use crate::control::types::{
+    CertRole, CertificateRequest, CertificateResponse, ErrorResponse, Function, KillRequest,
+    KillResponse, QueryRequest, QueryResponse, SleepResponse, WakeRequest, WakeResponse,
+};
 use crate::http::{HttpConfig, HttpResponse};
 use crate::iam_auth::{
     normalize_arn, sign_auth_request_at, AuthDenied, AuthPayload, Principal, Verifier,
@@ -241,6 +258,235 @@ fn verify_with(
     verifier.verify(payload, &FUZZ_CHANNEL_BINDING, source, fuzz_now())
 }
 
+// ----- the control plane -----
+
+/// Reads `data` as a Lambda event (JSON) the way the control functions do: a function-URL
+/// request, a scheduled event or a direct invocation. A function-URL event is recognised
+/// only by `requestContext.http`, a direct invocation's body is the event itself as JSON,
+/// and the function-URL answer built for it carries a body that reads back as the same
+/// JSON.
+pub fn control_event(data: &[u8]) {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let is_url = event.pointer("/requestContext/http").is_some();
+    match parse_event(&event) {
+        Ok(inv) => {
+            match inv.kind {
+                EventKind::FunctionUrl => {
+                    assert!(is_url, "a function-URL event without its context")
+                }
+                EventKind::Scheduled => assert!(!is_url && inv.body.is_empty()),
+                EventKind::Direct => {
+                    assert!(!is_url && inv.source_ip.is_none());
+                    if !event.is_null() {
+                        serde_json::from_slice::<serde_json::Value>(&inv.body)
+                            .expect("a direct invocation's body is JSON");
+                    }
+                }
+            }
+            if inv.kind != EventKind::FunctionUrl {
+                assert_eq!(inv.source_ip, None, "an address without a function URL");
+            }
+        }
+        Err(e) => {
+            assert!(is_url, "only function-URL events are refused: {e}");
+            assert_eq!(e.status, 400);
+        }
+    }
+    let answer = function_url_response(400, &event);
+    let body = answer["body"]
+        .as_str()
+        .expect("the answer's body is a string");
+    let again: serde_json::Value = serde_json::from_str(body).expect("the answer's body is JSON");
+    assert_eq!(
+        serde_json::to_string(&again).ok(),
+        Some(body.to_string()),
+        "the answer's body does not re-encode to itself"
+    );
+}
+
+/// One exchange at a time with [`local_listener`]: an accept must get its own connection.
+static SERIAL_LOCAL: Mutex<()> = Mutex::new(());
+
+/// The local control host's listener for [`control_local_request`], on 127.0.0.1.
+fn local_listener() -> &'static TcpListener {
+    static LISTENER: OnceLock<TcpListener> = OnceLock::new();
+    LISTENER.get_or_init(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1"))
+}
+
+/// Sends `data` to the local control host's request reader over a real socket on
+/// 127.0.0.1 (then closes the sending side) and reads one request from it. An accepted
+/// request has a method and a path, a body within the limit, and a head that fitted in
+/// the head limit.
+pub fn control_local_request(data: &[u8]) {
+    // Well beyond the reader's limits (16 KiB head, 64 KiB body), and small enough that
+    // the write below never waits for the reader.
+    let data = &data[..data.len().min(96 * 1024)];
+    let _serial = SERIAL_LOCAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = local_listener();
+    let addr = listener.local_addr().expect("local address");
+    let mut client = TcpStream::connect(addr).expect("connect to 127.0.0.1");
+    let (mut server, _) = listener.accept().expect("accept on 127.0.0.1");
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    client.write_all(data).expect("write to 127.0.0.1");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shut down the sending side");
+    let Ok(req) = local::read_request(&mut server) else {
+        return;
+    };
+    assert!(!req.method.is_empty());
+    assert!(req.body.len() <= MAX_BODY_LEN);
+    // The body is taken from what follows the head, and the head is read 4 KiB at a
+    // time until it is complete or past the limit.
+    assert!(req.body.len() < data.len());
+    assert!(
+        data.len() - req.body.len() <= local::MAX_HEAD_LEN + 4096,
+        "a head longer than the limit was accepted"
+    );
+    assert!(
+        data.windows(req.body.len().max(1))
+            .any(|w| req.body.is_empty() || w == req.body),
+        "the body is not the bytes sent"
+    );
+    let _ = local::signed_for_lambda(req.authorization.as_deref());
+    let _ = req
+        .path
+        .split('?')
+        .next()
+        .map(|p| p.trim_matches('/').parse::<Function>());
+}
+
+/// Checks that `T` decoded from `value` encodes and decodes back to itself.
+fn round_trip<T>(value: &serde_json::Value) -> Option<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let t: T = serde_json::from_value(value.clone()).ok()?;
+    let text = serde_json::to_string(&t).expect("a decoded message encodes");
+    let again: T = serde_json::from_str(&text).expect("an encoded message decodes");
+    assert_eq!(again, t, "{text}");
+    Some(t)
+}
+
+/// Decodes `data` as each JSON message of the control functions: the answers as
+/// [`ControlClient`](crate::control::client::ControlClient) decodes them (from the JSON
+/// value the function URL returned), the request bodies as the handlers read them, and a
+/// refusal's body as the client explains it. Every decoded message must survive
+/// encode → decode unchanged.
+pub fn control_types(data: &[u8]) {
+    let _ = parse_body::<WakeRequest>(data);
+    let _ = parse_body::<QueryRequest>(data);
+    let _ = parse_body::<KillRequest>(data);
+    if let Ok(serde_json::Value::Object(_)) = serde_json::from_slice(data) {
+        // An object decodes as any of the empty request bodies (unknown fields ignored).
+        assert!(parse_body::<WakeRequest>(data).is_ok());
+    }
+    let body = String::from_utf8_lossy(data).into_owned();
+    let explained = explain(crate::Error::HttpStatus {
+        url: "http://127.0.0.1/ca".into(),
+        status: 400,
+        body: body.clone(),
+    });
+    match explained {
+        crate::Error::HttpStatus { status, .. } => assert_eq!(status, 400),
+        other => panic!("explain changed the error's kind: {other}"),
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    round_trip::<WakeResponse>(&value);
+    round_trip::<QueryResponse>(&value);
+    round_trip::<KillResponse>(&value);
+    round_trip::<SleepResponse>(&value);
+    round_trip::<ErrorResponse>(&value);
+    if let Some(resp) = round_trip::<CertificateResponse>(&value) {
+        let _ = ca::remaining(&resp, fuzz_now());
+    }
+    if let Some(req) = round_trip::<CertificateRequest>(&value) {
+        let _ = ca::check_request(&req, 90);
+    }
+}
+
+/// The CA the fuzzed CA function signs with (made once).
+fn fuzz_ca() -> &'static CaBundle {
+    static CA: OnceLock<CaBundle> = OnceLock::new();
+    CA.get_or_init(|| {
+        pki::generate_ca("fluidity fuzz CA", Duration::from_secs(400 * 86400))
+            .expect("a CA is generated")
+    })
+}
+
+/// Runs a CSR through the CA function's policy and, if it passes, signs it with a fixed
+/// CA.
+///
+/// Byte 0 picks the role (bit 0) and whether a validity is asked for (bit 1), byte 1 the
+/// validity in days. The rest is the CSR: PEM as is when it starts with `-----`, else
+/// DER, wrapped in PEM. A request the policy admits names a well-formed ARN and as many
+/// IP SANs as the role needs, and the certificate issued for it names exactly what the
+/// CSR named.
+pub fn ca_csr(data: &[u8]) {
+    let [flags, days, csr @ ..] = data else {
+        return;
+    };
+    let role = if flags & 1 == 0 {
+        CertRole::Agent
+    } else {
+        CertRole::Server
+    };
+    let csr = if csr.starts_with(b"-----") {
+        String::from_utf8_lossy(csr).into_owned()
+    } else {
+        der_to_pem(csr)
+    };
+    let req = CertificateRequest {
+        csr,
+        role,
+        validity_days: (flags & 2 != 0).then_some(u32::from(*days)),
+    };
+    let max_days = 90;
+    let Ok(validity) = ca::check_request(&req, max_days) else {
+        return;
+    };
+    assert!(validity > Duration::ZERO && validity <= Duration::from_secs(90 * 86400));
+    let names = pki::csr_names(&req.csr).expect("an admitted CSR has names");
+    let cn = names
+        .common_name
+        .as_deref()
+        .expect("an admitted CSR has a CN");
+    assert!(ca::check_arn(cn).is_ok());
+    assert!(names.dns_sans.is_empty());
+    assert_eq!(names.ip_sans.len(), role.ip_san_count());
+    // Signing can still refuse (a CSR whose signature does not verify); what it issues
+    // must name what was asked.
+    if let Ok(resp) = ca::sign(fuzz_ca(), &req, max_days) {
+        let der = pem_to_der(&resp.certificate).expect("the issued certificate is PEM");
+        let issued = PeerIdentity::from_der(&der).expect("the issued certificate parses");
+        assert_eq!(issued, names);
+    }
+}
+
+/// `der` as a PEM certificate request.
+fn der_to_pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE REQUEST-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE REQUEST-----\n");
+    pem
+}
+
+/// The DER inside a one-block PEM document.
+fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +533,288 @@ mod tests {
         for (name, data) in corpus("auth_verify") {
             eprintln!("{name}");
             auth_verify(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_control_event() {
+        for (name, data) in corpus("control_event") {
+            eprintln!("{name}");
+            control_event(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_control_local_request() {
+        for (name, data) in corpus("control_local_request") {
+            eprintln!("{name}");
+            control_local_request(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_control_types() {
+        for (name, data) in corpus("control_types") {
+            eprintln!("{name}");
+            control_types(&data);
+        }
+    }
+
+    #[test]
+    fn corpus_replays_through_ca_csr() {
+        for (name, data) in corpus("ca_csr") {
+            eprintln!("{name}");
+            ca_csr(&data);
+        }
+    }
+
+    /// The CA harness reaches signing: a CSR within policy is signed, one outside is not.
+    #[test]
+    fn ca_harness_signs_within_policy() {
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        let csr = pki::create_csr(SEED_ARN, &[ip]).unwrap().csr_pem;
+        let req = CertificateRequest {
+            csr: csr.clone(),
+            role: CertRole::Agent,
+            validity_days: Some(7),
+        };
+        let resp = ca::sign(fuzz_ca(), &req, 90).unwrap();
+        let issued = PeerIdentity::from_der(&pem_to_der(&resp.certificate).unwrap()).unwrap();
+        assert_eq!(issued.ip_sans, vec![ip]);
+        let server = CertificateRequest {
+            role: CertRole::Server,
+            ..req
+        };
+        assert!(ca::check_request(&server, 90).is_err());
+        // The DER form the target wraps reads as the same request.
+        let wrapped = der_to_pem(&pem_to_der(&csr).unwrap());
+        assert_eq!(
+            pki::csr_names(&wrapped).unwrap(),
+            pki::csr_names(&csr).unwrap()
+        );
+    }
+
+    /// The local-host harness reads a request sent over its socket.
+    #[test]
+    fn local_request_harness_reads_a_request() {
+        let _serial = SERIAL_LOCAL.lock().unwrap_or_else(|e| e.into_inner());
+        let listener = local_listener();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client
+            .write_all(b"POST /wake?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            .unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let req = local::read_request(&mut server).unwrap();
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str()),
+            ("POST", "/wake?x=1")
+        );
+        assert_eq!(req.body, b"{}");
+    }
+
+    /// The server ARN the control seeds name.
+    const SEED_ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/0123456789abcdef";
+
+    /// Writes the seed corpus of the control-plane targets into `fuzz/corpus/`. Run by
+    /// hand after a format change:
+    /// `cargo test -p fluidity-aws write_control_seed_corpus -- --ignored`.
+    #[test]
+    #[ignore = "writes files; run by hand to refresh the seeds"]
+    fn write_control_seed_corpus() {
+        use serde_json::json;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        let write = |target: &str, name: &str, data: &[u8]| {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), data).unwrap();
+        };
+        let agent_ip: IpAddr = "203.0.113.9".parse().unwrap();
+        let server_ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let agent_csr = pki::create_csr(SEED_ARN, &[agent_ip]).unwrap().csr_pem;
+        let server_csr = pki::create_csr(SEED_ARN, &[server_ip, agent_ip])
+            .unwrap()
+            .csr_pem;
+        let agent_req = CertificateRequest {
+            csr: agent_csr.clone(),
+            role: CertRole::Agent,
+            validity_days: None,
+        };
+        let ca_body = serde_json::to_string(&agent_req).unwrap();
+
+        // Lambda events, in the shapes AWS sends.
+        let url_event = |method: &str, body: &str, b64: bool| {
+            json!({
+                "version": "2.0",
+                "routeKey": "$default",
+                "rawPath": "/",
+                "rawQueryString": "",
+                "headers": { "content-type": "application/json", "host": "abc.lambda-url.eu-west-1.on.aws" },
+                "requestContext": {
+                    "accountId": "anonymous",
+                    "apiId": "abc",
+                    "domainName": "abc.lambda-url.eu-west-1.on.aws",
+                    "http": { "method": method, "path": "/", "protocol": "HTTP/1.1",
+                              "sourceIp": "203.0.113.9", "userAgent": "fluidity" },
+                    "requestId": "r-1",
+                    "time": "01/Jan/2026:00:00:00 +0000",
+                    "timeEpoch": 1_767_225_600_000u64
+                },
+                "body": body,
+                "isBase64Encoded": b64,
+            })
+        };
+        let event = |name: &str, v: serde_json::Value| {
+            write(
+                "control_event",
+                name,
+                serde_json::to_string_pretty(&v).unwrap().as_bytes(),
+            )
+        };
+        event("url-wake", url_event("POST", "{}", false));
+        event("url-ca", url_event("POST", &ca_body, false));
+        event(
+            "url-base64",
+            url_event(
+                "POST",
+                &base64::engine::general_purpose::STANDARD.encode(&ca_body),
+                true,
+            ),
+        );
+        event("url-bad-base64", url_event("POST", "not base64!", true));
+        event("url-get", url_event("GET", "", false));
+        event(
+            "url-ipv6",
+            json!({ "requestContext": { "http": { "method": "post", "sourceIp": "::ffff:203.0.113.9" } } }),
+        );
+        event(
+            "scheduled",
+            json!({
+                "version": "0",
+                "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+                "detail-type": "Scheduled Event",
+                "source": "aws.events",
+                "account": "123456789012",
+                "time": "2026-01-01T00:00:00Z",
+                "region": "eu-west-1",
+                "resources": ["arn:aws:events:eu-west-1:123456789012:rule/fluidity-sleep"],
+                "detail": {}
+            }),
+        );
+        event("direct-ca", serde_json::to_value(&agent_req).unwrap());
+        event("direct-empty", json!({}));
+        event("direct-null", serde_json::Value::Null);
+
+        // Requests to the local control host.
+        let auth = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc";
+        let request = |name: &str, method: &str, path: &str, extra: &str, body: &str| {
+            let text = format!(
+                "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:9000\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            write("control_local_request", name, text.as_bytes());
+        };
+        request("wake", "POST", "/wake", "", "{}");
+        request(
+            "query-signed",
+            "POST",
+            "/query?x=1",
+            &format!("authorization: {auth}\r\n"),
+            "",
+        );
+        request("ca", "POST", "/ca", "", &ca_body);
+        request("get-kill", "GET", "/kill", "", "");
+        write(
+            "control_local_request",
+            "chunked",
+            b"POST /sleep HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        );
+        write(
+            "control_local_request",
+            "too-long-body",
+            b"POST /wake HTTP/1.1\r\ncontent-length: 99999999\r\n\r\n{}",
+        );
+        write(
+            "control_local_request",
+            "short-body",
+            b"POST /wake HTTP/1.1\r\ncontent-length: 10\r\n\r\n{}",
+        );
+
+        // The control functions' bodies and answers.
+        let ca = fuzz_ca();
+        let signed = ca::sign(ca, &agent_req, 90).unwrap();
+        let types = |name: &str, v: serde_json::Value| {
+            write("control_types", name, v.to_string().as_bytes())
+        };
+        types(
+            "wake-response",
+            json!({ "status": "starting", "server_arn": SEED_ARN, "server_public_ip": "198.51.100.7",
+                    "agent_public_ip_as_seen": "203.0.113.9", "desired_count": 1, "changed": true }),
+        );
+        types(
+            "query-response",
+            json!({ "status": "running", "server_ip": "198.51.100.7", "server_ip_kind": "public",
+                    "server_arn": SEED_ARN, "agent_public_ip": "203.0.113.9", "desired_count": 1,
+                    "task_status": "RUNNING", "detail": "ready" }),
+        );
+        types(
+            "kill-response",
+            json!({ "status": "stopping", "desired_count": 0, "changed": true }),
+        );
+        types(
+            "sleep-response",
+            json!({ "action": "scaled_to_zero", "reason": "idle for 900 s", "idle_timeout_secs": 900 }),
+        );
+        types(
+            "error-response",
+            json!({ "error": "csr_refused", "message": "the CN \"x\" is not a well-formed ARN" }),
+        );
+        types(
+            "certificate-request",
+            serde_json::to_value(&agent_req).unwrap(),
+        );
+        types(
+            "certificate-request-server",
+            json!({ "csr": server_csr, "role": "server", "validity_days": 7 }),
+        );
+        types(
+            "certificate-response",
+            serde_json::to_value(&signed).unwrap(),
+        );
+        write("control_types", "empty-body", b" \r\n");
+
+        // CSRs for the CA: PEM and DER, within and outside the policy.
+        let der = |pem: &str| pem_to_der(pem).unwrap();
+        let csr = |name: &str, flags: u8, days: u8, body: &[u8]| {
+            write("ca_csr", name, &[&[flags, days][..], body].concat())
+        };
+        csr("agent-pem", 0, 0, agent_csr.as_bytes());
+        csr("agent-der", 2, 30, &der(&agent_csr));
+        csr("server-der", 3, 7, &der(&server_csr));
+        csr("server-pem-too-long", 3, 200, server_csr.as_bytes());
+        csr("agent-with-two-ips", 0, 0, &der(&server_csr));
+        let no_arn = pki::create_csr("fluidity-agent", &[agent_ip])
+            .unwrap()
+            .csr_pem;
+        csr("cn-not-an-arn", 0, 0, &der(&no_arn));
+        let unspecified = pki::create_csr(SEED_ARN, &["0.0.0.0".parse().unwrap()])
+            .unwrap()
+            .csr_pem;
+        csr("unspecified-ip", 0, 0, &der(&unspecified));
+        let v6 = pki::create_csr(SEED_ARN, &["2001:db8::1".parse().unwrap(), agent_ip])
+            .unwrap()
+            .csr_pem;
+        csr("server-ipv6", 1, 0, &der(&v6));
+
+        for (target, run) in [
+            ("control_event", control_event as fn(&[u8])),
+            ("control_local_request", control_local_request),
+            ("control_types", control_types),
+            ("ca_csr", ca_csr),
+        ] {
+            for (_, data) in corpus(target) {
+                run(&data);
+            }
         }
     }
 

@@ -125,7 +125,7 @@ impl ControlClient {
 
 /// Replaces a refusal's JSON body by its message, so the error reads
 /// `… answered HTTP 400: csr_refused: the CN "x" is not an ARN`.
-fn explain(err: Error) -> Error {
+pub(crate) fn explain(err: Error) -> Error {
     match err {
         Error::HttpStatus { url, status, body } => {
             let body = match serde_json::from_str::<ErrorResponse>(&body) {

@@ -73,7 +73,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
-fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ControlError> {
+pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ControlError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

@@ -19,7 +19,7 @@ use super::handlers::{canonical_ip, Control, MAX_BODY_LEN};
 use super::types::Function;
 
 /// Largest request head accepted.
-const MAX_HEAD_LEN: usize = 16 * 1024;
+pub(crate) const MAX_HEAD_LEN: usize = 16 * 1024;
 /// Headers parsed at most.
 const MAX_HEADERS: usize = 64;
 /// Time a client has to send its request.
@@ -62,14 +62,14 @@ pub fn serve(
 }
 
 /// A parsed request.
-struct Request {
-    method: String,
-    path: String,
-    authorization: Option<String>,
-    body: Vec<u8>,
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) authorization: Option<String>,
+    pub(crate) body: Vec<u8>,
 }
 
-fn read_request(stream: &mut TcpStream) -> Result<Request, ControlError> {
+pub(crate) fn read_request(stream: &mut TcpStream) -> Result<Request, ControlError> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let (head_len, method, path, authorization, content_length) = loop {
@@ -145,7 +145,7 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, ControlError> {
 }
 
 /// Whether `auth` is a SigV4 Authorization header scoped to service `lambda`.
-fn signed_for_lambda(auth: Option<&str>) -> bool {
+pub(crate) fn signed_for_lambda(auth: Option<&str>) -> bool {
     auth.is_some_and(|a| {
         a.starts_with("AWS4-HMAC-SHA256 ")
             && a.split("Credential=")
