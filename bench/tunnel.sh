@@ -9,6 +9,8 @@
 #   - 10 KiB GETs through the HTTP proxy at concurrency 64 (hey), rate ratio;
 #   - added latency p50/p99, at concurrency 64 (hey) and sequentially (one curl client
 #     on one kept-alive connection);
+#   - CPU time (user + system) the agent and the server spend per GiB and per 1000 GETs,
+#     steadier than wall time on a loaded machine;
 #   - peak RSS (VmHWM) of the agent and the server after all runs.
 # It prints a table and exits 0 whether or not a goal is met (MISSED marks a miss); it
 # exits non-zero only when the benchmark itself cannot run.
@@ -229,6 +231,11 @@ sequential() {
 }
 
 min() { printf '%s\n' "$@" | sort -g | head -n 1; }
+
+# CPU time (user + system, clock ticks) the agent and the server have used so far. Under
+# a loaded machine this is steadier than wall time: it counts the tunnel's own work.
+cpu_ticks() { cat "/proc/$AGENT_PID/stat" "/proc/$SERVER_PID/stat" | awk '{ t += $14 + $15 } END { print t }'; }
+TICKS=$(getconf CLK_TCK)
 max() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 
 log "warming up"
@@ -237,16 +244,20 @@ bulk -p -x "http://$PROXY" >/dev/null
 load 2000 "$CONCURRENCY" >/dev/null
 load 2000 "$CONCURRENCY" -x "http://$PROXY" >/dev/null
 
-declare -a BD BT RD RT P50D P50T P99D P99T S50D S50T S99D S99T
+declare -a CB CR BD BT RD RT P50D P50T P99D P99T S50D S50T S99D S99T
 for ((r = 1; r <= ROUNDS; r++)); do
     log "round $r/$ROUNDS: ${BULK_MIB} MiB through CONNECT"
     BD+=("$(bulk)")
+    t0=$(cpu_ticks)
     BT+=("$(bulk -p -x "http://$PROXY")")
+    CB+=("$(($(cpu_ticks) - t0))")
     log "round $r/$ROUNDS: $REQUESTS x 10 KiB GET at concurrency $CONCURRENCY"
     out=$(load "$REQUESTS" "$CONCURRENCY")
     read -r rate p50 p99 <<<"$out"
     RD+=("$rate") P50D+=("$p50") P99D+=("$p99")
+    t0=$(cpu_ticks)
     out=$(load "$REQUESTS" "$CONCURRENCY" -x "http://$PROXY")
+    CR+=("$(($(cpu_ticks) - t0))")
     read -r rate p50 p99 <<<"$out"
     RT+=("$rate") P50T+=("$p50") P99T+=("$p99")
     log "round $r/$ROUNDS: $SEQ_REQUESTS x 10 KiB GET, one client"
@@ -297,6 +308,11 @@ for row in "p50 c=$CONCURRENCY|$p50d|$p50t" "p99 c=$CONCURRENCY|$p99d|$p99t" \
     printf '%-40s %12.3f %12.3f %+9.3f   %-10s %s\n' "10 KiB GET latency $name (ms)" "$d" "$t" \
         "$(awk -v t="$t" -v d="$d" 'BEGIN { print t - d }')" "(added ms)" ""
 done
+cb=$(min "${CB[@]}") cr=$(min "${CR[@]}")
+printf '%-40s %12s %12.2f %10s  %-10s %s\n' "agent+server CPU per GiB via CONNECT (s)" "-" \
+    "$(awk -v c="$cb" -v h="$TICKS" -v m="$BULK_MIB" 'BEGIN { print c / h * 1024 / m }')" "-" "-" ""
+printf '%-40s %12s %12.3f %10s  %-10s %s\n' "agent+server CPU per 1000 GETs c=$CONCURRENCY (s)" "-" \
+    "$(awk -v c="$cr" -v h="$TICKS" -v n="$REQUESTS" 'BEGIN { print c / h * 1000 / n }')" "-" "-" ""
 printf '%-40s %12s %12s %10s  %-10s %s\n' "agent peak RSS, VmHWM (MiB)" "-" "$agent_mib" "-" "<= 12" \
     "$(verdict "$(awk -v m="$agent_mib" 'BEGIN { print (m <= 12) }')")"
 printf '%-40s %12s %12s %10s  %-10s %s\n' "server peak RSS, VmHWM (MiB)" "-" "$server_mib" "-" "<= 12" \
@@ -304,4 +320,5 @@ printf '%-40s %12s %12s %10s  %-10s %s\n' "server peak RSS, VmHWM (MiB)" "-" "$s
 echo
 echo "all rounds: bulk direct ${BD[*]} s; tunnel ${BT[*]} s"
 echo "            rate direct ${RD[*]}; tunnel ${RT[*]} req/s"
+echo "            agent+server CPU ticks ($TICKS/s): bulk ${CB[*]}; GETs ${CR[*]}"
 echo "RSS now: agent $((AGENT_RSS / 1024)) MiB, server $((SERVER_RSS / 1024)) MiB"
