@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{encode_data_header, Decoder, Frame, HEADER_LEN, MIN_MAX_FRAME_LEN};
 use crate::handshake::{AuthFailure, AuthRequest, AuthResult, Credentials, Hello, Phase};
 use crate::stream::flow::{RecvWindow, SendWindow};
-use crate::stream::send::Fin;
+use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
 use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target};
 
@@ -23,6 +23,53 @@ const INPUT_SLICE: usize = 16 * 1024;
 /// several frames instead of one or two per frame, while an allocation that a stalled
 /// stream's chunks keep alive stays small.
 const RX_ALLOC: usize = 64 * 1024;
+
+/// Room reserved at once for DATA headers handed out as chunks.
+const HEADERS_ALLOC: usize = 4 * 1024;
+
+/// Where the transmit scheduler puts frames: one implementation copies (`poll_transmit`),
+/// one shares chunks (`poll_transmit_chunks`); the scheduling is the same.
+trait Transmit {
+    /// Takes every encoded control frame out of `ctrl`.
+    fn control(&mut self, ctrl: &mut Vec<u8>);
+    /// Emits one DATA frame carrying the first `n` bytes of `payload`, removing them.
+    fn data(&mut self, id: StreamId, fin: bool, payload: &mut SendBuf, n: usize);
+}
+
+impl Transmit for Vec<u8> {
+    fn control(&mut self, ctrl: &mut Vec<u8>) {
+        self.append(ctrl);
+    }
+
+    fn data(&mut self, id: StreamId, fin: bool, payload: &mut SendBuf, n: usize) {
+        encode_data_header(self, id, fin, n);
+        payload.copy_to(n, self);
+    }
+}
+
+/// Frames as shared chunks, for `poll_transmit_chunks`.
+struct ChunkSink<'a> {
+    out: &'a mut Vec<Bytes>,
+    /// Headers are encoded here and split off, many to an allocation.
+    headers: BytesMut,
+}
+
+impl Transmit for ChunkSink<'_> {
+    fn control(&mut self, ctrl: &mut Vec<u8>) {
+        if !ctrl.is_empty() {
+            self.out.push(Bytes::from(std::mem::take(ctrl)));
+        }
+    }
+
+    fn data(&mut self, id: StreamId, fin: bool, payload: &mut SendBuf, n: usize) {
+        if self.headers.capacity() < HEADER_LEN {
+            self.headers.reserve(HEADERS_ALLOC);
+        }
+        encode_data_header(&mut self.headers, id, fin, n);
+        self.out.push(self.headers.split().freeze());
+        payload.split_to(n, self.out);
+    }
+}
 
 /// Something the application must know about.
 #[derive(Debug, PartialEq, Eq)]
@@ -104,6 +151,9 @@ pub struct Connection {
     rx: BytesMut,
     /// Encoded control frames not yet handed to `poll_transmit`.
     ctrl: Vec<u8>,
+    /// Spare room for the DATA headers `poll_transmit_chunks` hands out, so they do not
+    /// take one allocation each.
+    headers: BytesMut,
     events: VecDeque<Event>,
     streams: BTreeMap<StreamId, StreamState>,
     /// Round-robin of streams with output.
@@ -153,6 +203,7 @@ impl Connection {
             decoder: Decoder::new(limits.max_frame_len),
             rx: BytesMut::with_capacity(RX_ALLOC),
             ctrl: Vec::new(),
+            headers: BytesMut::new(),
             events: VecDeque::new(),
             streams: BTreeMap::new(),
             sendable: VecDeque::new(),
@@ -280,6 +331,70 @@ impl Connection {
         consumed
     }
 
+    /// Like [`handle_input`](Self::handle_input), taking the bytes out of `data` instead
+    /// of copying them: decoded DATA payloads share `data`'s allocation, and a trailing
+    /// partial frame is kept the same way. Only the rest of a frame begun in an earlier
+    /// input is copied (at most one frame per call). Consumed bytes are removed from the
+    /// front of `data` and their count is returned; the two input calls may be mixed.
+    /// Bytes left in `data` (only when the control backlog is full, as with
+    /// `handle_input`) were not looked at: call `poll_transmit`, then offer them again.
+    /// Once the connection is closing everything is consumed and discarded.
+    pub fn handle_input_bytes(&mut self, now: Instant, data: &mut BytesMut) -> usize {
+        let total = data.len();
+        if !matches!(self.closing, Closing::No) {
+            data.clear();
+            return total;
+        }
+        self.last_recv = now;
+        // The backlog is checked first, then after every `INPUT_SLICE` bytes or so (frames
+        // are not cut here, so a check may come up to one frame later than in `handle_input`).
+        let mut since_check = INPUT_SLICE;
+        while !data.is_empty() {
+            if since_check >= INPUT_SLICE {
+                // A zero backlog would stop input for good; one frame's worth is the least that works.
+                if self.ctrl.len() >= self.config.max_control_backlog.max(1) {
+                    break;
+                }
+                since_check = 0;
+            }
+            let before = data.len();
+            let decoded = if self.rx.is_empty() {
+                let decoded = self.decoder.decode_shared(data);
+                if matches!(decoded, Ok(None)) {
+                    // A partial frame: keep it, sharing the allocation; the next input
+                    // completes it.
+                    self.rx.unsplit(data.split());
+                }
+                decoded
+            } else {
+                // Finish the frame begun earlier, copying no more than it needs.
+                let k = self.decoder.missing(self.rx.len()).min(data.len());
+                self.rx.extend_from_slice(&data[..k]);
+                data.advance(k);
+                self.decoder.decode(&mut self.rx)
+            };
+            since_check += before - data.len();
+            match decoded {
+                Ok(Some(frame)) => {
+                    self.stats.frames_received += 1;
+                    self.on_frame(now, frame);
+                    if !matches!(self.closing, Closing::No) {
+                        data.clear();
+                        return total;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.fail(Error::protocol(e.code(), e.to_string()), true);
+                    data.clear();
+                    return total;
+                }
+            }
+        }
+        self.check_invariants();
+        total - data.len()
+    }
+
     /// The transport ended (EOF or error). Unless the connection was drained, it is lost,
     /// with one exception: after a goaway, a peer that drained closes the transport while
     /// streams it completed may still hold unread data here; they stay readable and the
@@ -347,14 +462,38 @@ impl Connection {
     /// `Config::transmit_batch` bytes of stream data, round-robin across streams.
     pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> usize {
         let start = buf.len();
-        buf.append(&mut self.ctrl);
+        self.transmit(buf);
+        buf.len() - start
+    }
+
+    /// Like [`poll_transmit`](Self::poll_transmit), without copying stream data: appends
+    /// the same frames to `out` as shared chunks and returns how many bytes they hold (0
+    /// when there is nothing to send). Pending control frames come first as one chunk;
+    /// each DATA frame is a header chunk followed by its payload as zero (a bare FIN) or
+    /// more slices of the written bytes. Concatenated in order, the chunks are exactly the
+    /// bytes `poll_transmit` would have appended, so the two may be mixed freely; a
+    /// runtime can hand them to a vectored write.
+    pub fn poll_transmit_chunks(&mut self, _now: Instant, out: &mut Vec<Bytes>) -> usize {
+        let start = out.len();
+        let mut sink = ChunkSink {
+            out,
+            headers: std::mem::take(&mut self.headers),
+        };
+        self.transmit(&mut sink);
+        self.headers = sink.headers;
+        out[start..].iter().map(Bytes::len).sum()
+    }
+
+    /// The one scheduler behind both transmit calls: control frames first, then stream
+    /// data within the batch budget.
+    fn transmit<T: Transmit>(&mut self, out: &mut T) {
+        out.control(&mut self.ctrl);
         if self.phase == Phase::Ready && matches!(self.closing, Closing::No) {
-            self.transmit_data(buf);
+            self.transmit_data(out);
         }
         if matches!(self.closing, Closing::Flushing) && self.ctrl.is_empty() {
             self.closing = Closing::Drained;
         }
-        buf.len() - start
     }
 
     /// When `handle_timeout` must next be called, if ever.
@@ -545,6 +684,37 @@ impl Connection {
     }
 
     pub(crate) fn stream_write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, Error> {
+        let n = self.stream_write_len(id, data.len())?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.send.buf.extend_from_slice(&data[..n]);
+        }
+        self.schedule(id);
+        Ok(n)
+    }
+
+    pub(crate) fn stream_write_bytes(
+        &mut self,
+        id: StreamId,
+        mut data: Bytes,
+    ) -> Result<usize, Error> {
+        let n = self.stream_write_len(id, data.len())?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            // Splitting shares the allocation: the bytes past `n` stay with the caller.
+            let taken = if n == data.len() {
+                data
+            } else {
+                data.split_to(n)
+            };
+            s.send.buf.push(taken);
+        }
+        self.schedule(id);
+        Ok(n)
+    }
+
+    /// Checks that stream `id` may take a write of `len` bytes and returns how many it
+    /// takes now (0 only when `len` is 0). Shared by both write calls, so they refuse and
+    /// block alike.
+    fn stream_write_len(&mut self, id: StreamId, len: usize) -> Result<usize, Error> {
         self.check_alive()?;
         let side = self.side;
         let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
@@ -554,16 +724,14 @@ impl Connection {
         if s.send.fin != Fin::Open {
             return Err(Error::StreamFinished(id));
         }
-        if data.is_empty() {
+        if len == 0 {
             return Ok(0);
         }
-        let n = s.send.writable().min(data.len());
+        let n = s.send.writable().min(len);
         if n == 0 {
             s.send.blocked = true;
             return Err(Error::Blocked);
         }
-        s.send.buf.extend_from_slice(&data[..n]);
-        self.schedule(id);
         Ok(n)
     }
 
@@ -667,7 +835,7 @@ impl Connection {
         StreamId(self.next_stream.saturating_sub(2))
     }
 
-    fn transmit_data(&mut self, buf: &mut Vec<u8>) {
+    fn transmit_data<T: Transmit>(&mut self, out: &mut T) {
         let max_frame = self
             .peer
             .map_or(MIN_MAX_FRAME_LEN, |p| p.limits.max_frame_len)
@@ -700,9 +868,7 @@ impl Connection {
                 break;
             }
             let fin = s.send.fin == Fin::Queued && n == avail;
-            encode_data_header(buf, id, fin, n);
-            buf.extend_from_slice(&s.send.buf[..n]);
-            bytes::Buf::advance(&mut s.send.buf, n);
+            out.data(id, fin, &mut s.send.buf, n);
             s.send.window.consume(n as u64);
             s.send.sent += n as u64;
             self.conn_send.consume(n as u64);

@@ -602,6 +602,25 @@ impl Decoder {
     /// Takes one frame off the front of `buf`: `Ok(None)` when more bytes are needed. After
     /// an error the input is unusable (the stream of frames has lost its framing).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Error> {
+        self.decode_inner(buf, true)
+    }
+
+    /// Like [`decode`](Self::decode), but never reserves room in `buf` for a partial
+    /// payload: when `buf` shares its allocation with payloads already taken, reserving
+    /// would copy the partial frame, which the caller is about to move elsewhere anyway.
+    pub(crate) fn decode_shared(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Error> {
+        self.decode_inner(buf, false)
+    }
+
+    /// How many bytes beyond the `buffered` ones the next step needs: the rest of the
+    /// header, or of the payload once the header is decoded.
+    pub(crate) fn missing(&self, buffered: usize) -> usize {
+        self.header
+            .map_or(HEADER_LEN, |h| h.len as usize)
+            .saturating_sub(buffered)
+    }
+
+    fn decode_inner(&mut self, buf: &mut BytesMut, reserve: bool) -> Result<Option<Frame>, Error> {
         let header = match self.header {
             Some(h) => h,
             None => {
@@ -624,8 +643,10 @@ impl Decoder {
         };
         let len = header.len as usize;
         if buf.len() < len {
-            // Bounded: `len` was checked against the limit above.
-            buf.reserve(len - buf.len());
+            if reserve {
+                // Bounded: `len` was checked against the limit above.
+                buf.reserve(len - buf.len());
+            }
             return Ok(None);
         }
         self.header = None;
@@ -635,7 +656,7 @@ impl Decoder {
 }
 
 /// Appends a DATA header for `len` payload bytes that the caller appends next.
-pub(crate) fn encode_data_header(out: &mut Vec<u8>, id: StreamId, fin: bool, len: usize) {
+pub(crate) fn encode_data_header<B: BufMut>(out: &mut B, id: StreamId, fin: bool, len: usize) {
     Header {
         ty: FrameType::DATA,
         flags: if fin { Flags::FIN } else { Flags::default() },

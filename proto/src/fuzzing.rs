@@ -319,8 +319,22 @@ impl OutputCheck {
         let mut out = Vec::new();
         // Until it has nothing more: one call may emit as little as one byte of data
         // (`transmit_batch`), and a pair must drain completely for the final check.
-        for _ in 0..1_000_000 {
-            if conn.poll_transmit(now, &mut out) == 0 {
+        // Alternating with the zero-copy transmit, whose chunks must add up to the same
+        // well-formed frames.
+        for i in 0..1_000_000 {
+            let n = if i % 2 == 1 {
+                let mut chunks = Vec::new();
+                let n = conn.poll_transmit_chunks(now, &mut chunks);
+                let before = out.len();
+                for c in &chunks {
+                    out.extend_from_slice(c);
+                }
+                assert_eq!(n, out.len() - before, "chunks and their count disagree");
+                n
+            } else {
+                conn.poll_transmit(now, &mut out)
+            };
+            if n == 0 {
                 break;
             }
         }
@@ -750,11 +764,19 @@ impl Pair {
         let n = n.min(self.ends[from].outbound.len());
         let chunk: Vec<u8> = self.ends[from].outbound.drain(..n).collect();
         let mut off = 0;
-        for _ in 0..64 {
+        for i in 0..64 {
             if off == chunk.len() {
                 break;
             }
-            let k = self.ends[to].conn.handle_input(self.now, &chunk[off..]);
+            // Odd deliveries go through the zero-copy input, which must consume alike.
+            let k = if (n + i) % 2 == 1 {
+                let mut input = BytesMut::from(&chunk[off..]);
+                let k = self.ends[to].conn.handle_input_bytes(self.now, &mut input);
+                assert_eq!(&input[..], &chunk[off + k..], "unconsumed input lost");
+                k
+            } else {
+                self.ends[to].conn.handle_input(self.now, &chunk[off..])
+            };
             off += k;
             self.settle();
         }
@@ -770,7 +792,16 @@ impl Pair {
         let dir = side;
         let start = t.written[dir];
         let buf: Vec<u8> = (0..n as u64).map(|k| pattern(id, dir, start + k)).collect();
-        if let Ok(k) = self.ends[side].conn.send_stream(id).write(&buf) {
+        // Odd sizes go through the zero-copy write.
+        let written = if n % 2 == 1 {
+            self.ends[side]
+                .conn
+                .send_stream(id)
+                .write_bytes(Bytes::from(buf))
+        } else {
+            self.ends[side].conn.send_stream(id).write(&buf)
+        };
+        if let Ok(k) = written {
             assert!(k <= n);
             self.streams.entry(id).or_default().written[dir] += k as u64;
         }

@@ -45,6 +45,15 @@
 //! agent.send_stream(id).write(b"hello").unwrap();
 //! ```
 //!
+//! # Without copying
+//!
+//! Each data call has a variant that moves [`bytes::Bytes`] instead of copying slices,
+//! for a driver that writes vectored (e.g. into TLS): [`SendStream::write_bytes`] takes
+//! the application's buffer, [`Connection::poll_transmit_chunks`] hands out the frames as
+//! header and payload chunks, and [`Connection::handle_input_bytes`] decodes from the
+//! driver's [`bytes::BytesMut`]. The two kinds of call may be mixed; the frames, flow
+//! control and scheduling are the same.
+//!
 //! Reading and writing never block: [`Error::Blocked`] means "wait for
 //! [`StreamEvent::Readable`] or [`StreamEvent::Writable`]". Protocol violations by the
 //! peer never come back from a handler: the connection sends a goaway with an

@@ -676,3 +676,325 @@ fn zero_control_backlog_and_transmit_batch_still_make_progress() {
     }
     assert_eq!((received.as_slice(), finished), (&b"progress"[..], true));
 }
+
+// ----- the zero-copy data path -----
+
+/// A pattern that differs at every offset of a stream, so misordered bytes show.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+/// Whether `chunk` lies inside `owner`'s memory (shared, not a copy).
+fn points_into(chunk: &[u8], owner: &[u8]) -> bool {
+    let (start, end) = (
+        owner.as_ptr() as usize,
+        owner.as_ptr() as usize + owner.len(),
+    );
+    let c = chunk.as_ptr() as usize;
+    c >= start && c + chunk.len() <= end
+}
+
+/// Decodes every frame in `wire`, which must end on a frame boundary.
+fn decode_all(wire: &[u8]) -> Vec<Frame> {
+    let mut buf = bytes::BytesMut::from(wire);
+    let mut d = crate::frame::Decoder::new(u32::MAX);
+    let mut frames = Vec::new();
+    while let Some(f) = d.decode(&mut buf).unwrap() {
+        frames.push(f);
+    }
+    assert!(buf.is_empty(), "a partial frame at the end");
+    frames
+}
+
+#[test]
+fn write_bytes_takes_the_window_and_shares_the_bytes_it_sends() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    let window = Limits::default().stream_window as usize;
+    let data = Bytes::from(pattern(window * 2 + 100, 1));
+    let n = p.agent.send_stream(id).write_bytes(data.clone()).unwrap();
+    assert_eq!(n, window, "write_bytes takes exactly the credit");
+    assert_eq!(
+        p.agent.send_stream(id).write_bytes(data.slice(n..)),
+        Err(Error::Blocked)
+    );
+    assert_eq!(p.agent.send_stream(id).write_bytes(Bytes::new()), Ok(0));
+    let mut chunks = Vec::new();
+    let total = p.agent.poll_transmit_chunks(p.now, &mut chunks);
+    assert_eq!(total, chunks.iter().map(Bytes::len).sum::<usize>());
+    let payload: usize = chunks
+        .iter()
+        .filter(|c| c.len() > HEADER_LEN)
+        .map(|c| {
+            assert!(points_into(c, &data), "a payload chunk was copied");
+            c.len()
+        })
+        .sum();
+    assert!(payload > 0);
+    // Deliver through the zero-copy input and finish the transfer.
+    let mut wire = bytes::BytesMut::new();
+    for c in &chunks {
+        wire.extend_from_slice(c);
+    }
+    assert_eq!(p.server.handle_input_bytes(p.now, &mut wire), total);
+    assert!(wire.is_empty());
+    let mut got = Vec::new();
+    let mut offset = n;
+    let mut fin = false;
+    for _ in 0..1000 {
+        p.drive();
+        let (bytes, f) = read_all(&mut p.server, id);
+        got.extend_from_slice(&bytes);
+        fin |= f;
+        if fin {
+            break;
+        }
+        if offset < data.len() {
+            match p.agent.send_stream(id).write_bytes(data.slice(offset..)) {
+                Ok(k) => offset += k,
+                Err(Error::Blocked) => {}
+                Err(e) => panic!("{e}"),
+            }
+            if offset == data.len() {
+                p.agent.send_stream(id).finish().unwrap();
+            }
+        }
+    }
+    assert!(fin, "the stream did not end");
+    assert!(
+        got == data[..],
+        "received bytes differ from the written ones"
+    );
+}
+
+#[test]
+fn chunks_split_across_frames_mix_with_copied_writes_and_fin_rides_the_last() {
+    let small = Arc::new(Config {
+        require_auth: false,
+        data_frame_len: 4096,
+        ..Config::default()
+    });
+    let mut p = Pair::new(small.clone(), small);
+    p.drive();
+    let id = p.open_accepted();
+    let a = Bytes::from(pattern(3000, 2));
+    let b = pattern(100, 3);
+    let c = Bytes::from(pattern(9000, 4));
+    let d = Bytes::from(pattern(10, 5));
+    let mut tx = p.agent.send_stream(id);
+    assert_eq!(tx.write_bytes(a.clone()), Ok(3000));
+    assert_eq!(tx.write(&b), Ok(100));
+    assert_eq!(tx.write_bytes(c.clone()), Ok(9000));
+    assert_eq!(tx.write_bytes(d.clone()), Ok(10));
+    tx.finish().unwrap();
+    let mut chunks = Vec::new();
+    p.agent.poll_transmit_chunks(p.now, &mut chunks);
+    let wire: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let frames = decode_all(&wire);
+    let mut payload = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let Frame::Data {
+            id: fid,
+            fin,
+            payload: data,
+        } = f
+        else {
+            panic!("unexpected frame {f:?}");
+        };
+        assert_eq!(*fid, id);
+        assert!(data.len() <= 4096, "frame of {} bytes", data.len());
+        assert_eq!(*fin, i == frames.len() - 1, "FIN only on the last frame");
+        payload.extend_from_slice(data);
+    }
+    let expected: Vec<u8> = [&a[..], &b[..], &c[..], &d[..]].concat();
+    assert_eq!(payload, expected);
+    assert_eq!(frames.len(), expected.len().div_ceil(4096));
+    // The large chunks go out as slices of the application's bytes.
+    assert!(chunks
+        .iter()
+        .any(|x| x.len() > HEADER_LEN && points_into(x, &c)));
+    assert!(chunks
+        .iter()
+        .any(|x| x.len() > HEADER_LEN && points_into(x, &a)));
+    assert!(
+        p.agent.stream_info(id).is_some_and(|i| i.fin_sent) || p.agent.stream_info(id).is_none()
+    );
+}
+
+#[test]
+fn handle_input_bytes_keeps_partial_frames_and_gives_back_what_the_backlog_refuses() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    let data = pattern(100_000, 6);
+    p.agent.send_stream(id).write(&data).unwrap();
+    p.agent.send_stream(id).finish().unwrap();
+    let mut wire = Vec::new();
+    while p.agent.poll_transmit(p.now, &mut wire) > 0 {}
+    // Odd cuts put frame boundaries and headers across inputs.
+    let mut offered = 0;
+    for cut in [5, 7, 13, 4000, 16_400, 16_401, 50_000] {
+        let cut = cut.min(wire.len());
+        let mut piece = bytes::BytesMut::from(&wire[offered..cut]);
+        let len = piece.len();
+        assert_eq!(p.server.handle_input_bytes(p.now, &mut piece), len);
+        offered = cut;
+    }
+    let mut rest = bytes::BytesMut::from(&wire[offered..]);
+    let len = rest.len();
+    assert_eq!(p.server.handle_input_bytes(p.now, &mut rest), len);
+    p.collect();
+    let (got, fin) = read_all(&mut p.server, id);
+    assert!(fin && got == data);
+
+    // A ping flood fills the control backlog: the unconsumed rest stays with the caller.
+    let mut flood = Vec::new();
+    for i in 0..100_000u64 {
+        Frame::Ping {
+            ack: false,
+            opaque: i,
+        }
+        .encode(&mut flood);
+    }
+    let mut input = bytes::BytesMut::from(&flood[..]);
+    let n = p.server.handle_input_bytes(p.now, &mut input);
+    assert!(n < flood.len(), "stops consuming while answers pile up");
+    assert_eq!(
+        input.len(),
+        flood.len() - n,
+        "nothing consumed is left, nothing left is lost"
+    );
+    assert_eq!(&input[..], &flood[n..]);
+    let mut out = Vec::new();
+    p.server.poll_transmit_chunks(p.now, &mut out);
+    let m = p.server.handle_input_bytes(p.now, &mut input);
+    assert!(m > 0, "consumes again once the backlog is sent");
+}
+
+/// One step of the equivalence script, applied alike to both pairs.
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        stream: usize,
+        len: usize,
+    },
+    Finish {
+        stream: usize,
+    },
+    Read {
+        stream: usize,
+        max: usize,
+    },
+    /// Transmit both ways and deliver in two pieces cut at this fraction (per mille).
+    Round {
+        cut: u16,
+    },
+}
+
+/// Runs `ops` on a pair driven through the copying calls (`zero_copy == false`) or the
+/// zero-copy ones, and returns everything each side transmitted plus what was read.
+fn run_script(cfg: &Arc<Config>, ops: &[Op], zero_copy: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let mut p = Pair::new(cfg.clone(), cfg.clone());
+    p.drive();
+    let ids = [p.open_accepted(), p.open_accepted()];
+    let (mut agent_wire, mut server_wire, mut read) = (Vec::new(), Vec::new(), Vec::new());
+    let mut written = [0usize; 2];
+    let log = |r: Result<usize, Error>| format!("{r:?}").into_bytes();
+    for op in ops {
+        match *op {
+            Op::Write { stream, len } => {
+                let data = pattern(len, written[stream] as u8);
+                let r = if zero_copy {
+                    p.agent
+                        .send_stream(ids[stream])
+                        .write_bytes(Bytes::from(data))
+                } else {
+                    p.agent.send_stream(ids[stream]).write(&data)
+                };
+                written[stream] += *r.as_ref().unwrap_or(&0);
+                read.extend(log(r));
+            }
+            Op::Finish { stream } => {
+                let r = p.agent.send_stream(ids[stream]).finish().map(|()| 0);
+                read.extend(log(r));
+            }
+            Op::Read { stream, max } => match p.server.recv_stream(ids[stream]).read(max) {
+                Ok(Some(b)) => read.extend_from_slice(&b),
+                other => read.extend(format!("{other:?}").into_bytes()),
+            },
+            Op::Round { cut } => {
+                for to_server in [true, false] {
+                    let (from, to) = if to_server {
+                        (&mut p.agent, &mut p.server)
+                    } else {
+                        (&mut p.server, &mut p.agent)
+                    };
+                    let mut wire = Vec::new();
+                    if zero_copy {
+                        let mut chunks = Vec::new();
+                        let n = from.poll_transmit_chunks(p.now, &mut chunks);
+                        for c in &chunks {
+                            wire.extend_from_slice(c);
+                        }
+                        assert_eq!(n, wire.len());
+                    } else {
+                        from.poll_transmit(p.now, &mut wire);
+                    }
+                    let at = wire.len() * usize::from(cut) / 1000;
+                    for piece in [&wire[..at], &wire[at..]] {
+                        let n = if zero_copy {
+                            let mut b = bytes::BytesMut::from(piece);
+                            to.handle_input_bytes(p.now, &mut b)
+                        } else {
+                            to.handle_input(p.now, piece)
+                        };
+                        assert_eq!(n, piece.len(), "the default backlog takes it all");
+                    }
+                    if to_server {
+                        agent_wire.extend_from_slice(&wire);
+                    } else {
+                        server_wire.extend_from_slice(&wire);
+                    }
+                }
+                p.collect();
+            }
+        }
+    }
+    (agent_wire, server_wire, read)
+}
+
+fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..2usize, 0..70_000usize).prop_map(|(stream, len)| Op::Write { stream, len }),
+        1 => (0..2usize).prop_map(|stream| Op::Finish { stream }),
+        3 => (0..2usize, 1..100_000usize).prop_map(|(stream, max)| Op::Read { stream, max }),
+        4 => (0..=1000u16).prop_map(|cut| Op::Round { cut }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Both data paths emit the same bytes, take the same writes and deliver the same
+    /// reads for the same history, whatever the frame size and batch.
+    #[test]
+    fn zero_copy_path_is_byte_identical_to_the_copying_path(
+        frame in proptest::sample::select(vec![1000u32, 4096, 16_384]),
+        batch in proptest::sample::select(vec![1usize, 5000, 65_536, 256 * 1024]),
+        ops in proptest::collection::vec(arb_op(), 1..40),
+    ) {
+        let cfg = Arc::new(Config {
+            require_auth: false,
+            data_frame_len: frame,
+            transmit_batch: batch,
+            ..Config::default()
+        });
+        let copying = run_script(&cfg, &ops, false);
+        let zero_copy = run_script(&cfg, &ops, true);
+        proptest::prop_assert!(copying.0 == zero_copy.0, "agent transmissions differ");
+        proptest::prop_assert!(copying.1 == zero_copy.1, "server transmissions differ");
+        proptest::prop_assert!(copying.2 == zero_copy.2, "writes or reads differ");
+    }
+}

@@ -128,6 +128,15 @@ impl SendStream<'_> {
         self.conn.stream_write(self.id, data)
     }
 
+    /// Like [`write`](Self::write), without copying: takes the first bytes of `data`, as
+    /// many as the stream's credit allows, and returns how many that was. The rest of
+    /// `data` is not kept; offer `data.slice(n..)` again later. Errors as for `write`.
+    /// Chunks under 1 KiB are copied, to keep the send queue short; larger ones are sent
+    /// as they are.
+    pub fn write_bytes(&mut self, data: Bytes) -> Result<usize, Error> {
+        self.conn.stream_write_bytes(self.id, data)
+    }
+
     /// Ends this direction: FIN goes out after the buffered bytes. Reading continues.
     pub fn finish(&mut self) -> Result<(), Error> {
         self.conn.stream_finish(self.id)

@@ -1,6 +1,8 @@
 //! The sending half of a stream.
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::flow::SendWindow;
 
@@ -18,7 +20,7 @@ pub(crate) enum Fin {
 #[derive(Debug)]
 pub(crate) struct SendState {
     /// Written but not yet transmitted. Never longer than the stream credit.
-    pub(crate) buf: BytesMut,
+    pub(crate) buf: SendBuf,
     pub(crate) window: SendWindow,
     pub(crate) fin: Fin,
     /// A write was refused for lack of credit: announce `Writable` on the next grant.
@@ -30,7 +32,7 @@ pub(crate) struct SendState {
 impl SendState {
     pub(crate) fn new(credit: u32) -> Self {
         SendState {
-            buf: BytesMut::new(),
+            buf: SendBuf::default(),
             window: SendWindow::new(credit),
             fin: Fin::Open,
             blocked: false,
@@ -51,5 +53,104 @@ impl SendState {
 
     pub(crate) fn is_done(&self) -> bool {
         self.fin == Fin::Sent
+    }
+}
+
+/// Chunks written with [`SendBuf::push`] shorter than this are copied into the tail
+/// instead of queued, so tiny writes cannot grow the queue to one entry per byte of credit.
+const MIN_CHUNK: usize = 1024;
+
+/// Written but not yet transmitted bytes: a queue of shared chunks (taken from
+/// `write_bytes` without copying) followed by a tail that copying writes append to.
+#[derive(Debug, Default)]
+pub(crate) struct SendBuf {
+    /// Older bytes, in order; never holds an empty chunk.
+    chunks: VecDeque<Bytes>,
+    /// Newer bytes, after every chunk.
+    tail: BytesMut,
+    /// Bytes in `chunks`.
+    queued: usize,
+}
+
+impl SendBuf {
+    pub(crate) fn len(&self) -> usize {
+        self.queued + self.tail.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a copy of `data`.
+    pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
+        self.tail.extend_from_slice(data);
+    }
+
+    /// Appends `data` without copying it (unless it is small).
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if data.len() < MIN_CHUNK {
+            self.extend_from_slice(&data);
+            return;
+        }
+        self.seal_tail();
+        self.queued += data.len();
+        self.chunks.push_back(data);
+    }
+
+    /// Moves the tail into the chunk queue, keeping the order of the bytes.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.queued += self.tail.len();
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
+    /// Removes the first `n` bytes (at most `len`) and appends a copy of them to `out`.
+    pub(crate) fn copy_to(&mut self, mut n: usize, out: &mut Vec<u8>) {
+        debug_assert!(n <= self.len());
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let k = n.min(front.len());
+            out.extend_from_slice(&front[..k]);
+            n -= k;
+            self.queued -= k;
+            if k == front.len() {
+                self.chunks.pop_front();
+            } else {
+                front.advance(k);
+            }
+        }
+        if n > 0 {
+            let n = n.min(self.tail.len());
+            out.extend_from_slice(&self.tail[..n]);
+            self.tail.advance(n);
+        }
+    }
+
+    /// Removes the first `n` bytes (at most `len`) and appends them to `out` as shared
+    /// slices, without copying.
+    pub(crate) fn split_to(&mut self, mut n: usize, out: &mut Vec<Bytes>) {
+        debug_assert!(n <= self.len());
+        if self.queued < n {
+            self.seal_tail();
+        }
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.queued -= front.len();
+                if let Some(chunk) = self.chunks.pop_front() {
+                    out.push(chunk);
+                }
+            } else {
+                out.push(front.split_to(n));
+                self.queued -= n;
+                n = 0;
+            }
+        }
     }
 }

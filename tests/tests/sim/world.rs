@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use fluidity_proto::{
     AuthRequest, Connection, Credentials, Error, ErrorCode, Event, Host, OpenRefusal,
     RefusalReason, Side, StreamEvent, StreamId, Target,
@@ -238,6 +238,10 @@ fn target(k: usize) -> Target {
 pub struct World<'a> {
     opts: &'a Options,
     rng: Rng,
+    /// Picks, call by call, the copying or the zero-copy variant of a write, transmit or
+    /// input (they must behave alike); its own stream, so that the plans and link faults
+    /// of a seed do not depend on it.
+    api: Rng,
     start: Instant,
     now: Instant,
     peers: [Peer; 2],
@@ -283,6 +287,7 @@ impl<'a> World<'a> {
             opts,
             // The link's faults use their own stream of randomness, apart from the plan.
             rng: Rng::new(mix(opts.seed ^ 0x11AC)),
+            api: Rng::new(mix(opts.seed ^ 0x0B17E5)),
             start,
             now: start,
             peers: [
@@ -454,7 +459,19 @@ impl<'a> World<'a> {
         let delivered = link.deliver(now, &mut p.inbox);
         if !p.inbox.is_empty() {
             let offered = p.inbox.len();
-            let n = p.conn.handle_input(now, &p.inbox);
+            let n = if self.api.chance(500) {
+                let mut input = BytesMut::from(&p.inbox[..]);
+                let n = p.conn.handle_input_bytes(now, &mut input);
+                if input[..] != p.inbox[n.min(offered)..] {
+                    return Err(format!(
+                        "{side:?}: handle_input_bytes consumed {n} of {offered} bytes but left {}",
+                        input.len()
+                    ));
+                }
+                n
+            } else {
+                p.conn.handle_input(now, &p.inbox)
+            };
             if n > offered {
                 return Err(format!(
                     "{side:?}: handle_input consumed {n} of {offered} bytes"
@@ -498,7 +515,23 @@ impl<'a> World<'a> {
         let mut calls = 0u32;
         loop {
             if out.is_empty() {
-                if self.peers[i].conn.poll_transmit(now, &mut out) == 0 {
+                let emitted = if self.api.chance(500) {
+                    let mut chunks = Vec::new();
+                    let n = self.peers[i].conn.poll_transmit_chunks(now, &mut chunks);
+                    for c in &chunks {
+                        out.extend_from_slice(c);
+                    }
+                    if n != out.len() {
+                        return Err(format!(
+                            "{side:?}: poll_transmit_chunks returned {n} for {} bytes",
+                            out.len()
+                        ));
+                    }
+                    n
+                } else {
+                    self.peers[i].conn.poll_transmit(now, &mut out)
+                };
+                if emitted == 0 {
                     break;
                 }
                 // One call emits the pending control frames (bounded by the backlog plus
@@ -932,7 +965,13 @@ impl<'a> World<'a> {
                     .send_stream(id)
                     .writable()
                     .map_err(|e| format!("{side:?}: writable() on live stream {id}: {e}"))?;
-                match conn.send_stream(id).write(&self.scratch) {
+                let written = if self.api.chance(500) {
+                    conn.send_stream(id)
+                        .write_bytes(Bytes::copy_from_slice(&self.scratch))
+                } else {
+                    conn.send_stream(id).write(&self.scratch)
+                };
+                match written {
                     Ok(w) if w != n.min(writable) => {
                         return Err(format!(
                             "{side:?}: write of {n} on {id} took {w} although writable() said {writable}"
