@@ -68,25 +68,36 @@ impl AsyncRead for TunnelStream {
         let id = self.id;
         let shared = self.shared.clone();
         let mut s = lock(&shared);
-        match s.conn.recv_stream(id).read(buf.len()) {
-            Ok(Some(bytes)) => {
-                buf[..bytes.len()].copy_from_slice(&bytes);
-                s.wake_driver();
-                Poll::Ready(Ok(bytes.len()))
-            }
-            Ok(None) => {
-                self.eof = true;
-                s.wake_driver();
-                Poll::Ready(Ok(0))
-            }
-            Err(ProtoError::Blocked) => {
-                if let Some(slot) = s.slots.get_mut(&id) {
-                    slot.read_waker = Some(cx.waker().clone());
+        // The connection hands out one received frame's payload per read; take as many as
+        // fit, so that the reader makes one large write (one system call) instead of one
+        // per frame, and the driver is woken once.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match s.conn.recv_stream(id).read(buf.len() - filled) {
+                Ok(Some(bytes)) => {
+                    buf[filled..filled + bytes.len()].copy_from_slice(&bytes);
+                    filled += bytes.len();
                 }
-                Poll::Pending
+                Ok(None) => {
+                    // The end of the stream; reported now, or by the next read when bytes
+                    // come first (the connection forgets the stream once FIN is read).
+                    self.eof = true;
+                    break;
+                }
+                Err(ProtoError::Blocked) if filled > 0 => break,
+                Err(ProtoError::Blocked) => {
+                    if let Some(slot) = s.slots.get_mut(&id) {
+                        slot.read_waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                // Bytes already taken are delivered; the error comes with the next read.
+                Err(_) if filled > 0 => break,
+                Err(_) => return Poll::Ready(Err(gone(&s, id))),
             }
-            Err(_) => Poll::Ready(Err(gone(&s, id))),
         }
+        s.wake_driver();
+        Poll::Ready(Ok(filled))
     }
 }
 
