@@ -274,6 +274,9 @@ AGENT_HWM=$(kb "$AGENT_PID" VmHWM)
 SERVER_HWM=$(kb "$SERVER_PID" VmHWM)
 AGENT_RSS=$(kb "$AGENT_PID" VmRSS)
 SERVER_RSS=$(kb "$SERVER_PID" VmRSS)
+# The resident part of the mapped binaries (file) against the heap and stacks (anon).
+AGENT_FILE=$(kb "$AGENT_PID" RssFile) AGENT_ANON=$(kb "$AGENT_PID" RssAnon)
+SERVER_FILE=$(kb "$SERVER_PID" RssFile) SERVER_ANON=$(kb "$SERVER_PID" RssAnon)
 kill -0 "$AGENT_PID" "$SERVER_PID" 2>/dev/null || die "agent or server exited during the runs"
 
 # ----- report -----
@@ -321,4 +324,4 @@ echo
 echo "all rounds: bulk direct ${BD[*]} s; tunnel ${BT[*]} s"
 echo "            rate direct ${RD[*]}; tunnel ${RT[*]} req/s"
 echo "            agent+server CPU ticks ($TICKS/s): bulk ${CB[*]}; GETs ${CR[*]}"
-echo "RSS now: agent $((AGENT_RSS / 1024)) MiB, server $((SERVER_RSS / 1024)) MiB"
+echo "RSS now: agent $((AGENT_RSS / 1024)) MiB (file $((AGENT_FILE / 1024)), anon $((AGENT_ANON / 1024))), server $((SERVER_RSS / 1024)) MiB (file $((SERVER_FILE / 1024)), anon $((SERVER_ANON / 1024)))"
