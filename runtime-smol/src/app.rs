@@ -64,10 +64,18 @@ pub enum LogFormat {
 }
 
 /// Installs the global tracing subscriber on stderr. The level comes from `FLUIDITY_LOG`
-/// (same syntax as `RUST_LOG`), else `default_filter`.
+/// (same syntax as `RUST_LOG`), else `default_filter`; `ureq_proto` never goes beyond debug.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_env("FLUIDITY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
+    // Authorization header and session tokens included, as hex at trace level. Whatever
+    // `FLUIDITY_LOG` asks for, that target stays at debug, where `ureq` redacts them; a
+    // directive for the same target replaces the user's.
+    let filter = match "ureq_proto=debug".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

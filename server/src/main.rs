@@ -132,21 +132,8 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     Ok(cfg)
 }
 
-/// `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
-/// Authorization header and session tokens included, as hex at trace level. Whatever
-/// `FLUIDITY_LOG` asks for, that target is capped at debug (where `ureq` redacts them).
-/// Runs first in `main`, before any thread exists.
-// The shared logging set-up (`fluidity_runtime_smol::app::init_logging`) is the better
-// home for this cap; until it has it, each binary applies it.
-fn cap_secret_dumping_logs() {
-    if let Ok(filter) = std::env::var("FLUIDITY_LOG") {
-        std::env::set_var("FLUIDITY_LOG", format!("{filter},ureq_proto=debug"));
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cap_secret_dumping_logs();
     app::init_logging(cli.log_format, "info");
     let cfg = match config(&cli) {
         Ok(c) => c,

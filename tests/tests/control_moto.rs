@@ -643,7 +643,7 @@ fn function_command(w: &World, exe: &PathBuf) -> Command {
         .env("FLUIDITY_SERVICE", SERVICE)
         .env("FLUIDITY_TABLE", TABLE)
         .env("FLUIDITY_CA_SECRET", CA_SECRET)
-        .env("RUST_LOG", "debug");
+        .env("FLUIDITY_LOG", "debug");
     cmd
 }
 

@@ -9,17 +9,11 @@ use std::process::ExitCode;
 use fluidity_aws::control::lambda::RuntimeApi;
 use fluidity_aws::control::{Control, ControlConfig, Function};
 use fluidity_aws::{AwsConfig, ChainOptions, Env};
+use fluidity_runtime_smol::app::{self, LogFormat};
 
 fn main() -> ExitCode {
-    // Lambda sends stderr to CloudWatch Logs; colours would only be noise there.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    // Lambda sends stderr to CloudWatch Logs: one JSON object a line, no colours.
+    app::init_logging(LogFormat::Json, "info");
     let env = Env::process();
     let Some(api) = env.get("AWS_LAMBDA_RUNTIME_API") else {
         eprintln!(

@@ -4,6 +4,7 @@
 //! (`FLUIDITY_CLUSTER`, `FLUIDITY_SERVICE`, `FLUIDITY_TABLE`, `FLUIDITY_CA_SECRET`, …) and
 //! the usual AWS variables; see docs/AWS.md.
 
+use fluidity_runtime_smol::app::{self, LogFormat};
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,13 +33,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    app::init_logging(LogFormat::Text, "info");
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
