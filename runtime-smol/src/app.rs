@@ -24,10 +24,82 @@ where
                 .name(format!("fluidity-worker-{i}"))
                 .spawn_scoped(scope, move || smol::block_on(ex.run(stopped.recv())));
         }
-        let out = smol::block_on(ex.run(main(ex.clone())));
+        let out = smol::block_on(ex.run(OnlyWhenWoken::new(main(ex.clone()))));
         drop(stop);
         out
     })
+}
+
+/// Polls the inner future only after it asked to be woken.
+///
+/// `block_on(ex.run(main))` polls `main` every time its thread wakes, and the thread wakes
+/// for every task scheduled on the executor. An accept loop inside `main` then retries
+/// `accept` (a failing system call) once or twice per wake-up: thousands of times a
+/// second under load. Skipping the polls nobody asked for removes them.
+struct OnlyWhenWoken<F> {
+    inner: std::pin::Pin<Box<F>>,
+    flag: Arc<WokenFlag>,
+}
+
+/// Whether the inner future has been woken since its last poll, and whom to tell.
+struct WokenFlag {
+    woken: std::sync::atomic::AtomicBool,
+    outer: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for WokenFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = outer {
+            w.wake();
+        }
+    }
+}
+
+impl<F: Future> OnlyWhenWoken<F> {
+    fn new(inner: F) -> Self {
+        OnlyWhenWoken {
+            inner: Box::pin(inner),
+            flag: Arc::new(WokenFlag {
+                // The first poll always happens.
+                woken: std::sync::atomic::AtomicBool::new(true),
+                outer: std::sync::Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl<F: Future> Future for OnlyWhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        {
+            let mut outer = self.flag.outer.lock().unwrap_or_else(|e| e.into_inner());
+            if !outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *outer = Some(cx.waker().clone());
+            }
+        }
+        // The outer waker is stored before the flag is read, so a wake in between is seen.
+        if !self
+            .flag
+            .woken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(self.flag.clone());
+        self.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+    }
 }
 
 /// The number of worker threads to use: the machine's parallelism.
