@@ -61,7 +61,8 @@ struct Breaker {
 }
 
 struct Inner {
-    settings: TunnelSettings,
+    /// Swapped whole by [`TunnelDialer::retarget`] when the server is replaced.
+    settings: Mutex<Arc<TunnelSettings>>,
     ex: Arc<Executor<'static>>,
     current: Mutex<Option<Tunnel>>,
     connecting: smol::lock::Mutex<()>,
@@ -78,7 +79,7 @@ pub struct TunnelDialer {
 impl std::fmt::Debug for TunnelDialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelDialer")
-            .field("settings", &self.inner.settings)
+            .field("settings", &*self.settings())
             .finish_non_exhaustive()
     }
 }
@@ -92,7 +93,7 @@ impl TunnelDialer {
     pub fn new(settings: TunnelSettings, ex: Arc<Executor<'static>>) -> TunnelDialer {
         TunnelDialer {
             inner: Arc::new(Inner {
-                settings,
+                settings: Mutex::new(Arc::new(settings)),
                 ex,
                 current: Mutex::new(None),
                 connecting: smol::lock::Mutex::new(()),
@@ -132,7 +133,8 @@ impl TunnelDialer {
             Err(e) => {
                 let mut b = lock(&self.inner.breaker);
                 b.failures = b.failures.saturating_add(1);
-                let s = &self.inner.settings;
+                let settings = self.settings();
+                let s = &*settings;
                 let backoff = s
                     .min_backoff
                     .saturating_mul(1u32 << b.failures.min(16).saturating_sub(1))
@@ -166,13 +168,46 @@ impl TunnelDialer {
         }
     }
 
+    /// The current settings (the server dialled and how it is trusted).
+    pub fn settings(&self) -> Arc<TunnelSettings> {
+        lock(&self.inner.settings).clone()
+    }
+
+    /// Whether a tunnel is up and can open streams now.
+    pub fn is_up(&self) -> bool {
+        self.usable().is_some()
+    }
+
+    /// Connection attempts that failed in a row since the last success (0 when the
+    /// last attempt succeeded): a server that keeps failing them may be gone for good.
+    pub fn consecutive_failures(&self) -> u32 {
+        lock(&self.inner.breaker).failures
+    }
+
+    /// Points the dialer at another server (a replaced one: new address, new identity):
+    /// waits for an attempt under way, closes the tunnel to the old server, forgets its
+    /// failures, and dials `settings` from the next use on. Clients keep the same dialer,
+    /// so the local proxy never restarts.
+    pub async fn retarget(&self, settings: TunnelSettings) {
+        // Under the connect lock: an attempt on the old settings cannot install its
+        // tunnel after the swap.
+        let _one_at_a_time = self.inner.connecting.lock().await;
+        tracing::info!(from = %self.settings().server, to = %settings.server, "switching to another server");
+        *lock(&self.inner.settings) = Arc::new(settings);
+        *lock(&self.inner.breaker) = Breaker::default();
+        if let Some(old) = lock(&self.inner.current).take() {
+            old.close(fluidity_proto::ErrorCode::NO_ERROR, "server replaced");
+        }
+    }
+
     fn usable(&self) -> Option<Tunnel> {
         let cur = lock(&self.inner.current);
         cur.as_ref().filter(|t| t.can_open()).cloned()
     }
 
     async fn connect(&self) -> Result<Tunnel, String> {
-        let s = &self.inner.settings;
+        let settings = self.settings();
+        let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
         let tls = TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
         let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)

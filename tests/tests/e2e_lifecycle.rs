@@ -6,12 +6,15 @@
 //! STS; curl works through it; on SIGTERM the agent calls Kill and the service's desired
 //! count is 0 again. Then the refusals: another server's ARN (both directions), a source
 //! address that is not in the agent certificate, a server that never gets an address.
+//! And a server replaced while the agent runs: the agent finds the new task, certifies
+//! for its ARN and carries traffic again through the same proxy port; or, when the
+//! replacement never becomes usable, gives up at its limit and calls Kill once.
 //!
 //! Addresses: server 127.0.0.2, agent 127.0.0.1 (see `lifecycle/mod.rs`).
 
 mod lifecycle;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use fluidity_aws::clients::cloudwatch::CloudWatchClient;
@@ -246,4 +249,138 @@ fn sigterm_while_waiting_stops_the_server_too() {
         "{log}"
     );
     assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+}
+
+#[test]
+fn agent_follows_a_replaced_server_to_its_new_address_and_arn() {
+    let _wd = watchdog("agent_follows_a_replaced_server", Duration::from_secs(600));
+    let w = World::start();
+    let player = w.play_ecs(Scenario::Normal, IAM);
+    let origin = HttpOrigin::start("origin");
+    let (mut agent, proxy) = w.start_agent(120, IAM);
+    if !agent.wait_log(LIMIT * 2, |l| l.contains("fluidity: ready")) {
+        agent.print_log();
+        eprintln!("---- server ----\n{}", player.server_log());
+        panic!("the agent did not become ready");
+    }
+    let first_arn = player.slot().task_arn.clone().expect("a task runs");
+    let (status, body) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
+    assert_eq!((status, body.as_str()), (200, "hello from origin\n"));
+
+    // The task crashes; ECS starts another, with another ARN and another address.
+    let new_ip = Ipv4Addr::new(127, 0, 0, 4);
+    player.slot().replace_with = Some(new_ip);
+    wait_for("the played ECS to replace the task", LIMIT, || {
+        (player.slot().tasks_started == 2).then_some(())
+    });
+    // Meanwhile a client gets an answer at once: through the new server if the agent
+    // already switched, else an honest error from the proxy, never a hang.
+    let (status, _) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
+    assert!(
+        [200, 502, 503].contains(&status),
+        "an honest answer during the gap, got {status}"
+    );
+
+    if !agent.wait_log(LIMIT * 2, |l| l.contains("ready again with the new server")) {
+        agent.print_log();
+        eprintln!("---- server ----\n{}", player.server_log());
+        panic!("the agent did not switch to the new server");
+    }
+    let second_arn = player.slot().task_arn.clone().expect("the new task runs");
+    assert_ne!(first_arn, second_arn);
+    let log = agent.log();
+    assert!(
+        log.contains("the server went away; waiting for a new one… "),
+        "progress is shown while the server is away:\n{log}"
+    );
+    assert!(
+        log.contains("connecting to the server at 127.0.0.4"),
+        "{log}"
+    );
+    // The agent's certificate now names the new server's ARN, and still only the agent's
+    // own address.
+    let agent_names = Identity::load(
+        &w.path("agent-state").join("agent.pem"),
+        &w.path("agent-state").join("agent-key.pem"),
+    )
+    .expect("the cached certificate")
+    .names()
+    .expect("its names");
+    assert_eq!(
+        agent_names.common_name.as_deref(),
+        Some(second_arn.as_str())
+    );
+    assert_eq!(agent_names.ip_sans, [IpAddr::V4(AGENT_IP)]);
+
+    // Traffic flows again through the same proxy port.
+    let (status, body) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
+    assert_eq!((status, body.as_str()), (200, "hello from origin\n"));
+
+    let status = terminate(&mut agent);
+    let log = agent.log();
+    assert!(status.success(), "the agent exits cleanly: {status}\n{log}");
+    assert_eq!(
+        log.matches("stopping the server").count(),
+        1,
+        "Kill is called once:\n{log}"
+    );
+    assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+    drop(player);
+    let mut kept: Vec<String> = std::fs::read_dir(w.path("agent-state"))
+        .expect("the agent's state folder")
+        .map(|e| {
+            e.expect("a folder entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["agent-ca.pem", "agent-key.pem", "agent.pem"]);
+}
+
+#[test]
+fn agent_gives_up_when_no_replacement_server_comes_and_kills_it() {
+    let _wd = watchdog(
+        "agent_gives_up_without_a_replacement",
+        Duration::from_secs(500),
+    );
+    let w = World::start();
+    let player = w.play_ecs(Scenario::Normal, IAM);
+    let origin = HttpOrigin::start("origin");
+    let (mut agent, proxy) = w.start_agent(15, IAM);
+    if !agent.wait_log(LIMIT * 2, |l| l.contains("fluidity: ready")) {
+        agent.print_log();
+        eprintln!("---- server ----\n{}", player.server_log());
+        panic!("the agent did not become ready");
+    }
+    let (status, _) = curl_status(&format!("http://{proxy}"), &origin.url("/hello"));
+    assert_eq!(status, 200);
+
+    // The task crashes and its replacement never gets an address.
+    {
+        let mut slot = player.slot();
+        slot.withhold_address = true;
+        slot.replace_with = Some(Ipv4Addr::new(127, 0, 0, 4));
+    }
+    let status = wait_for("the agent to give up", LIMIT * 2, || agent.exited());
+    let log = agent.log();
+    assert!(!status.success(), "giving up is a failure: {status}\n{log}");
+    assert!(
+        log.contains("the server went away; waiting for a new one… "),
+        "{log}"
+    );
+    assert!(log.contains("gave up after"), "{log}");
+    assert!(!log.contains("ready again"), "{log}");
+    assert_eq!(
+        log.matches("stopping the server").count(),
+        1,
+        "Kill is called once:\n{log}"
+    );
+    assert_eq!(w.desired_count(), 0, "Kill set the desired count to 0");
+    assert_eq!(
+        player.slot().tasks_started,
+        2,
+        "the replacement was started"
+    );
 }

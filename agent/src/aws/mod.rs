@@ -12,13 +12,25 @@
 //!    CN = the ARN, and name the dialled IP among its SANs. Then IAM authentication (when
 //!    `auth = "iam"`), then ready: the proxy serves.
 //!
+//! 5. **Watch**: while the proxy serves, the agent keeps its tunnel up. When reconnecting
+//!    fails [`GONE_AFTER_FAILURES`] times in a row, the server may have been replaced (its
+//!    task crashed and ECS started another, with another ARN and address): the agent calls
+//!    Wake again (idempotent; it refreshes the stored agent address, whose TTL is an hour,
+//!    so that the new task finds it) and Queries until a server runs. The same ARN and
+//!    address: it reconnects. Another one: a certificate for the new ARN, then the dialer
+//!    is pointed at it ([`TunnelDialer::retarget`]); the local proxy keeps listening and
+//!    answers clients 502/503 in the meantime. A service whose desired count is 0 (Sleep,
+//!    or someone stopped it) is woken again, since the user still runs the agent. No
+//!    usable server within `wait_secs`: the agent says so, calls Kill and exits with an
+//!    error, as at start-up.
+//!
 //! The server's IP is held in memory only: it is never written to disk, and there is no
 //! option to pin or force it. On a clean exit (Ctrl-C, SIGTERM) and on an unrecoverable
 //! error the agent calls **Kill**, once ([`KillOnce`]).
 
 pub mod wait;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,6 +48,15 @@ use serde::Deserialize;
 use smol::Executor;
 
 use self::wait::{Located, Phase, Progress};
+
+/// Reconnect attempts that fail in a row before the agent asks the control plane whether
+/// its server is still there. With the dialer's backoff (250 ms, doubling) three failures
+/// take about two seconds: a brief drop reconnects before that, a replaced server is
+/// looked for soon after.
+pub const GONE_AFTER_FAILURES: u32 = 3;
+
+/// How often the agent looks at its tunnel while serving.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
 use crate::iam::IamSigner;
@@ -292,15 +313,37 @@ pub async fn run_aws(
     let outcome: Result<&str> = match up {
         None => Ok("stopped before the server was ready"),
         Some(Err(e)) => Err(e),
-        Some(Ok(dialer)) => {
+        Some(Ok((dialer, located, agent_ip))) => {
             let listen = listener.local_addr().map_err(Error::Io)?;
             eprintln!(
                 "fluidity: ready; proxy on {listen} (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5)"
             );
             tracing::info!(%listen, "fluidity proxy listening");
+            // The watcher ends with an error only when no usable server came back; its
+            // channel closes then, and the proxy stops as on a signal. It also ends with the
+            // signal: while the proxy drains, a tunnel going away is the agent's own doing,
+            // not a server to look for.
+            let (gone_tx, gone_rx) = async_channel::bounded::<()>(1);
+            let watched = watch(cfg.clone(), aws.clone(), dialer.clone(), located, agent_ip);
+            let signal = stopped();
+            let watcher = ex.spawn(async move {
+                let _gone = gone_tx;
+                async { Some(watched.await) }
+                    .or(async {
+                        signal.await;
+                        None
+                    })
+                    .await
+            });
+            let stop = stopped().or(async move {
+                let _ = gone_rx.recv().await;
+            });
             // The proxy drains its streams when told to stop, so it gets the signal itself.
-            run::serve(ex, listener, dialer, proxy_cfg, stopped()).await;
-            Ok("the agent stopped")
+            run::serve(ex, listener, dialer, proxy_cfg, stop).await;
+            match watcher.await {
+                Some(e) => Err(e),
+                None => Ok("the agent stopped"),
+            }
         }
     };
     let why = match &outcome {
@@ -311,24 +354,22 @@ pub async fn run_aws(
     outcome.map(|_| ())
 }
 
-/// Wake, wait, certificate, connect: returns a dialer with a ready tunnel.
+/// Wake, wait, certificate, connect: returns a dialer with a ready tunnel, the server it
+/// reaches and the agent's address as the control plane saw it.
 async fn bring_up(
     ex: &Arc<Executor<'static>>,
     cfg: &AgentConfig,
     aws: &AwsRun,
-) -> Result<TunnelDialer> {
+) -> Result<(TunnelDialer, Located, IpAddr)> {
     let s = &aws.lifecycle;
     let limit = Duration::from_secs(s.wait_secs.max(1));
     let poll = Duration::from_secs(s.poll_secs.max(1));
     let mut progress = Progress::new(Duration::from_secs(10), aws.quiet);
 
     progress.report(Phase::Waking);
-    let control = aws.control.clone();
-    let woke: WakeResponse = blocking::unblock(move || control.wake())
+    let woke = wake(aws)
         .await
         .map_err(|e| Error::Lifecycle(format!("Wake failed: {e}")))?;
-    tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
-        changed = woke.changed, "server woken");
 
     let control = aws.control.clone();
     let located = wait::wait_until_running(
@@ -350,29 +391,179 @@ async fn bring_up(
         Error::Lifecycle(format!("the server did not become usable: {g}"))
     })?;
     let agent_ip = woke.agent_public_ip_as_seen;
+    tracing::info!(server_arn = %located.server_arn, server_ip = %located.server_ip, "server located");
+
+    progress.report(Phase::Certifying);
+    let files = certify(aws, &located, agent_ip).await?;
+    let settings = tunnel_settings(cfg, aws, &files, &located)?;
+    let dialer = TunnelDialer::new(settings, ex.clone());
+    connect(&dialer, &located, limit, &mut progress).await?;
+    Ok((dialer, located, agent_ip))
+}
+
+/// Calls Wake; the answer carries the agent's address as the control plane saw it.
+async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, String> {
+    let control = aws.control.clone();
+    let woke: WakeResponse = blocking::unblock(move || control.wake())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
+        changed = woke.changed, "server woken");
+    Ok(woke)
+}
+
+/// The agent's certificate for `located` (CN = its ARN, SAN = `agent_ip`), from the cache
+/// or the CA function. Only the ARN and the agent's address go into it: the server's
+/// address is never written down.
+async fn certify(aws: &AwsRun, located: &Located, agent_ip: IpAddr) -> Result<CertFiles> {
     if let Some(stored) = located.agent_ip.filter(|ip| *ip != agent_ip) {
         tracing::warn!(%stored, seen = %agent_ip,
             "the control plane holds another agent address for this server; the server will refuse this agent");
     }
-    tracing::info!(server_arn = %located.server_arn, server_ip = %located.server_ip, "server located");
-
-    progress.report(Phase::Certifying);
-    let files = CertFiles::in_dir(&s.state_dir(&aws.env), "agent");
+    let files = CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent");
     let ca = ControlCa {
         client: aws.control.clone(),
         role: CertRole::Agent,
     };
-    {
-        let (files, arn) = (files.clone(), located.server_arn.clone());
-        blocking::unblock(move || certs::obtain(&files, &arn, &[agent_ip], &ca, RENEW_BEFORE))
-            .await
-            .map_err(|e| Error::Lifecycle(format!("agent certificate: {e}")))?;
-    }
+    let (f, arn) = (files.clone(), located.server_arn.clone());
+    blocking::unblock(move || certs::obtain(&f, &arn, &[agent_ip], &ca, RENEW_BEFORE))
+        .await
+        .map_err(|e| Error::Lifecycle(format!("agent certificate: {e}")))?;
+    Ok(files)
+}
 
-    let settings = tunnel_settings(cfg, aws, &files, &located)?;
-    let dialer = TunnelDialer::new(settings, ex.clone());
-    connect(&dialer, &located, limit, &mut progress).await?;
-    Ok(dialer)
+/// Keeps the tunnel up while the proxy serves and, when reconnecting keeps failing, finds
+/// the server again ([`find_again`]). Ends, with the reason, only when no usable server
+/// came within `wait_secs`.
+async fn watch(
+    cfg: AgentConfig,
+    aws: AwsRun,
+    dialer: TunnelDialer,
+    mut current: Located,
+    mut agent_ip: IpAddr,
+) -> Error {
+    loop {
+        async_io::Timer::after(WATCH_EVERY).await;
+        if dialer.is_up() {
+            continue;
+        }
+        // Reconnect between clients too, so that a server that went away is noticed
+        // before a client needs it. The dialer's breaker spaces the attempts.
+        if dialer.tunnel().await.is_ok() || dialer.consecutive_failures() < GONE_AFTER_FAILURES {
+            continue;
+        }
+        match find_again(&cfg, &aws, &dialer, &current, agent_ip).await {
+            Ok((found, ip)) => (current, agent_ip) = (found, ip),
+            Err(e) => return e,
+        }
+    }
+}
+
+/// The server `current` cannot be reached: Wake (refreshing the agent's stored address),
+/// then Query every `poll_secs` until a server runs; reconnect to it if it is the same,
+/// otherwise certify for the new ARN and point the dialer at it. Gives up after
+/// `wait_secs`. Returns the server now used and the agent's address.
+async fn find_again(
+    cfg: &AgentConfig,
+    aws: &AwsRun,
+    dialer: &TunnelDialer,
+    current: &Located,
+    mut agent_ip: IpAddr,
+) -> Result<(Located, IpAddr)> {
+    let s = &aws.lifecycle;
+    let limit = Duration::from_secs(s.wait_secs.max(1));
+    let poll = Duration::from_secs(s.poll_secs.max(1));
+    let mut progress = Progress::new(Duration::from_secs(10), aws.quiet);
+    tracing::warn!(server_arn = %current.server_arn, server_ip = %current.server_ip,
+        failures = dialer.consecutive_failures(), "the server went away; looking for it again");
+    progress.report(Phase::Gone);
+    let mut need_wake = true;
+    let mut wake_error: Option<String> = None;
+    loop {
+        let last_note: Option<String>;
+        if need_wake {
+            match wake(aws).await {
+                Ok(w) => {
+                    agent_ip = w.agent_public_ip_as_seen;
+                    need_wake = false;
+                    wake_error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Wake failed; retrying");
+                    wake_error = Some(format!("Wake failed: {e}"));
+                }
+            }
+        }
+        let control = aws.control.clone();
+        match blocking::unblock(move || control.query()).await {
+            Ok(q) => match wait::interpret(&q) {
+                Ok(found)
+                    if found.server_arn == current.server_arn
+                        && found.server_ip == current.server_ip =>
+                {
+                    // Still the same server: a drop, not a replacement.
+                    match dialer.tunnel().await {
+                        Ok(_) => {
+                            eprintln!("fluidity: reconnected to the server");
+                            tracing::info!(server_arn = %found.server_arn, "reconnected to the same server");
+                            return Ok((found, agent_ip));
+                        }
+                        Err(e) => last_note = Some(e),
+                    }
+                }
+                Ok(found) => {
+                    tracing::info!(server_arn = %found.server_arn, server_ip = %found.server_ip,
+                        "a new server runs");
+                    progress.report(Phase::Certifying);
+                    // A CA call that fails is retried within the limit, like Query.
+                    match certify(aws, &found, agent_ip).await {
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no certificate for the new server yet; retrying");
+                            last_note = Some(e.to_string());
+                        }
+                        Ok(files) => {
+                            dialer
+                                .retarget(tunnel_settings(cfg, aws, &files, &found)?)
+                                .await;
+                            let left = limit.saturating_sub(progress.elapsed());
+                            connect(dialer, &found, left.max(poll), &mut progress).await?;
+                            eprintln!("fluidity: ready again with the new server");
+                            tracing::info!(server_arn = %found.server_arn, "switched to the new server");
+                            return Ok((found, agent_ip));
+                        }
+                    }
+                }
+                Err(_) => {
+                    if q.desired_count == 0 {
+                        // Sleep or someone stopped the service, but this agent still runs:
+                        // the user wants a server.
+                        tracing::info!("the service has no task wanted; waking it again");
+                        need_wake = true;
+                    }
+                    last_note = q.detail.clone();
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "Query failed; retrying");
+                last_note = Some(format!("Query failed: {e}"));
+            }
+        }
+        progress.report(Phase::Gone);
+        if progress.elapsed() + poll > limit {
+            let mut msg = format!(
+                "gave up after {}s without a usable server (the server went away and no new one came)",
+                progress.elapsed().as_secs()
+            );
+            if let Some(n) = wake_error.or(last_note) {
+                msg.push_str(&format!("; last note: {n}"));
+            }
+            eprintln!("fluidity: {msg}");
+            return Err(Error::Lifecycle(format!(
+                "the server did not come back: {msg}"
+            )));
+        }
+        async_io::Timer::after(poll).await;
+    }
 }
 
 /// The tunnel towards the located server: its IP (never written anywhere), its ARN as the
@@ -486,37 +677,49 @@ mod tests {
         assert!(toml::from_str::<LifecycleSettings>("server_ip = \"1.2.3.4\"").is_err());
     }
 
-    /// A server in this process with a certificate for `server_cn` and `server_ips`, on
-    /// 127.0.0.2, and an agent's tunnel settings for `located` with a certificate for
-    /// `arn` and 127.0.0.1; returns the agent's verdict on the server.
-    fn dial(server_cn: &str, server_ips: &[&str], arn: &str) -> std::result::Result<(), String> {
-        use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
-        use fluidity_server::health::Metrics;
-        use fluidity_server::{Server, ServerConfig};
+    use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, CaBundle, SanEntry};
+    use fluidity_server::health::Metrics;
+    use fluidity_server::{Server, ServerConfig};
 
-        let dir = tempfile::tempdir().unwrap();
-        let year = Duration::from_secs(365 * 86_400);
-        let ca = generate_ca("test CA", year).unwrap();
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+    /// The agent's certificate for `arn` and 127.0.0.1, with the CA, in `dir`.
+    fn agent_files(dir: &std::path::Path, ca: &CaBundle, arn: &str) -> CertFiles {
+        let agent_cert = issue_client(ca, arn, &["127.0.0.1".parse().unwrap()], YEAR).unwrap();
+        let files = CertFiles::in_dir(dir, "agent");
+        std::fs::write(&files.cert, &agent_cert.cert_pem).unwrap();
+        std::fs::write(&files.key, &agent_cert.key_pem).unwrap();
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        files
+    }
+
+    /// A server listening on `ip` with a certificate for `server_cn` and `server_ips`,
+    /// admitting agents with CN = `server_cn`; returns it, its listener and its port.
+    fn test_server(
+        dir: &std::path::Path,
+        ca: &CaBundle,
+        ip: &str,
+        server_cn: &str,
+        server_ips: &[&str],
+        client_ca: &std::path::Path,
+    ) -> (Arc<Server>, async_io::Async<std::net::TcpListener>, u16) {
         let sans: Vec<SanEntry> = server_ips
             .iter()
             .map(|ip| SanEntry::Ip(ip.parse().unwrap()))
             .collect();
-        let server_cert = issue_server(&ca, &sans, server_cn, year).unwrap();
-        let agent_cert = issue_client(&ca, arn, &["127.0.0.1".parse().unwrap()], year).unwrap();
-        let files = CertFiles::in_dir(dir.path(), "agent");
-        std::fs::write(&files.cert, &agent_cert.cert_pem).unwrap();
-        std::fs::write(&files.key, &agent_cert.key_pem).unwrap();
-        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
-        let (cert, key) = (dir.path().join("s.pem"), dir.path().join("s-key.pem"));
+        let server_cert = issue_server(ca, &sans, server_cn, YEAR).unwrap();
+        let (cert, key) = (
+            dir.join(format!("s-{ip}.pem")),
+            dir.join(format!("s-{ip}-key.pem")),
+        );
         std::fs::write(&cert, &server_cert.cert_pem).unwrap();
         std::fs::write(&key, &server_cert.key_pem).unwrap();
-
         let server = Server::new(
             ServerConfig {
-                listen: "127.0.0.2:0".parse().unwrap(),
+                listen: format!("{ip}:0").parse().unwrap(),
                 cert,
                 key,
-                client_ca: files.ca.clone(),
+                client_ca: client_ca.to_path_buf(),
                 expected_client_cn: Some(server_cn.to_owned()),
                 check_client_ip: true,
                 ..ServerConfig::default()
@@ -527,12 +730,12 @@ mod tests {
         .unwrap();
         let listener = server.bind().unwrap();
         let port = listener.get_ref().local_addr().unwrap().port();
-        let located = Located {
-            server_ip: "127.0.0.2".parse().unwrap(),
-            server_arn: arn.to_owned(),
-            agent_ip: None,
-        };
-        let aws = AwsRun {
+        (server, listener, port)
+    }
+
+    /// AWS mode settings with the server on `port`; the control host is never called.
+    fn test_aws(port: u16) -> AwsRun {
+        AwsRun {
             control: ControlClient::new(
                 &fluidity_aws::AwsConfig::new(
                     "us-east-1",
@@ -549,7 +752,30 @@ mod tests {
             env: Env::empty(),
             credentials: None,
             quiet: true,
+        }
+    }
+
+    /// A server in this process with a certificate for `server_cn` and `server_ips`, on
+    /// 127.0.0.2, and an agent's tunnel settings for `located` with a certificate for
+    /// `arn` and 127.0.0.1; returns the agent's verdict on the server.
+    fn dial(server_cn: &str, server_ips: &[&str], arn: &str) -> std::result::Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let files = agent_files(dir.path(), &ca, arn);
+        let (server, listener, port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            server_cn,
+            server_ips,
+            &files.ca,
+        );
+        let located = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: arn.to_owned(),
+            agent_ip: None,
         };
+        let aws = test_aws(port);
         let settings = tunnel_settings(&AgentConfig::default(), &aws, &files, &located).unwrap();
         assert_eq!(settings.server, SocketAddr::new(located.server_ip, port));
         assert_eq!(settings.server_name, "127.0.0.2");
@@ -573,6 +799,100 @@ mod tests {
             task.await;
             verdict
         }))
+    }
+
+    /// A server replaced by another (new ARN, new address, new port): the dialer counts
+    /// the failed reconnects, and once retargeted with the new server's settings it
+    /// reaches the new one, under the new identity check.
+    #[test]
+    fn a_retargeted_dialer_reaches_the_replacement_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let second = "arn:aws:ecs:us-east-1:123456789012:task/c/two";
+        let files = agent_files(dir.path(), &ca, ARN);
+        let (first_server, first_listener, first_port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            ARN,
+            &["127.0.0.2", "127.0.0.1"],
+            &files.ca,
+        );
+        let first = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        let cfg = AgentConfig::default();
+        let settings = tunnel_settings(&cfg, &test_aws(first_port), &files, &first).unwrap();
+
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(async {
+            let (stop_first, first_stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let first_task = ex.spawn(async move {
+                first_server
+                    .run(&ex2, first_listener, async move {
+                        let _ = first_stopped.recv().await;
+                    })
+                    .await
+            });
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            dialer.tunnel().await.expect("the first server");
+            assert!(dialer.is_up());
+
+            // The first server goes away.
+            drop(stop_first);
+            first_task.await;
+            let mut errors = Vec::new();
+            while dialer.consecutive_failures() < GONE_AFTER_FAILURES {
+                if let Err(e) = dialer.tunnel().await {
+                    errors.push(e);
+                }
+                async_io::Timer::after(Duration::from_millis(50)).await;
+            }
+            assert!(!dialer.is_up());
+            assert!(errors.iter().any(|e| e.contains("127.0.0.2")), "{errors:?}");
+
+            // Its replacement: another ARN and address. The agent's certificate for it.
+            let files = agent_files(dir.path(), &ca, second);
+            let (server, listener, port) = test_server(
+                dir.path(),
+                &ca,
+                "127.0.0.4",
+                second,
+                &["127.0.0.4", "127.0.0.1"],
+                &files.ca,
+            );
+            let (stop, stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let task = ex.spawn(async move {
+                server
+                    .run(&ex2, listener, async move {
+                        let _ = stopped.recv().await;
+                    })
+                    .await
+            });
+            let found = Located {
+                server_ip: "127.0.0.4".parse().unwrap(),
+                server_arn: second.to_owned(),
+                agent_ip: None,
+            };
+            dialer
+                .retarget(tunnel_settings(&cfg, &test_aws(port), &files, &found).unwrap())
+                .await;
+            assert_eq!(
+                dialer.consecutive_failures(),
+                0,
+                "the old failures are forgotten"
+            );
+            assert_eq!(dialer.settings().peer_check, PeerCheck::cn(second));
+            dialer.tunnel().await.expect("the replacement server");
+            assert!(dialer.is_up());
+            dialer.shutdown(Duration::from_millis(100)).await;
+            drop(stop);
+            task.await;
+        }));
     }
 
     const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/one";

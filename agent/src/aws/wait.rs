@@ -27,6 +27,9 @@ pub enum Phase {
     Addressing,
     /// Getting the agent's certificate from the CA function.
     Certifying,
+    /// The server the agent used went away (its tunnel keeps failing): waiting for the
+    /// service's replacement task.
+    Gone,
     /// Connecting to the server and authenticating.
     Connecting {
         /// The address dialled.
@@ -44,6 +47,7 @@ impl fmt::Display for Phase {
             } => write!(f, "waiting for the server to start (task {s})"),
             Phase::Addressing => f.write_str("waiting for an address"),
             Phase::Certifying => f.write_str("getting a certificate"),
+            Phase::Gone => f.write_str("the server went away; waiting for a new one"),
             Phase::Connecting { server_ip } => write!(f, "connecting to the server at {server_ip}"),
         }
     }

@@ -291,6 +291,13 @@ pub struct ServerSlot {
     pub stopped: Vec<Proc>,
     /// Tasks started so far.
     pub tasks_started: usize,
+    /// The running task's public address ([`SERVER_IP`] unless replaced).
+    pub address: Option<Ipv4Addr>,
+    /// A request to the played ECS: the running task crashes (stopped in moto, its server
+    /// killed), and ECS starts a replacement whose interface gets this address.
+    pub replace_with: Option<Ipv4Addr>,
+    /// Tasks started from now on never get an address (as in [`Scenario::NoAddress`]).
+    pub withhold_address: bool,
 }
 
 /// The thread playing ECS; stops (and stops the server) on drop.
@@ -369,6 +376,10 @@ impl PlayerCtx {
     fn run(&self, stop: &AtomicBool, slot: &Mutex<ServerSlot>) {
         let lock = || slot.lock().unwrap_or_else(|e| e.into_inner());
         while !stop.load(Ordering::SeqCst) {
+            let replace = lock().replace_with.take();
+            if let Some(ip) = replace {
+                self.crash_task(&mut lock(), ip);
+            }
             let desired = desired_count(&self.moto, &self.ecs);
             let running = lock().task_arn.is_some();
             if desired >= 1 && !running {
@@ -384,11 +395,11 @@ impl PlayerCtx {
         }
     }
 
-    /// An Elastic IP with the server's address, on `eni`.
-    fn give_address(&self, eni: &str) {
+    /// An Elastic IP with address `ip`, on `eni`.
+    fn give_address(&self, eni: &str, ip: Ipv4Addr) {
         let root = self.moto.ec2(
             "AllocateAddress",
-            &[("Domain", "vpc"), ("Address", &SERVER_IP.to_string())],
+            &[("Domain", "vpc"), ("Address", &ip.to_string())],
         );
         let allocation = root
             .find("allocationId")
@@ -405,10 +416,11 @@ impl PlayerCtx {
         let task_arn = str_at(&task, &["taskArn"]).to_owned();
         slot.tasks_started += 1;
         slot.task_arn = Some(task_arn.clone());
-        if self.scenario == Scenario::NoAddress {
+        if self.scenario == Scenario::NoAddress || slot.withhold_address {
             return;
         }
-        self.give_address(&eni_of(&task));
+        let ip = *slot.address.get_or_insert(SERVER_IP);
+        self.give_address(&eni_of(&task), ip);
         let server_arn = if self.scenario == Scenario::ImpostorServer {
             // Another task in the cluster, with the same address, that Query never picks
             // (its group names another service): the server believes it is that one.
@@ -426,7 +438,7 @@ impl PlayerCtx {
                 }),
             );
             let decoy = &out["tasks"][0];
-            self.give_address(&eni_of(decoy));
+            self.give_address(&eni_of(decoy), ip);
             str_at(decoy, &["taskArn"]).to_owned()
         } else {
             task_arn
@@ -447,7 +459,7 @@ impl PlayerCtx {
         }));
         let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut config = format!(
-            "mode = \"aws\"\nlisten = \"{SERVER_IP}:{port}\"\nhealth_listen = \"{health}\"\n\
+            "mode = \"aws\"\nlisten = \"{ip}:{port}\"\nhealth_listen = \"{health}\"\n\
              [aws]\ncache_dir = \"{cache}\"\nstartup_wait_secs = 60\nmetrics_period_secs = 2\n",
             port = self.server_port,
             cache = self.dir.join("server-cache").display(),
@@ -474,6 +486,25 @@ impl PlayerCtx {
         slot.proc = Some(Proc::spawn("fluidity-server", cmd, &self.dir));
         slot.metadata = Some(metadata);
         slot.server_arn = Some(server_arn);
+    }
+
+    /// The task crashes: ECS marks it stopped and its server dies at once (SIGKILL, no
+    /// draining); the next task gets `next_ip`.
+    fn crash_task(&self, slot: &mut ServerSlot, next_ip: Ipv4Addr) {
+        if let Some(arn) = slot.task_arn.take() {
+            self.moto.json(
+                Service::Ecs,
+                "StopTask",
+                &json!({ "cluster": self.ecs.cluster, "task": arn, "reason": "essential container exited" }),
+            );
+        }
+        if let Some(mut p) = slot.proc.take() {
+            p.kill();
+            slot.stopped.push(p);
+        }
+        slot.metadata = None;
+        slot.server_arn = None;
+        slot.address = Some(next_ip);
     }
 
     fn stop_task(&self, slot: &mut ServerSlot) {
