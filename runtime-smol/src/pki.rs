@@ -725,10 +725,13 @@ fn random_serial() -> Result<SerialNumber, Error> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-const KEY_MODE: u32 = 0o600;
-const CERT_MODE: u32 = 0o644;
+/// File mode of a private key: readable by its owner only.
+pub const KEY_MODE: u32 = 0o600;
+/// File mode of a certificate.
+pub const CERT_MODE: u32 = 0o644;
 
-fn create_private_dir(dir: &Path) -> Result<(), Error> {
+/// Creates `dir` and its parents, readable by their owner only.
+pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -744,7 +747,7 @@ fn create_private_dir(dir: &Path) -> Result<(), Error> {
 
 /// Writes through a temporary file and a rename, so a reader never sees a half-written
 /// file and a key never exists, even briefly, with looser permissions than `mode`.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
     let write_err = |source| Error::WriteFile {
         path: path.to_path_buf(),
         source,

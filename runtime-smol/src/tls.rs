@@ -353,6 +353,17 @@ fn reject(peer: PeerRole, source: IdentityError) -> rustls::Error {
     ))))
 }
 
+/// Applies `check` to the names of a chain-verified end-entity certificate, as a rustls
+/// verdict that says which peer's identity failed.
+fn check_verified(
+    check: &PeerCheck,
+    end_entity: &CertificateDer<'_>,
+    peer: PeerRole,
+) -> Result<(), rustls::Error> {
+    let identity = PeerIdentity::from_der(end_entity).map_err(|e| reject(peer, e))?;
+    check.check(&identity).map_err(|e| reject(peer, e))
+}
+
 fn peer_identity_of(state: &CommonState, peer: PeerRole) -> Result<PeerIdentity, Error> {
     if state.is_handshaking() {
         return Err(Error::HandshakeIncomplete);
@@ -476,11 +487,7 @@ impl ServerCertVerifier for CheckingServerVerifier {
             ocsp_response,
             now,
         )?;
-        let identity =
-            PeerIdentity::from_der(end_entity).map_err(|e| reject(PeerRole::Server, e))?;
-        self.check
-            .check(&identity)
-            .map_err(|e| reject(PeerRole::Server, e))?;
+        check_verified(&self.check, end_entity, PeerRole::Server)?;
         Ok(verified)
     }
 
@@ -537,11 +544,7 @@ impl ClientCertVerifier for CheckingClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let identity =
-            PeerIdentity::from_der(end_entity).map_err(|e| reject(PeerRole::Client, e))?;
-        self.check
-            .check(&identity)
-            .map_err(|e| reject(PeerRole::Client, e))?;
+        check_verified(&self.check, end_entity, PeerRole::Client)?;
         Ok(verified)
     }
 

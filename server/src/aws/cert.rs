@@ -8,7 +8,6 @@
 //! uses this module too, so the two sides can never disagree on what "usable" means.
 
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -198,52 +197,13 @@ pub fn obtain(
     }
     certs_from_pem(&signed.ca_pem, "the CA function's CA certificate")?;
     if let Some(dir) = files.cert.parent() {
-        create_private_dir(dir)?;
+        pki::create_private_dir(dir)?;
     }
-    write_atomic(&files.key, csr.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&files.cert, signed.cert_pem.as_bytes(), 0o644)?;
-    write_atomic(&files.ca, signed.ca_pem.as_bytes(), 0o644)?;
+    pki::write_atomic(&files.key, csr.key_pem.as_bytes(), pki::KEY_MODE)?;
+    pki::write_atomic(&files.cert, signed.cert_pem.as_bytes(), pki::CERT_MODE)?;
+    pki::write_atomic(&files.ca, signed.ca_pem.as_bytes(), pki::CERT_MODE)?;
     tracing::info!(cert = %files.cert.display(), cn, ?ips, "certificate issued by the CA function");
     Ok(Obtained::Issued)
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
-}
-
-/// Writes through a temporary file and a rename, so that a reader never sees half a file
-/// and a key never exists with looser permissions than `mode`.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = options.open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
