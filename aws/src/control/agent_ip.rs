@@ -77,7 +77,7 @@ pub fn read_agent_ip(
     let at = |name: &str| {
         get_n(&item, name)
             .and_then(|n| u64::try_from(n).ok())
-            .map(|n| UNIX_EPOCH + Duration::from_secs(n))
+            .and_then(|n| UNIX_EPOCH.checked_add(Duration::from_secs(n)))
             .ok_or_else(|| bad(&format!("{name} is missing or not a time")))
     };
     Ok(Some(AgentIpRecord {

@@ -165,9 +165,11 @@ pub fn sign(
 
 /// Seconds from `now` until a certificate answered by the CA expires (0 if it has).
 pub fn remaining(resp: &CertificateResponse, now: SystemTime) -> Duration {
-    (UNIX_EPOCH + Duration::from_secs(resp.not_after))
-        .duration_since(now)
-        .unwrap_or(Duration::ZERO)
+    // A `not_after` beyond what `SystemTime` can hold is "far in the future", not a panic.
+    match UNIX_EPOCH.checked_add(Duration::from_secs(resp.not_after)) {
+        Some(t) => t.duration_since(now).unwrap_or(Duration::ZERO),
+        None => Duration::MAX,
+    }
 }
 
 #[cfg(test)]
@@ -224,6 +226,21 @@ mod tests {
         .unwrap();
         assert!(remaining(&server, now) <= Duration::from_secs(7 * 86400 + 60));
         assert_eq!(server.ca_certificate, ca.cert_pem());
+    }
+
+    #[test]
+    fn remaining_saturates_on_a_not_after_beyond_system_time() {
+        let resp = CertificateResponse {
+            certificate: String::new(),
+            ca_certificate: String::new(),
+            not_after: u64::MAX,
+        };
+        assert_eq!(remaining(&resp, SystemTime::now()), Duration::MAX);
+        let past = CertificateResponse {
+            not_after: 1,
+            ..resp
+        };
+        assert_eq!(remaining(&past, SystemTime::now()), Duration::ZERO);
     }
 
     fn rustls_pki_der(pem: &str) -> Vec<u8> {
