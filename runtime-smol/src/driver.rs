@@ -3,7 +3,8 @@
 //!
 //! Each turn of the driver (see [`Driver`]'s `poll`):
 //! 1. read path: socket → `read_tls` → `process_new_packets` → `reader()` →
-//!    `handle_input`, keeping any plaintext the connection did not consume;
+//!    `handle_input` from rustls's buffer, keeping any plaintext the connection did not
+//!    consume;
 //! 2. write path: `poll_transmit` → `writer()` → `write_tls` while the socket takes it;
 //! 3. events: wake the stream handles and tell the application;
 //! 4. re-arm the one timer at `poll_timeout`.
@@ -14,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -420,7 +421,13 @@ pub fn start(
     };
     // The handshake may have decrypted the peer's first frames along with its last
     // handshake message; they wait in rustls, not in the socket.
-    driver.take_plaintext().map_err(Error::Io)?;
+    {
+        let shared = driver.shared.clone();
+        let mut s = lock(&shared);
+        driver
+            .take_plaintext(&mut s.conn, Instant::now())
+            .map_err(Error::Io)?;
+    }
     Ok((Tunnel { shared, peer }, rx, driver))
 }
 
@@ -452,7 +459,7 @@ impl Driver {
                 more_to_read = true;
                 break;
             }
-            match self.read_tls() {
+            match self.read_tls(&mut s.conn, now) {
                 Ok(0) => {
                     self.eof = true;
                     s.conn.handle_eof(now);
@@ -564,9 +571,9 @@ impl Driver {
         Poll::Pending
     }
 
-    /// Reads ciphertext and decrypts it into `plain_in`. `Ok(0)` is the end of the
+    /// Reads ciphertext, decrypts it and hands it to `conn`. `Ok(0)` is the end of the
     /// transport (EOF or the peer's close_notify).
-    fn read_tls(&mut self) -> io::Result<usize> {
+    fn read_tls(&mut self, conn: &mut Connection, now: Instant) -> io::Result<usize> {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -582,29 +589,42 @@ impl Driver {
         if n == 0 {
             return Ok(0);
         }
-        let (got, closed) = self.take_plaintext()?;
+        let (got, closed) = self.take_plaintext(conn, now)?;
         if closed {
             return Ok(0);
         }
         Ok(n.max(got))
     }
 
-    /// Moves decrypted bytes from rustls into `plain_in`; also says whether the peer
-    /// has sent close_notify and nothing is left to read.
-    fn take_plaintext(&mut self) -> io::Result<(usize, bool)> {
+    /// Hands decrypted bytes from rustls to the connection, straight from rustls's buffer;
+    /// what the connection does not take yet (backpressure) waits in `plain_in`. Also says
+    /// whether the peer has sent close_notify and nothing is left to read.
+    fn take_plaintext(&mut self, conn: &mut Connection, now: Instant) -> io::Result<(usize, bool)> {
         let state = self
             .tls
             .process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let mut got = 0;
         let want = state.plaintext_bytes_to_read();
-        if want > 0 {
-            let start = self.plain_in.len();
-            self.plain_in.resize(start + want, 0);
-            got = self.tls.reader().read(&mut self.plain_in[start..])?;
-            self.plain_in.truncate(start + got);
+        let mut left = want;
+        let mut reader = self.tls.reader();
+        // rustls holds each record's plaintext as its own chunk; feeding the connection
+        // from those chunks saves copying every byte into `plain_in` first.
+        while left > 0 {
+            let chunk = reader.fill_buf()?;
+            if chunk.is_empty() {
+                break;
+            }
+            let taken = if self.plain_in.is_empty() {
+                conn.handle_input(now, chunk)
+            } else {
+                0
+            };
+            self.plain_in.extend_from_slice(&chunk[taken..]);
+            let len = chunk.len();
+            reader.consume(len);
+            left = left.saturating_sub(len);
         }
-        Ok((got, state.peer_has_closed() && want == 0))
+        Ok((want - left, state.peer_has_closed() && want == 0))
     }
 
     /// Writes pending TLS records; `Ok(true)` when all were written.
