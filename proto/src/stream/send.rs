@@ -60,10 +60,6 @@ impl SendState {
 /// instead of queued, so tiny writes cannot grow the queue to one entry per byte of credit.
 const MIN_CHUNK: usize = 1024;
 
-/// Largest allocation the tail grows to; a full tail is sealed into the queue and a new
-/// one of this size started, so a busy stream allocates once per this many bytes.
-const TAIL_ALLOC: usize = 64 * 1024;
-
 /// Written but not yet transmitted bytes: a queue of shared chunks (taken from
 /// `write_bytes` without copying) followed by a tail that copying writes append to.
 #[derive(Debug, Default)]
@@ -87,21 +83,6 @@ impl SendBuf {
 
     /// Appends a copy of `data`.
     pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
-        let len = self.tail.len();
-        if self.tail.capacity() - len < data.len() {
-            // Growing a tail in place moves its untransmitted bytes (to the front of the
-            // allocation or into a new one): a second copy of everything pending. Sealing
-            // it into the queue leaves them where they are; the new tail starts empty.
-            let grown = (self.tail.capacity() * 2)
-                .clamp(MIN_CHUNK, TAIL_ALLOC)
-                .max(data.len());
-            if len >= MIN_CHUNK {
-                self.seal_tail();
-                self.tail.reserve(grown);
-            } else {
-                self.tail.reserve(grown.saturating_sub(len));
-            }
-        }
         self.tail.extend_from_slice(data);
     }
 
@@ -202,8 +183,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         /// Whatever mix of copying and shared writes and of copying and shared takes, the
-        /// bytes come out in the order they went in, and the queue never holds a chunk
-        /// smaller than `MIN_CHUNK` that a later write could have joined.
+        /// bytes come out in the order they went in and the queue never holds an empty
+        /// chunk.
         #[test]
         fn bytes_leave_in_order(ops in proptest::collection::vec(op(), 1..40)) {
             let mut buf = SendBuf::default();
@@ -242,37 +223,5 @@ mod tests {
             prop_assert_eq!(buf.len(), 0);
             prop_assert!(taken == written, "bytes reordered or changed");
         }
-    }
-
-    /// A stream written in 16 KiB pieces while transmitting in 16 KiB pieces never moves
-    /// its pending bytes: the tail is sealed, not grown, when it runs out of room.
-    #[test]
-    fn pending_bytes_are_never_moved() {
-        let mut buf = SendBuf::default();
-        let piece = vec![7u8; 16 * 1024];
-        let mut out = Vec::new();
-        let mut sealed = 0;
-        for _ in 0..64 {
-            let before = (!buf.tail.is_empty()).then(|| buf.tail.as_ptr());
-            let chunks = buf.chunks.len();
-            buf.extend_from_slice(&piece);
-            if let Some(p) = before {
-                // The oldest pending tail byte is where it was: still at the head of the
-                // tail, or at the head of the chunk the tail was sealed into.
-                let now = if buf.chunks.len() > chunks {
-                    sealed += 1;
-                    buf.chunks.back().map(|c| c.as_ptr())
-                } else {
-                    Some(buf.tail.as_ptr())
-                };
-                assert_eq!(now, Some(p));
-            }
-            buf.copy_to(buf.len().min(12 * 1024), &mut out);
-            assert!(buf.tail.capacity() <= TAIL_ALLOC + piece.len());
-        }
-        assert!(sealed > 0, "the tail never filled up");
-        let rest = buf.len();
-        buf.copy_to(rest, &mut out);
-        assert_eq!(out.len(), 64 * piece.len());
     }
 }
