@@ -24,8 +24,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_len: 64 * 1024,
-            stream_window: 256 * 1024,
-            connection_window: 4 * 1024 * 1024,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
             max_streams: 256,
         }
     }
@@ -68,6 +68,19 @@ pub struct Config {
     pub max_control_backlog: usize,
     /// Data bytes one `poll_transmit` call emits at most. Default 256 KiB; 0 counts as 1.
     pub transmit_batch: usize,
+    /// Written but not yet transmitted bytes one stream may hold: a write takes at most
+    /// this much beyond what is already buffered, whatever credit the peer has granted.
+    /// It decouples the sender's memory from the window, which may be large so that a
+    /// long or busy path stays full. Default 256 KiB; less than 16 KiB (one DATA frame)
+    /// counts as 16 KiB.
+    pub send_buffer: usize,
+}
+
+impl Config {
+    /// `send_buffer` as the connection applies it: at least 16 KiB.
+    pub fn sanitized_send_buffer(&self) -> usize {
+        self.send_buffer.max(MIN_MAX_FRAME_LEN as usize)
+    }
 }
 
 impl Default for Config {
@@ -81,6 +94,7 @@ impl Default for Config {
             data_frame_len: 16 * 1024,
             max_control_backlog: 256 * 1024,
             transmit_batch: 256 * 1024,
+            send_buffer: 256 * 1024,
         }
     }
 }

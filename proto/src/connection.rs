@@ -717,6 +717,7 @@ impl Connection {
     fn stream_write_len(&mut self, id: StreamId, len: usize) -> Result<usize, Error> {
         self.check_alive()?;
         let side = self.side;
+        let send_buffer = self.config.sanitized_send_buffer();
         let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
         if side == Side::Server && s.phase != OpenPhase::Open {
             return Err(Error::NotOpen(id));
@@ -727,7 +728,7 @@ impl Connection {
         if len == 0 {
             return Ok(0);
         }
-        let n = s.send.writable().min(len);
+        let n = s.send.writable(send_buffer).min(len);
         if n == 0 {
             s.send.blocked = true;
             return Err(Error::Blocked);
@@ -741,7 +742,7 @@ impl Connection {
         if s.send.fin != Fin::Open {
             return Err(Error::StreamFinished(id));
         }
-        Ok(s.send.writable())
+        Ok(s.send.writable(self.config.sanitized_send_buffer()))
     }
 
     pub(crate) fn stream_finish(&mut self, id: StreamId) -> Result<(), Error> {
@@ -871,6 +872,15 @@ impl Connection {
             out.data(id, fin, &mut s.send.buf, n);
             s.send.window.consume(n as u64);
             s.send.sent += n as u64;
+            if s.send.blocked
+                && s.send.fin == Fin::Open
+                && s.send.writable(self.config.sanitized_send_buffer()) > 0
+            {
+                // Blocked by a full send buffer rather than by credit: room again.
+                s.send.blocked = false;
+                self.events
+                    .push_back(Event::Stream(StreamEvent::Writable { id }));
+            }
             self.conn_send.consume(n as u64);
             self.stats.bytes_sent += n as u64;
             self.stats.frames_sent += 1;

@@ -296,6 +296,7 @@ fn arb_config(u: &mut Unstructured<'_>) -> Result<Config> {
         data_frame_len: *u.choose(&[16 * 1024, 0, 1, 5])?,
         max_control_backlog: *u.choose(&[256 * 1024, 1, 64])?,
         transmit_batch: *u.choose(&[256 * 1024, 1, 100])?,
+        send_buffer: *u.choose(&[256 * 1024, 0, 100])?,
     })
 }
 

@@ -36,7 +36,16 @@ impl Pair {
     }
 
     fn ready() -> Pair {
-        let mut p = Pair::new(cfg(false), cfg(false));
+        Pair::ready_with(Config::default())
+    }
+
+    /// A ready pair whose two sides both use `config` (with `require_auth` off).
+    fn ready_with(config: Config) -> Pair {
+        let config = Arc::new(Config {
+            require_auth: false,
+            ..config
+        });
+        let mut p = Pair::new(config.clone(), config);
         p.drive();
         assert!(p.agent.is_ready() && p.server.is_ready());
         p.agent_events.clear();
@@ -274,7 +283,11 @@ fn refusal_reaches_the_agent_typed() {
 
 #[test]
 fn writer_blocks_at_the_window_and_resumes_when_the_reader_reads() {
-    let mut p = Pair::ready();
+    // A send buffer as large as any credit, so that the window alone limits writes.
+    let mut p = Pair::ready_with(Config {
+        send_buffer: usize::MAX,
+        ..Config::default()
+    });
     let id = p.open_accepted();
     let window = Limits::default().stream_window as usize;
     let big = vec![7u8; window * 3];
@@ -297,14 +310,43 @@ fn writer_blocks_at_the_window_and_resumes_when_the_reader_reads() {
 }
 
 #[test]
+fn writer_blocks_at_the_send_buffer_and_resumes_once_it_is_transmitted() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    let cap = Config::default().send_buffer;
+    assert!((Limits::default().stream_window as usize) > cap);
+    let big = vec![7u8; cap * 3];
+    let n = p.agent.send_stream(id).write(&big).unwrap();
+    assert_eq!(n, cap, "write takes the send buffer, not the whole credit");
+    assert_eq!(p.agent.send_stream(id).write(&big), Err(Error::Blocked));
+    assert_eq!(p.agent.send_stream(id).writable(), Ok(0));
+    // Transmitting (no window update from the reader) makes room again.
+    let mut out = Vec::new();
+    while p.agent.poll_transmit(p.now, &mut out) > 0 {}
+    while let Some(e) = p.agent.poll() {
+        p.agent_events.push(e);
+    }
+    assert!(p
+        .agent_events
+        .contains(&Event::Stream(StreamEvent::Writable { id })));
+    assert_eq!(p.agent.send_stream(id).writable(), Ok(cap));
+    assert_eq!(p.agent.send_stream(id).write(&big).unwrap(), cap);
+}
+
+#[test]
 fn a_stalled_stream_does_not_block_another() {
     let mut p = Pair::ready();
     let stalled = p.open_accepted();
     let live = p.open_accepted();
     let chunk = vec![1u8; 64 * 1024];
-    // Fill the stalled stream's window; its reader never reads.
-    while p.agent.send_stream(stalled).write(&chunk).is_ok() {}
-    p.drive();
+    // Fill the stalled stream's window; its reader never reads. The send buffer is
+    // smaller than the window, so this takes several rounds of writing and transmitting.
+    let window = Limits::default().stream_window as usize;
+    for _ in 0..window / Config::default().send_buffer + 2 {
+        while p.agent.send_stream(stalled).write(&chunk).is_ok() {}
+        p.drive();
+    }
+    assert_eq!(p.server.stream_info(stalled).unwrap().recv_buffered, window);
     // The live stream moves many windows' worth of data.
     let mut moved = 0;
     while moved < 16 * 1024 * 1024 {
@@ -315,10 +357,7 @@ fn a_stalled_stream_does_not_block_another() {
         read_all(&mut p.server, live);
     }
     assert_eq!(p.server.stream_info(live).unwrap().read, moved as u64);
-    assert_eq!(
-        p.server.stream_info(stalled).unwrap().recv_buffered,
-        Limits::default().stream_window as usize
-    );
+    assert_eq!(p.server.stream_info(stalled).unwrap().recv_buffered, window);
 }
 
 #[test]
@@ -710,7 +749,10 @@ fn decode_all(wire: &[u8]) -> Vec<Frame> {
 
 #[test]
 fn write_bytes_takes_the_window_and_shares_the_bytes_it_sends() {
-    let mut p = Pair::ready();
+    let mut p = Pair::ready_with(Config {
+        send_buffer: usize::MAX,
+        ..Config::default()
+    });
     let id = p.open_accepted();
     let window = Limits::default().stream_window as usize;
     let data = Bytes::from(pattern(window * 2 + 100, 1));

@@ -40,10 +40,15 @@ impl SendState {
         }
     }
 
-    /// How many more bytes a write may take: credit not already spoken for by the buffer.
-    pub(crate) fn writable(&self) -> usize {
-        let free = self.window.credit().saturating_sub(self.buf.len() as u64);
-        usize::try_from(free).unwrap_or(usize::MAX)
+    /// How many more bytes a write may take: credit not already spoken for by the buffer,
+    /// and no more than `send_buffer` bytes buffered in all (see
+    /// [`Config::sanitized_send_buffer`](crate::Config::sanitized_send_buffer)).
+    pub(crate) fn writable(&self, send_buffer: usize) -> usize {
+        let buffered = self.buf.len();
+        let free = self.window.credit().saturating_sub(buffered as u64);
+        usize::try_from(free)
+            .unwrap_or(usize::MAX)
+            .min(send_buffer.saturating_sub(buffered))
     }
 
     /// Whether the transmitter has anything for this stream.

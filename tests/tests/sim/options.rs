@@ -240,6 +240,11 @@ impl Options {
             15..=16 => Ending::Abort { at: horizon },
             _ => Ending::Silent { at: horizon },
         };
+        // Drawn last, so that a seed's other draws are what they were before this setting
+        // existed. Often below the window, so that writes block on the buffer, not the
+        // credit; values under the protocol's minimum check that it is raised.
+        agent.send_buffer = rng.log_range(1, 400_000) as usize;
+        server.send_buffer = rng.log_range(1, 400_000) as usize;
         Options {
             seed,
             agent,
@@ -314,6 +319,8 @@ fn config(rng: &mut Rng, keepalive: Duration, idle: Duration) -> Config {
             rng.log_range(1, 300_000) as usize
         },
         transmit_batch: rng.log_range(100, 300_000) as usize,
+        // Drawn at the end of `Options::generate`.
+        send_buffer: Config::default().send_buffer,
     }
 }
 

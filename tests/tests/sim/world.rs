@@ -1228,6 +1228,11 @@ impl<'a> World<'a> {
             let peer = &self.peers[1 - ix(side)].conn;
             let my_window = u64::from(me.limits().stream_window);
             let peer_window = u64::from(peer.limits().stream_window);
+            let send_buffer = match side {
+                Side::Agent => &self.opts.agent,
+                Side::Server => &self.opts.server,
+            }
+            .sanitized_send_buffer();
             let mut recv_total = 0u64;
             for id in me.stream_ids() {
                 let info = me
@@ -1237,6 +1242,12 @@ impl<'a> World<'a> {
                 let m = &self.streams[k];
                 let sending = m.sending(side);
                 let receiving = m.receiving(side);
+                if info.send_buffered > send_buffer {
+                    return Err(format!(
+                        "{side:?}: stream {id} buffers {} bytes, above its send buffer of {send_buffer}",
+                        info.send_buffered
+                    ));
+                }
                 if info.send_buffered as u64 > info.send_credit {
                     return Err(format!(
                         "{side:?}: stream {id} buffers {} bytes with {} credit",
