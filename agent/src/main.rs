@@ -105,6 +105,9 @@ struct RunArgs {
     /// Seconds to get credentials and hear the server's IAM verdict [default: 30].
     #[arg(long, env = "FLUIDITY_AUTH_TIMEOUT_SECS")]
     auth_timeout_secs: Option<u64>,
+    /// Executor threads, 0 for one per CPU [default: 1].
+    #[arg(long, env = "FLUIDITY_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +231,9 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
     if let Some(v) = args.auth_timeout_secs {
         cfg.iam.timeout_secs = v;
     }
+    if let Some(v) = args.threads {
+        cfg.threads = v;
+    }
     Ok(cfg)
 }
 
@@ -241,7 +247,7 @@ fn run_agent(args: RunArgs, log_format: LogFormat) -> Result<()> {
     let credentials = run::credential_source(&cfg, &Env::process())?;
     let settings = run::tunnel_settings(&cfg, credentials)?;
     let listener = run::bind(cfg.listen)?;
-    app::run(app::default_threads(), |ex| async move {
+    app::run(app::threads(cfg.threads), |ex| async move {
         let dialer = TunnelDialer::new(settings, ex.clone());
         tracing::info!(listen = %cfg.listen, server = %cfg.server, "fluidity proxy listening");
         if let Err(e) = dialer.tunnel().await {

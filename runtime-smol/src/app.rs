@@ -102,9 +102,18 @@ impl<F: Future> Future for OnlyWhenWoken<F> {
     }
 }
 
-/// The number of worker threads to use: the machine's parallelism.
+/// One worker thread per CPU.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Worker threads for a `threads` setting: the setting itself, or one per CPU for 0.
+pub fn threads(setting: usize) -> usize {
+    if setting == 0 {
+        default_threads()
+    } else {
+        setting
+    }
 }
 
 /// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop).

@@ -135,6 +135,9 @@ pub struct ServerConfig {
     /// Egress policy (allow/deny lists); loopback, private, link-local and similar
     /// ranges are refused unless allowed here.
     pub egress: EgressPolicy,
+    /// Executor threads; 0 = one per CPU. Default 1, which serves one agent's tunnel with
+    /// the least CPU; raise it for many busy tunnels on a machine with several CPUs.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +162,7 @@ impl Default for ServerConfig {
             auth: AuthMode::Mtls,
             iam: IamSettings::default(),
             egress: EgressPolicy::default(),
+            threads: 1,
         }
     }
 }

@@ -46,6 +46,9 @@ struct Cli {
     /// Streams per tunnel [default: 256].
     #[arg(long)]
     max_streams: Option<u32>,
+    /// Executor threads, 0 for one per CPU [default: 1].
+    #[arg(long, env = "FLUIDITY_SERVER_THREADS")]
+    threads: Option<usize>,
     /// Authentication beyond the client certificate [default: mtls].
     #[arg(long, value_enum, env = "FLUIDITY_SERVER_AUTH")]
     auth: Option<AuthMode>,
@@ -108,6 +111,9 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     if let Some(v) = cli.max_streams {
         cfg.max_streams = v;
     }
+    if let Some(v) = cli.threads {
+        cfg.threads = v;
+    }
     if let Some(v) = cli.auth {
         cfg.auth = v;
     }
@@ -166,6 +172,7 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         }
     };
     let health_addr = cfg.health_listen;
+    let threads = app::threads(cfg.threads);
     let authenticator: Option<Arc<dyn Authenticator>> = match cfg.auth {
         AuthMode::Mtls => None,
         AuthMode::Iam => {
@@ -184,7 +191,7 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             source,
         }
     })?;
-    app::run(app::default_threads(), |ex| async move {
+    app::run(threads, |ex| async move {
         // Dropped (cancelled) when the server has stopped.
         let _publisher = aws.map(|a| ex.spawn(a.publish_metrics(metrics.clone())));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);

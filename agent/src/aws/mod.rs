@@ -264,7 +264,7 @@ pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
         credentials,
         quiet,
     };
-    app::run(app::default_threads(), |ex| async move {
+    app::run(app::threads(cfg.threads), |ex| async move {
         run_aws(&ex, cfg, aws, app::shutdown_signal()).await
     })
 }
