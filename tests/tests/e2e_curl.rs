@@ -8,7 +8,7 @@ use fluidity_tests::e2e::client::{
     curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
 };
 use fluidity_tests::e2e::origin::{HttpOrigin, TlsOrigin, WsOrigin};
-use fluidity_tests::e2e::{curl, watchdog, Tunnel};
+use fluidity_tests::e2e::{curl, watchdog, AgentOptions, ServerOptions, Tunnel};
 
 const MIB: u64 = 1024 * 1024;
 const BIG: u64 = 50 * MIB;
@@ -171,7 +171,14 @@ fn socks5_with_the_name_resolved_by_the_server() {
 #[test]
 fn websocket_by_absolute_form_upgrade_and_by_connect() {
     let _wd = watchdog("websocket", Duration::from_secs(120));
-    let t = Tunnel::start();
+    // Per-connection lines are debug; they show which way each connection went.
+    let t = Tunnel::with_agent(
+        ServerOptions::default(),
+        AgentOptions {
+            log: Some("debug".into()),
+            ..AgentOptions::default()
+        },
+    );
     let ws = WsOrigin::start(t.dir.path());
     let target = ws.addr().to_string();
     for via in [WsVia::AbsoluteForm, WsVia::Connect] {
@@ -194,4 +201,45 @@ fn websocket_by_absolute_form_upgrade_and_by_connect() {
             .any(|l| l.contains("CONNECT") && l.contains(&target)),
         "no CONNECT to {target} in the agent log"
     );
+}
+
+/// A response head reaches the client as soon as the origin sends it, even while its body
+/// does not follow: the agent joins a head with the body's first bytes in one write only
+/// when those bytes are already there.
+#[test]
+fn a_response_head_is_not_held_back_waiting_for_its_body() {
+    use std::io::{Read, Write};
+    let _wd = watchdog("response_head_not_held_back", Duration::from_secs(60));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("origin");
+    let proxy = t.proxy_url();
+    let mut client =
+        std::net::TcpStream::connect(proxy.trim_start_matches("http://")).expect("proxy");
+    // Generous: the head comes at once or, if held back, never (the body never comes).
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // `/hang/0/1000` announces 1000 bytes and sends none of them.
+    let url = origin.url("/hang/0/1000");
+    write!(
+        client,
+        "GET {url} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.addr()
+    )
+    .expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => panic!("the proxy closed before the head arrived"),
+            Err(e) => panic!(
+                "no response head while the body was pending ({e}); got so far: {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 1000"), "{head}");
 }

@@ -405,7 +405,9 @@ where
             }
             Ok(o) => o,
         };
-        tracing::info!(
+        // Per-request lines are debug: at info, a busy browser would flood the terminal
+        // and every request would pay for a formatted, unbuffered write to stderr.
+        tracing::debug!(
             %peer, %method, target = %abs.target, status = outcome.status,
             up = outcome.up, down = outcome.down, "request"
         );
@@ -416,7 +418,7 @@ where
                 };
                 match relay(cin, cw, &mut up.inb, &mut up.w).await {
                     Ok((up, down)) => {
-                        tracing::info!(%peer, target = %abs.target, up, down, "websocket closed")
+                        tracing::debug!(%peer, target = %abs.target, up, down, "websocket closed")
                     }
                     Err(e) => {
                         tracing::info!(%peer, target = %abs.target, error = %e, "websocket aborted")
@@ -630,12 +632,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    uw.write_all(head_bytes).await.map_err(CopyError::Write)?;
-    uw.flush().await.map_err(CopyError::Write)?;
     match framing {
-        Framing::Empty | Framing::UntilClose => Ok(0),
-        Framing::Length(n) => copy_exact(cin, uw, n).await.map(|()| n),
-        Framing::Chunked => copy_chunked(cin, uw).await,
+        Framing::Empty | Framing::UntilClose => {
+            uw.write_all(head_bytes).await.map_err(CopyError::Write)?;
+            uw.flush().await.map_err(CopyError::Write)?;
+            Ok(0)
+        }
+        Framing::Length(n) => copy_exact(cin, uw, head_bytes.to_vec(), n)
+            .await
+            .map(|()| n),
+        Framing::Chunked => copy_chunked(cin, uw, head_bytes.to_vec()).await,
     }
 }
 
@@ -701,15 +707,21 @@ where
             !close && resp.minor_version == 1 && !connection_has(&resp.headers, "close");
         let bytes = client_response(&resp, false, close);
         started.store(true, Ordering::Relaxed);
-        cw.write_all(&bytes)
-            .await
-            .map_err(|_| ExchangeError::Aborted)?;
         down += bytes.len() as u64;
+        // The head goes out with the body's first bytes where it can (one write).
         let body = match framing {
-            Framing::Empty => cw.flush().await.map(|()| 0).map_err(CopyError::Write),
-            Framing::Length(n) => copy_exact(uin, cw, n).await.map(|()| n),
-            Framing::Chunked => copy_chunked(uin, cw).await,
-            Framing::UntilClose => super::io::pipe(uin, cw).await,
+            Framing::Length(n) => copy_exact(uin, cw, bytes, n).await.map(|()| n),
+            Framing::Chunked => copy_chunked(uin, cw, bytes).await,
+            Framing::Empty | Framing::UntilClose => {
+                cw.write_all(&bytes)
+                    .await
+                    .map_err(|_| ExchangeError::Aborted)?;
+                if framing == Framing::Empty {
+                    cw.flush().await.map(|()| 0).map_err(CopyError::Write)
+                } else {
+                    super::io::pipe(uin, cw).await
+                }
+            }
         };
         let Ok(body) = body else {
             return Err(ExchangeError::Aborted);
@@ -765,7 +777,7 @@ where
     let mut sin = Inbound::new(r);
     match relay(cin, cw, &mut sin, &mut w).await {
         Ok((up, down)) => {
-            tracing::info!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed")
+            tracing::debug!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed")
         }
         Err(e) => {
             tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted")

@@ -165,16 +165,57 @@ pub(crate) enum CopyError {
     Chunked(ChunkedError),
 }
 
-/// Copies exactly `len` bytes.
+/// Sends `head` (a message head) before a body that `from` delivers. When body bytes
+/// are already buffered, the head stays in `head` and goes out with them in one write
+/// ([`write_after`]): for a small message one system call instead of two. Otherwise it
+/// goes out now, so that a head whose body has not arrived (a slow origin, a client
+/// waiting for `100 Continue`) is never held back.
+async fn start_message<R, W>(
+    from: &Inbound<R>,
+    to: &mut W,
+    head: &mut Vec<u8>,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if head.is_empty() || !from.buffered().is_empty() {
+        return Ok(());
+    }
+    to.write_all(head).await.map_err(CopyError::Write)?;
+    to.flush().await.map_err(CopyError::Write)?;
+    head.clear();
+    Ok(())
+}
+
+/// Writes what is left of `head`, then `data`, with one write; `head` ends empty.
+async fn write_after<W>(to: &mut W, head: &mut Vec<u8>, data: &[u8]) -> Result<(), CopyError>
+where
+    W: AsyncWrite + Unpin,
+{
+    if head.is_empty() {
+        return to.write_all(data).await.map_err(CopyError::Write);
+    }
+    head.extend_from_slice(data);
+    let written = to.write_all(head).await.map_err(CopyError::Write);
+    head.clear();
+    written
+}
+
+/// Sends `head`, then copies exactly `len` body bytes.
 pub(crate) async fn copy_exact<R, W>(
     from: &mut Inbound<R>,
     to: &mut W,
+    mut head: Vec<u8>,
     mut len: u64,
 ) -> Result<(), CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if len > 0 {
+        start_message(from, to, &mut head).await?;
+    }
     while len > 0 {
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             return Err(CopyError::Eof);
@@ -183,21 +224,26 @@ where
             .buffered()
             .len()
             .min(usize::try_from(len).unwrap_or(usize::MAX));
-        to.write_all(&from.buffered()[..n])
-            .await
-            .map_err(CopyError::Write)?;
+        write_after(to, &mut head, &from.buffered()[..n]).await?;
         from.consume(n);
         len -= n as u64;
     }
+    write_after(to, &mut head, &[]).await?;
     to.flush().await.map_err(CopyError::Write)
 }
 
-/// Copies one chunked body unchanged, stopping exactly at its end; returns its length.
-pub(crate) async fn copy_chunked<R, W>(from: &mut Inbound<R>, to: &mut W) -> Result<u64, CopyError>
+/// Sends `head`, then copies one chunked body unchanged, stopping exactly at its end;
+/// returns the body's length.
+pub(crate) async fn copy_chunked<R, W>(
+    from: &mut Inbound<R>,
+    to: &mut W,
+    mut head: Vec<u8>,
+) -> Result<u64, CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    start_message(from, to, &mut head).await?;
     let mut decoder = ChunkedDecoder::new();
     let mut total = 0u64;
     while !decoder.is_done() {
@@ -214,7 +260,7 @@ where
             }
             used += step.consumed;
         }
-        to.write_all(&buf[..used]).await.map_err(CopyError::Write)?;
+        write_after(to, &mut head, &buf[..used]).await?;
         from.consume(used);
         total += used as u64;
     }

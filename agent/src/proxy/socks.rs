@@ -169,7 +169,7 @@ where
     let result = relay(inb, w, &mut sin, &mut sw).await;
     match result {
         Ok((up, down)) => {
-            tracing::info!(%peer, proto = "socks5", %target, up, down, "tunnel closed");
+            tracing::debug!(%peer, proto = "socks5", %target, up, down, "tunnel closed");
         }
         Err(e) => {
             tracing::info!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
