@@ -19,6 +19,11 @@ const BUF_CAP: usize = MAX_HEAD_LEN + 8 * 1024;
 /// connections at once stay cheap in memory.
 const BUF_START: usize = 16 * 1024;
 
+/// Capacity a client connection's read buffer starts with: most request heads fit, and a
+/// request body makes it grow like any other. Smaller than [`BUF_START`] because every
+/// open client connection, idle or not, holds one.
+pub(crate) const CLIENT_BUF_START: usize = 4 * 1024;
+
 /// A reader with a fixed-size buffer whose unread bytes can be inspected and consumed.
 pub(crate) struct Inbound<R> {
     io: R,
@@ -31,9 +36,14 @@ pub(crate) struct Inbound<R> {
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub(crate) fn new(io: R) -> Self {
+        Inbound::with_capacity(io, BUF_START)
+    }
+
+    /// A reader whose buffer starts at `capacity` bytes (at most [`BUF_CAP`]).
+    pub(crate) fn with_capacity(io: R, capacity: usize) -> Self {
         Inbound {
             io,
-            buf: vec![0; BUF_START].into_boxed_slice(),
+            buf: vec![0; capacity.clamp(1, BUF_CAP)].into_boxed_slice(),
             start: 0,
             end: 0,
             filled: false,

@@ -114,7 +114,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let (r, w) = futures_lite::io::split(client);
-    let mut inb = io::Inbound::new(r);
+    let mut inb = io::Inbound::with_capacity(r, io::CLIENT_BUF_START);
     let mut w = w;
     let first = match io::timeout(cfg.head_timeout, inb.fill()).await {
         None => {
