@@ -21,7 +21,7 @@ use super::head::{
     Header, RequestHead, ResponseHead,
 };
 use super::io::{
-    copy_chunked, copy_exact, linger_close, read_head, relay, timeout, CopyError, Inbound,
+    copy_chunked, copy_exact, linger_close, read_head, relay, CopyError, Inbound, LazyDeadline,
     ReadHeadError,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
@@ -62,8 +62,10 @@ where
 {
     let mut upstream: Option<Upstream<D::Stream>> = None;
     let mut first = true;
+    let mut head_deadline = LazyDeadline::new();
     loop {
-        let head = match timeout(cfg.head_timeout, read_head(cin, head::parse_request_head)).await {
+        let reading = read_head(cin, head::parse_request_head);
+        let head = match head_deadline.run(cfg.head_timeout, reading).await {
             // An idle keep-alive connection simply expires.
             None if !first && cin.buffered().is_empty() => return Ok(()),
             None => {

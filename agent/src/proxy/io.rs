@@ -158,6 +158,60 @@ pub(crate) async fn timeout<T>(
         .await
 }
 
+/// A time limit that is set again and again, each time a little later (the wait for the
+/// next request head on a kept-alive connection), and rarely reached.
+///
+/// Arming an async-io timer queues it in the reactor and wakes the reactor (a system call
+/// and an extra turn of its loop), once per request if each wait had its own timer. This
+/// one timer is only ever moved earlier: when it fires before the current limit, it is
+/// armed again for that limit, so a busy connection re-arms it about once per limit.
+pub(crate) struct LazyDeadline {
+    timer: Timer,
+    armed: Option<std::time::Instant>,
+}
+
+impl LazyDeadline {
+    /// A deadline with nothing armed yet.
+    pub(crate) fn new() -> Self {
+        LazyDeadline {
+            timer: Timer::never(),
+            armed: None,
+        }
+    }
+
+    /// Runs `fut`, giving up with `None` once `limit` (from now) has passed.
+    pub(crate) async fn run<T>(
+        &mut self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Some(v));
+            }
+            loop {
+                if self.armed.is_none_or(|at| at > deadline) {
+                    self.timer.set_at(deadline);
+                    self.armed = Some(deadline);
+                }
+                match std::pin::Pin::new(&mut self.timer).poll(cx) {
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                    std::task::Poll::Ready(_) => {
+                        // Fired: for this limit, or for an earlier one (then re-armed).
+                        self.armed = None;
+                        if std::time::Instant::now() >= deadline {
+                            return std::task::Poll::Ready(None);
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+}
+
 /// Why a body could not be copied.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CopyError {
@@ -346,4 +400,45 @@ where
         }
     };
     let _ = timeout(LINGER_TIME, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_lazy_deadline_gives_the_result_or_none_at_its_limit_never_before() {
+        smol::block_on(async {
+            let mut d = LazyDeadline::new();
+            // A long limit armed first, then met.
+            let got = d
+                .run(Duration::from_secs(30), async {
+                    Timer::after(Duration::from_millis(5)).await;
+                    7
+                })
+                .await;
+            assert_eq!(got, Some(7));
+            // A shorter limit moves the timer earlier: it ends the wait at that limit.
+            let start = Instant::now();
+            let limit = Duration::from_millis(50);
+            let got = d.run(limit, futures_lite::future::pending::<()>()).await;
+            assert_eq!(got, None);
+            assert!(start.elapsed() >= limit);
+            // A short limit armed and met, then a longer one: the early timer fires first
+            // and is re-armed; the wait still lasts its whole limit.
+            let got = d
+                .run(Duration::from_millis(20), async {
+                    Timer::after(Duration::from_millis(1)).await;
+                    1
+                })
+                .await;
+            assert_eq!(got, Some(1));
+            let start = Instant::now();
+            let limit = Duration::from_millis(120);
+            let got = d.run(limit, futures_lite::future::pending::<()>()).await;
+            assert_eq!(got, None);
+            assert!(start.elapsed() >= limit, "gave up before its limit");
+        });
+    }
 }
