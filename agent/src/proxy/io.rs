@@ -407,38 +407,32 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// Runs a wait that ends after `after` within `limit`; it must give its result.
+    async fn met(d: &mut LazyDeadline, limit: Duration, after: Duration) {
+        let got = d.run(limit, async { Timer::after(after).await }).await;
+        assert!(got.is_some(), "a wait within its limit gave up");
+    }
+
+    /// Runs a wait that never ends; it must give up at `limit`, never before.
+    async fn expires(d: &mut LazyDeadline, limit: Duration) {
+        let start = Instant::now();
+        let got = d.run(limit, futures_lite::future::pending::<()>()).await;
+        assert_eq!(got, None);
+        assert!(start.elapsed() >= limit, "gave up before its limit");
+    }
+
     #[test]
     fn a_lazy_deadline_gives_the_result_or_none_at_its_limit_never_before() {
         smol::block_on(async {
             let mut d = LazyDeadline::new();
-            // A long limit armed first, then met.
-            let got = d
-                .run(Duration::from_secs(30), async {
-                    Timer::after(Duration::from_millis(5)).await;
-                    7
-                })
-                .await;
-            assert_eq!(got, Some(7));
-            // A shorter limit moves the timer earlier: it ends the wait at that limit.
-            let start = Instant::now();
-            let limit = Duration::from_millis(50);
-            let got = d.run(limit, futures_lite::future::pending::<()>()).await;
-            assert_eq!(got, None);
-            assert!(start.elapsed() >= limit);
-            // A short limit armed and met, then a longer one: the early timer fires first
-            // and is re-armed; the wait still lasts its whole limit.
-            let got = d
-                .run(Duration::from_millis(20), async {
-                    Timer::after(Duration::from_millis(1)).await;
-                    1
-                })
-                .await;
-            assert_eq!(got, Some(1));
-            let start = Instant::now();
-            let limit = Duration::from_millis(120);
-            let got = d.run(limit, futures_lite::future::pending::<()>()).await;
-            assert_eq!(got, None);
-            assert!(start.elapsed() >= limit, "gave up before its limit");
+            let ms = Duration::from_millis;
+            // A long limit armed first, then a shorter one: the timer moves earlier.
+            met(&mut d, Duration::from_secs(30), ms(5)).await;
+            expires(&mut d, ms(50)).await;
+            // A short limit armed, then a longer one: the early timer fires first and is
+            // armed again; the wait still lasts its whole limit.
+            met(&mut d, ms(20), ms(1)).await;
+            expires(&mut d, ms(120)).await;
         });
     }
 }
