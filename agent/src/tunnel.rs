@@ -155,7 +155,7 @@ impl TunnelDialer {
             return;
         };
         t.go_away();
-        let deadline = Instant::now() + grace;
+        let deadline = fluidity_runtime_smol::app::deadline_in(grace);
         while !t.is_closed() && Instant::now() < deadline {
             smol::Timer::after(Duration::from_millis(20)).await;
         }
@@ -216,7 +216,7 @@ impl TunnelDialer {
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
-        let auth_deadline = Instant::now() + limit;
+        let auth_deadline = fluidity_runtime_smol::app::deadline_in(limit);
         let server = s.server;
         let credentials = match &s.credentials {
             None => Credentials::none(),

@@ -116,6 +116,15 @@ pub fn threads(setting: usize) -> usize {
     }
 }
 
+/// The instant `limit` from now. Limits come from configuration files and flags; one beyond
+/// what the clock can count gives a deadline a century away rather than a panic.
+pub fn deadline_in(limit: std::time::Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(limit)
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop).
 pub async fn shutdown_signal() {
     use async_signal::{Signal, Signals};
@@ -186,4 +195,21 @@ where
         }
     }
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_deadline_beyond_the_clock_is_far_away_not_a_panic() {
+        let before = Instant::now();
+        let d = deadline_in(Duration::from_secs(5));
+        assert!(d >= before + Duration::from_secs(5));
+        let far = deadline_in(Duration::MAX);
+        assert!(far > before + Duration::from_secs(50 * 365 * 86_400));
+        let far = deadline_in(Duration::from_secs(u64::MAX));
+        assert!(far > before);
+    }
 }

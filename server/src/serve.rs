@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
+use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::relay::{relay, Direction};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent};
@@ -188,7 +189,7 @@ impl Server {
         for t in &tunnels {
             t.go_away();
         }
-        let deadline = Instant::now() + self.cfg.drain_timeout();
+        let deadline = app::deadline_in(self.cfg.drain_timeout());
         while !self.tunnels().is_empty() && Instant::now() < deadline {
             Timer::after(Duration::from_millis(50)).await;
         }
@@ -287,7 +288,7 @@ impl Server {
                 Next::Event(Some(event)) => event,
                 Next::Event(None) => break,
                 Next::Admitted(lifetime) => {
-                    expiry = Some((Instant::now() + lifetime, false));
+                    expiry = Some((app::deadline_in(lifetime), false));
                     continue;
                 }
                 Next::Expired => {
@@ -296,7 +297,7 @@ impl Server {
                             tracing::info!(%peer, tunnel = id,
                                 "admission expired; asking the agent to authenticate again");
                             tunnel.go_away();
-                            expiry = Some((Instant::now() + self.cfg.drain_timeout(), true));
+                            expiry = Some((app::deadline_in(self.cfg.drain_timeout()), true));
                         }
                         _ => {
                             tunnel.close(ErrorCode::NO_ERROR, "admission expired");

@@ -7,7 +7,7 @@
 //! instance metadata.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fluidity_aws::clients::ec2::Ec2Client;
 use fluidity_aws::clients::ecs::EcsClient;
@@ -328,7 +328,7 @@ pub fn discover_public_ip(
     // look up; anything else is an instance, which the metadata service describes.
     let is_task = identity.task.is_some() || is_ecs_task_arn(&identity.arn);
     if let (true, Some(cluster)) = (is_task, cluster) {
-        let deadline = Instant::now() + limit;
+        let deadline = fluidity_runtime_smol::app::deadline_in(limit);
         let mut delay = Duration::from_millis(500);
         loop {
             match task_public_ip(ecs, ec2, cluster, &identity.arn) {
@@ -339,7 +339,7 @@ pub fn discover_public_ip(
                 }
                 Err(e) => return Err(e),
             }
-            if Instant::now() + delay > deadline {
+            if fluidity_runtime_smol::app::deadline_in(delay) > deadline {
                 return Err(Error::AwsStartup(format!(
                     "the task's network interface got no public IP within {limit:?}; run the \
                      service with assignPublicIp ENABLED"
