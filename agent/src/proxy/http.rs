@@ -187,16 +187,23 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
 /// Header fields that concern only one connection and are never forwarded (RFC 9110 §7.6.1),
 /// plus every field the `Connection` header names. Framing fields are handled separately.
 fn is_hop_by_hop(h: &Header, connection_tokens: &[String]) -> bool {
-    let name = h.name.to_ascii_lowercase();
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade"
-    ) || name.starts_with("proxy-")
-        || (connection_tokens.contains(&name)
-            && !matches!(
-                name.as_str(),
-                "host" | "content-length" | "transfer-encoding"
-            ))
+    // Compared without a lowercased copy: this runs for every field of every message.
+    const ALWAYS: [&str; 6] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    const NEVER_BY_CONNECTION: [&str; 3] = ["host", "content-length", "transfer-encoding"];
+    let name = h.name.as_bytes();
+    ALWAYS.iter().any(|n| h.is(n))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
+        || (connection_tokens.iter().any(|t| h.is(t))
+            && !NEVER_BY_CONNECTION.iter().any(|n| h.is(n)))
 }
 
 fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -786,4 +793,51 @@ where
         }
     }
     Ok(Next::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header names of a message head as the agent rewrote it, lowercased.
+    fn names(head: &[u8]) -> Vec<String> {
+        let text = String::from_utf8_lossy(head);
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_ascii_lowercase()))
+            .collect()
+    }
+
+    const HOP_BY_HOP: &str = "Connection: keep-alive, X-Named, Content-Length, Host\r\n\
+        Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+        Trailer: X-T\r\nUpgrade: h2c\r\nPROXY-Authorization: Basic Zm9vOmJhcg==\r\n\
+        Proxy-Whatever: 1\r\nX-Named: dropped\r\nX-Kept: yes\r\n";
+
+    #[test]
+    fn requests_lose_hop_by_hop_and_proxy_fields_and_keep_the_rest() {
+        let raw = format!(
+            "POST http://example.com:8080/a?b HTTP/1.1\r\nHost: wrong.example\r\n\
+             {HOP_BY_HOP}Content-Length: 3\r\n\r\n"
+        );
+        let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
+        let abs = parse_absolute_target(&head.target).unwrap();
+        let out = origin_request(&head, &abs, false, false);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("POST /a?b HTTP/1.1\r\nHost: example.com:8080\r\n"),
+            "{text}"
+        );
+        // Named by Connection, but framing and Host are never dropped for that.
+        assert_eq!(names(&out), ["host", "x-kept", "content-length"], "{text}");
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_fields_and_keep_the_rest() {
+        let raw = format!("HTTP/1.1 200 OK\r\n{HOP_BY_HOP}Content-Length: 3\r\n\r\n");
+        let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+        let out = client_response(&head, false, false);
+        assert_eq!(names(&out), ["x-kept", "content-length"]);
+        let out = client_response(&head, false, true);
+        assert_eq!(names(&out), ["x-kept", "content-length", "connection"]);
+    }
 }
