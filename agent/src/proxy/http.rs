@@ -719,17 +719,14 @@ where
         down += bytes.len() as u64;
         // The head goes out with the body's first bytes where it can (one write).
         let body = match framing {
+            Framing::Empty => copy_exact(uin, cw, bytes, 0).await.map(|()| 0),
             Framing::Length(n) => copy_exact(uin, cw, bytes, n).await.map(|()| n),
             Framing::Chunked => copy_chunked(uin, cw, bytes).await,
-            Framing::Empty | Framing::UntilClose => {
+            Framing::UntilClose => {
                 cw.write_all(&bytes)
                     .await
                     .map_err(|_| ExchangeError::Aborted)?;
-                if framing == Framing::Empty {
-                    cw.flush().await.map(|()| 0).map_err(CopyError::Write)
-                } else {
-                    super::io::pipe(uin, cw).await
-                }
+                super::io::pipe(uin, cw).await
             }
         };
         let Ok(body) = body else {

@@ -145,17 +145,13 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin, T>(
     }
 }
 
-/// Runs `fut`, giving up with `None` after `limit`.
+/// Runs `fut`, giving up with `None` after `limit`. For a limit set again and again on
+/// one connection, keep a [`LazyDeadline`] instead.
 pub(crate) async fn timeout<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    async { Some(fut.await) }
-        .or(async {
-            Timer::after(limit).await;
-            None
-        })
-        .await
+    LazyDeadline::new().run(limit, fut).await
 }
 
 /// A time limit that is set again and again, each time a little later (the wait for the
