@@ -10,7 +10,7 @@ pub fn fuzz_http_request_head(data: &[u8]) {
     if let Ok(Some((req, len))) = head::parse_request_head(data) {
         assert!(len <= data.len() && len <= head::MAX_HEAD_LEN);
         let _ = head::request_framing(&req);
-        if let Ok(abs) = head::parse_absolute_target(&req.target) {
+        if let Ok(abs) = head::parse_absolute_target(req.target()) {
             assert!(abs.path.starts_with('/'));
         }
     }

@@ -10,33 +10,140 @@ pub const MAX_REQUEST_HEADERS: usize = 100;
 /// Most header fields accepted in a response head (origins send many `Set-Cookie`s).
 pub const MAX_RESPONSE_HEADERS: usize = 256;
 
-/// One header field as received; the value is kept as bytes because HTTP allows obs-text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+/// One header field of a parsed head, borrowed from it; the value is bytes because HTTP
+/// allows obs-text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'a> {
     /// Field name as sent (compare case-insensitively).
-    pub name: String,
+    pub name: &'a str,
     /// Field value without surrounding whitespace.
-    pub value: Vec<u8>,
+    pub value: &'a [u8],
 }
 
-impl Header {
+impl Header<'_> {
     /// Whether this field is called `name` (ASCII case-insensitive).
     pub fn is(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name)
     }
 }
 
+/// Where one piece of a head lies in its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// The span of `part`, a subslice of `whole` (as the parser returns them).
+    fn of(whole: &[u8], part: &[u8]) -> Span {
+        // Heads are at most MAX_HEAD_LEN bytes, so offsets fit in u32.
+        let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+        let end = start + part.len();
+        Span {
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            end: u32::try_from(end).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn get(self, bytes: &[u8]) -> &[u8] {
+        bytes
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+
+    fn get_str(self, bytes: &[u8]) -> &str {
+        std::str::from_utf8(self.get(bytes)).unwrap_or_default()
+    }
+}
+
+/// The bytes of one head as received and where its fields lie in them: two allocations
+/// per head whatever its number of fields (one per field name and value would be most of
+/// the agent's allocations per request).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Headers {
+    bytes: Box<[u8]>,
+    /// Name and value of each field, in order.
+    fields: Vec<(Span, Span)>,
+}
+
+impl Headers {
+    /// Copies a head (`bytes`, its whole text) and the positions of the fields the
+    /// parser found in it.
+    fn new(bytes: &[u8], parsed: &[httparse::Header<'_>]) -> Headers {
+        Headers {
+            bytes: bytes.into(),
+            fields: parsed
+                .iter()
+                .map(|h| (Span::of(bytes, h.name.as_bytes()), Span::of(bytes, h.value)))
+                .collect(),
+        }
+    }
+
+    /// The fields in order.
+    pub fn iter(&self) -> impl Iterator<Item = Header<'_>> + '_ {
+        self.fields.iter().map(|&(name, value)| Header {
+            name: name.get_str(&self.bytes),
+            value: value.get(&self.bytes),
+        })
+    }
+
+    /// The fields called `name` (ASCII case-insensitive), in order.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Header<'a>> + 'a {
+        self.iter().filter(move |h| h.is(name))
+    }
+
+    /// Comma-separated tokens of every field called `name`, trimmed, empty ones left out.
+    pub fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.named(name)
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether a field called `name` lists `token` (both ASCII case-insensitive).
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.tokens(name)
+            .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    fn span_str(&self, span: Span) -> &str {
+        span.get_str(&self.bytes)
+    }
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|h| (h.name, String::from_utf8_lossy(h.value))),
+            )
+            .finish()
+    }
+}
+
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
-    /// Method token, e.g. `GET`.
-    pub method: String,
-    /// Request target exactly as sent.
-    pub target: String,
+    method: Span,
+    target: Span,
     /// `1` for HTTP/1.1, `0` for HTTP/1.0.
     pub minor_version: u8,
-    /// Header fields in order.
-    pub headers: Vec<Header>,
+    /// Header fields in order (and the head's bytes, which the spans above point into).
+    pub headers: Headers,
+}
+
+impl RequestHead {
+    /// Method token, e.g. `GET`.
+    pub fn method(&self) -> &str {
+        self.headers.span_str(self.method)
+    }
+
+    /// Request target exactly as sent.
+    pub fn target(&self) -> &str {
+        self.headers.span_str(self.target)
+    }
 }
 
 /// A parsed response head.
@@ -46,10 +153,16 @@ pub struct ResponseHead {
     pub minor_version: u8,
     /// Status code.
     pub status: u16,
+    reason: Span,
+    /// Header fields in order (and the head's bytes).
+    pub headers: Headers,
+}
+
+impl ResponseHead {
     /// Reason phrase (may be empty).
-    pub reason: String,
-    /// Header fields in order.
-    pub headers: Vec<Header>,
+    pub fn reason(&self) -> &str {
+        self.headers.span_str(self.reason)
+    }
 }
 
 /// Why a head could not be parsed.
@@ -89,16 +202,6 @@ pub fn leading_empty_lines(buf: &[u8]) -> usize {
     }
 }
 
-fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_owned(),
-            value: h.value.to_vec(),
-        })
-        .collect()
-}
-
 fn map_err(e: httparse::Error) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
@@ -114,9 +217,15 @@ fn map_err(e: httparse::Error) -> HeadError {
 /// Parses a request head at the start of `buf`. `Ok(None)` means more bytes are needed;
 /// `Ok(Some((head, len)))` gives the head and its length in bytes.
 pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Uninitialised: filling the whole array on every attempt would cost more than
+    // parsing a typical head.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => {
             if len > MAX_HEAD_LEN {
                 return Err(HeadError::TooLarge);
@@ -126,12 +235,13 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
             else {
                 return Err(HeadError::Malformed("incomplete request line"));
             };
+            let bytes = &buf[..len];
             Ok(Some((
                 RequestHead {
-                    method: method.to_owned(),
-                    target: target.to_owned(),
+                    method: Span::of(bytes, method.as_bytes()),
+                    target: Span::of(bytes, target.as_bytes()),
                     minor_version,
-                    headers: owned_headers(req.headers),
+                    headers: Headers::new(bytes, req.headers),
                 },
                 len,
             )))
@@ -144,9 +254,13 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
 
 /// Parses a response head at the start of `buf`, like [`parse_request_head`].
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => {
             if len > MAX_HEAD_LEN {
                 return Err(HeadError::TooLarge);
@@ -157,12 +271,16 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
             if !(100..=999).contains(&status) {
                 return Err(HeadError::Malformed("invalid status code"));
             }
+            let bytes = &buf[..len];
             Ok(Some((
                 ResponseHead {
                     minor_version,
                     status,
-                    reason: resp.reason.unwrap_or("").to_owned(),
-                    headers: owned_headers(resp.headers),
+                    reason: resp
+                        .reason
+                        .map(|r| Span::of(bytes, r.as_bytes()))
+                        .unwrap_or_default(),
+                    headers: Headers::new(bytes, resp.headers),
                 },
                 len,
             )))
@@ -186,30 +304,12 @@ pub enum Framing {
     UntilClose,
 }
 
-/// Comma-separated tokens of every field called `name`, lowercased.
-pub fn header_tokens(headers: &[Header], name: &str) -> Vec<String> {
-    headers
-        .iter()
-        .filter(|h| h.is(name))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
-/// Whether any `Connection` field lists `token`.
-pub fn connection_has(headers: &[Header], token: &str) -> bool {
-    header_tokens(headers, "connection")
-        .iter()
-        .any(|t| t == token)
-}
-
 /// The one Content-Length value of a message, if it has one. Repeated identical values
 /// are one value (RFC 9110 §8.6); anything else is an error, since two recipients could
 /// disagree on where the message ends.
-fn content_length(headers: &[Header]) -> Result<Option<u64>, &'static str> {
+fn content_length(headers: &Headers) -> Result<Option<u64>, &'static str> {
     let mut found: Option<u64> = None;
-    for h in headers.iter().filter(|h| h.is("content-length")) {
+    for h in headers.named("content-length") {
         for part in h.value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
@@ -228,16 +328,18 @@ fn content_length(headers: &[Header]) -> Result<Option<u64>, &'static str> {
 /// `Some(true)` if the message has Transfer-Encoding with chunked last, `Some(false)` if it
 /// has Transfer-Encoding without that, `None` if it has none. Chunked anywhere but last is
 /// an error (RFC 9112 §6.1).
-fn transfer_chunked(headers: &[Header]) -> Result<Option<bool>, &'static str> {
-    let codings = header_tokens(headers, "transfer-encoding");
-    if codings.is_empty() {
-        return Ok(headers
-            .iter()
-            .any(|h| h.is("transfer-encoding"))
-            .then_some(false));
+fn transfer_chunked(headers: &Headers) -> Result<Option<bool>, &'static str> {
+    let mut chunked_count = 0;
+    let mut chunked_last = false;
+    let mut any = false;
+    for coding in headers.tokens("transfer-encoding") {
+        any = true;
+        chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+        chunked_count += usize::from(chunked_last);
     }
-    let chunked_last = codings.last().is_some_and(|c| c == "chunked");
-    let chunked_count = codings.iter().filter(|c| *c == "chunked").count();
+    if !any {
+        return Ok(headers.named("transfer-encoding").next().map(|_| false));
+    }
     if chunked_count > 1 || (chunked_count == 1 && !chunked_last) {
         return Err("chunked must be the last transfer coding, applied once");
     }
@@ -396,10 +498,40 @@ mod tests {
     fn parses_request_and_reports_length() {
         let raw = b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\nBODY";
         let (head, len) = parse_request_head(raw).unwrap().unwrap();
-        assert_eq!(head.method, "GET");
-        assert_eq!(head.target, "http://a.example/x");
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.target(), "http://a.example/x");
         assert_eq!(&raw[len..], b"BODY");
         assert_eq!(parse_request_head(&raw[..20]).unwrap(), None);
+    }
+
+    #[test]
+    fn fields_and_tokens_read_back_as_sent() {
+        let raw = b"HTTP/1.1 200 Fine Thanks\r\nX-A: 1\r\nConnection: Keep-Alive ,, X-A\r\n\
+            x-empty:\r\nconnection: close\r\n\r\nBODY";
+        let (head, len) = parse_response_head(raw).unwrap().unwrap();
+        assert_eq!(&raw[len..], b"BODY");
+        assert_eq!(head.reason(), "Fine Thanks");
+        let fields: Vec<(&str, &[u8])> = head.headers.iter().map(|h| (h.name, h.value)).collect();
+        assert_eq!(
+            fields,
+            [
+                ("X-A", &b"1"[..]),
+                ("Connection", b"Keep-Alive ,, X-A"),
+                ("x-empty", b""),
+                ("connection", b"close"),
+            ]
+        );
+        let tokens: Vec<&[u8]> = head.headers.tokens("CONNECTION").collect();
+        assert_eq!(tokens, [&b"Keep-Alive"[..], b"X-A", b"close"]);
+        assert!(head.headers.has_token("connection", "keep-alive"));
+        assert!(head.headers.has_token("connection", "CLOSE"));
+        assert!(!head.headers.has_token("x-a", "2"));
+        assert_eq!(head.headers.named("x-a").count(), 1);
+        // The head owns its bytes: the buffer it came from can be reused.
+        let copy = head.clone();
+        drop(head);
+        assert_eq!(copy.reason(), "Fine Thanks");
+        assert!(format!("{copy:?}").contains("\"x-empty\""));
     }
 
     #[test]

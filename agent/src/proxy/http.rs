@@ -17,8 +17,8 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::AsyncWriteExt;
 
 use super::head::{
-    self, connection_has, header_tokens, parse_absolute_target, AbsoluteTarget, Framing, HeadError,
-    Header, RequestHead, ResponseHead,
+    self, parse_absolute_target, AbsoluteTarget, Framing, HeadError, Header, RequestHead,
+    ResponseHead,
 };
 use super::io::{
     copy_chunked, copy_exact, linger_close, read_head, relay, CopyError, Inbound, LazyDeadline,
@@ -186,7 +186,7 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
 
 /// Header fields that concern only one connection and are never forwarded (RFC 9110 §7.6.1),
 /// plus every field the `Connection` header names. Framing fields are handled separately.
-fn is_hop_by_hop(h: &Header, connection_tokens: &[String]) -> bool {
+fn is_hop_by_hop(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
     // Compared without a lowercased copy: this runs for every field of every message.
     const ALWAYS: [&str; 6] = [
         "connection",
@@ -202,7 +202,9 @@ fn is_hop_by_hop(h: &Header, connection_tokens: &[String]) -> bool {
         || name
             .get(..6)
             .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
-        || (connection_tokens.iter().any(|t| h.is(t))
+        || (connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
             && !NEVER_BY_CONNECTION.iter().any(|n| h.is(n)))
 }
 
@@ -216,11 +218,9 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// Whether the request asks for a WebSocket upgrade (RFC 6455 §4.1).
 fn is_websocket(head: &RequestHead) -> bool {
     head.minor_version == 1
-        && head.method.eq_ignore_ascii_case("GET")
-        && header_tokens(&head.headers, "upgrade")
-            .iter()
-            .any(|t| t == "websocket")
-        && connection_has(&head.headers, "upgrade")
+        && head.method().eq_ignore_ascii_case("GET")
+        && head.headers.has_token("upgrade", "websocket")
+        && head.headers.has_token("connection", "upgrade")
 }
 
 /// The request as sent to the origin: origin-form target, Host from the URL, no
@@ -231,24 +231,25 @@ fn origin_request(
     websocket: bool,
     close: bool,
 ) -> Vec<u8> {
-    let tokens = header_tokens(&head.headers, "connection");
+    let tokens: Vec<&[u8]> = head.headers.tokens("connection").collect();
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(
-        format!(
-            "{} {} HTTP/1.{}\r\n",
-            head.method, abs.path, head.minor_version
-        )
-        .as_bytes(),
-    );
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(abs.path.as_bytes());
+    out.extend_from_slice(if head.minor_version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     push_header(&mut out, "Host", abs.authority.as_bytes());
-    for h in &head.headers {
-        if !h.is("host") && !is_hop_by_hop(h, &tokens) {
-            push_header(&mut out, &h.name, &h.value);
+    for h in head.headers.iter() {
+        if !h.is("host") && !is_hop_by_hop(&h, &tokens) {
+            push_header(&mut out, h.name, h.value);
         }
     }
     if websocket {
-        for h in head.headers.iter().filter(|h| h.is("upgrade")) {
-            push_header(&mut out, "Upgrade", &h.value);
+        for h in head.headers.named("upgrade") {
+            push_header(&mut out, "Upgrade", h.value);
         }
         push_header(&mut out, "Connection", b"Upgrade");
     } else if close {
@@ -260,27 +261,26 @@ fn origin_request(
 
 /// The response as sent to the client.
 fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
-    let tokens = header_tokens(&resp.headers, "connection");
-    let chunked = resp.headers.iter().any(|h| h.is("transfer-encoding"));
+    let tokens: Vec<&[u8]> = resp.headers.tokens("connection").collect();
+    let chunked = resp.headers.named("transfer-encoding").next().is_some();
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\n",
-            resp.status,
-            one_line(&resp.reason, 200)
-        )
-        .as_bytes(),
-    );
-    for h in &resp.headers {
+    // The status is 100..=999 (checked by the parser): three digits.
+    let status = [100, 10, 1].map(|d| b'0' + ((resp.status / d) % 10) as u8);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&status);
+    out.push(b' ');
+    out.extend_from_slice(one_line(resp.reason(), 200).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
         // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
         let stale_length = chunked && h.is("content-length");
-        if !is_hop_by_hop(h, &tokens) && !stale_length {
-            push_header(&mut out, &h.name, &h.value);
+        if !is_hop_by_hop(&h, &tokens) && !stale_length {
+            push_header(&mut out, h.name, h.value);
         }
     }
     if upgrade {
-        for h in resp.headers.iter().filter(|h| h.is("upgrade")) {
-            push_header(&mut out, "Upgrade", &h.value);
+        for h in resp.headers.named("upgrade") {
+            push_header(&mut out, "Upgrade", h.value);
         }
         push_header(&mut out, "Connection", b"Upgrade");
     } else if close {
@@ -306,7 +306,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let method = head.method.clone();
+    let method = head.method();
     let is_connect = method.eq_ignore_ascii_case("CONNECT");
     let framing = if is_connect {
         Framing::Empty
@@ -327,11 +327,10 @@ where
     if let Some(creds) = &cfg.auth {
         let ok = head
             .headers
-            .iter()
-            .filter(|h| h.is("proxy-authorization"))
-            .any(|h| creds.matches_basic(&h.value));
+            .named("proxy-authorization")
+            .any(|h| creds.matches_basic(h.value));
         if !ok {
-            tracing::info!(%peer, %method, target = %one_line(&head.target, 200), status = 407, "proxy authentication required");
+            tracing::info!(%peer, %method, target = %one_line(head.target(), 200), status = 407, "proxy authentication required");
             answer(
                 cw,
                 407,
@@ -348,19 +347,19 @@ where
         return connect(&head, cin, cw, peer, dialer, cfg).await;
     }
 
-    let abs = match parse_absolute_target(&head.target) {
+    let abs = match parse_absolute_target(head.target()) {
         Ok(a) => a,
         Err(e) => {
-            tracing::info!(%peer, %method, target = %one_line(&head.target, 200), status = 400, error = %e, "not a proxy request");
+            tracing::info!(%peer, %method, target = %one_line(head.target(), 200), status = 400, error = %e, "not a proxy request");
             answer(cw, 400, &format!("fluidity proxy: {e}"), true, &[]).await?;
             return Ok(Next::Close);
         }
     };
     let websocket = is_websocket(&head);
-    let client_close = head.minor_version == 0 || connection_has(&head.headers, "close");
+    let client_close = head.minor_version == 0 || head.headers.has_token("connection", "close");
     let head_bytes = origin_request(&head, &abs, websocket, client_close);
     let ctx = Exchange {
-        method: &method,
+        method,
         framing,
         websocket,
         client_close,
@@ -410,7 +409,7 @@ where
             }
             Err(e) => {
                 *upstream = None;
-                return fail(e, cw, peer, &method, &abs.target).await;
+                return fail(e, cw, peer, method, &abs.target).await;
             }
             Ok(o) => o,
         };
@@ -713,7 +712,7 @@ where
             .map_err(|why| ExchangeError::BadResponse(why.into()))?;
         let close = ctx.client_close || framing == Framing::UntilClose;
         let upstream_keep =
-            !close && resp.minor_version == 1 && !connection_has(&resp.headers, "close");
+            !close && resp.minor_version == 1 && !resp.headers.has_token("connection", "close");
         let bytes = client_response(&resp, false, close);
         started.store(true, Ordering::Relaxed);
         down += bytes.len() as u64;
@@ -758,10 +757,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let Some(target) = Target::parse(&head.target).filter(|t| t.port != 0) else {
+    let Some(target) = Target::parse(head.target()).filter(|t| t.port != 0) else {
         let line = format!(
             "fluidity proxy: CONNECT needs host:port, got {:?}",
-            one_line(&head.target, 200)
+            one_line(head.target(), 200)
         );
         tracing::info!(%peer, method = "CONNECT", status = 400, "bad CONNECT target");
         answer(cw, 400, &line, true, &[]).await?;
@@ -817,7 +816,7 @@ mod tests {
              {HOP_BY_HOP}Content-Length: 3\r\n\r\n"
         );
         let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
-        let abs = parse_absolute_target(&head.target).unwrap();
+        let abs = parse_absolute_target(head.target()).unwrap();
         let out = origin_request(&head, &abs, false, false);
         let text = String::from_utf8_lossy(&out);
         assert!(
