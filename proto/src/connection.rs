@@ -149,6 +149,9 @@ pub struct Connection {
     peer: Option<Hello>,
     decoder: Decoder,
     rx: BytesMut,
+    /// The receive buffer's previous allocation, taken back once the payloads that share
+    /// it are gone (see [`Connection::reserve_rx`]).
+    rx_spare: BytesMut,
     /// Encoded control frames not yet handed to `poll_transmit`.
     ctrl: Vec<u8>,
     /// Spare room for the DATA headers `poll_transmit_chunks` hands out, so they do not
@@ -202,6 +205,7 @@ impl Connection {
             peer: None,
             decoder: Decoder::new(limits.max_frame_len),
             rx: BytesMut::with_capacity(RX_ALLOC),
+            rx_spare: BytesMut::new(),
             ctrl: Vec::new(),
             headers: BytesMut::new(),
             events: VecDeque::new(),
@@ -308,10 +312,11 @@ impl Connection {
                 break;
             }
             let end = (consumed + INPUT_SLICE).min(data.len());
+            self.reserve_rx(end - consumed);
             self.rx.extend_from_slice(&data[consumed..end]);
             consumed = end;
             loop {
-                match self.decoder.decode(&mut self.rx) {
+                match self.decoder.decode_shared(&mut self.rx) {
                     Ok(Some(frame)) => {
                         self.stats.frames_received += 1;
                         self.on_frame(now, frame);
@@ -369,9 +374,10 @@ impl Connection {
             } else {
                 // Finish the frame begun earlier, copying no more than it needs.
                 let k = self.decoder.missing(self.rx.len()).min(data.len());
+                self.reserve_rx(k);
                 self.rx.extend_from_slice(&data[..k]);
                 data.advance(k);
-                self.decoder.decode(&mut self.rx)
+                self.decoder.decode_shared(&mut self.rx)
             };
             since_check += before - data.len();
             match decoded {
@@ -393,6 +399,27 @@ impl Connection {
         }
         self.check_invariants();
         total - data.len()
+    }
+
+    /// Makes room for `n` more bytes in the receive buffer. Decoded payloads share its
+    /// allocation, so a full buffer can rarely be reused in place, and a fresh allocation
+    /// for every 64 KiB received, freed when its payloads are read, makes the allocator
+    /// hand the memory back to the system and fault it in again for the next one (a tenth
+    /// of the agent's CPU time during a download). Instead, the previous allocation is
+    /// kept and taken back once its payloads are gone; a fresh one is made only while
+    /// they are still alive (a reader behind), as before.
+    fn reserve_rx(&mut self, n: usize) {
+        if self.rx.capacity() - self.rx.len() >= n {
+            return;
+        }
+        let needed = self.rx.len() + n;
+        if !self.rx_spare.try_reclaim(needed) {
+            self.rx_spare = BytesMut::with_capacity(needed.max(RX_ALLOC));
+        }
+        // At most the start of one frame moves.
+        self.rx_spare.extend_from_slice(&self.rx);
+        self.rx.clear();
+        std::mem::swap(&mut self.rx, &mut self.rx_spare);
     }
 
     /// The transport ended (EOF or error). Unless the connection was drained, it is lost,
@@ -1265,5 +1292,33 @@ impl Connection {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_receive_allocation_is_taken_back_once_its_payloads_are_gone() {
+        let mut c = Connection::server(Arc::new(Config::default()), Instant::now());
+        c.rx.extend_from_slice(&[1; RX_ALLOC]);
+        let first = c.rx.as_ptr();
+        // A decoded payload shares the allocation, as DATA payloads do.
+        let payload = c.rx.split_to(RX_ALLOC - 3).freeze();
+        c.reserve_rx(100);
+        assert_eq!(&c.rx[..], [1, 1, 1], "the partial frame moves along");
+        assert!(c.rx.capacity() >= 103);
+        assert_ne!(c.rx.as_ptr(), first, "still shared: a fresh allocation");
+
+        let room = c.rx.capacity() - c.rx.len();
+        c.rx.extend_from_slice(&vec![2; room]);
+        let len = c.rx.len();
+        let payload2 = c.rx.split_to(len - 1).freeze();
+        drop(payload);
+        c.reserve_rx(100);
+        assert_eq!(c.rx.as_ptr(), first, "the first allocation came back");
+        assert_eq!(&c.rx[..], [2]);
+        assert!(payload2.iter().all(|&b| b == 1 || b == 2));
     }
 }

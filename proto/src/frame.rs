@@ -606,8 +606,8 @@ impl Decoder {
     }
 
     /// Like [`decode`](Self::decode), but never reserves room in `buf` for a partial
-    /// payload: when `buf` shares its allocation with payloads already taken, reserving
-    /// would copy the partial frame, which the caller is about to move elsewhere anyway.
+    /// payload: for callers that make room themselves (when `buf` shares its allocation
+    /// with payloads already taken, reserving would allocate and copy the partial frame).
     pub(crate) fn decode_shared(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Error> {
         self.decode_inner(buf, false)
     }
