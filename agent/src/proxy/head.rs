@@ -14,8 +14,8 @@ pub const MAX_RESPONSE_HEADERS: usize = 256;
 /// allows obs-text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header<'a> {
-    /// Field name as sent (compare case-insensitively).
-    pub name: &'a str,
+    /// Field name as sent (compare case-insensitively); a token, so ASCII.
+    pub name: &'a [u8],
     /// Field value without surrounding whitespace.
     pub value: &'a [u8],
 }
@@ -23,7 +23,7 @@ pub struct Header<'a> {
 impl Header<'_> {
     /// Whether this field is called `name` (ASCII case-insensitive).
     pub fn is(&self, name: &str) -> bool {
-        self.name.eq_ignore_ascii_case(name)
+        self.name.eq_ignore_ascii_case(name.as_bytes())
     }
 }
 
@@ -83,7 +83,7 @@ impl Headers {
     /// The fields in order.
     pub fn iter(&self) -> impl Iterator<Item = Header<'_>> + '_ {
         self.fields.iter().map(|&(name, value)| Header {
-            name: name.get_str(&self.bytes),
+            name: name.get(&self.bytes),
             value: value.get(&self.bytes),
         })
     }
@@ -115,10 +115,12 @@ impl Headers {
 impl std::fmt::Debug for Headers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(
-                self.iter()
-                    .map(|h| (h.name, String::from_utf8_lossy(h.value))),
-            )
+            .entries(self.iter().map(|h| {
+                (
+                    String::from_utf8_lossy(h.name),
+                    String::from_utf8_lossy(h.value),
+                )
+            }))
             .finish()
     }
 }
@@ -511,14 +513,14 @@ mod tests {
         let (head, len) = parse_response_head(raw).unwrap().unwrap();
         assert_eq!(&raw[len..], b"BODY");
         assert_eq!(head.reason(), "Fine Thanks");
-        let fields: Vec<(&str, &[u8])> = head.headers.iter().map(|h| (h.name, h.value)).collect();
+        let fields: Vec<(&[u8], &[u8])> = head.headers.iter().map(|h| (h.name, h.value)).collect();
         assert_eq!(
             fields,
             [
-                ("X-A", &b"1"[..]),
-                ("Connection", b"Keep-Alive ,, X-A"),
-                ("x-empty", b""),
-                ("connection", b"close"),
+                (&b"X-A"[..], &b"1"[..]),
+                (b"Connection", b"Keep-Alive ,, X-A"),
+                (b"x-empty", b""),
+                (b"connection", b"close"),
             ]
         );
         let tokens: Vec<&[u8]> = head.headers.tokens("CONNECTION").collect();

@@ -197,7 +197,7 @@ fn is_hop_by_hop(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
         "upgrade",
     ];
     const NEVER_BY_CONNECTION: [&str; 3] = ["host", "content-length", "transfer-encoding"];
-    let name = h.name.as_bytes();
+    let name = h.name;
     ALWAYS.iter().any(|n| h.is(n))
         || name
             .get(..6)
@@ -208,8 +208,8 @@ fn is_hop_by_hop(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
             && !NEVER_BY_CONNECTION.iter().any(|n| h.is(n)))
 }
 
-fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -241,7 +241,7 @@ fn origin_request(
     } else {
         b" HTTP/1.1\r\n"
     });
-    push_header(&mut out, "Host", abs.authority.as_bytes());
+    push_header(&mut out, b"Host", abs.authority.as_bytes());
     for h in head.headers.iter() {
         if !h.is("host") && !is_hop_by_hop(&h, &tokens) {
             push_header(&mut out, h.name, h.value);
@@ -249,11 +249,11 @@ fn origin_request(
     }
     if websocket {
         for h in head.headers.named("upgrade") {
-            push_header(&mut out, "Upgrade", h.value);
+            push_header(&mut out, b"Upgrade", h.value);
         }
-        push_header(&mut out, "Connection", b"Upgrade");
+        push_header(&mut out, b"Connection", b"Upgrade");
     } else if close {
-        push_header(&mut out, "Connection", b"close");
+        push_header(&mut out, b"Connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -280,11 +280,11 @@ fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
     }
     if upgrade {
         for h in resp.headers.named("upgrade") {
-            push_header(&mut out, "Upgrade", h.value);
+            push_header(&mut out, b"Upgrade", h.value);
         }
-        push_header(&mut out, "Connection", b"Upgrade");
+        push_header(&mut out, b"Connection", b"Upgrade");
     } else if close {
-        push_header(&mut out, "Connection", b"close");
+        push_header(&mut out, b"Connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     out
