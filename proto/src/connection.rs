@@ -401,14 +401,17 @@ impl Connection {
         total - data.len()
     }
 
-    /// Makes room for `n` more bytes in the receive buffer. Decoded payloads share its
-    /// allocation, so a full buffer can rarely be reused in place, and a fresh allocation
-    /// for every 64 KiB received, freed when its payloads are read, makes the allocator
-    /// hand the memory back to the system and fault it in again for the next one (a tenth
-    /// of the agent's CPU time during a download). Instead, the previous allocation is
-    /// kept and taken back once its payloads are gone; a fresh one is made only while
-    /// they are still alive (a reader behind), as before.
+    /// Makes room for `n` more bytes in the receive buffer, and for the rest of a frame
+    /// begun, so that a large frame moves at most once. Decoded payloads share the
+    /// buffer's allocation, so a full buffer can rarely be reused in place, and a fresh
+    /// allocation for every 64 KiB received, freed when its payloads are read, makes the
+    /// allocator hand the memory back to the system and fault it in again for the next
+    /// one (a tenth of the agent's CPU time during a download). Instead, the previous
+    /// allocation is kept and taken back once its payloads are gone; a fresh one is made
+    /// only while they are still alive (a reader behind), as before. A connection thus
+    /// holds at most one more allocation, of at most one frame or [`RX_ALLOC`] bytes.
     fn reserve_rx(&mut self, n: usize) {
+        let n = n.max(self.decoder.missing(self.rx.len()));
         if self.rx.capacity() - self.rx.len() >= n {
             return;
         }
@@ -1320,5 +1323,40 @@ mod tests {
         assert_eq!(c.rx.as_ptr(), first, "the first allocation came back");
         assert_eq!(&c.rx[..], [2]);
         assert!(payload2.iter().all(|&b| b == 1 || b == 2));
+    }
+
+    #[test]
+    fn a_large_frame_moves_at_most_once_while_it_arrives() {
+        const LEN: usize = 1 << 20;
+        let config = Config {
+            limits: Limits {
+                max_frame_len: LEN as u32,
+                ..Limits::default()
+            },
+            ..Config::default()
+        };
+        let mut c = Connection::server(Arc::new(config), Instant::now());
+        let mut input = Vec::new();
+        crate::frame::encode_data_header(&mut input, StreamId(1), false, LEN);
+        input.extend((0..LEN).map(|i| i as u8));
+        let mut moves = 0;
+        let mut frame = None;
+        // As `handle_input` feeds it: slices of INPUT_SLICE bytes, decoding after each.
+        for piece in input.chunks(INPUT_SLICE) {
+            let before = c.rx.as_ptr();
+            let buffered = c.rx.len();
+            c.reserve_rx(piece.len());
+            moves += usize::from(buffered > 0 && c.rx.as_ptr() != before);
+            c.rx.extend_from_slice(piece);
+            if let Some(f) = c.decoder.decode_shared(&mut c.rx).unwrap() {
+                frame = Some(f);
+            }
+        }
+        assert!(moves <= 1, "the partial frame moved {moves} times");
+        let Some(Frame::Data { payload, .. }) = frame else {
+            panic!("no DATA frame decoded: {frame:?}");
+        };
+        assert_eq!(payload.len(), LEN);
+        assert!(payload.iter().enumerate().all(|(i, &b)| b == i as u8));
     }
 }

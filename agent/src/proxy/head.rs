@@ -27,6 +27,10 @@ impl Header<'_> {
     }
 }
 
+/// A parser result that does not point into the parsed bytes (not seen with httparse
+/// 1.10; refused rather than trusted).
+const PARSER_OUTPUT: HeadError = HeadError::Malformed("unexpected parser output");
+
 /// Where one piece of a head lies in its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Span {
@@ -35,15 +39,23 @@ struct Span {
 }
 
 impl Span {
-    /// The span of `part`, a subslice of `whole` (as the parser returns them).
-    fn of(whole: &[u8], part: &[u8]) -> Span {
-        // Heads are at most MAX_HEAD_LEN bytes, so offsets fit in u32.
-        let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
-        let end = start + part.len();
-        Span {
-            start: u32::try_from(start).unwrap_or(u32::MAX),
-            end: u32::try_from(end).unwrap_or(u32::MAX),
+    /// The span of `part` within `whole`, for the slices the parser returns. An empty
+    /// `part` is the empty span (the parser may return a constant `""`, as for a missing
+    /// reason phrase); `None` if a non-empty `part` does not lie within `whole`.
+    fn of(whole: &[u8], part: &[u8]) -> Option<Span> {
+        if part.is_empty() {
+            return Some(Span::default());
         }
+        let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+        let end = start.checked_add(part.len())?;
+        if end > whole.len() {
+            return None;
+        }
+        // Heads are at most MAX_HEAD_LEN bytes, so offsets fit in u32.
+        Some(Span {
+            start: u32::try_from(start).ok()?,
+            end: u32::try_from(end).ok()?,
+        })
     }
 
     fn get(self, bytes: &[u8]) -> &[u8] {
@@ -70,14 +82,21 @@ pub struct Headers {
 impl Headers {
     /// Copies a head (`bytes`, its whole text) and the positions of the fields the
     /// parser found in it.
-    fn new(bytes: &[u8], parsed: &[httparse::Header<'_>]) -> Headers {
-        Headers {
+    fn new(bytes: &[u8], parsed: &[httparse::Header<'_>]) -> Result<Headers, HeadError> {
+        let fields = parsed
+            .iter()
+            .map(|h| {
+                Some((
+                    Span::of(bytes, h.name.as_bytes())?,
+                    Span::of(bytes, h.value)?,
+                ))
+            })
+            .collect::<Option<_>>()
+            .ok_or(PARSER_OUTPUT)?;
+        Ok(Headers {
             bytes: bytes.into(),
-            fields: parsed
-                .iter()
-                .map(|h| (Span::of(bytes, h.name.as_bytes()), Span::of(bytes, h.value)))
-                .collect(),
-        }
+            fields,
+        })
     }
 
     /// The fields in order.
@@ -238,12 +257,18 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
                 return Err(HeadError::Malformed("incomplete request line"));
             };
             let bytes = &buf[..len];
+            let (Some(method), Some(target)) = (
+                Span::of(bytes, method.as_bytes()),
+                Span::of(bytes, target.as_bytes()),
+            ) else {
+                return Err(PARSER_OUTPUT);
+            };
             Ok(Some((
                 RequestHead {
-                    method: Span::of(bytes, method.as_bytes()),
-                    target: Span::of(bytes, target.as_bytes()),
+                    method,
+                    target,
                     minor_version,
-                    headers: Headers::new(bytes, req.headers),
+                    headers: Headers::new(bytes, req.headers)?,
                 },
                 len,
             )))
@@ -274,15 +299,14 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
                 return Err(HeadError::Malformed("invalid status code"));
             }
             let bytes = &buf[..len];
+            let reason =
+                Span::of(bytes, resp.reason.unwrap_or("").as_bytes()).ok_or(PARSER_OUTPUT)?;
             Ok(Some((
                 ResponseHead {
                     minor_version,
                     status,
-                    reason: resp
-                        .reason
-                        .map(|r| Span::of(bytes, r.as_bytes()))
-                        .unwrap_or_default(),
-                    headers: Headers::new(bytes, resp.headers),
+                    reason,
+                    headers: Headers::new(bytes, resp.headers)?,
                 },
                 len,
             )))
@@ -534,6 +558,17 @@ mod tests {
         drop(head);
         assert_eq!(copy.reason(), "Fine Thanks");
         assert!(format!("{copy:?}").contains("\"x-empty\""));
+    }
+
+    #[test]
+    fn spans_point_into_the_head_or_are_refused() {
+        let head = b"GET http://a/ HTTP/1.1\r\n\r\n";
+        let span = Span::of(head, &head[4..12]).unwrap();
+        assert_eq!(span.get(head), b"http://a");
+        assert_eq!(Span::of(head, b""), Some(Span::default()));
+        assert_eq!(Span::of(head, b"elsewhere"), None);
+        assert_eq!(Span::of(&head[4..], &head[..3]), None);
+        assert_eq!(Span::of(&head[..8], &head[4..12]), None);
     }
 
     #[test]
