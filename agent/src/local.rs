@@ -1,12 +1,12 @@
 //! Local mode: certificates in a cache folder, a server on loopback and the agent proxy,
 //! all in one process. The embedded default for trying Fluidity on one machine.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use fluidity_runtime_smol::pki::{ensure_dir, CertInitOptions, EnsureOutcome};
-use fluidity_server::egress::EgressRule;
+use fluidity_server::egress::{Cidr, EgressRule};
 use fluidity_server::health::Metrics;
 use fluidity_server::{Server, ServerConfig};
 use smol::Executor;
@@ -25,9 +25,18 @@ pub struct LocalOptions {
     pub listen: SocketAddr,
     /// The in-process server's listener (port 0 picks a free port).
     pub server_listen: SocketAddr,
-    /// Egress rules for the in-process server (for example allowing 127.0.0.1).
+    /// Egress rules for the in-process server, applied after [`LOCAL_ALLOWED`] is
+    /// allowed (a deny rule takes precedence over it).
     pub egress: Vec<EgressRule>,
 }
+
+/// What local mode allows on top of the server's default egress policy: this machine's
+/// loopback addresses, since the server runs on the same machine as the user. Private
+/// networks and the other default-denied ranges stay refused.
+pub const LOCAL_ALLOWED: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+];
 
 /// The default certificate folder: `$XDG_CACHE_HOME/fluidity/local`, else
 /// `~/.cache/fluidity/local`, else `./.fluidity-local`.
@@ -67,6 +76,9 @@ pub async fn run_local(
         client_ca: paths.ca_cert.clone(),
         ..ServerConfig::default()
     };
+    for ip in LOCAL_ALLOWED {
+        scfg.egress = scfg.egress.allowing(Cidr::host(ip));
+    }
     for rule in opts.egress {
         scfg.egress.apply(rule);
     }
@@ -111,6 +123,8 @@ pub async fn run_local(
          try:   curl -x http://{listen} https://example.com/\n\
          or:    curl --socks5-hostname {listen} https://example.com/\n\
          browser: set the HTTP and HTTPS proxy (or SOCKS v5 with remote DNS) to {listen}\n\
+         egress: this machine (127.0.0.1, ::1) and public addresses; private networks are \
+         refused unless allowed with --egress\n\
          stop with Ctrl-C",
         opts.dir.display()
     );

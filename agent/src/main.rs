@@ -121,8 +121,9 @@ struct LocalArgs {
     /// The in-process server's listener (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     server_listen: SocketAddr,
-    /// Egress rule for the in-process server, repeatable (e.g. allow_cidrs=127.0.0.1/32 to
-    /// reach services on this machine, which the default policy refuses).
+    /// Egress rule for the in-process server, repeatable. Local mode allows this machine
+    /// (127.0.0.1 and ::1) on top of the server's default policy; deny_cidrs=127.0.0.0/8,::1
+    /// takes that back, allow_private=true opens private networks.
     #[arg(long = "egress", value_name = "KEY=VALUE")]
     egress: Vec<EgressRule>,
 }

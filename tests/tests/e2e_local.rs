@@ -6,14 +6,19 @@ use std::time::Duration;
 
 use fluidity_runtime_smol::pki::CertPaths;
 use fluidity_tests::e2e::bin::binaries;
-use fluidity_tests::e2e::client::{payload_sha256, sha256_hex};
+use fluidity_tests::e2e::client::{curl_status, payload_sha256, sha256_hex};
 use fluidity_tests::e2e::origin::HttpOrigin;
 use fluidity_tests::e2e::proc::{wait_for, Proc};
-use fluidity_tests::e2e::tunnel::{free_port, ALLOW_LOOPBACK};
+use fluidity_tests::e2e::tunnel::free_port;
 use fluidity_tests::e2e::{curl, watchdog};
 
-/// Starts `fluidity local` and waits for its usage lines; retries if the port was taken.
-fn start_local(dir: &std::path::Path, logs: &std::path::Path) -> (Proc, SocketAddr) {
+/// Starts `fluidity local` with `extra` arguments and waits for its usage lines; retries
+/// if the port was taken.
+fn start_local(
+    dir: &std::path::Path,
+    logs: &std::path::Path,
+    extra: &[&str],
+) -> (Proc, SocketAddr) {
     for attempt in 1..=5 {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(&binaries().agent);
@@ -22,8 +27,7 @@ fn start_local(dir: &std::path::Path, logs: &std::path::Path) -> (Proc, SocketAd
             .arg(dir)
             .arg("--listen")
             .arg(listen.to_string())
-            .arg("--egress")
-            .arg(ALLOW_LOOPBACK);
+            .args(extra);
         let mut p = Proc::spawn("fluidity-local", cmd, logs);
         let printed = wait_for("fluidity local to start", Duration::from_secs(30), || {
             if p.stdout().contains("stop with Ctrl-C") {
@@ -49,7 +53,8 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
     let tmp = tempfile::tempdir().expect("temporary folder");
     let dir = tmp.path().join("local-certs");
     assert!(!dir.exists());
-    let (local, listen) = start_local(&dir, tmp.path());
+    // No egress rule: local mode allows this machine by itself.
+    let (local, listen) = start_local(&dir, tmp.path(), &[]);
 
     let paths = CertPaths::in_dir(&dir);
     for p in [
@@ -67,6 +72,7 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
         format!("curl -x http://{listen} "),
         format!("curl --socks5-hostname {listen} "),
         format!("certificates in {}", dir.display()),
+        "egress: this machine (127.0.0.1, ::1)".to_owned(),
     ] {
         assert!(
             usage.contains(&expected),
@@ -94,10 +100,21 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
 
     // A second start keeps the certificates it made.
     let ca_before = std::fs::read(&paths.ca_cert).expect("CA");
-    let (local, listen) = start_local(&dir, tmp.path());
+    let (local, listen) = start_local(&dir, tmp.path(), &[]);
     assert_eq!(std::fs::read(&paths.ca_cert).expect("CA"), ca_before);
     let out = curl(["-x", &format!("http://{listen}"), &origin.url("/hello")]);
     out.assert_ok();
     assert_eq!(out.text(), "hello from local-origin\n");
+    drop(local);
+
+    // A deny rule takes this machine back.
+    let (local, listen) = start_local(
+        &dir,
+        tmp.path(),
+        &["--egress", "deny_cidrs=127.0.0.0/8,::1"],
+    );
+    let (status, body) = curl_status(&format!("http://{listen}"), &origin.url("/hello"));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("egress policy"), "{body}");
     drop(local);
 }

@@ -720,7 +720,7 @@ impl EgressPolicy {
         }
     }
 
-    /// This policy with `cidr` added to `allow_cidrs` (local mode allows `127.0.0.1/32`).
+    /// This policy with `cidr` added to `allow_cidrs` (local mode allows `127.0.0.1` and `::1`).
     pub fn allowing(mut self, cidr: Cidr) -> Self {
         self.allow_cidrs.push(cidr);
         self
