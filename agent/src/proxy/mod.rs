@@ -102,7 +102,9 @@ impl ProxyConfig {
 }
 
 /// Serves one client connection to the end: sniffs the protocol from the first byte
-/// (0x05 is SOCKS5, anything else HTTP/1.1) and proxies through `dialer`.
+/// (0x05 is SOCKS5, anything else HTTP/1.1) and proxies through `dialer`. `client` is
+/// cloned into a reading and a writing handle of the same connection (as
+/// `async_net::TcpStream` clones are).
 pub async fn serve_connection<D, C>(
     client: C,
     peer: SocketAddr,
@@ -111,11 +113,12 @@ pub async fn serve_connection<D, C>(
 ) -> Result<()>
 where
     D: Dialer,
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Clone + Unpin,
 {
-    let (r, w) = futures_lite::io::split(client);
-    let mut inb = io::Inbound::with_capacity(r, io::CLIENT_BUF_START);
-    let mut w = w;
+    // Two handles on one socket rather than `split`: no lock around every read and write,
+    // and vectored writes reach the socket (a message head and body in one system call).
+    let mut inb = io::Inbound::with_capacity(client.clone(), io::CLIENT_BUF_START);
+    let mut w = client;
     let first = match io::timeout(cfg.head_timeout, inb.fill()).await {
         None => {
             tracing::debug!(%peer, "client sent nothing; closing");
