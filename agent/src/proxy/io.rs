@@ -377,7 +377,7 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    futures_lite::future::try_zip(pipe(a_in, b_out), pipe(b_in, a_out)).await
+    fluidity_runtime_smol::relay::try_join2(pipe(a_in, b_out), pipe(b_in, a_out)).await
 }
 
 /// Ends a connection after an error answer: closes our sending side, then reads and drops
