@@ -126,13 +126,14 @@ impl Wake for Branch {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        if let Some(w) = self
+        // Woken outside the lock: a waker may do anything, even poll the task at once.
+        let task = self
             .task
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            w.wake_by_ref();
+            .clone();
+        if let Some(w) = task {
+            w.wake();
         }
     }
 }
@@ -171,9 +172,25 @@ mod tests {
     fn try_join2_gives_both_results_or_the_first_error() {
         let both = block_on(try_join2(async { Ok::<_, ()>(1) }, async { Ok(2) }));
         assert_eq!(both, Ok((1, 2)));
-        let failed: Result<((), ()), &str> =
-            block_on(try_join2(std::future::pending(), async { Err("b failed") }));
+        // The other future is dropped with the error, not left behind.
+        let dropped = Cell::new(false);
+        let guard = DropFlag(&dropped);
+        let pending = async move {
+            let _guard = guard;
+            std::future::pending::<Result<(), &str>>().await
+        };
+        let failed = block_on(try_join2(pending, async { Err::<(), _>("b failed") }));
         assert_eq!(failed, Err("b failed"));
+        assert!(dropped.get(), "the pending future outlived the error");
+    }
+
+    /// Sets its flag when dropped.
+    struct DropFlag<'a>(&'a Cell<bool>);
+
+    impl Drop for DropFlag<'_> {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
     }
 
     #[test]

@@ -488,6 +488,43 @@ mod tests {
         }
     }
 
+    /// A writer with only `poll_write` (so vectored writes take the first slice only),
+    /// like a split tunnel stream.
+    struct Plain(Vec<u8>);
+
+    impl AsyncWrite for Plain {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(5);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_head_and_its_body_leave_whole_through_a_writer_without_vectored_writes() {
+        let cases: [(&[u8], &[u8]); 3] =
+            [(b"HEAD\r\n\r\n", b"body bytes"), (b"", b"x"), (b"h", b"")];
+        for (head, body) in cases {
+            let mut w = Plain(Vec::new());
+            let mut h = head.to_vec();
+            futures_lite::future::block_on(write_after(&mut w, &mut h, body)).unwrap();
+            assert_eq!(w.0, [head, body].concat());
+            assert!(h.is_empty());
+        }
+    }
+
     #[test]
     fn a_head_and_its_body_leave_whole_and_in_order_whatever_the_writer_takes() {
         let body: Vec<u8> = (0..100u8).collect();
