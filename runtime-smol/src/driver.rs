@@ -30,6 +30,7 @@ use fluidity_proto::{
 use futures_lite::FutureExt;
 
 use crate::stream::TunnelStream;
+use crate::timer::LazyTimer;
 use crate::tls::{Established, PeerCheck, TlsSession};
 use crate::Error;
 
@@ -366,8 +367,7 @@ pub struct Driver {
     shared: SharedRef,
     sock: Async<TcpStream>,
     tls: TlsSession,
-    timer: Timer,
-    timer_at: Option<Instant>,
+    timer: LazyTimer,
     /// Plaintext from TLS that the connection has not consumed yet.
     plain_in: Vec<u8>,
     /// Frames from the connection that TLS has not taken yet.
@@ -409,8 +409,7 @@ pub fn start(
         shared: shared.clone(),
         sock,
         tls,
-        timer: Timer::never(),
-        timer_at: None,
+        timer: LazyTimer::new(),
         plain_in: Vec::new(),
         plain_out: Vec::new(),
         rx: vec![0; SOCK_READ_BUF].into_boxed_slice(),
@@ -537,24 +536,17 @@ impl Driver {
         }
 
         // Wait for the next reason to run. The connection's deadline moves later with
-        // almost every input (the idle timeout); re-arming an async-io timer wakes the
-        // reactor (a system call and an extra turn), so the timer is only moved earlier.
-        // Firing early costs one turn that finds nothing due and arms the real deadline.
-        match s.conn.poll_timeout() {
-            Some(at) if self.timer_at.is_none_or(|armed| at < armed) => {
-                self.timer.set_at(at);
-                self.timer_at = Some(at);
-            }
-            None if self.timer_at.is_some() => {
-                self.timer = Timer::never();
-                self.timer_at = None;
-            }
-            _ => {}
-        }
+        // almost every input (the idle timeout), which a lazy timer follows without
+        // re-arming the reactor each time.
+        let deadline = s.conn.poll_timeout();
         drop(s);
-        if self.timer_at.is_some() && Pin::new(&mut self.timer).poll(cx).is_ready() {
-            self.timer_at = None;
-            cx.waker().wake_by_ref();
+        match deadline {
+            Some(at) => {
+                if self.timer.poll_until(cx, at).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+            }
+            None => self.timer.clear(),
         }
         if !self.eof && !more_to_read {
             if let Poll::Ready(r) = self.sock.poll_readable(cx) {

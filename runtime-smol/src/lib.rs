@@ -14,6 +14,7 @@ pub mod driver;
 pub mod pki;
 pub mod relay;
 pub mod stream;
+pub mod timer;
 pub mod tls;
 
 pub use driver::{accept, connect, handshake, start, Driver, Handshaken, Tunnel, TunnelEvent};

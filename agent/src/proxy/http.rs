@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use fluidity_proto::{RefusalReason, Target};
+use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::AsyncWriteExt;
@@ -21,8 +22,7 @@ use super::head::{
     ResponseHead,
 };
 use super::io::{
-    copy_chunked, copy_exact, linger_close, read_head, relay, CopyError, Inbound, LazyDeadline,
-    ReadHeadError,
+    copy_chunked, copy_exact, linger_close, read_head, relay, CopyError, Inbound, ReadHeadError,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -62,7 +62,7 @@ where
 {
     let mut upstream: Option<Upstream<D::Stream>> = None;
     let mut first = true;
-    let mut head_deadline = LazyDeadline::new();
+    let mut head_deadline = LazyTimer::new();
     loop {
         let reading = read_head(cin, head::parse_request_head);
         let head = match head_deadline.run(cfg.head_timeout, reading).await {

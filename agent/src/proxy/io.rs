@@ -3,9 +3,9 @@
 use std::io;
 use std::time::Duration;
 
-use async_io::Timer;
+use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::chunked::{ChunkedDecoder, ChunkedError};
 use super::head::{leading_empty_lines, HeadError, MAX_HEAD_LEN};
@@ -146,66 +146,12 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin, T>(
 }
 
 /// Runs `fut`, giving up with `None` after `limit`. For a limit set again and again on
-/// one connection, keep a [`LazyDeadline`] instead.
+/// one connection, keep a [`LazyTimer`] instead.
 pub(crate) async fn timeout<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    LazyDeadline::new().run(limit, fut).await
-}
-
-/// A time limit that is set again and again, each time a little later (the wait for the
-/// next request head on a kept-alive connection), and rarely reached.
-///
-/// Arming an async-io timer queues it in the reactor and wakes the reactor (a system call
-/// and an extra turn of its loop), once per request if each wait had its own timer. This
-/// one timer is only ever moved earlier: when it fires before the current limit, it is
-/// armed again for that limit, so a busy connection re-arms it about once per limit.
-pub(crate) struct LazyDeadline {
-    timer: Timer,
-    armed: Option<std::time::Instant>,
-}
-
-impl LazyDeadline {
-    /// A deadline with nothing armed yet.
-    pub(crate) fn new() -> Self {
-        LazyDeadline {
-            timer: Timer::never(),
-            armed: None,
-        }
-    }
-
-    /// Runs `fut`, giving up with `None` once `limit` (from now) has passed.
-    pub(crate) async fn run<T>(
-        &mut self,
-        limit: Duration,
-        fut: impl std::future::Future<Output = T>,
-    ) -> Option<T> {
-        let deadline = fluidity_runtime_smol::app::deadline_in(limit);
-        let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return std::task::Poll::Ready(Some(v));
-            }
-            loop {
-                if self.armed.is_none_or(|at| at > deadline) {
-                    self.timer.set_at(deadline);
-                    self.armed = Some(deadline);
-                }
-                match std::pin::Pin::new(&mut self.timer).poll(cx) {
-                    std::task::Poll::Pending => return std::task::Poll::Pending,
-                    std::task::Poll::Ready(_) => {
-                        // Fired: for this limit, or for an earlier one (then re-armed).
-                        self.armed = None;
-                        if std::time::Instant::now() >= deadline {
-                            return std::task::Poll::Ready(None);
-                        }
-                    }
-                }
-            }
-        })
-        .await
-    }
+    LazyTimer::new().run(limit, fut).await
 }
 
 /// Why a body could not be copied.
@@ -414,38 +360,6 @@ mod tests {
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
-    use std::time::Instant;
-
-    /// Runs a wait that ends after `after` within `limit`; it must give its result.
-    async fn met(d: &mut LazyDeadline, limit: Duration, after: Duration) {
-        let got = d.run(limit, async { Timer::after(after).await }).await;
-        assert!(got.is_some(), "a wait within its limit gave up");
-    }
-
-    /// Runs a wait that never ends; it must give up at `limit`, never before.
-    async fn expires(d: &mut LazyDeadline, limit: Duration) {
-        let start = Instant::now();
-        let got = d.run(limit, futures_lite::future::pending::<()>()).await;
-        assert_eq!(got, None);
-        assert!(start.elapsed() >= limit, "gave up before its limit");
-    }
-
-    #[test]
-    fn a_lazy_deadline_gives_the_result_or_none_at_its_limit_never_before() {
-        smol::block_on(async {
-            let mut d = LazyDeadline::new();
-            let ms = Duration::from_millis;
-            // A long limit armed first, then a shorter one: the timer moves earlier.
-            met(&mut d, Duration::from_secs(30), ms(5)).await;
-            expires(&mut d, ms(50)).await;
-            // A short limit armed, then a longer one: the early timer fires first and is
-            // armed again; the wait still lasts its whole limit.
-            met(&mut d, ms(20), ms(1)).await;
-            expires(&mut d, ms(120)).await;
-            // A limit the clock cannot count is no limit, not a panic.
-            met(&mut d, Duration::MAX, ms(1)).await;
-        });
-    }
 
     /// A writer that takes at most `per_call` bytes per call, across the slices of a
     /// vectored write, and counts its calls.
