@@ -242,76 +242,77 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
     // parsing a typical head.
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut req,
         buf,
         &mut headers,
-    ) {
-        Ok(httparse::Status::Complete(len)) => {
-            if len > MAX_HEAD_LEN {
-                return Err(HeadError::TooLarge);
-            }
-            let (Some(method), Some(target), Some(minor_version)) =
-                (req.method, req.path, req.version)
-            else {
-                return Err(HeadError::Malformed("incomplete request line"));
-            };
-            let bytes = &buf[..len];
-            let (Some(method), Some(target)) = (
-                Span::of(bytes, method.as_bytes()),
-                Span::of(bytes, target.as_bytes()),
-            ) else {
-                return Err(PARSER_OUTPUT);
-            };
-            Ok(Some((
-                RequestHead {
-                    method,
-                    target,
-                    minor_version,
-                    headers: Headers::new(bytes, req.headers)?,
-                },
-                len,
-            )))
-        }
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(e) => Err(map_err(e)),
-    }
+    );
+    let Some(len) = complete_len(parsed, buf.len())? else {
+        return Ok(None);
+    };
+    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
+    else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
+    let bytes = &buf[..len];
+    let (Some(method), Some(target)) = (
+        Span::of(bytes, method.as_bytes()),
+        Span::of(bytes, target.as_bytes()),
+    ) else {
+        return Err(PARSER_OUTPUT);
+    };
+    Ok(Some((
+        RequestHead {
+            method,
+            target,
+            minor_version,
+            headers: Headers::new(bytes, req.headers)?,
+        },
+        len,
+    )))
 }
 
 /// Parses a response head at the start of `buf`, like [`parse_request_head`].
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
         buf,
         &mut headers,
-    ) {
-        Ok(httparse::Status::Complete(len)) => {
-            if len > MAX_HEAD_LEN {
-                return Err(HeadError::TooLarge);
-            }
-            let (Some(minor_version), Some(status)) = (resp.version, resp.code) else {
-                return Err(HeadError::Malformed("incomplete status line"));
-            };
-            if !(100..=999).contains(&status) {
-                return Err(HeadError::Malformed("invalid status code"));
-            }
-            let bytes = &buf[..len];
-            let reason =
-                Span::of(bytes, resp.reason.unwrap_or("").as_bytes()).ok_or(PARSER_OUTPUT)?;
-            Ok(Some((
-                ResponseHead {
-                    minor_version,
-                    status,
-                    reason,
-                    headers: Headers::new(bytes, resp.headers)?,
-                },
-                len,
-            )))
-        }
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => Err(HeadError::TooLarge),
+    );
+    let Some(len) = complete_len(parsed, buf.len())? else {
+        return Ok(None);
+    };
+    let (Some(minor_version), Some(status)) = (resp.version, resp.code) else {
+        return Err(HeadError::Malformed("incomplete status line"));
+    };
+    if !(100..=999).contains(&status) {
+        return Err(HeadError::Malformed("invalid status code"));
+    }
+    let bytes = &buf[..len];
+    let reason = Span::of(bytes, resp.reason.unwrap_or("").as_bytes()).ok_or(PARSER_OUTPUT)?;
+    Ok(Some((
+        ResponseHead {
+            minor_version,
+            status,
+            reason,
+            headers: Headers::new(bytes, resp.headers)?,
+        },
+        len,
+    )))
+}
+
+/// The length of a complete head, `None` while more bytes are needed, with the size
+/// limit applied to both (`buffered` is how many bytes the parser was given).
+fn complete_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_LEN => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered > MAX_HEAD_LEN => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(e) => Err(map_err(e)),
     }
