@@ -18,7 +18,7 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::AsyncWriteExt;
 
 use super::head::{
-    self, parse_absolute_target, AbsoluteTarget, Framing, HeadError, Header, RequestHead,
+    self, parse_absolute_target, AbsoluteTarget, Framing, HeadError, Header, Headers, RequestHead,
     ResponseHead,
 };
 use super::io::{
@@ -215,6 +215,21 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Ends a rewritten head with the connection fields of this hop: the `Upgrade` fields of
+/// `headers` and `Connection: Upgrade` for an upgrade, else `Connection: close` if the
+/// connection ends after this message; then the empty line.
+fn end_head(out: &mut Vec<u8>, headers: &Headers, upgrade: bool, close: bool) {
+    if upgrade {
+        for h in headers.named("upgrade") {
+            push_header(out, b"Upgrade", h.value);
+        }
+        push_header(out, b"Connection", b"Upgrade");
+    } else if close {
+        push_header(out, b"Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Whether the request asks for a WebSocket upgrade (RFC 6455 §4.1).
 fn is_websocket(head: &RequestHead) -> bool {
     head.minor_version == 1
@@ -247,15 +262,7 @@ fn origin_request(
             push_header(&mut out, h.name, h.value);
         }
     }
-    if websocket {
-        for h in head.headers.named("upgrade") {
-            push_header(&mut out, b"Upgrade", h.value);
-        }
-        push_header(&mut out, b"Connection", b"Upgrade");
-    } else if close {
-        push_header(&mut out, b"Connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_head(&mut out, &head.headers, websocket, close);
     out
 }
 
@@ -278,15 +285,7 @@ fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
             push_header(&mut out, h.name, h.value);
         }
     }
-    if upgrade {
-        for h in resp.headers.named("upgrade") {
-            push_header(&mut out, b"Upgrade", h.value);
-        }
-        push_header(&mut out, b"Connection", b"Upgrade");
-    } else if close {
-        push_header(&mut out, b"Connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_head(&mut out, &resp.headers, upgrade, close);
     out
 }
 
