@@ -23,6 +23,9 @@ const INPUT_SLICE: usize = 16 * 1024;
 /// several frames instead of one or two per frame, while an allocation that a stalled
 /// stream's chunks keep alive stays small.
 const RX_ALLOC: usize = 64 * 1024;
+/// How many earlier receive allocations a connection keeps to take back (see
+/// [`Connection::reserve_rx`]).
+const RX_SPARES: usize = 8;
 
 /// Room reserved at once for DATA headers handed out as chunks.
 const HEADERS_ALLOC: usize = 4 * 1024;
@@ -117,6 +120,9 @@ pub struct Stats {
     pub send_buffered: usize,
     /// Stream bytes received and not yet read by the application.
     pub recv_buffered: usize,
+    /// Times the receive buffer needed a fresh allocation after its first; the other
+    /// times it took back an earlier one.
+    pub rx_allocations: u64,
     /// Smoothed round-trip time from pings, once measured.
     pub rtt: Option<Duration>,
 }
@@ -149,9 +155,9 @@ pub struct Connection {
     peer: Option<Hello>,
     decoder: Decoder,
     rx: BytesMut,
-    /// The receive buffer's previous allocation, taken back once the payloads that share
-    /// it are gone (see [`Connection::reserve_rx`]).
-    rx_spare: BytesMut,
+    /// The receive buffer's previous allocations, oldest first, each taken back once the
+    /// payloads that share it are gone (see [`Connection::reserve_rx`]).
+    rx_spares: VecDeque<BytesMut>,
     /// Encoded control frames not yet handed to `poll_transmit`.
     ctrl: Vec<u8>,
     /// Spare room for the DATA headers `poll_transmit_chunks` hands out, so they do not
@@ -205,7 +211,7 @@ impl Connection {
             peer: None,
             decoder: Decoder::new(limits.max_frame_len),
             rx: BytesMut::with_capacity(RX_ALLOC),
-            rx_spare: BytesMut::new(),
+            rx_spares: VecDeque::new(),
             ctrl: Vec::new(),
             headers: BytesMut::new(),
             events: VecDeque::new(),
@@ -406,23 +412,38 @@ impl Connection {
     /// buffer's allocation, so a full buffer can rarely be reused in place, and a fresh
     /// allocation for every 64 KiB received, freed when its payloads are read, makes the
     /// allocator hand the memory back to the system and fault it in again for the next
-    /// one (a tenth of the agent's CPU time during a download). Instead, the previous
-    /// allocation is kept and taken back once its payloads are gone; a fresh one is made
-    /// only while they are still alive (a reader behind), as before. A connection thus
-    /// holds at most one more allocation, of at most one frame or [`RX_ALLOC`] bytes.
+    /// one (a tenth of the agent's CPU time during a download). Instead, the earlier
+    /// allocations are kept, oldest first, and the oldest is taken back once its payloads
+    /// are gone. A reader that lags by several allocations (a download whose client is
+    /// slower than the tunnel) still finds one free, so the spares are a few, not one. A
+    /// fresh allocation is made only while the oldest is still shared; past
+    /// [`RX_SPARES`] the oldest is let go, to be freed by its last payload. A connection
+    /// thus keeps at most [`RX_SPARES`] more allocations, each of at most one frame or
+    /// [`RX_ALLOC`] bytes.
     fn reserve_rx(&mut self, n: usize) {
         let n = n.max(self.decoder.missing(self.rx.len()));
         if self.rx.capacity() - self.rx.len() >= n {
             return;
         }
         let needed = self.rx.len() + n;
-        if !self.rx_spare.try_reclaim(needed) {
-            self.rx_spare = BytesMut::with_capacity(needed.max(RX_ALLOC));
-        }
+        let oldest_free = self
+            .rx_spares
+            .front_mut()
+            .is_some_and(|oldest| oldest.try_reclaim(needed));
+        let mut next = if oldest_free {
+            self.rx_spares.pop_front().unwrap_or_default()
+        } else {
+            self.stats.rx_allocations += 1;
+            BytesMut::with_capacity(needed.max(RX_ALLOC))
+        };
         // At most the start of one frame moves.
-        self.rx_spare.extend_from_slice(&self.rx);
-        self.rx.clear();
-        std::mem::swap(&mut self.rx, &mut self.rx_spare);
+        next.extend_from_slice(&self.rx);
+        let mut previous = std::mem::replace(&mut self.rx, next);
+        previous.clear();
+        if self.rx_spares.len() >= RX_SPARES {
+            self.rx_spares.pop_front();
+        }
+        self.rx_spares.push_back(previous);
     }
 
     /// The transport ended (EOF or error). Unless the connection was drained, it is lost,
@@ -1323,6 +1344,51 @@ mod tests {
         assert_eq!(c.rx.as_ptr(), first, "the first allocation came back");
         assert_eq!(&c.rx[..], [2]);
         assert!(payload2.iter().all(|&b| b == 1 || b == 2));
+    }
+
+    /// Fills the receive buffer and takes all but its last byte out as one payload, as
+    /// decoding DATA frames does; returns the payload and the allocation it came from.
+    fn fill_and_split(c: &mut Connection) -> (Bytes, *const u8) {
+        c.reserve_rx(RX_ALLOC / 2);
+        let room = c.rx.capacity() - c.rx.len();
+        c.rx.extend_from_slice(&vec![7; room]);
+        let start = c.rx.as_ptr();
+        let len = c.rx.len();
+        (c.rx.split_to(len - 1).freeze(), start)
+    }
+
+    #[test]
+    fn a_reader_several_allocations_behind_still_gets_them_back() {
+        let mut c = Connection::server(Arc::new(Config::default()), Instant::now());
+        let mut unread: VecDeque<_> = (0..4).map(|_| fill_and_split(&mut c)).collect();
+        let made = c.stats().rx_allocations;
+        assert_eq!(
+            made, 3,
+            "the first fill uses the first allocation, the others fresh ones"
+        );
+        // The reader catches up with the oldest allocation only: the next fill reuses it
+        // instead of making another.
+        let (payload, oldest) = unread.pop_front().unwrap_or_else(|| unreachable!());
+        drop(payload);
+        let (_, start) = fill_and_split(&mut c);
+        assert_eq!(c.stats().rx_allocations, made, "no new allocation");
+        assert_eq!(start, oldest, "the oldest allocation came back");
+        // Nothing read since: the next fill needs a fresh one.
+        fill_and_split(&mut c);
+        assert_eq!(c.stats().rx_allocations, made + 1);
+        drop(unread);
+    }
+
+    #[test]
+    fn the_spare_allocations_stay_bounded_when_nothing_is_read() {
+        let mut c = Connection::server(Arc::new(Config::default()), Instant::now());
+        let unread: Vec<_> = (0..RX_SPARES * 3).map(|_| fill_and_split(&mut c)).collect();
+        assert!(
+            c.rx_spares.len() <= RX_SPARES,
+            "{} spares",
+            c.rx_spares.len()
+        );
+        assert!(unread.iter().all(|(p, _)| p.iter().all(|&b| b == 7)));
     }
 
     #[test]
