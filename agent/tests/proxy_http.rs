@@ -602,3 +602,27 @@ fn a_malformed_chunked_request_body_gets_400() {
         assert!(answer.contains("chunk"), "{answer}");
     });
 }
+
+#[test]
+fn an_invalid_chunked_response_gets_502_or_ends_the_transfer_visibly() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        // Nothing of the response has reached the client: it gets a 502 saying why.
+        let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", a.url("/bad-chunks"));
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        assert!(answer.contains("invalid chunked body"), "{answer}");
+        // Part of it was relayed already: the client sees the transfer fail, not succeed.
+        let out = curl(&["-x", &proxy.url(), &a.url("/bad-chunks-later")]).await;
+        assert!(!out.status.success(), "{}", stderr(&out));
+        assert!(!out.stdout.is_empty(), "{}", stderr(&out));
+        assert!(
+            pattern(4 << 20).starts_with(&out.stdout),
+            "not the body's start"
+        );
+        // The proxy goes on serving.
+        let out = curl(&["-x", &proxy.url(), &a.url("/hello")]).await;
+        assert_eq!(stdout(&out), "hello from a\n", "{}", stderr(&out));
+    });
+}

@@ -645,10 +645,10 @@ where
             uw.flush().await.map_err(CopyError::Write)?;
             Ok(0)
         }
-        Framing::Length(n) => copy_exact(cin, uw, head_bytes.to_vec(), n)
+        Framing::Length(n) => copy_exact(cin, uw, &mut head_bytes.to_vec(), n)
             .await
             .map(|()| n),
-        Framing::Chunked => copy_chunked(cin, uw, head_bytes.to_vec()).await,
+        Framing::Chunked => copy_chunked(cin, uw, &mut head_bytes.to_vec()).await,
     }
 }
 
@@ -712,14 +712,14 @@ where
         let close = ctx.client_close || framing == Framing::UntilClose;
         let upstream_keep =
             !close && resp.minor_version == 1 && !resp.headers.has_token("connection", "close");
-        let bytes = client_response(&resp, false, close);
+        let mut bytes = client_response(&resp, false, close);
         started.store(true, Ordering::Relaxed);
         down += bytes.len() as u64;
         // The head goes out with the body's first bytes where it can (one write).
         let body = match framing {
-            Framing::Empty => copy_exact(uin, cw, bytes, 0).await.map(|()| 0),
-            Framing::Length(n) => copy_exact(uin, cw, bytes, n).await.map(|()| n),
-            Framing::Chunked => copy_chunked(uin, cw, bytes).await,
+            Framing::Empty => copy_exact(uin, cw, &mut bytes, 0).await.map(|()| 0),
+            Framing::Length(n) => copy_exact(uin, cw, &mut bytes, n).await.map(|()| n),
+            Framing::Chunked => copy_chunked(uin, cw, &mut bytes).await,
             Framing::UntilClose => {
                 cw.write_all(&bytes)
                     .await
@@ -727,8 +727,15 @@ where
                 super::io::pipe(uin, cw).await
             }
         };
-        let Ok(body) = body else {
-            return Err(ExchangeError::Aborted);
+        let body = match body {
+            Ok(n) => n,
+            // Nothing reached the client yet: it can still get an honest answer.
+            Err(CopyError::Chunked(e)) if !bytes.is_empty() => {
+                return Err(ExchangeError::BadResponse(format!(
+                    "invalid chunked body: {e}"
+                )))
+            }
+            Err(_) => return Err(ExchangeError::Aborted),
         };
         return Ok(Outcome {
             status: resp.status,

@@ -219,11 +219,12 @@ where
         .map_err(CopyError::Write)
 }
 
-/// Sends `head`, then copies exactly `len` body bytes.
+/// Sends `head`, then copies exactly `len` body bytes. `head` is emptied once sent, so
+/// after an error the caller can tell whether anything reached `to`.
 pub(crate) async fn copy_exact<R, W>(
     from: &mut Inbound<R>,
     to: &mut W,
-    mut head: Vec<u8>,
+    head: &mut Vec<u8>,
     mut len: u64,
 ) -> Result<(), CopyError>
 where
@@ -231,7 +232,7 @@ where
     W: AsyncWrite + Unpin,
 {
     if len > 0 {
-        start_message(from, to, &mut head).await?;
+        start_message(from, to, head).await?;
     }
     while len > 0 {
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
@@ -241,26 +242,28 @@ where
             .buffered()
             .len()
             .min(usize::try_from(len).unwrap_or(usize::MAX));
-        write_after(to, &mut head, &from.buffered()[..n]).await?;
+        write_after(to, head, &from.buffered()[..n]).await?;
         from.consume(n);
         len -= n as u64;
     }
-    write_after(to, &mut head, &[]).await?;
+    write_after(to, head, &[]).await?;
     to.flush().await.map_err(CopyError::Write)
 }
 
 /// Sends `head`, then copies one chunked body unchanged, stopping exactly at its end;
-/// returns the body's length.
+/// returns the body's length. `head` is emptied once sent, as in [`copy_exact`]; invalid
+/// coding is found before the bytes around it are written, so a body invalid from its
+/// start leaves `head` unsent.
 pub(crate) async fn copy_chunked<R, W>(
     from: &mut Inbound<R>,
     to: &mut W,
-    mut head: Vec<u8>,
+    head: &mut Vec<u8>,
 ) -> Result<u64, CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    start_message(from, to, &mut head).await?;
+    start_message(from, to, head).await?;
     let mut decoder = ChunkedDecoder::new();
     let mut total = 0u64;
     while !decoder.is_done() {
@@ -277,7 +280,7 @@ where
             }
             used += step.consumed;
         }
-        write_after(to, &mut head, &buf[..used]).await?;
+        write_after(to, head, &buf[..used]).await?;
         from.consume(used);
         total += used as u64;
     }

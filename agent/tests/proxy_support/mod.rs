@@ -397,6 +397,26 @@ async fn origin_conn(mut c: Conn, name: String) {
         } else if path == "/nocontent" {
             c.send(b"HTTP/1.1 204 No Content\r\nX-Origin: yes\r\n\r\n")
                 .await;
+        } else if path == "/bad-chunks" {
+            // Invalid coding right after the head, in the same write.
+            c.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            )
+            .await;
+            return;
+        } else if path == "/bad-chunks-later" {
+            // A valid chunk larger than any proxy buffer, so its start must be relayed
+            // before the invalid chunk after it is seen.
+            let data = pattern(4 << 20);
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+                data.len()
+            )
+            .into_bytes();
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\nzz\r\n");
+            c.send(&out).await;
+            return;
         } else if path == "/close" {
             c.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body\n")
                 .await;
