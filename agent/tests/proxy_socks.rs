@@ -144,6 +144,22 @@ fn unsupported_commands_and_address_types_get_their_reply_codes() {
 }
 
 #[test]
+fn socks4_clients_get_socks4_refusals() {
+    run(async {
+        let proxy = start_proxy(DirectDialer, ProxyConfig::default()).await;
+        let mut c = Conn::new(TcpStream::connect(proxy.addr).await.unwrap());
+        // SOCKS4 CONNECT to 127.0.0.1:80, user id "u".
+        c.send(&[4, 1, 0, 80, 127, 0, 0, 1, b'u', 0]).await;
+        assert_eq!(c.read_to_close().await, [0, 0x5b, 0, 0, 0, 0, 0, 0]);
+        for flag in ["--socks4", "--socks4a"] {
+            let out = curl(&[flag, &socks(&proxy), "http://127.0.0.1:1/"]).await;
+            assert!(!out.status.success());
+            assert!(stderr(&out).contains("SOCKS4"), "{}", stderr(&out));
+        }
+    });
+}
+
+#[test]
 fn refusals_map_to_socks_reply_codes() {
     run(async {
         let cases = [

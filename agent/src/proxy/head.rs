@@ -431,6 +431,8 @@ pub enum TargetError {
     Scheme(String),
     /// Host or port is not valid.
     Authority,
+    /// The URL carries a user name or password (`http://user@host/`).
+    UserInfo,
 }
 
 impl std::fmt::Display for TargetError {
@@ -446,6 +448,10 @@ impl std::fmt::Display for TargetError {
             ),
             TargetError::Scheme(s) => write!(f, "the {s}:// scheme cannot be proxied; use http://"),
             TargetError::Authority => f.write_str("the URL has no valid host and port"),
+            TargetError::UserInfo => f.write_str(
+                "the URL carries a user name or password (user@host), which HTTP does not send \
+                 to the origin; remove it, and send credentials in a header if the site needs them",
+            ),
         }
     }
 }
@@ -469,7 +475,10 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     // Credentials in the URL would be dropped on the way to the origin; refuse them openly.
-    if authority.is_empty() || authority.contains('@') {
+    if authority.contains('@') {
+        return Err(TargetError::UserInfo);
+    }
+    if authority.is_empty() {
         return Err(TargetError::Authority);
     }
     let (host, port) = if let Some(v6_end) = authority.strip_prefix('[').and_then(|a| a.find(']')) {
@@ -689,7 +698,7 @@ mod tests {
         );
         assert_eq!(
             parse_absolute_target("http://u:p@a/"),
-            Err(TargetError::Authority)
+            Err(TargetError::UserInfo)
         );
         assert_eq!(
             parse_absolute_target("http://a:0/"),

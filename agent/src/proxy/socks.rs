@@ -126,6 +126,20 @@ fn describe(e: Option<Socks5Error>) -> String {
     }
 }
 
+/// Answers a SOCKS4 or SOCKS4a request with SOCKS4's own refusal. Only SOCKS5 is served:
+/// SOCKS4 carries no password, so it could not meet the proxy's credentials.
+pub(super) async fn refuse_socks4<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    peer: SocketAddr,
+) -> Result<()> {
+    const WHY: &str = "SOCKS4 is not supported; configure the client for SOCKS5 \
+                       (for example curl --socks5-hostname)";
+    tracing::info!(%peer, proto = "socks4", error = WHY, "request rejected");
+    w.write_all(&socks5::SOCKS4_REJECTED).await?;
+    w.flush().await?;
+    Err(Error::ClientProtocol(WHY.into()))
+}
+
 /// Serves a SOCKS5 client whose first byte is buffered in `inb`.
 pub(super) async fn serve<D, R, W>(
     inb: &mut Inbound<R>,

@@ -20,6 +20,12 @@ pub const METHOD_NONE_ACCEPTABLE: u8 = 0xff;
 /// Command: CONNECT.
 pub const CMD_CONNECT: u8 = 0x01;
 
+/// The version byte a SOCKS4 or SOCKS4a request starts with.
+pub const SOCKS4_VERSION: u8 = 4;
+/// The SOCKS4 reply "request rejected or failed": the only SOCKS4 answer this proxy gives,
+/// so that a SOCKS4 client reports a refusal instead of a garbled reply.
+pub const SOCKS4_REJECTED: [u8; 8] = [0x00, 0x5b, 0, 0, 0, 0, 0, 0];
+
 /// Reply codes (RFC 1928 §6).
 pub mod reply {
     /// Succeeded.
