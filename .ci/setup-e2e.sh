@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests need: curl, and Python's `websockets` (a real
-# WebSocket client and server) in the shared test virtual environment.
+# Installs what the end-to-end tests need: curl, prlimit (util-linux), and Python's
+# `websockets` (a real WebSocket client and server) in the shared test virtual environment.
 # Idempotent: when everything is present it only checks, in well under a second.
 # Prints the absolute path of the venv's python on its last line of stdout.
 set -euo pipefail
@@ -12,10 +12,13 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if ! command -v curl >/dev/null 2>&1; then
-    echo "setup-e2e: installing curl" >&2
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-e2e: installing ${missing[*]}" >&2
     as_root apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq curl >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >&2
 fi
 
 if ! command -v "$python" >/dev/null 2>&1; then

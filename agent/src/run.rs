@@ -4,6 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fluidity_runtime_smol::accept::AcceptErrors;
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use futures_lite::FutureExt;
 use smol::Executor;
@@ -119,9 +120,11 @@ pub async fn serve(
 ) {
     let cfg = Arc::new(cfg);
     let accept_loop = async {
+        let mut errors = AcceptErrors::new("proxy");
         loop {
             match listener.accept().await {
                 Ok((client, peer)) => {
+                    errors.accepted();
                     let _ = client.set_nodelay(true);
                     let (dialer, cfg) = (dialer.clone(), cfg.clone());
                     ex.spawn(async move {
@@ -131,10 +134,7 @@ pub async fn serve(
                     })
                     .detach();
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    smol::Timer::after(Duration::from_millis(100)).await;
-                }
+                Err(e) => errors.failed(&e).await,
             }
         }
     };

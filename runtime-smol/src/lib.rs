@@ -1,6 +1,9 @@
-//! Runtime for Fluidity tunnel connections: TLS and certificates, and (to come) the
-//! driver that runs a `fluidity-proto` connection over `smol`/`async-io` sockets.
+//! Runtime for Fluidity tunnel connections: the driver that runs a `fluidity-proto`
+//! connection over `smol`/`async-io` sockets and rustls, and what the binaries build on it.
 //!
+//! - [`driver`] owns one TLS connection and its `proto::Connection`; [`stream`] gives each
+//!   tunnel stream as `AsyncRead + AsyncWrite`; [`relay`] copies between a stream and a
+//!   socket.
 //! - [`tls`] is the only module of the data plane that touches rustls. It builds the
 //!   mutual TLS 1.3 configurations (private CA, ALPN `fluidity/1`, aws-lc-rs passed
 //!   explicitly), checks peer identities (CN and IP SANs), derives the channel-binding
@@ -8,7 +11,10 @@
 //!   buffered-API driver.
 //! - [`pki`] generates the private CA and the server and agent certificates, creates
 //!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
+//! - [`app`] runs a binary's executor threads; [`timer`] and [`accept`] are small pieces
+//!   every loop needs: a moving deadline, and what to do when accepting fails.
 
+pub mod accept;
 pub mod app;
 pub mod driver;
 pub mod pki;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_io::Timer;
 use async_net::{TcpListener, TcpStream};
 use fluidity_proto::RefusalReason;
+use fluidity_runtime_smol::accept::AcceptErrors;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use serde::Serialize;
 
@@ -421,9 +422,11 @@ pub async fn serve_health_with(
     let active = Rc::new(Cell::new(0usize));
     let options = Rc::new(options);
     let accept_loop = async {
+        let mut errors = AcceptErrors::new("health");
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    errors.accepted();
                     if active.get() >= options.max_connections {
                         tracing::debug!(%peer, "health endpoint busy; closing connection");
                         continue;
@@ -440,11 +443,7 @@ pub async fn serve_health_with(
                         })
                         .detach();
                 }
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "health endpoint accept failed");
-                    Timer::after(Duration::from_millis(100)).await;
-                }
+                Err(e) => errors.failed(&e).await,
             }
         }
     };

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
+use fluidity_runtime_smol::accept::AcceptErrors;
 use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::relay::{relay, Direction};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck, TlsSession};
@@ -170,14 +171,14 @@ impl Server {
         let local = listener.get_ref().local_addr().ok();
         tracing::info!(listen = ?local, auth = ?self.cfg.auth, "fluidity-server listening");
         let accept_loop = async {
+            let mut errors = AcceptErrors::new("tunnel");
             loop {
                 match listener.accept().await {
-                    Ok((sock, peer)) => self.clone().admit(ex, sock, peer),
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        Timer::after(Duration::from_millis(100)).await;
+                    Ok((sock, peer)) => {
+                        errors.accepted();
+                        self.clone().admit(ex, sock, peer);
                     }
+                    Err(e) => errors.failed(&e).await,
                 }
             }
         };

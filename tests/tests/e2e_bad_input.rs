@@ -376,3 +376,53 @@ fn socks5_refusals_get_the_matching_reply_codes() {
     }
     assert_tunnel_works(&t, &origin, "SOCKS5 refusals");
 }
+
+#[test]
+fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
+    let _wd = watchdog("out_of_descriptors", Duration::from_secs(120));
+    let origin = HttpOrigin::start("fd");
+    let mut t = Tunnel::start();
+    let pid = t.agent.proc.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("listing the agent's descriptors")
+        .count();
+    let limit = open + 4;
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("running prlimit");
+    assert!(status.success(), "prlimit failed: {status}");
+
+    // The first few clients take the last descriptors; the rest wait in the backlog.
+    let clients: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(t.proxy()).expect("connecting to the proxy"))
+        .collect();
+    let warned = t
+        .agent
+        .proc
+        .wait_log(Duration::from_secs(30), |l| l.contains("accept failed"));
+    assert!(warned, "no accept failure logged:\n{}", t.agent.proc.log());
+    // The shortage lasts a while, long enough for the loop to retry several times.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(clients);
+    let recovered = t.agent.proc.wait_log(Duration::from_secs(30), |l| {
+        l.contains("accepting connections again")
+    });
+    let log = t.agent.proc.log();
+    assert!(recovered, "accepting did not resume:\n{log}");
+    assert_eq!(log.matches("accept failed").count(), 1, "{log}");
+    assert!(log.contains("out of file descriptors"), "{log}");
+    let failures: u64 = log
+        .lines()
+        .find(|l| l.contains("accepting connections again"))
+        .and_then(|l| l.split("failures=").nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no failure count in the log:\n{log}"));
+    assert!(
+        failures >= 2,
+        "{failures} failures: the loop did not retry\n{log}"
+    );
+    assert_tunnel_works(&t, &origin, "running out of descriptors");
+}
