@@ -25,7 +25,7 @@ const INPUT_SLICE: usize = 16 * 1024;
 const RX_ALLOC: usize = 64 * 1024;
 /// How many earlier receive allocations a connection keeps to take back (see
 /// [`Connection::reserve_rx`]).
-const RX_SPARES: usize = 8;
+const RX_SPARES: usize = 16;
 
 /// Room reserved at once for DATA headers handed out as chunks.
 const HEADERS_ALLOC: usize = 4 * 1024;
@@ -413,28 +413,30 @@ impl Connection {
     /// allocation for every 64 KiB received, freed when its payloads are read, makes the
     /// allocator hand the memory back to the system and fault it in again for the next
     /// one (a tenth of the agent's CPU time during a download). Instead, the earlier
-    /// allocations are kept, oldest first, and the oldest is taken back once its payloads
-    /// are gone. A reader that lags by several allocations (a download whose client is
-    /// slower than the tunnel) still finds one free, so the spares are a few, not one. A
-    /// fresh allocation is made only while the oldest is still shared; past
-    /// [`RX_SPARES`] the oldest is let go, to be freed by its last payload. A connection
-    /// thus keeps at most [`RX_SPARES`] more allocations, each of at most one frame or
-    /// [`RX_ALLOC`] bytes.
+    /// allocations are kept, and the oldest one whose payloads are all gone is taken back.
+    /// A reader that lags by several allocations (a download whose client is slower than
+    /// the tunnel, or one stream of many left unread) still finds one free, so the spares
+    /// are many, not one: with 8, a download still faulted in a few thousand pages per
+    /// GiB, with 16 a few hundred. A fresh allocation is made only while every spare is
+    /// still shared; past [`RX_SPARES`] the oldest is let go, to be freed by its last
+    /// payload. A connection thus keeps at most [`RX_SPARES`] more allocations, each of
+    /// at most one frame or [`RX_ALLOC`] bytes (1 MiB by default).
     fn reserve_rx(&mut self, n: usize) {
         let n = n.max(self.decoder.missing(self.rx.len()));
         if self.rx.capacity() - self.rx.len() >= n {
             return;
         }
         let needed = self.rx.len() + n;
-        let oldest_free = self
+        let free = self
             .rx_spares
-            .front_mut()
-            .is_some_and(|oldest| oldest.try_reclaim(needed));
-        let mut next = if oldest_free {
-            self.rx_spares.pop_front().unwrap_or_default()
-        } else {
-            self.stats.rx_allocations += 1;
-            BytesMut::with_capacity(needed.max(RX_ALLOC))
+            .iter_mut()
+            .position(|spare| spare.try_reclaim(needed));
+        let mut next = match free.and_then(|i| self.rx_spares.remove(i)) {
+            Some(spare) => spare,
+            None => {
+                self.stats.rx_allocations += 1;
+                BytesMut::with_capacity(needed.max(RX_ALLOC))
+            }
         };
         // At most the start of one frame moves.
         next.extend_from_slice(&self.rx);
@@ -1374,9 +1376,15 @@ mod tests {
         assert_eq!(c.stats().rx_allocations, made, "no new allocation");
         assert_eq!(start, oldest, "the oldest allocation came back");
         // Nothing read since: the next fill needs a fresh one.
-        fill_and_split(&mut c);
+        let newest = fill_and_split(&mut c);
         assert_eq!(c.stats().rx_allocations, made + 1);
-        drop(unread);
+        // One stream left unread holds the oldest; a newer one freed is taken back.
+        let (payload, middle) = unread.remove(1).unwrap_or_else(|| unreachable!());
+        drop(payload);
+        let (_, start) = fill_and_split(&mut c);
+        assert_eq!(c.stats().rx_allocations, made + 1, "no new allocation");
+        assert_eq!(start, middle, "the freed allocation came back");
+        drop((unread, newest));
     }
 
     #[test]
