@@ -419,8 +419,10 @@ impl Connection {
     /// are many, not one: with 8, a download still faulted in a few thousand pages per
     /// GiB, with 16 a few hundred. A fresh allocation is made only while every spare is
     /// still shared; past [`RX_SPARES`] the oldest is let go, to be freed by its last
-    /// payload. A connection thus keeps at most [`RX_SPARES`] more allocations, each of
-    /// at most one frame or [`RX_ALLOC`] bytes (1 MiB by default).
+    /// payload. A connection thus keeps at most [`RX_SPARES`] more allocations (usually
+    /// [`RX_ALLOC`] bytes each, more when a large frame or an input handed over whole by
+    /// `handle_input_bytes` needed it), and gives back the free ones at every keepalive
+    /// tick ([`Connection::release_free_rx_spares`]).
     fn reserve_rx(&mut self, n: usize) {
         let n = n.max(self.decoder.missing(self.rx.len()));
         if self.rx.capacity() - self.rx.len() >= n {
@@ -446,6 +448,16 @@ impl Connection {
             self.rx_spares.pop_front();
         }
         self.rx_spares.push_back(previous);
+    }
+
+    /// Gives back the spare receive allocations no payload uses any more, so that a quiet
+    /// connection does not keep the memory of its last burst. Called at each keepalive
+    /// tick: during a transfer that costs one fresh allocation per tick, nothing more.
+    fn release_free_rx_spares(&mut self) {
+        // A spare that can be reclaimed is unique (or has room of its own): dropping it frees
+        // its memory, or at worst only a reference.
+        self.rx_spares
+            .retain_mut(|spare| !spare.try_reclaim(RX_ALLOC));
     }
 
     /// The transport ended (EOF or error). Unless the connection was drained, it is lost,
@@ -495,6 +507,7 @@ impl Connection {
         }
         if let Some(at) = self.next_ping {
             if now >= at {
+                self.release_free_rx_spares();
                 if self.ping_outstanding.is_none() {
                     self.ping_counter += 1;
                     self.ping_outstanding = Some((self.ping_counter, now));
@@ -1348,21 +1361,35 @@ mod tests {
         assert!(payload2.iter().all(|&b| b == 1 || b == 2));
     }
 
-    /// Fills the receive buffer and takes all but its last byte out as one payload, as
-    /// decoding DATA frames does; returns the payload and the allocation it came from.
-    fn fill_and_split(c: &mut Connection) -> (Bytes, *const u8) {
+    /// Fills the receive buffer with `byte` and takes all but its last byte out as one
+    /// payload, as decoding DATA frames does; returns the payload and the allocation it
+    /// came from.
+    fn fill_and_split(c: &mut Connection, byte: u8) -> (Bytes, *const u8) {
         c.reserve_rx(RX_ALLOC / 2);
         let room = c.rx.capacity() - c.rx.len();
-        c.rx.extend_from_slice(&vec![7; room]);
+        c.rx.extend_from_slice(&vec![byte; room]);
         let start = c.rx.as_ptr();
         let len = c.rx.len();
         (c.rx.split_to(len - 1).freeze(), start)
     }
 
+    /// Whether each payload still holds only the bytes it was filled with (apart from the
+    /// first, the previous fill's last byte, moved along as a partial frame is).
+    fn intact(payloads: &[(Bytes, u8)]) -> bool {
+        payloads
+            .iter()
+            .all(|(p, byte)| p[1..].iter().all(|b| b == byte))
+    }
+
     #[test]
     fn a_reader_several_allocations_behind_still_gets_them_back() {
         let mut c = Connection::server(Arc::new(Config::default()), Instant::now());
-        let mut unread: VecDeque<_> = (0..4).map(|_| fill_and_split(&mut c)).collect();
+        let mut unread: VecDeque<_> = (0..4u8)
+            .map(|i| {
+                let (payload, start) = fill_and_split(&mut c, i);
+                (payload, i, start)
+            })
+            .collect();
         let made = c.stats().rx_allocations;
         assert_eq!(
             made, 3,
@@ -1370,33 +1397,53 @@ mod tests {
         );
         // The reader catches up with the oldest allocation only: the next fill reuses it
         // instead of making another.
-        let (payload, oldest) = unread.pop_front().unwrap_or_else(|| unreachable!());
+        let (payload, _, oldest) = unread.pop_front().unwrap_or_else(|| unreachable!());
         drop(payload);
-        let (_, start) = fill_and_split(&mut c);
+        let (fifth, start) = fill_and_split(&mut c, 4);
         assert_eq!(c.stats().rx_allocations, made, "no new allocation");
         assert_eq!(start, oldest, "the oldest allocation came back");
         // Nothing read since: the next fill needs a fresh one.
-        let newest = fill_and_split(&mut c);
+        let (sixth, _) = fill_and_split(&mut c, 5);
         assert_eq!(c.stats().rx_allocations, made + 1);
         // One stream left unread holds the oldest; a newer one freed is taken back.
-        let (payload, middle) = unread.remove(1).unwrap_or_else(|| unreachable!());
+        let (payload, _, middle) = unread.remove(1).unwrap_or_else(|| unreachable!());
         drop(payload);
-        let (_, start) = fill_and_split(&mut c);
+        let (seventh, start) = fill_and_split(&mut c, 6);
         assert_eq!(c.stats().rx_allocations, made + 1, "no new allocation");
         assert_eq!(start, middle, "the freed allocation came back");
-        drop((unread, newest));
+        // Reuse never touched what a payload still holds.
+        let mut held: Vec<_> = unread.into_iter().map(|(p, i, _)| (p, i)).collect();
+        held.extend([(fifth, 4), (sixth, 5), (seventh, 6)]);
+        assert!(intact(&held));
     }
 
     #[test]
-    fn the_spare_allocations_stay_bounded_when_nothing_is_read() {
+    fn the_spare_allocations_stay_bounded_and_free_ones_are_given_back() {
         let mut c = Connection::server(Arc::new(Config::default()), Instant::now());
-        let unread: Vec<_> = (0..RX_SPARES * 3).map(|_| fill_and_split(&mut c)).collect();
+        let mut held: Vec<_> = (0..RX_SPARES as u8 * 3)
+            .map(|i| (fill_and_split(&mut c, i).0, i))
+            .collect();
         assert!(
             c.rx_spares.len() <= RX_SPARES,
             "{} spares",
             c.rx_spares.len()
         );
-        assert!(unread.iter().all(|(p, _)| p.iter().all(|&b| b == 7)));
+        assert!(intact(&held));
+        // Half the payloads read: their allocations are free, the others still shared.
+        let read = held.len() / 2;
+        held.drain(..read);
+        c.release_free_rx_spares();
+        let kept = c.rx_spares.len();
+        for (payload, _) in held.drain(..) {
+            drop(payload);
+        }
+        c.release_free_rx_spares();
+        assert!(kept > 0, "spares still shared were given back");
+        assert!(
+            c.rx_spares.is_empty(),
+            "{} free spares kept",
+            c.rx_spares.len()
+        );
     }
 
     #[test]
