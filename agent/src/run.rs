@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluidity_runtime_smol::accept::AcceptErrors;
+use fluidity_runtime_smol::listener::AcceptErrors;
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use futures_lite::FutureExt;
 use smol::Executor;

@@ -11,12 +11,12 @@
 //!   buffered-API driver.
 //! - [`pki`] generates the private CA and the server and agent certificates, creates
 //!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
-//! - [`app`] runs a binary's executor threads; [`timer`] and [`accept`] are small pieces
-//!   every loop needs: a moving deadline, and what to do when accepting fails.
+//! - [`app`] runs a binary's executor threads; [`timer`] and [`listener`] are small
+//!   pieces every loop needs: a moving deadline, and what to do when accepting fails.
 
-pub mod accept;
 pub mod app;
 pub mod driver;
+pub mod listener;
 pub mod pki;
 pub mod relay;
 pub mod stream;

@@ -4,7 +4,9 @@
 //! connections close, and comes and goes while they do. Retrying at once would spin on the
 //! error, and logging every failure would flood the log; so a failure pauses the loop
 //! briefly, a run of failures is logged when it starts (with what to do) and when
-//! accepting works again, and a run that starts soon after a logged one is only counted.
+//! accepting works again, and a run that starts soon after a logged one is logged only if
+//! it lasts. Errors that belong to one incoming connection (it was aborted, or Linux
+//! passes on a network error pending on it) concern nobody else: the loop goes on at once.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -14,18 +16,22 @@ const PAUSE: Duration = Duration::from_millis(100);
 /// How long after one logged run of failures another one is only counted.
 const QUIET: Duration = Duration::from_secs(10);
 
-/// Linux's "too many open files" errors: the process's limit (`EMFILE`) and the system's
-/// (`ENFILE`).
+/// `EMFILE` (the process's descriptor limit) and `ENFILE` (the system's), as Linux numbers
+/// them.
 const EMFILE: i32 = 24;
+/// See [`EMFILE`].
 const ENFILE: i32 = 23;
+/// `EPROTO`: a protocol error pending on the incoming connection (Linux).
+const EPROTO: i32 = 71;
 
 /// The failures of one listener's accept loop.
 #[derive(Debug)]
 pub struct AcceptErrors {
     listener: &'static str,
-    /// When the current run of failures began; `None` while accepting works.
-    failing_since: Option<Instant>,
-    /// Failures not yet reported by an "accepting again" line.
+    /// When the current run of failures began, and whether it has been logged; `None`
+    /// while accepting works.
+    run: Option<(Instant, bool)>,
+    /// Failures since the last "accepting again" line.
     failures: u64,
     /// When a run was last logged.
     logged: Option<Instant>,
@@ -36,38 +42,47 @@ impl AcceptErrors {
     pub fn new(listener: &'static str) -> Self {
         AcceptErrors {
             listener,
-            failing_since: None,
+            run: None,
             failures: 0,
             logged: None,
         }
     }
 
-    /// Records a failed accept and waits before the loop accepts again.
+    /// Records a failed accept and waits as long as [`AcceptErrors::record`] says.
     pub async fn failed(&mut self, e: &io::Error) {
-        self.failures += 1;
-        if self.failing_since.is_none() {
-            let now = Instant::now();
-            self.failing_since = Some(now);
-            if self.logged.is_none_or(|t| now.duration_since(t) >= QUIET) {
-                self.logged = Some(now);
-                let advice = if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) {
-                    "out of file descriptors: raise the limit (ulimit -n, or LimitNOFILE for \
-                     a service) or lower the connection limits; retrying until connections close"
-                } else {
-                    "retrying"
-                };
-                tracing::warn!(listener = self.listener, error = %e, advice, "accept failed");
-            }
+        let pause = self.record(e);
+        if !pause.is_zero() {
+            async_io::Timer::after(pause).await;
         }
-        async_io::Timer::after(PAUSE).await;
+    }
+
+    /// Records a failed accept; returns how long to wait before accepting again (zero for
+    /// an error of the incoming connection alone). For loops that block instead of await.
+    pub fn record(&mut self, e: &io::Error) -> Duration {
+        if concerns_one_connection(e) {
+            tracing::debug!(listener = self.listener, error = %e, "an incoming connection failed");
+            return Duration::ZERO;
+        }
+        self.failures += 1;
+        let now = Instant::now();
+        let (since, logged) = self.run.get_or_insert((now, false));
+        let quiet_since_last = self.logged.is_none_or(|t| now.duration_since(t) >= QUIET);
+        if !*logged && (quiet_since_last || now.duration_since(*since) >= QUIET) {
+            *logged = true;
+            self.logged = Some(now);
+            tracing::warn!(
+                listener = self.listener,
+                error = %e,
+                advice = advice(e),
+                "accept failed"
+            );
+        }
+        PAUSE
     }
 
     /// Records a successful accept, logging the end of a logged run of failures.
     pub fn accepted(&mut self) {
-        let Some(since) = self.failing_since.take() else {
-            return;
-        };
-        if self.logged.is_some_and(|t| t >= since) {
+        if let Some((since, true)) = self.run.take() {
             tracing::info!(
                 listener = self.listener,
                 failures = self.failures,
@@ -76,5 +91,75 @@ impl AcceptErrors {
             );
             self.failures = 0;
         }
+    }
+}
+
+/// Whether `e` is about the incoming connection only (accept(2): Linux passes on network
+/// errors pending on the new socket), so that the next accept may well succeed.
+fn concerns_one_connection(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | NetworkDown | NetworkUnreachable | HostUnreachable
+    ) || e.raw_os_error() == Some(EPROTO)
+}
+
+/// What the user can do about an accept failure.
+fn advice(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(EMFILE | ENFILE) => {
+            "out of file descriptors: raise the limit (ulimit -n, or LimitNOFILE for a \
+             service) or lower the connection limits; retrying until connections close"
+        }
+        _ if e.kind() == io::ErrorKind::OutOfMemory => "the system is short of memory; retrying",
+        _ => "retrying",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shortage_pauses_and_an_error_of_one_connection_does_not() {
+        let mut errors = AcceptErrors::new("test");
+        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(errors.record(&aborted), Duration::ZERO);
+        assert!(
+            errors.run.is_none(),
+            "one connection's error is no run of failures"
+        );
+        let emfile = io::Error::from_raw_os_error(EMFILE);
+        assert_eq!(errors.record(&emfile), PAUSE);
+        assert_eq!(errors.record(&emfile), PAUSE);
+        assert!(matches!(errors.run, Some((_, true))), "the run is logged");
+        assert_eq!(errors.failures, 2);
+        errors.accepted();
+        assert!(errors.run.is_none());
+        assert_eq!(errors.failures, 0);
+    }
+
+    #[test]
+    fn a_run_soon_after_a_logged_one_is_logged_only_once_it_lasts() {
+        let mut errors = AcceptErrors::new("test");
+        let emfile = io::Error::from_raw_os_error(EMFILE);
+        errors.record(&emfile);
+        errors.accepted();
+        errors.record(&emfile);
+        assert!(
+            matches!(errors.run, Some((_, false))),
+            "a relapse is only counted"
+        );
+        // The same relapse, begun QUIET ago (just after a logged run): now it is logged.
+        let started = Instant::now()
+            .checked_sub(QUIET)
+            .unwrap_or_else(|| unreachable!("the clock started over {QUIET:?} ago"));
+        errors.run = Some((started, false));
+        errors.logged = Some(Instant::now());
+        errors.record(&emfile);
+        assert!(
+            matches!(errors.run, Some((_, true))),
+            "a lasting relapse is logged"
+        );
     }
 }

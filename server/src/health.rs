@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_io::Timer;
 use async_net::{TcpListener, TcpStream};
 use fluidity_proto::RefusalReason;
-use fluidity_runtime_smol::accept::AcceptErrors;
+use fluidity_runtime_smol::listener::AcceptErrors;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use serde::Serialize;
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
-use fluidity_runtime_smol::accept::AcceptErrors;
 use fluidity_runtime_smol::app;
+use fluidity_runtime_smol::listener::AcceptErrors;
 use fluidity_runtime_smol::relay::{relay, Direction};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent};

@@ -251,9 +251,9 @@ where
 }
 
 /// Sends `head`, then copies one chunked body unchanged, stopping exactly at its end;
-/// returns the body's length. `head` is emptied once sent, as in [`copy_exact`]; invalid
-/// coding is found before the bytes around it are written, so a body invalid from its
-/// start leaves `head` unsent.
+/// returns the body's length. `head` is emptied once sent, as in [`copy_exact`]. Invalid
+/// coding is found before the bytes buffered with it are written, so a body invalid
+/// within the bytes that arrived with the head leaves `head` unsent.
 pub(crate) async fn copy_chunked<R, W>(
     from: &mut Inbound<R>,
     to: &mut W,

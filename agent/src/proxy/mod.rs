@@ -103,9 +103,8 @@ impl ProxyConfig {
 
 /// Serves one client connection to the end: sniffs the protocol from the first byte
 /// (0x05 is SOCKS5, 0x04 SOCKS4, which is refused, anything else HTTP/1.1) and proxies
-/// through `dialer`. `client` is
-/// cloned into a reading and a writing handle of the same connection (as
-/// `async_net::TcpStream` clones are).
+/// through `dialer`. `client` is cloned into a reading and a writing handle of the same
+/// connection (as `async_net::TcpStream` clones are).
 pub async fn serve_connection<D, C>(
     client: C,
     peer: SocketAddr,
@@ -132,7 +131,7 @@ where
     if first == socks5::VERSION {
         socks::serve(&mut inb, &mut w, peer, dialer, cfg).await
     } else if first == socks5::SOCKS4_VERSION {
-        socks::refuse_socks4(&mut w, peer).await
+        socks::refuse_socks4(&mut inb, &mut w, peer).await
     } else {
         http::serve(&mut inb, &mut w, peer, dialer, cfg).await
     }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
 
-use super::io::{relay, timeout, Inbound};
+use super::io::{linger_close, relay, timeout, Inbound};
 use super::socks5::{self, reply, Socks5Error};
 use super::{dial, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -128,15 +128,23 @@ fn describe(e: Option<Socks5Error>) -> String {
 
 /// Answers a SOCKS4 or SOCKS4a request with SOCKS4's own refusal. Only SOCKS5 is served:
 /// SOCKS4 carries no password, so it could not meet the proxy's credentials.
-pub(super) async fn refuse_socks4<W: AsyncWrite + Unpin>(
+pub(super) async fn refuse_socks4<R, W>(
+    inb: &mut Inbound<R>,
     w: &mut W,
     peer: SocketAddr,
-) -> Result<()> {
+) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     const WHY: &str = "SOCKS4 is not supported; configure the client for SOCKS5 \
                        (for example curl --socks5-hostname)";
     tracing::info!(%peer, proto = "socks4", error = WHY, "request rejected");
     w.write_all(&socks5::SOCKS4_REJECTED).await?;
     w.flush().await?;
+    // The rest of the request may still be on its way: read it, so that closing does not
+    // reset the connection before the client has read the refusal.
+    linger_close(inb, w).await;
     Err(Error::ClientProtocol(WHY.into()))
 }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use fluidity_runtime_smol::listener::AcceptErrors;
 use serde_json::{json, Value};
 
 use super::error::ControlError;
@@ -36,15 +37,26 @@ pub struct LocalOptions {
     pub require_signature: bool,
 }
 
-/// Serves `control` on `listener` until accepting fails.
+/// Serves `control` on `listener`; a failing accept pauses the loop (see
+/// [`AcceptErrors`]) instead of ending it.
 pub fn serve(
     listener: TcpListener,
     control: Arc<Control>,
     options: LocalOptions,
 ) -> std::io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
+    let mut errors = AcceptErrors::new("control");
     loop {
-        let (stream, peer) = listener.accept()?;
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
+            Err(e) => {
+                std::thread::sleep(errors.record(&e));
+                continue;
+            }
+        };
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(%peer, "too many control connections; closing this one");
