@@ -19,7 +19,7 @@ use fluidity_server::egress::EgressRule;
 /// Fluidity agent: a local proxy (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5) that carries
 /// every connection through one mutually authenticated TLS 1.3 tunnel to your server.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "fluidity", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
