@@ -28,6 +28,18 @@ pub enum Error {
     /// Certificates or TLS setup failed.
     #[error("{0}")]
     Tls(#[from] fluidity_runtime_smol::Error),
+    /// The configured certificate files could not be loaded.
+    #[error(
+        "{what}: {source}; `fluidity certs init --dir DIR` creates a CA and certificates, or \
+         `fluidity local` runs everything on this machine with its own"
+    )]
+    Certificates {
+        /// Which files, and the settings that name them.
+        what: &'static str,
+        /// Why they could not be loaded.
+        #[source]
+        source: fluidity_runtime_smol::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
     Bind {

@@ -42,8 +42,14 @@ pub fn tunnel_settings(
             "auth = \"iam\" needs a credential source (see run::credential_source)".into(),
         ));
     }
-    let identity = Identity::load(&cfg.cert, &cfg.key)?;
-    let roots = CaRoots::load(&cfg.ca)?;
+    let identity = Identity::load(&cfg.cert, &cfg.key).map_err(|source| Error::Certificates {
+        what: "the agent's certificate and key (cert, key)",
+        source,
+    })?;
+    let roots = CaRoots::load(&cfg.ca).map_err(|source| Error::Certificates {
+        what: "the CA certificate that signed the server's (ca)",
+        source,
+    })?;
     let check = PeerCheck {
         expected_cn: cfg.expected_server_cn.clone(),
         expected_ip: None,

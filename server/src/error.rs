@@ -48,6 +48,18 @@ pub enum Error {
     /// Loading certificates or building the TLS configuration failed.
     #[error("TLS setup: {0}")]
     Tls(#[from] fluidity_runtime_smol::Error),
+    /// The configured certificate files could not be loaded.
+    #[error(
+        "{what}: {source}; `fluidity certs init --dir DIR` creates a CA and certificates \
+         (server.pem, server-key.pem, ca.pem)"
+    )]
+    Certificates {
+        /// Which files, and the settings that name them.
+        what: &'static str,
+        /// Why they could not be loaded.
+        #[source]
+        source: fluidity_runtime_smol::Error,
+    },
     /// AWS-mode start-up failed (discovery, the agent's address, the certificate); the
     /// text says which step and why.
     #[error("AWS mode: {0}")]

@@ -107,8 +107,15 @@ impl Server {
         metrics: Arc<Metrics>,
         authenticator: Option<Arc<dyn Authenticator>>,
     ) -> Result<Arc<Server>, Error> {
-        let identity = Identity::load(&cfg.cert, &cfg.key)?;
-        let roots = CaRoots::load(&cfg.client_ca)?;
+        let identity =
+            Identity::load(&cfg.cert, &cfg.key).map_err(|source| Error::Certificates {
+                what: "the server's certificate and key (cert, key)",
+                source,
+            })?;
+        let roots = CaRoots::load(&cfg.client_ca).map_err(|source| Error::Certificates {
+            what: "the CA certificate that signs agents' certificates (client_ca)",
+            source,
+        })?;
         let check = PeerCheck {
             expected_cn: cfg.expected_client_cn.clone(),
             expected_ip: None,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
+use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{curl_status, read_all_lossy, LiveStream};
 use fluidity_tests::e2e::origin::{refused_port, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin};
 use fluidity_tests::e2e::proc::{wait_for, Proc};
@@ -427,4 +428,37 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
         "{failures} failures: the loop did not retry\n{log}"
     );
     assert_tunnel_works(&t, &origin, "running out of descriptors");
+}
+
+#[test]
+fn missing_certificate_files_are_named_with_their_setting_and_a_way_out() {
+    let _wd = watchdog("missing_certificates", Duration::from_secs(60));
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().expect("a UTF-8 path");
+    let bins = binaries();
+    let runs = [
+        (
+            Command::new(&bins.agent)
+                .args(["run", "--server", "127.0.0.1:9", "--cert", missing])
+                .args(["--key", missing, "--ca", missing])
+                .output(),
+            "the agent's certificate and key (cert, key)",
+        ),
+        (
+            Command::new(&bins.server)
+                .args(["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"])
+                .args(["--cert", missing, "--key", missing, "--client-ca", missing])
+                .output(),
+            "the server's certificate and key (cert, key)",
+        ),
+    ];
+    for (output, what) in runs {
+        let output = output.expect("running the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(what), "{stderr}");
+        assert!(stderr.contains(missing), "{stderr}");
+        assert!(stderr.contains("fluidity certs init"), "{stderr}");
+    }
 }
