@@ -38,27 +38,8 @@ REQUESTS=${BENCH_REQUESTS:-20000}
 CONCURRENCY=${BENCH_CONCURRENCY:-64}
 SEQ_REQUESTS=${BENCH_SEQ_REQUESTS:-2000}
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-
-log() { printf '== %s\n' "$*" >&2; }
-die() {
-    printf 'bench/tunnel.sh: %s\n' "$*" >&2
-    exit 1
-}
-
-# ----- tools -----
-
-if ! command -v hey >/dev/null || ! command -v nginx >/dev/null; then
-    log "installing hey and nginx from Debian's packages"
-    [ "$(id -u)" = 0 ] || die "hey and nginx are missing; install them (apt-get install hey nginx-core)"
-    apt-get update -qq
-    # policy-rc.d on these machines keeps the packaged nginx service from starting.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx-core >/dev/null
-fi
-for tool in curl python3 hey nginx awk; do
-    command -v "$tool" >/dev/null || die "$tool is required"
-done
+# shellcheck source=bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     log "building release binaries"
@@ -70,127 +51,12 @@ BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
 AGENT_BIN=${AGENT_BIN:-$BIN_DIR/fluidity}
 SERVER_BIN=${SERVER_BIN:-$BIN_DIR/fluidity-server}
 [ -x "$AGENT_BIN" ] && [ -x "$SERVER_BIN" ] || die "release binaries missing ($AGENT_BIN, $SERVER_BIN)"
+read -r AGENT_BIN SERVER_BIN < <(private_copies "$AGENT_BIN" "$SERVER_BIN" measured)
 
-# ----- scratch folder and cleanup -----
-
-TMP=$(mktemp -d /tmp/fluidity-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-# nginx workers drop to an unprivileged user: the files they serve must be readable.
-chmod 755 "$TMP"
-
-# Private copies: a build started meanwhile in a shared target directory must not replace
-# the binaries under the running measurement.
-mkdir -p "$TMP/bin"
-cp "$AGENT_BIN" "$TMP/bin/fluidity"
-cp "$SERVER_BIN" "$TMP/bin/fluidity-server"
-AGENT_BIN=$TMP/bin/fluidity
-SERVER_BIN=$TMP/bin/fluidity-server
-
-read -r ORIGIN_PORT SERVER_PORT HEALTH_PORT AGENT_PORT < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-)
-
-# Polls `cmd...` until it succeeds (every 50 ms, at most `tries` times).
-wait_until() {
-    local what=$1 tries=$2
-    shift 2
-    local i
-    for ((i = 0; i < tries; i++)); do
-        if "$@" >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.05
-    done
-    for f in "$TMP"/*.log; do
-        printf -- '--- %s\n' "$f" >&2
-        tail -n 20 "$f" >&2 || true
-    done
-    die "$what did not become ready"
-}
-
-# ----- origin -----
-
-mkdir -p "$TMP/www" "$TMP/nginx"
-head -c 10240 /dev/urandom >"$TMP/www/10k"
-# Sparse: served from the page cache, so the origin's disk is out of the picture.
-truncate -s "${BULK_MIB}M" "$TMP/www/bulk"
-chmod 644 "$TMP/www/"*
-cat >"$TMP/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT;
-        root $TMP/www;
-    }
-}
-EOF
-nginx -p "$TMP/nginx" -e "$TMP/nginx.log" -c "$TMP/nginx/nginx.conf" &
-PIDS+=($!)
-ORIGIN=http://127.0.0.1:$ORIGIN_PORT
-wait_until "origin (nginx)" 200 curl -sf -o /dev/null "$ORIGIN/10k"
-
-# ----- tunnel -----
-
-"$AGENT_BIN" certs init --dir "$TMP/certs" >"$TMP/certs.log" 2>&1
-"$SERVER_BIN" --listen "127.0.0.1:$SERVER_PORT" --health-listen "127.0.0.1:$HEALTH_PORT" \
-    --cert "$TMP/certs/server.pem" --key "$TMP/certs/server-key.pem" \
-    --client-ca "$TMP/certs/ca.pem" --egress allow_cidrs=127.0.0.1/32 \
-    >"$TMP/server.log" 2>&1 &
-SERVER_PID=$!
-PIDS+=("$SERVER_PID")
-wait_until "fluidity-server" 200 curl -sf -o /dev/null "http://127.0.0.1:$HEALTH_PORT/healthz"
-
-"$AGENT_BIN" run --listen "127.0.0.1:$AGENT_PORT" --server "127.0.0.1:$SERVER_PORT" \
-    --cert "$TMP/certs/client.pem" --key "$TMP/certs/client-key.pem" --ca "$TMP/certs/ca.pem" \
-    >"$TMP/agent.log" 2>&1 &
-AGENT_PID=$!
-PIDS+=("$AGENT_PID")
-PROXY=127.0.0.1:$AGENT_PORT
-wait_until "fluidity agent" 200 curl -sf -o /dev/null -x "http://$PROXY" "$ORIGIN/10k"
+start_origin
+start_tunnel "$AGENT_BIN" "$SERVER_BIN"
 
 # ----- measurements -----
-
-# Seconds for one bulk download; checks the status and the byte count.
-bulk() {
-    local out code size secs
-    out=$(curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}' "$@" "$ORIGIN/bulk" || true)
-    read -r code size secs <<<"$out"
-    [ "$code" = 200 ] && [ "$size" = $((BULK_MIB * 1024 * 1024)) ] ||
-        die "bulk download failed: status $code, $size bytes"
-    echo "$secs"
-}
 
 # Runs hey; prints "rate p50_ms p99_ms", failing on any non-200 answer or error.
 load() {
@@ -232,9 +98,6 @@ sequential() {
 
 min() { printf '%s\n' "$@" | sort -g | head -n 1; }
 
-# CPU time (user + system, clock ticks) the agent and the server have used so far. Under
-# a loaded machine this is steadier than wall time: it counts the tunnel's own work.
-cpu_ticks() { cat "/proc/$AGENT_PID/stat" "/proc/$SERVER_PID/stat" | awk '{ t += $14 + $15 } END { print t }'; }
 TICKS=$(getconf CLK_TCK)
 max() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 

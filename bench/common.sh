@@ -1,0 +1,179 @@
+# Shared by the benchmark scripts (sourced, not run): tools, a scratch folder cleaned up on
+# exit, the nginx origin, and starting and stopping a server and an agent on loopback.
+# The sourcing script sets BULK_MIB (the size of the origin's /bulk) first.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+SCRIPT=bench/$(basename "$0")
+
+log() { printf '== %s\n' "$*" >&2; }
+die() {
+    printf '%s: %s\n' "$SCRIPT" "$*" >&2
+    exit 1
+}
+
+# ----- tools -----
+
+if ! command -v hey >/dev/null || ! command -v nginx >/dev/null; then
+    log "installing hey and nginx from Debian's packages"
+    [ "$(id -u)" = 0 ] || die "hey and nginx are missing; install them (apt-get install hey nginx-core)"
+    apt-get update -qq
+    # policy-rc.d on these machines keeps the packaged nginx service from starting.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx-core >/dev/null
+fi
+for tool in curl python3 hey nginx awk; do
+    command -v "$tool" >/dev/null || die "$tool is required"
+done
+
+# ----- scratch folder and cleanup -----
+
+TMP=$(mktemp -d /tmp/fluidity-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# nginx workers drop to an unprivileged user: the files they serve must be readable.
+chmod 755 "$TMP"
+
+# Prints `n` free loopback ports.
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# Polls `cmd...` until it succeeds (every 50 ms, at most `tries` times).
+wait_until() {
+    local what=$1 tries=$2
+    shift 2
+    local i
+    for ((i = 0; i < tries; i++)); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    for f in "$TMP"/*.log; do
+        printf -- '--- %s\n' "$f" >&2
+        tail -n 20 "$f" >&2 || true
+    done
+    die "$what did not become ready"
+}
+
+# Copies the agent and server binaries $1 and $2 to $TMP/bin/$3/, so that a build started
+# meanwhile in a shared target directory cannot replace them under a running measurement;
+# prints the two copies' paths.
+private_copies() {
+    mkdir -p "$TMP/bin/$3"
+    cp "$1" "$TMP/bin/$3/fluidity"
+    cp "$2" "$TMP/bin/$3/fluidity-server"
+    echo "$TMP/bin/$3/fluidity $TMP/bin/$3/fluidity-server"
+}
+
+# ----- origin -----
+
+# Starts nginx (one worker, sendfile) serving /10k (10 KiB) and /bulk (BULK_MIB MiB);
+# sets ORIGIN.
+start_origin() {
+    local port
+    port=$(free_ports 1)
+    mkdir -p "$TMP/www" "$TMP/nginx"
+    head -c 10240 /dev/urandom >"$TMP/www/10k"
+    # Sparse: served from the page cache, so the origin's disk is out of the picture.
+    truncate -s "${BULK_MIB}M" "$TMP/www/bulk"
+    chmod 644 "$TMP/www/"*
+    cat >"$TMP/nginx/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        root $TMP/www;
+    }
+}
+NGINX
+    nginx -p "$TMP/nginx" -e "$TMP/nginx.log" -c "$TMP/nginx/nginx.conf" &
+    PIDS+=($!)
+    ORIGIN=http://127.0.0.1:$port
+    wait_until "origin (nginx)" 200 curl -sf -o /dev/null "$ORIGIN/10k"
+}
+
+# ----- tunnel -----
+
+# Starts a server and an agent from the binaries $1 (agent) and $2 (server), with
+# certificates made once in $TMP/certs; sets AGENT_PID, SERVER_PID and PROXY.
+start_tunnel() {
+    local agent=$1 server=$2 server_port health_port agent_port
+    read -r server_port health_port agent_port < <(free_ports 3)
+    [ -d "$TMP/certs" ] || "$agent" certs init --dir "$TMP/certs" >"$TMP/certs.log" 2>&1
+    "$server" --listen "127.0.0.1:$server_port" --health-listen "127.0.0.1:$health_port" \
+        --cert "$TMP/certs/server.pem" --key "$TMP/certs/server-key.pem" \
+        --client-ca "$TMP/certs/ca.pem" --egress allow_cidrs=127.0.0.1/32 \
+        >"$TMP/server.log" 2>&1 &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    wait_until "fluidity-server" 200 curl -sf -o /dev/null "http://127.0.0.1:$health_port/healthz"
+    "$agent" run --listen "127.0.0.1:$agent_port" --server "127.0.0.1:$server_port" \
+        --cert "$TMP/certs/client.pem" --key "$TMP/certs/client-key.pem" --ca "$TMP/certs/ca.pem" \
+        >"$TMP/agent.log" 2>&1 &
+    AGENT_PID=$!
+    PIDS+=("$AGENT_PID")
+    PROXY=127.0.0.1:$agent_port
+    wait_until "fluidity agent" 200 curl -sf -o /dev/null -x "http://$PROXY" "$ORIGIN/10k"
+}
+
+# Stops the agent and the server started last.
+stop_tunnel() {
+    kill "$AGENT_PID" "$SERVER_PID" 2>/dev/null || true
+    wait "$AGENT_PID" "$SERVER_PID" 2>/dev/null || true
+}
+
+# ----- measurements -----
+
+# Seconds for one bulk download (curl options in "$@"); checks the status and byte count.
+bulk() {
+    local out code size secs
+    out=$(curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}' "$@" "$ORIGIN/bulk" || true)
+    read -r code size secs <<<"$out"
+    [ "$code" = 200 ] && [ "$size" = $((BULK_MIB * 1024 * 1024)) ] ||
+        die "bulk download failed: status $code, $size bytes"
+    echo "$secs"
+}
+
+# Field `f` of /proc/PID/stat for process `pid` (14: user ticks, 15: system ticks,
+# 10: minor page faults).
+stat_field() { awk -v f="$2" '{ print $f }' "/proc/$1/stat"; }
+
+# CPU time (user + system, clock ticks) the agent and the server have used so far. On a
+# loaded machine this is steadier than wall time: it counts the tunnel's own work.
+cpu_ticks() {
+    echo $(($(stat_field "$AGENT_PID" 14) + $(stat_field "$AGENT_PID" 15) +
+        $(stat_field "$SERVER_PID" 14) + $(stat_field "$SERVER_PID" 15)))
+}
