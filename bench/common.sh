@@ -127,26 +127,57 @@ NGINX
 
 # ----- tunnel -----
 
+# Starts `what` ("$@", with its output in $TMP/$log) and waits until `check` (a command
+# string) succeeds; sets STARTED_PID. Returns 1, for another try on other ports, when the
+# process exits because its port was taken meanwhile (free ports are only free when
+# picked).
+start_listening() {
+    local what=$1 log=$2 check=$3 i
+    shift 3
+    "$@" >"$TMP/$log" 2>&1 &
+    STARTED_PID=$!
+    for ((i = 0; i < 200; i++)); do
+        if eval "$check" >/dev/null 2>&1; then
+            PIDS+=("$STARTED_PID")
+            return 0
+        fi
+        if ! kill -0 "$STARTED_PID" 2>/dev/null; then
+            grep -q "already in use" "$TMP/$log" && return 1
+            break
+        fi
+        sleep 0.05
+    done
+    kill "$STARTED_PID" 2>/dev/null || true
+    tail -n 20 "$TMP/$log" >&2 || true
+    die "$what did not become ready"
+}
+
 # Starts a server and an agent from the binaries $1 (agent) and $2 (server), with
 # certificates made once in $TMP/certs; sets AGENT_PID, SERVER_PID and PROXY.
 start_tunnel() {
-    local agent=$1 server=$2 server_port health_port agent_port
-    read -r server_port health_port agent_port < <(free_ports 3)
+    local agent=$1 server=$2 server_port health_port agent_port attempt
     [ -d "$TMP/certs" ] || "$agent" certs init --dir "$TMP/certs" >"$TMP/certs.log" 2>&1
-    "$server" --listen "127.0.0.1:$server_port" --health-listen "127.0.0.1:$health_port" \
-        --cert "$TMP/certs/server.pem" --key "$TMP/certs/server-key.pem" \
-        --client-ca "$TMP/certs/ca.pem" --egress allow_cidrs=127.0.0.1/32 \
-        >"$TMP/server.log" 2>&1 &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    wait_until "fluidity-server" 200 curl -sf -o /dev/null "http://127.0.0.1:$health_port/healthz"
-    "$agent" run --listen "127.0.0.1:$agent_port" --server "127.0.0.1:$server_port" \
-        --cert "$TMP/certs/client.pem" --key "$TMP/certs/client-key.pem" --ca "$TMP/certs/ca.pem" \
-        >"$TMP/agent.log" 2>&1 &
-    AGENT_PID=$!
-    PIDS+=("$AGENT_PID")
-    PROXY=127.0.0.1:$agent_port
-    wait_until "fluidity agent" 200 curl -sf -o /dev/null -x "http://$PROXY" "$ORIGIN/10k"
+    for ((attempt = 1; attempt <= 5; attempt++)); do
+        read -r server_port health_port agent_port < <(free_ports 3)
+        start_listening fluidity-server server.log \
+            "curl -sf -o /dev/null http://127.0.0.1:$health_port/healthz" \
+            "$server" --listen "127.0.0.1:$server_port" --health-listen "127.0.0.1:$health_port" \
+            --cert "$TMP/certs/server.pem" --key "$TMP/certs/server-key.pem" \
+            --client-ca "$TMP/certs/ca.pem" --egress allow_cidrs=127.0.0.1/32 || continue
+        SERVER_PID=$STARTED_PID
+        PROXY=127.0.0.1:$agent_port
+        if start_listening "fluidity agent" agent.log \
+            "curl -sf -o /dev/null -x http://$PROXY $ORIGIN/10k" \
+            "$agent" run --listen "$PROXY" --server "127.0.0.1:$server_port" \
+            --cert "$TMP/certs/client.pem" --key "$TMP/certs/client-key.pem" \
+            --ca "$TMP/certs/ca.pem"; then
+            AGENT_PID=$STARTED_PID
+            return 0
+        fi
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    done
+    die "no free ports for the tunnel after 5 tries"
 }
 
 # Stops the agent and the server started last.
