@@ -57,24 +57,6 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
 
-# Polls `cmd...` until it succeeds (every 50 ms, at most `tries` times).
-wait_until() {
-    local what=$1 tries=$2
-    shift 2
-    local i
-    for ((i = 0; i < tries; i++)); do
-        if "$@" >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.05
-    done
-    for f in "$TMP"/*.log; do
-        printf -- '--- %s\n' "$f" >&2
-        tail -n 20 "$f" >&2 || true
-    done
-    die "$what did not become ready"
-}
-
 # Copies the agent and server binaries $1 and $2 to $TMP/bin/$3/, so that a build started
 # meanwhile in a shared target directory cannot replace them under a running measurement;
 # prints the two copies' paths.
@@ -84,48 +66,6 @@ private_copies() {
     cp "$2" "$TMP/bin/$3/fluidity-server"
     echo "$TMP/bin/$3/fluidity $TMP/bin/$3/fluidity-server"
 }
-
-# ----- origin -----
-
-# Starts nginx (one worker, sendfile) serving /10k (10 KiB) and /bulk (BULK_MIB MiB);
-# sets ORIGIN.
-start_origin() {
-    local port
-    port=$(free_ports 1)
-    mkdir -p "$TMP/www" "$TMP/nginx"
-    head -c 10240 /dev/urandom >"$TMP/www/10k"
-    # Sparse: served from the page cache, so the origin's disk is out of the picture.
-    truncate -s "${BULK_MIB}M" "$TMP/www/bulk"
-    chmod 644 "$TMP/www/"*
-    cat >"$TMP/nginx/nginx.conf" <<NGINX
-daemon off;
-worker_processes 1;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    server {
-        listen 127.0.0.1:$port;
-        root $TMP/www;
-    }
-}
-NGINX
-    nginx -p "$TMP/nginx" -e "$TMP/nginx.log" -c "$TMP/nginx/nginx.conf" &
-    PIDS+=($!)
-    ORIGIN=http://127.0.0.1:$port
-    wait_until "origin (nginx)" 200 curl -sf -o /dev/null "$ORIGIN/10k"
-}
-
-# ----- tunnel -----
 
 # Starts `what` ("$@", with its output in $TMP/$log) and waits until `check` (a command
 # string) succeeds; sets STARTED_PID. Returns 1, for another try on other ports, when the
@@ -151,6 +91,50 @@ start_listening() {
     tail -n 20 "$TMP/$log" >&2 || true
     die "$what did not become ready"
 }
+
+# ----- origin -----
+
+# Starts nginx (one worker, sendfile) serving /10k (10 KiB) and /bulk (BULK_MIB MiB);
+# sets ORIGIN.
+start_origin() {
+    local port attempt
+    mkdir -p "$TMP/www" "$TMP/nginx"
+    head -c 10240 /dev/urandom >"$TMP/www/10k"
+    # Sparse: served from the page cache, so the origin's disk is out of the picture.
+    truncate -s "${BULK_MIB}M" "$TMP/www/bulk"
+    chmod 644 "$TMP/www/"*
+    for ((attempt = 1; attempt <= 5; attempt++)); do
+        port=$(free_ports 1)
+        cat >"$TMP/nginx/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        root $TMP/www;
+    }
+}
+NGINX
+        ORIGIN=http://127.0.0.1:$port
+        start_listening "origin (nginx)" nginx.out "curl -sf -o /dev/null $ORIGIN/10k" \
+            nginx -p "$TMP/nginx" -e "$TMP/nginx.log" -c "$TMP/nginx/nginx.conf" && return 0
+    done
+    die "no free port for the origin after 5 tries"
+}
+
+# ----- tunnel -----
 
 # Starts a server and an agent from the binaries $1 (agent) and $2 (server), with
 # certificates made once in $TMP/certs; sets AGENT_PID, SERVER_PID and PROXY.
