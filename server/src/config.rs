@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fluidity_runtime_smol::tls::{CaRoots, Identity};
 use serde::Deserialize;
 
 use crate::egress::EgressPolicy;
@@ -184,5 +185,23 @@ impl ServerConfig {
     /// The graceful shutdown deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_secs)
+    }
+
+    /// Loads the server's certificate and key (`cert`, `key`), naming those settings if
+    /// they cannot be loaded.
+    pub fn load_identity(&self) -> Result<Identity, Error> {
+        Identity::load(&self.cert, &self.key).map_err(|source| Error::Certificates {
+            what: "the server's certificate and key (cert, key)",
+            source,
+        })
+    }
+
+    /// Loads the CA that signs agents' certificates (`client_ca`), naming that setting if
+    /// it cannot be loaded.
+    pub fn load_client_ca(&self) -> Result<CaRoots, Error> {
+        CaRoots::load(&self.client_ca).map_err(|source| Error::Certificates {
+            what: "the CA certificate that signs agents' certificates (client_ca)",
+            source,
+        })
     }
 }

@@ -110,7 +110,8 @@ impl IamAuthenticator {
     /// Builds the authenticator for `cfg` (which must have `auth = "iam"` settings), with
     /// the server certificate's CN as the default server id. Makes no network call.
     pub fn from_config(cfg: &ServerConfig, env: &Env) -> Result<IamAuthenticator, Error> {
-        let cert_cn = fluidity_runtime_smol::tls::Identity::load(&cfg.cert, &cfg.key)?
+        let cert_cn = cfg
+            .load_identity()?
             .names()
             .ok()
             .and_then(|n| n.common_name);

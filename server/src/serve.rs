@@ -12,7 +12,7 @@ use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
 use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::listener::AcceptErrors;
 use fluidity_runtime_smol::relay::{relay, Direction};
-use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck, TlsSession};
+use fluidity_runtime_smol::tls::{self, PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent};
 use futures_lite::FutureExt;
 use smol::Executor;
@@ -107,15 +107,8 @@ impl Server {
         metrics: Arc<Metrics>,
         authenticator: Option<Arc<dyn Authenticator>>,
     ) -> Result<Arc<Server>, Error> {
-        let identity =
-            Identity::load(&cfg.cert, &cfg.key).map_err(|source| Error::Certificates {
-                what: "the server's certificate and key (cert, key)",
-                source,
-            })?;
-        let roots = CaRoots::load(&cfg.client_ca).map_err(|source| Error::Certificates {
-            what: "the CA certificate that signs agents' certificates (client_ca)",
-            source,
-        })?;
+        let identity = cfg.load_identity()?;
+        let roots = cfg.load_client_ca()?;
         let check = PeerCheck {
             expected_cn: cfg.expected_client_cn.clone(),
             expected_ip: None,
