@@ -5,7 +5,8 @@
 //! 1. read path: socket → `read_tls` → `process_new_packets` → `reader()` →
 //!    `handle_input` from rustls's buffer, keeping any plaintext the connection did not
 //!    consume;
-//! 2. write path: `poll_transmit` → `writer()` → `write_tls` while the socket takes it;
+//! 2. write path: `poll_transmit_chunks` → one vectored `writer()` write → `write_tls`
+//!    while the socket takes it;
 //! 3. events: wake the stream handles and tell the application;
 //! 4. re-arm the one timer at `poll_timeout`.
 //!
@@ -23,6 +24,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
+use bytes::{Buf, Bytes};
 use fluidity_proto::{
     AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Stats, StreamEvent,
     StreamId, Target,
@@ -370,8 +372,9 @@ pub struct Driver {
     timer: LazyTimer,
     /// Plaintext from TLS that the connection has not consumed yet.
     plain_in: Vec<u8>,
-    /// Frames from the connection that TLS has not taken yet.
-    plain_out: Vec<u8>,
+    /// Frames from the connection that TLS has not taken yet, as the connection's shared
+    /// chunks: stream data reaches rustls without a copy of its own on the way.
+    plain_out: Vec<Bytes>,
     /// Ciphertext read from the socket; `rx[rx_start..rx_end]` is not yet given to rustls.
     rx: Box<[u8]>,
     rx_start: usize,
@@ -482,11 +485,8 @@ impl Driver {
         let mut write_blocked = false;
         loop {
             if !self.plain_out.is_empty() {
-                match self.tls.writer().write(&self.plain_out) {
-                    Ok(n) => {
-                        self.plain_out.drain(..n);
-                    }
-                    Err(e) => return self.fail(&mut s, Error::Io(e)),
+                if let Err(e) = self.encrypt_out() {
+                    return self.fail(&mut s, Error::Io(e));
                 }
             }
             match self.flush_tls() {
@@ -504,10 +504,11 @@ impl Driver {
             if !self.plain_out.is_empty() || write_blocked {
                 break;
             }
-            if s.conn.poll_transmit(now, &mut self.plain_out) == 0 {
+            let n = s.conn.poll_transmit_chunks(now, &mut self.plain_out);
+            if n == 0 {
                 break;
             }
-            budget = budget.saturating_sub(self.plain_out.len());
+            budget = budget.saturating_sub(n);
             if budget == 0 {
                 // Let other tasks run; come back at once.
                 cx.waker().wake_by_ref();
@@ -620,6 +621,28 @@ impl Driver {
             left = left.saturating_sub(len);
         }
         Ok((want - left, state.peer_has_closed() && want == 0))
+    }
+
+    /// Hands `plain_out` to rustls in one vectored write, so that records are filled across
+    /// frame boundaries; keeps what rustls did not take (its buffer limit).
+    fn encrypt_out(&mut self) -> io::Result<()> {
+        let slices: Vec<io::IoSlice<'_>> =
+            self.plain_out.iter().map(|c| io::IoSlice::new(c)).collect();
+        let mut n = self.tls.writer().write_vectored(&slices)?;
+        drop(slices);
+        let done = self.plain_out.iter().take_while(|c| {
+            let whole = c.len() <= n;
+            if whole {
+                n -= c.len();
+            }
+            whole
+        });
+        let done = done.count();
+        self.plain_out.drain(..done);
+        if let Some(first) = self.plain_out.first_mut() {
+            first.advance(n);
+        }
+        Ok(())
     }
 
     /// Writes pending TLS records; `Ok(true)` when all were written.

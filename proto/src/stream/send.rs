@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::flow::SendWindow;
 
@@ -71,10 +71,11 @@ const MIN_CHUNK: usize = 1024;
 pub(crate) struct SendBuf {
     /// Older bytes, in order; never holds an empty chunk.
     chunks: VecDeque<Bytes>,
-    /// Newer bytes, after every chunk. A ring: a contiguous buffer would have to move its
-    /// untransmitted bytes to the front whenever a write reaches its end (about 4% of the
-    /// server's CPU time during a download).
-    tail: VecDeque<u8>,
+    /// Newer bytes, after every chunk. Shared transmits split slices off its front without
+    /// copying; once they have been dropped (a runtime encrypts them at once), the
+    /// allocation is unique again and `BytesMut` reuses it instead of allocating, moving
+    /// only the few bytes still untransmitted.
+    tail: BytesMut,
     /// Bytes in `chunks`.
     queued: usize,
 }
@@ -90,7 +91,7 @@ impl SendBuf {
 
     /// Appends a copy of `data`.
     pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
-        self.tail.extend(data);
+        self.tail.extend_from_slice(data);
     }
 
     /// Appends `data` without copying it (unless it is small).
@@ -99,20 +100,12 @@ impl SendBuf {
             self.extend_from_slice(&data);
             return;
         }
-        self.seal_tail();
-        self.queued += data.len();
-        self.chunks.push_back(data);
-    }
-
-    /// Moves the tail into the chunk queue, keeping the order of the bytes. Only the
-    /// shared path (`split_to`) and a shared write after copying ones do this; the tail
-    /// starts again empty.
-    fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
             self.queued += self.tail.len();
-            let bytes = Vec::from(std::mem::take(&mut self.tail));
-            self.chunks.push_back(Bytes::from(bytes));
+            self.chunks.push_back(self.tail.split().freeze());
         }
+        self.queued += data.len();
+        self.chunks.push_back(data);
     }
 
     /// Removes the first `n` bytes (at most `len`) and appends a copy of them to `out`.
@@ -132,23 +125,15 @@ impl SendBuf {
                 front.advance(k);
             }
         }
-        if n > 0 {
-            let n = n.min(self.tail.len());
-            let (first, second) = self.tail.as_slices();
-            let k = n.min(first.len());
-            out.extend_from_slice(&first[..k]);
-            out.extend_from_slice(&second[..n - k]);
-            self.tail.drain(..n);
-        }
+        let n = n.min(self.tail.len());
+        out.extend_from_slice(&self.tail[..n]);
+        self.tail.advance(n);
     }
 
     /// Removes the first `n` bytes (at most `len`) and appends them to `out` as shared
     /// slices, without copying.
     pub(crate) fn split_to(&mut self, mut n: usize, out: &mut Vec<Bytes>) {
         debug_assert!(n <= self.len());
-        if self.queued < n {
-            self.seal_tail();
-        }
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 break;
@@ -164,6 +149,10 @@ impl SendBuf {
                 self.queued -= n;
                 n = 0;
             }
+        }
+        let n = n.min(self.tail.len());
+        if n > 0 {
+            out.push(self.tail.split_to(n).freeze());
         }
     }
 }
@@ -190,6 +179,35 @@ mod tests {
             (0usize..150_000).prop_map(Op::TakeCopy),
             (0usize..150_000).prop_map(Op::TakeShared),
         ]
+    }
+
+    /// A runtime that transmits shared slices and drops them once encrypted must not cost
+    /// an allocation per write: the tail takes its allocation back.
+    #[test]
+    fn the_tail_reuses_its_allocation_once_shared_slices_are_dropped() {
+        let mut buf = SendBuf::default();
+        let data = vec![7u8; 64 * 1024];
+        buf.extend_from_slice(&data);
+        let mut out = Vec::new();
+        buf.split_to(data.len(), &mut out);
+        let first = out[0].as_ptr();
+        out.clear();
+        for round in 0..8 {
+            buf.extend_from_slice(&data);
+            buf.split_to(data.len(), &mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].as_ptr(), first, "round {round} allocated afresh");
+            assert!(out[0].iter().all(|&b| b == 7));
+            out.clear();
+        }
+        // While a slice is still alive its bytes are never overwritten.
+        buf.extend_from_slice(&data);
+        buf.split_to(data.len(), &mut out);
+        buf.extend_from_slice(&[9u8; 1000]);
+        assert!(
+            out[0].iter().all(|&b| b == 7),
+            "a live slice was overwritten"
+        );
     }
 
     proptest! {
