@@ -628,20 +628,9 @@ impl Driver {
     fn encrypt_out(&mut self) -> io::Result<()> {
         let slices: Vec<io::IoSlice<'_>> =
             self.plain_out.iter().map(|c| io::IoSlice::new(c)).collect();
-        let mut n = self.tls.writer().write_vectored(&slices)?;
+        let n = self.tls.writer().write_vectored(&slices)?;
         drop(slices);
-        let done = self.plain_out.iter().take_while(|c| {
-            let whole = c.len() <= n;
-            if whole {
-                n -= c.len();
-            }
-            whole
-        });
-        let done = done.count();
-        self.plain_out.drain(..done);
-        if let Some(first) = self.plain_out.first_mut() {
-            first.advance(n);
-        }
+        consume_chunks(&mut self.plain_out, n);
         Ok(())
     }
 
@@ -662,6 +651,22 @@ impl Driver {
         s.dispatch_events();
         s.finish(Some(fluidity_proto::Error::TransportClosed));
         Poll::Ready(Err(e))
+    }
+}
+
+/// Removes the first `n` bytes from `chunks`: whole chunks, then a prefix of the next.
+fn consume_chunks(chunks: &mut Vec<Bytes>, mut n: usize) {
+    let mut whole = 0;
+    while let Some(c) = chunks.get(whole) {
+        if c.len() > n {
+            break;
+        }
+        n -= c.len();
+        whole += 1;
+    }
+    chunks.drain(..whole);
+    if let Some(first) = chunks.first_mut() {
+        first.advance(n.min(first.len()));
     }
 }
 
@@ -818,4 +823,32 @@ pub async fn accept(
         tls,
         established,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What rustls took of a vectored write leaves the queue; the rest stays, in order,
+    /// however the count falls across chunk boundaries.
+    #[test]
+    fn consumed_chunks_leave_the_queue_and_the_rest_stays_in_order() {
+        let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let sizes = [9, 300, 1, 450, 240];
+        for n in 0..=all.len() {
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for len in sizes {
+                chunks.push(Bytes::copy_from_slice(&all[at..at + len]));
+                at += len;
+            }
+            consume_chunks(&mut chunks, n);
+            assert!(
+                chunks.iter().all(|c| !c.is_empty()),
+                "n = {n}: empty chunk kept"
+            );
+            let rest: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(rest, all[n..], "n = {n}");
+        }
+    }
 }
