@@ -52,7 +52,9 @@
 //! the application's buffer, [`Connection::poll_transmit_chunks`] hands out the frames as
 //! header and payload chunks, and [`Connection::handle_input_bytes`] decodes from the
 //! driver's [`bytes::BytesMut`]. The two kinds of call may be mixed; the frames, flow
-//! control and scheduling are the same.
+//! control and scheduling are the same. Bytes copied in by [`SendStream::write`] leave
+//! through `poll_transmit_chunks` without a second copy too: they are split off the
+//! stream's buffer, whose allocation is reused once the chunks are dropped.
 //!
 //! Reading and writing never block: [`Error::Blocked`] means "wait for
 //! [`StreamEvent::Readable`] or [`StreamEvent::Writable`]". Protocol violations by the
