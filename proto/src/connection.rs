@@ -261,6 +261,14 @@ impl Connection {
         self.side == Side::Agent && self.is_ready() && !self.go_away_received && !self.go_away_sent
     }
 
+    /// Whether the peer's stream limit leaves room for one more stream (false before its
+    /// hello). An [`open`](Self::open) without room fails with [`Error::TooManyStreams`];
+    /// room comes back as streams end.
+    pub fn has_stream_room(&self) -> bool {
+        self.peer_limits()
+            .is_some_and(|p| self.streams.len() < p.max_streams as usize)
+    }
+
     /// The limits the peer advertised, once its hello has arrived.
     pub fn peer_limits(&self) -> Option<Limits> {
         self.peer.map(|h| h.limits)

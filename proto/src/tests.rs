@@ -488,8 +488,15 @@ fn server_refuses_streams_beyond_its_limit() {
     });
     let mut p = Pair::new(cfg(false), scfg);
     p.drive();
-    let _a = p.open_accepted();
+    assert!(p.agent.has_stream_room());
+    let a = p.open_accepted();
+    assert!(!p.agent.has_stream_room());
     assert_eq!(p.agent.open(p.now, target()), Err(Error::TooManyStreams));
+    // Room comes back as the stream ends.
+    p.agent.send_stream(a).reset(ErrorCode::CANCEL).unwrap();
+    assert!(p.agent.has_stream_room());
+    p.drive();
+    let _b = p.open_accepted();
 }
 
 fn expect_violation(p: &mut Pair, code: ErrorCode) {
