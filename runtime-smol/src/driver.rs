@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use bytes::{Buf, Bytes};
+use event_listener::IntoNotification;
 use fluidity_proto::{
     AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Stats, StreamEvent,
     StreamId, Target,
@@ -123,7 +124,44 @@ pub(crate) struct Shared {
     pub(crate) ready: bool,
     ready_wakers: Vec<Waker>,
     events: async_channel::Sender<TunnelEvent>,
+    /// Room for streams, for opens that found the server's stream limit reached.
+    room: Room,
 }
+
+/// Opens waiting for the tunnel to carry fewer streams than the server allows.
+#[derive(Debug, Default)]
+struct Room {
+    /// How many opens wait.
+    waiting: usize,
+    /// Notified, all at once, when a stream has ended while opens wait, and when the
+    /// tunnel closes.
+    freed: event_listener::Event,
+    /// Notified once per open that starts waiting: whoever holds an idle stream for reuse
+    /// may give it up (see [`Tunnel::room_wanted`]).
+    wanted: event_listener::Event,
+    /// When waiting was last logged; a tunnel at its limit logs it once in a while, not
+    /// once per open.
+    logged: Option<Instant>,
+}
+
+impl Room {
+    /// Says that the tunnel is at its stream limit, at most once per [`ROOM_LOG_EVERY`].
+    fn log_full(&mut self, conn: &Connection) {
+        let now = Instant::now();
+        if self.logged.is_some_and(|t| now < t + ROOM_LOG_EVERY) {
+            return;
+        }
+        self.logged = Some(now);
+        tracing::info!(
+            max_streams = conn.peer_limits().map_or(0, |l| l.max_streams),
+            "the tunnel carries as many streams as the server allows; new ones wait for one \
+             to end (the server's max_streams sets the limit)"
+        );
+    }
+}
+
+/// How often a tunnel at its stream limit says so.
+const ROOM_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Shared {
     pub(crate) fn wake_driver(&mut self) {
@@ -216,6 +254,7 @@ impl Shared {
         for w in self.ready_wakers.drain(..) {
             w.wake();
         }
+        self.room.freed.notify(usize::MAX);
         self.send_event(TunnelEvent::Closed { reason });
         self.events.close();
     }
@@ -272,18 +311,43 @@ impl Tunnel {
         s.closed.is_none() && s.conn.can_open()
     }
 
-    /// Agent: opens a stream to `target` and waits for the server's answer.
+    /// Agent: opens a stream to `target` and waits for the server's answer. When the tunnel
+    /// already carries as many streams as the server allows, it first waits for one to end
+    /// (bound it with a timeout); meanwhile [`room_wanted`](Self::room_wanted) is true.
     pub async fn open(&self, target: Target) -> Result<TunnelStream, Error> {
-        let id = {
-            let mut s = lock(&self.shared);
-            if s.closed.is_some() {
-                return Err(Error::Tunnel(fluidity_proto::Error::ConnectionClosed));
-            }
-            let id = s.conn.open(Instant::now(), target).map_err(Error::Tunnel)?;
-            s.slots.insert(id, Slot::new(SlotState::Opening));
-            s.wake_driver();
-            id
+        // Counted among the opens waiting for room from the first refusal until it is done.
+        let mut waiting: Option<WaitingForRoom<'_>> = None;
+        let id = loop {
+            let freed = {
+                let mut guard = lock(&self.shared);
+                let s = &mut *guard;
+                if s.closed.is_some() {
+                    return Err(Error::Tunnel(fluidity_proto::Error::ConnectionClosed));
+                }
+                match s.conn.open(Instant::now(), target.clone()) {
+                    Ok(id) => {
+                        s.slots.insert(id, Slot::new(SlotState::Opening));
+                        s.wake_driver();
+                        break id;
+                    }
+                    Err(fluidity_proto::Error::TooManyStreams) => {
+                        // Listening under the lock that the driver notifies under: no
+                        // room freed after this check goes unnoticed.
+                        let freed = s.room.freed.listen();
+                        if waiting.is_none() {
+                            s.room.waiting += 1;
+                            s.room.wanted.notify(1.additional());
+                            s.room.log_full(&s.conn);
+                            waiting = Some(WaitingForRoom(&self.shared));
+                        }
+                        freed
+                    }
+                    Err(e) => return Err(Error::Tunnel(e)),
+                }
+            };
+            freed.await;
         };
+        drop(waiting);
         // From here the handle owns the stream: dropping it (say, on cancellation) resets it.
         let stream = TunnelStream::new(self.shared.clone(), id);
         futures_lite::future::poll_fn(|cx| {
@@ -305,6 +369,27 @@ impl Tunnel {
         })
         .await?;
         Ok(stream)
+    }
+
+    /// Whether an open is waiting for a stream to end (see [`open`](Self::open)): a holder
+    /// of an idle stream kept for reuse should give it up.
+    pub fn room_wanted(&self) -> bool {
+        lock(&self.shared).room.waiting > 0
+    }
+
+    /// Returns once an open is waiting for a stream to end (at once if one is). Each open
+    /// that starts waiting wakes one caller.
+    pub async fn wait_room_wanted(&self) {
+        loop {
+            let wanted = {
+                let s = lock(&self.shared);
+                if s.room.waiting > 0 || s.closed.is_some() {
+                    return;
+                }
+                s.room.wanted.listen()
+            };
+            wanted.await;
+        }
     }
 
     /// Server: accepts stream `id` and returns its handle.
@@ -407,6 +492,7 @@ pub fn start(
         ready: false,
         ready_wakers: Vec::new(),
         events: tx,
+        room: Room::default(),
     }));
     let mut driver = Driver {
         shared: shared.clone(),
@@ -517,6 +603,9 @@ impl Driver {
         }
 
         s.dispatch_events();
+        if s.room.waiting > 0 && s.conn.has_stream_room() {
+            s.room.freed.notify(usize::MAX);
+        }
 
         if s.conn.is_drained() && self.plain_out.is_empty() {
             if !self.done {
@@ -651,6 +740,16 @@ impl Driver {
         s.dispatch_events();
         s.finish(Some(fluidity_proto::Error::TransportClosed));
         Poll::Ready(Err(e))
+    }
+}
+
+/// An open counted among those waiting for room, until it is done or dropped.
+struct WaitingForRoom<'a>(&'a SharedRef);
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        let mut s = lock(self.0);
+        s.room.waiting = s.room.waiting.saturating_sub(1);
     }
 }
 

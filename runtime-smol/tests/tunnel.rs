@@ -57,6 +57,16 @@ async fn serve_echo(
     listener: Async<TcpListener>,
     cfg: Arc<rustls::ServerConfig>,
 ) {
+    serve_echo_with(ex, listener, cfg, proto_config()).await
+}
+
+/// [`serve_echo`] with the server's own proto configuration.
+async fn serve_echo_with(
+    ex: Arc<smol::Executor<'static>>,
+    listener: Async<TcpListener>,
+    cfg: Arc<rustls::ServerConfig>,
+    proto: Arc<Config>,
+) {
     let (sock, _) = listener.accept().await.unwrap();
     let h = accept(
         sock,
@@ -66,7 +76,7 @@ async fn serve_echo(
     )
     .await
     .unwrap();
-    let conn = Connection::server(proto_config(), std::time::Instant::now());
+    let conn = Connection::server(proto, std::time::Instant::now());
     let (tunnel, events, driver) = start(h.sock, h.tls, conn).unwrap();
     ex.spawn(driver).detach();
     while let Ok(ev) = events.recv().await {
@@ -210,6 +220,73 @@ fn refusal_arrives_typed() {
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"ok");
+        })
+    });
+}
+
+#[test]
+fn an_open_beyond_the_stream_limit_waits_for_a_stream_to_end() {
+    run(|ex| {
+        let certs = certs();
+        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
+        let two_streams = Arc::new(Config {
+            require_auth: false,
+            limits: fluidity_proto::Limits {
+                max_streams: 2,
+                ..fluidity_proto::Limits::default()
+            },
+            ..Config::default()
+        });
+        ex.spawn(serve_echo_with(
+            ex.clone(),
+            listener,
+            certs.server,
+            two_streams,
+        ))
+        .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            let target = || Target::parse("echo.test:7").unwrap();
+            let first = tunnel.open(target()).await.unwrap();
+            let _second = tunnel.open(target()).await.unwrap();
+            assert!(!tunnel.room_wanted());
+
+            // A third open waits instead of failing, and says so.
+            let wanted = ex2.spawn({
+                let t = tunnel.clone();
+                async move { t.wait_room_wanted().await }
+            });
+            let third = ex2.spawn({
+                let t = tunnel.clone();
+                async move { t.open(target()).await }
+            });
+            wanted.await;
+            assert!(tunnel.room_wanted());
+            assert!(!third.is_finished(), "opened beyond the server's limit");
+
+            // A stream ends: the waiting open goes through, and its stream works.
+            drop(first);
+            let mut s = third.await.expect("the waiting open failed");
+            assert!(!tunnel.room_wanted());
+            s.write_all(b"third").await.unwrap();
+            s.close().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"third");
+            drop(s);
+
+            // An open waiting when the tunnel closes gets an error, not a hang.
+            let _again = tunnel.open(target()).await.unwrap();
+            let fourth = ex2.spawn({
+                let t = tunnel.clone();
+                async move { t.open(target()).await }
+            });
+            tunnel.wait_room_wanted().await;
+            tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "test over");
+            assert!(fourth.await.is_err(), "a waiting open outlived its tunnel");
+            assert!(!tunnel.room_wanted());
         })
     });
 }
