@@ -337,14 +337,6 @@ impl Dialer for TunnelDialer {
             match tunnel.open(target.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),
-                Err(fluidity_runtime_smol::Error::Tunnel(
-                    fluidity_proto::Error::TooManyStreams,
-                )) => {
-                    return Err(DialError::Refused(fluidity_proto::OpenRefusal::new(
-                        fluidity_proto::RefusalReason::TooManyStreams,
-                        "the tunnel carries as many streams as the server allows",
-                    )))
-                }
                 Err(e) if attempt == 0 && !tunnel.can_open() => {
                     tracing::debug!(error = %e, "tunnel unusable; reconnecting");
                     lock(&self.inner.current).take();
@@ -353,5 +345,19 @@ impl Dialer for TunnelDialer {
             }
         }
         Err(DialError::TunnelDown("the tunnel keeps failing".into()))
+    }
+
+    fn room_wanted(&self) -> bool {
+        lock(&self.inner.current)
+            .as_ref()
+            .is_some_and(Tunnel::room_wanted)
+    }
+
+    async fn wait_room_wanted(&self) {
+        let current = lock(&self.inner.current).clone();
+        match current {
+            Some(tunnel) => tunnel.wait_room_wanted().await,
+            None => std::future::pending().await,
+        }
     }
 }

@@ -6,11 +6,11 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use fluidity_tests::e2e::client::{
-    connect_via, payload_sha256, read_head_bytewise, seeded_payload, Sha256,
+    connect_via, parse_status, payload_sha256, read_head_bytewise, seeded_payload, Sha256,
 };
 use fluidity_tests::e2e::origin::{EchoOrigin, FloodOrigin, HttpOrigin};
 use fluidity_tests::e2e::proc::wait_for;
-use fluidity_tests::e2e::{curl, watchdog, Tunnel};
+use fluidity_tests::e2e::{curl, watchdog, AgentOptions, Tunnel};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -213,43 +213,135 @@ fn a_stalled_reader_does_not_slow_another_stream_and_its_memory_stays_bounded() 
 }
 
 #[test]
-fn streams_beyond_the_server_limit_get_503_and_free_slots_are_reused() {
-    const LIMIT: usize = 16;
+fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_give_way() {
+    const LIMIT: usize = 4;
     let _wd = watchdog("stream_limit", Duration::from_secs(120));
-    let t = Tunnel::with(fluidity_tests::e2e::ServerOptions {
-        config: Some(format!("max_streams = {LIMIT}\n")),
-        ..Default::default()
-    });
+    // A long head timeout: an idle keep-alive connection below must give its stream up
+    // because another client waits, not because it expired.
+    let (_config_dir, args) = agent_config_args("head_timeout_secs = 600\n");
+    let t = Tunnel::with_agent(
+        fluidity_tests::e2e::ServerOptions {
+            config: Some(format!("max_streams = {LIMIT}\n")),
+            ..Default::default()
+        },
+        AgentOptions {
+            args,
+            ..Default::default()
+        },
+    );
     let echo = EchoOrigin::start();
     let target = echo.addr().to_string();
-    for round in 0..2 {
-        let mut held = Vec::new();
-        let mut refused = 0;
-        for _ in 0..LIMIT + 4 {
+    let waits = |t: &mut Tunnel| {
+        t.agent.proc.wait_log(Duration::from_secs(30), |l| {
+            l.contains("as many streams as the server allows")
+        })
+    };
+
+    // The limit reached, one more CONNECT waits instead of failing.
+    let mut held: Vec<_> = (0..LIMIT)
+        .map(|_| {
             let (status, s) = connect_via(t.proxy(), &target).expect("CONNECT");
-            match status {
-                200 => held.push(s),
-                503 => refused += 1,
-                other => panic!("CONNECT beyond the limit answered {other}"),
-            }
-        }
-        assert_eq!(
-            (held.len(), refused),
-            (LIMIT, 4),
-            "round {round}: {LIMIT} streams open, the rest refused with 503"
-        );
-        // Every open stream works.
-        for (i, s) in held.iter_mut().enumerate() {
-            let msg = seeded_payload(i as u64, 1024);
-            s.write_all(&msg).expect("write");
-            let mut back = vec![0u8; msg.len()];
-            s.read_exact(&mut back).expect("read");
-            assert_eq!(back, msg, "stream {i}");
-        }
-        drop(held);
-        // Closed streams give their slots back; wait until the server has let go.
-        wait_for("the streams to close", Duration::from_secs(30), || {
-            (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
-        });
+            assert_eq!(status, 200);
+            s
+        })
+        .collect();
+    let proxy = t.proxy();
+    let extra_target = target.clone();
+    let extra = std::thread::spawn(move || connect_via(proxy, &extra_target));
+    let mut t = t;
+    assert!(waits(&mut t), "no waiting logged:\n{}", t.agent.proc.log());
+    assert!(
+        !extra.is_finished(),
+        "a CONNECT beyond the limit was answered"
+    );
+    // A stream ends: the waiting CONNECT gets its slot and works.
+    drop(held.pop());
+    let (status, mut s) = extra.join().expect("CONNECT thread").expect("CONNECT");
+    assert_eq!(status, 200, "the waiting CONNECT");
+    s.write_all(b"waited").expect("write");
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).expect("read");
+    assert_eq!(&back, b"waited");
+    held.push(s);
+    for (i, s) in held.iter_mut().enumerate() {
+        let msg = seeded_payload(i as u64, 1024);
+        s.write_all(&msg).expect("write");
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).expect("read");
+        assert_eq!(back, msg, "stream {i}");
+    }
+    drop(held);
+    wait_for("the streams to close", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
+    });
+
+    // A keep-alive client whose connection sits idle keeps its stream for its next
+    // request, but gives it up as soon as another client waits for one.
+    let origin = HttpOrigin::start("kept");
+    let mut idle = KeptAlive::open(t.proxy());
+    assert_eq!(
+        idle.get(&origin.url("/hello")),
+        (200, "hello from kept\n".into())
+    );
+    wait_for("the kept stream", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == 1.0).then_some(())
+    });
+    let mut held: Vec<_> = (0..LIMIT - 1)
+        .map(|_| connect_via(t.proxy(), &target).expect("CONNECT").1)
+        .collect();
+    let (status, s) = connect_via(t.proxy(), &target).expect("CONNECT");
+    assert_eq!(status, 200, "the idle connection's stream was not given up");
+    held.push(s);
+    // The idle client's next request opens a new stream once one is free.
+    drop(held.pop());
+    assert_eq!(
+        idle.get(&origin.url("/hello")),
+        (200, "hello from kept\n".into())
+    );
+}
+
+/// `--config FILE` arguments for an agent whose configuration file holds `toml`, and the
+/// folder that holds the file (keep it while the agent runs).
+fn agent_config_args(toml: &str) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().expect("config dir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, toml).expect("writing the agent config");
+    (dir, vec!["--config".into(), path.display().to_string()])
+}
+
+/// One client connection to the proxy that sends GETs one after another (keep-alive).
+struct KeptAlive {
+    s: std::net::TcpStream,
+}
+
+impl KeptAlive {
+    fn open(proxy: std::net::SocketAddr) -> KeptAlive {
+        let s = std::net::TcpStream::connect(proxy).expect("connecting to the proxy");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("read timeout");
+        KeptAlive { s }
+    }
+
+    /// Status and body of a GET of `url` (a Content-Length response).
+    fn get(&mut self, url: &str) -> (u16, String) {
+        let host = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        write!(self.s, "GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("request");
+        let head = read_head_bytewise(&mut self.s).expect("response head");
+        let status = parse_status(&head).expect("status");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .expect("a Content-Length");
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).expect("response body");
+        (status, String::from_utf8_lossy(&body).into_owned())
     }
 }

@@ -15,7 +15,7 @@ use fluidity_proto::{RefusalReason, Target};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncWriteExt, FutureExt};
 
 use super::head::{
     self, parse_absolute_target, AbsoluteTarget, Framing, HeadError, Header, Headers, RequestHead,
@@ -64,7 +64,23 @@ where
     let mut first = true;
     let mut head_deadline = LazyTimer::new();
     loop {
-        let reading = read_head(cin, head::parse_request_head);
+        let (kept, inb) = (&mut upstream, &mut *cin);
+        let reading = async move {
+            if kept.is_some() {
+                let next = async { Some(read_head(inb, head::parse_request_head).await) };
+                let room_wanted = async {
+                    dialer.wait_room_wanted().await;
+                    None
+                };
+                if let Some(r) = next.or(room_wanted).await {
+                    return r;
+                }
+                // Another client waits for a stream: an idle one kept for this client's
+                // next request is worth less. Its next request opens a new one.
+                *kept = None;
+            }
+            read_head(inb, head::parse_request_head).await
+        };
         let head = match head_deadline.run(cfg.head_timeout, reading).await {
             // An idle keep-alive connection simply expires.
             None if !first && cin.buffered().is_empty() => return Ok(()),
@@ -437,7 +453,9 @@ where
                 client_keep,
                 upstream_keep,
             } => {
-                if !upstream_keep {
+                // Kept for this client's next request, unless another client waits for a
+                // stream (the tunnel is at the server's stream limit).
+                if !upstream_keep || dialer.room_wanted() {
                     *upstream = None;
                 }
                 return Ok(if client_keep {

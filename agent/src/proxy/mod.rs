@@ -36,6 +36,19 @@ pub trait Dialer: Send + Sync + 'static {
 
     /// Opens a stream to `target`. Must finish in bounded time, with a stream or a reason.
     fn open(&self, target: Target) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
+
+    /// Whether an open is waiting for another stream to end (the tunnel is at its stream
+    /// limit). A client connection that keeps an idle stream for its next request gives
+    /// it up then. Never, unless the dialer has such a limit.
+    fn room_wanted(&self) -> bool {
+        false
+    }
+
+    /// Returns when an open starts waiting for another stream to end (see
+    /// [`room_wanted`](Self::room_wanted)). Never, unless the dialer has such a limit.
+    fn wait_room_wanted(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Why a stream could not be opened.
@@ -147,7 +160,11 @@ async fn dial<D: Dialer>(
         Some(r) => r,
         None => Err(DialError::Refused(OpenRefusal::new(
             RefusalReason::TimedOut,
-            format!("the tunnel gave no answer within {:?}", cfg.dial_timeout),
+            format!(
+                "no stream within {:?}: the tunnel gave no answer, or all the streams the \
+                 server allows stayed in use",
+                cfg.dial_timeout
+            ),
         ))),
     }
 }
