@@ -133,8 +133,8 @@ pub(crate) struct Shared {
 struct Room {
     /// How many opens wait.
     waiting: usize,
-    /// Notified, all at once, when a stream has ended while opens wait, and when the
-    /// tunnel closes.
+    /// Notified, all at once, when a stream has ended while opens wait, when no stream can
+    /// be opened any more (goaway), and when the tunnel closes.
     freed: event_listener::Event,
     /// Notified once per open that starts waiting: whoever holds an idle stream for reuse
     /// may give it up (see [`Tunnel::room_wanted`]).
@@ -603,7 +603,9 @@ impl Driver {
         }
 
         s.dispatch_events();
-        if s.room.waiting > 0 && s.conn.has_stream_room() {
+        // Opens waiting for room try again when a stream has ended, and get their answer
+        // at once when no stream can be opened any more (a goaway either way).
+        if s.room.waiting > 0 && (s.conn.has_stream_room() || !s.conn.can_open()) {
             s.room.freed.notify(usize::MAX);
         }
 
