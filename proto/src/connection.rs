@@ -261,12 +261,13 @@ impl Connection {
         self.side == Side::Agent && self.is_ready() && !self.go_away_received && !self.go_away_sent
     }
 
-    /// Whether the peer's stream limit leaves room for one more stream (false before its
-    /// hello). An [`open`](Self::open) without room fails with [`Error::TooManyStreams`];
-    /// room comes back as streams end.
-    pub fn has_stream_room(&self) -> bool {
-        self.peer_limits()
-            .is_some_and(|p| self.streams.len() < p.max_streams as usize)
+    /// How many more streams the peer's stream limit leaves room for (0 before its hello).
+    /// An [`open`](Self::open) without room fails with [`Error::TooManyStreams`]; room comes
+    /// back as streams end.
+    pub fn stream_room(&self) -> usize {
+        self.peer_limits().map_or(0, |p| {
+            (p.max_streams as usize).saturating_sub(self.streams.len())
+        })
     }
 
     /// The limits the peer advertised, once its hello has arrived.
@@ -895,6 +896,20 @@ impl Connection {
         }
     }
 
+    /// Server: the streams the agent still counts against `max_streams`. The agent forgets
+    /// a stream once its FIN has gone both ways; this side keeps it until its application
+    /// has read the agent's FIN as well, which can come after the agent's next OPEN. Those
+    /// streams do not count, or an open the agent was entitled to would be refused.
+    fn streams_counted_by_agent(&self) -> usize {
+        if self.streams.len() < self.limits.max_streams as usize {
+            return self.streams.len();
+        }
+        self.streams
+            .values()
+            .filter(|s| !(s.send.is_done() && s.recv.fin_received))
+            .count()
+    }
+
     fn remove_stream(&mut self, id: StreamId) {
         // The round-robin skips ids that no longer exist.
         self.streams.remove(&id);
@@ -1175,7 +1190,7 @@ impl Connection {
                 RefusalReason::GoingAway,
                 "server is shutting down",
             ))
-        } else if self.streams.len() >= self.limits.max_streams as usize {
+        } else if self.streams_counted_by_agent() >= self.limits.max_streams as usize {
             Some(OpenRefusal::new(
                 RefusalReason::TooManyStreams,
                 format!("limit of {} streams reached", self.limits.max_streams),

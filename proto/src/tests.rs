@@ -488,15 +488,60 @@ fn server_refuses_streams_beyond_its_limit() {
     });
     let mut p = Pair::new(cfg(false), scfg);
     p.drive();
-    assert!(p.agent.has_stream_room());
+    assert_eq!(p.agent.stream_room(), 1);
     let a = p.open_accepted();
-    assert!(!p.agent.has_stream_room());
+    assert_eq!(p.agent.stream_room(), 0);
     assert_eq!(p.agent.open(p.now, target()), Err(Error::TooManyStreams));
     // Room comes back as the stream ends.
     p.agent.send_stream(a).reset(ErrorCode::CANCEL).unwrap();
-    assert!(p.agent.has_stream_room());
+    assert_eq!(p.agent.stream_room(), 1);
     p.drive();
     let _b = p.open_accepted();
+}
+
+/// The agent forgets a stream once its FIN has gone both ways and may open the next one in
+/// the same batch as its FIN, before the server's application has read that FIN: the
+/// server must not count the finished stream against the limit.
+#[test]
+fn an_open_right_behind_the_fin_that_ended_a_stream_is_not_refused() {
+    let scfg = Arc::new(Config {
+        require_auth: false,
+        limits: Limits {
+            max_streams: 1,
+            ..Limits::default()
+        },
+        ..Config::default()
+    });
+    let mut p = Pair::new(cfg(false), scfg);
+    p.drive();
+    let a = p.open_accepted();
+    // The server's side ends first; the agent reads the end and ends its own side.
+    p.server.send_stream(a).finish().unwrap();
+    p.drive();
+    assert_eq!(p.agent.recv_stream(a).read(1024), Ok(None));
+    p.agent.send_stream(a).finish().unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(
+        p.agent.stream_room(),
+        1,
+        "the agent still counts the ended stream"
+    );
+    let b = p.agent.open(p.now, target()).unwrap();
+    p.agent.poll_transmit(p.now, &mut out);
+    // The server takes the FIN and the OPEN together; its application has not read a's end.
+    assert_eq!(p.server.handle_input(p.now, &out), out.len());
+    p.drive();
+    let requested = p
+        .server_events
+        .iter()
+        .any(|e| matches!(e, Event::Stream(StreamEvent::OpenRequested { id, .. }) if *id == b));
+    assert!(requested, "the open was refused: {:?}", p.agent_events);
+    // A further open is refused while b is alive: the limit still holds.
+    p.server.accept_open(b).unwrap();
+    p.drive();
+    assert_eq!(p.server.recv_stream(a).read(1024), Ok(None));
+    assert_eq!(p.agent.open(p.now, target()), Err(Error::TooManyStreams));
 }
 
 fn expect_violation(p: &mut Pair, code: ErrorCode) {
