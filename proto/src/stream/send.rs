@@ -72,9 +72,8 @@ pub(crate) struct SendBuf {
     /// Older bytes, in order; never holds an empty chunk.
     chunks: VecDeque<Bytes>,
     /// Newer bytes, after every chunk. Shared transmits split slices off its front without
-    /// copying; once they have been dropped (a runtime encrypts them at once), the
-    /// allocation is unique again and `BytesMut` reuses it instead of allocating, moving
-    /// only the few bytes still untransmitted.
+    /// copying; once they have been dropped (a runtime usually encrypts them at once), the
+    /// allocation is unique again and is reused instead of a new one.
     tail: BytesMut,
     /// Bytes in `chunks`.
     queued: usize,
@@ -91,6 +90,15 @@ impl SendBuf {
 
     /// Appends a copy of `data`.
     pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
+        if self.tail.capacity() - self.tail.len() < data.len()
+            && !self.tail.is_empty()
+            && !self.tail.try_reclaim(data.len())
+        {
+            // Making room would move the untransmitted bytes, or grow an allocation that
+            // still holds them: they leave as a chunk instead, and the tail starts afresh.
+            self.queued += self.tail.len();
+            self.chunks.push_back(self.tail.split().freeze());
+        }
         self.tail.extend_from_slice(data);
     }
 
@@ -208,6 +216,28 @@ mod tests {
             out[0].iter().all(|&b| b == 7),
             "a live slice was overwritten"
         );
+    }
+
+    /// Bytes the transmitter has not taken yet stay where they are when a write needs more
+    /// room than the tail has: no move, no doubled allocation; they leave as a chunk.
+    #[test]
+    fn a_backlog_is_sealed_instead_of_moved_or_grown() {
+        let mut buf = SendBuf::default();
+        buf.extend_from_slice(&[1u8; 200 * 1024]);
+        let mut out = Vec::new();
+        buf.split_to(100 * 1024, &mut out);
+        out.clear();
+        let backlog = buf.tail.as_ptr();
+        let capacity = buf.tail.capacity();
+        buf.extend_from_slice(&[2u8; 150 * 1024]);
+        assert_eq!(buf.len(), 250 * 1024);
+        assert_eq!(buf.chunks.len(), 1, "the backlog was not sealed");
+        assert_eq!(buf.chunks[0].as_ptr(), backlog, "the backlog moved");
+        assert!(buf.tail.capacity() <= capacity.max(150 * 1024) * 2);
+        let mut all = Vec::new();
+        buf.copy_to(buf.len(), &mut all);
+        assert!(all[..100 * 1024].iter().all(|&b| b == 1));
+        assert!(all[100 * 1024..].iter().all(|&b| b == 2));
     }
 
     proptest! {
