@@ -133,8 +133,9 @@ pub(crate) struct Shared {
 struct Room {
     /// How many opens wait.
     waiting: usize,
-    /// Notified, all at once, when a stream has ended while opens wait, when no stream can
-    /// be opened any more (goaway), and when the tunnel closes.
+    /// Notified, one waiting open per stream of room (longest waiting first), when streams
+    /// have ended while opens wait; all at once when no stream can be opened any more (a
+    /// goaway) and when the tunnel closes.
     freed: event_listener::Event,
     /// Notified once per open that starts waiting: whoever holds an idle stream for reuse
     /// may give it up (see [`Tunnel::room_wanted`]).
@@ -300,6 +301,11 @@ impl Tunnel {
         .await
     }
 
+    /// Whether `other` is a handle on the same tunnel.
+    pub fn is_same(&self, other: &Tunnel) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether the tunnel has closed (lost or drained).
     pub fn is_closed(&self) -> bool {
         lock(&self.shared).closed.is_some()
@@ -324,26 +330,34 @@ impl Tunnel {
                 if s.closed.is_some() {
                     return Err(Error::Tunnel(fluidity_proto::Error::ConnectionClosed));
                 }
-                match s.conn.open(Instant::now(), target.clone()) {
-                    Ok(id) => {
-                        s.slots.insert(id, Slot::new(SlotState::Opening));
-                        s.wake_driver();
-                        break id;
-                    }
-                    Err(fluidity_proto::Error::TooManyStreams) => {
-                        // Listening under the lock that the driver notifies under: no
-                        // room freed after this check goes unnoticed.
-                        let freed = s.room.freed.listen();
-                        if waiting.is_none() {
-                            s.room.waiting += 1;
-                            s.room.wanted.notify(1.additional());
-                            s.room.log_full(&s.conn);
-                            waiting = Some(WaitingForRoom(&self.shared));
+                // A newcomer queues behind the opens already waiting rather than take the
+                // room freed for them.
+                let queue = waiting.is_none() && s.room.waiting > 0 && s.conn.can_open();
+                if !queue {
+                    match s.conn.open(Instant::now(), target.clone()) {
+                        Ok(id) => {
+                            s.slots.insert(id, Slot::new(SlotState::Opening));
+                            s.wake_driver();
+                            break id;
                         }
-                        freed
+                        Err(fluidity_proto::Error::TooManyStreams) => {}
+                        Err(e) => return Err(Error::Tunnel(e)),
                     }
-                    Err(e) => return Err(Error::Tunnel(e)),
                 }
+                // Listening under the lock that the driver notifies under: no room freed
+                // after this check goes unnoticed.
+                let freed = s.room.freed.listen();
+                if waiting.is_none() {
+                    s.room.waiting += 1;
+                    s.room.wanted.notify(1.additional());
+                    s.room.log_full(&s.conn);
+                    waiting = Some(WaitingForRoom(&self.shared));
+                    if s.conn.stream_room() > 0 {
+                        // Room the earlier opens have not taken yet: the driver hands it out.
+                        s.wake_driver();
+                    }
+                }
+                freed
             };
             freed.await;
         };
@@ -377,8 +391,8 @@ impl Tunnel {
         lock(&self.shared).room.waiting > 0
     }
 
-    /// Returns once an open is waiting for a stream to end (at once if one is). Each open
-    /// that starts waiting wakes one caller.
+    /// Returns once an open is waiting for a stream to end (at once if one is), or the
+    /// tunnel is closed. Each open that starts waiting wakes one caller.
     pub async fn wait_room_wanted(&self) {
         loop {
             let wanted = {
@@ -587,8 +601,13 @@ impl Driver {
                     break;
                 }
             }
-            if !self.plain_out.is_empty() || write_blocked {
+            if write_blocked {
                 break;
+            }
+            if !self.plain_out.is_empty() {
+                // rustls took part (its buffer limit), and its records are out now: it
+                // takes the rest on the next pass.
+                continue;
             }
             let n = s.conn.poll_transmit_chunks(now, &mut self.plain_out);
             if n == 0 {
@@ -603,10 +622,17 @@ impl Driver {
         }
 
         s.dispatch_events();
-        // Opens waiting for room try again when a stream has ended, and get their answer
-        // at once when no stream can be opened any more (a goaway either way).
-        if s.room.waiting > 0 && (s.conn.has_stream_room() || !s.conn.can_open()) {
-            s.room.freed.notify(usize::MAX);
+        // As many waiting opens as there is room try again, longest waiting first; all get
+        // their answer at once when no stream can be opened any more (a goaway either way).
+        if s.room.waiting > 0 {
+            let room = if s.conn.can_open() {
+                s.conn.stream_room()
+            } else {
+                usize::MAX
+            };
+            if room > 0 {
+                s.room.freed.notify(room);
+            }
         }
 
         if s.conn.is_drained() && self.plain_out.is_empty() {

@@ -266,15 +266,26 @@ fn an_open_beyond_the_stream_limit_waits_for_a_stream_to_end() {
             assert!(tunnel.room_wanted());
             assert!(!third.is_finished(), "opened beyond the server's limit");
 
-            // A stream ends: the waiting open goes through, and its stream works.
+            // A later open queues behind it.
+            let mut later = Box::pin(tunnel.open(target()));
+            assert!(futures_lite::future::poll_once(&mut later).await.is_none());
+
+            // A stream ends: the longest waiting open goes through, and its stream works.
             drop(first);
             let mut s = third.await.expect("the waiting open failed");
-            assert!(!tunnel.room_wanted());
+            assert!(
+                futures_lite::future::poll_once(&mut later).await.is_none(),
+                "the later open took the room"
+            );
+            assert!(tunnel.room_wanted());
             s.write_all(b"third").await.unwrap();
             s.close().await.unwrap();
             let mut got = Vec::new();
             s.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"third");
+            drop(s);
+            let s = later.await.expect("the later open failed");
+            assert!(!tunnel.room_wanted());
             drop(s);
 
             // An open waiting when the tunnel stops taking streams (a goaway) gets an
