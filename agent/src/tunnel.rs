@@ -339,7 +339,12 @@ impl Dialer for TunnelDialer {
                 Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),
                 Err(e) if attempt == 0 && !tunnel.can_open() => {
                     tracing::debug!(error = %e, "tunnel unusable; reconnecting");
-                    lock(&self.inner.current).take();
+                    // Only this tunnel: the current one may already be its replacement
+                    // (an open can wait long for room).
+                    let mut current = lock(&self.inner.current);
+                    if current.as_ref().is_some_and(|t| t.is_same(&tunnel)) {
+                        current.take();
+                    }
                 }
                 Err(e) => return Err(DialError::TunnelDown(e.to_string())),
             }

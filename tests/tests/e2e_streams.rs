@@ -287,7 +287,11 @@ fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_giv
         (t.server.metric("fluidity_streams_active") == 1.0).then_some(())
     });
     let mut held: Vec<_> = (0..LIMIT - 1)
-        .map(|_| connect_via(t.proxy(), &target).expect("CONNECT").1)
+        .map(|_| {
+            let (status, s) = connect_via(t.proxy(), &target).expect("CONNECT");
+            assert_eq!(status, 200);
+            s
+        })
         .collect();
     let (status, s) = connect_via(t.proxy(), &target).expect("CONNECT");
     assert_eq!(status, 200, "the idle connection's stream was not given up");

@@ -359,6 +359,9 @@ where
     }
 
     if is_connect {
+        // The connection becomes a tunnel of its own: a stream kept for its next request
+        // will not be used again, and the CONNECT may be waiting for its very room.
+        *upstream = None;
         return connect(&head, cin, cw, peer, dialer, cfg).await;
     }
 
