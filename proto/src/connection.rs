@@ -896,18 +896,26 @@ impl Connection {
         }
     }
 
-    /// Server: the streams the agent still counts against `max_streams`. The agent forgets
-    /// a stream once its FIN has gone both ways; this side keeps it until its application
-    /// has read the agent's FIN as well, which can come after the agent's next OPEN. Those
-    /// streams do not count, or an open the agent was entitled to would be refused.
-    fn streams_counted_by_agent(&self) -> usize {
-        if self.streams.len() < self.limits.max_streams as usize {
-            return self.streams.len();
+    /// Server: whether the agent's streams fill `max_streams`. The agent forgets a stream
+    /// once its FIN has gone both ways; this side keeps it until its application has read
+    /// the agent's FIN as well, which can come after the agent's next OPEN. Those streams
+    /// do not count, or an open the agent was entitled to would be refused; but no more
+    /// than `max_streams` of them, so that an application that never reads cannot let the
+    /// streams (and their sockets) grow without bound.
+    fn at_stream_limit(&self) -> bool {
+        let max = self.limits.max_streams as usize;
+        if self.streams.len() < max {
+            return false;
         }
-        self.streams
+        if self.streams.len() >= max.saturating_mul(2) {
+            return true;
+        }
+        let counted = self
+            .streams
             .values()
             .filter(|s| !(s.send.is_done() && s.recv.fin_received))
-            .count()
+            .count();
+        counted >= max
     }
 
     fn remove_stream(&mut self, id: StreamId) {
@@ -1190,7 +1198,7 @@ impl Connection {
                 RefusalReason::GoingAway,
                 "server is shutting down",
             ))
-        } else if self.streams_counted_by_agent() >= self.limits.max_streams as usize {
+        } else if self.at_stream_limit() {
             Some(OpenRefusal::new(
                 RefusalReason::TooManyStreams,
                 format!("limit of {} streams reached", self.limits.max_streams),

@@ -544,6 +544,37 @@ fn an_open_right_behind_the_fin_that_ended_a_stream_is_not_refused() {
     assert_eq!(p.agent.open(p.now, target()), Err(Error::TooManyStreams));
 }
 
+/// Streams that ended both ways but whose end the server's application never reads do not
+/// count against `max_streams`, but no more than `max_streams` of them are let in.
+#[test]
+fn streams_the_server_application_never_finishes_are_capped() {
+    let scfg = Arc::new(Config {
+        require_auth: false,
+        limits: Limits {
+            max_streams: 1,
+            ..Limits::default()
+        },
+        ..Config::default()
+    });
+    let mut p = Pair::new(cfg(false), scfg);
+    p.drive();
+    for _ in 0..2 {
+        let id = p.open_accepted();
+        p.server.send_stream(id).finish().unwrap();
+        p.drive();
+        assert_eq!(p.agent.recv_stream(id).read(1024), Ok(None));
+        p.agent.send_stream(id).finish().unwrap();
+        p.drive();
+    }
+    let third = p.agent.open(p.now, target()).unwrap();
+    p.drive();
+    let refused = p.agent_events.iter().any(|e| {
+        matches!(e, Event::Stream(StreamEvent::Refused { id, refusal })
+            if *id == third && refusal.reason == RefusalReason::TooManyStreams)
+    });
+    assert!(refused, "a third stream was let in: {:?}", p.agent_events);
+}
+
 fn expect_violation(p: &mut Pair, code: ErrorCode) {
     p.collect();
     let lost = p.server_events.iter().find_map(|e| match e {
