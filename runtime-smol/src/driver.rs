@@ -133,12 +133,13 @@ pub(crate) struct Shared {
 struct Room {
     /// How many opens wait.
     waiting: usize,
-    /// Notified, one waiting open per stream of room (longest waiting first), when streams
-    /// have ended while opens wait; all at once when no stream can be opened any more (a
-    /// goaway) and when the tunnel closes.
+    /// Notified, one waiting open per stream of room (roughly longest waiting first: one
+    /// that loses a race queues again), when streams have ended while opens wait; all at
+    /// once when no stream can be opened any more (a goaway) and when the tunnel closes.
     freed: event_listener::Event,
-    /// Notified once per open that starts waiting: whoever holds an idle stream for reuse
-    /// may give it up (see [`Tunnel::room_wanted`]).
+    /// Notified once per open that starts waiting for lack of room, and for all when the
+    /// tunnel closes: whoever holds an idle stream for reuse may give it up (see
+    /// [`Tunnel::room_wanted`]).
     wanted: event_listener::Event,
     /// When waiting was last logged; a tunnel at its limit logs it once in a while, not
     /// once per open.
@@ -256,6 +257,7 @@ impl Shared {
             w.wake();
         }
         self.room.freed.notify(usize::MAX);
+        self.room.wanted.notify(usize::MAX);
         self.send_event(TunnelEvent::Closed { reason });
         self.events.close();
     }
@@ -349,12 +351,13 @@ impl Tunnel {
                 let freed = s.room.freed.listen();
                 if waiting.is_none() {
                     s.room.waiting += 1;
-                    s.room.wanted.notify(1.additional());
-                    s.room.log_full(&s.conn);
                     waiting = Some(WaitingForRoom(&self.shared));
                     if s.conn.stream_room() > 0 {
                         // Room the earlier opens have not taken yet: the driver hands it out.
                         s.wake_driver();
+                    } else {
+                        s.room.wanted.notify(1.additional());
+                        s.room.log_full(&s.conn);
                     }
                 }
                 freed
