@@ -476,8 +476,8 @@ fn eof_after_goaway_with_an_incomplete_stream_is_reported() {
     )));
 }
 
-#[test]
-fn server_refuses_streams_beyond_its_limit() {
+/// A ready pair whose server lets the agent have one stream at a time.
+fn one_stream_pair() -> Pair {
     let scfg = Arc::new(Config {
         require_auth: false,
         limits: Limits {
@@ -488,6 +488,22 @@ fn server_refuses_streams_beyond_its_limit() {
     });
     let mut p = Pair::new(cfg(false), scfg);
     p.drive();
+    p
+}
+
+/// Ends stream `id` both ways, the server's side first: the agent reads the end and
+/// finishes its own side (its FIN not yet transmitted). The server's application does
+/// not read the agent's end.
+fn end_from_the_server_side(p: &mut Pair, id: StreamId) {
+    p.server.send_stream(id).finish().unwrap();
+    p.drive();
+    assert_eq!(p.agent.recv_stream(id).read(1024), Ok(None));
+    p.agent.send_stream(id).finish().unwrap();
+}
+
+#[test]
+fn server_refuses_streams_beyond_its_limit() {
+    let mut p = one_stream_pair();
     assert_eq!(p.agent.stream_room(), 1);
     let a = p.open_accepted();
     assert_eq!(p.agent.stream_room(), 0);
@@ -504,22 +520,9 @@ fn server_refuses_streams_beyond_its_limit() {
 /// server must not count the finished stream against the limit.
 #[test]
 fn an_open_right_behind_the_fin_that_ended_a_stream_is_not_refused() {
-    let scfg = Arc::new(Config {
-        require_auth: false,
-        limits: Limits {
-            max_streams: 1,
-            ..Limits::default()
-        },
-        ..Config::default()
-    });
-    let mut p = Pair::new(cfg(false), scfg);
-    p.drive();
+    let mut p = one_stream_pair();
     let a = p.open_accepted();
-    // The server's side ends first; the agent reads the end and ends its own side.
-    p.server.send_stream(a).finish().unwrap();
-    p.drive();
-    assert_eq!(p.agent.recv_stream(a).read(1024), Ok(None));
-    p.agent.send_stream(a).finish().unwrap();
+    end_from_the_server_side(&mut p, a);
     let mut out = Vec::new();
     p.agent.poll_transmit(p.now, &mut out);
     assert_eq!(
@@ -548,22 +551,10 @@ fn an_open_right_behind_the_fin_that_ended_a_stream_is_not_refused() {
 /// count against `max_streams`, but no more than `max_streams` of them are let in.
 #[test]
 fn streams_the_server_application_never_finishes_are_capped() {
-    let scfg = Arc::new(Config {
-        require_auth: false,
-        limits: Limits {
-            max_streams: 1,
-            ..Limits::default()
-        },
-        ..Config::default()
-    });
-    let mut p = Pair::new(cfg(false), scfg);
-    p.drive();
+    let mut p = one_stream_pair();
     for _ in 0..2 {
         let id = p.open_accepted();
-        p.server.send_stream(id).finish().unwrap();
-        p.drive();
-        assert_eq!(p.agent.recv_stream(id).read(1024), Ok(None));
-        p.agent.send_stream(id).finish().unwrap();
+        end_from_the_server_side(&mut p, id);
         p.drive();
     }
     let third = p.agent.open(p.now, target()).unwrap();

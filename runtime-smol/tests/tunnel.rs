@@ -126,6 +126,13 @@ async fn agent(
     tunnel
 }
 
+/// A listener on a free loopback port, and its address.
+fn listen() -> (Async<TcpListener>, SocketAddr) {
+    let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
+    let addr = listener.get_ref().local_addr().unwrap();
+    (listener, addr)
+}
+
 fn payload(seed: usize, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
@@ -153,8 +160,7 @@ fn run<T: Send + 'static>(f: impl FnOnce(Arc<smol::Executor<'static>>) -> smol::
 fn many_concurrent_streams_are_echoed_byte_exact() {
     run(|ex| {
         let certs = certs();
-        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-        let addr = listener.get_ref().local_addr().unwrap();
+        let (listener, addr) = listen();
         ex.spawn(serve_echo(ex.clone(), listener, certs.server))
             .detach();
         let ex2 = ex.clone();
@@ -197,8 +203,7 @@ fn many_concurrent_streams_are_echoed_byte_exact() {
 fn refusal_arrives_typed() {
     run(|ex| {
         let certs = certs();
-        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-        let addr = listener.get_ref().local_addr().unwrap();
+        let (listener, addr) = listen();
         ex.spawn(serve_echo(ex.clone(), listener, certs.server))
             .detach();
         let ex2 = ex.clone();
@@ -228,8 +233,7 @@ fn refusal_arrives_typed() {
 fn an_open_beyond_the_stream_limit_waits_for_a_stream_to_end() {
     run(|ex| {
         let certs = certs();
-        let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-        let addr = listener.get_ref().local_addr().unwrap();
+        let (listener, addr) = listen();
         let two_streams = Arc::new(Config {
             require_auth: false,
             limits: fluidity_proto::Limits {
