@@ -1,6 +1,9 @@
 //! `fluidity`: the agent. A local proxy whose every connection goes through one mutually
 //! authenticated TLS tunnel to `fluidity-server`.
 
+// The argument docs below are clap's help text, read in a terminal, not rustdoc markup.
+#![allow(rustdoc::bare_urls, rustdoc::broken_intra_doc_links)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;

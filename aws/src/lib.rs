@@ -1,6 +1,6 @@
 //! Fluidity's AWS layer.
 //!
-//! - [`sign`](crate::sign) requests with SigV4 (through `aws-sigv4`, never by hand);
+//! - sign requests with SigV4 (module `sign`, through `aws-sigv4`, never by hand);
 //! - resolve credentials like the AWS SDKs ([`chain`]): environment, shared profile files,
 //!   ECS container credentials, EC2 instance metadata (IMDSv2), optional AssumeRole on top,
 //!   cached and refreshed before expiry; and the region ([`profile::resolve_region`]);

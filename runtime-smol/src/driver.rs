@@ -10,7 +10,7 @@
 //! 3. events: wake the stream handles and tell the application;
 //! 4. re-arm the one timer at `poll_timeout`.
 //!
-//! Handles ([`Tunnel`], [`TunnelStream`](crate::stream::TunnelStream)) share the state
+//! Handles ([`Tunnel`], [`TunnelStream`]) share the state
 //! under one mutex; they register their wakers under that lock, so no wakeup is lost, and
 //! wake the driver after every change.
 

@@ -5,7 +5,8 @@
 //! `host:port` (the server resolves names and dials), or says why it could not, and the
 //! front end turns that into an honest answer for the client (HTTP status or SOCKS5 reply).
 //! Parsers of client and origin bytes are sans-IO ([`head`], [`chunked`], [`socks5`]) with
-//! explicit limits, and are exposed for fuzzing through [`fuzzing`].
+//! explicit limits, and are exposed for fuzzing through the `fuzzing` module (built for
+//! fuzzing and tests only).
 
 use std::future::Future;
 use std::net::SocketAddr;
