@@ -163,7 +163,7 @@ async fn dial<D: Dialer>(
             RefusalReason::TimedOut,
             format!(
                 "no stream within {:?}: the tunnel gave no answer, or all the streams the \
-                 server allows stayed in use",
+                 server allows stayed in use (its max_streams setting)",
                 cfg.dial_timeout
             ),
         ))),
