@@ -648,7 +648,7 @@ impl Connection {
             return Err(Error::GoingAway);
         }
         let peer = self.peer_limits().ok_or(Error::NotReady)?;
-        if self.streams.len() >= peer.max_streams as usize {
+        if self.stream_room() == 0 {
             return Err(Error::TooManyStreams);
         }
         if self.next_stream == u32::MAX {
