@@ -1,14 +1,18 @@
-//! Bidirectional byte relay with half-close, used where a tunnel stream meets a socket.
+//! Bidirectional byte relay with half-close, where a tunnel stream meets a socket.
 
 use std::future::Future;
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::{Buf, Bytes};
 
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::stream::TunnelStream;
 
 /// Buffer per direction to start with: enough for a typical web response or request in
 /// one piece, and small enough that many idle or short connections stay cheap.
@@ -23,32 +27,74 @@ const RELAY_BUF_MAX: usize = 256 * 1024;
 /// Which way bytes moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
-    /// From the first argument of [`relay`] to the second.
-    AToB,
-    /// From the second argument to the first.
-    BToA,
+    /// From the tunnel stream to the socket.
+    StreamToSocket,
+    /// From the socket to the tunnel stream.
+    SocketToStream,
 }
 
-/// Copies `a` → `b` and `b` → `a` at once until both directions have ended. When one
-/// source ends, the other side's write half is closed (half-close) and the other
-/// direction goes on. Returns the bytes moved each way, or the first error; on error both
-/// ends are dropped by the caller, which aborts them.
-pub async fn relay<A, B>(
-    a: A,
-    b: B,
+/// Copies between a tunnel stream and a socket, both ways at once, until both directions
+/// have ended. When one source ends, the other side's write half is closed (half-close)
+/// and the other direction goes on. Returns the bytes moved each way (stream to socket,
+/// socket to stream), or the first error; on error both ends are dropped, which aborts
+/// them.
+///
+/// The socket's bytes reach the stream without a copy: they are read into buffers that
+/// the stream sends from (see [`TunnelStream::poll_write_bytes`]) and that come back to
+/// be read into again once the driver has encrypted them.
+pub async fn relay<S>(
+    stream: TunnelStream,
+    sock: S,
     on_bytes: impl Fn(Direction, usize) + Send + Sync,
 ) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (ar, aw) = futures_lite::io::split(a);
-    let (br, bw) = futures_lite::io::split(b);
+    // Both directions run in this one task, so the lock is never contended.
+    let stream = Mutex::new(stream);
+    let (sr, sw) = futures_lite::io::split(sock);
     try_join2(
-        copy_half(ar, bw, |n| on_bytes(Direction::AToB, n)),
-        copy_half(br, aw, |n| on_bytes(Direction::BToA, n)),
+        copy_half(Half(&stream), sw, |n| {
+            on_bytes(Direction::StreamToSocket, n)
+        }),
+        copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
     )
     .await
+}
+
+/// A stream that both relay directions share, as each of them sees it.
+struct Half<'a>(&'a Mutex<TunnelStream>);
+
+impl AsyncRead for Half<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(self.0)).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Half<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(self.0)).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(self.0)).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(self.0)).poll_close(cx)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs two fallible futures at once until both have finished or one has failed (the
@@ -164,6 +210,113 @@ where
     }
 }
 
+/// Copies from `r` into `stream` until EOF, then finishes the stream (FIN).
+///
+/// In a bulk transfer (once reads have filled the buffer and grown it), a read that fills
+/// at least half its buffer is handed to the stream as it is, and the buffer is lent out:
+/// the stream sends from it, and it returns to a small pool when the driver has encrypted
+/// it. Other reads are copied and the buffer stays: a short read lent would keep a whole
+/// buffer alive for a few bytes (a lent buffer is at most half empty), and a small
+/// exchange (a request, a 10 KiB response) would hold a second buffer per connection
+/// while the first one waits for the driver, for a copy that costs little.
+async fn copy_into_stream<R>(
+    mut r: R,
+    stream: &Mutex<TunnelStream>,
+    on_bytes: impl Fn(usize),
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+{
+    let pool = Pool::default();
+    let mut size = RELAY_BUF_MIN;
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    loop {
+        if buf.len() != size {
+            buf = pool.take(size);
+        }
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            Half(stream).close().await?;
+            return Ok(total);
+        }
+        if size > RELAY_BUF_MIN && n >= size / 2 {
+            let lent = Lent {
+                buf: std::mem::take(&mut buf),
+                len: n,
+                pool: pool.clone(),
+            };
+            write_all_bytes(stream, Bytes::from_owner(lent)).await?;
+        } else {
+            Half(stream).write_all(&buf[..n]).await?;
+        }
+        total += n as u64;
+        on_bytes(n);
+        if n == size && size < RELAY_BUF_MAX {
+            // A full read: more is probably waiting; grow.
+            size = (size * 2).min(RELAY_BUF_MAX);
+        }
+    }
+}
+
+/// Offers `data` to the stream until it has taken all of it.
+async fn write_all_bytes(stream: &Mutex<TunnelStream>, mut data: Bytes) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = std::future::poll_fn(|cx| lock(stream).poll_write_bytes(cx, &data)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data.advance(n);
+    }
+    Ok(())
+}
+
+/// Free read buffers to lend again. A buffer stays initialised while it is lent, so it is
+/// read into again without being cleared.
+#[derive(Debug, Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// How many free buffers a pool keeps; more come back only while the stream holds a
+/// backlog, and are let go.
+const POOL_KEEP: usize = 2;
+
+impl Pool {
+    /// A buffer of `len` bytes: a free one, or a new one. Free buffers of another size
+    /// (from before the relay's reads grew) are let go.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut free = lock(&self.0);
+        while let Some(buf) = free.pop() {
+            if buf.len() == len {
+                return buf;
+            }
+        }
+        vec![0; len]
+    }
+}
+
+/// The first `len` bytes of a pooled buffer, as the owner of a [`Bytes`]; the buffer
+/// returns to its pool when the last slice of it is dropped.
+struct Lent {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut free = lock(&self.pool.0);
+        if free.len() < POOL_KEEP {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +337,38 @@ mod tests {
         let failed = block_on(try_join2(pending, async { Err::<(), _>("b failed") }));
         assert_eq!(failed, Err("b failed"));
         assert!(dropped.get(), "the pending future outlived the error");
+    }
+
+    /// A lent buffer comes back when its last slice is dropped, and is read into again
+    /// (the same memory); a pool keeps at most [`POOL_KEEP`], and only of the size asked.
+    #[test]
+    fn lent_buffers_come_back_to_their_pool_when_their_last_slice_is_dropped() {
+        let pool = Pool::default();
+        let buf = pool.take(1024);
+        let addr = buf.as_ptr();
+        let lend = |buf, len| {
+            Bytes::from_owner(Lent {
+                buf,
+                len,
+                pool: pool.clone(),
+            })
+        };
+        let mut data = lend(buf, 600);
+        assert_eq!(data.len(), 600);
+        let front = data.split_to(100);
+        drop(data);
+        assert!(lock(&pool.0).is_empty(), "returned while a slice lives");
+        drop(front);
+        let again = pool.take(1024);
+        assert_eq!(again.as_ptr(), addr, "the buffer was not reused");
+        // Three come back; two are kept.
+        let lent: Vec<Bytes> = (0..3).map(|_| lend(pool.take(1024), 1024)).collect();
+        drop(lent);
+        assert_eq!(lock(&pool.0).len(), POOL_KEEP);
+        // A larger size lets the smaller free ones go.
+        assert_eq!(pool.take(2048).len(), 2048);
+        assert!(lock(&pool.0).is_empty());
+        drop(again);
     }
 
     /// Sets its flag when dropped.

@@ -4,7 +4,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use fluidity_proto::{Error as ProtoError, ErrorCode, StreamId};
+use bytes::Bytes;
+use fluidity_proto::{Error as ProtoError, ErrorCode, SendStream, StreamId};
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::driver::{lock, SharedRef, SlotState};
@@ -112,11 +113,24 @@ fn gone(s: &crate::driver::Shared, id: StreamId) -> io::Error {
     }
 }
 
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+impl TunnelStream {
+    /// Like `poll_write`, without copying: the stream takes the first bytes of `data`, as
+    /// many as its credit allows, as shared slices, and returns how many that was. The
+    /// memory stays alive until the driver has encrypted them; offer `data.slice(n..)`
+    /// for the rest. Chunks under 1 KiB are copied (see proto's `write_bytes`).
+    pub fn poll_write_bytes(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        data: &Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |send| send.write_bytes(data.clone()))
+    }
+
+    /// One write, copying or not: `write` is proto's call on the stream's sending half.
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(&mut SendStream<'_>) -> Result<usize, ProtoError>,
     ) -> Poll<io::Result<usize>> {
         if self.finished {
             return Poll::Ready(Err(io::Error::new(
@@ -126,7 +140,7 @@ impl AsyncWrite for TunnelStream {
         }
         let id = self.id;
         let mut s = lock(&self.shared);
-        match s.conn.send_stream(id).write(buf) {
+        match write(&mut s.conn.send_stream(id)) {
             Ok(n) => {
                 s.wake_driver();
                 Poll::Ready(Ok(n))
@@ -139,6 +153,16 @@ impl AsyncWrite for TunnelStream {
             }
             Err(_) => Poll::Ready(Err(gone(&s, id))),
         }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |send| send.write(buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -8,10 +8,11 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use fluidity_proto::{Config, Connection, Credentials, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
+use fluidity_runtime_smol::relay::relay;
 use fluidity_runtime_smol::tls::{
     client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
 };
-use fluidity_runtime_smol::{accept, connect, start, Tunnel, TunnelEvent};
+use fluidity_runtime_smol::{accept, connect, start, Tunnel, TunnelEvent, TunnelStream};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -67,6 +68,26 @@ async fn serve_echo_with(
     cfg: Arc<rustls::ServerConfig>,
     proto: Arc<Config>,
 ) {
+    serve_with(ex, listener, cfg, proto, |s| async move {
+        let (r, mut w) = futures_lite::io::split(s);
+        futures_lite::io::copy(r, &mut w).await.unwrap();
+        w.close().await.unwrap();
+    })
+    .await
+}
+
+/// Serves one tunnel: refuses port 1, and gives every other stream to `serve` in a task
+/// of its own.
+async fn serve_with<F, Fut>(
+    ex: Arc<smol::Executor<'static>>,
+    listener: Async<TcpListener>,
+    cfg: Arc<rustls::ServerConfig>,
+    proto: Arc<Config>,
+    serve: F,
+) where
+    F: Fn(TunnelStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (sock, _) = listener.accept().await.unwrap();
     let h = accept(
         sock,
@@ -90,13 +111,7 @@ async fn serve_echo_with(
                     .unwrap();
                 continue;
             }
-            let s = tunnel.accept_open(id).unwrap();
-            ex.spawn(async move {
-                let (r, mut w) = futures_lite::io::split(s);
-                futures_lite::io::copy(r, &mut w).await.unwrap();
-                w.close().await.unwrap();
-            })
-            .detach();
+            ex.spawn(serve(tunnel.accept_open(id).unwrap())).detach();
         }
     }
 }
@@ -306,6 +321,91 @@ fn an_open_beyond_the_stream_limit_waits_for_a_stream_to_end() {
                 other => panic!("a waiting open at goaway: {other:?}"),
             }
             assert!(!tunnel.room_wanted());
+        })
+    });
+}
+
+/// The server's relay between a stream and a real socket: bytes arrive exact both ways,
+/// whatever the sizes the socket delivers them in (small reads are copied into the stream,
+/// large ones lent to it), and the relay counts them.
+#[test]
+fn the_relay_carries_a_socket_both_ways_byte_exact() {
+    const UP: usize = 3 << 20;
+    const DOWN: usize = 5 << 20;
+    run(|ex| {
+        let certs = certs();
+        // The origin: takes the upload while it sends the download in pieces of very
+        // different sizes, and reports what it received.
+        let (origin, origin_addr) = listen();
+        let (got_up_tx, got_up) = async_channel::bounded::<Vec<u8>>(1);
+        ex.spawn(async move {
+            let (sock, _) = origin.accept().await.unwrap();
+            // async-net's socket, whose close is a half-close (async-io's only flushes).
+            let sock = smol::net::TcpStream::from(sock);
+            let (mut r, mut w) = futures_lite::io::split(sock);
+            let send = async move {
+                let data = payload(2, DOWN);
+                let (mut at, mut step) = (0, 0usize);
+                while at < data.len() {
+                    let piece = [1, 700, 9_000, 70_000, 300_000][step % 5].min(data.len() - at);
+                    w.write_all(&data[at..at + piece]).await.unwrap();
+                    w.flush().await.unwrap();
+                    at += piece;
+                    step += 1;
+                    futures_lite::future::yield_now().await;
+                }
+                w.close().await.unwrap();
+            };
+            let recv = async move {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            let ((), got) = futures_lite::future::zip(send, recv).await;
+            got_up_tx.send(got).await.unwrap();
+        })
+        .detach();
+        let (listener, addr) = listen();
+        let (counts_tx, counts) = async_channel::bounded::<(u64, u64)>(1);
+        ex.spawn(serve_with(
+            ex.clone(),
+            listener,
+            certs.server,
+            proto_config(),
+            move |stream| {
+                let counts_tx = counts_tx.clone();
+                async move {
+                    let sock = smol::net::TcpStream::connect(origin_addr).await.unwrap();
+                    let moved = relay(stream, sock, |_, _| {}).await.unwrap();
+                    counts_tx.send(moved).await.unwrap();
+                }
+            },
+        ))
+        .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            let s = tunnel
+                .open(Target::parse("origin.test:80").unwrap())
+                .await
+                .unwrap();
+            let (mut r, mut w) = futures_lite::io::split(s);
+            let writer = async move {
+                w.write_all(&payload(1, UP)).await.unwrap();
+                w.close().await.unwrap();
+            };
+            let reader = async move {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            let ((), down) = futures_lite::future::zip(writer, reader).await;
+            assert!(down == payload(2, DOWN), "the download arrived changed");
+            assert!(
+                got_up.recv().await.unwrap() == payload(1, UP),
+                "the upload arrived changed"
+            );
+            assert_eq!(counts.recv().await.unwrap(), (UP as u64, DOWN as u64));
         })
     });
 }

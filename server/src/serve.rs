@@ -405,8 +405,8 @@ impl Server {
                 let result = relay(stream, tcp, |dir, n| {
                     match dir {
                         // Agent → target is "in" (received from the agent), as in Metrics.
-                        Direction::AToB => metrics.add_bytes_in(n as u64),
-                        Direction::BToA => metrics.add_bytes_out(n as u64),
+                        Direction::StreamToSocket => metrics.add_bytes_in(n as u64),
+                        Direction::SocketToStream => metrics.add_bytes_out(n as u64),
                     }
                     metrics.touch();
                 })
