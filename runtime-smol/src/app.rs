@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::driver::lock;
+
 /// Runs `main` on a multi-threaded smol executor (`threads` workers, at least one) until it
 /// completes; tasks it spawns on the executor it is given run on all workers.
 pub fn run<T, F, Fut>(threads: usize, main: F) -> T
@@ -54,7 +56,7 @@ impl std::task::Wake for WokenFlag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, std::sync::atomic::Ordering::Release);
-        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let outer = lock(&self.outer).clone();
         if let Some(w) = outer {
             w.wake();
         }
@@ -82,7 +84,7 @@ impl<F: Future> Future for OnlyWhenWoken<F> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<F::Output> {
         {
-            let mut outer = self.flag.outer.lock().unwrap_or_else(|e| e.into_inner());
+            let mut outer = lock(&self.flag.outer);
             if !outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *outer = Some(cx.waker().clone());
             }

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -265,9 +265,10 @@ impl Shared {
 
 pub(crate) type SharedRef = Arc<Mutex<Shared>>;
 
-pub(crate) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
-    // A panic while holding the lock is a bug elsewhere; the state itself stays usable.
-    shared.lock().unwrap_or_else(|e| e.into_inner())
+/// Locks `m`. A panic while holding a lock is a bug elsewhere; the state itself stays
+/// usable, so a poisoned lock is taken as it is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A handle on a running tunnel: open or answer streams, answer authentication, shut down.

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::driver::lock;
 use crate::stream::TunnelStream;
 
 /// Buffer per direction to start with: enough for a typical web response or request in
@@ -39,9 +40,9 @@ pub enum Direction {
 /// socket to stream), or the first error; on error both ends are dropped, which aborts
 /// them.
 ///
-/// The socket's bytes reach the stream without a copy: they are read into buffers that
-/// the stream sends from (see [`TunnelStream::poll_write_bytes`]) and that come back to
-/// be read into again once the driver has encrypted them.
+/// In a bulk transfer the socket's bytes reach the stream without a copy: they are read
+/// into buffers that the stream sends from (see [`TunnelStream::poll_write_bytes`]) and
+/// that are read into again once the driver has encrypted them.
 pub async fn relay<S>(
     stream: TunnelStream,
     sock: S,
@@ -91,10 +92,6 @@ impl AsyncWrite for Half<'_> {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *lock(self.0)).poll_close(cx)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs two fallible futures at once until both have finished or one has failed (the
@@ -158,7 +155,7 @@ impl Branch {
     /// the flag again and wakes the task.
     fn take(&self, task: &Waker) -> bool {
         {
-            let mut slot = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut slot = lock(&self.task);
             if !slot.as_ref().is_some_and(|w| w.will_wake(task)) {
                 *slot = Some(task.clone());
             }
@@ -175,11 +172,7 @@ impl Wake for Branch {
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
         // Woken outside the lock: a waker may do anything, even poll the task at once.
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let task = lock(&self.task).clone();
         if let Some(w) = task {
             w.wake();
         }
@@ -214,11 +207,18 @@ where
 ///
 /// In a bulk transfer (once reads have filled the buffer and grown it), a read that fills
 /// at least half its buffer is handed to the stream as it is, and the buffer is lent out:
-/// the stream sends from it, and it returns to a small pool when the driver has encrypted
-/// it. Other reads are copied and the buffer stays: a short read lent would keep a whole
-/// buffer alive for a few bytes (a lent buffer is at most half empty), and a small
-/// exchange (a request, a 10 KiB response) would hold a second buffer per connection
-/// while the first one waits for the driver, for a copy that costs little.
+/// the stream sends from it, and the pool takes it back once its last slice is dropped
+/// (encrypted by the driver, or discarded by a reset). Other reads are copied and the
+/// buffer stays: a short read lent would keep a whole buffer alive for a few bytes (a lent
+/// buffer is at most half empty), and a small exchange (a request, a 10 KiB response)
+/// would hold a second buffer per connection while the first one waits for the driver,
+/// for a copy that costs little.
+///
+/// Memory: the buffer being read into, at most one free buffer, and those still being
+/// sent from. The stream's send buffer (256 KiB by default) and the driver's transmit
+/// batch each span at most three buffers (each at least half full, one of them perhaps
+/// nearly sent), so at worst eight buffers (2 MiB at 256 KiB each), usually two or
+/// three. A reader that stops stops the relay at the stream's credit.
 async fn copy_into_stream<R>(
     mut r: R,
     stream: &Mutex<TunnelStream>,
@@ -276,26 +276,23 @@ async fn write_all_bytes(stream: &Mutex<TunnelStream>, mut data: Bytes) -> io::R
 #[derive(Debug, Clone, Default)]
 struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
 
-/// How many free buffers a pool keeps; more come back only while the stream holds a
-/// backlog, and are let go.
-const POOL_KEEP: usize = 2;
+/// How many free buffers a pool keeps; others are freed as they come back. One is enough
+/// for the next read, which is all the relay needs at a time.
+const POOL_KEEP: usize = 1;
 
 impl Pool {
     /// A buffer of `len` bytes: a free one, or a new one. Free buffers of another size
     /// (from before the relay's reads grew) are let go.
     fn take(&self, len: usize) -> Vec<u8> {
         let mut free = lock(&self.0);
-        while let Some(buf) = free.pop() {
-            if buf.len() == len {
-                return buf;
-            }
-        }
-        vec![0; len]
+        free.retain(|buf| buf.len() == len);
+        free.pop().unwrap_or_else(|| vec![0; len])
     }
 }
 
-/// The first `len` bytes of a pooled buffer, as the owner of a [`Bytes`]; the buffer
-/// returns to its pool when the last slice of it is dropped.
+/// The first `len` bytes of a pooled buffer, as the owner of a [`Bytes`]; when the last
+/// slice of it is dropped, the buffer goes back to its pool, or is freed if the pool has
+/// enough.
 struct Lent {
     buf: Vec<u8>,
     len: usize,
@@ -361,7 +358,7 @@ mod tests {
         drop(front);
         let again = pool.take(1024);
         assert_eq!(again.as_ptr(), addr, "the buffer was not reused");
-        // Three come back; two are kept.
+        // Three come back; one is kept.
         let lent: Vec<Bytes> = (0..3).map(|_| lend(pool.take(1024), 1024)).collect();
         drop(lent);
         assert_eq!(lock(&pool.0).len(), POOL_KEEP);

@@ -2,13 +2,14 @@
 //! and the driver, with many concurrent streams echoed by the server.
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
 use fluidity_proto::{Config, Connection, Credentials, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
-use fluidity_runtime_smol::relay::relay;
+use fluidity_runtime_smol::relay::{relay, Direction};
 use fluidity_runtime_smol::tls::{
     client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
 };
@@ -148,9 +149,17 @@ fn listen() -> (Async<TcpListener>, SocketAddr) {
     (listener, addr)
 }
 
+/// `len` bytes that never repeat at any alignment a buffer could have (xorshift), so that
+/// bytes delivered twice or from a reused buffer cannot look right by chance.
 fn payload(seed: usize, len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
     (0..len)
-        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
         .collect()
 }
 
@@ -327,57 +336,77 @@ fn an_open_beyond_the_stream_limit_waits_for_a_stream_to_end() {
 
 /// The server's relay between a stream and a real socket: bytes arrive exact both ways,
 /// whatever the sizes the socket delivers them in (small reads are copied into the stream,
-/// large ones lent to it), and the relay counts them.
+/// large ones lent to it), the relay counts them, and a stream reset in the middle of a
+/// download (lent buffers still queued) ends its relay with an error and leaves the
+/// tunnel working.
 #[test]
 fn the_relay_carries_a_socket_both_ways_byte_exact() {
     const UP: usize = 3 << 20;
     const DOWN: usize = 5 << 20;
     run(|ex| {
         let certs = certs();
-        // The origin: takes the upload while it sends the download in pieces of very
-        // different sizes, and reports what it received.
+        // The origin: for each connection, takes the upload while it sends the download in
+        // pieces of very different sizes, and reports what it received.
         let (origin, origin_addr) = listen();
-        let (got_up_tx, got_up) = async_channel::bounded::<Vec<u8>>(1);
+        let (got_up_tx, got_up) = async_channel::unbounded::<Vec<u8>>();
+        let ex2 = ex.clone();
         ex.spawn(async move {
-            let (sock, _) = origin.accept().await.unwrap();
-            // async-net's socket, whose close is a half-close (async-io's only flushes).
-            let sock = smol::net::TcpStream::from(sock);
-            let (mut r, mut w) = futures_lite::io::split(sock);
-            let send = async move {
-                let data = payload(2, DOWN);
-                let (mut at, mut step) = (0, 0usize);
-                while at < data.len() {
-                    let piece = [1, 700, 9_000, 70_000, 300_000][step % 5].min(data.len() - at);
-                    w.write_all(&data[at..at + piece]).await.unwrap();
-                    w.flush().await.unwrap();
-                    at += piece;
-                    step += 1;
-                    futures_lite::future::yield_now().await;
-                }
-                w.close().await.unwrap();
-            };
-            let recv = async move {
-                let mut got = Vec::new();
-                r.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let ((), got) = futures_lite::future::zip(send, recv).await;
-            got_up_tx.send(got).await.unwrap();
+            loop {
+                let (sock, _) = origin.accept().await.unwrap();
+                // async-net's socket, whose close is a half-close (async-io's only flushes).
+                let (mut r, mut w) = futures_lite::io::split(smol::net::TcpStream::from(sock));
+                let got_up_tx = got_up_tx.clone();
+                ex2.spawn(async move {
+                    let send = async move {
+                        let data = payload(2, DOWN);
+                        let (mut at, mut step) = (0, 0usize);
+                        while at < data.len() {
+                            let piece =
+                                [1, 700, 9_000, 70_000, 300_000][step % 5].min(data.len() - at);
+                            // The reset stream's connection fails here; that is expected.
+                            if w.write_all(&data[at..at + piece]).await.is_err() {
+                                return;
+                            }
+                            at += piece;
+                            step += 1;
+                            futures_lite::future::yield_now().await;
+                        }
+                        let _ = w.close().await;
+                    };
+                    let recv = async move {
+                        let mut got = Vec::new();
+                        let _ = r.read_to_end(&mut got).await;
+                        got
+                    };
+                    let ((), got) = futures_lite::future::zip(send, recv).await;
+                    let _ = got_up_tx.send(got).await;
+                })
+                .detach();
+            }
         })
         .detach();
+        // The server relays every stream to the origin and reports each relay's result, and
+        // the largest read from the origin.
         let (listener, addr) = listen();
-        let (counts_tx, counts) = async_channel::bounded::<(u64, u64)>(1);
+        let (done_tx, done) = async_channel::unbounded::<std::io::Result<(u64, u64)>>();
+        let largest = Arc::new(AtomicUsize::new(0));
+        let largest2 = largest.clone();
         ex.spawn(serve_with(
             ex.clone(),
             listener,
             certs.server,
             proto_config(),
             move |stream| {
-                let counts_tx = counts_tx.clone();
+                let (done_tx, largest) = (done_tx.clone(), largest2.clone());
                 async move {
                     let sock = smol::net::TcpStream::connect(origin_addr).await.unwrap();
-                    let moved = relay(stream, sock, |_, _| {}).await.unwrap();
-                    counts_tx.send(moved).await.unwrap();
+                    let moved = relay(stream, sock, |dir, n| {
+                        if dir == Direction::SocketToStream {
+                            largest.fetch_max(n, Ordering::Relaxed);
+                        }
+                    })
+                    .await;
+                    done_tx.send(moved).await.unwrap();
                 }
             },
         ))
@@ -385,27 +414,54 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
         let ex2 = ex.clone();
         ex.spawn(async move {
             let tunnel = agent(addr, certs.client, &ex2).await;
-            let s = tunnel
+            let exchange = || async {
+                let s = tunnel
+                    .open(Target::parse("origin.test:80").unwrap())
+                    .await
+                    .unwrap();
+                let (mut r, mut w) = futures_lite::io::split(s);
+                let writer = async move {
+                    w.write_all(&payload(1, UP)).await.unwrap();
+                    w.close().await.unwrap();
+                };
+                let reader = async move {
+                    let mut got = Vec::new();
+                    r.read_to_end(&mut got).await.unwrap();
+                    got
+                };
+                let ((), down) = futures_lite::future::zip(writer, reader).await;
+                assert!(down == payload(2, DOWN), "the download arrived changed");
+                assert!(
+                    got_up.recv().await.unwrap() == payload(1, UP),
+                    "the upload arrived changed"
+                );
+                assert_eq!(
+                    done.recv().await.unwrap().unwrap(),
+                    (UP as u64, DOWN as u64)
+                );
+            };
+            exchange().await;
+            // A read that large fills at least half of the relay's largest buffer, after
+            // reads have grown it: it was lent, not copied.
+            assert!(
+                largest.load(Ordering::Relaxed) >= 128 * 1024,
+                "no read was large enough to be lent ({} bytes at most)",
+                largest.load(Ordering::Relaxed)
+            );
+            // Reset in the middle of the download, with the relay's buffers queued.
+            let mut s = tunnel
                 .open(Target::parse("origin.test:80").unwrap())
                 .await
                 .unwrap();
-            let (mut r, mut w) = futures_lite::io::split(s);
-            let writer = async move {
-                w.write_all(&payload(1, UP)).await.unwrap();
-                w.close().await.unwrap();
-            };
-            let reader = async move {
-                let mut got = Vec::new();
-                r.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let ((), down) = futures_lite::future::zip(writer, reader).await;
-            assert!(down == payload(2, DOWN), "the download arrived changed");
-            assert!(
-                got_up.recv().await.unwrap() == payload(1, UP),
-                "the upload arrived changed"
-            );
-            assert_eq!(counts.recv().await.unwrap(), (UP as u64, DOWN as u64));
+            let mut part = vec![0; 1 << 20];
+            s.read_exact(&mut part).await.unwrap();
+            assert!(part[..] == payload(2, DOWN)[..1 << 20]);
+            drop(s);
+            let err = done.recv().await.unwrap().unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+            got_up.recv().await.unwrap();
+            // The tunnel carries on.
+            exchange().await;
         })
     });
 }
