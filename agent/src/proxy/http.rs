@@ -81,7 +81,8 @@ where
             }
             read_head(inb, head::parse_request_head).await
         };
-        let head = match head_deadline.run(cfg.head_timeout, reading).await {
+        let head = head_deadline.run(cfg.head_timeout, pin!(reading)).await;
+        let head = match head {
             // An idle keep-alive connection simply expires.
             None if !first && cin.buffered().is_empty() => return Ok(()),
             None => {

@@ -1,6 +1,7 @@
 //! Buffered reading and byte relays shared by the HTTP and SOCKS5 front ends.
 
 use std::io;
+use std::pin::pin;
 use std::time::Duration;
 
 use fluidity_runtime_smol::timer::LazyTimer;
@@ -146,11 +147,12 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin, T>(
 }
 
 /// Runs `fut`, giving up with `None` after `limit`. For a limit set again and again on
-/// one connection, keep a [`LazyTimer`] instead.
-pub(crate) async fn timeout<T>(
+/// one connection, keep a [`LazyTimer`] instead. Pin a large future where it is made
+/// (`pin!`) and pass that, as for [`LazyTimer::run`].
+pub(crate) async fn timeout<F: std::future::Future + Unpin>(
     limit: Duration,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
+    fut: F,
+) -> Option<F::Output> {
     LazyTimer::new().run(limit, fut).await
 }
 
@@ -355,7 +357,7 @@ where
             }
         }
     };
-    let _ = timeout(LINGER_TIME, drain).await;
+    let _ = timeout(LINGER_TIME, pin!(drain)).await;
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::time::Duration;
 
 use fluidity_proto::{OpenRefusal, RefusalReason, Target};
@@ -133,7 +134,8 @@ where
     // and vectored writes reach the socket (a message head and body in one system call).
     let mut inb = io::Inbound::with_capacity(client.clone(), io::CLIENT_BUF_START);
     let mut w = client;
-    let first = match io::timeout(cfg.head_timeout, inb.fill()).await {
+    let first = io::timeout(cfg.head_timeout, pin!(inb.fill())).await;
+    let first = match first {
         None => {
             tracing::debug!(%peer, "client sent nothing; closing");
             return Err(Error::ClientTimeout(cfg.head_timeout));
@@ -157,7 +159,11 @@ async fn dial<D: Dialer>(
     target: &Target,
     cfg: &ProxyConfig,
 ) -> Result<D::Stream, DialError> {
-    match io::timeout(cfg.dial_timeout, dialer.open(target.clone())).await {
+    // On the heap while it runs: an open's future is large (it may connect a new tunnel),
+    // and inline it would make every client connection's task that much larger for the
+    // whole life of the connection, though it opens a stream only now and then.
+    let open = Box::pin(dialer.open(target.clone()));
+    match io::timeout(cfg.dial_timeout, open).await {
         Some(r) => r,
         None => Err(DialError::Refused(OpenRefusal::new(
             RefusalReason::TimedOut,
@@ -181,6 +187,68 @@ fn one_line(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A socket that never moves a byte.
+    #[derive(Clone)]
+    struct NoIo;
+
+    impl AsyncRead for NoIo {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for NoIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    /// A dialer whose open keeps 64 KiB in its future while it waits.
+    struct LargeOpen;
+
+    impl Dialer for LargeOpen {
+        type Stream = NoIo;
+
+        async fn open(&self, _: Target) -> Result<NoIo, DialError> {
+            let large = [1u8; 64 * 1024];
+            futures_lite::future::yield_now().await;
+            std::hint::black_box(&large);
+            Ok(NoIo)
+        }
+    }
+
+    /// Every open client connection is a task holding its future for as long as the client
+    /// stays connected; an open, which happens now and then, must not be part of it.
+    #[test]
+    fn a_client_connection_task_does_not_hold_a_large_open() {
+        let cfg = ProxyConfig::default();
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let task = serve_connection(NoIo, peer, &LargeOpen, &cfg);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size < 16 * 1024,
+            "the connection's future takes {size} bytes"
+        );
+    }
 
     #[test]
     fn non_loopback_listen_needs_credentials() {

@@ -1,6 +1,7 @@
 //! SOCKS5 front end: handshake, CONNECT through the dialer, then a raw relay.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
@@ -161,7 +162,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let target = match timeout(cfg.head_timeout, handshake(inb, w, cfg)).await {
+    let target = timeout(cfg.head_timeout, pin!(handshake(inb, w, cfg))).await;
+    let target = match target {
         None => return Err(Error::ClientTimeout(cfg.head_timeout)),
         Some(Err(e)) => return Err(e),
         Some(Ok(Handshake::Rejected(why))) => {
