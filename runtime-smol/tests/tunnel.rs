@@ -163,6 +163,22 @@ fn payload(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Writes `data` to the stream and closes it while reading the stream to its end;
+/// returns what was read.
+async fn exchange(s: TunnelStream, data: &[u8]) -> Vec<u8> {
+    let (mut r, mut w) = futures_lite::io::split(s);
+    let writer = async move {
+        w.write_all(data).await.unwrap();
+        w.close().await.unwrap();
+    };
+    let reader = async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    futures_lite::future::zip(writer, reader).await.1
+}
+
 fn run<T: Send + 'static>(f: impl FnOnce(Arc<smol::Executor<'static>>) -> smol::Task<T>) -> T {
     let ex = Arc::new(smol::Executor::new());
     let task = f(ex.clone());
@@ -199,18 +215,7 @@ fn many_concurrent_streams_are_echoed_byte_exact() {
                         .open(Target::parse("echo.test:7").unwrap())
                         .await
                         .unwrap();
-                    let (mut r, mut w) = futures_lite::io::split(s);
-                    let sent = data.clone();
-                    let writer = async move {
-                        w.write_all(&sent).await.unwrap();
-                        w.close().await.unwrap();
-                    };
-                    let reader = async move {
-                        let mut got = Vec::new();
-                        r.read_to_end(&mut got).await.unwrap();
-                        got
-                    };
-                    let ((), got) = futures_lite::future::zip(writer, reader).await;
+                    let got = exchange(s, &data).await;
                     assert!(got == data, "stream {i} corrupted");
                 }));
             }
@@ -414,22 +419,12 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
         let ex2 = ex.clone();
         ex.spawn(async move {
             let tunnel = agent(addr, certs.client, &ex2).await;
-            let exchange = || async {
+            let full_exchange = || async {
                 let s = tunnel
                     .open(Target::parse("origin.test:80").unwrap())
                     .await
                     .unwrap();
-                let (mut r, mut w) = futures_lite::io::split(s);
-                let writer = async move {
-                    w.write_all(&payload(1, UP)).await.unwrap();
-                    w.close().await.unwrap();
-                };
-                let reader = async move {
-                    let mut got = Vec::new();
-                    r.read_to_end(&mut got).await.unwrap();
-                    got
-                };
-                let ((), down) = futures_lite::future::zip(writer, reader).await;
+                let down = exchange(s, &payload(1, UP)).await;
                 assert!(down == payload(2, DOWN), "the download arrived changed");
                 assert!(
                     got_up.recv().await.unwrap() == payload(1, UP),
@@ -440,7 +435,7 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
                     (UP as u64, DOWN as u64)
                 );
             };
-            exchange().await;
+            full_exchange().await;
             // A read that large fills at least half of the relay's largest buffer, after
             // reads have grown it: it was lent, not copied.
             assert!(
@@ -461,7 +456,7 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
             assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
             got_up.recv().await.unwrap();
             // The tunnel carries on.
-            exchange().await;
+            full_exchange().await;
         })
     });
 }
