@@ -55,18 +55,92 @@ where
     let stream = Mutex::new(stream);
     let (sr, sw) = futures_lite::io::split(sock);
     try_join2(
-        copy_half(Half(&stream), sw, |n| {
-            on_bytes(Direction::StreamToSocket, n)
-        }),
+        copy_from_stream(&stream, sw, |n| on_bytes(Direction::StreamToSocket, n)),
         copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
     )
     .await
 }
 
-/// A stream that both relay directions share, as each of them sees it.
-struct Half<'a>(&'a Mutex<TunnelStream>);
+/// A byte stream whose received bytes can be taken without a copy, as shared chunks.
+pub trait ReadChunks {
+    /// Appends up to `max` received bytes to `out` as shared chunks and returns how many
+    /// bytes that was; `Ok(0)` is the end of the stream. Waits only when nothing has been
+    /// received.
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>>;
+}
 
-impl AsyncRead for Half<'_> {
+/// Most bytes taken from a stream per read in [`copy_from_stream`]: as much as the
+/// largest relay buffer, so a bulk transfer moves in as few writes as before.
+const CHUNKS_MAX: usize = RELAY_BUF_MAX;
+
+/// Copies from `stream` to `w` until the stream ends, then closes `w` (a half-close). The
+/// stream's received chunks are written as they are, several per vectored write, with no
+/// buffer of its own and no copy.
+pub async fn copy_from_stream<T, W>(
+    stream: &Mutex<T>,
+    mut w: W,
+    on_bytes: impl Fn(usize),
+) -> io::Result<u64>
+where
+    T: ReadChunks,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunks = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let n =
+            std::future::poll_fn(|cx| lock(stream).poll_read_chunks(cx, &mut chunks, CHUNKS_MAX))
+                .await?;
+        if n == 0 {
+            w.close().await?;
+            return Ok(total);
+        }
+        write_chunks(&mut w, &mut chunks).await?;
+        total += n as u64;
+        on_bytes(n);
+    }
+}
+
+/// Writes every chunk, in order, with vectored writes, and empties `chunks`.
+pub async fn write_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[first];
+            if n >= c.len() {
+                n -= c.len();
+                first += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
+        }
+    }
+    chunks.clear();
+    w.flush().await
+}
+
+/// One direction's handle on a stream that two directions share in one task (a relay's),
+/// through a lock that is therefore never contended.
+pub struct SharedHalf<'a, T>(pub &'a Mutex<T>);
+
+impl<T: AsyncRead + Unpin> AsyncRead for SharedHalf<'_, T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -76,7 +150,7 @@ impl AsyncRead for Half<'_> {
     }
 }
 
-impl AsyncWrite for Half<'_> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for SharedHalf<'_, T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -179,30 +253,6 @@ impl Wake for Branch {
     }
 }
 
-/// Copies until EOF, then closes the writer (a FIN or a TCP half-close).
-pub async fn copy_half<R, W>(mut r: R, mut w: W, on_bytes: impl Fn(usize)) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUF_MIN];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.close().await?;
-            return Ok(total);
-        }
-        w.write_all(&buf[..n]).await?;
-        total += n as u64;
-        on_bytes(n);
-        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
-            // A full read: more is probably waiting; grow (the bytes in it are sent).
-            buf = vec![0u8; (buf.len() * 2).min(RELAY_BUF_MAX)];
-        }
-    }
-}
-
 /// Copies from `r` into `stream` until EOF, then finishes the stream (FIN).
 ///
 /// In a bulk transfer (once reads have filled the buffer and grown it), a read that fills
@@ -237,7 +287,7 @@ where
         }
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            Half(stream).close().await?;
+            SharedHalf(stream).close().await?;
             return Ok(total);
         }
         if size > RELAY_BUF_MIN && n >= size / 2 {
@@ -248,7 +298,7 @@ where
             };
             write_all_bytes(stream, Bytes::from_owner(lent)).await?;
         } else {
-            Half(stream).write_all(&buf[..n]).await?;
+            SharedHalf(stream).write_all(&buf[..n]).await?;
         }
         total += n as u64;
         on_bytes(n);

@@ -9,6 +9,7 @@ use fluidity_proto::{Error as ProtoError, ErrorCode, SendStream, StreamId};
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::driver::{lock, SharedRef, SlotState};
+use crate::relay::ReadChunks;
 
 /// One tunnel stream as `AsyncRead + AsyncWrite`.
 ///
@@ -57,13 +58,15 @@ fn reset_error(code: ErrorCode) -> io::Error {
     )
 }
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl TunnelStream {
+    /// Takes up to `max` received bytes, handing each payload to `take`, in order.
+    fn poll_read_with(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut [u8],
+        max: usize,
+        mut take: impl FnMut(Bytes),
     ) -> Poll<io::Result<usize>> {
-        if self.eof || buf.is_empty() {
+        if self.eof || max == 0 {
             return Poll::Ready(Ok(0));
         }
         let id = self.id;
@@ -73,11 +76,11 @@ impl AsyncRead for TunnelStream {
         // fit, so that the reader makes one large write (one system call) instead of one
         // per frame, and the driver is woken once.
         let mut filled = 0;
-        while filled < buf.len() {
-            match s.conn.recv_stream(id).read(buf.len() - filled) {
+        while filled < max {
+            match s.conn.recv_stream(id).read(max - filled) {
                 Ok(Some(bytes)) => {
-                    buf[filled..filled + bytes.len()].copy_from_slice(&bytes);
                     filled += bytes.len();
+                    take(bytes);
                 }
                 Ok(None) => {
                     // The end of the stream; reported now, or by the next read when bytes
@@ -100,20 +103,7 @@ impl AsyncRead for TunnelStream {
         s.wake_driver();
         Poll::Ready(Ok(filled))
     }
-}
 
-/// Why a stream that proto no longer knows cannot be used.
-fn gone(s: &crate::driver::Shared, id: StreamId) -> io::Error {
-    match s.slots.get(&id).map(|slot| &slot.state) {
-        Some(SlotState::Reset(code)) => reset_error(*code),
-        Some(SlotState::Refused(r)) => {
-            io::Error::new(io::ErrorKind::ConnectionRefused, r.to_string())
-        }
-        _ => s.closed_error(),
-    }
-}
-
-impl TunnelStream {
     /// Like `poll_write`, without copying: the stream takes the first bytes of `data`, as
     /// many as its credit allows, as shared slices, and returns how many that was. The
     /// memory stays alive until the driver has encrypted them; offer `data.slice(n..)`
@@ -153,6 +143,42 @@ impl TunnelStream {
             }
             Err(_) => Poll::Ready(Err(gone(&s, id))),
         }
+    }
+}
+
+impl ReadChunks for TunnelStream {
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_with(cx, max, |bytes| out.push(bytes))
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut at = 0;
+        self.poll_read_with(cx, buf.len(), |bytes| {
+            buf[at..at + bytes.len()].copy_from_slice(&bytes);
+            at += bytes.len();
+        })
+    }
+}
+
+/// Why a stream that proto no longer knows cannot be used.
+fn gone(s: &crate::driver::Shared, id: StreamId) -> io::Error {
+    match s.slots.get(&id).map(|slot| &slot.state) {
+        Some(SlotState::Reset(code)) => reset_error(*code),
+        Some(SlotState::Refused(r)) => {
+            io::Error::new(io::ErrorKind::ConnectionRefused, r.to_string())
+        }
+        _ => s.closed_error(),
     }
 }
 

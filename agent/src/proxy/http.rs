@@ -22,7 +22,8 @@ use super::head::{
     ResponseHead,
 };
 use super::io::{
-    copy_chunked, copy_exact, linger_close, read_head, relay, CopyError, Inbound, ReadHeadError,
+    copy_chunked, copy_exact, linger_close, read_head, relay, relay_stream, CopyError, Inbound,
+    ReadHeadError,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -806,9 +807,7 @@ where
     cw.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await?;
     cw.flush().await?;
-    let (r, mut w) = futures_lite::io::split(stream);
-    let mut sin = Inbound::new(r);
-    match relay(cin, cw, &mut sin, &mut w).await {
+    match relay_stream(cin, cw, stream).await {
         Ok((up, down)) => {
             tracing::debug!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed")
         }

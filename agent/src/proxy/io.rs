@@ -2,8 +2,10 @@
 
 use std::io;
 use std::pin::pin;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use fluidity_runtime_smol::relay::{copy_from_stream, try_join2, ReadChunks, SharedHalf};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -171,6 +173,9 @@ pub(crate) enum CopyError {
     /// The chunked coding is invalid.
     #[error("{0}")]
     Chunked(ChunkedError),
+    /// Relaying a stream's bytes on failed: reading the stream, or writing to the client.
+    #[error("{0}")]
+    Relay(io::Error),
 }
 
 /// Sends `head` (a message head) before a body that `from` delivers. When body bytes
@@ -314,6 +319,31 @@ where
     Ok(total)
 }
 
+/// Relays between a client connection and a tunnel stream until both directions have
+/// ended; returns the bytes moved each way (client to stream, stream to client). The
+/// stream's bytes reach the client in the chunks they arrived in, with no buffer of their
+/// own and no copy ([`copy_from_stream`]). An error in either direction ends both: the
+/// caller drops both ends, which resets them.
+pub(crate) async fn relay_stream<R, W, S>(
+    cin: &mut Inbound<R>,
+    cw: &mut W,
+    stream: S,
+) -> Result<(u64, u64), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    S: AsyncWrite + ReadChunks + Unpin,
+{
+    // Both directions run in this one task, so the lock is never contended.
+    let stream = Mutex::new(stream);
+    try_join2(pipe(cin, &mut SharedHalf(&stream)), async {
+        copy_from_stream(&stream, &mut *cw, |_| {})
+            .await
+            .map_err(CopyError::Relay)
+    })
+    .await
+}
+
 /// Relays both directions until each has ended; returns (a→b, b→a) byte counts. An error
 /// in either direction ends both: the caller drops both ends, which resets them.
 pub(crate) async fn relay<AR, AW, BR, BW>(
@@ -328,7 +358,7 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    fluidity_runtime_smol::relay::try_join2(pipe(a_in, b_out), pipe(b_in, a_out)).await
+    try_join2(pipe(a_in, b_out), pipe(b_in, a_out)).await
 }
 
 /// Ends a connection after an error answer: closes our sending side, then reads and drops

@@ -14,6 +14,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use fluidity_proto::{OpenRefusal, RefusalReason, Target};
+use fluidity_runtime_smol::relay::ReadChunks;
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
@@ -34,7 +35,7 @@ pub trait Dialer: Send + Sync + 'static {
     /// A reliable byte stream to the target. `poll_close` means "I finished sending"
     /// (a half-close): reading continues until the other side finishes too. Reads and
     /// writes may be pending at the same time from one task (separate wakers).
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Stream: AsyncRead + AsyncWrite + ReadChunks + Unpin + Send + 'static;
 
     /// Opens a stream to `target`. Must finish in bounded time, with a stream or a reason.
     fn open(&self, target: Target) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
@@ -218,6 +219,17 @@ mod tests {
         }
 
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl ReadChunks for NoIo {
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            _: &mut Vec<bytes::Bytes>,
+            _: usize,
+        ) -> Poll<std::io::Result<usize>> {
             Poll::Pending
         }
     }

@@ -6,7 +6,7 @@ use std::pin::pin;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
 
-use super::io::{linger_close, relay, timeout, Inbound};
+use super::io::{linger_close, relay_stream, timeout, Inbound};
 use super::socks5::{self, reply, Socks5Error};
 use super::{dial, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -188,9 +188,7 @@ where
     };
     w.write_all(&socks5::reply(reply::SUCCEEDED)).await?;
     w.flush().await?;
-    let (sr, mut sw) = futures_lite::io::split(stream);
-    let mut sin = Inbound::new(sr);
-    let result = relay(inb, w, &mut sin, &mut sw).await;
+    let result = relay_stream(inb, w, stream).await;
     match result {
         Ok((up, down)) => {
             tracing::debug!(%peer, proto = "socks5", %target, up, down, "tunnel closed");

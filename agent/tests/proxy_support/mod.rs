@@ -4,15 +4,21 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_net::{TcpListener, TcpStream};
+use bytes::Bytes;
 use fluidity_agent::proxy::{serve_connection, DialError, Dialer, ProxyConfig};
 use fluidity_proto::{Host, OpenRefusal, RefusalReason, Target};
+use fluidity_runtime_smol::relay::ReadChunks;
+use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 
 /// Runs a test body with an overall time limit.
@@ -28,9 +34,9 @@ pub fn run<F: Future<Output = ()>>(f: F) {
 pub struct DirectDialer;
 
 impl Dialer for DirectDialer {
-    type Stream = TcpStream;
+    type Stream = DirectStream;
 
-    async fn open(&self, target: Target) -> Result<TcpStream, DialError> {
+    async fn open(&self, target: Target) -> Result<DirectStream, DialError> {
         let refused = |reason, detail: String| DialError::Refused(OpenRefusal::new(reason, detail));
         let addrs: Vec<SocketAddr> = match &target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -41,7 +47,7 @@ impl Dialer for DirectDialer {
         let mut last = refused(RefusalReason::NoSuchHost, "no addresses".into());
         for addr in addrs {
             match TcpStream::connect(addr).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok(DirectStream(s)),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     last = refused(RefusalReason::ConnectionRefused, e.to_string())
                 }
@@ -49,6 +55,55 @@ impl Dialer for DirectDialer {
             }
         }
         Err(last)
+    }
+}
+
+/// A TCP connection as a dialer's stream. Its chunk reads copy into a fresh buffer each
+/// (the tunnel's hand out what they received).
+pub struct DirectStream(TcpStream);
+
+impl AsyncRead for DirectStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DirectStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl ReadChunks for DirectStream {
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut buf = vec![0; max.min(64 * 1024)];
+        let n = std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
+        buf.truncate(n);
+        if n > 0 {
+            out.push(Bytes::from(buf));
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -68,9 +123,9 @@ impl RefusingDialer {
 }
 
 impl Dialer for RefusingDialer {
-    type Stream = TcpStream;
+    type Stream = DirectStream;
 
-    async fn open(&self, _target: Target) -> Result<TcpStream, DialError> {
+    async fn open(&self, _target: Target) -> Result<DirectStream, DialError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         Err(self.error.clone())
     }
