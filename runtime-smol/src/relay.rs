@@ -106,15 +106,23 @@ where
     }
 }
 
+/// Most slices given to one vectored write.
+const MAX_SLICES: usize = 64;
+
 /// Writes every chunk, in order, with vectored writes, and empties `chunks`.
 pub async fn write_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut Vec<Bytes>,
 ) -> io::Result<()> {
+    // An empty chunk would make a write of nothing look like a closed writer.
+    chunks.retain(|c| !c.is_empty());
     let mut first = 0;
     while first < chunks.len() {
+        // At most MAX_SLICES per call: the kernel refuses more than 1024 at once, and a
+        // peer sending tiny frames could make a read return many more chunks than that.
         let slices: Vec<io::IoSlice<'_>> = chunks[first..]
             .iter()
+            .take(MAX_SLICES)
             .map(|c| io::IoSlice::new(c))
             .collect();
         let mut n = w.write_vectored(&slices).await?;
@@ -416,6 +424,69 @@ mod tests {
         assert_eq!(pool.take(2048).len(), 2048);
         assert!(lock(&pool.0).is_empty());
         drop(again);
+    }
+
+    /// Takes at most `per_call` bytes per write, across the slices of a vectored write.
+    struct Trickle {
+        out: Vec<u8>,
+        per_call: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.per_call - n);
+                self.out.extend_from_slice(&b[..k]);
+                n += k;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Chunks go out whole and in order whatever the writer takes per call: a write that
+    /// ends inside a chunk, on a boundary, or spans several.
+    #[test]
+    fn write_chunks_writes_every_chunk_in_order_through_partial_writes() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for per_call in [1, 7, 100, 1000, 4096, 10_000] {
+            let mut chunks: Vec<Bytes> = [0, 1, 1, 300, 301, 2000, 4999, 5000]
+                .windows(2)
+                .map(|w| Bytes::copy_from_slice(&data[w[0]..w[1]]))
+                .collect();
+            // More chunks than one vectored write takes.
+            chunks.extend(data.chunks(3).map(Bytes::copy_from_slice));
+            let mut w = Trickle {
+                out: Vec::new(),
+                per_call,
+            };
+            block_on(write_chunks(&mut w, &mut chunks)).unwrap();
+            assert!(
+                w.out == [&data[..], &data[..]].concat(),
+                "{per_call} bytes per call"
+            );
+            assert!(chunks.is_empty());
+        }
     }
 
     /// Sets its flag when dropped.
