@@ -49,13 +49,17 @@ pub async fn relay<S>(
     on_bytes: impl Fn(Direction, usize) + Send + Sync,
 ) -> io::Result<(u64, u64)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Clone + Unpin,
 {
     // Both directions run in this one task, so the lock is never contended.
     let stream = Mutex::new(stream);
-    let (sr, sw) = futures_lite::io::split(sock);
+    // Two handles on the socket rather than `split`, whose write half sends only the
+    // first slice of a vectored write.
+    let (sr, sw) = (sock.clone(), sock);
     try_join2(
-        copy_from_stream(&stream, sw, |n| on_bytes(Direction::StreamToSocket, n)),
+        copy_from_stream(&stream, sw, RELAY_BUF_MAX, |n| {
+            on_bytes(Direction::StreamToSocket, n)
+        }),
         copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
     )
     .await
@@ -63,9 +67,10 @@ where
 
 /// A byte stream whose received bytes can be taken without a copy, as shared chunks.
 pub trait ReadChunks {
-    /// Appends up to `max` received bytes to `out` as shared chunks and returns how many
-    /// bytes that was; `Ok(0)` is the end of the stream. Waits only when nothing has been
-    /// received.
+    /// Appends up to `max` (more than 0) received bytes to `out` as shared chunks and
+    /// returns how many bytes that was; `Ok(0)` is the end of the stream. `out` changes
+    /// only when `Ready(Ok(n))` is returned, by chunks of `n` bytes in all. Waits only
+    /// when nothing has been received.
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
@@ -74,16 +79,15 @@ pub trait ReadChunks {
     ) -> Poll<io::Result<usize>>;
 }
 
-/// Most bytes taken from a stream per read in [`copy_from_stream`]: as much as the
-/// largest relay buffer, so a bulk transfer moves in as few writes as before.
-const CHUNKS_MAX: usize = RELAY_BUF_MAX;
-
 /// Copies from `stream` to `w` until the stream ends, then closes `w` (a half-close). The
 /// stream's received chunks are written as they are, several per vectored write, with no
-/// buffer of its own and no copy.
+/// buffer of its own and no copy; at most `max` bytes are taken from the stream at a
+/// time, as a read buffer of that size would (what the stream has handed out is no
+/// longer within its window, and keeps its receive memory alive until written).
 pub async fn copy_from_stream<T, W>(
     stream: &Mutex<T>,
     mut w: W,
+    max: usize,
     on_bytes: impl Fn(usize),
 ) -> io::Result<u64>
 where
@@ -94,7 +98,7 @@ where
     let mut total = 0u64;
     loop {
         let n =
-            std::future::poll_fn(|cx| lock(stream).poll_read_chunks(cx, &mut chunks, CHUNKS_MAX))
+            std::future::poll_fn(|cx| lock(stream).poll_read_chunks(cx, &mut chunks, max.max(1)))
                 .await?;
         if n == 0 {
             w.close().await?;
@@ -106,57 +110,48 @@ where
     }
 }
 
-/// Most slices given to one vectored write.
+/// Most slices given to one vectored write: enough for 1 MiB of full frames, and a fixed
+/// array, where a list of every remaining chunk rebuilt for each write would cost time
+/// quadratic in a read's many tiny chunks.
 const MAX_SLICES: usize = 64;
 
-/// Writes every chunk, in order, with vectored writes, and empties `chunks`.
+/// Writes every chunk, in order, with vectored writes, then flushes. Written chunks leave
+/// `chunks` as they go: on an error, it holds what was not written.
 pub async fn write_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     // An empty chunk would make a write of nothing look like a closed writer.
     chunks.retain(|c| !c.is_empty());
-    let mut first = 0;
-    while first < chunks.len() {
-        // At most MAX_SLICES per call: the kernel refuses more than 1024 at once, and a
-        // peer sending tiny frames could make a read return many more chunks than that.
-        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .take(MAX_SLICES)
-            .map(|c| io::IoSlice::new(c))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
+    while !chunks.is_empty() {
+        let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+        let k = chunks.len().min(MAX_SLICES);
+        for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
+            *slice = io::IoSlice::new(chunk);
+        }
+        let mut n = w.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let c = &mut chunks[first];
+        let mut done = 0;
+        while n > 0 && done < chunks.len() {
+            let c = &mut chunks[done];
             if n >= c.len() {
                 n -= c.len();
-                first += 1;
+                done += 1;
             } else {
                 c.advance(n);
                 n = 0;
             }
         }
+        chunks.drain(..done);
     }
-    chunks.clear();
     w.flush().await
 }
 
 /// One direction's handle on a stream that two directions share in one task (a relay's),
 /// through a lock that is therefore never contended.
 pub struct SharedHalf<'a, T>(pub &'a Mutex<T>);
-
-impl<T: AsyncRead + Unpin> AsyncRead for SharedHalf<'_, T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *lock(self.0)).poll_read(cx, buf)
-    }
-}
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for SharedHalf<'_, T> {
     fn poll_write(
@@ -426,10 +421,14 @@ mod tests {
         drop(again);
     }
 
-    /// Takes at most `per_call` bytes per write, across the slices of a vectored write.
+    /// Takes at most `per_call` bytes per write, across the slices of a vectored write;
+    /// counts its writes and notes its close.
+    #[derive(Default)]
     struct Trickle {
         out: Vec<u8>,
         per_call: usize,
+        calls: usize,
+        closed: bool,
     }
 
     impl AsyncWrite for Trickle {
@@ -446,6 +445,7 @@ mod tests {
             _: &mut Context<'_>,
             bufs: &[io::IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
+            self.calls += 1;
             let mut n = 0;
             for b in bufs {
                 let k = b.len().min(self.per_call - n);
@@ -459,7 +459,8 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.closed = true;
             Poll::Ready(Ok(()))
         }
     }
@@ -477,8 +478,8 @@ mod tests {
             // More chunks than one vectored write takes.
             chunks.extend(data.chunks(3).map(Bytes::copy_from_slice));
             let mut w = Trickle {
-                out: Vec::new(),
                 per_call,
+                ..Trickle::default()
             };
             block_on(write_chunks(&mut w, &mut chunks)).unwrap();
             assert!(
@@ -487,6 +488,49 @@ mod tests {
             );
             assert!(chunks.is_empty());
         }
+    }
+
+    /// A stream that hands out its chunks in the batches given, then ends.
+    struct Batches(Vec<Vec<Bytes>>);
+
+    impl ReadChunks for Batches {
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            out: &mut Vec<Bytes>,
+            _max: usize,
+        ) -> Poll<io::Result<usize>> {
+            if self.0.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            let batch = self.0.remove(0);
+            let n = batch.iter().map(Bytes::len).sum();
+            out.extend(batch);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    /// A read of many chunks goes out in few vectored writes (64 slices each), whole and in
+    /// order; the end of the stream closes the writer.
+    #[test]
+    fn copy_from_stream_writes_many_chunks_per_call_and_closes_at_the_end() {
+        let frame = |i: u8| Bytes::from(vec![i; 16 * 1024]);
+        let batches = vec![(0..100).map(frame).collect(), vec![frame(200)]];
+        let expected: Vec<u8> = batches.iter().flatten().flat_map(|c| c.to_vec()).collect();
+        let stream = Mutex::new(Batches(batches));
+        let mut w = Trickle {
+            per_call: usize::MAX,
+            ..Trickle::default()
+        };
+        let total = block_on(copy_from_stream(&stream, &mut w, 1 << 20, |_| {})).unwrap();
+        assert_eq!(total, expected.len() as u64);
+        assert!(w.out == expected);
+        assert!(
+            w.closed,
+            "the writer was not closed at the end of the stream"
+        );
+        // 100 chunks: 64, then 36; then the last batch's one.
+        assert_eq!(w.calls, 3);
     }
 
     /// Sets its flag when dropped.

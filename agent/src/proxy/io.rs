@@ -173,7 +173,7 @@ pub(crate) enum CopyError {
     /// The chunked coding is invalid.
     #[error("{0}")]
     Chunked(ChunkedError),
-    /// Relaying a stream's bytes on failed: reading the stream, or writing to the client.
+    /// Passing a stream's bytes to the client failed: reading the stream, or writing.
     #[error("{0}")]
     Relay(io::Error),
 }
@@ -337,7 +337,7 @@ where
     // Both directions run in this one task, so the lock is never contended.
     let stream = Mutex::new(stream);
     try_join2(pipe(cin, &mut SharedHalf(&stream)), async {
-        copy_from_stream(&stream, &mut *cw, |_| {})
+        copy_from_stream(&stream, &mut *cw, BUF_CAP, |_| {})
             .await
             .map_err(CopyError::Relay)
     })
