@@ -8,19 +8,20 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
-
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::driver::lock;
 use crate::stream::TunnelStream;
 
-/// Buffer per direction to start with: enough for a typical web response or request in
-/// one piece, and small enough that many idle or short connections stay cheap.
+/// Read buffer of the socket-to-stream direction to start with (the other direction has
+/// none): enough for a typical web response in one piece, and small enough that many idle
+/// or short connections stay cheap.
 const RELAY_BUF_MIN: usize = 16 * 1024;
 
-/// Largest buffer per direction. A direction whose reads keep filling its buffer (a bulk
-/// transfer) grows up to this, so that each piece costs fewer system calls and wake-ups:
+/// Largest read buffer, and most bytes taken from the stream at once. Reads that keep
+/// filling the buffer (a bulk transfer) grow it up to this, so that each piece costs fewer
+/// system calls and wake-ups:
 /// from 64 KiB to 256 KiB, the server's CPU time for a download fell by about 8%
 /// (docs/PERFORMANCE.md, change 20). A stream's window (4 MiB by default) is far larger.
 const RELAY_BUF_MAX: usize = 256 * 1024;
