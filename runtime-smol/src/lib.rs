@@ -2,8 +2,9 @@
 //! connection over `smol`/`async-io` sockets and rustls, and what the binaries build on it.
 //!
 //! - [`driver`] owns one TLS connection and its `proto::Connection`; [`stream`] gives each
-//!   tunnel stream as `AsyncRead + AsyncWrite`; [`relay`] copies between a stream and a
-//!   socket.
+//!   tunnel stream as `AsyncRead + AsyncWrite`, and its received bytes as shared chunks;
+//!   [`relay`] moves bytes between a stream and a socket, in a bulk transfer without
+//!   copying them.
 //! - [`tls`] is the only module of the data plane that touches rustls. It builds the
 //!   mutual TLS 1.3 configurations (private CA, ALPN `fluidity/1`, aws-lc-rs passed
 //!   explicitly), checks peer identities (CN and IP SANs), derives the channel-binding
