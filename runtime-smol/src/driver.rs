@@ -786,7 +786,9 @@ impl Drop for WaitingForRoom<'_> {
 }
 
 /// Removes the first `n` bytes from `chunks`: whole chunks, then a prefix of the next.
-fn consume_chunks(chunks: &mut Vec<Bytes>, mut n: usize) {
+/// What a vectored write took leaves its queue this way (rustls's here, a socket's in
+/// [`crate::relay::write_chunks`]).
+pub(crate) fn consume_chunks(chunks: &mut Vec<Bytes>, mut n: usize) {
     let mut whole = 0;
     while let Some(c) = chunks.get(whole) {
         if c.len() > n {

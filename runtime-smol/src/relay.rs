@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::driver::lock;
+use crate::driver::{consume_chunks, lock};
 use crate::stream::TunnelStream;
 
 /// Read buffer of the socket-to-stream direction to start with (the other direction has
@@ -130,22 +130,11 @@ pub async fn write_chunks<W: AsyncWrite + Unpin>(
         for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
             *slice = io::IoSlice::new(chunk);
         }
-        let mut n = w.write_vectored(&slices[..k]).await?;
+        let n = w.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let mut done = 0;
-        while n > 0 && done < chunks.len() {
-            let c = &mut chunks[done];
-            if n >= c.len() {
-                n -= c.len();
-                done += 1;
-            } else {
-                c.advance(n);
-                n = 0;
-            }
-        }
-        chunks.drain(..done);
+        consume_chunks(chunks, n);
     }
     w.flush().await
 }
