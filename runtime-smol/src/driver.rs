@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use event_listener::IntoNotification;
 use fluidity_proto::{
     AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Stats, StreamEvent,
@@ -32,6 +32,7 @@ use fluidity_proto::{
 };
 use futures_lite::FutureExt;
 
+use crate::relay::consume_chunks;
 use crate::stream::TunnelStream;
 use crate::timer::LazyTimer;
 use crate::tls::{Established, PeerCheck, TlsSession};
@@ -785,24 +786,6 @@ impl Drop for WaitingForRoom<'_> {
     }
 }
 
-/// Removes the first `n` bytes from `chunks`: whole chunks, then a prefix of the next.
-/// What a vectored write took leaves its queue this way (rustls's here, a socket's in
-/// [`crate::relay::write_chunks`]).
-pub(crate) fn consume_chunks(chunks: &mut Vec<Bytes>, mut n: usize) {
-    let mut whole = 0;
-    while let Some(c) = chunks.get(whole) {
-        if c.len() > n {
-            break;
-        }
-        n -= c.len();
-        whole += 1;
-    }
-    chunks.drain(..whole);
-    if let Some(first) = chunks.first_mut() {
-        first.advance(n.min(first.len()));
-    }
-}
-
 impl Future for Driver {
     type Output = Result<(), Error>;
 
@@ -956,32 +939,4 @@ pub async fn accept(
         tls,
         established,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What rustls took of a vectored write leaves the queue; the rest stays, in order,
-    /// however the count falls across chunk boundaries.
-    #[test]
-    fn consumed_chunks_leave_the_queue_and_the_rest_stays_in_order() {
-        let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let sizes = [9, 300, 1, 450, 240];
-        for n in 0..=all.len() {
-            let mut chunks = Vec::new();
-            let mut at = 0;
-            for len in sizes {
-                chunks.push(Bytes::copy_from_slice(&all[at..at + len]));
-                at += len;
-            }
-            consume_chunks(&mut chunks, n);
-            assert!(
-                chunks.iter().all(|c| !c.is_empty()),
-                "n = {n}: empty chunk kept"
-            );
-            let rest: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-            assert_eq!(rest, all[n..], "n = {n}");
-        }
-    }
 }

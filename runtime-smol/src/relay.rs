@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::driver::{consume_chunks, lock};
+use crate::driver::lock;
 use crate::stream::TunnelStream;
 
 /// Read buffer of the socket-to-stream direction to start with (the other direction has
@@ -139,6 +139,24 @@ pub async fn write_chunks<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
+/// Removes the first `n` bytes from `chunks`: whole chunks, then a prefix of the next.
+/// What a vectored write took leaves its queue this way (rustls's in the driver, a socket's in
+/// [`write_chunks`]).
+pub fn consume_chunks(chunks: &mut Vec<Bytes>, mut n: usize) {
+    let mut whole = 0;
+    while let Some(c) = chunks.get(whole) {
+        if c.len() > n {
+            break;
+        }
+        n -= c.len();
+        whole += 1;
+    }
+    chunks.drain(..whole);
+    if let Some(first) = chunks.first_mut() {
+        first.advance(n.min(first.len()));
+    }
+}
+
 /// One direction's handle on a stream that two directions share in one task (a relay's),
 /// through a lock that is therefore never contended.
 pub struct SharedHalf<'a, T>(pub &'a Mutex<T>);
@@ -158,6 +176,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedHalf<'_, T> {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *lock(self.0)).poll_close(cx)
+    }
+}
+
+impl<T: ReadChunks> ReadChunks for SharedHalf<'_, T> {
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        lock(self.0).poll_read_chunks(cx, out, max)
     }
 }
 
@@ -360,6 +389,29 @@ impl Drop for Lent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a vectored write took leaves the queue; the rest stays, in order,
+    /// however the count falls across chunk boundaries.
+    #[test]
+    fn consumed_chunks_leave_the_queue_and_the_rest_stays_in_order() {
+        let all: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let sizes = [9, 300, 1, 450, 240];
+        for n in 0..=all.len() {
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for len in sizes {
+                chunks.push(Bytes::copy_from_slice(&all[at..at + len]));
+                at += len;
+            }
+            consume_chunks(&mut chunks, n);
+            assert!(
+                chunks.iter().all(|c| !c.is_empty()),
+                "n = {n}: empty chunk kept"
+            );
+            let rest: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(rest, all[n..], "n = {n}");
+        }
+    }
     use futures_lite::future::{block_on, yield_now};
     use std::cell::Cell;
 
