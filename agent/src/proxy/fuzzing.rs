@@ -1,8 +1,20 @@
 //! Entry points for fuzzing the proxy's parsers of network input. Each must never panic,
 //! whatever the bytes; the checks inside are the parsers' own invariants.
 
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use fluidity_runtime_smol::relay::ReadChunks;
+use futures_lite::future::block_on;
+
 use super::chunked::ChunkedDecoder;
-use super::head;
+use super::head::{self, Framing};
+use super::io::{
+    copy_chunked, copy_exact, pipe, read_head, Inbound, Received, Source, StreamInbound,
+};
 use super::socks5;
 
 /// Parses `data` as a request head and, if complete, its framing and target.
@@ -58,6 +70,103 @@ fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), super::chunked::Ch
         }
     }
     Ok((out, total, dec.is_done()))
+}
+
+/// Reads `data` as an origin's answers to GET requests, as the proxy relays them, once
+/// from a buffered reader and once from a tunnel stream whose chunks are cut where the
+/// first byte says: every message and error must come out the same, byte for byte.
+pub fn fuzz_http_response_stream(data: &[u8]) {
+    let Some((&cut, input)) = data.split_first() else {
+        return;
+    };
+    let sizes = [usize::from(cut % 16) + 1, usize::from(cut / 16) * 97 + 1];
+    let whole = read_responses(&mut Inbound::with_capacity(input, 64));
+    let stream = Mutex::new(Batches::cut(input, &sizes, usize::from(cut % 3) + 1));
+    let mut rx = Received::default();
+    let chunked = read_responses(&mut StreamInbound::new(&stream, &mut rx));
+    assert_eq!(whole, chunked);
+}
+
+/// Each response's status and body, until the input ends or something fails.
+fn read_responses<S: Source>(from: &mut S) -> Vec<Result<(u16, Vec<u8>), String>> {
+    let mut out = Vec::new();
+    loop {
+        let resp = match block_on(read_head(from, head::parse_response_head)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return out,
+            Err(e) => {
+                out.push(Err(format!("{e:?}")));
+                return out;
+            }
+        };
+        let mut body = Vec::new();
+        let framing = head::response_framing("GET", &resp);
+        let copied = match framing {
+            Ok(Framing::Empty) => Ok(0),
+            Ok(Framing::Length(n)) => {
+                block_on(copy_exact(from, &mut body, &mut Vec::new(), n)).map(|()| n)
+            }
+            Ok(Framing::Chunked) => block_on(copy_chunked(from, &mut body, &mut Vec::new())),
+            Ok(Framing::UntilClose) => block_on(pipe(from, &mut body)),
+            Err(why) => {
+                out.push(Err(why.to_string()));
+                return out;
+            }
+        };
+        match copied {
+            Ok(n) => {
+                assert_eq!(n, body.len() as u64);
+                out.push(Ok((resp.status, body)));
+            }
+            Err(e) => {
+                out.push(Err(format!("{e:?}")));
+                return out;
+            }
+        }
+        if framing == Ok(Framing::UntilClose) {
+            return out;
+        }
+    }
+}
+
+/// A stream that hands out fixed batches of chunks, one batch per read, then ends.
+pub(crate) struct Batches(VecDeque<Vec<Bytes>>);
+
+impl Batches {
+    /// Every byte of `all`, in chunks of the given sizes (cycled, none 0), `per_read`
+    /// chunks a read.
+    pub(crate) fn cut(all: &[u8], sizes: &[usize], per_read: usize) -> Self {
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for &size in sizes.iter().cycle() {
+            if at == all.len() || size == 0 {
+                break;
+            }
+            let end = (at + size).min(all.len());
+            chunks.push(Bytes::copy_from_slice(&all[at..end]));
+            at = end;
+        }
+        Batches(
+            chunks
+                .chunks(per_read.max(1))
+                .map(<[Bytes]>::to_vec)
+                .collect(),
+        )
+    }
+}
+
+impl ReadChunks for Batches {
+    fn poll_read_chunks(
+        &mut self,
+        _cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        _max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let batch = self.0.pop_front().unwrap_or_default();
+        let n = batch.iter().map(Bytes::len).sum();
+        out.extend(batch);
+        Poll::Ready(Ok(n))
+    }
 }
 
 /// Parses `data` as each SOCKS5 message in turn.
@@ -125,6 +234,14 @@ mod tests {
     }
 
     #[test]
+    fn corpus_replays_through_http_response_stream() {
+        for (name, data) in corpus("http_response_stream") {
+            eprintln!("{name}");
+            fuzz_http_response_stream(&data);
+        }
+    }
+
+    #[test]
     fn corpus_replays_through_socks5() {
         for (name, data) in corpus("socks5") {
             eprintln!("{name}");
@@ -139,6 +256,7 @@ mod tests {
             fuzz_http_response_head(&data);
             fuzz_chunked(&data);
             fuzz_socks5(&data);
+            fuzz_http_response_stream(&data);
         }
 
         #[test]

@@ -9,12 +9,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::task::Poll;
 
 use fluidity_proto::{RefusalReason, Target};
+use fluidity_runtime_smol::relay::{ReadChunks, SharedHalf};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncWriteExt, FutureExt};
 
 use super::head::{
@@ -23,7 +24,7 @@ use super::head::{
 };
 use super::io::{
     copy_chunked, copy_exact, linger_close, read_head, relay, relay_stream, CopyError, Inbound,
-    ReadHeadError,
+    ReadHeadError, Received, Source, StreamInbound,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -31,11 +32,33 @@ use crate::error::{Error, Result};
 /// An open stream to an origin, kept between requests.
 struct Upstream<S> {
     target: Target,
-    inb: Inbound<ReadHalf<S>>,
-    w: WriteHalf<S>,
+    /// Read and written by one task, the response while the request is sent: the lock is
+    /// never contended.
+    stream: Mutex<S>,
+    /// What was taken from the stream and not yet used.
+    rx: Received,
     /// Whether it has carried a request before (so that a failure may just mean the origin
     /// closed an idle connection, and one retry is safe).
     reused: bool,
+}
+
+impl<S> Upstream<S> {
+    fn new(target: Target, stream: S) -> Self {
+        Upstream {
+            target,
+            stream: Mutex::new(stream),
+            rx: Received::default(),
+            reused: false,
+        }
+    }
+
+    /// The reading and the writing side.
+    fn halves(&mut self) -> (StreamInbound<'_, S>, SharedHalf<'_, S>) {
+        (
+            StreamInbound::new(&self.stream, &mut self.rx),
+            SharedHalf(&self.stream),
+        )
+    }
 }
 
 /// What to do with the client connection after a request.
@@ -399,15 +422,7 @@ where
         }
         if upstream.is_none() {
             match dial(dialer, &abs.target, cfg).await {
-                Ok(s) => {
-                    let (r, w) = futures_lite::io::split(s);
-                    *upstream = Some(Upstream {
-                        target: abs.target.clone(),
-                        inb: Inbound::new(r),
-                        w,
-                        reused: false,
-                    });
-                }
+                Ok(s) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
                 Err(e) => {
                     let (status, line) = dial_failure(&abs.target, &e);
                     tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
@@ -444,7 +459,8 @@ where
                 let Some(mut up) = upstream.take() else {
                     return Ok(Next::Done);
                 };
-                match relay(cin, cw, &mut up.inb, &mut up.w).await {
+                let (mut uin, mut uw) = up.halves();
+                match relay(cin, cw, &mut uin, &mut uw).await {
                     Ok((up, down)) => {
                         tracing::debug!(%peer, target = %abs.target, up, down, "websocket closed")
                     }
@@ -493,18 +509,17 @@ where
 
 /// Whether a kept stream can take another request: nothing unexpected is buffered and the
 /// origin has not closed it meanwhile (checked without waiting).
-fn still_usable<S: AsyncRead + Unpin>(upstream: &mut Option<Upstream<S>>) -> bool {
+fn still_usable<S: ReadChunks>(upstream: &mut Option<Upstream<S>>) -> bool {
     let Some(up) = upstream else {
         return true;
     };
-    if !up.inb.buffered().is_empty() {
+    if !up.rx.is_empty() {
         return false;
     }
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
-    let mut fill = pin!(up.inb.fill());
     // Data or EOF from an idle origin: either way its next answer cannot be trusted.
-    fill.as_mut().poll(&mut cx).is_pending()
+    up.halves().0.poll_fill(&mut cx).is_pending()
 }
 
 async fn fail<W: AsyncWrite + Unpin>(
@@ -592,16 +607,17 @@ async fn exchange<S, R, W>(
     up: &mut Upstream<S>,
 ) -> Result<Outcome, ExchangeError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncWrite + ReadChunks + Unpin,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     // Atomic only so that the future stays Send; both users run in this one task.
     let started = AtomicBool::new(false);
     let mut sent: Option<Result<u64, CopyError>> = None;
+    let (mut uin, mut uw) = up.halves();
     let result = {
-        let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut up.w));
-        let mut recv = pin!(relay_response(ctx, &mut up.inb, cw, &started));
+        let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut uw));
+        let mut recv = pin!(relay_response(ctx, &mut uin, cw, &started));
         futures_lite::future::poll_fn(|cx| {
             if sent.is_none() {
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
@@ -675,14 +691,14 @@ where
     }
 }
 
-async fn relay_response<UR, W>(
+async fn relay_response<U, W>(
     ctx: &Exchange<'_>,
-    uin: &mut Inbound<UR>,
+    uin: &mut U,
     cw: &mut W,
     started: &AtomicBool,
 ) -> Result<Outcome, ExchangeError>
 where
-    UR: AsyncRead + Unpin,
+    U: Source,
     W: AsyncWrite + Unpin,
 {
     let mut down = 0u64;

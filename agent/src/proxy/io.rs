@@ -1,33 +1,78 @@
 //! Buffered reading and byte relays shared by the HTTP and SOCKS5 front ends.
 
-use std::io;
-use std::pin::pin;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::{pin, Pin};
 use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use fluidity_runtime_smol::relay::{copy_from_stream, try_join2, ReadChunks, SharedHalf};
+use bytes::{Buf, Bytes, BytesMut};
+use fluidity_runtime_smol::relay::{consume_chunks, try_join2, ReadChunks, SharedHalf};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 
 use super::chunked::{ChunkedDecoder, ChunkedError};
 use super::head::{leading_empty_lines, HeadError, MAX_HEAD_LEN};
 
-/// Largest capacity of a read buffer: a maximal head plus room to notice that it is too
-/// long.
+/// Largest capacity of a read buffer, and most bytes taken from a stream at once: a
+/// maximal head plus room to notice that it is too long.
 const BUF_CAP: usize = MAX_HEAD_LEN + 8 * 1024;
 
-/// Capacity a read buffer starts with. Most heads and small bodies fit; a buffer grows
-/// towards [`BUF_CAP`] only for a longer head or a bulk transfer, so that many short
-/// connections at once stay cheap in memory.
-const BUF_START: usize = 16 * 1024;
-
 /// Capacity a client connection's read buffer starts with: most request heads fit, and a
-/// request body makes it grow like any other. Smaller than [`BUF_START`] because every
-/// open client connection, idle or not, holds one.
+/// request body makes it grow towards [`BUF_CAP`] (doubling when a read fills it). Small,
+/// because every open client connection, idle or not, holds one.
 pub(crate) const CLIENT_BUF_START: usize = 4 * 1024;
 
-/// A reader with a fixed-size buffer whose unread bytes can be inspected and consumed.
+/// Where a front end reads a peer's bytes: received bytes that can be inspected and
+/// consumed, and a way to receive more.
+pub(crate) trait Source {
+    /// The first unread bytes, contiguous. A [`fill`](Source::fill) that returns more
+    /// than 0 makes this longer, so that a message head can be parsed whole.
+    fn buffered(&self) -> &[u8];
+
+    /// Every unread byte, in order, up to `limit` bytes, as at most `out.len()` slices
+    /// (the first is [`buffered`](Source::buffered)); returns how many slices were set.
+    fn buffered_slices<'a>(&'a self, out: &mut [IoSlice<'a>], limit: usize) -> usize {
+        let b = self.buffered();
+        let b = &b[..b.len().min(limit)];
+        match out.first_mut() {
+            Some(slot) if !b.is_empty() => {
+                *slot = IoSlice::new(b);
+                1
+            }
+            _ => 0,
+        }
+    }
+
+    /// Drops the first `n` unread bytes.
+    fn consume(&mut self, n: usize);
+
+    /// Receives more bytes after the unread ones; `Ready(Ok(0))` is the end of the input.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>;
+
+    /// Receives more bytes after the unread ones; `Ok(0)` is the end of the input.
+    fn fill(&mut self) -> Fill<'_, Self>
+    where
+        Self: Sized,
+    {
+        Fill(self)
+    }
+}
+
+/// The future of [`Source::fill`].
+pub(crate) struct Fill<'a, S>(&'a mut S);
+
+impl<S: Source> Future for Fill<'_, S> {
+    type Output = io::Result<usize>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.poll_fill(cx)
+    }
+}
+
+/// A socket's bytes read into a buffer of its own, which grows up to [`BUF_CAP`].
 pub(crate) struct Inbound<R> {
     io: R,
     buf: Box<[u8]>,
@@ -38,10 +83,6 @@ pub(crate) struct Inbound<R> {
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
-    pub(crate) fn new(io: R) -> Self {
-        Inbound::with_capacity(io, BUF_START)
-    }
-
     /// A reader whose buffer starts at `capacity` bytes (at most [`BUF_CAP`]).
     pub(crate) fn with_capacity(io: R, capacity: usize) -> Self {
         Inbound {
@@ -53,12 +94,24 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
-    /// Bytes received and not yet consumed.
-    pub(crate) fn buffered(&self) -> &[u8] {
+    /// Doubles the buffer (up to [`BUF_CAP`]), keeping the unread bytes.
+    fn grow(&mut self) {
+        let mut bigger = vec![0; (self.buf.len() * 2).min(BUF_CAP)].into_boxed_slice();
+        let kept = self.end - self.start;
+        bigger[..kept].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = bigger;
+        self.start = 0;
+        self.end = kept;
+        self.filled = false;
+    }
+}
+
+impl<R: AsyncRead + Unpin> Source for Inbound<R> {
+    fn buffered(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
 
-    pub(crate) fn consume(&mut self, n: usize) {
+    fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         if self.start == self.end {
             self.start = 0;
@@ -66,12 +119,11 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
-    /// Reads more bytes after the buffered ones; `Ok(0)` means end of stream.
-    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.end == self.buf.len() {
             if self.start == 0 {
                 if self.buf.len() >= BUF_CAP {
-                    return Err(io::Error::other("read buffer full"));
+                    return Poll::Ready(Err(io::Error::other("read buffer full")));
                 }
                 self.grow();
             } else {
@@ -83,20 +135,109 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
             // Empty, and the last read filled it: a bulk transfer; read larger pieces.
             self.grow();
         }
-        let n = self.io.read(&mut self.buf[self.end..]).await?;
+        let n = ready!(Pin::new(&mut self.io).poll_read(cx, &mut self.buf[self.end..]))?;
         self.end += n;
         self.filled = n > 0 && self.end == self.buf.len();
-        Ok(n)
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Bytes taken from a tunnel stream and not yet used, kept with the stream between
+/// messages.
+#[derive(Default)]
+pub(crate) struct Received {
+    /// Chunks joined into one piece, before `chunks`: a message head that arrived in
+    /// several (rare; the bytes are copied once, growing the piece geometrically).
+    joined: BytesMut,
+    /// The stream's own chunks, none empty.
+    chunks: Vec<Bytes>,
+}
+
+impl Received {
+    /// Whether nothing is left unread.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.joined.is_empty() && self.chunks.is_empty()
     }
 
-    /// Doubles the buffer (up to [`BUF_CAP`]), keeping the unread bytes.
-    fn grow(&mut self) {
-        let mut bigger = vec![0; (self.buf.len() * 2).min(BUF_CAP)].into_boxed_slice();
-        let kept = self.end - self.start;
-        bigger[..kept].copy_from_slice(&self.buf[self.start..self.end]);
-        self.buf = bigger;
-        self.start = 0;
-        self.end = kept;
+    /// Makes the first piece longer by the next chunk; returns that chunk's length.
+    fn join_next(&mut self) -> usize {
+        let take = if self.joined.is_empty() { 2 } else { 1 };
+        let mut added = 0;
+        for c in self.chunks.drain(..take.min(self.chunks.len())) {
+            added = c.len();
+            self.joined.extend_from_slice(&c);
+        }
+        added
+    }
+}
+
+/// A tunnel stream's bytes as the stream hands them out: its own chunks, with no read
+/// buffer and no copy (a body goes to the client as it arrived, several chunks per
+/// vectored write). What is left unread stays in `rx`, with the stream.
+pub(crate) struct StreamInbound<'a, S> {
+    stream: SharedHalf<'a, S>,
+    rx: &'a mut Received,
+}
+
+impl<'a, S> StreamInbound<'a, S> {
+    pub(crate) fn new(stream: &'a Mutex<S>, rx: &'a mut Received) -> Self {
+        StreamInbound {
+            stream: SharedHalf(stream),
+            rx,
+        }
+    }
+}
+
+impl<S: ReadChunks> Source for StreamInbound<'_, S> {
+    fn buffered(&self) -> &[u8] {
+        if self.rx.joined.is_empty() {
+            self.rx.chunks.first().map_or(&[], |c| c)
+        } else {
+            &self.rx.joined
+        }
+    }
+
+    fn buffered_slices<'b>(&'b self, out: &mut [IoSlice<'b>], limit: usize) -> usize {
+        let pieces =
+            std::iter::once(&self.rx.joined[..]).chain(self.rx.chunks.iter().map(|c| &c[..]));
+        let mut room = limit;
+        let mut k = 0;
+        for (slot, piece) in out.iter_mut().zip(pieces.filter(|p| !p.is_empty())) {
+            if room == 0 {
+                break;
+            }
+            let piece = &piece[..piece.len().min(room)];
+            room -= piece.len();
+            *slot = IoSlice::new(piece);
+            k += 1;
+        }
+        k
+    }
+
+    fn consume(&mut self, n: usize) {
+        let from_joined = n.min(self.rx.joined.len());
+        self.rx.joined.advance(from_joined);
+        if self.rx.joined.is_empty() && self.rx.joined.capacity() > 0 {
+            // Joining is rare: give its memory back rather than keep it with the stream.
+            self.rx.joined = BytesMut::new();
+        }
+        consume_chunks(&mut self.rx.chunks, n - from_joined);
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let rx = &mut *self.rx;
+        let had = !rx.is_empty();
+        // Unread bytes mean the caller needs them longer (a head in several chunks): join
+        // the next chunk to them, from those already taken if there is one.
+        if had && rx.chunks.len() > usize::from(rx.joined.is_empty()) {
+            return Poll::Ready(Ok(rx.join_next()));
+        }
+        let n = ready!(self.stream.poll_read_chunks(cx, &mut rx.chunks, BUF_CAP))?;
+        rx.chunks.retain(|c| !c.is_empty());
+        if had && n > 0 {
+            rx.join_next();
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -115,34 +256,45 @@ type ParseFn<T> = fn(&[u8]) -> Result<Option<(T, usize)>, HeadError>;
 
 /// Reads and consumes one head. `Ok(None)` means the peer closed the connection cleanly
 /// before sending any byte of it.
-pub(crate) async fn read_head<R: AsyncRead + Unpin, T>(
-    inb: &mut Inbound<R>,
+pub(crate) async fn read_head<S: Source, T>(
+    inb: &mut S,
     parse: ParseFn<T>,
 ) -> Result<Option<T>, ReadHeadError> {
-    // Parse only when a new line has arrived: the number of lines is bounded by the
-    // header-count limit, so the total parsing work stays bounded even for a client that
-    // sends one byte at a time.
+    // Parse only when a new line has arrived, and once more before giving up: the number
+    // of lines is bounded by the header-count limit, so the total parsing work stays
+    // bounded even for a peer that sends one byte at a time. Parsing before giving up
+    // makes the verdict on a head the same however its bytes were cut.
     let mut parse_now = !inb.buffered().is_empty();
     loop {
-        let skip = leading_empty_lines(inb.buffered());
-        inb.consume(skip);
-        if parse_now {
+        // Skipped lines may have uncovered unparsed bytes (the next of a stream's chunks).
+        loop {
+            let skip = leading_empty_lines(inb.buffered());
+            if skip == 0 {
+                break;
+            }
+            inb.consume(skip);
+            parse_now = !inb.buffered().is_empty();
+        }
+        let too_large = inb.buffered().len() > MAX_HEAD_LEN;
+        if parse_now || too_large {
             if let Some((head, len)) = parse(inb.buffered()).map_err(ReadHeadError::Head)? {
                 inb.consume(len);
                 return Ok(Some(head));
             }
         }
-        if inb.buffered().len() > MAX_HEAD_LEN {
+        if too_large {
             return Err(ReadHeadError::Head(HeadError::TooLarge));
         }
         let before = inb.buffered().len();
         let n = inb.fill().await.map_err(ReadHeadError::Io)?;
         if n == 0 {
-            return if inb.buffered().is_empty() {
-                Ok(None)
-            } else {
-                Err(ReadHeadError::Truncated)
-            };
+            if inb.buffered().is_empty() {
+                return Ok(None);
+            }
+            // The last bytes may be an invalid head without a line end: say so rather
+            // than that it was cut short.
+            parse(inb.buffered()).map_err(ReadHeadError::Head)?;
+            return Err(ReadHeadError::Truncated);
         }
         parse_now = inb.buffered()[before..].contains(&b'\n');
     }
@@ -173,9 +325,6 @@ pub(crate) enum CopyError {
     /// The chunked coding is invalid.
     #[error("{0}")]
     Chunked(ChunkedError),
-    /// Passing a stream's bytes to the client failed: reading the stream, or writing.
-    #[error("{0}")]
-    Relay(io::Error),
 }
 
 /// Sends `head` (a message head) before a body that `from` delivers. When body bytes
@@ -183,13 +332,9 @@ pub(crate) enum CopyError {
 /// ([`write_after`]): for a small message one system call instead of two. Otherwise it
 /// goes out now, so that a head whose body has not arrived (a slow origin, a client
 /// waiting for `100 Continue`) is never held back.
-async fn start_message<R, W>(
-    from: &Inbound<R>,
-    to: &mut W,
-    head: &mut Vec<u8>,
-) -> Result<(), CopyError>
+async fn start_message<S, W>(from: &S, to: &mut W, head: &mut Vec<u8>) -> Result<(), CopyError>
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     if head.is_empty() || !from.buffered().is_empty() {
@@ -201,41 +346,65 @@ where
     Ok(())
 }
 
-/// Writes what is left of `head`, then `data`, as one vectored write where the writer
-/// takes it (one system call for a socket, and no copy of the body behind the head);
-/// `head` ends empty.
-async fn write_after<W>(to: &mut W, head: &mut Vec<u8>, data: &[u8]) -> Result<(), CopyError>
+/// Most body slices given to one vectored write. Few: the array lives in every
+/// connection's task while it writes, and a read from a stream takes at most
+/// [`BUF_CAP`] bytes, a handful of full frames.
+const MAX_SLICES: usize = 8;
+
+/// Writes what is left of `head`, then up to `limit` of the bytes `from` has buffered,
+/// consuming them, with vectored writes where the writer takes them (one system call for
+/// a head and its body, no copy of the body); returns the body bytes written. `head`
+/// ends empty.
+async fn write_after<S, W>(
+    to: &mut W,
+    head: &mut Vec<u8>,
+    from: &mut S,
+    limit: u64,
+) -> Result<u64, CopyError>
 where
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     let mut sent = 0;
-    let mut data_sent = 0;
-    while sent < head.len() {
-        let bufs = [io::IoSlice::new(&head[sent..]), io::IoSlice::new(data)];
-        let n = to.write_vectored(&bufs).await.map_err(CopyError::Write)?;
+    let mut body = 0u64;
+    loop {
+        let room = usize::try_from(limit - body).unwrap_or(usize::MAX);
+        let mut slices = [IoSlice::new(&[]); 1 + MAX_SLICES];
+        let mut k = 0;
+        if sent < head.len() {
+            slices[0] = IoSlice::new(&head[sent..]);
+            k = 1;
+        }
+        k += from.buffered_slices(&mut slices[k..], room);
+        if k == 0 {
+            break;
+        }
+        let n = to
+            .write_vectored(&slices[..k])
+            .await
+            .map_err(CopyError::Write)?;
         if n == 0 {
             return Err(CopyError::Write(io::ErrorKind::WriteZero.into()));
         }
         let from_head = n.min(head.len() - sent);
         sent += from_head;
-        data_sent = n - from_head;
+        from.consume(n - from_head);
+        body += (n - from_head) as u64;
     }
     head.clear();
-    to.write_all(&data[data_sent..])
-        .await
-        .map_err(CopyError::Write)
+    Ok(body)
 }
 
 /// Sends `head`, then copies exactly `len` body bytes. `head` is emptied once sent, so
 /// after an error the caller can tell whether anything reached `to`.
-pub(crate) async fn copy_exact<R, W>(
-    from: &mut Inbound<R>,
+pub(crate) async fn copy_exact<S, W>(
+    from: &mut S,
     to: &mut W,
     head: &mut Vec<u8>,
     mut len: u64,
 ) -> Result<(), CopyError>
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     if len > 0 {
@@ -245,15 +414,9 @@ where
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             return Err(CopyError::Eof);
         }
-        let n = from
-            .buffered()
-            .len()
-            .min(usize::try_from(len).unwrap_or(usize::MAX));
-        write_after(to, head, &from.buffered()[..n]).await?;
-        from.consume(n);
-        len -= n as u64;
+        len -= write_after(to, head, from, len).await?;
     }
-    write_after(to, head, &[]).await?;
+    write_after(to, head, from, 0).await?;
     to.flush().await.map_err(CopyError::Write)
 }
 
@@ -261,13 +424,13 @@ where
 /// returns the body's length. `head` is emptied once sent, as in [`copy_exact`]. Invalid
 /// coding is found before the bytes buffered with it are written, so a body invalid
 /// within the bytes that arrived with the head leaves `head` unsent.
-pub(crate) async fn copy_chunked<R, W>(
-    from: &mut Inbound<R>,
+pub(crate) async fn copy_chunked<S, W>(
+    from: &mut S,
     to: &mut W,
     head: &mut Vec<u8>,
 ) -> Result<u64, CopyError>
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     start_message(from, to, head).await?;
@@ -277,7 +440,8 @@ where
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             return Err(CopyError::Eof);
         }
-        // Find how much of the buffer belongs to the body, then forward it in one write.
+        // Find how much of the buffered bytes belongs to the body, then forward it in one
+        // write.
         let buf = from.buffered();
         let mut used = 0;
         while used < buf.len() && !decoder.is_done() {
@@ -287,9 +451,7 @@ where
             }
             used += step.consumed;
         }
-        write_after(to, head, &buf[..used]).await?;
-        from.consume(used);
-        total += used as u64;
+        total += write_after(to, head, from, used as u64).await?;
     }
     to.flush().await.map_err(CopyError::Write)?;
     Ok(total)
@@ -297,9 +459,9 @@ where
 
 /// Copies everything until `from` ends, then closes the write side of `to` (a half-close:
 /// the other direction carries on). Returns the number of bytes copied.
-pub(crate) async fn pipe<R, W>(from: &mut Inbound<R>, to: &mut W) -> Result<u64, CopyError>
+pub(crate) async fn pipe<S, W>(from: &mut S, to: &mut W) -> Result<u64, CopyError>
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
@@ -307,13 +469,8 @@ where
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             break;
         }
-        let n = from.buffered().len();
-        to.write_all(from.buffered())
-            .await
-            .map_err(CopyError::Write)?;
+        total += write_after(to, &mut Vec::new(), from, u64::MAX).await?;
         to.flush().await.map_err(CopyError::Write)?;
-        from.consume(n);
-        total += n as u64;
     }
     to.close().await.map_err(CopyError::Write)?;
     Ok(total)
@@ -321,41 +478,42 @@ where
 
 /// Relays between a client connection and a tunnel stream until both directions have
 /// ended; returns the bytes moved each way (client to stream, stream to client). The
-/// stream's bytes reach the client in the chunks they arrived in, with no buffer of their
-/// own and no copy ([`copy_from_stream`]). An error in either direction ends both: the
-/// caller drops both ends, which resets them.
-pub(crate) async fn relay_stream<R, W, S>(
-    cin: &mut Inbound<R>,
+/// stream's bytes reach the client in the chunks they arrived in ([`StreamInbound`]).
+/// An error in either direction ends both: the caller drops both ends, which resets them.
+pub(crate) async fn relay_stream<C, W, S>(
+    cin: &mut C,
     cw: &mut W,
     stream: S,
 ) -> Result<(u64, u64), CopyError>
 where
-    R: AsyncRead + Unpin,
+    C: Source,
     W: AsyncWrite + Unpin,
     S: AsyncWrite + ReadChunks + Unpin,
 {
     // Both directions run in this one task, so the lock is never contended.
     let stream = Mutex::new(stream);
-    try_join2(pipe(cin, &mut SharedHalf(&stream)), async {
-        copy_from_stream(&stream, &mut *cw, BUF_CAP, |_| {})
-            .await
-            .map_err(CopyError::Relay)
-    })
+    let mut rx = Received::default();
+    relay(
+        cin,
+        cw,
+        &mut StreamInbound::new(&stream, &mut rx),
+        &mut SharedHalf(&stream),
+    )
     .await
 }
 
 /// Relays both directions until each has ended; returns (a→b, b→a) byte counts. An error
 /// in either direction ends both: the caller drops both ends, which resets them.
-pub(crate) async fn relay<AR, AW, BR, BW>(
-    a_in: &mut Inbound<AR>,
+pub(crate) async fn relay<A, AW, B, BW>(
+    a_in: &mut A,
     a_out: &mut AW,
-    b_in: &mut Inbound<BR>,
+    b_in: &mut B,
     b_out: &mut BW,
 ) -> Result<(u64, u64), CopyError>
 where
-    AR: AsyncRead + Unpin,
+    A: Source,
     AW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
+    B: Source,
     BW: AsyncWrite + Unpin,
 {
     try_join2(pipe(a_in, b_out), pipe(b_in, a_out)).await
@@ -364,9 +522,9 @@ where
 /// Ends a connection after an error answer: closes our sending side, then reads and drops
 /// what the client still sends (bounded in time and size) so that closing with unread
 /// data does not reset the connection before the client has read the answer.
-pub(crate) async fn linger_close<R, W>(inb: &mut Inbound<R>, w: &mut W)
+pub(crate) async fn linger_close<S, W>(inb: &mut S, w: &mut W)
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -392,6 +550,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::fuzzing::Batches;
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -461,6 +620,10 @@ mod tests {
         }
     }
 
+    fn block_on<T>(f: impl Future<Output = T>) -> T {
+        futures_lite::future::block_on(f)
+    }
+
     #[test]
     fn a_head_and_its_body_leave_whole_through_a_writer_without_vectored_writes() {
         let cases: [(&[u8], &[u8]); 3] =
@@ -468,9 +631,13 @@ mod tests {
         for (head, body) in cases {
             let mut w = Plain(Vec::new());
             let mut h = head.to_vec();
-            futures_lite::future::block_on(write_after(&mut w, &mut h, body)).unwrap();
+            let mut from = Inbound::with_capacity(body, 64);
+            block_on(from.fill()).unwrap();
+            let n = block_on(write_after(&mut w, &mut h, &mut from, u64::MAX)).unwrap();
             assert_eq!(w.0, [head, body].concat());
+            assert_eq!(n, body.len() as u64);
             assert!(h.is_empty());
+            assert!(from.buffered().is_empty());
         }
     }
 
@@ -478,19 +645,108 @@ mod tests {
     fn a_head_and_its_body_leave_whole_and_in_order_whatever_the_writer_takes() {
         let body: Vec<u8> = (0..100u8).collect();
         for per_call in [1, 3, 7, 10, 11, 50, 110, 1000] {
-            let mut w = Trickle {
-                out: Vec::new(),
-                per_call,
-                calls: 0,
-            };
-            let mut head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
-            let expected: Vec<u8> = head.iter().chain(&body).copied().collect();
-            futures_lite::future::block_on(write_after(&mut w, &mut head, &body)).unwrap();
-            assert_eq!(w.out, expected, "per_call {per_call}");
-            assert!(head.is_empty());
-            if per_call >= expected.len() {
-                assert_eq!(w.calls, 1, "head and body in one write");
+            for chunk in [100, 30, 1] {
+                let mut w = Trickle {
+                    out: Vec::new(),
+                    per_call,
+                    calls: 0,
+                };
+                let mut head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+                let expected: Vec<u8> = head.iter().chain(&body).copied().collect();
+                let stream = Mutex::new(Batches::cut(&body, &[chunk], 100));
+                let mut rx = Received::default();
+                let mut from = StreamInbound::new(&stream, &mut rx);
+                block_on(from.fill()).unwrap();
+                let mut left = body.len() as u64;
+                while left > 0 {
+                    left -= block_on(write_after(&mut w, &mut head, &mut from, left)).unwrap();
+                }
+                assert_eq!(w.out, expected, "per_call {per_call}, chunks of {chunk}");
+                assert!(head.is_empty());
+                assert!(rx.is_empty());
+                if per_call >= expected.len() && 100 / chunk < MAX_SLICES {
+                    assert_eq!(w.calls, 1, "head and body in one write");
+                }
             }
         }
+    }
+
+    /// Two responses on one kept stream, cut into chunks anywhere (a head in many pieces,
+    /// a chunk holding the end of one message and the start of the next): each is read
+    /// whole and byte-exact, and what belongs to the next stays for it.
+    #[test]
+    fn messages_read_from_a_streams_chunks_are_exact_however_they_are_cut() {
+        let first_body: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut first = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            first_body.len()
+        )
+        .into_bytes();
+        first.extend_from_slice(&first_body);
+        let second: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: t\r\n\r\n";
+        let all = [&first[..], second].concat();
+        for sizes in [&[1][..], &[2, 3], &[7, 4096], &[20, 1, 900], &[all.len()]] {
+            for per_read in [1, 3, 100] {
+                let stream = Mutex::new(Batches::cut(&all, sizes, per_read));
+                let mut rx = Received::default();
+                let mut from = StreamInbound::new(&stream, &mut rx);
+                let case = format!("chunks of {sizes:?}, {per_read} a read");
+
+                let head = block_on(read_head(
+                    &mut from,
+                    super::super::head::parse_response_head,
+                ))
+                .unwrap()
+                .unwrap();
+                assert_eq!(head.status, 200, "{case}");
+                let mut out = Vec::new();
+                block_on(copy_exact(
+                    &mut from,
+                    &mut out,
+                    &mut Vec::new(),
+                    first_body.len() as u64,
+                ))
+                .unwrap();
+                assert_eq!(out, first_body, "{case}");
+
+                let head = block_on(read_head(
+                    &mut from,
+                    super::super::head::parse_response_head,
+                ))
+                .unwrap()
+                .unwrap();
+                assert!(
+                    head.headers.has_token("transfer-encoding", "chunked"),
+                    "{case}"
+                );
+                let mut out = Vec::new();
+                let n = block_on(copy_chunked(&mut from, &mut out, &mut Vec::new())).unwrap();
+                let body_start = second.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                assert_eq!(out, &second[body_start..], "{case}");
+                assert_eq!(n, out.len() as u64, "{case}");
+
+                assert_eq!(block_on(from.fill()).unwrap(), 0, "{case}: the end");
+                assert!(rx.is_empty(), "{case}");
+                assert_eq!(rx.joined.capacity(), 0, "{case}: joined memory given back");
+            }
+        }
+    }
+
+    /// A head that never ends, trickling in one byte per chunk, is refused at the head
+    /// limit: the joined bytes never exceed it by more than a chunk.
+    #[test]
+    fn a_head_in_endless_tiny_chunks_is_refused_at_the_limit() {
+        let mut all = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        all.resize(MAX_HEAD_LEN + 100, b'a');
+        let stream = Mutex::new(Batches::cut(&all, &[1], 1));
+        let mut rx = Received::default();
+        let mut from = StreamInbound::new(&stream, &mut rx);
+        let r = block_on(read_head(
+            &mut from,
+            super::super::head::parse_response_head,
+        ));
+        assert!(matches!(r, Err(ReadHeadError::Head(HeadError::TooLarge))));
+        assert!(rx.joined.len() <= MAX_HEAD_LEN + 1);
     }
 }

@@ -133,6 +133,7 @@ where
 {
     // Two handles on one socket rather than `split`: no lock around every read and write,
     // and vectored writes reach the socket (a message head and body in one system call).
+    use io::Source;
     let mut inb = io::Inbound::with_capacity(client.clone(), io::CLIENT_BUF_START);
     let mut w = client;
     let first = io::timeout(cfg.head_timeout, pin!(inb.fill())).await;

@@ -6,7 +6,7 @@ use std::pin::pin;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
 
-use super::io::{linger_close, relay_stream, timeout, Inbound};
+use super::io::{linger_close, relay_stream, timeout, Inbound, Source};
 use super::socks5::{self, reply, Socks5Error};
 use super::{dial, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
