@@ -66,12 +66,17 @@ where
     .await
 }
 
+/// Most chunks one [`ReadChunks::poll_read_chunks`] hands out: a read of many tiny frames
+/// (a peer trickling bytes) then stays a short list, which a reader can take from the
+/// front of in time linear in the bytes; full frames reach `max` long before.
+pub const MAX_READ_CHUNKS: usize = 64;
+
 /// A byte stream whose received bytes can be taken without a copy, as shared chunks.
 pub trait ReadChunks {
-    /// Appends up to `max` (more than 0) received bytes to `out` as shared chunks and
-    /// returns how many bytes that was; `Ok(0)` is the end of the stream. `out` changes
-    /// only when `Ready(Ok(n))` is returned, by chunks of `n` bytes in all. Waits only
-    /// when nothing has been received.
+    /// Appends up to `max` (more than 0) received bytes to `out` as shared chunks, at
+    /// most [`MAX_READ_CHUNKS`] of them, and returns how many bytes that was; `Ok(0)` is
+    /// the end of the stream. `out` changes only when `Ready(Ok(n))` is returned, by
+    /// chunks of `n` bytes in all. Waits only when nothing has been received.
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,
@@ -389,6 +394,8 @@ impl Drop for Lent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_lite::future::{block_on, yield_now};
+    use std::cell::Cell;
 
     /// What a vectored write took leaves the queue; the rest stays, in order,
     /// however the count falls across chunk boundaries.
@@ -412,8 +419,6 @@ mod tests {
             assert_eq!(rest, all[n..], "n = {n}");
         }
     }
-    use futures_lite::future::{block_on, yield_now};
-    use std::cell::Cell;
 
     #[test]
     fn try_join2_gives_both_results_or_the_first_error() {

@@ -9,7 +9,7 @@ use fluidity_proto::{Error as ProtoError, ErrorCode, SendStream, StreamId};
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::driver::{lock, SharedRef, SlotState};
-use crate::relay::ReadChunks;
+use crate::relay::{ReadChunks, MAX_READ_CHUNKS};
 
 /// One tunnel stream as `AsyncRead + AsyncWrite`.
 ///
@@ -59,7 +59,8 @@ fn reset_error(code: ErrorCode) -> io::Error {
 }
 
 impl TunnelStream {
-    /// Takes up to `max` received bytes, handing each payload to `take`, in order.
+    /// Takes up to `max` received bytes in at most [`MAX_READ_CHUNKS`] payloads, handing
+    /// each to `take`, in order.
     fn poll_read_with(
         &mut self,
         cx: &mut Context<'_>,
@@ -76,10 +77,12 @@ impl TunnelStream {
         // fit, so that the reader makes one large write (one system call) instead of one
         // per frame, and the driver is woken once.
         let mut filled = 0;
-        while filled < max {
+        let mut taken = 0;
+        while filled < max && taken < MAX_READ_CHUNKS {
             match s.conn.recv_stream(id).read(max - filled) {
                 Ok(Some(bytes)) => {
                     filled += bytes.len();
+                    taken += 1;
                     take(bytes);
                 }
                 Ok(None) => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use fluidity_proto::{Config, Connection, Credentials, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
-use fluidity_runtime_smol::relay::{relay, Direction};
+use fluidity_runtime_smol::relay::{relay, Direction, ReadChunks, MAX_READ_CHUNKS};
 use fluidity_runtime_smol::tls::{
     client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
 };
@@ -457,6 +457,68 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
             got_up.recv().await.unwrap();
             // The tunnel carries on.
             full_exchange().await;
+        })
+    });
+}
+
+/// A peer that sends its bytes one per frame: every chunk read hands out stays within
+/// `MAX_READ_CHUNKS`, however many frames are waiting, and the bytes arrive exact.
+#[test]
+fn a_chunk_read_takes_a_bounded_number_of_tiny_frames() {
+    const LEN: usize = 5000;
+    run(|ex| {
+        let certs = certs();
+        let (listener, addr) = listen();
+        let one_byte_frames = Arc::new(Config {
+            require_auth: false,
+            data_frame_len: 1,
+            ..Config::default()
+        });
+        let (sent_tx, sent) = async_channel::bounded::<()>(1);
+        ex.spawn(serve_with(
+            ex.clone(),
+            listener,
+            certs.server,
+            one_byte_frames,
+            move |mut s| {
+                let sent_tx = sent_tx.clone();
+                async move {
+                    s.write_all(&payload(3, LEN)).await.unwrap();
+                    s.close().await.unwrap();
+                    sent_tx.send(()).await.unwrap();
+                    // Kept open until the reader has everything.
+                    futures_lite::future::pending::<()>().await;
+                }
+            },
+        ))
+        .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            let mut stream = tunnel
+                .open(Target::parse("tiny.test:7").unwrap())
+                .await
+                .unwrap();
+            // Let the frames pile up before reading.
+            sent.recv().await.unwrap();
+            let (mut got, mut reads, mut largest) = (Vec::new(), 0, 0);
+            loop {
+                let mut chunks = Vec::new();
+                let n =
+                    std::future::poll_fn(|cx| stream.poll_read_chunks(cx, &mut chunks, 1 << 20))
+                        .await
+                        .unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(chunks.len() <= MAX_READ_CHUNKS, "{} chunks", chunks.len());
+                largest = largest.max(chunks.len());
+                reads += 1;
+                got.extend(chunks.iter().flat_map(|c| c.iter().copied()));
+            }
+            assert_eq!(got, payload(3, LEN));
+            assert!(reads >= LEN / MAX_READ_CHUNKS, "{reads} reads");
+            eprintln!("{reads} reads, at most {largest} chunks each");
         })
     });
 }
