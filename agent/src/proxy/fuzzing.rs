@@ -3,11 +3,13 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use fluidity_runtime_smol::relay::ReadChunks;
+use fluidity_runtime_smol::relay::{ReadChunks, MAX_READ_CHUNKS};
+use futures_io::AsyncWrite;
 use futures_lite::future::block_on;
 
 use super::chunked::ChunkedDecoder;
@@ -73,22 +75,32 @@ fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), super::chunked::Ch
 }
 
 /// Reads `data` as an origin's answers to GET requests, as the proxy relays them, once
-/// from a buffered reader and once from a tunnel stream whose chunks are cut where the
-/// first byte says: every message and error must come out the same, byte for byte.
+/// from a buffered reader and once from a tunnel stream whose chunks are cut as the first
+/// byte says, as many a read as the second says, into a client that takes at most as
+/// many bytes a write as the third says (0: all): every message and error must come out
+/// the same, byte for byte.
 pub fn fuzz_http_response_stream(data: &[u8]) {
-    let Some((&cut, input)) = data.split_first() else {
+    let [cut, per_read, per_write, input @ ..] = data else {
         return;
     };
     let sizes = [usize::from(cut % 16) + 1, usize::from(cut / 16) * 97 + 1];
-    let whole = read_responses(&mut Inbound::with_capacity(input, 64));
-    let stream = Mutex::new(Batches::cut(input, &sizes, usize::from(cut % 3) + 1));
+    let per_read = usize::from(*per_read) % MAX_READ_CHUNKS + 1;
+    let per_write = match per_write {
+        0 => usize::MAX,
+        n => usize::from(*n),
+    };
+    let whole = read_responses(&mut Inbound::with_capacity(input, 64), per_write);
+    let stream = Mutex::new(Batches::cut(input, &sizes, per_read));
     let mut rx = Received::default();
-    let chunked = read_responses(&mut StreamInbound::new(&stream, &mut rx));
+    let chunked = read_responses(&mut StreamInbound::new(&stream, &mut rx), per_write);
     assert_eq!(whole, chunked);
 }
 
 /// Each response's status and body, until the input ends or something fails.
-fn read_responses<S: Source>(from: &mut S) -> Vec<Result<(u16, Vec<u8>), String>> {
+fn read_responses<S: Source>(
+    from: &mut S,
+    per_write: usize,
+) -> Vec<Result<(u16, Vec<u8>), String>> {
     let mut out = Vec::new();
     loop {
         let resp = match block_on(read_head(from, head::parse_response_head)) {
@@ -99,7 +111,7 @@ fn read_responses<S: Source>(from: &mut S) -> Vec<Result<(u16, Vec<u8>), String>
                 return out;
             }
         };
-        let mut body = Vec::new();
+        let mut body = Trickle::new(per_write);
         let framing = head::response_framing("GET", &resp);
         let copied = match framing {
             Ok(Framing::Empty) => Ok(0),
@@ -115,8 +127,8 @@ fn read_responses<S: Source>(from: &mut S) -> Vec<Result<(u16, Vec<u8>), String>
         };
         match copied {
             Ok(n) => {
-                assert_eq!(n, body.len() as u64);
-                out.push(Ok((resp.status, body)));
+                assert_eq!(n, body.out.len() as u64);
+                out.push(Ok((resp.status, body.out)));
             }
             Err(e) => {
                 out.push(Err(format!("{e:?}")));
@@ -126,6 +138,57 @@ fn read_responses<S: Source>(from: &mut S) -> Vec<Result<(u16, Vec<u8>), String>
         if framing == Ok(Framing::UntilClose) {
             return out;
         }
+    }
+}
+
+/// A writer that takes at most `per_call` bytes per call, across the slices of a
+/// vectored write, and counts its calls.
+pub(crate) struct Trickle {
+    pub(crate) out: Vec<u8>,
+    per_call: usize,
+    pub(crate) calls: usize,
+}
+
+impl Trickle {
+    pub(crate) fn new(per_call: usize) -> Self {
+        Trickle {
+            out: Vec::new(),
+            per_call,
+            calls: 0,
+        }
+    }
+}
+
+impl AsyncWrite for Trickle {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.calls += 1;
+        let mut n = 0;
+        for b in bufs {
+            let k = b.len().min(self.per_call - n);
+            self.out.extend_from_slice(&b[..k]);
+            n += k;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

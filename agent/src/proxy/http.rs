@@ -475,8 +475,11 @@ where
                 upstream_keep,
             } => {
                 // Kept for this client's next request, unless another client waits for a
-                // stream (the tunnel is at the server's stream limit).
-                if !upstream_keep || dialer.room_wanted() {
+                // stream (the tunnel is at the server's stream limit), or the origin sent
+                // more than its answer (its next one could not be trusted, and what it
+                // sent would hold received memory while the client is idle).
+                let extra = upstream.as_ref().is_some_and(|u| !u.rx.is_empty());
+                if !upstream_keep || extra || dialer.room_wanted() {
                     *upstream = None;
                 }
                 return Ok(if client_keep {
@@ -507,15 +510,13 @@ where
     Ok(Next::Close)
 }
 
-/// Whether a kept stream can take another request: nothing unexpected is buffered and the
-/// origin has not closed it meanwhile (checked without waiting).
+/// Whether a kept stream can take another request: the origin has sent nothing and not
+/// closed it meanwhile (checked without waiting; a stream is kept only with nothing left
+/// unread).
 fn still_usable<S: ReadChunks>(upstream: &mut Option<Upstream<S>>) -> bool {
     let Some(up) = upstream else {
         return true;
     };
-    if !up.rx.is_empty() {
-        return false;
-    }
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     // Data or EOF from an idle origin: either way its next answer cannot be trusted.

@@ -49,10 +49,13 @@ pub(crate) trait Source {
     /// Drops the first `n` unread bytes.
     fn consume(&mut self, n: usize);
 
-    /// Receives more bytes after the unread ones; `Ready(Ok(0))` is the end of the input.
+    /// Makes [`buffered`](Source::buffered) longer, receiving more bytes if it must, and
+    /// returns a count above 0 (not necessarily by how much it grew); `Ready(Ok(0))` is
+    /// the end of the input.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>;
 
-    /// Receives more bytes after the unread ones; `Ok(0)` is the end of the input.
+    /// Makes [`buffered`](Source::buffered) longer, as [`poll_fill`](Source::poll_fill);
+    /// `Ok(0)` is the end of the input.
     fn fill(&mut self) -> Fill<'_, Self>
     where
         Self: Sized,
@@ -147,9 +150,11 @@ impl<R: AsyncRead + Unpin> Source for Inbound<R> {
 #[derive(Default)]
 pub(crate) struct Received {
     /// Chunks joined into one piece, before `chunks`: a message head that arrived in
-    /// several (rare; the bytes are copied once, growing the piece geometrically).
+    /// several (rare). The piece grows geometrically, so joining costs time linear in
+    /// the head's length however it was cut.
     joined: BytesMut,
-    /// The stream's own chunks, none empty.
+    /// The stream's own chunks, none empty; a short list, since a read hands out at most
+    /// [`MAX_READ_CHUNKS`](fluidity_runtime_smol::relay::MAX_READ_CHUNKS).
     chunks: Vec<Bytes>,
 }
 
@@ -277,7 +282,7 @@ pub(crate) async fn read_head<S: Source, T>(
         }
         let too_large = inb.buffered().len() > MAX_HEAD_LEN;
         if parse_now || too_large {
-            if let Some((head, len)) = parse(inb.buffered()).map_err(ReadHeadError::Head)? {
+            if let Some((head, len)) = parse(head_view(inb)).map_err(ReadHeadError::Head)? {
                 inb.consume(len);
                 return Ok(Some(head));
             }
@@ -293,11 +298,19 @@ pub(crate) async fn read_head<S: Source, T>(
             }
             // The last bytes may be an invalid head without a line end: say so rather
             // than that it was cut short.
-            parse(inb.buffered()).map_err(ReadHeadError::Head)?;
+            parse(head_view(inb)).map_err(ReadHeadError::Head)?;
             return Err(ReadHeadError::Truncated);
         }
         parse_now = inb.buffered()[before..].contains(&b'\n');
     }
+}
+
+/// What a head is parsed from: the buffered bytes, never more than one past the head
+/// limit, so that the parser's verdict on a head too large does not depend on how many
+/// bytes came with it.
+fn head_view<S: Source>(inb: &S) -> &[u8] {
+    let b = inb.buffered();
+    &b[..b.len().min(MAX_HEAD_LEN + 1)]
 }
 
 /// Runs `fut`, giving up with `None` after `limit`. For a limit set again and again on
@@ -368,7 +381,7 @@ where
     let mut sent = 0;
     let mut body = 0u64;
     loop {
-        let room = usize::try_from(limit - body).unwrap_or(usize::MAX);
+        let room = usize::try_from(limit.saturating_sub(body)).unwrap_or(usize::MAX);
         let mut slices = [IoSlice::new(&[]); 1 + MAX_SLICES];
         let mut k = 0;
         if sent < head.len() {
@@ -442,14 +455,22 @@ where
         }
         // Find how much of the buffered bytes belongs to the body, then forward it in one
         // write.
-        let buf = from.buffered();
         let mut used = 0;
-        while used < buf.len() && !decoder.is_done() {
-            let step = decoder.feed(&buf[used..]).map_err(CopyError::Chunked)?;
-            if step.consumed == 0 {
-                break;
+        {
+            let mut pieces = [IoSlice::new(&[]); MAX_SLICES];
+            let k = from.buffered_slices(&mut pieces, usize::MAX);
+            'pieces: for piece in &pieces[..k] {
+                let mut at = 0;
+                while at < piece.len() && !decoder.is_done() {
+                    let step = decoder.feed(&piece[at..]).map_err(CopyError::Chunked)?;
+                    if step.consumed == 0 {
+                        used += at;
+                        break 'pieces;
+                    }
+                    at += step.consumed;
+                }
+                used += at;
             }
-            used += step.consumed;
         }
         total += write_after(to, head, from, used as u64).await?;
     }
@@ -550,54 +571,13 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::super::fuzzing::Batches;
+    use super::super::fuzzing::{Batches, Trickle};
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    /// A writer that takes at most `per_call` bytes per call, across the slices of a
-    /// vectored write, and counts its calls.
-    struct Trickle {
-        out: Vec<u8>,
-        per_call: usize,
-        calls: usize,
-    }
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            self.calls += 1;
-            let mut n = 0;
-            for b in bufs {
-                let k = b.len().min(self.per_call - n);
-                self.out.extend_from_slice(&b[..k]);
-                n += k;
-            }
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// A writer with only `poll_write` (so vectored writes take the first slice only),
-    /// like a split tunnel stream.
+    /// like a tunnel stream's [`SharedHalf`].
     struct Plain(Vec<u8>);
 
     impl AsyncWrite for Plain {
@@ -646,11 +626,7 @@ mod tests {
         let body: Vec<u8> = (0..100u8).collect();
         for per_call in [1, 3, 7, 10, 11, 50, 110, 1000] {
             for chunk in [100, 30, 1] {
-                let mut w = Trickle {
-                    out: Vec::new(),
-                    per_call,
-                    calls: 0,
-                };
+                let mut w = Trickle::new(per_call);
                 let mut head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
                 let expected: Vec<u8> = head.iter().chain(&body).copied().collect();
                 let stream = Mutex::new(Batches::cut(&body, &[chunk], 100));
