@@ -5,7 +5,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::driver::lock;
 
@@ -155,26 +158,78 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber on stderr. The level comes from `FLUIDITY_LOG`
-/// (same syntax as `RUST_LOG`), else `default_filter`; `ureq_proto` never goes beyond debug.
+/// Installs the global tracing subscriber on stderr. What is logged comes from
+/// `FLUIDITY_LOG`, else `default_filter` (see [`log_filter`]); an invalid `FLUIDITY_LOG`
+/// is reported, and the default used.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_env("FLUIDITY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let (filter, invalid) = log_filter(
+        std::env::var("FLUIDITY_LOG").ok().as_deref(),
+        default_filter,
+    );
+    // Colours only for a person at a terminal, not in a file or a pipe; NO_COLOR as usual.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Text => registry.with(layer).try_init(),
+        LogFormat::Json => registry.with(layer.json()).try_init(),
+    };
+    if let Some(why) = invalid {
+        tracing::warn!(
+            error = %why,
+            "FLUIDITY_LOG is not a valid filter: give a level (info), targets with levels \
+             (fluidity_agent=debug), or both, comma-separated; using {default_filter:?}"
+        );
+    }
+}
+
+/// The log filter for `var` (the value of `FLUIDITY_LOG`, if set), else for `default`:
+/// a level, targets with levels, or both, comma-separated (`warn,fluidity_agent=debug`).
+/// Returns why `var` was not valid, if it was not. `ureq_proto` logs at debug at most.
+pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>) {
+    let fallback = || {
+        default
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
+    };
+    let (filter, invalid) = match var.map(str::parse::<Targets>) {
+        Some(Ok(t)) => (t, None),
+        Some(Err(e)) => (fallback(), Some(e.to_string())),
+        None => (fallback(), None),
+    };
     // `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
     // Authorization header and session tokens included, as hex at trace level. Whatever
-    // `FLUIDITY_LOG` asks for, that target stays at debug, where `ureq` redacts them; a
-    // directive for the same target replaces the user's.
-    let filter = match "ureq_proto=debug".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    // `FLUIDITY_LOG` asks for, that target and those under it stay at debug at most,
+    // where `ureq` redacts them.
+    const UREQ_PROTO: &str = "ureq_proto";
+    const LEVELS: [Level; 5] = [
+        Level::TRACE,
+        Level::DEBUG,
+        Level::INFO,
+        Level::WARN,
+        Level::ERROR,
+    ];
+    let for_target = LEVELS
+        .into_iter()
+        .find(|l| filter.would_enable(UREQ_PROTO, l))
+        .map_or(LevelFilter::OFF, LevelFilter::from_level);
+    let asked = filter
+        .iter()
+        .filter(|(t, _)| t.starts_with(UREQ_PROTO))
+        .map(|(_, level)| level)
+        .fold(for_target, LevelFilter::max);
+    let mut capped =
+        Targets::new().with_targets(filter.iter().filter(|(t, _)| !t.starts_with(UREQ_PROTO)));
+    if let Some(level) = filter.default_level() {
+        capped = capped.with_default(level);
+    }
+    (
+        capped.with_target(UREQ_PROTO, asked.min(LevelFilter::DEBUG)),
+        invalid,
+    )
 }
 
 /// Reads a TOML configuration file and makes the relative paths `paths(&mut cfg)` yields
@@ -203,6 +258,47 @@ where
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_log_filter_takes_levels_and_targets_and_caps_ureq_proto() {
+        let (f, bad) = log_filter(None, "info");
+        assert!(bad.is_none());
+        assert!(f.would_enable("fluidity_agent::proxy", &Level::INFO));
+        assert!(!f.would_enable("fluidity_agent::proxy", &Level::DEBUG));
+
+        let (f, bad) = log_filter(Some("warn,fluidity_agent=debug"), "info");
+        assert!(bad.is_none());
+        assert!(f.would_enable("fluidity_agent::proxy::http", &Level::DEBUG));
+        assert!(!f.would_enable("fluidity_runtime_smol::driver", &Level::INFO));
+        assert!(f.would_enable("fluidity_runtime_smol::driver", &Level::WARN));
+
+        // The session tokens ureq_proto dumps at trace never show, whatever is asked.
+        let (f, _) = log_filter(Some("trace"), "info");
+        assert!(f.would_enable("fluidity_aws", &Level::TRACE));
+        assert!(f.would_enable("ureq_proto::client", &Level::DEBUG));
+        assert!(!f.would_enable("ureq_proto::client", &Level::TRACE));
+        for asked in ["ureq_proto=trace", "ureq_proto::client=trace,info"] {
+            let (f, _) = log_filter(Some(asked), "info");
+            assert!(
+                !f.would_enable("ureq_proto::client", &Level::TRACE),
+                "{asked}"
+            );
+            assert!(
+                f.would_enable("ureq_proto::client", &Level::DEBUG),
+                "{asked}"
+            );
+        }
+        // A cap, not a floor: at info, its debug lines stay off.
+        let (f, _) = log_filter(None, "info");
+        assert!(f.would_enable("ureq_proto", &Level::INFO));
+        assert!(!f.would_enable("ureq_proto", &Level::DEBUG));
+
+        // An invalid value is reported, and the default used.
+        let (f, bad) = log_filter(Some("fluidity_agent=loud"), "info");
+        assert!(bad.is_some());
+        assert!(f.would_enable("fluidity_agent", &Level::INFO));
+        assert!(!f.would_enable("fluidity_agent", &Level::DEBUG));
+    }
 
     #[test]
     fn a_deadline_beyond_the_clock_is_far_away_not_a_panic() {
