@@ -21,6 +21,8 @@ pub mod listener;
 pub mod pki;
 pub mod relay;
 pub mod stream;
+#[cfg(any(test, fuzzing, feature = "testing"))]
+pub mod testing;
 pub mod timer;
 pub mod tls;
 

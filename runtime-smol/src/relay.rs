@@ -394,6 +394,7 @@ impl Drop for Lent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Batches, Trickle};
     use futures_lite::future::{block_on, yield_now};
     use std::cell::Cell;
 
@@ -468,50 +469,6 @@ mod tests {
         drop(again);
     }
 
-    /// Takes at most `per_call` bytes per write, across the slices of a vectored write;
-    /// counts its writes and notes its close.
-    #[derive(Default)]
-    struct Trickle {
-        out: Vec<u8>,
-        per_call: usize,
-        calls: usize,
-        closed: bool,
-    }
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            self.calls += 1;
-            let mut n = 0;
-            for b in bufs {
-                let k = b.len().min(self.per_call - n);
-                self.out.extend_from_slice(&b[..k]);
-                n += k;
-            }
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.closed = true;
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// Chunks go out whole and in order whatever the writer takes per call: a write that
     /// ends inside a chunk, on a boundary, or spans several.
     #[test]
@@ -537,26 +494,6 @@ mod tests {
         }
     }
 
-    /// A stream that hands out its chunks in the batches given, then ends.
-    struct Batches(Vec<Vec<Bytes>>);
-
-    impl ReadChunks for Batches {
-        fn poll_read_chunks(
-            &mut self,
-            _: &mut Context<'_>,
-            out: &mut Vec<Bytes>,
-            _max: usize,
-        ) -> Poll<io::Result<usize>> {
-            if self.0.is_empty() {
-                return Poll::Ready(Ok(0));
-            }
-            let batch = self.0.remove(0);
-            let n = batch.iter().map(Bytes::len).sum();
-            out.extend(batch);
-            Poll::Ready(Ok(n))
-        }
-    }
-
     /// A read of many chunks goes out in few vectored writes (64 slices each), whole and in
     /// order; the end of the stream closes the writer.
     #[test]
@@ -564,7 +501,7 @@ mod tests {
         let frame = |i: u8| Bytes::from(vec![i; 16 * 1024]);
         let batches = vec![(0..100).map(frame).collect(), vec![frame(200)]];
         let expected: Vec<u8> = batches.iter().flatten().flat_map(|c| c.to_vec()).collect();
-        let stream = Mutex::new(Batches(batches));
+        let stream = Mutex::new(Batches::new(batches));
         let mut w = Trickle {
             per_call: usize::MAX,
             ..Trickle::default()

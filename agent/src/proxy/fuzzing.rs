@@ -1,15 +1,10 @@
 //! Entry points for fuzzing the proxy's parsers of network input. Each must never panic,
 //! whatever the bytes; the checks inside are the parsers' own invariants.
 
-use std::collections::VecDeque;
-use std::io;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use fluidity_runtime_smol::relay::{ReadChunks, MAX_READ_CHUNKS};
-use futures_io::AsyncWrite;
+use fluidity_runtime_smol::relay::MAX_READ_CHUNKS;
+use fluidity_runtime_smol::testing::{Batches, Trickle};
 use futures_lite::future::block_on;
 
 use super::chunked::ChunkedDecoder;
@@ -138,97 +133,6 @@ fn read_responses<S: Source>(
         if framing == Ok(Framing::UntilClose) {
             return out;
         }
-    }
-}
-
-/// A writer that takes at most `per_call` bytes per call, across the slices of a
-/// vectored write, and counts its calls.
-pub(crate) struct Trickle {
-    pub(crate) out: Vec<u8>,
-    per_call: usize,
-    pub(crate) calls: usize,
-}
-
-impl Trickle {
-    pub(crate) fn new(per_call: usize) -> Self {
-        Trickle {
-            out: Vec::new(),
-            per_call,
-            calls: 0,
-        }
-    }
-}
-
-impl AsyncWrite for Trickle {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.calls += 1;
-        let mut n = 0;
-        for b in bufs {
-            let k = b.len().min(self.per_call - n);
-            self.out.extend_from_slice(&b[..k]);
-            n += k;
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// A stream that hands out fixed batches of chunks, one batch per read, then ends.
-pub(crate) struct Batches(VecDeque<Vec<Bytes>>);
-
-impl Batches {
-    /// Every byte of `all`, in chunks of the given sizes (cycled, none 0), `per_read`
-    /// chunks a read.
-    pub(crate) fn cut(all: &[u8], sizes: &[usize], per_read: usize) -> Self {
-        let mut chunks = Vec::new();
-        let mut at = 0;
-        for &size in sizes.iter().cycle() {
-            if at == all.len() || size == 0 {
-                break;
-            }
-            let end = (at + size).min(all.len());
-            chunks.push(Bytes::copy_from_slice(&all[at..end]));
-            at = end;
-        }
-        Batches(
-            chunks
-                .chunks(per_read.max(1))
-                .map(<[Bytes]>::to_vec)
-                .collect(),
-        )
-    }
-}
-
-impl ReadChunks for Batches {
-    fn poll_read_chunks(
-        &mut self,
-        _cx: &mut Context<'_>,
-        out: &mut Vec<Bytes>,
-        _max: usize,
-    ) -> Poll<io::Result<usize>> {
-        let batch = self.0.pop_front().unwrap_or_default();
-        let n = batch.iter().map(Bytes::len).sum();
-        out.extend(batch);
-        Poll::Ready(Ok(n))
     }
 }
 

@@ -571,8 +571,8 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::super::fuzzing::{Batches, Trickle};
     use super::*;
+    use fluidity_runtime_smol::testing::{Batches, Trickle};
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
