@@ -159,8 +159,8 @@ pub enum LogFormat {
 }
 
 /// Installs the global tracing subscriber on stderr. What is logged comes from
-/// `FLUIDITY_LOG`, else `default_filter` (see [`log_filter`]); an invalid `FLUIDITY_LOG`
-/// is reported, and the default used.
+/// `FLUIDITY_LOG`, else `default_filter` (see [`log_filter`]); a `FLUIDITY_LOG` that is not
+/// a filter is reported, and the default used.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let (filter, invalid) = log_filter(
         std::env::var("FLUIDITY_LOG").ok().as_deref(),
@@ -186,24 +186,38 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
-/// The log filter for `var` (the value of `FLUIDITY_LOG`, if set), else for `default`:
-/// a level, targets with levels, or both, comma-separated (`warn,fluidity_agent=debug`).
-/// Returns why `var` was not valid, if it was not. `ureq_proto` logs at debug at most.
+/// The log filter for `var` (the value of `FLUIDITY_LOG`, if set and not blank), else for
+/// `default` (else `info`): a level, targets with levels, or both, comma-separated
+/// (`warn,fluidity_agent=debug`; spaces around the parts are ignored, and a word that is
+/// not a level names a target). Returns why `var` was not valid, if it was not.
+/// `ureq_proto` and the targets under it log at debug at most.
 pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>) {
+    // Targets takes neither spaces nor empty parts, which a person typing a filter writes.
+    let tidy = |f: &str| {
+        f.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let fallback = || {
-        default
+        tidy(default)
             .parse::<Targets>()
             .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
     };
-    let (filter, invalid) = match var.map(str::parse::<Targets>) {
-        Some(Ok(t)) => (t, None),
-        Some(Err(e)) => (fallback(), Some(e.to_string())),
+    let (filter, invalid) = match var.map(tidy).filter(|v| !v.is_empty()) {
+        Some(v) => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (fallback(), Some(e.to_string())),
+        },
         None => (fallback(), None),
     };
     // `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
     // Authorization header and session tokens included, as hex at trace level. Whatever
-    // `FLUIDITY_LOG` asks for, that target and those under it stay at debug at most,
-    // where `ureq` redacts them.
+    // `FLUIDITY_LOG` asks for, that target and each under it stay at what was asked, but
+    // at debug at most, where `ureq` redacts them. `ureq_proto` itself always gets a
+    // directive, so that none for a shorter prefix (`ureq=trace`) or the default reaches
+    // the targets under it.
     const UREQ_PROTO: &str = "ureq_proto";
     const LEVELS: [Level; 5] = [
         Level::TRACE,
@@ -216,20 +230,20 @@ pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>)
         .into_iter()
         .find(|l| filter.would_enable(UREQ_PROTO, l))
         .map_or(LevelFilter::OFF, LevelFilter::from_level);
-    let asked = filter
-        .iter()
-        .filter(|(t, _)| t.starts_with(UREQ_PROTO))
-        .map(|(_, level)| level)
-        .fold(for_target, LevelFilter::max);
-    let mut capped =
-        Targets::new().with_targets(filter.iter().filter(|(t, _)| !t.starts_with(UREQ_PROTO)));
+    let mut capped = Targets::new()
+        .with_targets(filter.iter().map(|(t, level)| {
+            let level = if t.starts_with(UREQ_PROTO) {
+                level.min(LevelFilter::DEBUG)
+            } else {
+                level
+            };
+            (t, level)
+        }))
+        .with_target(UREQ_PROTO, for_target.min(LevelFilter::DEBUG));
     if let Some(level) = filter.default_level() {
         capped = capped.with_default(level);
     }
-    (
-        capped.with_target(UREQ_PROTO, asked.min(LevelFilter::DEBUG)),
-        invalid,
-    )
+    (capped, invalid)
 }
 
 /// Reads a TOML configuration file and makes the relative paths `paths(&mut cfg)` yields
@@ -277,7 +291,11 @@ mod tests {
         assert!(f.would_enable("fluidity_aws", &Level::TRACE));
         assert!(f.would_enable("ureq_proto::client", &Level::DEBUG));
         assert!(!f.would_enable("ureq_proto::client", &Level::TRACE));
-        for asked in ["ureq_proto=trace", "ureq_proto::client=trace,info"] {
+        for asked in [
+            "ureq_proto=trace",
+            "ureq_proto::client=trace,info",
+            "ureq=trace,info",
+        ] {
             let (f, _) = log_filter(Some(asked), "info");
             assert!(
                 !f.would_enable("ureq_proto::client", &Level::TRACE),
@@ -288,10 +306,29 @@ mod tests {
                 "{asked}"
             );
         }
+        // Each target under it keeps what was asked for it, below the cap.
+        let (f, _) = log_filter(
+            Some("info,ureq_proto::client=off,ureq_proto::util=debug"),
+            "info",
+        );
+        assert!(!f.would_enable("ureq_proto::client", &Level::ERROR));
+        assert!(f.would_enable("ureq_proto::util", &Level::DEBUG));
+        assert!(f.would_enable("ureq_proto::body", &Level::INFO));
+        assert!(!f.would_enable("ureq_proto::body", &Level::DEBUG));
         // A cap, not a floor: at info, its debug lines stay off.
         let (f, _) = log_filter(None, "info");
         assert!(f.would_enable("ureq_proto", &Level::INFO));
         assert!(!f.would_enable("ureq_proto", &Level::DEBUG));
+
+        // Spaces and empty parts, as people type them, are no mistake; a blank value is
+        // the default.
+        let (f, bad) = log_filter(Some(" warn , fluidity_agent=debug,"), "info");
+        assert!(bad.is_none());
+        assert!(f.would_enable("fluidity_agent::proxy", &Level::DEBUG));
+        assert!(!f.would_enable("fluidity_server", &Level::INFO));
+        let (f, bad) = log_filter(Some(" "), "info");
+        assert!(bad.is_none());
+        assert!(f.would_enable("fluidity_server", &Level::INFO));
 
         // An invalid value is reported, and the default used.
         let (f, bad) = log_filter(Some("fluidity_agent=loud"), "info");

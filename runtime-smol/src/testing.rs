@@ -18,7 +18,8 @@ use crate::relay::ReadChunks;
 pub struct Trickle {
     /// Every byte written, in order.
     pub out: Vec<u8>,
-    /// Most bytes one write takes (more than 0).
+    /// Most bytes one write takes; 0 (the default) makes every write take nothing, so
+    /// set it.
     pub per_call: usize,
     /// Writes made, vectored or not.
     pub calls: usize,
@@ -71,7 +72,7 @@ impl AsyncWrite for Trickle {
 }
 
 /// A stream that hands out fixed batches of chunks, one batch per read (whatever `max`
-/// asks), then ends.
+/// asks), then ends: at the first empty batch, or when none is left.
 #[derive(Debug, Default)]
 pub struct Batches(VecDeque<Vec<Bytes>>);
 
@@ -81,8 +82,8 @@ impl Batches {
         Batches(batches.into())
     }
 
-    /// Every byte of `all`, in chunks of the given sizes (cycled; a 0 ends the cutting),
-    /// `per_read` chunks a read.
+    /// The bytes of `all`, in chunks of the given sizes (cycled), `per_read` chunks a
+    /// read; the cutting stops at a size of 0, and gives nothing for no sizes.
     pub fn cut(all: &[u8], sizes: &[usize], per_read: usize) -> Self {
         let mut chunks = Vec::new();
         let mut at = 0;
