@@ -58,7 +58,7 @@ where
     // first slice of a vectored write.
     let (sr, sw) = (sock.clone(), sock);
     try_join2(
-        copy_from_stream(&stream, sw, RELAY_BUF_MAX, |n| {
+        copy_from_stream(SharedHalf(&stream), sw, RELAY_BUF_MAX, |n| {
             on_bytes(Direction::StreamToSocket, n)
         }),
         copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
@@ -90,22 +90,21 @@ pub trait ReadChunks {
 /// buffer of its own and no copy; at most `max` bytes are taken from the stream at a
 /// time, as a read buffer of that size would (what the stream has handed out is no
 /// longer within its window, and keeps its receive memory alive until written).
-pub async fn copy_from_stream<T, W>(
-    stream: &Mutex<T>,
+pub async fn copy_from_stream<R, W>(
+    mut stream: R,
     mut w: W,
     max: usize,
     on_bytes: impl Fn(usize),
 ) -> io::Result<u64>
 where
-    T: ReadChunks,
+    R: ReadChunks,
     W: AsyncWrite + Unpin,
 {
     let mut chunks = Vec::new();
     let mut total = 0u64;
     loop {
         let n =
-            std::future::poll_fn(|cx| lock(stream).poll_read_chunks(cx, &mut chunks, max.max(1)))
-                .await?;
+            std::future::poll_fn(|cx| stream.poll_read_chunks(cx, &mut chunks, max.max(1))).await?;
         if n == 0 {
             w.close().await?;
             return Ok(total);
@@ -481,10 +480,7 @@ mod tests {
                 .collect();
             // More chunks than one vectored write takes.
             chunks.extend(data.chunks(3).map(Bytes::copy_from_slice));
-            let mut w = Trickle {
-                per_call,
-                ..Trickle::default()
-            };
+            let mut w = Trickle::new(per_call);
             block_on(write_chunks(&mut w, &mut chunks)).unwrap();
             assert!(
                 w.out == [&data[..], &data[..]].concat(),
@@ -501,12 +497,14 @@ mod tests {
         let frame = |i: u8| Bytes::from(vec![i; 16 * 1024]);
         let batches = vec![(0..100).map(frame).collect(), vec![frame(200)]];
         let expected: Vec<u8> = batches.iter().flatten().flat_map(|c| c.to_vec()).collect();
-        let stream = Mutex::new(Batches::new(batches));
-        let mut w = Trickle {
-            per_call: usize::MAX,
-            ..Trickle::default()
-        };
-        let total = block_on(copy_from_stream(&stream, &mut w, 1 << 20, |_| {})).unwrap();
+        let mut w = Trickle::new(usize::MAX);
+        let total = block_on(copy_from_stream(
+            Batches::new(batches),
+            &mut w,
+            1 << 20,
+            |_| {},
+        ))
+        .unwrap();
         assert_eq!(total, expected.len() as u64);
         assert!(w.out == expected);
         assert!(
