@@ -1,17 +1,13 @@
 //! Entry points for fuzzing the proxy's parsers of network input. Each must never panic,
 //! whatever the bytes; the checks inside are the parsers' own invariants.
 
-use std::sync::Mutex;
-
 use fluidity_runtime_smol::relay::MAX_READ_CHUNKS;
 use fluidity_runtime_smol::testing::{Batches, Trickle};
 use futures_lite::future::block_on;
 
 use super::chunked::ChunkedDecoder;
 use super::head::{self, Framing};
-use super::io::{
-    copy_chunked, copy_exact, pipe, read_head, Inbound, Received, Source, StreamInbound,
-};
+use super::io::{copy_chunked, copy_exact, pipe, read_head, Inbound, SharedStream, Source};
 use super::socks5;
 
 /// Parses `data` as a request head and, if complete, its framing and target.
@@ -85,9 +81,8 @@ pub fn fuzz_http_response_stream(data: &[u8]) {
         n => usize::from(*n),
     };
     let whole = read_responses(&mut Inbound::with_capacity(input, 64), per_write);
-    let stream = Mutex::new(Batches::cut(input, &sizes, per_read));
-    let mut rx = Received::default();
-    let chunked = read_responses(&mut StreamInbound::new(&stream, &mut rx), per_write);
+    let mut stream = SharedStream::new(Batches::cut(input, &sizes, per_read));
+    let chunked = read_responses(&mut stream.halves().0, per_write);
     assert_eq!(whole, chunked);
 }
 

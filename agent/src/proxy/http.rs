@@ -9,11 +9,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::task::Poll;
 
 use fluidity_proto::{RefusalReason, Target};
-use fluidity_runtime_smol::relay::{ReadChunks, SharedHalf};
+use fluidity_runtime_smol::relay::ReadChunks;
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncWriteExt, FutureExt};
@@ -24,7 +23,7 @@ use super::head::{
 };
 use super::io::{
     copy_chunked, copy_exact, linger_close, read_head, relay, relay_stream, CopyError, Inbound,
-    ReadHeadError, Received, Source, StreamInbound,
+    ReadHeadError, SharedStream, Source,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -32,11 +31,8 @@ use crate::error::{Error, Result};
 /// An open stream to an origin, kept between requests.
 struct Upstream<S> {
     target: Target,
-    /// Read and written by one task, the response while the request is sent: the lock is
-    /// never contended.
-    stream: Mutex<S>,
-    /// What was taken from the stream and not yet used.
-    rx: Received,
+    /// Read and written by one task: the response while the request is sent.
+    stream: SharedStream<S>,
     /// Whether it has carried a request before (so that a failure may just mean the origin
     /// closed an idle connection, and one retry is safe).
     reused: bool,
@@ -46,18 +42,9 @@ impl<S> Upstream<S> {
     fn new(target: Target, stream: S) -> Self {
         Upstream {
             target,
-            stream: Mutex::new(stream),
-            rx: Received::default(),
+            stream: SharedStream::new(stream),
             reused: false,
         }
-    }
-
-    /// The reading and the writing side.
-    fn halves(&mut self) -> (StreamInbound<'_, S>, SharedHalf<'_, S>) {
-        (
-            StreamInbound::new(&self.stream, &mut self.rx),
-            SharedHalf(&self.stream),
-        )
     }
 }
 
@@ -459,7 +446,7 @@ where
                 let Some(mut up) = upstream.take() else {
                     return Ok(Next::Done);
                 };
-                let (mut uin, mut uw) = up.halves();
+                let (mut uin, mut uw) = up.stream.halves();
                 match relay(cin, cw, &mut uin, &mut uw).await {
                     Ok((up, down)) => {
                         tracing::debug!(%peer, target = %abs.target, up, down, "websocket closed")
@@ -478,7 +465,7 @@ where
                 // stream (the tunnel is at the server's stream limit), or the origin sent
                 // more than its answer (its next one could not be trusted, and what it
                 // sent would hold received memory while the client is idle).
-                let extra = upstream.as_ref().is_some_and(|u| !u.rx.is_empty());
+                let extra = upstream.as_ref().is_some_and(|u| u.stream.has_unread());
                 if !upstream_keep || extra || dialer.room_wanted() {
                     *upstream = None;
                 }
@@ -520,7 +507,7 @@ fn still_usable<S: ReadChunks>(upstream: &mut Option<Upstream<S>>) -> bool {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     // Data or EOF from an idle origin: either way its next answer cannot be trusted.
-    up.halves().0.poll_fill(&mut cx).is_pending()
+    up.stream.halves().0.poll_fill(&mut cx).is_pending()
 }
 
 async fn fail<W: AsyncWrite + Unpin>(
@@ -615,7 +602,7 @@ where
     // Atomic only so that the future stays Send; both users run in this one task.
     let started = AtomicBool::new(false);
     let mut sent: Option<Result<u64, CopyError>> = None;
-    let (mut uin, mut uw) = up.halves();
+    let (mut uin, mut uw) = up.stream.halves();
     let result = {
         let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut uw));
         let mut recv = pin!(relay_response(ctx, &mut uin, cw, &started));

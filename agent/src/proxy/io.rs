@@ -148,7 +148,7 @@ impl<R: AsyncRead + Unpin> Source for Inbound<R> {
 /// Bytes taken from a tunnel stream and not yet used, kept with the stream between
 /// messages.
 #[derive(Default)]
-pub(crate) struct Received {
+struct Received {
     /// Chunks joined into one piece, before `chunks`: a message head that arrived in
     /// several (rare). The piece grows geometrically, so joining costs time linear in
     /// the head's length however it was cut.
@@ -160,7 +160,7 @@ pub(crate) struct Received {
 
 impl Received {
     /// Whether nothing is left unread.
-    pub(crate) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.joined.is_empty() && self.chunks.is_empty()
     }
 
@@ -184,12 +184,36 @@ pub(crate) struct StreamInbound<'a, S> {
     rx: &'a mut Received,
 }
 
-impl<'a, S> StreamInbound<'a, S> {
-    pub(crate) fn new(stream: &'a Mutex<S>, rx: &'a mut Received) -> Self {
-        StreamInbound {
-            stream: SharedHalf(stream),
-            rx,
+/// A tunnel stream that one task reads and writes at once, its two directions sharing
+/// it through a lock that is therefore never contended, with what was taken from it and
+/// not yet used.
+pub(crate) struct SharedStream<S> {
+    stream: Mutex<S>,
+    rx: Received,
+}
+
+impl<S> SharedStream<S> {
+    pub(crate) fn new(stream: S) -> Self {
+        SharedStream {
+            stream: Mutex::new(stream),
+            rx: Received::default(),
         }
+    }
+
+    /// Whether bytes taken from the stream are left unread.
+    pub(crate) fn has_unread(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// The reading and the writing side.
+    pub(crate) fn halves(&mut self) -> (StreamInbound<'_, S>, SharedHalf<'_, S>) {
+        (
+            StreamInbound {
+                stream: SharedHalf(&self.stream),
+                rx: &mut self.rx,
+            },
+            SharedHalf(&self.stream),
+        )
     }
 }
 
@@ -511,16 +535,9 @@ where
     W: AsyncWrite + Unpin,
     S: AsyncWrite + ReadChunks + Unpin,
 {
-    // Both directions run in this one task, so the lock is never contended.
-    let stream = Mutex::new(stream);
-    let mut rx = Received::default();
-    relay(
-        cin,
-        cw,
-        &mut StreamInbound::new(&stream, &mut rx),
-        &mut SharedHalf(&stream),
-    )
-    .await
+    let mut stream = SharedStream::new(stream);
+    let (mut from, mut to) = stream.halves();
+    relay(cin, cw, &mut from, &mut to).await
 }
 
 /// Relays both directions until each has ended; returns (a→b, b→a) byte counts. An error
@@ -629,9 +646,8 @@ mod tests {
                 let mut w = Trickle::new(per_call);
                 let mut head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
                 let expected: Vec<u8> = head.iter().chain(&body).copied().collect();
-                let stream = Mutex::new(Batches::cut(&body, &[chunk], 100));
-                let mut rx = Received::default();
-                let mut from = StreamInbound::new(&stream, &mut rx);
+                let mut stream = SharedStream::new(Batches::cut(&body, &[chunk], 100));
+                let (mut from, _) = stream.halves();
                 block_on(from.fill()).unwrap();
                 let mut left = body.len() as u64;
                 while left > 0 {
@@ -639,7 +655,7 @@ mod tests {
                 }
                 assert_eq!(w.out, expected, "per_call {per_call}, chunks of {chunk}");
                 assert!(head.is_empty());
-                assert!(rx.is_empty());
+                assert!(!stream.has_unread());
                 if per_call >= expected.len() && 100 / chunk < MAX_SLICES {
                     assert_eq!(w.calls, 1, "head and body in one write");
                 }
@@ -664,9 +680,8 @@ mod tests {
         let all = [&first[..], second].concat();
         for sizes in [&[1][..], &[2, 3], &[7, 4096], &[20, 1, 900], &[all.len()]] {
             for per_read in [1, 3, 100] {
-                let stream = Mutex::new(Batches::cut(&all, sizes, per_read));
-                let mut rx = Received::default();
-                let mut from = StreamInbound::new(&stream, &mut rx);
+                let mut stream = SharedStream::new(Batches::cut(&all, sizes, per_read));
+                let (mut from, _) = stream.halves();
                 let case = format!("chunks of {sizes:?}, {per_read} a read");
 
                 let head = block_on(read_head(
@@ -703,8 +718,12 @@ mod tests {
                 assert_eq!(n, out.len() as u64, "{case}");
 
                 assert_eq!(block_on(from.fill()).unwrap(), 0, "{case}: the end");
-                assert!(rx.is_empty(), "{case}");
-                assert_eq!(rx.joined.capacity(), 0, "{case}: joined memory given back");
+                assert!(!stream.has_unread(), "{case}");
+                assert_eq!(
+                    stream.rx.joined.capacity(),
+                    0,
+                    "{case}: joined memory given back"
+                );
             }
         }
     }
@@ -715,14 +734,13 @@ mod tests {
     fn a_head_in_endless_tiny_chunks_is_refused_at_the_limit() {
         let mut all = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
         all.resize(MAX_HEAD_LEN + 100, b'a');
-        let stream = Mutex::new(Batches::cut(&all, &[1], 1));
-        let mut rx = Received::default();
-        let mut from = StreamInbound::new(&stream, &mut rx);
+        let mut stream = SharedStream::new(Batches::cut(&all, &[1], 1));
+        let (mut from, _) = stream.halves();
         let r = block_on(read_head(
             &mut from,
             super::super::head::parse_response_head,
         ));
         assert!(matches!(r, Err(ReadHeadError::Head(HeadError::TooLarge))));
-        assert!(rx.joined.len() <= MAX_HEAD_LEN + 1);
+        assert!(stream.rx.joined.len() <= MAX_HEAD_LEN + 1);
     }
 }

@@ -18,6 +18,7 @@ use fluidity_runtime_smol::relay::ReadChunks;
 use futures_io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
+use io::Source;
 
 mod auth;
 pub mod chunked;
@@ -133,7 +134,6 @@ where
 {
     // Two handles on one socket rather than `split`: no lock around every read and write,
     // and vectored writes reach the socket (a message head and body in one system call).
-    use io::Source;
     let mut inb = io::Inbound::with_capacity(client.clone(), io::CLIENT_BUF_START);
     let mut w = client;
     let first = io::timeout(cfg.head_timeout, pin!(inb.fill())).await;
