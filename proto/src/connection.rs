@@ -793,7 +793,7 @@ impl Connection {
         self.check_alive()?;
         let side = self.side;
         let send_buffer = self.config.sanitized_send_buffer();
-        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        let s = self.app_stream_mut(id)?;
         if side == Side::Server && s.phase != OpenPhase::Open {
             return Err(Error::NotOpen(id));
         }
@@ -813,7 +813,11 @@ impl Connection {
 
     pub(crate) fn stream_writable(&self, id: StreamId) -> Result<usize, Error> {
         self.check_alive()?;
-        let s = self.streams.get(&id).ok_or(Error::UnknownStream(id))?;
+        let s = self
+            .streams
+            .get(&id)
+            .filter(|s| s.send.reset_after.is_none())
+            .ok_or(Error::UnknownStream(id))?;
         if s.send.fin != Fin::Open {
             return Err(Error::StreamFinished(id));
         }
@@ -823,7 +827,7 @@ impl Connection {
     pub(crate) fn stream_finish(&mut self, id: StreamId) -> Result<(), Error> {
         self.check_alive()?;
         let side = self.side;
-        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        let s = self.app_stream_mut(id)?;
         if side == Side::Server && s.phase != OpenPhase::Open {
             return Err(Error::NotOpen(id));
         }
@@ -846,9 +850,37 @@ impl Connection {
         Ok(())
     }
 
+    pub(crate) fn stream_reset_after_sent(
+        &mut self,
+        id: StreamId,
+        code: ErrorCode,
+    ) -> Result<(), Error> {
+        self.check_alive()?;
+        let s = self.app_stream_mut(id)?;
+        if !s.send.has_output() {
+            return self.stream_reset(id, code);
+        }
+        s.send.reset_after = Some(code);
+        s.send.blocked = false;
+        // Nobody will read them: their memory goes now, and the peer gets no more credit.
+        s.recv.chunks.clear();
+        s.recv.buffered = 0;
+        self.schedule(id);
+        Ok(())
+    }
+
+    /// A stream the application may still use: not one whose reset waits for its last
+    /// bytes to go out, which the application has let go of.
+    fn app_stream_mut(&mut self, id: StreamId) -> Result<&mut StreamState, Error> {
+        self.streams
+            .get_mut(&id)
+            .filter(|s| s.send.reset_after.is_none())
+            .ok_or(Error::UnknownStream(id))
+    }
+
     pub(crate) fn stream_read(&mut self, id: StreamId, max: usize) -> Result<Option<Bytes>, Error> {
         self.check_alive()?;
-        let s = self.streams.get_mut(&id).ok_or(Error::UnknownStream(id))?;
+        let s = self.app_stream_mut(id)?;
         if s.phase != OpenPhase::Open {
             return Err(Error::NotOpen(id));
         }
@@ -989,6 +1021,15 @@ impl Connection {
                     self.check_drain();
                     continue;
                 }
+            }
+            if let (Some(code), false) = (s.send.reset_after, s.send.has_output()) {
+                self.remove_stream(id);
+                self.queue(&Frame::Reset { id, code });
+                // Right behind the stream's last frame: queued control frames would
+                // otherwise go out first, at the start of the next transmit.
+                out.control(&mut self.ctrl);
+                self.check_drain();
+                continue;
             }
             if s.send.has_output() {
                 s.scheduled = true;
@@ -1245,16 +1286,23 @@ impl Connection {
                 format!("second open result for stream {id}"),
             );
         }
+        // A stream the application has reset (its last bytes still going out) hears no
+        // more about it.
+        let told = s.send.reset_after.is_none();
         match result {
             Ok(()) => {
                 s.phase = OpenPhase::Open;
-                self.events
-                    .push_back(Event::Stream(StreamEvent::Opened { id }));
+                if told {
+                    self.events
+                        .push_back(Event::Stream(StreamEvent::Opened { id }));
+                }
             }
             Err(refusal) => {
                 self.remove_stream(id);
-                self.events
-                    .push_back(Event::Stream(StreamEvent::Refused { id, refusal }));
+                if told {
+                    self.events
+                        .push_back(Event::Stream(StreamEvent::Refused { id, refusal }));
+                }
                 self.check_drain();
             }
         }
@@ -1300,6 +1348,9 @@ impl Connection {
             );
         }
         s.recv.received += n;
+        if s.send.reset_after.is_some() {
+            return; // Reset by the application; only its last bytes still go out.
+        }
         if !payload.is_empty() {
             s.recv.buffered += payload.len();
             s.recv.chunks.push_back(payload);
@@ -1342,9 +1393,14 @@ impl Connection {
             }
             return self.violation(ErrorCode::PROTOCOL, format!("reset of unknown stream {id}"));
         }
-        self.remove_stream(id);
-        self.events
-            .push_back(Event::Stream(StreamEvent::Reset { id, code }));
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        if s.send.reset_after.is_none() {
+            let unread = s.recv.chunks.into();
+            self.events
+                .push_back(Event::Stream(StreamEvent::Reset { id, code, unread }));
+        }
         self.check_drain();
     }
 

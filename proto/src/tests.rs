@@ -369,12 +369,130 @@ fn reset_reaches_the_peer_with_its_code_and_late_frames_are_ignored() {
     p.drive();
     assert!(p.server_events.contains(&Event::Stream(StreamEvent::Reset {
         id,
-        code: ErrorCode(77)
+        code: ErrorCode(77),
+        unread: vec![],
     })));
     assert!(
         p.agent.is_ready() && p.server.is_ready(),
         "connection survives"
     );
+}
+
+/// The bytes of the `Reset` event for `id` among `events`, joined.
+fn unread_at_reset(events: &[Event], id: StreamId) -> Option<(ErrorCode, Vec<u8>)> {
+    events.iter().find_map(|e| match e {
+        Event::Stream(StreamEvent::Reset {
+            id: i,
+            code,
+            unread,
+        }) if *i == id => Some((*code, unread.concat())),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_reset_hands_over_the_bytes_that_arrived_before_it_unread() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.server.send_stream(id).write(b"HTTP/1.1 413 ").unwrap();
+    p.drive();
+    p.server.send_stream(id).write(b"Too Large").unwrap();
+    p.drive();
+    p.server.send_stream(id).reset(ErrorCode::CANCEL).unwrap();
+    p.drive();
+    assert_eq!(
+        unread_at_reset(&p.agent_events, id),
+        Some((ErrorCode::CANCEL, b"HTTP/1.1 413 Too Large".to_vec()))
+    );
+    assert!(
+        matches!(
+            p.agent.recv_stream(id).read(100),
+            Err(Error::UnknownStream(_))
+        ),
+        "the stream itself is gone"
+    );
+}
+
+#[test]
+fn reset_after_sent_delivers_the_written_bytes_and_fin_before_the_reset() {
+    for finish in [false, true] {
+        let mut p = Pair::ready();
+        let id = p.open_accepted();
+        p.agent.send_stream(id).write(b"upload").unwrap();
+        p.server.send_stream(id).write(b"early answer").unwrap();
+        if finish {
+            p.server.send_stream(id).finish().unwrap();
+        }
+        // Nothing transmitted yet: a plain reset would drop the answer.
+        p.server
+            .send_stream(id)
+            .reset_after_sent(ErrorCode::CANCEL)
+            .unwrap();
+        assert!(matches!(
+            p.server.send_stream(id).write(b"more"),
+            Err(Error::UnknownStream(_))
+        ));
+        assert!(matches!(
+            p.server.recv_stream(id).read(100),
+            Err(Error::UnknownStream(_))
+        ));
+        let mut wire = Vec::new();
+        p.server.poll_transmit(p.now, &mut wire);
+        let frames = decode_all(&wire);
+        let kinds: Vec<_> = frames
+            .iter()
+            .filter(|f| !matches!(f, Frame::WindowUpdate { .. }))
+            .map(|f| match f {
+                Frame::Data { fin, payload, .. } => format!("data {} fin={fin}", payload.len()),
+                Frame::Reset { code, .. } => format!("reset {code}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                format!("data 12 fin={finish}"),
+                format!("reset {}", ErrorCode::CANCEL)
+            ],
+            "the reset follows the stream's last frame in one transmit"
+        );
+        assert_eq!(p.agent.handle_input(p.now, &wire), wire.len());
+        p.drive();
+        assert_eq!(
+            unread_at_reset(&p.agent_events, id),
+            Some((ErrorCode::CANCEL, b"early answer".to_vec()))
+        );
+        assert!(p.server.stream_info(id).is_none(), "forgotten once sent");
+        assert!(p.agent.is_ready() && p.server.is_ready());
+    }
+}
+
+#[test]
+fn after_reset_after_sent_received_bytes_are_dropped_until_the_reset_is_out() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.agent.send_stream(id).write(b"unread upload").unwrap();
+    p.drive();
+    p.server.send_stream(id).write(&[7; 10_000]).unwrap();
+    p.server
+        .send_stream(id)
+        .reset_after_sent(ErrorCode(9))
+        .unwrap();
+    assert_eq!(p.server.stream_info(id).unwrap().recv_buffered, 0, "freed");
+    // More of the upload arrives before the server has transmitted anything.
+    p.agent.send_stream(id).write(b"late upload").unwrap();
+    let mut up = Vec::new();
+    p.agent.poll_transmit(p.now, &mut up);
+    assert_eq!(p.server.handle_input(p.now, &up), up.len());
+    let info = p.server.stream_info(id).unwrap();
+    assert_eq!((info.recv_buffered, info.send_buffered), (0, 10_000));
+    p.drive();
+    assert_eq!(
+        unread_at_reset(&p.agent_events, id),
+        Some((ErrorCode(9), vec![7; 10_000]))
+    );
+    assert!(p.server.stream_info(id).is_none());
+    assert!(p.agent.is_ready() && p.server.is_ready());
 }
 
 #[test]

@@ -89,6 +89,10 @@ pub enum StreamEvent {
         id: StreamId,
         /// The peer's code.
         code: ErrorCode,
+        /// What had arrived before the reset and was not read yet, in order. The peer
+        /// sent these bytes before it aborted (say, an origin's answer just before its
+        /// connection was reset); an application may still deliver them, or drop them.
+        unread: Vec<Bytes>,
     },
 }
 
@@ -145,6 +149,15 @@ impl SendStream<'_> {
     /// Aborts the stream in both directions with `code`; buffered data is dropped.
     pub fn reset(&mut self, code: ErrorCode) -> Result<(), Error> {
         self.conn.stream_reset(self.id, code)
+    }
+
+    /// Aborts the stream with `code` after what was written, and the FIN if the stream
+    /// was finished, has been transmitted: the peer gets those bytes, then the reset.
+    /// Written bytes are within the peer's credit, so this waits for nothing but the
+    /// transmitter. From now on the stream takes no writes or reads, and bytes that
+    /// arrive for it are dropped; it is forgotten once the reset is sent.
+    pub fn reset_after_sent(&mut self, code: ErrorCode) -> Result<(), Error> {
+        self.conn.stream_reset_after_sent(self.id, code)
     }
 
     /// How many bytes a write would take now.

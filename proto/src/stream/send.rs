@@ -27,6 +27,9 @@ pub(crate) struct SendState {
     pub(crate) blocked: bool,
     /// Bytes transmitted.
     pub(crate) sent: u64,
+    /// The application has reset the stream with this code, to go out once the buffered
+    /// bytes (and a queued FIN) have: no more writes, and received bytes are dropped.
+    pub(crate) reset_after: Option<crate::ErrorCode>,
 }
 
 impl SendState {
@@ -37,6 +40,7 @@ impl SendState {
             fin: Fin::Open,
             blocked: false,
             sent: 0,
+            reset_after: None,
         }
     }
 

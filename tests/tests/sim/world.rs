@@ -85,6 +85,10 @@ pub struct Coverage {
     pub stalls: u64,
     /// Streams reset by the application.
     pub resets: u64,
+    /// Of those, resets sent after the stream's last written bytes (`reset_after_sent`).
+    pub resets_after_sent: u64,
+    /// Peer resets that handed over bytes the application had not read yet.
+    pub unread_at_reset: u64,
     /// Streams refused.
     pub refusals: u64,
     /// Readers that held a stream's whole window.
@@ -121,7 +125,7 @@ impl Coverage {
     }
 
     /// The counters by name.
-    pub fn fields(&self) -> [(&'static str, u64); 19] {
+    pub fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("blocked_writes", self.blocked_writes),
             ("writable_events", self.writable_events),
@@ -130,6 +134,8 @@ impl Coverage {
             ("splits", self.splits),
             ("stalls", self.stalls),
             ("resets", self.resets),
+            ("resets_after_sent", self.resets_after_sent),
+            ("unread_at_reset", self.unread_at_reset),
             ("refusals", self.refusals),
             ("full_windows", self.full_windows),
             ("goaways", self.goaways),
@@ -145,7 +151,7 @@ impl Coverage {
         ]
     }
 
-    fn fields_mut(&mut self) -> [&mut u64; 19] {
+    fn fields_mut(&mut self) -> [&mut u64; 21] {
         [
             &mut self.blocked_writes,
             &mut self.writable_events,
@@ -154,6 +160,8 @@ impl Coverage {
             &mut self.splits,
             &mut self.stalls,
             &mut self.resets,
+            &mut self.resets_after_sent,
+            &mut self.unread_at_reset,
             &mut self.refusals,
             &mut self.full_windows,
             &mut self.goaways,
@@ -752,9 +760,32 @@ impl<'a> World<'a> {
                     self.cov.writable_events += 1;
                 }
             }
-            StreamEvent::Reset { id, code } => {
+            StreamEvent::Reset { id, code, unread } => {
                 let k = self.plan_of(side, id)?;
                 let m = &mut self.streams[k];
+                // What arrived unread continues what the application read, exactly.
+                let unread = unread.concat();
+                let d = m.receiving(side);
+                if let Some(at) = pattern_mismatch(
+                    self.salt,
+                    u64::from(id.0),
+                    dir_of(other(side)),
+                    d.read,
+                    &unread,
+                ) {
+                    return Err(format!(
+                        "{side:?}: byte {at} left unread at the reset of {id} differs from what was written"
+                    ));
+                }
+                if d.read + unread.len() as u64 > d.written {
+                    return Err(format!(
+                        "{side:?}: {} bytes read and {} unread at the reset of {id}, only {} written",
+                        d.read,
+                        unread.len(),
+                        d.written
+                    ));
+                }
+                self.cov.unread_at_reset += u64::from(!unread.is_empty());
                 let peer_end = m.app(other(side)).end;
                 if peer_end != End::ResetLocal(code) {
                     return Err(format!(
@@ -928,10 +959,18 @@ impl<'a> World<'a> {
         if let Some(r) = plan.reset {
             if r.by == side && !app.reset_tried && now >= started + r.after {
                 m.app_mut(side).reset_tried = true;
-                match conn.send_stream(id).reset(r.code) {
+                // Half of them let what was written go out first.
+                let after_sent = self.api.chance(500);
+                let reset = if after_sent {
+                    conn.send_stream(id).reset_after_sent(r.code)
+                } else {
+                    conn.send_stream(id).reset(r.code)
+                };
+                match reset {
                     Ok(()) => {
                         m.app_mut(side).end = End::ResetLocal(r.code);
                         self.cov.resets += 1;
+                        self.cov.resets_after_sent += u64::from(after_sent);
                         self.note(Some(side), || format!("reset {id} with {}", r.code));
                         return Ok(true);
                     }
@@ -1268,15 +1307,18 @@ impl<'a> World<'a> {
                         info.sent, info.send_buffered, sending.written
                     ));
                 }
+                // A stream reset after its last bytes is still listed until they are out;
+                // what it receives meanwhile is dropped unread.
+                let abandoned = matches!(m.app(side).end, End::ResetLocal(_));
                 if info.recv_buffered as u64 > my_window
-                    || info.received - info.read != info.recv_buffered as u64
+                    || (!abandoned && info.received - info.read != info.recv_buffered as u64)
                 {
                     return Err(format!(
                         "{side:?}: stream {id} buffers {} received bytes (received {}, read {}), window {my_window}",
                         info.recv_buffered, info.received, info.read
                     ));
                 }
-                if info.read != receiving.read {
+                if !abandoned && info.read != receiving.read {
                     return Err(format!(
                         "{side:?}: stream {id} says {} bytes were read, the application read {}",
                         info.read, receiving.read
