@@ -14,7 +14,7 @@
 //! under one mutex; they register their wakers under that lock, so no wakeup is lost, and
 //! wake the driver after every change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,7 +27,7 @@ use async_io::{Async, Timer};
 use bytes::Bytes;
 use event_listener::IntoNotification;
 use fluidity_proto::{
-    AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Stats, StreamEvent,
+    AuthFailure, AuthRequest, Connection, ErrorCode, Event, OpenRefusal, Side, Stats, StreamEvent,
     StreamId, Target,
 };
 use futures_lite::FutureExt;
@@ -93,6 +93,8 @@ pub(crate) struct Slot {
     pub(crate) state: SlotState,
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
+    /// Agent: what the server sent before it reset the stream, still to be read.
+    unread: VecDeque<Bytes>,
 }
 
 impl Slot {
@@ -101,6 +103,17 @@ impl Slot {
             state,
             read_waker: None,
             write_waker: None,
+            unread: VecDeque::new(),
+        }
+    }
+
+    /// Takes up to `max` (more than 0) of the bytes that arrived before a reset.
+    pub(crate) fn take_unread(&mut self, max: usize) -> Option<Bytes> {
+        let front = self.unread.front_mut()?;
+        if front.len() <= max {
+            self.unread.pop_front()
+        } else {
+            Some(front.split_to(max))
         }
     }
 
@@ -236,9 +249,19 @@ impl Shared {
                     w.wake();
                 }
             }
-            StreamEvent::Reset { id, code } => {
+            StreamEvent::Reset { id, code, unread } => {
+                let side = self.conn.side();
                 if let Some(s) = self.slots.get_mut(&id) {
                     s.state = SlotState::Reset(code);
+                    // The agent reads what the server sent before the reset (an origin's
+                    // answer just before its connection was reset: a 413 to an upload it
+                    // would not take) and then learns of the reset. The server drops it:
+                    // the agent resets when its client has gone, and a stream the peer
+                    // has forgotten no longer counts towards the stream limit that
+                    // bounds this memory.
+                    if side == Side::Agent {
+                        s.unread = unread.into();
+                    }
                     s.wake_all();
                 }
             }

@@ -11,6 +11,8 @@ use bytes::{Buf, Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 
+use fluidity_proto::ErrorCode;
+
 use crate::driver::lock;
 use crate::stream::TunnelStream;
 
@@ -57,13 +59,36 @@ where
     // Two handles on the socket rather than `split`, whose write half sends only the
     // first slice of a vectored write.
     let (sr, sw) = (sock.clone(), sock);
-    try_join2(
-        copy_from_stream(SharedHalf(&stream), sw, RELAY_BUF_MAX, |n| {
+    let to_socket = async {
+        let copied = copy_from_stream(SharedHalf(&stream), sw, RELAY_BUF_MAX, |n| {
             on_bytes(Direction::StreamToSocket, n)
-        }),
+        });
+        match copied.await {
+            Ok(n) => Ok(n),
+            Err(Failed::Stream(e)) => Err(e),
+            // A socket that takes no more (its peer closed or reset the connection) ends
+            // only this direction: what the peer sent before it went still goes the other
+            // way. An origin that answers an upload it will not take (a 413) and closes
+            // with the upload unread resets the connection, and its answer must arrive.
+            // The stream's bytes then wait within its window until the relay ends.
+            Err(Failed::Socket(e)) => {
+                tracing::debug!(error = %e, "the socket takes no more; relaying its last bytes");
+                Ok(0)
+            }
+        }
+    };
+    try_join2(
+        to_socket,
         copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
     )
     .await
+}
+
+/// Which end of a copy between a stream and a socket failed.
+#[derive(Debug)]
+enum Failed {
+    Stream(io::Error),
+    Socket(io::Error),
 }
 
 /// Most chunks one [`ReadChunks::poll_read_chunks`] hands out: a read of many tiny frames
@@ -89,13 +114,14 @@ pub trait ReadChunks {
 /// stream's received chunks are written as they are, several per vectored write, with no
 /// buffer of its own and no copy; at most `max` bytes are taken from the stream at a
 /// time, as a read buffer of that size would (what the stream has handed out is no
-/// longer within its window, and keeps its receive memory alive until written).
-pub async fn copy_from_stream<R, W>(
+/// longer within its window, and keeps its receive memory alive until written). An
+/// error says which end failed.
+async fn copy_from_stream<R, W>(
     mut stream: R,
     mut w: W,
     max: usize,
     on_bytes: impl Fn(usize),
-) -> io::Result<u64>
+) -> Result<u64, Failed>
 where
     R: ReadChunks,
     W: AsyncWrite + Unpin,
@@ -103,13 +129,16 @@ where
     let mut chunks = Vec::new();
     let mut total = 0u64;
     loop {
-        let n =
-            std::future::poll_fn(|cx| stream.poll_read_chunks(cx, &mut chunks, max.max(1))).await?;
+        let n = std::future::poll_fn(|cx| stream.poll_read_chunks(cx, &mut chunks, max.max(1)))
+            .await
+            .map_err(Failed::Stream)?;
         if n == 0 {
-            w.close().await?;
+            w.close().await.map_err(Failed::Socket)?;
             return Ok(total);
         }
-        write_chunks(&mut w, &mut chunks).await?;
+        write_chunks(&mut w, &mut chunks)
+            .await
+            .map_err(Failed::Socket)?;
         total += n as u64;
         on_bytes(n);
     }
@@ -311,7 +340,16 @@ where
         if buf.len() != size {
             buf = pool.take(size);
         }
-        let n = r.read(&mut buf).await?;
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                // The socket's peer reset the connection (or the socket failed): what it
+                // sent before is in the stream and reaches the other end ahead of the
+                // reset, as it would have reached a direct client.
+                lock(stream).reset_after_sent(ErrorCode::CANCEL);
+                return Err(e);
+            }
+        };
         if n == 0 {
             SharedHalf(stream).close().await?;
             return Ok(total);

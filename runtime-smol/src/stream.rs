@@ -16,7 +16,9 @@ use crate::relay::{ReadChunks, MAX_READ_CHUNKS};
 /// Backpressure is end to end: a write waits for the peer's credit, and credit returns
 /// only as the peer's application reads. `poll_close` half-closes (FIN); reading goes on.
 /// Dropping the handle before both directions have ended resets the stream
-/// ([`ErrorCode::CANCEL`]), so the peer sees an abort, never a silent truncation.
+/// ([`ErrorCode::CANCEL`]), so the peer sees an abort, never a silent truncation; after a
+/// close, the bytes written and the FIN go out before the reset. On the agent, bytes the
+/// server sent before it reset the stream are read before the reset's error.
 #[derive(Debug)]
 pub struct TunnelStream {
     shared: SharedRef,
@@ -42,10 +44,29 @@ impl TunnelStream {
 
     /// Aborts the stream in both directions with `code`.
     pub fn reset(&mut self, code: ErrorCode) {
-        let mut s = lock(&self.shared);
-        let _ = s.conn.send_stream(self.id).reset(code);
-        s.slots.remove(&self.id);
-        s.wake_driver();
+        self.abort(code, false);
+    }
+
+    /// Aborts the stream with `code` once the bytes already written (and the FIN, if
+    /// closed) have gone out: the peer reads them, then learns of the reset. For a relay
+    /// whose socket failed after it had passed on what the socket sent.
+    pub fn reset_after_sent(&mut self, code: ErrorCode) {
+        self.abort(code, true);
+    }
+
+    fn abort(&mut self, code: ErrorCode, after_sent: bool) {
+        {
+            let mut s = lock(&self.shared);
+            let mut send = s.conn.send_stream(self.id);
+            let _ = if after_sent {
+                send.reset_after_sent(code)
+            } else {
+                send.reset(code)
+            };
+            s.slots.remove(&self.id);
+            s.wake_driver();
+        }
+        // A later drop does nothing more.
         self.finished = true;
         self.eof = true;
     }
@@ -98,9 +119,21 @@ impl TunnelStream {
                     }
                     return Poll::Pending;
                 }
-                // Bytes already taken are delivered; the error comes with the next read.
-                Err(_) if filled > 0 => break,
-                Err(_) => return Poll::Ready(Err(gone(&s, id))),
+                Err(_) => {
+                    // Reset by the peer: what arrived before the reset comes first.
+                    let max = max - filled;
+                    if let Some(bytes) = s.slots.get_mut(&id).and_then(|t| t.take_unread(max)) {
+                        filled += bytes.len();
+                        taken += 1;
+                        take(bytes);
+                        continue;
+                    }
+                    // Bytes already taken are delivered; the error comes with the next read.
+                    if filled > 0 {
+                        break;
+                    }
+                    return Poll::Ready(Err(gone(&s, id)));
+                }
             }
         }
         s.wake_driver();
@@ -226,8 +259,15 @@ impl Drop for TunnelStream {
         let mut s = lock(&self.shared);
         s.slots.remove(&self.id);
         if !(self.finished && self.eof) && s.closed.is_none() {
-            // Ignored when proto already forgot the stream (it ended or was reset).
-            let _ = s.conn.send_stream(self.id).reset(ErrorCode::CANCEL);
+            // Ignored when proto already forgot the stream (it ended or was reset). What
+            // was sent with its FIN still goes out before the reset: that direction is
+            // complete, only the peer's is cut short.
+            let mut send = s.conn.send_stream(self.id);
+            let _ = if self.finished {
+                send.reset_after_sent(ErrorCode::CANCEL)
+            } else {
+                send.reset(ErrorCode::CANCEL)
+            };
         }
         s.wake_driver();
     }

@@ -8,6 +8,7 @@ use fluidity_tests::e2e::client::{
     curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
 };
 use fluidity_tests::e2e::origin::{HttpOrigin, TlsOrigin, WsOrigin};
+use fluidity_tests::e2e::proc::wait_for;
 use fluidity_tests::e2e::{curl, watchdog, AgentOptions, ServerOptions, Tunnel};
 
 const MIB: u64 = 1024 * 1024;
@@ -242,4 +243,192 @@ fn a_response_head_is_not_held_back_waiting_for_its_body() {
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-length: 1000"), "{head}");
+}
+
+/// The distinctive body of [`RejectingOrigin`]'s answer.
+const REJECT_BODY: &str = "rejected by reject-origin before reading the body: too large\n";
+
+/// An origin that answers every request `413 Payload Too Large` as soon as it has the
+/// request head, and closes without reading the body: what a real server does to an
+/// upload it refuses. When the request came without `Expect: 100-continue` (so the body
+/// is already streaming), it first waits until body bytes are queued unread, so that the
+/// close is sure to make the kernel send a TCP RST rather than a FIN.
+struct RejectingOrigin {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections closed with body bytes still unread (each an RST to the peer).
+    reset: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RejectingOrigin {
+    fn start() -> RejectingOrigin {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding an origin");
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let reset = Arc::new(AtomicUsize::new(0));
+        let (stop2, reset2) = (stop.clone(), reset.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let reset = reset2.clone();
+                std::thread::spawn(move || {
+                    if Self::serve(conn) {
+                        reset.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        RejectingOrigin { addr, stop, reset }
+    }
+
+    /// Answers one request; returns whether the socket was closed with unread bytes.
+    fn serve(mut conn: std::net::TcpStream) -> bool {
+        use std::io::{Read, Write};
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        // Read the head only (plus whatever body bytes share its last read).
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+            if head.len() > 64 * 1024 {
+                return false;
+            }
+        };
+        let head = String::from_utf8_lossy(&head[..head_end]).to_ascii_lowercase();
+        let expects_continue = head
+            .lines()
+            .any(|l| l.starts_with("expect:") && l.contains("100-continue"));
+        let answer = format!(
+            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{REJECT_BODY}",
+            REJECT_BODY.len()
+        );
+        if conn.write_all(answer.as_bytes()).is_err() {
+            return false;
+        }
+        // No shutdown, no draining: the socket is dropped as it is. Without
+        // 100-continue, wait until body bytes are queued unread first (they follow the
+        // head at once), so that the drop resets the connection.
+        !expects_continue && conn.peek(&mut buf[..1]).is_ok_and(|n| n > 0)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn resets(&self) -> usize {
+        self.reset.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RejectingOrigin {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// An origin that answers a 50 MiB upload `413` as soon as it has the head and closes
+/// with the body unread (so its kernel resets the connection) is reported through the
+/// proxy exactly as curl reports it directly: same exit code, status and body, not a 502.
+/// The answer is already on its way when the upload fails, and must not be discarded with
+/// the failed upload. With `Expect: 100-continue` curl holds the body back instead; that
+/// case must match too. The tunnel keeps working afterwards. The streaming case is timing
+/// dependent, so it runs several times.
+#[test]
+fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets() {
+    let _wd = watchdog("early_413_to_large_upload", Duration::from_secs(300));
+    let t = Tunnel::start();
+    let origin = RejectingOrigin::start();
+    let proxy = t.proxy_url();
+    let up = t.path("upload.bin");
+    write_payload_file(&up, BIG);
+    let data = format!("@{}", up.display());
+    let url = origin.url("/reject");
+
+    // (exit code, status, body) of one upload, direct or through the proxy, and curl's
+    // stderr. curl 7.x itself loses a race now and then: its send fails on the reset
+    // before it has read the answer (exit 55, directly too). Such a run is repeated;
+    // anything else is the result.
+    let attempts = std::cell::Cell::new(0);
+    let upload = |via_proxy: bool, no_expect: bool| {
+        let body = t.path("reject.body");
+        let mut args = Vec::new();
+        if via_proxy {
+            args.extend(["-x", &proxy]);
+        }
+        if no_expect {
+            args.extend(["-H", "Expect:"]);
+        }
+        let body_arg = body.to_str().unwrap();
+        args.extend([
+            "--data-binary",
+            &data,
+            "-o",
+            body_arg,
+            "-w",
+            "%{http_code}",
+            &url,
+        ]);
+        let mut tries = 0;
+        loop {
+            let _ = std::fs::remove_file(&body);
+            attempts.set(attempts.get() + usize::from(no_expect));
+            let out = curl(&args);
+            tries += 1;
+            if out.code == Some(55) && tries < 3 {
+                continue;
+            }
+            let got = std::fs::read(&body).unwrap_or_default();
+            let result = (
+                out.code,
+                out.text(),
+                String::from_utf8_lossy(&got).into_owned(),
+            );
+            return (result, out.stderr);
+        }
+    };
+    let expected = (Some(0), "413".to_owned(), REJECT_BODY.to_owned());
+
+    let cases = [("with Expect: 100-continue", false)]
+        .into_iter()
+        .chain([("without Expect", true); 5]);
+    for (n, (what, no_expect)) in cases.enumerate() {
+        let (direct, direct_err) = upload(false, no_expect);
+        assert_eq!(
+            direct, expected,
+            "direct curl {what} (run {n}) should get the 413; stderr: {direct_err}"
+        );
+        let (proxied, proxied_err) = upload(true, no_expect);
+        assert_eq!(
+            proxied, direct,
+            "curl through the proxy {what} (run {n}) should get what it gets directly; \
+             stderr: {proxied_err}"
+        );
+    }
+    // The origin really closed with the body unread every time it was streaming (its
+    // threads may count the last one just after curl is done).
+    wait_for(
+        "the origin to reset every streaming upload",
+        Duration::from_secs(30),
+        || (origin.resets() == attempts.get()).then_some(()),
+    );
+
+    let other = HttpOrigin::start("after-413");
+    let (status, body) = curl_status(&proxy, &other.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from after-413\n"),
+        "the tunnel should still work after the rejected uploads"
+    );
 }

@@ -540,8 +540,12 @@ where
     relay(cin, cw, &mut from, &mut to).await
 }
 
-/// Relays both directions until each has ended; returns (a→b, b→a) byte counts. An error
-/// in either direction ends both: the caller drops both ends, which resets them.
+/// Relays between a client (`a`) and a tunnel stream (`b`) until each direction has
+/// ended; returns (a→b, b→a) byte counts. An error in either direction ends both: the
+/// caller drops both ends, which resets them. Except one: a stream that takes no more
+/// (the server reset it) ends only the client's direction at first, because what the
+/// server sent before the reset (an origin's answer to an upload it refused) still reaches
+/// the client; the error is returned once that is done.
 pub(crate) async fn relay<A, AW, B, BW>(
     a_in: &mut A,
     a_out: &mut AW,
@@ -554,7 +558,21 @@ where
     B: Source,
     BW: AsyncWrite + Unpin,
 {
-    try_join2(pipe(a_in, b_out), pipe(b_in, a_out)).await
+    let mut refused = None;
+    let up = async {
+        match pipe(a_in, b_out).await {
+            Err(CopyError::Write(e)) => {
+                refused = Some(e);
+                Ok(0)
+            }
+            other => other,
+        }
+    };
+    let moved = try_join2(up, pipe(b_in, a_out)).await?;
+    match refused {
+        Some(e) => Err(CopyError::Write(e)),
+        None => Ok(moved),
+    }
 }
 
 /// Ends a connection after an error answer: closes our sending side, then reads and drops
