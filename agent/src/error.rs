@@ -13,6 +13,11 @@ pub enum Error {
     /// A proxy client sent nothing, or only part of a request, within the head timeout.
     #[error("the client sent no complete request within {0:?}")]
     ClientTimeout(std::time::Duration),
+    /// What the client's connection carried failed mid-stream (the origin or the tunnel
+    /// broke off, or the client went away); the connection is reset, so that the client
+    /// sees a failure rather than a clean end of what it received.
+    #[error("the relayed connection broke off: {0}")]
+    Aborted(String),
     /// A proxy client broke HTTP/1.1 or SOCKS5; it has been answered and disconnected.
     #[error("proxy client protocol error: {0}")]
     ClientProtocol(String),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fluidity_runtime_smol::listener::AcceptErrors;
+use fluidity_runtime_smol::relay::reset_on_close;
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use futures_lite::FutureExt;
 use smol::Executor;
@@ -134,8 +135,15 @@ pub async fn serve(
                     let _ = client.set_nodelay(true);
                     let (dialer, cfg) = (dialer.clone(), cfg.clone());
                     ex.spawn(async move {
-                        if let Err(e) = proxy::serve_connection(client, peer, &dialer, &cfg).await {
-                            tracing::debug!(%peer, error = %e, "client connection ended");
+                        let sock = client.clone();
+                        match proxy::serve_connection(client, peer, &dialer, &cfg).await {
+                            Ok(()) => {}
+                            Err(e) => {
+                                if matches!(e, Error::Aborted(_)) {
+                                    reset_on_close(&sock);
+                                }
+                                tracing::debug!(%peer, error = %e, "client connection ended");
+                            }
                         }
                     })
                     .detach();

@@ -91,6 +91,15 @@ enum Failed {
     Socket(io::Error),
 }
 
+/// Makes closing `sock` abort its connection (a TCP reset, not a FIN) once its last
+/// handle is dropped. For a relay that failed mid-stream: the socket's peer then sees a
+/// failure, as it would have from the far end, never a clean end it could take for the
+/// whole of the data.
+pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
+    // Best effort: a socket the system has already closed needs nothing more.
+    let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Most chunks one [`ReadChunks::poll_read_chunks`] hands out: a read of many tiny frames
 /// (a peer trickling bytes) then stays a short list, which a reader can take from the
 /// front of in time linear in the bytes; full frames reach `max` long before.

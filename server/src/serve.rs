@@ -11,7 +11,7 @@ use async_io::{Async, Timer};
 use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
 use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::listener::AcceptErrors;
-use fluidity_runtime_smol::relay::{relay, Direction};
+use fluidity_runtime_smol::relay::{relay, reset_on_close, Direction};
 use fluidity_runtime_smol::tls::{self, PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent};
 use futures_lite::FutureExt;
@@ -402,6 +402,7 @@ impl Server {
                 };
                 let _active = self.metrics.track_stream();
                 let metrics = self.metrics.clone();
+                let sock = tcp.clone();
                 let result = relay(stream, tcp, |dir, n| {
                     match dir {
                         // Agent → target is "in" (received from the agent), as in Metrics.
@@ -416,7 +417,12 @@ impl Server {
                         stream = %id, %target, %addr, up, down,
                         ms = started.elapsed().as_millis() as u64, "stream done"
                     ),
-                    Err(e) => tracing::debug!(stream = %id, %target, error = %e, "stream aborted"),
+                    Err(e) => {
+                        // The target sees the abort (the agent's client went away, or the
+                        // stream was reset) as a failure, not as a complete upload.
+                        reset_on_close(&sock);
+                        tracing::debug!(stream = %id, %target, error = %e, "stream aborted")
+                    }
                 }
             }
         }

@@ -13,7 +13,9 @@ use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
 use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{curl_status, read_all_lossy, LiveStream};
-use fluidity_tests::e2e::origin::{refused_port, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin};
+use fluidity_tests::e2e::origin::{
+    refused_port, AbruptOrigin, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin,
+};
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::{watchdog, Server, ServerOptions, Tunnel};
 
@@ -352,6 +354,45 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
     });
     assert_eq!((status, body.as_str()), (200, "hello from hangs\n"));
     assert_eq!(back.metric("fluidity_tunnels_total"), 1.0);
+}
+
+/// An origin that crashes mid-response (a body delimited by the connection's end, cut
+/// by a TCP reset) fails the client through the proxy as it fails it directly: the same
+/// curl exit code, a receive error, through absolute-form HTTP, CONNECT and SOCKS5; never
+/// a success with a silently shortened body. The agent resets the client's connection
+/// when what it carried broke off. The tunnel keeps working.
+#[test]
+fn an_origin_reset_mid_response_fails_the_client_as_it_would_directly() {
+    let _wd = watchdog("origin_reset_mid_response", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = AbruptOrigin::start();
+    let other = HttpOrigin::start("after-crash");
+    let (proxy, socks) = (t.proxy_url(), t.proxy().to_string());
+    let url = origin.url("/crash/100000");
+    let direct = fluidity_tests::e2e::curl(["-o", "/dev/null", &url]);
+    assert!(
+        direct.code.is_some_and(|c| c != 0),
+        "directly, curl should fail: {direct:?}"
+    );
+    let ways: [&[&str]; 3] = [
+        &["-x", &proxy],
+        &["-p", "-x", &proxy],
+        &["--socks5-hostname", &socks],
+    ];
+    for via in ways {
+        let out = fluidity_tests::e2e::curl(via.iter().chain(&["-o", "/dev/null", &url]));
+        assert_eq!(
+            out.code, direct.code,
+            "through {via:?}, curl should fail as it does directly ({}); stderr: {}",
+            direct.stderr, out.stderr
+        );
+    }
+    wait_for(
+        "the origin to have reset all four responses",
+        Duration::from_secs(30),
+        || (origin.resets() == 4).then_some(()),
+    );
+    assert_tunnel_works(&t, &other, "origins reset mid-response");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use fluidity_tests::e2e::client::{
     curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
 };
-use fluidity_tests::e2e::origin::{HttpOrigin, TlsOrigin, WsOrigin};
+use fluidity_tests::e2e::origin::{AbruptOrigin, HttpOrigin, TlsOrigin, WsOrigin, REJECT_BODY};
 use fluidity_tests::e2e::proc::wait_for;
 use fluidity_tests::e2e::{curl, watchdog, AgentOptions, ServerOptions, Tunnel};
 
@@ -245,99 +245,6 @@ fn a_response_head_is_not_held_back_waiting_for_its_body() {
     assert!(head.contains("content-length: 1000"), "{head}");
 }
 
-/// The distinctive body of [`RejectingOrigin`]'s answer.
-const REJECT_BODY: &str = "rejected by reject-origin before reading the body: too large\n";
-
-/// An origin that answers every request `413 Payload Too Large` as soon as it has the
-/// request head, and closes without reading the body: what a real server does to an
-/// upload it refuses. When the request came without `Expect: 100-continue` (so the body
-/// is already streaming), it first waits until body bytes are queued unread, so that the
-/// close is sure to make the kernel send a TCP RST rather than a FIN.
-struct RejectingOrigin {
-    addr: std::net::SocketAddr,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Connections closed with body bytes still unread (each an RST to the peer).
-    reset: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl RejectingOrigin {
-    fn start() -> RejectingOrigin {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding an origin");
-        let addr = listener.local_addr().expect("origin address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let reset = Arc::new(AtomicUsize::new(0));
-        let (stop2, reset2) = (stop.clone(), reset.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let reset = reset2.clone();
-                std::thread::spawn(move || {
-                    if Self::serve(conn) {
-                        reset.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        RejectingOrigin { addr, stop, reset }
-    }
-
-    /// Answers one request; returns whether the socket was closed with unread bytes.
-    fn serve(mut conn: std::net::TcpStream) -> bool {
-        use std::io::{Read, Write};
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-        // Read the head only (plus whatever body bytes share its last read).
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        let head_end = loop {
-            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-            if head.len() > 64 * 1024 {
-                return false;
-            }
-        };
-        let head = String::from_utf8_lossy(&head[..head_end]).to_ascii_lowercase();
-        let expects_continue = head
-            .lines()
-            .any(|l| l.starts_with("expect:") && l.contains("100-continue"));
-        let answer = format!(
-            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{REJECT_BODY}",
-            REJECT_BODY.len()
-        );
-        if conn.write_all(answer.as_bytes()).is_err() {
-            return false;
-        }
-        // No shutdown, no draining: the socket is dropped as it is. Without
-        // 100-continue, wait until body bytes are queued unread first (they follow the
-        // head at once), so that the drop resets the connection.
-        !expects_continue && conn.peek(&mut buf[..1]).is_ok_and(|n| n > 0)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn resets(&self) -> usize {
-        self.reset.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for RejectingOrigin {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-    }
-}
-
 /// An origin that answers a 50 MiB upload `413` as soon as it has the head and closes
 /// with the body unread (so its kernel resets the connection) is reported through the
 /// proxy exactly as curl reports it directly: same exit code, status and body, not a 502.
@@ -349,7 +256,7 @@ impl Drop for RejectingOrigin {
 fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets() {
     let _wd = watchdog("early_413_to_large_upload", Duration::from_secs(300));
     let t = Tunnel::start();
-    let origin = RejectingOrigin::start();
+    let origin = AbruptOrigin::start();
     let proxy = t.proxy_url();
     let up = t.path("upload.bin");
     write_payload_file(&up, BIG);

@@ -49,13 +49,16 @@ impl<S> Upstream<S> {
 }
 
 /// What to do with the client connection after a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Next {
     KeepAlive,
     /// Close after lingering (the client may still be sending).
     Close,
-    /// The connection was already ended (relayed or aborted); just drop it.
+    /// The connection was already ended (relayed); just drop it.
     Done,
+    /// What the connection carried broke off mid-message: reset it (see
+    /// [`Error::Aborted`]).
+    Abort(String),
 }
 
 /// Serves HTTP/1.1 requests from one client until it closes.
@@ -127,6 +130,7 @@ where
                 return Ok(());
             }
             Next::Done => return Ok(()),
+            Next::Abort(why) => return Err(Error::Aborted(why)),
         }
     }
 }
@@ -447,15 +451,16 @@ where
                     return Ok(Next::Done);
                 };
                 let (mut uin, mut uw) = up.stream.halves();
-                match relay(cin, cw, &mut uin, &mut uw).await {
+                return Ok(match relay(cin, cw, &mut uin, &mut uw).await {
                     Ok((up, down)) => {
-                        tracing::debug!(%peer, target = %abs.target, up, down, "websocket closed")
+                        tracing::debug!(%peer, target = %abs.target, up, down, "websocket closed");
+                        Next::Done
                     }
                     Err(e) => {
-                        tracing::info!(%peer, target = %abs.target, error = %e, "websocket aborted")
+                        tracing::info!(%peer, target = %abs.target, error = %e, "websocket aborted");
+                        Next::Abort(format!("websocket to {}: {e}", abs.target))
                     }
-                }
-                return Ok(Next::Done);
+                });
             }
             End::Delimited {
                 client_keep,
@@ -477,7 +482,10 @@ where
             }
             End::Aborted => {
                 *upstream = None;
-                return Ok(Next::Done);
+                return Ok(Next::Abort(format!(
+                    "{} switched protocols before the request's body was sent",
+                    abs.target
+                )));
             }
         }
     }
@@ -536,7 +544,9 @@ async fn fail<W: AsyncWrite + Unpin>(
             .await?;
             return Ok(Next::Close);
         }
-        ExchangeError::Aborted => return Ok(Next::Done),
+        ExchangeError::Aborted => {
+            return Ok(Next::Abort(format!("exchange with {target} broke off")))
+        }
     };
     answer(cw, 502, &line, true, &[]).await?;
     Ok(Next::Close)
@@ -811,15 +821,16 @@ where
     cw.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await?;
     cw.flush().await?;
-    match relay_stream(cin, cw, stream).await {
+    Ok(match relay_stream(cin, cw, stream).await {
         Ok((up, down)) => {
-            tracing::debug!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed")
+            tracing::debug!(%peer, method = "CONNECT", %target, status = 200, up, down, "tunnel closed");
+            Next::Done
         }
         Err(e) => {
-            tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted")
+            tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted");
+            Next::Abort(format!("CONNECT to {target}: {e}"))
         }
-    }
-    Ok(Next::Done)
+    })
 }
 
 #[cfg(test)]

@@ -192,10 +192,11 @@ where
     match result {
         Ok((up, down)) => {
             tracing::debug!(%peer, proto = "socks5", %target, up, down, "tunnel closed");
+            Ok(())
         }
         Err(e) => {
             tracing::info!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
+            Err(Error::Aborted(format!("SOCKS5 to {target}: {e}")))
         }
     }
-    Ok(())
 }

@@ -10,6 +10,9 @@
 //!   then waits for the client to go away (a transfer that can only end in an error);
 //! - keep-alive unless the client sends `Connection: close`.
 //!
+//! [`AbruptOrigin`] ends its connections the way servers do when things go wrong: an
+//! early answer to an upload it will not read, and a crash in the middle of a response.
+//!
 //! A client that breaks the protocol or a limit gets its connection closed; an origin
 //! thread never panics on what a client sends.
 
@@ -407,6 +410,98 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The body of [`AbruptOrigin`]'s `413`.
+pub const REJECT_BODY: &str = "rejected before reading the body: too large\n";
+
+/// An origin whose connections end abruptly, each with a TCP reset:
+/// - `/reject`: answers `413 Payload Too Large` (`Connection: close`, body
+///   [`REJECT_BODY`]) as soon as it has the request head, and closes without reading the
+///   body, as a server refusing an upload does. When the body is already streaming (no
+///   `Expect: 100-continue`), it first waits until body bytes are queued unread, so that
+///   the close is sure to reset the connection rather than end it with a FIN;
+/// - `/crash/N`: answers `200 OK` with `Connection: close` and no length (the body ends
+///   where the connection does), sends N bytes of the payload, then resets the
+///   connection, as a server that crashes mid-response does.
+#[derive(Debug)]
+pub struct AbruptOrigin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    resets: Arc<AtomicUsize>,
+}
+
+impl AbruptOrigin {
+    /// Starts the origin.
+    pub fn start() -> AbruptOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let counted = resets.clone();
+        accept_loop(
+            listener,
+            stop.clone(),
+            Arc::new(AtomicUsize::new(0)),
+            move |conn| {
+                if AbruptOrigin::serve(conn).unwrap_or(false) {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+        );
+        AbruptOrigin { addr, stop, resets }
+    }
+
+    /// Answers one request; returns whether the connection was reset.
+    fn serve(conn: TcpStream) -> io::Result<bool> {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut r = BufReader::new(conn);
+        let Some(req) = read_head(&mut r)? else {
+            return Ok(false);
+        };
+        let mut conn = r.into_inner();
+        if req.path == "/reject" {
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{REJECT_BODY}",
+                REJECT_BODY.len()
+            );
+            conn.write_all(answer.as_bytes())?;
+            // Dropped as it is: no shutdown, no draining. A body that follows the head
+            // at once is then unread, and the kernel resets the connection.
+            let mut probe = [0u8; 1];
+            return Ok(!req.expect_continue && conn.peek(&mut probe)? > 0);
+        }
+        let Some(len) = req
+            .path
+            .strip_prefix("/crash/")
+            .and_then(|n| n.parse().ok())
+        else {
+            respond(&mut conn, "404 Not Found", b"no such route\n", true)?;
+            return Ok(false);
+        };
+        conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
+        let mut buf = vec![0u8; len];
+        payload_into(0, &mut buf);
+        conn.write_all(&buf)?;
+        socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+        Ok(true)
+    }
+
+    /// The URL of `path` on this origin.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connections ended with a reset so far.
+    pub fn resets(&self) -> usize {
+        self.resets.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for AbruptOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
 }
 
 /// Echoes every byte back; half-closes when the client does.
