@@ -1197,18 +1197,24 @@ impl Connection {
         }
         if self.side == Side::Agent {
             // Opens the server will never process: refuse them here instead of waiting.
-            let unprocessed: Vec<StreamId> = self
+            let unprocessed: Vec<(StreamId, bool)> = self
                 .streams
                 .iter()
                 .filter(|(id, s)| id.0 > last_stream.0 && s.phase == OpenPhase::Opening)
-                .map(|(id, _)| *id)
+                .map(|(id, s)| (*id, s.send.reset_after.is_none()))
                 .collect();
-            for id in unprocessed {
+            for (id, told) in unprocessed {
                 self.remove_stream(id);
-                self.events.push_back(Event::Stream(StreamEvent::Refused {
-                    id,
-                    refusal: OpenRefusal::new(RefusalReason::GoingAway, "server is shutting down"),
-                }));
+                // A stream the application has reset hears no more about it.
+                if told {
+                    self.events.push_back(Event::Stream(StreamEvent::Refused {
+                        id,
+                        refusal: OpenRefusal::new(
+                            RefusalReason::GoingAway,
+                            "server is shutting down",
+                        ),
+                    }));
+                }
             }
         }
         if !self.go_away_received {

@@ -468,6 +468,42 @@ fn reset_after_sent_delivers_the_written_bytes_and_fin_before_the_reset() {
 }
 
 #[test]
+fn a_stream_reset_after_sent_hears_nothing_of_its_open_result() {
+    for accept in [true, false] {
+        let mut p = Pair::ready();
+        let id = p.agent.open(p.now, target()).unwrap();
+        let mut wire = Vec::new();
+        if accept {
+            let mut up = Vec::new();
+            p.agent.poll_transmit(p.now, &mut up);
+            assert_eq!(p.server.handle_input(p.now, &up), up.len());
+            p.server.accept_open(id).unwrap();
+        } else {
+            // The open is left unprocessed.
+            p.server.go_away(p.now);
+        }
+        p.server.poll_transmit(p.now, &mut wire);
+        // The agent resets the stream after a write, with nothing transmitted yet, before
+        // the answer to its open arrives.
+        p.agent.send_stream(id).write(b"request").unwrap();
+        p.agent
+            .send_stream(id)
+            .reset_after_sent(ErrorCode::CANCEL)
+            .unwrap();
+        assert_eq!(p.agent.handle_input(p.now, &wire), wire.len());
+        p.collect();
+        assert!(
+            !p.agent_events.iter().any(|e| matches!(
+                e,
+                Event::Stream(StreamEvent::Opened { .. } | StreamEvent::Refused { .. })
+            )),
+            "accept {accept}: {:?}",
+            p.agent_events
+        );
+    }
+}
+
+#[test]
 fn after_reset_after_sent_received_bytes_are_dropped_until_the_reset_is_out() {
     let mut p = Pair::ready();
     let id = p.open_accepted();
