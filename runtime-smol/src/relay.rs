@@ -6,10 +6,13 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
+use async_io::Timer;
 use bytes::{Buf, Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::FutureExt;
 
 use fluidity_proto::ErrorCode;
 
@@ -40,8 +43,15 @@ pub enum Direction {
 /// Copies between a tunnel stream and a socket, both ways at once, until both directions
 /// have ended. When one source ends, the other side's write half is closed (half-close)
 /// and the other direction goes on. Returns the bytes moved each way (stream to socket,
-/// socket to stream), or the first error; on error both ends are dropped, which aborts
-/// them.
+/// socket to stream), or the first error. On an error the stream is reset after the
+/// bytes already passed to it, so what the socket sent before it failed still arrives.
+///
+/// A socket that takes no more bytes (its peer closed or reset the connection) fails only
+/// the stream-to-socket direction at first: what the peer sent before it went still goes
+/// the other way, for at most [`LAST_BYTES_TIME`]. An origin that answers an upload it
+/// will not take (a 413) and closes with the upload unread resets the connection, and
+/// its answer must arrive. The socket's end of file then counts as the reset it follows,
+/// never as a clean end.
 ///
 /// In a bulk transfer the socket's bytes reach the stream without a copy: they are read
 /// into buffers that the stream sends from (see [`TunnelStream::poll_write_bytes`]) and
@@ -59,29 +69,80 @@ where
     // Two handles on the socket rather than `split`, whose write half sends only the
     // first slice of a vectored write.
     let (sr, sw) = (sock.clone(), sock);
+    // Linux reports a reset once: to the writer here, and the reader then sees only the
+    // end of file.
+    let socket_failed = AtomicBool::new(false);
     let to_socket = async {
         let copied = copy_from_stream(SharedHalf(&stream), sw, RELAY_BUF_MAX, |n| {
             on_bytes(Direction::StreamToSocket, n)
         });
         match copied.await {
-            Ok(n) => Ok(n),
+            Ok(n) => Ok(Ok(n)),
             Err(Failed::Stream(e)) => Err(e),
-            // A socket that takes no more (its peer closed or reset the connection) ends
-            // only this direction: what the peer sent before it went still goes the other
-            // way. An origin that answers an upload it will not take (a 413) and closes
-            // with the upload unread resets the connection, and its answer must arrive.
-            // The stream's bytes then wait within its window until the relay ends.
             Err(Failed::Socket(e)) => {
                 tracing::debug!(error = %e, "the socket takes no more; relaying its last bytes");
-                Ok(0)
+                socket_failed.store(true, Ordering::Relaxed);
+                Ok(Err(e))
             }
         }
     };
-    try_join2(
-        to_socket,
-        copy_into_stream(sr, &stream, |n| on_bytes(Direction::SocketToStream, n)),
-    )
-    .await
+    let from_socket = copy_into_stream(sr, &stream, &socket_failed, |n| {
+        on_bytes(Direction::SocketToStream, n)
+    });
+    let result = join_with_grace(to_socket, from_socket, LAST_BYTES_TIME, || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the socket's last bytes did not get through in time",
+        )
+    })
+    .await;
+    if result.is_err() {
+        // Ignored when the stream is gone already (the peer reset it).
+        lock(&stream).reset_after_sent(ErrorCode::CANCEL);
+    }
+    result
+}
+
+/// How long one direction of a relay may go on once the other has failed softly (see
+/// [`join_with_grace`]): enough for a socket's last bytes to pass a tunnel stream's
+/// window, and a bound where both ends wait on each other (a client that sends its whole
+/// upload before reading, behind a direction that no longer reads it).
+pub const LAST_BYTES_TIME: Duration = Duration::from_secs(5);
+
+/// Runs `first` and `second` at once until both have finished or one has failed, like
+/// [`try_join2`], except that `first` may fail softly, by returning `Ok(Err(e))`: then
+/// `second` goes on alone for at most `grace` (after which it fails with `late()`), and
+/// `e` is returned once it has finished. For a relay direction whose writer failed while
+/// the other direction still has bytes to pass on.
+pub async fn join_with_grace<A, B, T, U, E>(
+    first: A,
+    second: B,
+    grace: Duration,
+    late: impl FnOnce() -> E,
+) -> Result<(T, U), E>
+where
+    A: Future<Output = Result<Result<T, E>, E>>,
+    B: Future<Output = Result<U, E>>,
+{
+    let (failed, failure) = async_channel::bounded::<()>(1);
+    let first = async move {
+        let r = first.await?;
+        if r.is_err() {
+            let _ = failed.try_send(());
+        }
+        Ok(r)
+    };
+    let deadline = async {
+        // Closed without a message: `first` did not fail softly, and there is no deadline.
+        if failure.recv().await.is_ok() {
+            Timer::after(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+        Err(late())
+    };
+    let (t, u) = try_join2(first, second.or(deadline)).await?;
+    Ok((t?, u))
 }
 
 /// Which end of a copy between a stream and a socket failed.
@@ -336,6 +397,7 @@ impl Wake for Branch {
 async fn copy_into_stream<R>(
     mut r: R,
     stream: &Mutex<TunnelStream>,
+    socket_failed: &AtomicBool,
     on_bytes: impl Fn(usize),
 ) -> io::Result<u64>
 where
@@ -349,16 +411,13 @@ where
         if buf.len() != size {
             buf = pool.take(size);
         }
-        let n = match r.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                // The socket's peer reset the connection (or the socket failed): what it
-                // sent before is in the stream and reaches the other end ahead of the
-                // reset, as it would have reached a direct client.
-                lock(stream).reset_after_sent(ErrorCode::CANCEL);
-                return Err(e);
-            }
-        };
+        let n = r.read(&mut buf).await?;
+        if n == 0 && socket_failed.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the connection was reset (its writer failed first)",
+            ));
+        }
         if n == 0 {
             SharedHalf(stream).close().await?;
             return Ok(total);

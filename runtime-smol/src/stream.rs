@@ -259,9 +259,8 @@ impl Drop for TunnelStream {
         let mut s = lock(&self.shared);
         s.slots.remove(&self.id);
         if !(self.finished && self.eof) && s.closed.is_none() {
-            // Ignored when proto already forgot the stream (it ended or was reset). What
-            // was sent with its FIN still goes out before the reset: that direction is
-            // complete, only the peer's is cut short.
+            // Ignored when proto already forgot the stream (it ended or was reset). After
+            // a close, the bytes written still go out, with the FIN, before the reset.
             let mut send = s.conn.send_stream(self.id);
             let _ = if self.finished {
                 send.reset_after_sent(ErrorCode::CANCEL)

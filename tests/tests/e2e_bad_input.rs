@@ -395,6 +395,85 @@ fn an_origin_reset_mid_response_fails_the_client_as_it_would_directly() {
     assert_tunnel_works(&t, &other, "origins reset mid-response");
 }
 
+/// Uploads to the origin's `/flood-then-reset` through `proxy` (directly when `None`,
+/// through CONNECT when `connect`), as a client that sends its whole body before it
+/// reads anything would, and returns the error that stopped it.
+fn upload_until_it_fails(
+    proxy: Option<SocketAddr>,
+    connect: bool,
+    origin: SocketAddr,
+) -> std::io::Error {
+    let mut s = TcpStream::connect(proxy.unwrap_or(origin)).expect("connecting");
+    s.set_write_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let target = if proxy.is_some() && !connect {
+        format!("http://{origin}/flood-then-reset")
+    } else {
+        "/flood-then-reset".to_owned()
+    };
+    if connect {
+        write!(s, "CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").expect("CONNECT");
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("the CONNECT answer");
+            answer.push(byte[0]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+    write!(
+        s,
+        "POST {target} HTTP/1.1\r\nHost: {origin}\r\nContent-Length: {}\r\n\r\n",
+        1u64 << 40
+    )
+    .expect("the request head");
+    let chunk = vec![b'u'; 64 * 1024];
+    loop {
+        if let Err(e) = s.write_all(&chunk) {
+            return e;
+        }
+    }
+}
+
+/// A client that sends its whole upload before it reads, to an origin that answers with
+/// a body the client does not take and then resets the connection, gets the reset as it
+/// does directly, through absolute-form HTTP and CONNECT, rather than waiting for ever:
+/// the client and the tunnel stream are then blocked on each other, and the origin's
+/// last bytes get only a bounded time to pass before the relay gives up.
+#[test]
+fn a_reset_reaches_a_client_that_sends_before_it_reads() {
+    let _wd = watchdog("reset_to_a_sending_client", Duration::from_secs(180));
+    let t = Tunnel::start();
+    let origin = AbruptOrigin::start();
+    let other = HttpOrigin::start("after-flood");
+    let addr = origin.addr();
+    let reset = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    let direct = upload_until_it_fails(None, false, addr);
+    assert!(reset(&direct), "directly: {direct:?}");
+    let proxy = t.proxy();
+    std::thread::scope(|scope| {
+        let runs = [false, true].map(|connect| {
+            scope.spawn(move || (connect, upload_until_it_fails(Some(proxy), connect, addr)))
+        });
+        for run in runs {
+            let (connect, e) = run.join().expect("an upload thread");
+            assert!(
+                reset(&e),
+                "through the proxy (CONNECT: {connect}), the upload should end with the reset, \
+                 as it does directly ({direct:?}), not with {e:?}"
+            );
+        }
+    });
+    assert_tunnel_works(&t, &other, "resets to clients blocked sending");
+}
+
 #[test]
 fn socks5_refusals_get_the_matching_reply_codes() {
     let _wd = watchdog("socks5_refusals", Duration::from_secs(120));

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use fluidity_proto::{RefusalReason, Target};
-use fluidity_runtime_smol::relay::ReadChunks;
+use fluidity_runtime_smol::relay::{ReadChunks, LAST_BYTES_TIME};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncWriteExt, FutureExt};
@@ -612,6 +612,10 @@ where
     // Atomic only so that the future stays Send; both users run in this one task.
     let started = AtomicBool::new(false);
     let mut sent: Option<Result<u64, CopyError>> = None;
+    // Once the stream takes no more of the request (the server reset it), the response
+    // gets what is left of a bounded time: the client may be blocked sending the body we
+    // no longer read, and not read the response until it has sent it.
+    let mut deadline: Option<async_io::Timer> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let result = {
         let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut uw));
@@ -623,11 +627,17 @@ where
                         r,
                         Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_))
                     );
+                    if matches!(r, Err(CopyError::Write(_))) {
+                        deadline = Some(async_io::Timer::after(LAST_BYTES_TIME));
+                    }
                     sent = Some(r);
                     if client_failed {
                         return Poll::Ready(None);
                     }
                 }
+            }
+            if deadline.as_mut().is_some_and(|t| t.poll(cx).is_ready()) {
+                return Poll::Ready(Some(Err(ExchangeError::Aborted)));
             }
             recv.as_mut().poll(cx).map(Some)
         })

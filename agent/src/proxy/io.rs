@@ -8,7 +8,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use fluidity_runtime_smol::relay::{consume_chunks, try_join2, ReadChunks, SharedHalf};
+use fluidity_runtime_smol::relay::{
+    consume_chunks, join_with_grace, ReadChunks, SharedHalf, LAST_BYTES_TIME,
+};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
@@ -545,7 +547,7 @@ where
 /// caller drops both ends, which resets them. Except one: a stream that takes no more
 /// (the server reset it) ends only the client's direction at first, because what the
 /// server sent before the reset (an origin's answer to an upload it refused) still reaches
-/// the client; the error is returned once that is done.
+/// the client, for at most [`LAST_BYTES_TIME`]; the error is returned after that.
 pub(crate) async fn relay<A, AW, B, BW>(
     a_in: &mut A,
     a_out: &mut AW,
@@ -558,21 +560,19 @@ where
     B: Source,
     BW: AsyncWrite + Unpin,
 {
-    let mut refused = None;
     let up = async {
         match pipe(a_in, b_out).await {
-            Err(CopyError::Write(e)) => {
-                refused = Some(e);
-                Ok(0)
-            }
-            other => other,
+            Err(CopyError::Write(e)) => Ok(Err(CopyError::Write(e))),
+            other => other.map(Ok),
         }
     };
-    let moved = try_join2(up, pipe(b_in, a_out)).await?;
-    match refused {
-        Some(e) => Err(CopyError::Write(e)),
-        None => Ok(moved),
-    }
+    join_with_grace(up, pipe(b_in, a_out), LAST_BYTES_TIME, || {
+        CopyError::Write(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the stream's last bytes did not reach the client in time",
+        ))
+    })
+    .await
 }
 
 /// Ends a connection after an error answer: closes our sending side, then reads and drops

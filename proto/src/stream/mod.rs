@@ -153,9 +153,11 @@ impl SendStream<'_> {
 
     /// Aborts the stream with `code` after what was written, and the FIN if the stream
     /// was finished, has been transmitted: the peer gets those bytes, then the reset.
-    /// Written bytes are within the peer's credit, so this waits for nothing but the
-    /// transmitter. From now on the stream takes no writes or reads, and bytes that
-    /// arrive for it are dropped; it is forgotten once the reset is sent.
+    /// Written bytes are within the stream's credit, so this never waits for the peer's
+    /// application to read. From now on the stream takes no writes or reads, and bytes
+    /// that arrive for it are dropped; it is forgotten once the reset is sent (or, if
+    /// the application had read the peer's FIN, once its own FIN is: the stream then
+    /// ends normally).
     pub fn reset_after_sent(&mut self, code: ErrorCode) -> Result<(), Error> {
         self.conn.stream_reset_after_sent(self.id, code)
     }

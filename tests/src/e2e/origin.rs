@@ -419,11 +419,15 @@ pub const REJECT_BODY: &str = "rejected before reading the body: too large\n";
 /// - `/reject`: answers `413 Payload Too Large` (`Connection: close`, body
 ///   [`REJECT_BODY`]) as soon as it has the request head, and closes without reading the
 ///   body, as a server refusing an upload does. When the body is already streaming (no
-///   `Expect: 100-continue`), it first waits until body bytes are queued unread, so that
-///   the close is sure to reset the connection rather than end it with a FIN;
+///   `Expect: 100-continue`), it first waits until body bytes have arrived, so that they
+///   are unread at the close, which is then sure to reset the connection;
 /// - `/crash/N`: answers `200 OK` with `Connection: close` and no length (the body ends
 ///   where the connection does), sends N bytes of the payload, then resets the
-///   connection, as a server that crashes mid-response does.
+///   connection, as a server that crashes mid-response does;
+/// - `/flood-then-reset`: reads no body, answers `200 OK` with `Connection: close` and a
+///   body without end, and once the client has taken none of it for a second, resets the
+///   connection. A client that sends its whole upload before it reads anything is then
+///   blocked sending when the reset comes.
 #[derive(Debug)]
 pub struct AbruptOrigin {
     addr: SocketAddr,
@@ -461,15 +465,25 @@ impl AbruptOrigin {
         };
         let mut conn = r.into_inner();
         if req.path == "/reject" {
+            // Without 100-continue the body is on its way: wait until some of it is here,
+            // so that it is unread when the socket is dropped (as it is: no shutdown, no
+            // draining) and the kernel resets the connection.
+            let mut probe = [0u8; 1];
+            let streaming = !req.expect_continue && conn.peek(&mut probe)? > 0;
             let answer = format!(
                 "HTTP/1.1 413 Payload Too Large\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{REJECT_BODY}",
                 REJECT_BODY.len()
             );
             conn.write_all(answer.as_bytes())?;
-            // Dropped as it is: no shutdown, no draining. A body that follows the head
-            // at once is then unread, and the kernel resets the connection.
-            let mut probe = [0u8; 1];
-            return Ok(!req.expect_continue && conn.peek(&mut probe)? > 0);
+            return Ok(streaming);
+        }
+        if req.path == "/flood-then-reset" {
+            conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
+            conn.set_write_timeout(Some(Duration::from_secs(1)))?;
+            let chunk = vec![b'f'; 64 * 1024];
+            while conn.write(&chunk).is_ok_and(|n| n > 0) {}
+            socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+            return Ok(true);
         }
         let Some(len) = req
             .path
@@ -490,6 +504,11 @@ impl AbruptOrigin {
     /// The URL of `path` on this origin.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Connections ended with a reset so far.
