@@ -503,10 +503,28 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
     let _wd = watchdog("out_of_descriptors", Duration::from_secs(120));
     let origin = HttpOrigin::start("fd");
     let mut t = Tunnel::start();
+    // Counted once the agent is idle: while it connects the tunnel it holds descriptors
+    // it gives back soon after, which would end the shortage below after one failure.
+    let ready = t
+        .agent
+        .proc
+        .wait_log(Duration::from_secs(30), |l| l.contains("tunnel ready"));
+    assert!(ready, "the tunnel did not come up:\n{}", t.agent.proc.log());
     let pid = t.agent.proc.pid();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("listing the agent's descriptors")
-        .count();
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("listing the agent's descriptors")
+            .count()
+    };
+    let open = wait_for(
+        "the agent's descriptors to settle",
+        Duration::from_secs(30),
+        || {
+            let before = count();
+            std::thread::sleep(Duration::from_millis(50));
+            (count() == before).then_some(before)
+        },
+    );
     let limit = open + 4;
     let status = Command::new("prlimit")
         .arg(format!("--pid={pid}"))
