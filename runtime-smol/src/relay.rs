@@ -109,42 +109,6 @@ where
 /// upload before reading, behind a direction that no longer reads it).
 pub const LAST_BYTES_TIME: Duration = Duration::from_secs(5);
 
-/// Runs `first` and `second` at once until both have finished or one has failed, like
-/// [`try_join2`], except that `first` may fail softly, by returning `Ok(Err(e))`: then
-/// `second` goes on alone for at most `grace` (after which it fails with `late()`), and
-/// `e` is returned once it has finished. For a relay direction whose writer failed while
-/// the other direction still has bytes to pass on.
-pub async fn join_with_grace<A, B, T, U, E>(
-    first: A,
-    second: B,
-    grace: Duration,
-    late: impl FnOnce() -> E,
-) -> Result<(T, U), E>
-where
-    A: Future<Output = Result<Result<T, E>, E>>,
-    B: Future<Output = Result<U, E>>,
-{
-    let (failed, failure) = async_channel::bounded::<()>(1);
-    let first = async move {
-        let r = first.await?;
-        if r.is_err() {
-            let _ = failed.try_send(());
-        }
-        Ok(r)
-    };
-    let deadline = async {
-        // Closed without a message: `first` did not fail softly, and there is no deadline.
-        if failure.recv().await.is_ok() {
-            Timer::after(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-        Err(late())
-    };
-    let (t, u) = try_join2(first, second.or(deadline)).await?;
-    Ok((t?, u))
-}
-
 /// Which end of a copy between a stream and a socket failed.
 #[derive(Debug)]
 enum Failed {
@@ -303,15 +267,60 @@ where
     A: Future<Output = Result<T, E>>,
     B: Future<Output = Result<U, E>>,
 {
+    let first = async { a.await.map(Ok) };
+    let (t, u) = join2(first, b, None::<(Duration, fn() -> E)>).await?;
+    Ok((t?, u))
+}
+
+/// Like [`try_join2`], except that `first` may fail softly, by returning `Ok(Err(e))`:
+/// then `second` goes on alone for at most `grace` (after which it fails with `late()`),
+/// and `e` is returned once it has finished. For a relay direction whose writer failed
+/// while the other direction still has bytes to pass on.
+pub async fn join_with_grace<A, B, T, U, E>(
+    first: A,
+    second: B,
+    grace: Duration,
+    late: impl FnOnce() -> E,
+) -> Result<(T, U), E>
+where
+    A: Future<Output = Result<Result<T, E>, E>>,
+    B: Future<Output = Result<U, E>>,
+{
+    let (t, u) = join2(first, second, Some((grace, late))).await?;
+    Ok((t?, u))
+}
+
+/// The one loop behind [`try_join2`] and [`join_with_grace`]: each future polled only
+/// when its own waker fired, and a deadline for `b` once `a` has failed softly (armed
+/// when `grace` is given).
+async fn join2<A, B, T, U, E, L>(
+    a: A,
+    b: B,
+    grace: Option<(Duration, L)>,
+) -> Result<(Result<T, E>, U), E>
+where
+    A: Future<Output = Result<Result<T, E>, E>>,
+    B: Future<Output = Result<U, E>>,
+    L: FnOnce() -> E,
+{
     let mut a = pin!(a);
     let mut b = pin!(b);
     let (mut ra, mut rb) = (None, None);
     let (wa, wb) = (Arc::new(Branch::new()), Arc::new(Branch::new()));
     let (waker_a, waker_b) = (Waker::from(wa.clone()), Waker::from(wb.clone()));
+    let (mut grace, mut late, mut deadline) = match grace {
+        Some((g, l)) => (Some(g), Some(l), None),
+        None => (None, None, None),
+    };
     std::future::poll_fn(|cx| {
         if ra.is_none() && wa.take(cx.waker()) {
             match a.as_mut().poll(&mut Context::from_waker(&waker_a)) {
-                Poll::Ready(Ok(t)) => ra = Some(t),
+                Poll::Ready(Ok(t)) => {
+                    if t.is_err() {
+                        deadline = grace.take().map(Timer::after);
+                    }
+                    ra = Some(t);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
             }
@@ -321,6 +330,11 @@ where
                 Poll::Ready(Ok(u)) => rb = Some(u),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {}
+            }
+        }
+        if rb.is_none() && deadline.as_mut().is_some_and(|d| d.poll(cx).is_ready()) {
+            if let Some(late) = late.take() {
+                return Poll::Ready(Err(late()));
             }
         }
         match (ra.take(), rb.take()) {
@@ -540,6 +554,43 @@ mod tests {
         let failed = block_on(try_join2(pending, async { Err::<(), _>("b failed") }));
         assert_eq!(failed, Err("b failed"));
         assert!(dropped.get(), "the pending future outlived the error");
+    }
+
+    #[test]
+    fn a_soft_failure_leaves_the_other_future_a_bounded_time_then_its_error() {
+        let grace = Duration::from_millis(20);
+        // The other future finishes in time: the soft failure is the result.
+        let done = block_on(join_with_grace(
+            async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
+            async { Ok(2) },
+            grace,
+            || "late",
+        ));
+        assert_eq!(done, Err("writer failed"));
+        // It never finishes: it gets the grace, then the late error.
+        let stuck = block_on(join_with_grace(
+            async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
+            std::future::pending::<Result<(), &str>>(),
+            grace,
+            || "late",
+        ));
+        assert_eq!(stuck, Err("late"));
+        // No soft failure: both results, whatever the grace.
+        let both = block_on(join_with_grace(
+            async { Ok::<Result<u8, &str>, &str>(Ok(1)) },
+            async { Ok(2) },
+            Duration::ZERO,
+            || "late",
+        ));
+        assert_eq!(both, Ok((1, 2)));
+        // A hard failure of either is returned at once.
+        let hard = block_on(join_with_grace(
+            async { Err::<Result<u8, &str>, &str>("reader failed") },
+            std::future::pending::<Result<(), &str>>(),
+            grace,
+            || "late",
+        ));
+        assert_eq!(hard, Err("reader failed"));
     }
 
     /// A lent buffer comes back when its last slice is dropped, and is read into again
