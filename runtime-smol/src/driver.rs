@@ -256,7 +256,8 @@ impl Shared {
                     // The agent reads what the server sent before the reset (an origin's
                     // answer just before its connection was reset: a 413 to an upload it
                     // would not take) and then learns of the reset: at most a window per
-                    // client connection, held until its client reads it. The server
+                    // client connection, held until its client reads it (or the agent's
+                    // relay gives up on a client that does not, LAST_BYTES_TIME). The server
                     // drops it: the agent resets when its client has gone, and a stream
                     // the peer has forgotten no longer counts towards the stream limit
                     // that bounds the server's memory.

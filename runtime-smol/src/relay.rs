@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -86,10 +86,12 @@ where
             }
         }
     };
+    let moved = AtomicU64::new(0);
     let from_socket = copy_into_stream(sr, &stream, &socket_failed, |n| {
+        moved.fetch_add(n as u64, Ordering::Relaxed);
         on_bytes(Direction::SocketToStream, n)
     });
-    let result = join_with_grace(to_socket, from_socket, LAST_BYTES_TIME, || {
+    let result = join_with_grace(to_socket, from_socket, LAST_BYTES_TIME, &moved, || {
         io::Error::new(
             io::ErrorKind::TimedOut,
             "the socket's last bytes did not get through in time",
@@ -103,10 +105,10 @@ where
     result
 }
 
-/// How long one direction of a relay may go on once the other has failed softly (see
-/// [`join_with_grace`]): enough for a socket's last bytes to pass a tunnel stream's
-/// window, and a bound where both ends wait on each other (a client that sends its whole
-/// upload before reading, behind a direction that no longer reads it).
+/// How long one direction of a relay may go on without moving a byte once the other has
+/// failed softly (see [`join_with_grace`]): a bound where both ends wait on each other (a
+/// client that sends its whole upload before reading, behind a direction that no longer
+/// reads it), long enough for any link that still moves.
 pub const LAST_BYTES_TIME: Duration = Duration::from_secs(5);
 
 /// Which end of a copy between a stream and a socket failed.
@@ -268,35 +270,39 @@ where
     B: Future<Output = Result<U, E>>,
 {
     let first = async { a.await.map(Ok) };
-    let (t, u) = join2(first, b, None::<(Duration, fn() -> E)>).await?;
+    let (t, u) = join2(first, b, None::<(Duration, &AtomicU64, fn() -> E)>).await?;
     Ok((t?, u))
 }
 
 /// Like [`try_join2`], except that `first` may fail softly, by returning `Ok(Err(e))`:
-/// then `second` goes on alone for at most `grace` (after which it fails with `late()`),
-/// and `e` is returned once it has finished. For a relay direction whose writer failed
-/// while the other direction still has bytes to pass on.
+/// then `second` goes on alone as long as it makes progress, that is until `moved` (a
+/// count it raises as it moves bytes) has stood still for `grace`, after which it fails
+/// with `late()`; `e` is returned once it has finished. For a relay direction whose
+/// writer failed while the other direction still has bytes to pass on: what is left is
+/// finite (a socket's receive buffer, a stream's window), so a slow link gets it all and
+/// a stalled one gives up.
 pub async fn join_with_grace<A, B, T, U, E>(
     first: A,
     second: B,
     grace: Duration,
+    moved: &AtomicU64,
     late: impl FnOnce() -> E,
 ) -> Result<(T, U), E>
 where
     A: Future<Output = Result<Result<T, E>, E>>,
     B: Future<Output = Result<U, E>>,
 {
-    let (t, u) = join2(first, second, Some((grace, late))).await?;
+    let (t, u) = join2(first, second, Some((grace, moved, late))).await?;
     Ok((t?, u))
 }
 
 /// The one loop behind [`try_join2`] and [`join_with_grace`]: each future polled only
 /// when its own waker fired, and a deadline for `b` once `a` has failed softly (armed
-/// when `grace` is given).
+/// when `grace` is given), moved on whenever `b`'s count of bytes moved changes.
 async fn join2<A, B, T, U, E, L>(
     a: A,
     b: B,
-    grace: Option<(Duration, L)>,
+    grace: Option<(Duration, &AtomicU64, L)>,
 ) -> Result<(Result<T, E>, U), E>
 where
     A: Future<Output = Result<Result<T, E>, E>>,
@@ -308,16 +314,20 @@ where
     let (mut ra, mut rb) = (None, None);
     let (wa, wb) = (Arc::new(Branch::new()), Arc::new(Branch::new()));
     let (waker_a, waker_b) = (Waker::from(wa.clone()), Waker::from(wb.clone()));
-    let (mut grace, mut late, mut deadline) = match grace {
-        Some((g, l)) => (Some(g), Some(l), None),
-        None => (None, None, None),
+    let (grace, mut late) = match grace {
+        Some((time, moved, late)) => (Some((time, moved)), Some(late)),
+        None => (None, None),
     };
+    // The timer, and the count of `b`'s bytes it was last set at.
+    let mut deadline: Option<(Timer, u64)> = None;
     std::future::poll_fn(|cx| {
         if ra.is_none() && wa.take(cx.waker()) {
             match a.as_mut().poll(&mut Context::from_waker(&waker_a)) {
                 Poll::Ready(Ok(t)) => {
                     if t.is_err() {
-                        deadline = grace.take().map(Timer::after);
+                        deadline = grace.map(|(time, moved)| {
+                            (Timer::after(time), moved.load(Ordering::Relaxed))
+                        });
                     }
                     ra = Some(t);
                 }
@@ -332,9 +342,16 @@ where
                 Poll::Pending => {}
             }
         }
-        if rb.is_none() && deadline.as_mut().is_some_and(|d| d.poll(cx).is_ready()) {
-            if let Some(late) = late.take() {
-                return Poll::Ready(Err(late()));
+        if let (None, Some((timer, seen)), Some((time, moved))) = (&rb, deadline.as_mut(), grace) {
+            let now = moved.load(Ordering::Relaxed);
+            if now != *seen {
+                *seen = now;
+                timer.set_after(time);
+            }
+            if timer.poll(cx).is_ready() {
+                if let Some(late) = late.take() {
+                    return Poll::Ready(Err(late()));
+                }
             }
         }
         match (ra.take(), rb.take()) {
@@ -564,6 +581,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
             async { Ok(2) },
             grace,
+            &AtomicU64::new(0),
             || "late",
         ));
         assert_eq!(done, Err("writer failed"));
@@ -572,6 +590,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
             std::future::pending::<Result<(), &str>>(),
             grace,
+            &AtomicU64::new(0),
             || "late",
         ));
         assert_eq!(stuck, Err("late"));
@@ -580,6 +599,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Ok(1)) },
             async { Ok(2) },
             Duration::ZERO,
+            &AtomicU64::new(0),
             || "late",
         ));
         assert_eq!(both, Ok((1, 2)));
@@ -588,6 +608,7 @@ mod tests {
             async { Err::<Result<u8, &str>, &str>("reader failed") },
             std::future::pending::<Result<(), &str>>(),
             grace,
+            &AtomicU64::new(0),
             || "late",
         ));
         assert_eq!(hard, Err("reader failed"));
