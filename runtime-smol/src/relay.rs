@@ -48,7 +48,8 @@ pub enum Direction {
 ///
 /// A socket that takes no more bytes (its peer closed or reset the connection) fails only
 /// the stream-to-socket direction at first: what the peer sent before it went still goes
-/// the other way, for at most [`LAST_BYTES_TIME`]. An origin that answers an upload it
+/// the other way, as long as it keeps moving (it may stand still for [`LAST_BYTES_TIME`]
+/// at most). An origin that answers an upload it
 /// will not take (a 413) and closes with the upload unread resets the connection, and
 /// its answer must arrive. The socket's end of file then counts as the reset it follows,
 /// never as a clean end.
