@@ -250,30 +250,27 @@ fn a_response_head_is_not_held_back_waiting_for_its_body() {
 /// proxy exactly as curl reports it directly: same exit code, status and body, not a 502.
 /// The answer is already on its way when the upload fails, and must not be discarded with
 /// the failed upload. With `Expect: 100-continue` curl holds the body back instead; that
-/// case must match too. The tunnel keeps working afterwards. The streaming case is timing
-/// dependent, so it runs several times.
+/// case must match too. Through absolute-form HTTP, CONNECT and SOCKS5. The tunnel keeps
+/// working afterwards. The streaming case is timing dependent, so it runs several times.
 #[test]
 fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets() {
     let _wd = watchdog("early_413_to_large_upload", Duration::from_secs(300));
     let t = Tunnel::start();
     let origin = AbruptOrigin::start();
-    let proxy = t.proxy_url();
+    let (proxy, socks) = (t.proxy_url(), t.proxy().to_string());
     let up = t.path("upload.bin");
     write_payload_file(&up, BIG);
     let data = format!("@{}", up.display());
     let url = origin.url("/reject");
 
-    // (exit code, status, body) of one upload, direct or through the proxy, and curl's
-    // stderr. curl 7.x itself loses a race now and then: its send fails on the reset
-    // before it has read the answer (exit 55, directly too). Such a run is repeated;
-    // anything else is the result.
+    // (exit code, status, body) of one upload, direct (`via` empty) or through the proxy
+    // (`via` the curl options that say how), and curl's stderr. curl 7.x itself loses a
+    // race now and then: its send fails on the reset before it has read the answer (exit
+    // 55, directly too). Such a run is repeated; anything else is the result.
     let attempts = std::cell::Cell::new(0);
-    let upload = |via_proxy: bool, no_expect: bool| {
+    let upload = |via: &[&str], no_expect: bool| {
         let body = t.path("reject.body");
-        let mut args = Vec::new();
-        if via_proxy {
-            args.extend(["-x", &proxy]);
-        }
+        let mut args = via.to_vec();
         if no_expect {
             args.extend(["-H", "Expect:"]);
         }
@@ -309,19 +306,26 @@ fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets(
 
     let cases = [("with Expect: 100-continue", false)]
         .into_iter()
-        .chain([("without Expect", true); 5]);
+        .chain([("without Expect", true); 3]);
+    let ways: [&[&str]; 3] = [
+        &["-x", &proxy],
+        &["-p", "-x", &proxy],
+        &["--socks5-hostname", &socks],
+    ];
     for (n, (what, no_expect)) in cases.enumerate() {
-        let (direct, direct_err) = upload(false, no_expect);
+        let (direct, direct_err) = upload(&[], no_expect);
         assert_eq!(
             direct, expected,
             "direct curl {what} (run {n}) should get the 413; stderr: {direct_err}"
         );
-        let (proxied, proxied_err) = upload(true, no_expect);
-        assert_eq!(
-            proxied, direct,
-            "curl through the proxy {what} (run {n}) should get what it gets directly; \
-             stderr: {proxied_err}"
-        );
+        for via in ways {
+            let (proxied, proxied_err) = upload(via, no_expect);
+            assert_eq!(
+                proxied, direct,
+                "curl through the proxy ({via:?}) {what} (run {n}) should get what it gets \
+                 directly; stderr: {proxied_err}"
+            );
+        }
     }
     // The origin really closed with the body unread every time it was streaming (its
     // threads may count the last one just after curl is done).
