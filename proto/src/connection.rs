@@ -816,7 +816,7 @@ impl Connection {
         let s = self
             .streams
             .get(&id)
-            .filter(|s| s.send.reset_after.is_none())
+            .filter(|s| !s.let_go())
             .ok_or(Error::UnknownStream(id))?;
         if s.send.fin != Fin::Open {
             return Err(Error::StreamFinished(id));
@@ -874,7 +874,7 @@ impl Connection {
     fn app_stream_mut(&mut self, id: StreamId) -> Result<&mut StreamState, Error> {
         self.streams
             .get_mut(&id)
-            .filter(|s| s.send.reset_after.is_none())
+            .filter(|s| !s.let_go())
             .ok_or(Error::UnknownStream(id))
     }
 
@@ -1201,7 +1201,7 @@ impl Connection {
                 .streams
                 .iter()
                 .filter(|(id, s)| id.0 > last_stream.0 && s.phase == OpenPhase::Opening)
-                .map(|(id, s)| (*id, s.send.reset_after.is_none()))
+                .map(|(id, s)| (*id, !s.let_go()))
                 .collect();
             for (id, told) in unprocessed {
                 self.remove_stream(id);
@@ -1294,7 +1294,7 @@ impl Connection {
         }
         // A stream the application has reset (its last bytes still going out) hears no
         // more about it.
-        let told = s.send.reset_after.is_none();
+        let told = !s.let_go();
         match result {
             Ok(()) => {
                 s.phase = OpenPhase::Open;
@@ -1354,7 +1354,7 @@ impl Connection {
             );
         }
         s.recv.received += n;
-        if s.send.reset_after.is_some() {
+        if s.let_go() {
             return; // Reset by the application; only its last bytes still go out.
         }
         if !payload.is_empty() {
@@ -1402,7 +1402,7 @@ impl Connection {
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
-        if s.send.reset_after.is_none() {
+        if !s.let_go() {
             let unread = s.recv.chunks.into();
             self.events
                 .push_back(Event::Stream(StreamEvent::Reset { id, code, unread }));

@@ -47,6 +47,12 @@ impl StreamState {
     pub(crate) fn is_done(&self) -> bool {
         self.send.is_done() && self.recv.is_done()
     }
+
+    /// The application has reset the stream after its last bytes and let go of it: it
+    /// hears no more about the stream, and only those bytes still go out.
+    pub(crate) fn let_go(&self) -> bool {
+        self.send.reset_after.is_some()
+    }
 }
 
 /// Something that happened to a stream.
