@@ -57,12 +57,7 @@ impl TunnelStream {
     fn abort(&mut self, code: ErrorCode, after_sent: bool) {
         {
             let mut s = lock(&self.shared);
-            let mut send = s.conn.send_stream(self.id);
-            let _ = if after_sent {
-                send.reset_after_sent(code)
-            } else {
-                send.reset(code)
-            };
+            send_reset(&mut s, self.id, code, after_sent);
             s.slots.remove(&self.id);
             s.wake_driver();
         }
@@ -207,6 +202,17 @@ impl AsyncRead for TunnelStream {
     }
 }
 
+/// Resets stream `id` with `code`, after the bytes written (and a FIN) when `after_sent`.
+/// Ignored when proto already forgot the stream (it ended or was reset).
+fn send_reset(s: &mut crate::driver::Shared, id: StreamId, code: ErrorCode, after_sent: bool) {
+    let mut send = s.conn.send_stream(id);
+    let _ = if after_sent {
+        send.reset_after_sent(code)
+    } else {
+        send.reset(code)
+    };
+}
+
 /// Why a stream that proto no longer knows cannot be used.
 fn gone(s: &crate::driver::Shared, id: StreamId) -> io::Error {
     match s.slots.get(&id).map(|slot| &slot.state) {
@@ -259,14 +265,9 @@ impl Drop for TunnelStream {
         let mut s = lock(&self.shared);
         s.slots.remove(&self.id);
         if !(self.finished && self.eof) && s.closed.is_none() {
-            // Ignored when proto already forgot the stream (it ended or was reset). After
-            // a close, the bytes written still go out, with the FIN, before the reset.
-            let mut send = s.conn.send_stream(self.id);
-            let _ = if self.finished {
-                send.reset_after_sent(ErrorCode::CANCEL)
-            } else {
-                send.reset(ErrorCode::CANCEL)
-            };
+            // After a close, the bytes written still go out, with the FIN, before the
+            // reset.
+            send_reset(&mut s, self.id, ErrorCode::CANCEL, self.finished);
         }
         s.wake_driver();
     }
