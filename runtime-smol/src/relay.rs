@@ -92,12 +92,18 @@ where
         moved.fetch_add(n as u64, Ordering::Relaxed);
         on_bytes(Direction::SocketToStream, n)
     });
-    let result = join_with_grace(to_socket, from_socket, LAST_BYTES_TIME, &moved, || {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the socket's last bytes did not get through in time",
-        )
-    })
+    let result = join_with_grace(
+        to_socket,
+        from_socket,
+        LAST_BYTES_TIME,
+        Some(&moved),
+        || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the socket's last bytes did not get through in time",
+            )
+        },
+    )
     .await;
     if result.is_err() {
         // Ignored when the stream is gone already (the peer reset it).
@@ -271,14 +277,15 @@ where
     B: Future<Output = Result<U, E>>,
 {
     let first = async { a.await.map(Ok) };
-    let (t, u) = join2(first, b, None::<(Duration, &AtomicU64, fn() -> E)>).await?;
+    let (t, u) = join2(first, b, None::<(Duration, Option<&AtomicU64>, fn() -> E)>).await?;
     Ok((t?, u))
 }
 
 /// Like [`try_join2`], except that `first` may fail softly, by returning `Ok(Err(e))`:
-/// then `second` goes on alone as long as it makes progress, that is until `moved` (a
-/// count it raises as it moves bytes) has stood still for `grace`, after which it fails
-/// with `late()`; `e` is returned once it has finished. For a relay direction whose
+/// then `second` goes on alone for `grace`, after which it fails with `late()`; `e` is
+/// returned once it has finished. With `moved` (a count `second` raises as it moves
+/// bytes), the grace starts again whenever the count changes: `second` goes on as long
+/// as it makes progress. For a relay direction whose
 /// writer failed while the other direction still has bytes to pass on: what is left is
 /// finite (a socket's receive buffer, a stream's window), so a slow link gets it all and
 /// a stalled one gives up.
@@ -286,7 +293,7 @@ pub async fn join_with_grace<A, B, T, U, E>(
     first: A,
     second: B,
     grace: Duration,
-    moved: &AtomicU64,
+    moved: Option<&AtomicU64>,
     late: impl FnOnce() -> E,
 ) -> Result<(T, U), E>
 where
@@ -303,7 +310,7 @@ where
 async fn join2<A, B, T, U, E, L>(
     a: A,
     b: B,
-    grace: Option<(Duration, &AtomicU64, L)>,
+    grace: Option<(Duration, Option<&AtomicU64>, L)>,
 ) -> Result<(Result<T, E>, U), E>
 where
     A: Future<Output = Result<Result<T, E>, E>>,
@@ -319,16 +326,15 @@ where
         Some((time, moved, late)) => (Some((time, moved)), Some(late)),
         None => (None, None),
     };
+    let count = |moved: Option<&AtomicU64>| moved.map(|m| m.load(Ordering::Relaxed));
     // The timer, and the count of `b`'s bytes it was last set at.
-    let mut deadline: Option<(Timer, u64)> = None;
+    let mut deadline: Option<(Timer, Option<u64>)> = None;
     std::future::poll_fn(|cx| {
         if ra.is_none() && wa.take(cx.waker()) {
             match a.as_mut().poll(&mut Context::from_waker(&waker_a)) {
                 Poll::Ready(Ok(t)) => {
                     if t.is_err() {
-                        deadline = grace.map(|(time, moved)| {
-                            (Timer::after(time), moved.load(Ordering::Relaxed))
-                        });
+                        deadline = grace.map(|(time, moved)| (Timer::after(time), count(moved)));
                     }
                     ra = Some(t);
                 }
@@ -344,7 +350,7 @@ where
             }
         }
         if let (None, Some((timer, seen)), Some((time, moved))) = (&rb, deadline.as_mut(), grace) {
-            let now = moved.load(Ordering::Relaxed);
+            let now = count(moved);
             if now != *seen {
                 *seen = now;
                 timer.set_after(time);
@@ -582,7 +588,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
             async { Ok(2) },
             grace,
-            &AtomicU64::new(0),
+            None,
             || "late",
         ));
         assert_eq!(done, Err("writer failed"));
@@ -591,7 +597,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Err("writer failed")) },
             std::future::pending::<Result<(), &str>>(),
             grace,
-            &AtomicU64::new(0),
+            None,
             || "late",
         ));
         assert_eq!(stuck, Err("late"));
@@ -600,7 +606,7 @@ mod tests {
             async { Ok::<Result<u8, &str>, &str>(Ok(1)) },
             async { Ok(2) },
             Duration::ZERO,
-            &AtomicU64::new(0),
+            None,
             || "late",
         ));
         assert_eq!(both, Ok((1, 2)));
@@ -609,7 +615,7 @@ mod tests {
             async { Err::<Result<u8, &str>, &str>("reader failed") },
             std::future::pending::<Result<(), &str>>(),
             grace,
-            &AtomicU64::new(0),
+            None,
             || "late",
         ));
         assert_eq!(hard, Err("reader failed"));

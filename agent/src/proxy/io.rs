@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -568,9 +567,8 @@ where
         }
     };
     // A local client takes the last bytes (at most a stream window) at once or not at all:
-    // the time is not moved on by progress.
-    let moved = AtomicU64::new(0);
-    join_with_grace(up, pipe(b_in, a_out), LAST_BYTES_TIME, &moved, || {
+    // a fixed time, not moved on by progress.
+    join_with_grace(up, pipe(b_in, a_out), LAST_BYTES_TIME, None, || {
         CopyError::Write(io::Error::new(
             io::ErrorKind::TimedOut,
             "the stream's last bytes did not reach the client in time",
