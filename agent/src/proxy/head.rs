@@ -2,6 +2,7 @@
 //! explicit size limits, message framing (RFC 9112 §6), and absolute-form targets.
 
 use fluidity_proto::{Host, Target};
+use std::fmt::Write as _;
 
 /// Largest request or response head accepted, request line and headers included.
 pub const MAX_HEAD_LEN: usize = 64 * 1024;
@@ -83,16 +84,14 @@ impl Headers {
     /// Copies a head (`bytes`, its whole text) and the positions of the fields the
     /// parser found in it.
     fn new(bytes: &[u8], parsed: &[httparse::Header<'_>]) -> Result<Headers, HeadError> {
-        let fields = parsed
-            .iter()
-            .map(|h| {
-                Some((
-                    Span::of(bytes, h.name.as_bytes())?,
-                    Span::of(bytes, h.value)?,
-                ))
-            })
-            .collect::<Option<_>>()
-            .ok_or(PARSER_OUTPUT)?;
+        // Sized up front: collecting through `Option` would grow the vector step by step.
+        let mut fields = Vec::with_capacity(parsed.len());
+        for h in parsed {
+            fields.push((
+                Span::of(bytes, h.name.as_bytes()).ok_or(PARSER_OUTPUT)?,
+                Span::of(bytes, h.value).ok_or(PARSER_OUTPUT)?,
+            ));
+        }
         Ok(Headers {
             bytes: bytes.into(),
             fields,
@@ -461,8 +460,7 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
     let Some((scheme, rest)) = s.split_once("://") else {
         return Err(TargetError::OriginForm);
     };
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme != "http" && scheme != "ws" {
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("ws") {
         if scheme.is_empty()
             || !scheme
                 .bytes()
@@ -470,7 +468,7 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
         {
             return Err(TargetError::OriginForm);
         }
-        return Err(TargetError::Scheme(scheme));
+        return Err(TargetError::Scheme(scheme.to_ascii_lowercase()));
     }
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
@@ -502,11 +500,13 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
         },
     };
     let host = Host::parse(host).ok_or(TargetError::Authority)?;
-    let authority = if port == 80 {
-        host.to_string()
-    } else {
-        format!("{host}:{port}")
-    };
+    // One allocation of about the right size: formatting into a new string would grow it
+    // step by step, on every request.
+    let mut host_field = String::with_capacity(authority.len() + 8);
+    let _ = write!(host_field, "{host}");
+    if port != 80 {
+        let _ = write!(host_field, ":{port}");
+    }
     let tail = tail.split('#').next().unwrap_or("");
     let path = if tail.is_empty() {
         "/".to_owned()
@@ -517,7 +517,7 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
     };
     Ok(AbsoluteTarget {
         target: Target::new(host, port),
-        authority,
+        authority: host_field,
         path,
     })
 }

@@ -8,6 +8,7 @@
 //! explicit limits, and are exposed for fuzzing through the `fuzzing` module (built for
 //! fuzzing and tests only).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -178,8 +179,12 @@ async fn dial<D: Dialer>(
     }
 }
 
-/// One printable line, for putting peer-supplied text in an answer or a log.
-fn one_line(s: &str, max: usize) -> String {
+/// One printable line of at most `max` characters, for putting peer-supplied text in an
+/// answer or a log. Borrowed when `s` already is one, as a response's reason usually is.
+fn one_line(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max && !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(max)
@@ -261,6 +266,18 @@ mod tests {
             size < 16 * 1024,
             "the connection's future takes {size} bytes"
         );
+    }
+
+    #[test]
+    fn one_line_borrows_clean_text_and_cleans_the_rest() {
+        assert!(matches!(
+            one_line("Not Found", 200),
+            Cow::Borrowed("Not Found")
+        ));
+        assert_eq!(one_line("a\r\nb\tc", 200), "a  b c");
+        assert_eq!(one_line("abcdef", 3), "abc");
+        assert_eq!(one_line("ééé", 2), "éé");
+        assert_eq!(one_line("", 0), "");
     }
 
     #[test]
