@@ -8,8 +8,9 @@
 //!   that is printed when a test fails, and a [`proc::Watchdog`] that ends a hung test.
 //! - [`tunnel`] starts a server and an agent (or `fluidity local`) and waits until the
 //!   tunnel is ready, never with fixed sleeps.
-//! - [`origin`] holds the origins: HTTP/1.1 (plain and TLS), echo, flood, black hole, and a
-//!   Python WebSocket echo server.
+//! - [`origin`] holds the origins: HTTP/1.1 (plain and TLS), echo, flood, black hole, one
+//!   whose connections end in resets (HTTP and WebSocket), and a Python WebSocket echo
+//!   server.
 //! - [`client`] holds the client side: curl, CONNECT through the proxy, raw HTTP, the
 //!   Python WebSocket client, and the deterministic payloads.
 //!

@@ -12,7 +12,9 @@ use std::time::Duration;
 use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
 use fluidity_tests::e2e::bin::binaries;
-use fluidity_tests::e2e::client::{curl_status, read_all_lossy, LiveStream};
+use fluidity_tests::e2e::client::{
+    curl_status, read_all_lossy, ws_crash_client, LiveStream, WsVia,
+};
 use fluidity_tests::e2e::origin::{
     refused_port, AbruptOrigin, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin,
 };
@@ -393,6 +395,47 @@ fn an_origin_reset_mid_response_fails_the_client_as_it_would_directly() {
         || (origin.resets() == 4).then_some(()),
     );
     assert_tunnel_works(&t, &other, "origins reset mid-response");
+}
+
+/// A WebSocket origin that dies mid-session (its connection reset, no close frame) ends
+/// the client's session through the proxy as it does directly: the Python `websockets`
+/// client reports an abnormal closure caused by a connection reset, through an
+/// absolute-form upgrade and through CONNECT; not a clean close, not an end that looks
+/// like the server hanging up, and not a wait for ever. The tunnel keeps working.
+#[test]
+fn a_websocket_origin_reset_mid_session_fails_the_client_as_it_would_directly() {
+    let _wd = watchdog("websocket_origin_reset", Duration::from_secs(150));
+    let t = Tunnel::start();
+    let origin = AbruptOrigin::start();
+    let other = HttpOrigin::start("after-websocket-crash");
+    let target = origin.addr().to_string();
+    let ended = |via: WsVia| {
+        let (code, stdout, stderr) = ws_crash_client(t.proxy(), &target, via);
+        assert_eq!(
+            code,
+            Some(0),
+            "via {via:?}\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        stdout.lines().last().unwrap_or_default().to_owned()
+    };
+    let direct = ended(WsVia::Direct);
+    assert_eq!(
+        direct, "closed abnormally: no close frame (ConnectionResetError)",
+        "directly"
+    );
+    for via in [WsVia::AbsoluteForm, WsVia::Connect] {
+        assert_eq!(
+            ended(via),
+            direct,
+            "via {via:?}, the session should end as it does directly"
+        );
+    }
+    wait_for(
+        "the origin to have reset all three sessions",
+        Duration::from_secs(30),
+        || (origin.resets() == 3).then_some(()),
+    );
+    assert_tunnel_works(&t, &other, "a WebSocket origin reset mid-session");
 }
 
 /// Uploads to the origin's `/flood-then-reset` through `proxy` (directly when `None`,

@@ -250,6 +250,18 @@ pub enum WsVia {
     /// `CONNECT host:port`, then the ordinary handshake inside (the library's own proxy
     /// support).
     Connect,
+    /// Straight to the origin, without the proxy: what the client sees without it.
+    Direct,
+}
+
+impl WsVia {
+    fn arg(self) -> &'static str {
+        match self {
+            WsVia::AbsoluteForm => "absolute",
+            WsVia::Connect => "connect",
+            WsVia::Direct => "direct",
+        }
+    }
 }
 
 const WS_CLIENT: &str = r#"
@@ -257,7 +269,8 @@ import random, socket, sys
 from websockets.sync.client import connect, ClientConnection
 
 proxy_host, proxy_port, target, via = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-uri = "ws://" + target + "/echo"
+scenario = sys.argv[5]
+uri = "ws://" + target + ("/ws-crash" if scenario == "crash" else "/echo")
 
 class AbsoluteForm(ClientConnection):
     # The library speaks to the origin in origin form; through a forward proxy without
@@ -275,9 +288,33 @@ if via == "absolute":
     sock = socket.create_connection((proxy_host, proxy_port), timeout=30)
     ws = connect(uri, sock=sock, create_connection=AbsoluteForm, max_size=None,
                  compression=None, open_timeout=30)
-else:
+elif via == "connect":
     ws = connect(uri, proxy="http://%s:%d" % (proxy_host, proxy_port), max_size=None,
                  compression=None, open_timeout=30)
+else:
+    ws = connect(uri, proxy=None, max_size=None, compression=None, open_timeout=30)
+
+if scenario == "crash":
+    # The origin echoes, then dies without a close frame when told to.
+    from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+    with ws:
+        ws.send("hello")
+        if ws.recv(timeout=30) != "hello":
+            print("MISMATCH", flush=True)
+            sys.exit(1)
+        ws.send("crash")
+        try:
+            print("MESSAGE", ws.recv(timeout=30), flush=True)
+        except ConnectionClosedOK as e:
+            print("closed cleanly", e.rcvd, flush=True)
+        except ConnectionClosedError as e:
+            # The cause is the socket's error: a reset, or none when the connection ended
+            # with a FIN.
+            print("closed abnormally:", "close frame received" if e.rcvd else "no close frame",
+                  "(%s)" % type(e.__cause__).__name__, flush=True)
+        except TimeoutError:
+            print("TIMEOUT: no message and no close in 30 s", flush=True)
+    sys.exit(0)
 
 # Without compression and with random bytes, every message crosses the tunnel whole.
 rng = random.Random(6455)
@@ -298,16 +335,35 @@ print("ok", len(messages), flush=True)
 /// at `target` (`host:port`): several text and binary messages, up to 1 MiB, each echoed
 /// and compared. Returns (exit code, stdout, stderr).
 pub fn ws_client(proxy: SocketAddr, target: &str, via: WsVia) -> (Option<i32>, String, String) {
-    let mode = match via {
-        WsVia::AbsoluteForm => "absolute",
-        WsVia::Connect => "connect",
-    };
+    run_ws_client(proxy, target, via, "echo")
+}
+
+/// Runs the Python `websockets` client against [`super::origin::AbruptOrigin`]'s
+/// `/ws-crash` at `target`: one message echoed, then `crash`. Its last line of output
+/// says how the session ended: `closed abnormally: no close frame (ConnectionResetError)`
+/// when the connection was reset, `(NoneType)` instead when it ended with a FIN. Returns
+/// (exit code, stdout, stderr).
+pub fn ws_crash_client(
+    proxy: SocketAddr,
+    target: &str,
+    via: WsVia,
+) -> (Option<i32>, String, String) {
+    run_ws_client(proxy, target, via, "crash")
+}
+
+fn run_ws_client(
+    proxy: SocketAddr,
+    target: &str,
+    via: WsVia,
+    scenario: &str,
+) -> (Option<i32>, String, String) {
     let out = Command::new(python())
         .args(["-u", "-c", WS_CLIENT])
         .arg(proxy.ip().to_string())
         .arg(proxy.port().to_string())
         .arg(target)
-        .arg(mode)
+        .arg(via.arg())
+        .arg(scenario)
         .output()
         .expect("running the Python WebSocket client");
     (

@@ -212,6 +212,8 @@ struct Request {
     chunked: bool,
     expect_continue: bool,
     close: bool,
+    /// `Sec-WebSocket-Key`, as sent.
+    websocket_key: Option<String>,
 }
 
 /// Reads one request head; `None` on a clean end of stream before it.
@@ -260,6 +262,7 @@ fn read_head<R: BufRead>(r: &mut R) -> io::Result<Option<Request>> {
         chunked: false,
         expect_continue: false,
         close: req.version == Some(0),
+        websocket_key: None,
     };
     for h in req.headers.iter() {
         let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();
@@ -272,6 +275,9 @@ fn read_head<R: BufRead>(r: &mut R) -> io::Result<Option<Request>> {
             }
             "transfer-encoding" => out.chunked = v.ends_with("chunked"),
             "expect" => out.expect_continue = v == "100-continue",
+            "sec-websocket-key" => {
+                out.websocket_key = Some(String::from_utf8_lossy(h.value).trim().to_owned())
+            }
             "connection" if v.split(',').any(|t| t.trim() == "close") => out.close = true,
             _ => {}
         }
@@ -427,7 +433,10 @@ pub const REJECT_BODY: &str = "rejected before reading the body: too large\n";
 /// - `/flood-then-reset`: reads no body, answers `200 OK` with `Connection: close` and a
 ///   body without end, and once the client has taken none of it for a second, resets the
 ///   connection. A client that sends its whole upload before it reads anything is then
-///   blocked sending when the reset comes.
+///   blocked sending when the reset comes;
+/// - `/ws-crash`: a WebSocket endpoint (RFC 6455) that echoes text and binary messages
+///   until it receives the text `crash`, then resets the connection without a close
+///   frame, as a WebSocket server that crashes mid-session does.
 #[derive(Debug)]
 pub struct AbruptOrigin {
     addr: SocketAddr,
@@ -477,6 +486,9 @@ impl AbruptOrigin {
             conn.write_all(answer.as_bytes())?;
             return Ok(streaming);
         }
+        if req.path == "/ws-crash" {
+            return websocket_until_crash(conn, req.websocket_key.as_deref());
+        }
         if req.path == "/flood-then-reset" {
             conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
             conn.set_write_timeout(Some(Duration::from_secs(1)))?;
@@ -521,6 +533,113 @@ impl Drop for AbruptOrigin {
     fn drop(&mut self) {
         stop_accepting(self.addr, &self.stop);
     }
+}
+
+/// Serves an upgraded WebSocket connection for [`AbruptOrigin`]'s `/ws-crash`; returns
+/// whether the connection was reset. The client waits for the `101` before it sends a
+/// frame, so no frame bytes were read along with the head.
+fn websocket_until_crash(mut conn: TcpStream, key: Option<&str>) -> io::Result<bool> {
+    let Some(key) = key else {
+        respond(
+            &mut conn,
+            "400 Bad Request",
+            b"not a WebSocket handshake\n",
+            true,
+        )?;
+        return Ok(false);
+    };
+    write!(
+        conn,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        websocket_accept(key)
+    )?;
+    loop {
+        let (opcode, payload) = read_ws_frame(&mut conn)?;
+        match opcode {
+            WS_TEXT if payload == b"crash" => {
+                socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+                return Ok(true);
+            }
+            WS_TEXT | WS_BINARY => write_ws_frame(&mut conn, opcode, &payload)?,
+            WS_PING => write_ws_frame(&mut conn, WS_PONG, &payload)?,
+            WS_CLOSE => {
+                write_ws_frame(&mut conn, WS_CLOSE, &payload)?;
+                return Ok(false);
+            }
+            _ => {}
+        }
+    }
+}
+
+const WS_TEXT: u8 = 0x1;
+const WS_BINARY: u8 = 0x2;
+const WS_CLOSE: u8 = 0x8;
+const WS_PING: u8 = 0x9;
+const WS_PONG: u8 = 0xA;
+/// Largest message the test origin takes: its messages are small.
+const WS_MAX_PAYLOAD: u64 = 1 << 20;
+
+/// `Sec-WebSocket-Accept` for a client's key (RFC 6455 §4.2.2).
+fn websocket_accept(key: &str) -> String {
+    use base64::Engine as _;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+}
+
+/// Reads one whole, unfragmented client frame and unmasks it: (opcode, payload).
+fn read_ws_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    r.read_exact(&mut head)?;
+    if head[0] & 0x80 == 0 || head[1] & 0x80 == 0 {
+        return Err(io::Error::other("a fragmented or unmasked client frame"));
+    }
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b)?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    if len > WS_MAX_PAYLOAD {
+        return Err(io::Error::other(
+            "a WebSocket frame larger than the test origin takes",
+        ));
+    }
+    let mut mask = [0u8; 4];
+    r.read_exact(&mut mask)?;
+    let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    r.read_exact(&mut payload)?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+    Ok((head[0] & 0x0f, payload))
+}
+
+/// Writes one unmasked server frame.
+fn write_ws_frame(w: &mut impl Write, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    let mut frame = vec![0x80 | opcode];
+    match u16::try_from(payload.len()) {
+        Ok(n) if n < 126 => frame.push(n as u8),
+        Ok(n) => {
+            frame.push(126);
+            frame.extend_from_slice(&n.to_be_bytes());
+        }
+        Err(_) => {
+            frame.push(127);
+            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    w.write_all(&frame)
 }
 
 /// Echoes every byte back; half-closes when the client does.
