@@ -416,7 +416,11 @@ impl Wake for Branch {
     }
 }
 
-/// Copies from `r` into `stream` until EOF, then finishes the stream (FIN).
+/// Copies from `r` into `stream` until EOF, then finishes the stream (FIN). An EOF after
+/// `socket_failed` was set is not one: the socket's writer failed first, and Linux
+/// reports a reset once, to whichever call sees it first, so the reader sees an end of
+/// file where the connection was reset. The copy then fails without finishing the
+/// stream, so that the peer sees a reset and never a clean end.
 ///
 /// In a bulk transfer (once reads have filled the buffer and grown it), a read that fills
 /// at least half its buffer is handed to the stream as it is, and the buffer is lent out:
@@ -432,14 +436,15 @@ impl Wake for Branch {
 /// batch each span at most three buffers (each at least half full, one of them perhaps
 /// nearly sent), so at worst eight buffers (2 MiB at 256 KiB each), usually two or
 /// three. A reader that stops stops the relay at the stream's credit.
-async fn copy_into_stream<R>(
+async fn copy_into_stream<R, S>(
     mut r: R,
-    stream: &Mutex<TunnelStream>,
+    stream: &Mutex<S>,
     socket_failed: &AtomicBool,
     on_bytes: impl Fn(usize),
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
+    S: WriteBytes + AsyncWrite + Unpin,
 {
     let pool = Pool::default();
     let mut size = RELAY_BUF_MIN;
@@ -479,8 +484,21 @@ where
     }
 }
 
+/// A byte stream that takes shared chunks without a copy.
+trait WriteBytes {
+    /// Takes as much of `data` as it can now, without a copy, and returns how many bytes
+    /// that was; waits while it can take none.
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>>;
+}
+
+impl WriteBytes for TunnelStream {
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        TunnelStream::poll_write_bytes(self, cx, data)
+    }
+}
+
 /// Offers `data` to the stream until it has taken all of it.
-async fn write_all_bytes(stream: &Mutex<TunnelStream>, mut data: Bytes) -> io::Result<()> {
+async fn write_all_bytes<S: WriteBytes>(stream: &Mutex<S>, mut data: Bytes) -> io::Result<()> {
     while !data.is_empty() {
         let n = std::future::poll_fn(|cx| lock(stream).poll_write_bytes(cx, &data)).await?;
         if n == 0 {
@@ -619,6 +637,74 @@ mod tests {
             || "late",
         ));
         assert_eq!(hard, Err("reader failed"));
+    }
+
+    /// A stream end that keeps what it is given and whether it was finished.
+    #[derive(Default)]
+    struct Recorder {
+        got: Vec<u8>,
+        finished: bool,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.got.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.finished = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteBytes for Recorder {
+        fn poll_write_bytes(
+            &mut self,
+            _: &mut Context<'_>,
+            data: &Bytes,
+        ) -> Poll<io::Result<usize>> {
+            self.got.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+    }
+
+    /// The socket's last bytes reach the stream either way; the end of file after them
+    /// finishes the stream, unless the socket's writer had failed: then it is the reset
+    /// Linux reported to the writer, and the stream is left unfinished for the relay to
+    /// reset, so that its peer never takes a broken connection for a clean end.
+    #[test]
+    fn an_end_of_file_after_the_socket_writer_failed_is_a_reset() {
+        for writer_failed in [false, true] {
+            let stream = Mutex::new(Recorder::default());
+            let flag = AtomicBool::new(writer_failed);
+            let socket = futures_lite::io::Cursor::new(b"last bytes".to_vec());
+            let copied = block_on(copy_into_stream(socket, &stream, &flag, |_| {}));
+            let end = lock(&stream);
+            assert_eq!(end.got, b"last bytes", "writer failed: {writer_failed}");
+            if writer_failed {
+                let err = copied.expect_err("an end of file after a failed write");
+                assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+                assert!(
+                    !end.finished,
+                    "the stream was finished as if the socket ended cleanly"
+                );
+            } else {
+                assert_eq!(copied.expect("a clean end"), 10);
+                assert!(
+                    end.finished,
+                    "a clean end of file did not finish the stream"
+                );
+            }
+        }
     }
 
     /// A lent buffer comes back when its last slice is dropped, and is read into again
