@@ -407,6 +407,11 @@ impl LiveStream {
         s
     }
 
+    /// The client's socket (with its 30 s read timeout), for what a test does next.
+    pub fn into_socket(self) -> TcpStream {
+        self.sock
+    }
+
     /// Sends a distinct message and checks that it comes back whole.
     pub fn assert_alive(&mut self, after: &str) {
         self.round += 1;

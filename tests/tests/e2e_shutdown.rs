@@ -1,0 +1,121 @@
+//! A server told to stop (SIGTERM, as ECS and systemd do) drains: it stops taking
+//! agents, tells `/healthz` callers it is going, refuses new streams with an answer the
+//! client can act on, lets open streams finish, and exits once they have, or at its drain
+//! deadline, ending the rest visibly. Real binaries, curl and sockets on 127.0.0.1.
+
+use std::io::Read;
+use std::process::Command;
+use std::time::Duration;
+
+use fluidity_tests::e2e::client::{curl_status, LiveStream};
+use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin};
+use fluidity_tests::e2e::proc::wait_for;
+use fluidity_tests::e2e::tunnel::plain_get;
+use fluidity_tests::e2e::{watchdog, ServerOptions, Tunnel};
+
+/// Sends SIGTERM to `pid`.
+fn terminate(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM {pid}: {status}");
+}
+
+/// A server with this drain deadline.
+fn server_draining_for(secs: u64) -> ServerOptions {
+    ServerOptions {
+        config: Some(format!("drain_secs = {secs}\n")),
+        ..ServerOptions::default()
+    }
+}
+
+/// Waits until the server's `/healthz` says it is draining.
+fn wait_draining(t: &Tunnel) {
+    let health = t.server.health;
+    wait_for(
+        "/healthz to report draining",
+        Duration::from_secs(30),
+        || match plain_get(health, "/healthz") {
+            Ok((503, body)) if body.contains("draining") => Some(()),
+            _ => None,
+        },
+    );
+}
+
+/// Open streams finish after SIGTERM; new requests get an answer at once that says why
+/// and to retry; the server exits cleanly as soon as the last stream has ended, long
+/// before its drain deadline.
+#[test]
+fn sigterm_lets_open_streams_finish_refuses_new_ones_and_exits_when_drained() {
+    let _wd = watchdog("sigterm_drains", Duration::from_secs(120));
+    // A deadline far beyond the test's: an exit proves the drain ended, not the deadline.
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let origin = HttpOrigin::start("before-shutdown");
+    let (status, _) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!(status, 200, "the tunnel works before the shutdown");
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+
+    terminate(t.server.proc.pid());
+    wait_draining(&t);
+    live.assert_alive("the server began to drain");
+
+    // The agent hears the server's goaway and reconnects, which the stopping server
+    // refuses: 503 (the server is shutting down) or 502 (the tunnel is down), each with
+    // its one-line reason and the advice to retry.
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert!(
+        (status == 503 || status == 502)
+            && body.trim_end().lines().count() == 1
+            && body.contains("retry in a moment"),
+        "a new request while the server drains: {status} {body}"
+    );
+    live.assert_alive("a request was refused");
+    assert!(
+        t.server.proc.exited().is_none(),
+        "the server exited with a stream still open"
+    );
+
+    drop(live);
+    let status = wait_for(
+        "the drained server to exit",
+        Duration::from_secs(60),
+        || t.server.proc.exited(),
+    );
+    assert!(status.success(), "the drained server's exit: {status}");
+    let log = t.server.proc.log();
+    assert!(log.contains("draining"), "no drain in the log:\n{log}");
+    assert!(log.contains("stopped"), "no clean stop in the log:\n{log}");
+}
+
+/// A stream still open at the drain deadline is cut, and its client sees a reset: not a
+/// clean end, not a hang. The server exits at the deadline.
+#[test]
+fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
+    let _wd = watchdog("drain_deadline", Duration::from_secs(120));
+    let mut t = Tunnel::with(server_draining_for(2));
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+
+    terminate(t.server.proc.pid());
+    wait_draining(&t);
+    live.assert_alive("the server began to drain");
+    let status = wait_for(
+        "the server to exit at its drain deadline",
+        Duration::from_secs(60),
+        || t.server.proc.exited(),
+    );
+    assert!(
+        status.success(),
+        "the server's exit at the deadline: {status}"
+    );
+    // The client's connection is reset: cut short, it must not look like a clean end
+    // (the agent resets a client connection whose stream broke off), nor wait for ever.
+    let mut sock = live.into_socket();
+    let mut byte = [0u8; 1];
+    match sock.read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the cut stream's client saw {other:?}, not a reset"),
+    }
+}
