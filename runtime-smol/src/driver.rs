@@ -207,6 +207,10 @@ impl Shared {
         while let Some(event) = self.conn.poll() {
             match event {
                 Event::AuthRequested(req) => self.send_event(TunnelEvent::AuthRequested(req)),
+                // A handshake completed by input that also ended the connection (a
+                // server turning the agent away says hello, then goes away at once) is
+                // not reported: a tunnel that never carried a stream was never ready.
+                Event::Ready { .. } if !self.conn.is_ready() => {}
                 Event::Ready { principal } => {
                     self.ready = true;
                     for w in self.ready_wakers.drain(..) {

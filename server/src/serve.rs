@@ -252,6 +252,28 @@ impl Server {
         };
         if self.tunnels().len() >= self.cfg.max_tunnels {
             tracing::warn!(%peer, limit = self.cfg.max_tunnels, "tunnel limit reached; connection refused");
+            // Told why, in the tunnel's own close, the agent can say so; a bare close
+            // would leave its user guessing.
+            let conn = Connection::server(self.proto.clone(), Instant::now());
+            let (tunnel, _events, driver) = fluidity_runtime_smol::start(h.sock, h.tls, conn)?;
+            tunnel.close(
+                ErrorCode::EXCESSIVE_LOAD,
+                &format!(
+                    "the server is at its tunnel limit (max_tunnels = {}); retry later, or \
+                     raise the limit",
+                    self.cfg.max_tunnels
+                ),
+            );
+            // The close needs one driver turn; a peer that never reads gets no more.
+            let limit = self.cfg.tls_handshake_timeout();
+            async {
+                let _ = driver.await;
+            }
+            .or(async {
+                Timer::after(limit).await;
+            })
+            .await;
+            drop(tunnel);
             return Ok(());
         }
         let binding = h.established.channel_binding;

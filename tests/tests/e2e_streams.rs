@@ -1,4 +1,5 @@
-//! Many streams in one tunnel, and a stalled stream that must not hold up the others.
+//! Many streams in one tunnel, a stalled stream that must not hold up the others, and the
+//! server's limits on streams and tunnels.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -6,11 +7,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use fluidity_tests::e2e::client::{
-    connect_via, parse_status, payload_sha256, read_head_bytewise, seeded_payload, Sha256,
+    connect_via, curl_status, parse_status, payload_sha256, read_head_bytewise, seeded_payload,
+    Sha256,
 };
 use fluidity_tests::e2e::origin::{EchoOrigin, FloodOrigin, HttpOrigin};
 use fluidity_tests::e2e::proc::wait_for;
-use fluidity_tests::e2e::{curl, watchdog, AgentOptions, Tunnel};
+use fluidity_tests::e2e::{curl, watchdog, Agent, AgentOptions, ServerOptions, Tunnel};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -301,6 +303,54 @@ fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_giv
     assert_eq!(
         idle.get(&origin.url("/hello")),
         (200, "hello from kept\n".into())
+    );
+}
+
+/// An agent beyond the server's tunnel limit is turned away with the reason, which its
+/// clients get in their answer; it never reports a tunnel ready. The agent within the
+/// limit keeps working.
+#[test]
+fn an_agent_beyond_the_tunnel_limit_is_told_why_and_the_others_keep_working() {
+    let _wd = watchdog("tunnel_limit", Duration::from_secs(120));
+    let t = Tunnel::with(ServerOptions {
+        config: Some("max_tunnels = 1\n".into()),
+        ..Default::default()
+    });
+    let origin = HttpOrigin::start("within-limit");
+    let opts = AgentOptions {
+        name: "fluidity-extra".into(),
+        ..Default::default()
+    };
+    let mut extra = Agent::spawn(&t.certs, t.server.listen, &opts, t.dir.path());
+    let reason = "tunnel limit (max_tunnels = 1)";
+    assert!(
+        extra
+            .proc
+            .wait_log(Duration::from_secs(30), |l| l.contains(reason)),
+        "the extra agent was not told why:\n{}",
+        extra.proc.log()
+    );
+    let listen = extra.listen;
+    wait_for(
+        "the extra agent's proxy port",
+        Duration::from_secs(30),
+        || std::net::TcpStream::connect(listen).ok(),
+    );
+    let (status, body) = curl_status(&extra.proxy_url(), &origin.url("/hello"));
+    assert!(
+        status == 502 && body.contains(reason) && body.contains("retry"),
+        "through the agent beyond the limit: {status} {body}"
+    );
+    assert!(
+        !extra.proc.log().contains("tunnel ready"),
+        "the agent turned away reported a tunnel ready:\n{}",
+        extra.proc.log()
+    );
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from within-limit\n"),
+        "the agent within the limit"
     );
 }
 

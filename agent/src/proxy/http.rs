@@ -183,7 +183,7 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
             format!(
                 "fluidity: cannot reach {target}: the tunnel to the fluidity server is down ({}); \
                  the agent reconnects on its own, retry in a moment",
-                one_line(why, 200)
+                one_line(why, 300)
             ),
         ),
         DialError::Refused(r) => {
