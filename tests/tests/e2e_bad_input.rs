@@ -16,7 +16,7 @@ use fluidity_tests::e2e::client::{
     curl_status, read_all_lossy, ws_crash_client, LiveStream, WsVia,
 };
 use fluidity_tests::e2e::origin::{
-    refused_port, AbruptOrigin, BlackHole, EchoOrigin, HttpOrigin, TlsOrigin,
+    refused_port, AbruptOrigin, BlackHole, EchoOrigin, HttpOrigin, SilentOrigin, TlsOrigin,
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::{watchdog, Server, ServerOptions, Tunnel};
@@ -436,6 +436,83 @@ fn a_websocket_origin_reset_mid_session_fails_the_client_as_it_would_directly() 
         || (origin.resets() == 3).then_some(()),
     );
     assert_tunnel_works(&t, &other, "a WebSocket origin reset mid-session");
+}
+
+/// A client that goes away before its answer releases its stream and the origin
+/// connection behind it, even when the origin never answers: at once when the client
+/// closes, and after a few silent seconds when it only closes its sending side (it may
+/// still be reading, as a half-closed client whose origin answers does, and gets the
+/// whole answer). Abandoned requests to a stalled origin would otherwise pile up until
+/// the tunnel's stream limit stopped every other client.
+#[test]
+fn a_client_that_leaves_before_its_answer_releases_the_stream_and_the_origin() {
+    let _wd = watchdog("client_leaves_early", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let silent = SilentOrigin::start();
+    let answers = HttpOrigin::start("answers");
+    let proxy = t.proxy();
+    let get = |url: &str| format!("GET {url} HTTP/1.1\r\nHost: origin\r\n\r\n");
+    let send = |url: &str| {
+        let mut s = TcpStream::connect(proxy).expect("connecting to the proxy");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        s.write_all(get(url).as_bytes()).expect("the request");
+        s
+    };
+
+    // Closed while waiting: released.
+    for i in 1..=3 {
+        let s = send(&silent.url("/never"));
+        wait_for(
+            "the request to reach the origin",
+            Duration::from_secs(30),
+            || (silent.accepted() == i).then_some(()),
+        );
+        drop(s);
+    }
+    wait_for(
+        "the three origin connections to be released",
+        Duration::from_secs(30),
+        || (silent.released() == 3).then_some(()),
+    );
+    wait_for("the streams to close", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
+    });
+
+    // Half-closed, and the origin answers: the whole answer arrives.
+    let mut s = send(&answers.url("/hello"));
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let answer = read_all_lossy(&mut s);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("hello from answers\n"),
+        "a half-closed client: {answer}"
+    );
+
+    // Half-closed, and the origin stays silent: released, and the client told so.
+    let mut s = send(&silent.url("/never"));
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    wait_for(
+        "the silent origin's connection to be released",
+        Duration::from_secs(30),
+        || (silent.released() == 4).then_some(()),
+    );
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            panic!("the half-closed client still waits: {e}")
+        }
+        _ => {}
+    }
+    wait_for("the streams to close", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
+    });
+    assert_tunnel_works(&t, &answers, "clients left before their answers");
 }
 
 /// Uploads to the origin's `/flood-then-reset` through `proxy` (directly when `None`,

@@ -8,8 +8,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use fluidity_proto::{RefusalReason, Target};
 use fluidity_runtime_smol::relay::{ReadChunks, LAST_BYTES_TIME};
@@ -609,40 +609,72 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Atomic only so that the future stays Send; both users run in this one task.
+    // Atomic only so that the future stays Send; all users run in this one task.
     let started = AtomicBool::new(false);
+    // The request's body length once it has all been sent.
+    let body_sent = AtomicU64::new(u64::MAX);
+    // Bytes written to the client so far, to tell a response that still moves.
+    let moved = AtomicU64::new(0);
     let mut sent: Option<Result<u64, CopyError>> = None;
     // Once the stream takes no more of the request (the server reset it), the response
     // gets what is left of a bounded time: the client may be blocked sending the body we
-    // no longer read, and not read the response until it has sent it.
-    let mut deadline: Option<async_io::Timer> = None;
+    // no longer read, and not read the response until it has sent it. Once the client
+    // has closed its side, the response gets as long as it keeps moving.
+    let mut deadline: Option<(async_io::Timer, Option<u64>)> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let result = {
-        let mut send = pin!(send_request(head_bytes, ctx.framing, cin, &mut uw));
-        let mut recv = pin!(relay_response(ctx, &mut uin, cw, &started));
+        let mut send = pin!(async {
+            let n = send_request(head_bytes, ctx.framing, cin, &mut uw).await?;
+            body_sent.store(n, Ordering::Relaxed);
+            // Then the client is watched: one that goes away abandons the request, and
+            // must not leave its stream waiting for an origin that may never answer.
+            watch_client(cin).await
+        });
+        let mut counted = Counted { w: cw, n: &moved };
+        let mut recv = pin!(relay_response(ctx, &mut uin, &mut counted, &started));
         futures_lite::future::poll_fn(|cx| {
             if sent.is_none() {
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                    let client_failed = matches!(
-                        r,
-                        Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_))
-                    );
-                    if matches!(r, Err(CopyError::Write(_))) {
-                        deadline = Some(async_io::Timer::after(LAST_BYTES_TIME));
+                    let body_done = body_sent.load(Ordering::Relaxed) != u64::MAX;
+                    match &r {
+                        // It closed its side: it may still read (a half-close), so the
+                        // answer gets its time.
+                        Err(CopyError::Eof) if body_done => {
+                            let at = moved.load(Ordering::Relaxed);
+                            deadline = Some((async_io::Timer::after(LAST_BYTES_TIME), Some(at)));
+                        }
+                        Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_)) => {
+                            sent = Some(r);
+                            return Poll::Ready(None);
+                        }
+                        Err(CopyError::Write(_)) => {
+                            deadline = Some((async_io::Timer::after(LAST_BYTES_TIME), None));
+                        }
+                        Ok(_) => {}
                     }
                     sent = Some(r);
-                    if client_failed {
-                        return Poll::Ready(None);
-                    }
                 }
             }
-            if deadline.as_mut().is_some_and(|t| t.poll(cx).is_ready()) {
-                return Poll::Ready(Some(Err(ExchangeError::Aborted)));
+            if let Some((timer, seen)) = deadline.as_mut() {
+                let now = moved.load(Ordering::Relaxed);
+                if seen.is_some_and(|at| at != now) {
+                    *seen = Some(now);
+                    timer.set_after(LAST_BYTES_TIME);
+                }
+                if timer.poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(ExchangeError::Aborted)));
+                }
             }
             recv.as_mut().poll(cx).map(Some)
         })
         .await
     };
+    // The body went out whole even when the client left after it.
+    if matches!(sent, Some(Err(CopyError::Eof)) | None)
+        && body_sent.load(Ordering::Relaxed) != u64::MAX
+    {
+        sent = Some(Ok(body_sent.load(Ordering::Relaxed)));
+    }
     let up_bytes = match &sent {
         Some(Ok(n)) => *n,
         _ => 0,
@@ -674,6 +706,75 @@ where
         outcome.end = End::Aborted;
     }
     Ok(outcome)
+}
+
+/// Once a request has been sent, waits while its client stays connected: returns
+/// `Err(CopyError::Eof)` when the client closes its side and `Err(CopyError::Read(_))`
+/// when its connection fails. What the client sends meanwhile (a pipelined request) stays
+/// buffered for later; once [`WATCH_LIMIT`] bytes wait there, it stops reading and only
+/// waits.
+async fn watch_client<R: AsyncRead + Unpin>(cin: &mut Inbound<R>) -> Result<u64, CopyError> {
+    while cin.buffered().len() < WATCH_LIMIT {
+        match cin.fill().await {
+            Ok(0) => return Err(CopyError::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(CopyError::Read(e)),
+        }
+    }
+    std::future::pending().await
+}
+
+/// How much of a client's next requests [`watch_client`] reads ahead: the client
+/// connection's first buffer, so that a pipelining client costs no more memory.
+const WATCH_LIMIT: usize = 4096;
+
+/// A writer that counts what it has written, to tell a response that still moves.
+struct Counted<'a, W> {
+    w: &'a mut W,
+    n: &'a AtomicU64,
+}
+
+impl<W: AsyncWrite + Unpin> Counted<'_, W> {
+    fn count(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            self.n.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.w).poll_write(cx, buf);
+        self.count(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.w).poll_write_vectored(cx, bufs);
+        self.count(r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.w).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.w).poll_close(cx)
+    }
 }
 
 async fn send_request<R, W>(

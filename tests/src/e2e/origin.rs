@@ -1,5 +1,5 @@
 //! Origin servers on 127.0.0.1, on std threads: HTTP/1.1 (plain and TLS), echo, flood,
-//! black hole, and a Python WebSocket echo server.
+//! silent, black hole, and a Python WebSocket echo server.
 //!
 //! The HTTP origin understands just enough HTTP/1.1 for the tests, with explicit limits:
 //! - `GET /hello`: `hello from NAME`;
@@ -756,6 +756,61 @@ impl FloodOrigin {
 }
 
 impl Drop for FloodOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// An origin that takes requests and never answers them, as a stalled backend or a long
+/// poll does; it notes each connection that the proxy side closes or resets.
+#[derive(Debug)]
+pub struct SilentOrigin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    released: Arc<AtomicUsize>,
+}
+
+impl SilentOrigin {
+    /// Starts the origin.
+    pub fn start() -> SilentOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let released = Arc::new(AtomicUsize::new(0));
+        let counted = released.clone();
+        accept_loop(listener, stop.clone(), accepted.clone(), move |mut conn| {
+            // Whatever arrives is read and ignored until the other side goes away.
+            let mut sink = [0u8; 4096];
+            while conn.read(&mut sink).is_ok_and(|n| n > 0) {}
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        SilentOrigin {
+            addr,
+            stop,
+            accepted,
+            released,
+        }
+    }
+
+    /// The URL of `path` on this origin.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections the other side has closed or reset so far.
+    pub fn released(&self) -> usize {
+        self.released.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentOrigin {
     fn drop(&mut self) {
         stop_accepting(self.addr, &self.stop);
     }
