@@ -420,6 +420,32 @@ fn refusals_become_honest_statuses() {
         let text = stdout(&out);
         assert!(text.ends_with("\n502") && text.contains("tunnel"), "{text}");
 
+        // No stream in time: 504, and the answer says what the wait was for, not that the
+        // origin did not answer.
+        let stuck = StuckDialer;
+        let proxy = start_proxy(
+            stuck,
+            ProxyConfig {
+                dial_timeout: std::time::Duration::from_millis(200),
+                ..cfg()
+            },
+        )
+        .await;
+        let out = curl(&[
+            "-w",
+            "\n%{http_code}",
+            "-x",
+            &proxy.url(),
+            "http://a.example/",
+        ])
+        .await;
+        let text = stdout(&out);
+        assert!(
+            text.ends_with("\n504") && text.contains("no stream to a.example:80 within 200ms"),
+            "{text}"
+        );
+        assert!(text.contains("max_streams"), "{text}");
+
         // A real refused connection through the direct dialer.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = closed.local_addr().unwrap().port();

@@ -186,6 +186,14 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
                 one_line(why, 300)
             ),
         ),
+        DialError::NoStream(waited) => (
+            504,
+            format!(
+                "fluidity: no stream to {target} within {waited:?}: the tunnel's streams all \
+                 stayed in use (the server's max_streams), or the tunnel gave no answer; \
+                 retry later, or raise max_streams"
+            ),
+        ),
         DialError::Refused(r) => {
             let (status, advice) = match r.reason {
                 RefusalReason::NoSuchHost => (502, "check the host name"),

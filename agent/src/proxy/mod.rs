@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::time::Duration;
 
-use fluidity_proto::{OpenRefusal, RefusalReason, Target};
+use fluidity_proto::{OpenRefusal, Target};
 use fluidity_runtime_smol::relay::ReadChunks;
 use futures_io::{AsyncRead, AsyncWrite};
 
@@ -65,6 +65,10 @@ pub enum DialError {
     /// There is no working tunnel to the server right now; the text says why.
     #[error("the tunnel is down: {0}")]
     TunnelDown(String),
+    /// No stream came within the dial timeout: the tunnel's streams all stayed in use,
+    /// or the tunnel gave no answer.
+    #[error("no stream within {0:?}")]
+    NoStream(Duration),
 }
 
 /// Username and password that proxy clients must present.
@@ -168,14 +172,7 @@ async fn dial<D: Dialer>(
     let open = Box::pin(dialer.open(target.clone()));
     match io::timeout(cfg.dial_timeout, open).await {
         Some(r) => r,
-        None => Err(DialError::Refused(OpenRefusal::new(
-            RefusalReason::TimedOut,
-            format!(
-                "no stream within {:?}: the tunnel gave no answer, or all the streams the \
-                 server allows stayed in use (its max_streams setting)",
-                cfg.dial_timeout
-            ),
-        ))),
+        None => Err(DialError::NoStream(cfg.dial_timeout)),
     }
 }
 

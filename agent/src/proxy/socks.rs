@@ -179,6 +179,7 @@ where
             let code = match &e {
                 DialError::Refused(r) => socks5::reply_for_refusal(r.reason),
                 DialError::TunnelDown(_) => reply::GENERAL_FAILURE,
+                DialError::NoStream(_) => reply::TTL_EXPIRED,
             };
             tracing::info!(%peer, proto = "socks5", %target, reply = code, error = %e, "connect refused");
             w.write_all(&socks5::reply(code)).await?;

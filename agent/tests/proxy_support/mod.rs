@@ -131,6 +131,17 @@ impl Dialer for RefusingDialer {
     }
 }
 
+/// A dialer whose opens never complete, as when the tunnel's streams all stay in use.
+pub struct StuckDialer;
+
+impl Dialer for StuckDialer {
+    type Stream = DirectStream;
+
+    async fn open(&self, _target: Target) -> Result<DirectStream, DialError> {
+        std::future::pending().await
+    }
+}
+
 /// A proxy serving on 127.0.0.1 until dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
