@@ -7,7 +7,9 @@ use std::time::Duration;
 use fluidity_tests::e2e::client::{
     curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
 };
-use fluidity_tests::e2e::origin::{AbruptOrigin, HttpOrigin, TlsOrigin, WsOrigin, REJECT_BODY};
+use fluidity_tests::e2e::origin::{
+    AbruptOrigin, HttpOrigin, TlsOrigin, WsOrigin, EARLY_BODY, EXPECT_FAILED_BODY, REJECT_BODY,
+};
 use fluidity_tests::e2e::proc::wait_for;
 use fluidity_tests::e2e::{curl, watchdog, AgentOptions, ServerOptions, Tunnel};
 
@@ -243,6 +245,91 @@ fn a_response_head_is_not_held_back_waiting_for_its_body() {
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-length: 1000"), "{head}");
+}
+
+/// An origin may answer before it has read a request's body (RFC 9110 allows it), then
+/// read the body. A client that sends its whole body before it reads gets the answer and
+/// gets its whole body taken through the proxy, as directly; since the proxy cannot
+/// promise a next message on that connection, its answer says `Connection: close`. And
+/// an origin that refuses `Expect: 100-continue` with a `417` gives curl the same status
+/// and exit code through the proxy as directly.
+#[test]
+fn answers_before_the_request_body_reach_the_client_as_they_do_directly() {
+    use std::io::{Read, Write};
+    let _wd = watchdog("answers_before_the_body", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("early");
+    let body = vec![b'b'; 20 * MIB as usize];
+    for proxied in [false, true] {
+        let (addr, target) = if proxied {
+            (t.proxy(), origin.url("/early"))
+        } else {
+            (origin.addr(), "/early".to_owned())
+        };
+        let mut s = std::net::TcpStream::connect(addr).expect("connecting");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            origin.addr(),
+            body.len()
+        )
+        .expect("the request head");
+        s.write_all(&body).unwrap_or_else(|e| {
+            panic!("the upload broke off (proxied: {proxied}): {e}");
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let text = loop {
+            let n = s.read(&mut buf).expect("reading the answer");
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            if n == 0 || text.ends_with(EARLY_BODY) {
+                break text;
+            }
+        };
+        assert!(
+            text.starts_with("HTTP/1.1 200 ") && text.ends_with(EARLY_BODY),
+            "proxied: {proxied}: {text}"
+        );
+        if proxied {
+            assert!(
+                text.contains("\r\nConnection: close\r\n"),
+                "an answer before the whole body promised a next message: {text}"
+            );
+        }
+    }
+
+    let up = t.path("expect.bin");
+    write_payload_file(&up, MIB);
+    let data = format!("@{}", up.display());
+    let url = origin.url("/expect-fails");
+    let post = |via: &[&str]| {
+        let mut args = via.to_vec();
+        args.extend([
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &data,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        let out = curl(&args);
+        ((out.code, out.text()), out.stderr)
+    };
+    let (direct, direct_err) = post(&[]);
+    assert_eq!(
+        direct,
+        (Some(0), format!("{EXPECT_FAILED_BODY}\n417")),
+        "directly: {direct_err}"
+    );
+    let proxy = t.proxy_url();
+    let (proxied, proxied_err) = post(&["-x", &proxy]);
+    assert_eq!(proxied, direct, "through the proxy: {proxied_err}");
 }
 
 /// An origin that answers a 50 MiB upload `413` as soon as it has the head and closes

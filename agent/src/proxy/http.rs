@@ -621,59 +621,97 @@ where
     let started = AtomicBool::new(false);
     // The request's body length once it has all been sent.
     let body_sent = AtomicU64::new(u64::MAX);
-    // Bytes written to the client so far, to tell a response that still moves.
-    let moved = AtomicU64::new(0);
+    // Bytes written to the client and to the origin so far, to tell what still moves.
+    let (moved, body_moved) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut sent: Option<Result<u64, CopyError>> = None;
-    // Once the stream takes no more of the request (the server reset it), the response
-    // gets what is left of a bounded time: the client may be blocked sending the body we
-    // no longer read, and not read the response until it has sent it. Once the client
-    // has closed its side, the response gets as long as it keeps moving.
-    let mut deadline: Option<(async_io::Timer, Option<u64>)> = None;
+    // A complete answer that came before the whole request body: the body still goes to
+    // the origin (it may read it, as it would from the client directly) while it moves.
+    let mut answered: Option<Outcome> = None;
+    // Bounds on waiting, each with the count whose progress moves it on (or none):
+    // - the stream takes no more of the request (the server reset it): the answer gets a
+    //   bounded time, since the client may be blocked sending the body we no longer read,
+    //   and not read the answer until it has sent it;
+    // - the client has closed its side: the answer gets as long as it keeps moving;
+    // - the answer is complete and the body is not: the body, as long as it moves.
+    type Deadline<'a> = Option<(async_io::Timer, Option<(&'a AtomicU64, u64)>)>;
+    fn arm(count: Option<&AtomicU64>) -> Deadline<'_> {
+        let progress = count.map(|c| (c, c.load(Ordering::Relaxed)));
+        Some((async_io::Timer::after(LAST_BYTES_TIME), progress))
+    }
+    let mut deadline: Deadline<'_> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let result = {
         let mut send = pin!(async {
-            let n = send_request(head_bytes, ctx.framing, cin, &mut uw).await?;
+            let mut counted = Counted {
+                w: &mut uw,
+                n: &body_moved,
+            };
+            let n = send_request(head_bytes, ctx.framing, cin, &mut counted).await?;
             body_sent.store(n, Ordering::Relaxed);
             // Then the client is watched: one that goes away abandons the request, and
             // must not leave its stream waiting for an origin that may never answer.
             watch_client(cin).await
         });
         let mut counted = Counted { w: cw, n: &moved };
-        let mut recv = pin!(relay_response(ctx, &mut uin, &mut counted, &started));
+        let mut recv = pin!(relay_response(
+            ctx,
+            &mut uin,
+            &mut counted,
+            &started,
+            &body_sent
+        ));
         futures_lite::future::poll_fn(|cx| {
+            let body_done = || body_sent.load(Ordering::Relaxed) != u64::MAX;
             if sent.is_none() {
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
-                    let body_done = body_sent.load(Ordering::Relaxed) != u64::MAX;
                     match &r {
+                        // The answer is complete: however the body ended, so does this.
+                        _ if answered.is_some() => {}
                         // It closed its side: it may still read (a half-close), so the
                         // answer gets its time.
-                        Err(CopyError::Eof) if body_done => {
-                            let at = moved.load(Ordering::Relaxed);
-                            deadline = Some((async_io::Timer::after(LAST_BYTES_TIME), Some(at)));
-                        }
+                        Err(CopyError::Eof) if body_done() => deadline = arm(Some(&moved)),
                         Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_)) => {
                             sent = Some(r);
                             return Poll::Ready(None);
                         }
-                        Err(CopyError::Write(_)) => {
-                            deadline = Some((async_io::Timer::after(LAST_BYTES_TIME), None));
-                        }
+                        Err(CopyError::Write(_)) => deadline = arm(None),
                         Ok(_) => {}
                     }
                     sent = Some(r);
                 }
             }
-            if let Some((timer, seen)) = deadline.as_mut() {
-                let now = moved.load(Ordering::Relaxed);
-                if seen.is_some_and(|at| at != now) {
-                    *seen = Some(now);
-                    timer.set_after(LAST_BYTES_TIME);
-                }
-                if timer.poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(ExchangeError::Aborted)));
+            if answered.is_some() && (body_done() || sent.is_some()) {
+                return Poll::Ready(answered.take().map(Ok));
+            }
+            if answered.is_none() {
+                match recv.as_mut().poll(cx) {
+                    Poll::Ready(Ok(o))
+                        if !body_done()
+                            && sent.is_none()
+                            && matches!(o.end, End::Delimited { .. }) =>
+                    {
+                        answered = Some(o);
+                        deadline = arm(Some(&body_moved));
+                    }
+                    Poll::Ready(r) => return Poll::Ready(Some(r)),
+                    Poll::Pending => {}
                 }
             }
-            recv.as_mut().poll(cx).map(Some)
+            if let Some((timer, progress)) = deadline.as_mut() {
+                if let Some((count, seen)) = progress {
+                    let now = count.load(Ordering::Relaxed);
+                    if now != *seen {
+                        *seen = now;
+                        timer.set_after(LAST_BYTES_TIME);
+                    }
+                }
+                if timer.poll(cx).is_ready() {
+                    // A complete answer stands; the body that stopped moving is dropped
+                    // with the connection.
+                    return Poll::Ready(Some(answered.take().ok_or(ExchangeError::Aborted)));
+                }
+            }
+            Poll::Pending
         })
         .await
     };
@@ -808,11 +846,14 @@ where
     }
 }
 
+/// Relays the origin's answer: interim responses, then the final one. `body_sent` is
+/// the request body's length once all of it has gone to the origin (`u64::MAX` before).
 async fn relay_response<U, W>(
     ctx: &Exchange<'_>,
     uin: &mut U,
     cw: &mut W,
     started: &AtomicBool,
+    body_sent: &AtomicU64,
 ) -> Result<Outcome, ExchangeError>
 where
     U: Source,
@@ -865,7 +906,11 @@ where
         }
         let framing = head::response_framing(ctx.method, &resp)
             .map_err(|why| ExchangeError::BadResponse(why.into()))?;
-        let close = ctx.client_close || framing == Framing::UntilClose;
+        // An answer before the whole request body cannot promise the connection a next
+        // message (RFC 9110 §9.3.1 asks the server to say whether it will close): the body
+        // may yet fail or stop, and the client is told now.
+        let early = body_sent.load(Ordering::Relaxed) == u64::MAX;
+        let close = ctx.client_close || framing == Framing::UntilClose || early;
         let upstream_keep =
             !close && resp.minor_version == 1 && !resp.headers.has_token("connection", "close");
         let mut bytes = client_response(&resp, false, close);

@@ -8,6 +8,10 @@
 //!   `Expect: 100-continue`) and answers the body's SHA-256 in hex;
 //! - `GET /hang/N/M`: announces Content-Length M, sends the first N bytes of the payload,
 //!   then waits for the client to go away (a transfer that can only end in an error);
+//! - `POST /early`: answers `200` with [`EARLY_BODY`] at once, then reads the body to its
+//!   end (an answer before the request's body, which RFC 9110 allows);
+//! - `POST /expect-fails`: answers `417 Expectation Failed` with `Connection: close`
+//!   before any body, and closes;
 //! - keep-alive unless the client sends `Connection: close`.
 //!
 //! [`AbruptOrigin`] ends its connections the way servers do when things go wrong: an
@@ -409,6 +413,27 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
                 }
                 respond(conn.get_mut(), "200 OK", sha.hex().as_bytes(), close)?;
             }
+            ("POST", ["early"]) => {
+                // The answer first, then the body, read to its end: the connection stays
+                // at a message boundary for the next request.
+                respond(conn.get_mut(), "200 OK", EARLY_BODY.as_bytes(), close)?;
+                let mut sha = Sha256::new();
+                if req.chunked {
+                    read_body_chunked(&mut conn, &mut sha)?;
+                } else {
+                    read_body_exact(&mut conn, req.content_length.unwrap_or(0), &mut sha)?;
+                }
+            }
+            ("POST", ["expect-fails"]) => {
+                // Refuses the expectation and closes, as the body is not wanted.
+                write!(
+                    conn.get_mut(),
+                    "HTTP/1.1 417 Expectation Failed\r\nConnection: close\r\n\
+                     Content-Length: {}\r\n\r\n{EXPECT_FAILED_BODY}",
+                    EXPECT_FAILED_BODY.len()
+                )?;
+                break;
+            }
             _ => respond(conn.get_mut(), "404 Not Found", b"no such route\n", close)?,
         }
         if close {
@@ -417,6 +442,12 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The body of [`HttpOrigin`]'s answer to `POST /early`.
+pub const EARLY_BODY: &str = "accepted before the body\n";
+
+/// The body of [`HttpOrigin`]'s `417` to `POST /expect-fails`.
+pub const EXPECT_FAILED_BODY: &str = "expectation failed\n";
 
 /// The body of [`AbruptOrigin`]'s `413`.
 pub const REJECT_BODY: &str = "rejected before reading the body: too large\n";
