@@ -246,7 +246,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
         buf,
         &mut headers,
     );
-    let Some(len) = complete_len(parsed, buf.len())? else {
+    let Some(len) = complete_len(parsed, buf)? else {
         return Ok(None);
     };
     let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
@@ -275,12 +275,12 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut headers,
-    );
-    let Some(len) = complete_len(parsed, buf.len())? else {
+    // A proxy must take whitespace between a response field's name and its colon out
+    // rather than fail the response (RFC 9112 §5.1); the rebuilt head has none.
+    let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut headers);
+    let Some(len) = complete_len(parsed, buf)? else {
         return Ok(None);
     };
     let (Some(minor_version), Some(status)) = (resp.version, resp.code) else {
@@ -304,17 +304,31 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
 
 /// The length of a complete head, `None` while more bytes are needed, with the size
 /// limit applied to both (`buffered` is how many bytes the parser was given).
-fn complete_len(
-    parsed: httparse::Result<usize>,
-    buffered: usize,
-) -> Result<Option<usize>, HeadError> {
+fn complete_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    let buffered = buf.len();
     match parsed {
         Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_LEN => Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
         Ok(httparse::Status::Partial) if buffered > MAX_HEAD_LEN => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::HeaderName) if folded(buf) => Err(HeadError::Malformed(
+            "obsolete line folding (a header line that starts with a space or tab)",
+        )),
         Err(e) => Err(map_err(e)),
     }
+}
+
+/// Whether a header line in `buf` (within the head size limit) starts with a space or a
+/// tab: obsolete line folding (RFC 9112 §5.2), refused with its own reason.
+fn folded(buf: &[u8]) -> bool {
+    let head = &buf[..buf.len().min(MAX_HEAD_LEN)];
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(head.len());
+    head[..end]
+        .windows(3)
+        .any(|w| w == b"\r\n " || w == b"\r\n\t")
 }
 
 /// How the body of a message is delimited (RFC 9112 §6).
@@ -419,6 +433,9 @@ pub struct AbsoluteTarget {
     pub authority: String,
     /// Origin-form path and query, never empty (at least `/`).
     pub path: String,
+    /// Whether the URL had neither path nor query (`http://host[:port]`): an `OPTIONS`
+    /// for it asks about the server as a whole, `OPTIONS *` (RFC 9112 §3.2.4).
+    pub bare: bool,
 }
 
 /// Why a request target cannot be proxied; the text is shown to the user.
@@ -519,6 +536,7 @@ pub fn parse_absolute_target(s: &str) -> Result<AbsoluteTarget, TargetError> {
         target: Target::new(host, port),
         authority: host_field,
         path,
+        bare: tail.is_empty(),
     })
 }
 
@@ -579,6 +597,27 @@ mod tests {
         assert_eq!(Span::of(head, b"elsewhere"), None);
         assert_eq!(Span::of(&head[4..], &head[..3]), None);
         assert_eq!(Span::of(&head[..8], &head[4..12]), None);
+    }
+
+    #[test]
+    fn a_response_field_with_space_before_its_colon_is_taken_and_folding_is_named() {
+        let (head, _) = parse_response_head(b"HTTP/1.1 200 OK\r\nX-Bad : v\r\nA: b\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let fields: Vec<_> = head.headers.iter().map(|h| (h.name, h.value)).collect();
+        assert_eq!(fields, [(&b"X-Bad"[..], &b"v"[..]), (b"A", b"b")]);
+        let folded = parse_response_head(b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\n\r\n");
+        assert!(
+            matches!(folded, Err(HeadError::Malformed(why)) if why.contains("line folding")),
+            "{folded:?}"
+        );
+        let folded = parse_request_head(b"GET http://a/ HTTP/1.1\r\nX-A: one\r\n\ttwo\r\n\r\n");
+        assert!(
+            matches!(folded, Err(HeadError::Malformed(why)) if why.contains("line folding")),
+            "{folded:?}"
+        );
+        // A request still may not put space before a colon (RFC 9112 §5.1: rejected).
+        assert!(parse_request_head(b"GET http://a/ HTTP/1.1\r\nX-Bad : v\r\n\r\n").is_err());
     }
 
     #[test]
@@ -687,6 +726,9 @@ mod tests {
         let t = parse_absolute_target("HTTP://10.0.0.1:").unwrap();
         assert_eq!(t.target.port, 80);
         assert_eq!(t.path, "/");
+        assert!(t.bare);
+        assert!(!parse_absolute_target("http://a/").unwrap().bare);
+        assert!(!parse_absolute_target("http://a?q").unwrap().bare);
         assert_eq!(
             parse_absolute_target("/health"),
             Err(TargetError::OriginForm)

@@ -226,14 +226,14 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
 
 /// Header fields that concern only one connection and are never forwarded (RFC 9110 §7.6.1),
 /// plus every field the `Connection` header names. Framing fields are handled separately.
+/// `Trailer` is not among them: it announces the trailer fields, which pass through.
 fn is_hop_by_hop(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
     // Compared without a lowercased copy: this runs for every field of every message.
-    const ALWAYS: [&str; 6] = [
+    const ALWAYS: [&str; 5] = [
         "connection",
         "keep-alive",
         "proxy-connection",
         "te",
-        "trailer",
         "upgrade",
     ];
     const NEVER_BY_CONNECTION: [&str; 3] = ["host", "content-length", "transfer-encoding"];
@@ -290,7 +290,11 @@ fn origin_request(
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(abs.path.as_bytes());
+    if abs.bare && head.method().eq_ignore_ascii_case("OPTIONS") {
+        out.push(b'*');
+    } else {
+        out.extend_from_slice(abs.path.as_bytes());
+    }
     out.extend_from_slice(if head.minor_version == 0 {
         b" HTTP/1.0\r\n"
     } else {
@@ -1030,7 +1034,26 @@ mod tests {
             "{text}"
         );
         // Named by Connection, but framing and Host are never dropped for that.
-        assert_eq!(names(&out), ["host", "x-kept", "content-length"], "{text}");
+        assert_eq!(
+            names(&out),
+            ["host", "trailer", "x-kept", "content-length"],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_options_request_for_a_bare_url_asks_the_server_as_a_whole() {
+        let forwarded = |target: &str| {
+            let raw = format!("OPTIONS {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+            let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
+            let abs = parse_absolute_target(head.target()).unwrap();
+            let out = origin_request(&head, &abs, false, false);
+            let text = String::from_utf8_lossy(&out).into_owned();
+            text.lines().next().unwrap_or_default().to_owned()
+        };
+        assert_eq!(forwarded("http://a:8080"), "OPTIONS * HTTP/1.1");
+        assert_eq!(forwarded("http://a/"), "OPTIONS / HTTP/1.1");
+        assert_eq!(forwarded("http://a?x"), "OPTIONS /?x HTTP/1.1");
     }
 
     #[test]
@@ -1038,8 +1061,11 @@ mod tests {
         let raw = format!("HTTP/1.1 200 OK\r\n{HOP_BY_HOP}Content-Length: 3\r\n\r\n");
         let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
         let out = client_response(&head, false, false);
-        assert_eq!(names(&out), ["x-kept", "content-length"]);
+        assert_eq!(names(&out), ["trailer", "x-kept", "content-length"]);
         let out = client_response(&head, false, true);
-        assert_eq!(names(&out), ["x-kept", "content-length", "connection"]);
+        assert_eq!(
+            names(&out),
+            ["trailer", "x-kept", "content-length", "connection"]
+        );
     }
 }
