@@ -515,6 +515,37 @@ fn a_client_that_leaves_before_its_answer_releases_the_stream_and_the_origin() {
     assert_tunnel_works(&t, &answers, "clients left before their answers");
 }
 
+/// An origin that closes its connection plainly (a FIN) in the middle of a response whose
+/// length is known (Content-Length or chunked) fails the client through the proxy as it
+/// does directly: curl sees the response cut short (exit 18), not a reset (56), and never
+/// a success.
+#[test]
+fn an_origin_that_closes_mid_response_fails_the_client_as_it_would_directly() {
+    let _wd = watchdog("origin_closes_mid_response", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("cut");
+    let (proxy, socks) = (t.proxy_url(), t.proxy().to_string());
+    for path in ["/cut/100000/200000", "/cut-chunked"] {
+        let url = origin.url(path);
+        let direct = fluidity_tests::e2e::curl(["-o", "/dev/null", &url]);
+        assert_eq!(direct.code, Some(18), "{path} directly: {}", direct.stderr);
+        let ways: [&[&str]; 3] = [
+            &["-x", &proxy],
+            &["-p", "-x", &proxy],
+            &["--socks5-hostname", &socks],
+        ];
+        for via in ways {
+            let out = fluidity_tests::e2e::curl(via.iter().chain(&["-o", "/dev/null", &url]));
+            assert_eq!(
+                out.code, direct.code,
+                "{path} through {via:?}: {} (directly: {})",
+                out.stderr, direct.stderr
+            );
+        }
+    }
+    assert_tunnel_works(&t, &origin, "origins closed mid-response");
+}
+
 /// Uploads to the origin's `/flood-then-reset` through `proxy` (directly when `None`,
 /// through CONNECT when `connect`), as a client that sends its whole body before it
 /// reads anything would, and returns the error that stopped it.

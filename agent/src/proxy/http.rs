@@ -559,6 +559,7 @@ async fn fail<W: AsyncWrite + Unpin>(
         ExchangeError::Aborted => {
             return Ok(Next::Abort(format!("exchange with {target} broke off")))
         }
+        ExchangeError::CutShort => return Ok(Next::Close),
     };
     answer(cw, 502, &line, true, &[]).await?;
     Ok(Next::Close)
@@ -588,6 +589,11 @@ enum ExchangeError {
     /// must be dropped without an answer.
     #[error("aborted mid-message")]
     Aborted,
+    /// The origin closed its connection in the middle of a response whose framing says
+    /// where it ends: the client's connection is closed as plainly, and its framing tells
+    /// the client the response is incomplete, as it would directly.
+    #[error("the origin closed the connection before the end of its response")]
+    CutShort,
 }
 
 #[derive(Debug)]
@@ -939,6 +945,13 @@ where
                 return Err(ExchangeError::BadResponse(format!(
                     "invalid chunked body: {e}"
                 )))
+            }
+            Err(CopyError::Eof) => {
+                // What the origin sent reaches the client, its head included.
+                if !bytes.is_empty() {
+                    let _ = cw.write_all(&bytes).await;
+                }
+                return Err(ExchangeError::CutShort);
             }
             Err(_) => return Err(ExchangeError::Aborted),
         };

@@ -8,6 +8,9 @@
 //!   `Expect: 100-continue`) and answers the body's SHA-256 in hex;
 //! - `GET /hang/N/M`: announces Content-Length M, sends the first N bytes of the payload,
 //!   then waits for the client to go away (a transfer that can only end in an error);
+//! - `GET /cut/N/M`: announces Content-Length M, sends N bytes of the payload, then
+//!   closes the connection plainly (a FIN); `GET /cut-chunked` sends one chunk of a
+//!   chunked body, then closes plainly;
 //! - `POST /early`: answers `200` with [`EARLY_BODY`] at once, then reads the body to its
 //!   end (an answer before the request's body, which RFC 9110 allows);
 //! - `POST /expect-fails`: answers `417 Expectation Failed` with `Connection: close`
@@ -412,6 +415,24 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
                     read_body_exact(&mut conn, req.content_length.unwrap_or(0), &mut sha)?;
                 }
                 respond(conn.get_mut(), "200 OK", sha.hex().as_bytes(), close)?;
+            }
+            ("GET", ["cut", sent, total]) => {
+                let (Ok(sent), Ok(total)) = (sent.parse::<u64>(), total.parse::<u64>()) else {
+                    return respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true);
+                };
+                let w = conn.get_mut();
+                write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n")?;
+                send_payload(w, sent.min(total))?;
+                // A plain close (FIN), with the response unfinished.
+                return Ok(());
+            }
+            ("GET", ["cut-chunked"]) => {
+                let w = conn.get_mut();
+                w.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                )?;
+                // A plain close (FIN) before the last chunk.
+                return Ok(());
             }
             ("POST", ["early"]) => {
                 // The answer first, then the body, read to its end: the connection stays
