@@ -1,7 +1,8 @@
 //! Running the agent: the proxy listener in front of a [`TunnelDialer`].
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fluidity_runtime_smol::listener::AcceptErrors;
@@ -16,7 +17,7 @@ use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
 use crate::iam::IamSigner;
 use crate::proxy::{self, Credentials, ProxyConfig};
-use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
+use crate::tunnel::{lock, CredentialSource, TunnelDialer, TunnelSettings};
 
 /// The tunnel credentials `cfg` asks for: `None` for `auth = "none"`; for `auth = "iam"`,
 /// an [`IamSigner`] over the default AWS credential chain read from `env`.
@@ -117,7 +118,9 @@ pub fn bind(listen: SocketAddr) -> Result<async_net::TcpListener> {
     })
 }
 
-/// Serves proxy clients until `shutdown` completes, then lets the tunnel drain.
+/// Serves proxy clients until `shutdown` completes, then lets the tunnel drain: new
+/// clients are refused from then on, and clients whose streams the drain deadline cuts
+/// short get a reset, never a clean end they could take for the whole of the data.
 pub async fn serve(
     ex: &Arc<Executor<'static>>,
     listener: async_net::TcpListener,
@@ -126,14 +129,22 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let cfg = Arc::new(cfg);
+    // The client connections being served, to reset those still open when the tunnel
+    // closes under them.
+    let clients: Arc<Mutex<HashMap<u64, async_net::TcpStream>>> = Arc::default();
     let accept_loop = async {
         let mut errors = AcceptErrors::new("proxy");
+        let mut next_id = 0u64;
         loop {
             match listener.accept().await {
                 Ok((client, peer)) => {
                     errors.accepted();
                     let _ = client.set_nodelay(true);
                     let (dialer, cfg) = (dialer.clone(), cfg.clone());
+                    let id = next_id;
+                    next_id += 1;
+                    lock(&clients).insert(id, client.clone());
+                    let clients = clients.clone();
                     ex.spawn(async move {
                         let sock = client.clone();
                         match proxy::serve_connection(client, peer, &dialer, &cfg).await {
@@ -145,6 +156,7 @@ pub async fn serve(
                                 tracing::debug!(%peer, error = %e, "client connection ended");
                             }
                         }
+                        lock(&clients).remove(&id);
                     })
                     .detach();
                 }
@@ -153,7 +165,13 @@ pub async fn serve(
         }
     };
     accept_loop.or(shutdown).await;
-    dialer.shutdown(SHUTDOWN_GRACE).await;
+    // Refused from now on, rather than accepted into a backlog nobody serves.
+    drop(listener);
+    if dialer.shutdown(SHUTDOWN_GRACE).await {
+        for sock in lock(&clients).values() {
+            reset_on_close(sock);
+        }
+    }
 }
 
 /// Time open streams get to finish when the agent stops.

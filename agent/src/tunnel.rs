@@ -84,7 +84,8 @@ impl std::fmt::Debug for TunnelDialer {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`; a lock poisoned by a panicking holder is taken over, not passed on.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -149,10 +150,11 @@ impl TunnelDialer {
     }
 
     /// Graceful shutdown: no new streams; waits up to `grace` for open streams to
-    /// finish, then closes the tunnel.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// finish, then closes the tunnel. Returns whether streams were still open then, and
+    /// so cut short.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
         let Some(t) = lock(&self.inner.current).take() else {
-            return;
+            return false;
         };
         t.go_away();
         let deadline = fluidity_runtime_smol::app::deadline_in(grace);
@@ -165,7 +167,9 @@ impl TunnelDialer {
                 "streams still open at the shutdown deadline; closing"
             );
             t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+            return true;
         }
+        false
     }
 
     /// The current settings (the server dialled and how it is trusted).

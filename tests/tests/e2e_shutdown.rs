@@ -1,7 +1,8 @@
 //! A server told to stop (SIGTERM, as ECS and systemd do) drains: it stops taking
 //! agents, tells `/healthz` callers it is going, refuses new streams with an answer the
 //! client can act on, lets open streams finish, and exits once they have, or at its drain
-//! deadline, ending the rest visibly. Real binaries, curl and sockets on 127.0.0.1.
+//! deadline, ending the rest visibly. An agent told to stop does the same for its
+//! clients. Real binaries, curl and sockets on 127.0.0.1.
 
 use std::io::Read;
 use std::process::Command;
@@ -112,6 +113,41 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
     );
     // The client's connection is reset: cut short, it must not look like a clean end
     // (the agent resets a client connection whose stream broke off), nor wait for ever.
+    let mut sock = live.into_socket();
+    let mut byte = [0u8; 1];
+    match sock.read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the cut stream's client saw {other:?}, not a reset"),
+    }
+}
+
+/// An agent told to stop refuses new clients at once, lets open streams go on for its
+/// grace period, then resets the clients whose streams it cut: a reset, never a clean end
+/// a client could take for the whole of the data.
+#[test]
+fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
+    let _wd = watchdog("agent_sigterm", Duration::from_secs(120));
+    let mut t = Tunnel::start();
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+
+    terminate(t.agent.proc.pid());
+    let proxy = t.proxy();
+    wait_for(
+        "the agent to refuse new clients",
+        Duration::from_secs(30),
+        || match std::net::TcpStream::connect(proxy) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        },
+    );
+    // Still running: the open stream works while new clients are refused.
+    live.assert_alive("the agent began to stop");
+
+    let status = wait_for("the agent to exit", Duration::from_secs(60), || {
+        t.agent.proc.exited()
+    });
+    assert!(status.success(), "the agent's exit: {status}");
     let mut sock = live.into_socket();
     let mut byte = [0u8; 1];
     match sock.read(&mut byte) {
