@@ -327,6 +327,17 @@ fn handshake_error(
             };
             format!("the server at {server} denied authentication: {failure}: {detail}; {check}")
         }
+        // In TLS 1.3 the server judges the client certificate after the client has
+        // finished its handshake, so its refusal arrives as an alert on the first read.
+        fluidity_runtime_smol::Error::Tunnel(fluidity_proto::Error::TransportFailed(why))
+            if why.contains("received fatal alert") =>
+        {
+            format!(
+                "the server at {server} refused this agent's certificate ({why}); check that \
+                 cert and key were issued by the CA the server trusts (its client_ca) and have \
+                 not expired, and see the server's log"
+            )
+        }
         e => format!("the server at {server} refused the tunnel: {e}"),
     }
 }

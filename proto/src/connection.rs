@@ -473,7 +473,17 @@ impl Connection {
     /// with one exception: after a goaway, a peer that drained closes the transport while
     /// streams it completed may still hold unread data here; they stay readable and the
     /// connection drains once they have been read.
-    pub fn handle_eof(&mut self, _now: Instant) {
+    pub fn handle_eof(&mut self, now: Instant) {
+        self.transport_ended(now, Error::TransportClosed);
+    }
+
+    /// The transport failed, as `why` says: like [`handle_eof`](Self::handle_eof), and a
+    /// lost connection reports `why` as its reason.
+    pub fn handle_transport_error(&mut self, now: Instant, why: String) {
+        self.transport_ended(now, Error::TransportFailed(why));
+    }
+
+    fn transport_ended(&mut self, _now: Instant, reason: Error) {
         match self.closing {
             Closing::No => {
                 // After a goaway the peer drains and closes the transport once it has sent
@@ -489,7 +499,7 @@ impl Connection {
                 if peer_drained {
                     self.peer_done = true;
                 } else {
-                    self.fail(Error::TransportClosed, false);
+                    self.fail(reason, false);
                 }
             }
             Closing::Flushing => self.closing = Closing::Drained,

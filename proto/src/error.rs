@@ -179,6 +179,10 @@ pub enum Error {
     /// The transport ended before the connection was drained.
     #[error("the transport closed before the tunnel was shut down")]
     TransportClosed,
+    /// The transport failed before the connection was drained; the text says how (a TLS
+    /// alert from the peer, a reset connection).
+    #[error("the transport failed: {0}")]
+    TransportFailed(String),
     /// This side closed the connection.
     #[error("closed locally ({0})")]
     LocallyClosed(ErrorCode),
@@ -199,7 +203,7 @@ impl Error {
             Error::AuthRejected { .. } => ErrorCode::AUTH_FAILED,
             Error::PeerClosed { code, .. } => *code,
             Error::LocallyClosed(code) => *code,
-            Error::TransportClosed => ErrorCode::PROTOCOL,
+            Error::TransportClosed | Error::TransportFailed(_) => ErrorCode::PROTOCOL,
             _ => ErrorCode::INTERNAL,
         }
     }

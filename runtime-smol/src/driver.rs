@@ -606,7 +606,7 @@ impl Driver {
                 Err(e) => {
                     tracing::debug!(error = %e, "tunnel transport failed");
                     self.eof = true;
-                    s.conn.handle_eof(now);
+                    s.conn.handle_transport_error(now, e.to_string());
                     break;
                 }
             }
@@ -631,7 +631,7 @@ impl Driver {
                 Err(e) => {
                     tracing::debug!(error = %e, "tunnel transport failed");
                     self.eof = true;
-                    s.conn.handle_eof(now);
+                    s.conn.handle_transport_error(now, e.to_string());
                     break;
                 }
             }
@@ -798,9 +798,9 @@ impl Driver {
     }
 
     fn fail(&mut self, s: &mut Shared, e: Error) -> Poll<Result<(), Error>> {
-        s.conn.handle_eof(Instant::now());
+        s.conn.handle_transport_error(Instant::now(), e.to_string());
         s.dispatch_events();
-        s.finish(Some(fluidity_proto::Error::TransportClosed));
+        s.finish(Some(fluidity_proto::Error::TransportFailed(e.to_string())));
         Poll::Ready(Err(e))
     }
 }

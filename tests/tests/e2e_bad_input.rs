@@ -199,6 +199,48 @@ fn clients_without_a_valid_certificate_are_turned_away() {
     live.assert_alive("strangers at the TLS port");
 }
 
+/// An agent whose certificate the server refuses (issued by another CA) says so, in its
+/// log and in the answer its clients get, with what to check; not just that the
+/// connection closed.
+#[test]
+fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
+    let _wd = watchdog("agent_certificate_refused", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("unreachable");
+    let day = Duration::from_secs(24 * 3600);
+    let other_ca = pki::generate_ca("some other CA", day).expect("CA");
+    let other = pki::issue_client(&other_ca, "fluidity-agent", &[], day).expect("certificate");
+    let dir = t.dir.path().join("other-ca");
+    std::fs::create_dir_all(&dir).expect("a folder for the certificate");
+    let mut certs = t.certs.clone();
+    certs.client_cert = dir.join("client.pem");
+    certs.client_key = dir.join("client-key.pem");
+    std::fs::write(&certs.client_cert, &other.cert_pem).expect("writing the certificate");
+    std::fs::write(&certs.client_key, &other.key_pem).expect("writing the key");
+    let opts = fluidity_tests::e2e::AgentOptions {
+        name: "fluidity-other-ca".into(),
+        ..Default::default()
+    };
+    let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    let said = "refused this agent's certificate";
+    assert!(
+        agent
+            .proc
+            .wait_log(Duration::from_secs(30), |l| l.contains(said)),
+        "the agent did not say why:\n{}",
+        agent.proc.log()
+    );
+    let listen = agent.listen;
+    wait_for("the agent's proxy port", Duration::from_secs(30), || {
+        TcpStream::connect(listen).ok()
+    });
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert!(
+        status == 502 && body.contains(said) && body.contains("client_ca"),
+        "{status} {body}"
+    );
+}
+
 #[test]
 fn unreachable_targets_get_502_and_504() {
     let _wd = watchdog("unreachable_targets", Duration::from_secs(180));
