@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fluidity_runtime_smol::listener::AcceptErrors;
-use fluidity_runtime_smol::relay::reset_on_close;
+use fluidity_runtime_smol::relay::{reset_on_close, take_socket_error};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use futures_lite::FutureExt;
 use smol::Executor;
@@ -147,7 +147,9 @@ pub async fn serve(
                     let clients = clients.clone();
                     ex.spawn(async move {
                         let sock = client.clone();
-                        match proxy::serve_connection(client, peer, &dialer, &cfg).await {
+                        let served = proxy::serve_connection(client, peer, &dialer, &cfg)
+                            .or(client_reset(&sock));
+                        match served.await {
                             Ok(()) => {}
                             Err(e) => {
                                 if matches!(e, Error::Aborted(_)) {
@@ -173,6 +175,26 @@ pub async fn serve(
         }
     }
 }
+
+/// Resolves when `sock`'s connection has been reset, checked every [`CLIENT_CHECK`]. A
+/// relay whose upload waits for a full stream reads nothing from the client, and would
+/// never see it go; its stream would stay open for good. The pending error is taken
+/// here, and the connection then abandoned at once, so no reader can mistake its absence
+/// for a clean end.
+async fn client_reset(sock: &async_net::TcpStream) -> Result<()> {
+    loop {
+        smol::Timer::after(CLIENT_CHECK).await;
+        if let Some(e) = take_socket_error(sock) {
+            return Err(Error::Aborted(format!(
+                "the client's connection failed: {e}"
+            )));
+        }
+    }
+}
+
+/// How often a client connection is checked for a reset nobody has read (see
+/// [`client_reset`]).
+const CLIENT_CHECK: Duration = Duration::from_secs(5);
 
 /// Time open streams get to finish when the agent stops.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -134,6 +134,13 @@ pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Takes `sock`'s pending error (`SO_ERROR`), such as the reset of its connection,
+/// without reading: found this way, it is no longer reported to the next read, so the
+/// caller must treat the connection as failed.
+pub fn take_socket_error(sock: &impl std::os::fd::AsFd) -> Option<io::Error> {
+    socket2::SockRef::from(sock).take_error().ok().flatten()
+}
+
 /// Most chunks one [`ReadChunks::poll_read_chunks`] hands out: a read of many tiny frames
 /// (a peer trickling bytes) then stays a short list, which a reader can take from the
 /// front of in time linear in the bytes; full frames reach `max` long before.
@@ -151,6 +158,15 @@ pub trait ReadChunks {
         out: &mut Vec<Bytes>,
         max: usize,
     ) -> Poll<io::Result<usize>>;
+
+    /// Waits until the peer has given the stream up (a reset, or the whole connection
+    /// lost), whatever is still unread, and returns why; never while the stream lives.
+    /// For a reader busy elsewhere (writing what it read to a socket that takes nothing
+    /// more), so that it lets go of a stream nobody wants. Call it only between reads: it
+    /// may take the reader's waker. A stream that cannot be given up waits for ever.
+    fn poll_given_up(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Pending
+    }
 }
 
 /// Copies from `stream` to `w` until the stream ends, then closes `w` (a half-close). The
@@ -179,9 +195,14 @@ where
             w.close().await.map_err(Failed::Socket)?;
             return Ok(total);
         }
-        write_chunks(&mut w, &mut chunks)
-            .await
-            .map_err(Failed::Socket)?;
+        // A socket that takes nothing (a peer that reads nothing) must not keep the stream
+        // once the other side has given it up.
+        async { write_chunks(&mut w, &mut chunks).await.map_err(Failed::Socket) }
+            .or(async {
+                let why = std::future::poll_fn(|cx| stream.poll_given_up(cx)).await;
+                Err(Failed::Stream(why))
+            })
+            .await?;
         total += n as u64;
         on_bytes(n);
     }
@@ -263,6 +284,10 @@ impl<T: ReadChunks> ReadChunks for SharedHalf<'_, T> {
         max: usize,
     ) -> Poll<io::Result<usize>> {
         lock(self.0).poll_read_chunks(cx, out, max)
+    }
+
+    fn poll_given_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        lock(self.0).poll_given_up(cx)
     }
 }
 

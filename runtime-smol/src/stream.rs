@@ -186,6 +186,23 @@ impl ReadChunks for TunnelStream {
     ) -> Poll<io::Result<usize>> {
         self.poll_read_with(cx, max, |bytes| out.push(bytes))
     }
+
+    fn poll_given_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let id = self.id;
+        let mut s = lock(&self.shared);
+        if s.closed.is_some() {
+            return Poll::Ready(s.closed_error());
+        }
+        match s.slots.get_mut(&id) {
+            Some(slot) if matches!(slot.state, SlotState::Reset(_)) => Poll::Ready(gone(&s, id)),
+            Some(slot) => {
+                slot.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            // Forgotten once it ended both ways: nothing to give up.
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl AsyncRead for TunnelStream {

@@ -13,10 +13,11 @@ use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
 use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{
-    curl_status, read_all_lossy, ws_crash_client, LiveStream, WsVia,
+    connect_via, curl_status, read_all_lossy, ws_crash_client, LiveStream, WsVia,
 };
 use fluidity_tests::e2e::origin::{
-    refused_port, AbruptOrigin, BlackHole, EchoOrigin, HttpOrigin, SilentOrigin, TlsOrigin,
+    refused_port, AbruptOrigin, BlackHole, DeafOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
+    TlsOrigin,
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::{watchdog, Server, ServerOptions, Tunnel};
@@ -555,6 +556,72 @@ fn a_client_that_leaves_before_its_answer_releases_the_stream_and_the_origin() {
         (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
     });
     assert_tunnel_works(&t, &answers, "clients left before their answers");
+}
+
+/// A client that resets its connection while its upload waits on a full stream (the
+/// origin reads nothing, and sends nothing) releases its stream: the agent reads nothing
+/// from that client then, and still notices the reset, within seconds. Through CONNECT
+/// and SOCKS5. Otherwise such streams would stay open for good, and enough of them would
+/// stop every other client at the tunnel's stream limit.
+#[test]
+fn a_client_reset_during_a_stalled_upload_releases_its_stream() {
+    let _wd = watchdog("reset_during_stalled_upload", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let deaf = DeafOrigin::start();
+    let target = deaf.addr();
+    let open_connect = || {
+        let (status, s) = connect_via(t.proxy(), &target.to_string()).expect("CONNECT");
+        assert_eq!(status, 200, "CONNECT to the deaf origin");
+        s
+    };
+    let open_socks = || {
+        let mut s = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(&[5, 1, 0]).expect("SOCKS5 greeting");
+        let mut reply = [0u8; 2];
+        s.read_exact(&mut reply).expect("SOCKS5 method");
+        assert_eq!(reply, [5, 0]);
+        let std::net::IpAddr::V4(ip) = target.ip() else {
+            panic!("an IPv4 origin")
+        };
+        let mut request = vec![5, 1, 0, 1];
+        request.extend_from_slice(&ip.octets());
+        request.extend_from_slice(&target.port().to_be_bytes());
+        s.write_all(&request).expect("SOCKS5 request");
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply).expect("SOCKS5 reply");
+        assert_eq!(reply[1], 0, "SOCKS5 reply {reply:?}");
+        s
+    };
+    for (via, open) in [
+        ("CONNECT", &open_connect as &dyn Fn() -> TcpStream),
+        ("SOCKS5", &open_socks),
+    ] {
+        let s = open();
+        // Upload until nothing more is taken: every buffer to the origin is full.
+        s.set_write_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let chunk = vec![b'u'; 64 * 1024];
+        let mut w = &s;
+        while w.write_all(&chunk).is_ok() {}
+        assert_eq!(
+            t.server.metric("fluidity_streams_active"),
+            1.0,
+            "{via}: the stalled stream"
+        );
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+        drop(s);
+        wait_for(
+            &format!("{via}: the reset client's stream to close"),
+            Duration::from_secs(60),
+            || (t.server.metric("fluidity_streams_active") == 0.0).then_some(()),
+        );
+    }
+    let origin = HttpOrigin::start("after-stalled-uploads");
+    assert_tunnel_works(&t, &origin, "clients reset during stalled uploads");
 }
 
 /// An origin that closes its connection plainly (a FIN) in the middle of a response whose

@@ -1,5 +1,5 @@
 //! Origin servers on 127.0.0.1, on std threads: HTTP/1.1 (plain and TLS), echo, flood,
-//! silent, black hole, and a Python WebSocket echo server.
+//! silent, deaf, black hole, and a Python WebSocket echo server.
 //!
 //! The HTTP origin understands just enough HTTP/1.1 for the tests, with explicit limits:
 //! - `GET /hello`: `hello from NAME`;
@@ -865,6 +865,48 @@ impl SilentOrigin {
 impl Drop for SilentOrigin {
     fn drop(&mut self) {
         stop_accepting(self.addr, &self.stop);
+    }
+}
+
+/// An origin that accepts connections and then neither reads nor writes: an upload to it
+/// stalls once the buffers on the way are full. Its connections stay open until it is
+/// dropped.
+#[derive(Debug)]
+pub struct DeafOrigin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl DeafOrigin {
+    /// Starts the origin.
+    pub fn start() -> DeafOrigin {
+        let listener = bind();
+        let addr = listener.local_addr().expect("origin address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        accept_loop(
+            listener,
+            stop.clone(),
+            Arc::new(AtomicUsize::new(0)),
+            move |conn| {
+                keep.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            },
+        );
+        DeafOrigin { addr, stop, held }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for DeafOrigin {
+    fn drop(&mut self) {
+        stop_accepting(self.addr, &self.stop);
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
