@@ -197,12 +197,16 @@ where
         }
         // A socket that takes nothing (a peer that reads nothing) must not keep the stream
         // once the other side has given it up.
-        async { write_chunks(&mut w, &mut chunks).await.map_err(Failed::Socket) }
-            .or(async {
-                let why = std::future::poll_fn(|cx| stream.poll_given_up(cx)).await;
-                Err(Failed::Stream(why))
-            })
-            .await?;
+        async {
+            write_chunks(&mut w, &mut chunks)
+                .await
+                .map_err(Failed::Socket)
+        }
+        .or(async {
+            let why = std::future::poll_fn(|cx| stream.poll_given_up(cx)).await;
+            Err(Failed::Stream(why))
+        })
+        .await?;
         total += n as u64;
         on_bytes(n);
     }

@@ -8,7 +8,8 @@ use fluidity_tests::e2e::client::{
     curl_status, payload_sha256, sha256_file, write_payload_file, ws_client, WsVia,
 };
 use fluidity_tests::e2e::origin::{
-    AbruptOrigin, HttpOrigin, TlsOrigin, WsOrigin, EARLY_BODY, EXPECT_FAILED_BODY, REJECT_BODY,
+    AbruptOrigin, Ended, HttpOrigin, TlsOrigin, WsOrigin, EARLY_BODY, EXPECT_FAILED_BODY,
+    REJECT_BODY,
 };
 use fluidity_tests::e2e::proc::wait_for;
 use fluidity_tests::e2e::{curl, watchdog, AgentOptions, ServerOptions, Tunnel};
@@ -245,6 +246,37 @@ fn a_response_head_is_not_held_back_waiting_for_its_body() {
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-length: 1000"), "{head}");
+}
+
+/// A client that closes its connection between requests leaves the origin a plain close,
+/// as it would directly, not a reset: the stream kept for the client's next request ends
+/// with a FIN both ways. Plain curl requests, each on its own connection.
+#[test]
+fn a_kept_origin_connection_ends_with_a_plain_close_when_its_client_leaves() {
+    let _wd = watchdog("kept_connection_plain_close", Duration::from_secs(60));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("plain-close");
+    for _ in 0..3 {
+        let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+        assert_eq!((status, body.as_str()), (200, "hello from plain-close\n"));
+    }
+    let ended = wait_for(
+        "the origin's three connections to end",
+        Duration::from_secs(30),
+        || {
+            let e = origin.ended();
+            (e.closed + e.reset + e.other == 3).then_some(e)
+        },
+    );
+    assert_eq!(
+        ended,
+        Ended {
+            closed: 3,
+            reset: 0,
+            other: 0
+        },
+        "how the origin's connections ended"
+    );
 }
 
 /// An origin may answer before it has read a request's body (RFC 9110 allows it), then

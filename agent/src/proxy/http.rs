@@ -98,13 +98,19 @@ where
         let head = head_deadline.run(cfg.head_timeout, pin!(reading)).await;
         let head = match head {
             // An idle keep-alive connection simply expires.
-            None if !first && cin.buffered().is_empty() => return Ok(()),
+            None if !first && cin.buffered().is_empty() => {
+                release(upstream.take()).await;
+                return Ok(());
+            }
             None => {
                 tracing::debug!(%peer, "client sent no complete request head in time");
                 return Err(Error::ClientTimeout(cfg.head_timeout));
             }
             Some(Ok(Some(head))) => head,
-            Some(Ok(None)) => return Ok(()),
+            Some(Ok(None)) => {
+                release(upstream.take()).await;
+                return Ok(());
+            }
             Some(Err(ReadHeadError::Io(e))) => return Err(e.into()),
             Some(Err(ReadHeadError::Truncated)) => {
                 return Err(Error::ClientProtocol(
@@ -126,7 +132,8 @@ where
         match request(head, cin, cw, &mut upstream, peer, dialer, cfg).await? {
             Next::KeepAlive => {}
             Next::Close => {
-                linger_close(cin, cw).await;
+                // Side by side: the client's close must not wait for the origin's.
+                futures_lite::future::zip(release(upstream.take()), linger_close(cin, cw)).await;
                 return Ok(());
             }
             Next::Done => return Ok(()),
@@ -420,11 +427,16 @@ where
             .iter()
             .any(|m| method.eq_ignore_ascii_case(m));
     for attempt in 0..2 {
-        if upstream.as_ref().is_some_and(|u| u.target != abs.target) || !still_usable(upstream) {
+        // A stream kept for another origin is let go plainly while the new one opens; one
+        // that is no longer usable is reset.
+        let mut previous = None;
+        if upstream.as_ref().is_some_and(|u| u.target != abs.target) {
+            previous = upstream.take();
+        } else if !still_usable(upstream) {
             *upstream = None;
         }
         if upstream.is_none() {
-            match dial(dialer, &abs.target, cfg).await {
+            match while_releasing(previous.take(), dial(dialer, &abs.target, cfg)).await {
                 Ok(s) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
                 Err(e) => {
                     let (status, line) = dial_failure(&abs.target, &e);
@@ -515,6 +527,52 @@ where
     )
     .await?;
     Ok(Next::Close)
+}
+
+/// Lets go of a stream kept between messages: closes our side (a FIN, which the server
+/// passes on as the end of the origin's connection) and waits for the origin's end, so
+/// that the origin sees a plain close, not a reset, for a connection that was idle. An
+/// origin that does not close within [`LAST_BYTES_TIME`] gets the reset.
+async fn release<S>(upstream: Option<Upstream<S>>)
+where
+    S: AsyncWrite + ReadChunks + Unpin,
+{
+    let Some(mut up) = upstream else {
+        return;
+    };
+    let (mut from, mut to) = up.stream.halves();
+    let closing = async {
+        if to.close().await.is_err() {
+            return;
+        }
+        loop {
+            let n = from.buffered().len();
+            from.consume(n);
+            if !matches!(from.fill().await, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    };
+    let _ = super::io::timeout(LAST_BYTES_TIME, pin!(closing)).await;
+}
+
+/// Runs `f`, releasing `old` (see [`release`]) while it runs; what is not released by
+/// then is reset, so that the new request never waits for the old origin.
+async fn while_releasing<S, F>(old: Option<Upstream<S>>, f: F) -> F::Output
+where
+    S: AsyncWrite + ReadChunks + Unpin,
+    F: Future,
+{
+    let mut releasing = pin!(release(old));
+    let mut released = false;
+    let mut f = pin!(f);
+    futures_lite::future::poll_fn(|cx| {
+        if !released {
+            released = releasing.as_mut().poll(cx).is_ready();
+        }
+        f.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Whether a kept stream can take another request: the origin has sent nothing and not

@@ -85,6 +85,18 @@ pub struct HttpOrigin {
     name: String,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicUsize>,
+    ended: Arc<Mutex<Ended>>,
+}
+
+/// How an origin's connections ended, so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Closed plainly by the client side, between requests.
+    pub closed: usize,
+    /// Reset by the client side.
+    pub reset: usize,
+    /// Ended any other way (the origin closed, or a request it refused).
+    pub other: usize,
 }
 
 impl HttpOrigin {
@@ -95,16 +107,30 @@ impl HttpOrigin {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
         let n = name.to_owned();
+        let ended = Arc::new(Mutex::new(Ended::default()));
+        let counts = ended.clone();
         accept_loop(listener, stop.clone(), connections.clone(), move |conn| {
             let _ = conn.set_nodelay(true);
-            let _ = serve_http(conn, &n);
+            let how = serve_http(conn, &n);
+            let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+            match how {
+                Ok(true) => counts.closed += 1,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => counts.reset += 1,
+                _ => counts.other += 1,
+            }
         });
         HttpOrigin {
             addr,
             name: name.to_owned(),
             stop,
             connections,
+            ended,
         }
+    }
+
+    /// How its connections have ended so far.
+    pub fn ended(&self) -> Ended {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The listening address.
@@ -362,8 +388,9 @@ fn send_payload<W: Write>(w: &mut W, len: u64) -> io::Result<()> {
     w.flush()
 }
 
-/// Serves HTTP/1.1 requests on one connection until it closes or misbehaves.
-fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
+/// Serves HTTP/1.1 requests on one connection until it closes or misbehaves; `Ok(true)`
+/// when the client closed it plainly between requests.
+fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<bool> {
     let mut conn = BufReader::with_capacity(WRITE_CHUNK, conn);
     while let Some(req) = read_head(&mut conn)? {
         let close = req.close;
@@ -389,7 +416,10 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
             },
             ("GET", ["hang", sent, total]) => {
                 let (Ok(sent), Ok(total)) = (sent.parse::<u64>(), total.parse::<u64>()) else {
-                    return respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true);
+                    {
+                        respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true)?;
+                        return Ok(false);
+                    }
                 };
                 let w = conn.get_mut();
                 write!(
@@ -401,7 +431,7 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
                 // Hold the connection open until the client goes away.
                 let mut sink = [0u8; 1024];
                 while conn.read(&mut sink)? > 0 {}
-                return Ok(());
+                return Ok(false);
             }
             ("POST", ["sha256"]) => {
                 if req.expect_continue {
@@ -418,13 +448,16 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
             }
             ("GET", ["cut", sent, total]) => {
                 let (Ok(sent), Ok(total)) = (sent.parse::<u64>(), total.parse::<u64>()) else {
-                    return respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true);
+                    {
+                        respond(conn.get_mut(), "400 Bad Request", b"bad lengths\n", true)?;
+                        return Ok(false);
+                    }
                 };
                 let w = conn.get_mut();
                 write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n")?;
                 send_payload(w, sent.min(total))?;
                 // A plain close (FIN), with the response unfinished.
-                return Ok(());
+                return Ok(false);
             }
             ("GET", ["cut-chunked"]) => {
                 let w = conn.get_mut();
@@ -432,7 +465,7 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
                 )?;
                 // A plain close (FIN) before the last chunk.
-                return Ok(());
+                return Ok(false);
             }
             ("POST", ["early"]) => {
                 // The answer first, then the body, read to its end: the connection stays
@@ -453,15 +486,15 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<()> {
                      Content-Length: {}\r\n\r\n{EXPECT_FAILED_BODY}",
                     EXPECT_FAILED_BODY.len()
                 )?;
-                break;
+                return Ok(false);
             }
             _ => respond(conn.get_mut(), "404 Not Found", b"no such route\n", close)?,
         }
         if close {
-            break;
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The body of [`HttpOrigin`]'s answer to `POST /early`.
