@@ -36,6 +36,9 @@ struct Upstream<S> {
     /// Whether it has carried a request before (so that a failure may just mean the origin
     /// closed an idle connection, and one retry is safe).
     reused: bool,
+    /// When a request's client is watched (see [`WATCH_AFTER`]): one timer for all the
+    /// requests the stream carries, armed again about once a second at most.
+    watch: LazyTimer,
 }
 
 impl<S> Upstream<S> {
@@ -44,6 +47,7 @@ impl<S> Upstream<S> {
             target,
             stream: SharedStream::new(stream),
             reused: false,
+            watch: LazyTimer::new(),
         }
     }
 }
@@ -708,6 +712,7 @@ where
     }
     let mut deadline: Deadline<'_> = None;
     let (mut uin, mut uw) = up.stream.halves();
+    let watch = &mut up.watch;
     let result = {
         let mut send = pin!(async {
             let mut counted = Counted {
@@ -717,7 +722,11 @@ where
             let n = send_request(head_bytes, ctx.framing, cin, &mut counted).await?;
             body_sent.store(n, Ordering::Relaxed);
             // Then the client is watched: one that goes away abandons the request, and
-            // must not leave its stream waiting for an origin that may never answer.
+            // must not leave its stream waiting for an origin that may never answer. Not
+            // at once: most answers come sooner, and a watch costs each a read of the
+            // client's socket bound to fail.
+            let at = std::time::Instant::now() + WATCH_AFTER;
+            futures_lite::future::poll_fn(|cx| watch.poll_until(cx, at)).await;
             watch_client(cin).await
         });
         let mut counted = Counted { w: cw, n: &moved };
@@ -837,6 +846,10 @@ async fn watch_client<R: AsyncRead + Unpin>(cin: &mut Inbound<R>) -> Result<u64,
     }
     std::future::pending().await
 }
+
+/// How long a request waits for its answer before its client is watched (see
+/// [`watch_client`]).
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How much of a client's next requests [`watch_client`] reads ahead: the client
 /// connection's first buffer, so that a pipelining client costs no more memory.
