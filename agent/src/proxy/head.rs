@@ -318,17 +318,25 @@ fn complete_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<us
     }
 }
 
-/// Whether a header line in `buf` (within the head size limit) starts with a space or a
-/// tab: obsolete line folding (RFC 9112 §5.2), refused with its own reason.
+/// Whether the first line of `buf` after the start line that is not a plain field
+/// (`name:value`) starts with a space or a tab: obsolete line folding (RFC 9112 §5.2),
+/// refused with its own reason. Only lines up to that one are read, which the parser had
+/// to read too before it failed, so the answer does not depend on how much of the message
+/// has arrived.
 fn folded(buf: &[u8]) -> bool {
-    let head = &buf[..buf.len().min(MAX_HEAD_LEN)];
-    let end = head
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(head.len());
-    head[..end]
-        .windows(3)
-        .any(|w| w == b"\r\n " || w == b"\r\n\t")
+    let is_token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let is_field = |line: &[u8]| {
+        line.iter()
+            .position(|&b| b == b':')
+            .is_some_and(|colon| colon > 0 && line[..colon].iter().all(is_token))
+    };
+    buf.split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        // Empty lines before the start line are allowed; the start line is not a field.
+        .skip_while(|l| l.is_empty())
+        .skip(1)
+        .find(|line| !is_field(line))
+        .is_some_and(|line| matches!(line.first(), Some(b' ' | b'\t')))
 }
 
 /// How the body of a message is delimited (RFC 9112 §6).
