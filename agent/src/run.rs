@@ -169,12 +169,21 @@ pub async fn serve(
     accept_loop.or(shutdown).await;
     // Refused from now on, rather than accepted into a backlog nobody serves.
     drop(listener);
-    if dialer.shutdown(SHUTDOWN_GRACE).await {
-        for sock in lock(&clients).values() {
-            reset_on_close(sock);
-        }
+    dialer.shutdown(SHUTDOWN_GRACE).await;
+    // Connections write their last bytes and end; those that have not by then are
+    // reset, as the process may exit right after: a client must not take a cut stream
+    // for a whole one.
+    let deadline = fluidity_runtime_smol::app::deadline_in(CLIENTS_GRACE);
+    while !lock(&clients).is_empty() && std::time::Instant::now() < deadline {
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+    for sock in lock(&clients).values() {
+        reset_on_close(sock);
     }
 }
+
+/// How long client connections get to end on their own once the tunnel is gone.
+const CLIENTS_GRACE: Duration = Duration::from_secs(1);
 
 /// Resolves when `sock`'s connection has been reset, checked every [`CLIENT_CHECK`]. A
 /// relay whose upload waits for a full stream reads nothing from the client, and would
@@ -184,7 +193,15 @@ pub async fn serve(
 async fn client_reset(sock: &async_net::TcpStream) -> Result<()> {
     loop {
         smol::Timer::after(CLIENT_CHECK).await;
-        if let Some(e) = take_socket_error(sock) {
+        // An ICMP unreachable is advisory on a connection that still works; any other
+        // pending error ended it (and, taken here, no read will report it again).
+        let reset = take_socket_error(sock).filter(|e| {
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable
+            )
+        });
+        if let Some(e) = reset {
             return Err(Error::Aborted(format!(
                 "the client's connection failed: {e}"
             )));

@@ -150,11 +150,10 @@ impl TunnelDialer {
     }
 
     /// Graceful shutdown: no new streams; waits up to `grace` for open streams to
-    /// finish, then closes the tunnel. Returns whether streams were still open then, and
-    /// so cut short.
-    pub async fn shutdown(&self, grace: Duration) -> bool {
+    /// finish, then closes the tunnel.
+    pub async fn shutdown(&self, grace: Duration) {
         let Some(t) = lock(&self.inner.current).take() else {
-            return false;
+            return;
         };
         t.go_away();
         let deadline = fluidity_runtime_smol::app::deadline_in(grace);
@@ -167,9 +166,7 @@ impl TunnelDialer {
                 "streams still open at the shutdown deadline; closing"
             );
             t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
-            return true;
         }
-        false
     }
 
     /// The current settings (the server dialled and how it is trusted).

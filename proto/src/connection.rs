@@ -261,6 +261,11 @@ impl Connection {
         self.side == Side::Agent && self.is_ready() && !self.go_away_received && !self.go_away_sent
     }
 
+    /// Whether a goaway was sent or received: no new streams, ever, on this connection.
+    pub fn is_going_away(&self) -> bool {
+        self.go_away_sent || self.go_away_received
+    }
+
     /// How many more streams the peer's stream limit leaves room for (0 before its hello).
     /// An [`open`](Self::open) without room fails with [`Error::TooManyStreams`]; room comes
     /// back as streams end.

@@ -219,7 +219,10 @@ impl Shared {
                     self.send_event(TunnelEvent::Ready { principal });
                 }
                 Event::Stream(se) => self.on_stream_event(se),
-                Event::GoAway { .. } => self.send_event(TunnelEvent::GoAway),
+                Event::GoAway { .. } => {
+                    self.room.wanted.notify(usize::MAX);
+                    self.send_event(TunnelEvent::GoAway);
+                }
                 Event::ConnectionLost { reason } => self.finish(Some(reason)),
             }
         }
@@ -426,12 +429,14 @@ impl Tunnel {
     }
 
     /// Returns once an open is waiting for a stream to end (at once if one is), or the
-    /// tunnel is closed. Each open that starts waiting wakes one caller.
+    /// tunnel takes no new streams (a goaway either way, or closed): either way, a stream
+    /// kept idle for reuse should be let go. Each open that starts waiting wakes one
+    /// caller; a goaway wakes all.
     pub async fn wait_room_wanted(&self) {
         loop {
             let wanted = {
                 let s = lock(&self.shared);
-                if s.room.waiting > 0 || s.closed.is_some() {
+                if s.room.waiting > 0 || s.closed.is_some() || s.conn.is_going_away() {
                     return;
                 }
                 s.room.wanted.listen()
@@ -480,6 +485,8 @@ impl Tunnel {
     pub fn go_away(&self) {
         let mut s = lock(&self.shared);
         s.conn.go_away(Instant::now());
+        // Streams kept idle for reuse are worth nothing now: their holders let them go.
+        s.room.wanted.notify(usize::MAX);
         s.wake_driver();
     }
 

@@ -349,8 +349,7 @@ where
     let mut a = pin!(a);
     let mut b = pin!(b);
     let (mut ra, mut rb) = (None, None);
-    let (wa, wb) = (Arc::new(Branch::new()), Arc::new(Branch::new()));
-    let (waker_a, waker_b) = (Waker::from(wa.clone()), Waker::from(wb.clone()));
+    let (wa, wb) = (OwnWaker::new(), OwnWaker::new());
     let (grace, mut late) = match grace {
         Some((time, moved, late)) => (Some((time, moved)), Some(late)),
         None => (None, None),
@@ -359,23 +358,23 @@ where
     // The timer, and the count of `b`'s bytes it was last set at.
     let mut deadline: Option<(Timer, Option<u64>)> = None;
     std::future::poll_fn(|cx| {
-        if ra.is_none() && wa.take(cx.waker()) {
-            match a.as_mut().poll(&mut Context::from_waker(&waker_a)) {
-                Poll::Ready(Ok(t)) => {
+        if ra.is_none() {
+            match wa.poll(cx, a.as_mut()) {
+                Some(Poll::Ready(Ok(t))) => {
                     if t.is_err() {
                         deadline = grace.map(|(time, moved)| (Timer::after(time), count(moved)));
                     }
                     ra = Some(t);
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
+                Some(Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
+                Some(Poll::Pending) | None => {}
             }
         }
-        if rb.is_none() && wb.take(cx.waker()) {
-            match b.as_mut().poll(&mut Context::from_waker(&waker_b)) {
-                Poll::Ready(Ok(u)) => rb = Some(u),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
+        if rb.is_none() {
+            match wb.poll(cx, b.as_mut()) {
+                Some(Poll::Ready(Ok(u))) => rb = Some(u),
+                Some(Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
+                Some(Poll::Pending) | None => {}
             }
         }
         if let (None, Some((timer, seen)), Some((time, moved))) = (&rb, deadline.as_mut(), grace) {
@@ -399,6 +398,53 @@ where
         }
     })
     .await
+}
+
+/// A future's own waker within a task that polls several, so that it is polled only when
+/// it was woken: a future waiting on a socket is then not polled (for `async-io`, a read
+/// system call bound to fail) every time another one makes progress.
+pub struct OwnWaker {
+    branch: Arc<Branch>,
+    waker: Waker,
+}
+
+impl OwnWaker {
+    /// A waker that counts as woken, so that the first [`poll`](Self::poll) polls.
+    pub fn new() -> OwnWaker {
+        let branch = Arc::new(Branch::new());
+        let waker = Waker::from(branch.clone());
+        OwnWaker { branch, waker }
+    }
+
+    /// Counts as woken again: for reuse with a new future, whose first poll must happen.
+    pub fn rewind(&self) {
+        self.branch.woken.store(true, Ordering::Release);
+    }
+
+    /// Polls `f` with its own waker if it was woken since its last poll (or never
+    /// polled), and returns what it gave; `None`, without polling, otherwise.
+    pub fn poll<F: Future + ?Sized>(
+        &self,
+        cx: &mut Context<'_>,
+        f: Pin<&mut F>,
+    ) -> Option<Poll<F::Output>> {
+        if !self.branch.take(cx.waker()) {
+            return None;
+        }
+        Some(f.poll(&mut Context::from_waker(&self.waker)))
+    }
+}
+
+impl Default for OwnWaker {
+    fn default() -> Self {
+        OwnWaker::new()
+    }
+}
+
+impl std::fmt::Debug for OwnWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnWaker").finish_non_exhaustive()
+    }
 }
 
 /// The waker of one branch of [`try_join2`]: notes that the branch was woken, then wakes

@@ -252,6 +252,9 @@ impl Server {
         };
         if self.tunnels().len() >= self.cfg.max_tunnels {
             tracing::warn!(%peer, limit = self.cfg.max_tunnels, "tunnel limit reached; connection refused");
+            // Counted among the handshakes until it is gone: refusals cannot pile up.
+            self.handshaking.fetch_add(1, Ordering::Relaxed);
+            let _slot = Slot(&self.handshaking);
             // Told why, in the tunnel's own close, the agent can say so; a bare close
             // would leave its user guessing.
             let conn = Connection::server(self.proto.clone(), Instant::now());

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use fluidity_proto::{RefusalReason, Target};
-use fluidity_runtime_smol::relay::{ReadChunks, LAST_BYTES_TIME};
+use fluidity_runtime_smol::relay::{OwnWaker, ReadChunks, LAST_BYTES_TIME};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncWriteExt, FutureExt};
@@ -39,6 +39,9 @@ struct Upstream<S> {
     /// When a request's client is watched (see [`WATCH_AFTER`]): one timer for all the
     /// requests the stream carries, armed again about once a second at most.
     watch: LazyTimer,
+    /// The request side's own waker in [`exchange`], for all the requests the stream
+    /// carries: watching the client, it is polled only when the client's socket moves.
+    send_waker: OwnWaker,
 }
 
 impl<S> Upstream<S> {
@@ -48,6 +51,7 @@ impl<S> Upstream<S> {
             stream: SharedStream::new(stream),
             reused: false,
             watch: LazyTimer::new(),
+            send_waker: OwnWaker::new(),
         }
     }
 }
@@ -93,9 +97,15 @@ where
                 if let Some(r) = next.or(room_wanted).await {
                     return r;
                 }
-                // Another client waits for a stream: an idle one kept for this client's
-                // next request is worth less. Its next request opens a new one.
-                *kept = None;
+                if dialer.room_wanted() {
+                    // Another client waits for a stream: an idle one kept for this client's
+                    // next request is worth less, and its room is wanted now. The next
+                    // request opens a new one.
+                    *kept = None;
+                } else {
+                    // The tunnel is going away: let the stream go plainly.
+                    release(kept.take()).await;
+                }
             }
             read_head(inb, head::parse_request_head).await
         };
@@ -713,6 +723,8 @@ where
     let mut deadline: Deadline<'_> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let watch = &mut up.watch;
+    let send_waker = &up.send_waker;
+    send_waker.rewind();
     let result = {
         let mut send = pin!(async {
             let mut counted = Counted {
@@ -739,8 +751,10 @@ where
         ));
         futures_lite::future::poll_fn(|cx| {
             let body_done = || body_sent.load(Ordering::Relaxed) != u64::MAX;
+            // Once the request is sent, a poll would be a read of the client's socket bound
+            // to fail each time the answer moves: only when its own waker fired.
             if sent.is_none() {
-                if let Poll::Ready(r) = send.as_mut().poll(cx) {
+                if let Some(Poll::Ready(r)) = send_waker.poll(cx, send.as_mut()) {
                     match &r {
                         // The answer is complete: however the body ended, so does this.
                         _ if answered.is_some() => {}
