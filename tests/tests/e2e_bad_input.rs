@@ -484,8 +484,9 @@ fn a_websocket_origin_reset_mid_session_fails_the_client_as_it_would_directly() 
 /// A client that goes away before its answer releases its stream and the origin
 /// connection behind it, even when the origin never answers: after a few silent seconds,
 /// since a close looks like a half-close (a half-closed client may still be reading, and
-/// one whose origin answers gets the whole answer), and such a client is then reset. Abandoned requests to a stalled origin would otherwise pile up until
-/// the tunnel's stream limit stopped every other client.
+/// one whose origin answers gets the whole answer), and such a client is then reset.
+/// Abandoned requests to a stalled origin would otherwise pile up until the tunnel's
+/// stream limit stopped every other client.
 #[test]
 fn a_client_that_leaves_before_its_answer_releases_the_stream_and_the_origin() {
     let _wd = watchdog("client_leaves_early", Duration::from_secs(120));
