@@ -213,7 +213,7 @@ impl TunnelDialer {
         let tls = TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
         let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)
             .await
-            .map_err(|e| format!("cannot connect to the server at {}: {e}", s.server))?;
+            .map_err(|e| connect_error(s.server, e))?;
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
@@ -275,6 +275,22 @@ impl TunnelDialer {
             return Err(handshake_error(server, iam, limit, e));
         }
         Ok(tunnel)
+    }
+}
+
+/// Why the TCP connection or the TLS handshake to the server failed, with what to check
+/// where the cause is a setting.
+fn connect_error(server: SocketAddr, e: fluidity_runtime_smol::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(
+            C::BadSignature | C::UnknownIssuer,
+        )) => format!(
+            "cannot connect to the server at {server}: its certificate was not issued by the CA \
+             this agent trusts ({e}); point the agent's ca at the CA that issued the server's \
+             certificate (the ca.pem made with it)"
+        ),
+        e => format!("cannot connect to the server at {server}: {e}"),
     }
 }
 
@@ -368,6 +384,12 @@ impl Dialer for TunnelDialer {
         lock(&self.inner.current)
             .as_ref()
             .is_some_and(Tunnel::room_wanted)
+    }
+
+    fn has_room(&self) -> bool {
+        lock(&self.inner.current)
+            .as_ref()
+            .is_none_or(Tunnel::has_room)
     }
 
     async fn wait_room_wanted(&self) {

@@ -428,6 +428,12 @@ impl Tunnel {
         lock(&self.shared).room.waiting > 0
     }
 
+    /// Whether a new stream could open now without waiting for another to end.
+    pub fn has_room(&self) -> bool {
+        let s = lock(&self.shared);
+        s.room.waiting == 0 && s.conn.stream_room() > 0
+    }
+
     /// Returns once an open is waiting for a stream to end (at once if one is), or the
     /// tunnel takes no new streams (a goaway either way, or closed): either way, a stream
     /// kept idle for reuse should be let go. Each open that starts waiting wakes one

@@ -242,6 +242,33 @@ fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
     );
 }
 
+/// An agent that trusts another CA than the one that issued the server's certificate
+/// says so, and what to point its `ca` setting at.
+#[test]
+fn an_agent_trusting_another_ca_is_told_what_to_check() {
+    let _wd = watchdog("agent_trusts_another_ca", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let day = Duration::from_secs(24 * 3600);
+    let other_ca = pki::generate_ca("some other CA", day).expect("CA");
+    let dir = t.dir.path().join("other-trust");
+    std::fs::create_dir_all(&dir).expect("a folder for the CA");
+    let mut certs = t.certs.clone();
+    certs.ca_cert = dir.join("ca.pem");
+    std::fs::write(&certs.ca_cert, other_ca.cert_pem()).expect("writing the CA");
+    let opts = fluidity_tests::e2e::AgentOptions {
+        name: "fluidity-other-trust".into(),
+        ..Default::default()
+    };
+    let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    assert!(
+        agent.proc.wait_log(Duration::from_secs(30), |l| {
+            l.contains("not issued by the CA this agent trusts") && l.contains("ca.pem")
+        }),
+        "the agent did not say what to check:\n{}",
+        agent.proc.log()
+    );
+}
+
 #[test]
 fn unreachable_targets_get_502_and_504() {
     let _wd = watchdog("unreachable_targets", Duration::from_secs(180));

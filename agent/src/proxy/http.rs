@@ -441,11 +441,12 @@ where
             .iter()
             .any(|m| method.eq_ignore_ascii_case(m));
     for attempt in 0..2 {
-        // A stream kept for another origin is let go plainly while the new one opens; one
-        // that is no longer usable is reset.
+        // A stream kept for another origin is let go plainly while the new one opens,
+        // unless the new one would wait for its room: then it is reset, as is one that is
+        // no longer usable.
         let mut previous = None;
         if upstream.as_ref().is_some_and(|u| u.target != abs.target) {
-            previous = upstream.take();
+            previous = upstream.take().filter(|_| dialer.has_room());
         } else if !still_usable(upstream) {
             *upstream = None;
         }

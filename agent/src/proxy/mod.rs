@@ -49,6 +49,12 @@ pub trait Dialer: Send + Sync + 'static {
         false
     }
 
+    /// Whether a new stream could open now without waiting for another to end. Always,
+    /// unless the dialer has a stream limit.
+    fn has_room(&self) -> bool {
+        true
+    }
+
     /// Returns when an open starts waiting for another stream to end (see
     /// [`room_wanted`](Self::room_wanted)). Never, unless the dialer has such a limit.
     fn wait_room_wanted(&self) -> impl Future<Output = ()> + Send {
