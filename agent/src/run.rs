@@ -173,10 +173,7 @@ pub async fn serve(
     // Connections write their last bytes and end; those that have not by then are
     // reset, as the process may exit right after: a client must not take a cut stream
     // for a whole one.
-    let deadline = fluidity_runtime_smol::app::deadline_in(CLIENTS_GRACE);
-    while !lock(&clients).is_empty() && std::time::Instant::now() < deadline {
-        smol::Timer::after(Duration::from_millis(20)).await;
-    }
+    fluidity_runtime_smol::app::wait_until(CLIENTS_GRACE, || lock(&clients).is_empty()).await;
     for sock in lock(&clients).values() {
         reset_on_close(sock);
     }

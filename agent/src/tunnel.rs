@@ -156,11 +156,7 @@ impl TunnelDialer {
             return;
         };
         t.go_away();
-        let deadline = fluidity_runtime_smol::app::deadline_in(grace);
-        while !t.is_closed() && Instant::now() < deadline {
-            smol::Timer::after(Duration::from_millis(20)).await;
-        }
-        if !t.is_closed() {
+        if !fluidity_runtime_smol::app::wait_until(grace, || t.is_closed()).await {
             tracing::warn!(
                 streams = t.stats().streams_active,
                 "streams still open at the shutdown deadline; closing"

@@ -130,6 +130,22 @@ pub fn deadline_in(limit: std::time::Duration) -> std::time::Instant {
         .unwrap_or(now)
 }
 
+/// Waits until `done()` holds or `limit` has passed, and returns whether it holds. It is
+/// checked every 20 ms: for state that changes without an event to wait on (tunnels and
+/// connections ending during a shutdown).
+pub async fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = deadline_in(limit);
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        async_io::Timer::after(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop).
 pub async fn shutdown_signal() {
     use async_signal::{Signal, Signals};

@@ -190,10 +190,7 @@ impl Server {
         for t in &tunnels {
             t.go_away();
         }
-        let deadline = app::deadline_in(self.cfg.drain_timeout());
-        while !self.tunnels().is_empty() && Instant::now() < deadline {
-            Timer::after(Duration::from_millis(50)).await;
-        }
+        app::wait_until(self.cfg.drain_timeout(), || self.tunnels().is_empty()).await;
         for t in self.tunnels().values() {
             t.close(ErrorCode::NO_ERROR, "server stopped");
         }
