@@ -354,15 +354,13 @@ where
         Some((time, moved, late)) => (Some((time, moved)), Some(late)),
         None => (None, None),
     };
-    let count = |moved: Option<&AtomicU64>| moved.map(|m| m.load(Ordering::Relaxed));
-    // The timer, and the count of `b`'s bytes it was last set at.
-    let mut deadline: Option<(Timer, Option<u64>)> = None;
+    let mut deadline: Option<IdleDeadline<'_>> = None;
     std::future::poll_fn(|cx| {
         if ra.is_none() {
             match wa.poll(cx, a.as_mut()) {
                 Some(Poll::Ready(Ok(t))) => {
                     if t.is_err() {
-                        deadline = grace.map(|(time, moved)| (Timer::after(time), count(moved)));
+                        deadline = grace.map(|(time, moved)| IdleDeadline::new(time, moved));
                     }
                     ra = Some(t);
                 }
@@ -377,13 +375,8 @@ where
                 Some(Poll::Pending) | None => {}
             }
         }
-        if let (None, Some((timer, seen)), Some((time, moved))) = (&rb, deadline.as_mut(), grace) {
-            let now = count(moved);
-            if now != *seen {
-                *seen = now;
-                timer.set_after(time);
-            }
-            if timer.poll(cx).is_ready() {
+        if let (None, Some(d)) = (&rb, deadline.as_mut()) {
+            if d.poll(cx).is_ready() {
                 if let Some(late) = late.take() {
                     return Poll::Ready(Err(late()));
                 }
@@ -398,6 +391,39 @@ where
         }
     })
     .await
+}
+
+/// A time limit that starts again whenever a count of bytes moved changes: a bound on a
+/// wait that may still be making progress. Without a count, a fixed limit.
+#[derive(Debug)]
+pub struct IdleDeadline<'a> {
+    timer: Timer,
+    limit: Duration,
+    /// The count, and its value when the timer was last set.
+    progress: Option<(&'a AtomicU64, u64)>,
+}
+
+impl<'a> IdleDeadline<'a> {
+    /// A deadline `limit` from now, moved on by changes of `moved`.
+    pub fn new(limit: Duration, moved: Option<&'a AtomicU64>) -> Self {
+        IdleDeadline {
+            timer: Timer::after(limit),
+            limit,
+            progress: moved.map(|m| (m, m.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// `Ready` once `limit` has passed without the count changing.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some((count, seen)) = &mut self.progress {
+            let now = count.load(Ordering::Relaxed);
+            if now != *seen {
+                *seen = now;
+                self.timer.set_after(self.limit);
+            }
+        }
+        Pin::new(&mut self.timer).poll(cx).map(|_| ())
+    }
 }
 
 /// A future's own waker within a task that polls several, so that it is polled only when

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use fluidity_proto::{RefusalReason, Target};
-use fluidity_runtime_smol::relay::{OwnWaker, ReadChunks, LAST_BYTES_TIME};
+use fluidity_runtime_smol::relay::{IdleDeadline, OwnWaker, ReadChunks, LAST_BYTES_TIME};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncWriteExt, FutureExt};
@@ -716,12 +716,8 @@ where
     //   and not read the answer until it has sent it;
     // - the client has closed its side: the answer gets as long as it keeps moving;
     // - the answer is complete and the body is not: the body, as long as it moves.
-    type Deadline<'a> = Option<(async_io::Timer, Option<(&'a AtomicU64, u64)>)>;
-    fn arm(count: Option<&AtomicU64>) -> Deadline<'_> {
-        let progress = count.map(|c| (c, c.load(Ordering::Relaxed)));
-        Some((async_io::Timer::after(LAST_BYTES_TIME), progress))
-    }
-    let mut deadline: Deadline<'_> = None;
+    let arm = |count| Some(IdleDeadline::new(LAST_BYTES_TIME, count));
+    let mut deadline: Option<IdleDeadline<'_>> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let watch = &mut up.watch;
     let send_waker = &up.send_waker;
@@ -789,15 +785,8 @@ where
                     Poll::Pending => {}
                 }
             }
-            if let Some((timer, progress)) = deadline.as_mut() {
-                if let Some((count, seen)) = progress {
-                    let now = count.load(Ordering::Relaxed);
-                    if now != *seen {
-                        *seen = now;
-                        timer.set_after(LAST_BYTES_TIME);
-                    }
-                }
-                if timer.poll(cx).is_ready() {
+            if let Some(d) = deadline.as_mut() {
+                if d.poll(cx).is_ready() {
                     // A complete answer stands; the body that stopped moving is dropped
                     // with the connection.
                     return Poll::Ready(Some(answered.take().ok_or(ExchangeError::Aborted)));
