@@ -35,7 +35,7 @@ impl ErrorCode {
     pub const IDLE_TIMEOUT: ErrorCode = ErrorCode(9);
     /// A stream was cancelled by the application (the usual reset code).
     pub const CANCEL: ErrorCode = ErrorCode(10);
-    /// The peer sent control frames faster than they could be answered.
+    /// The side is overloaded (the reference server: beyond its tunnel limit).
     pub const EXCESSIVE_LOAD: ErrorCode = ErrorCode(11);
 
     /// A short name for the code, or `None` for codes this version does not know.
