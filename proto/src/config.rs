@@ -11,10 +11,11 @@ pub struct Limits {
     /// Largest frame payload this side accepts. Default 64 KiB; never below 16 KiB.
     pub max_frame_len: u32,
     /// Initial credit for each stream this side receives on: how many bytes of one
-    /// stream it will buffer. Default 256 KiB.
+    /// stream it buffers until the stream's reader shows it keeps up (the window then
+    /// grows, see [`Config::max_stream_window`]). Default 256 KiB.
     pub stream_window: u32,
     /// Initial credit for the whole connection: how many data bytes may be in flight
-    /// towards this side before it has processed them. Default 4 MiB.
+    /// towards this side before it has processed them. Default 16 MiB.
     pub connection_window: u32,
     /// Streams this side lets the peer have open at once. Default 256.
     pub max_streams: u32,
@@ -24,7 +25,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_len: 64 * 1024,
-            stream_window: 4 * 1024 * 1024,
+            stream_window: 256 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_streams: 256,
         }
@@ -74,12 +75,35 @@ pub struct Config {
     /// long or busy path stays full. Default 256 KiB; less than 16 KiB (one DATA frame)
     /// counts as 16 KiB.
     pub send_buffer: usize,
+    /// Largest window one stream's receiving side grows to. A stream starts with
+    /// `limits.stream_window`; each time its reader takes half its window within
+    /// [`WINDOW_GROWTH_RTTS`] round trips of the last update (so the window, not the
+    /// reader, limits it), the window doubles up to this. A reader that stalls or reads
+    /// slowly keeps a small window, and so little buffered memory. Default 4 MiB; less
+    /// than `limits.stream_window` counts as that.
+    pub max_stream_window: u32,
+    /// How much all streams' windows may grow beyond `limits.stream_window` together: with
+    /// `max_streams` it bounds what the connection's streams buffer (at most
+    /// `max_streams × stream_window + window_growth_budget`). Default 16 MiB.
+    pub window_growth_budget: u64,
 }
+
+/// Round trips within which a reader must take half its window for the window to grow
+/// ([`Config::max_stream_window`]). Four: the round trip is measured on an idle
+/// connection and grows under load.
+pub const WINDOW_GROWTH_RTTS: u32 = 4;
 
 impl Config {
     /// `send_buffer` as the connection applies it: at least 16 KiB.
     pub fn sanitized_send_buffer(&self) -> usize {
         self.send_buffer.max(MIN_MAX_FRAME_LEN as usize)
+    }
+
+    /// `max_stream_window` as the connection applies it: at least the initial window,
+    /// at most the protocol's largest.
+    pub fn sanitized_max_stream_window(&self) -> u32 {
+        self.max_stream_window
+            .clamp(self.limits.sanitized().stream_window, crate::MAX_WINDOW)
     }
 }
 
@@ -95,6 +119,8 @@ impl Default for Config {
             max_control_backlog: 256 * 1024,
             transmit_batch: 256 * 1024,
             send_buffer: 256 * 1024,
+            max_stream_window: 4 * 1024 * 1024,
+            window_growth_budget: 16 * 1024 * 1024,
         }
     }
 }

@@ -13,6 +13,15 @@ use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
 use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target};
 
+/// The round trip window growth assumes until a ping has measured one (the first goes out
+/// as the connection becomes ready).
+const INITIAL_RTT: Duration = Duration::from_millis(100);
+
+/// The least round trip window growth assumes. An idle loopback tunnel measures tens of
+/// microseconds, which says nothing of how long its processes take to be scheduled under
+/// load.
+const MIN_GROWTH_RTT: Duration = Duration::from_millis(1);
+
 /// How much input `handle_input` decodes between checks of the control backlog.
 const INPUT_SLICE: usize = 16 * 1024;
 
@@ -183,6 +192,12 @@ pub struct Connection {
     /// The peer drained and closed the transport after a goaway; the streams left are
     /// complete and only wait for the application to read them.
     peer_done: bool,
+    /// The latest time the application gave (never earlier than one given before). Stream
+    /// reads take no time of their own; window growth measures with this.
+    now: Instant,
+    /// How far the streams' receive windows have grown beyond the initial one, together
+    /// (bounded by `Config::window_growth_budget`).
+    windows_grown: u64,
     stats: Stats,
 }
 
@@ -231,6 +246,8 @@ impl Connection {
             closing: Closing::No,
             lost: false,
             peer_done: false,
+            now,
+            windows_grown: 0,
             stats: Stats::default(),
             config,
         };
@@ -301,6 +318,7 @@ impl Connection {
             send_credit: s.send.window.credit(),
             sent: s.send.sent,
             recv_buffered: s.recv.buffered,
+            recv_window: s.recv.window.window(),
             received: s.recv.received,
             read: s.recv.read,
             fin_received: s.recv.fin_received,
@@ -320,6 +338,7 @@ impl Connection {
     /// the rest again. Protocol violations close the connection and surface as
     /// [`Event::ConnectionLost`]; they are never returned.
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> usize {
+        self.advance(now);
         if !matches!(self.closing, Closing::No) {
             // Nothing more is accepted once closing; the bytes are discarded.
             return data.len();
@@ -365,6 +384,7 @@ impl Connection {
     /// `handle_input`) were not looked at: call `poll_transmit`, then offer them again.
     /// Once the connection is closing everything is consumed and discarded.
     pub fn handle_input_bytes(&mut self, now: Instant, data: &mut BytesMut) -> usize {
+        self.advance(now);
         let total = data.len();
         if !matches!(self.closing, Closing::No) {
             data.clear();
@@ -515,6 +535,7 @@ impl Connection {
     /// Processes timers due at `now`: the handshake deadline, keepalive pings and the idle
     /// timeout.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
         // A peer that drained sends nothing more: no keepalive, no idle timeout.
         if !matches!(self.closing, Closing::No) || self.peer_done {
             return;
@@ -550,7 +571,8 @@ impl Connection {
     /// Appends frames to send to `buf` and returns how many bytes were appended (0 when
     /// there is nothing to send). Emits all pending control frames and at most
     /// `Config::transmit_batch` bytes of stream data, round-robin across streams.
-    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> usize {
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> usize {
+        self.advance(now);
         let start = buf.len();
         self.transmit(buf);
         buf.len() - start
@@ -563,7 +585,8 @@ impl Connection {
     /// more slices of the written bytes. Concatenated in order, the chunks are exactly the
     /// bytes `poll_transmit` would have appended, so the two may be mixed freely; a
     /// runtime can hand them to a vectored write.
-    pub fn poll_transmit_chunks(&mut self, _now: Instant, out: &mut Vec<Bytes>) -> usize {
+    pub fn poll_transmit_chunks(&mut self, now: Instant, out: &mut Vec<Bytes>) -> usize {
+        self.advance(now);
         let start = out.len();
         let mut sink = ChunkSink {
             out,
@@ -677,6 +700,7 @@ impl Connection {
                 OpenPhase::Opening,
                 peer.stream_window,
                 self.limits.stream_window,
+                self.now,
             ),
         );
         self.stats.streams_opened += 1;
@@ -744,6 +768,7 @@ impl Connection {
         if self.phase != Phase::Ready {
             self.closing = Closing::Flushing;
             self.streams.clear();
+            self.windows_grown = 0;
             return;
         }
         self.check_drain();
@@ -907,7 +932,11 @@ impl Connection {
             // No credit after FIN: the peer cannot use it.
             if !s.recv.fin_received {
                 if let Some(increment) = s.recv.window.on_release(n) {
-                    self.queue(&Frame::WindowUpdate { id, increment });
+                    let grown = self.grow_window(id);
+                    self.queue(&Frame::WindowUpdate {
+                        id,
+                        increment: increment + grown,
+                    });
                 }
             }
             return Ok(Some(chunk));
@@ -967,7 +996,53 @@ impl Connection {
 
     fn remove_stream(&mut self, id: StreamId) {
         // The round-robin skips ids that no longer exist.
-        self.streams.remove(&id);
+        self.take_stream(id);
+    }
+
+    /// Removes stream `id`, giving its window's growth back to the budget.
+    fn take_stream(&mut self, id: StreamId) -> Option<StreamState> {
+        let s = self.streams.remove(&id)?;
+        let grown = s
+            .recv
+            .window
+            .window()
+            .saturating_sub(self.limits.stream_window);
+        self.windows_grown = self.windows_grown.saturating_sub(u64::from(grown));
+        Some(s)
+    }
+
+    /// Called as stream `id` returns credit: doubles its window (up to
+    /// `Config::max_stream_window`, within `Config::window_growth_budget`) when its reader
+    /// took the half window since the last update within `WINDOW_GROWTH_RTTS` round trips,
+    /// so that the window, not the reader, is what limits the stream. Returns the growth,
+    /// to add to the update.
+    fn grow_window(&mut self, id: StreamId) -> u32 {
+        let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT).max(MIN_GROWTH_RTT);
+        let quick = rtt * crate::config::WINDOW_GROWTH_RTTS;
+        let max = self.config.sanitized_max_stream_window();
+        let room = self
+            .config
+            .window_growth_budget
+            .saturating_sub(self.windows_grown)
+            .min(u64::from(u32::MAX)) as u32;
+        let now = self.now;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return 0;
+        };
+        let since = now.saturating_duration_since(s.recv.last_update);
+        s.recv.last_update = now;
+        if since >= quick {
+            return 0;
+        }
+        let window = s.recv.window.window();
+        let grown = s.recv.window.grow(window.min(room), max);
+        self.windows_grown += u64::from(grown);
+        grown
+    }
+
+    /// Moves the connection's clock to `now`, never back.
+    fn advance(&mut self, now: Instant) {
+        self.now = self.now.max(now);
     }
 
     /// Whether `id` names a stream that existed once and is gone (late frames for it are
@@ -1081,6 +1156,7 @@ impl Connection {
         }
         tracing::debug!(side = ?self.side, %reason, "tunnel connection lost");
         self.streams.clear();
+        self.windows_grown = 0;
         self.sendable.clear();
         self.closing = Closing::Flushing;
         if !self.lost {
@@ -1094,7 +1170,8 @@ impl Connection {
         // The idle clock starts now: while the server application decides on the auth,
         // the agent has nothing to send, and the handshake deadline covers that wait.
         self.last_recv = now;
-        self.next_ping = Some(now + self.config.keepalive_interval);
+        // The first ping goes out at once: its round trip sizes the streams' windows.
+        self.next_ping = Some(now);
         self.events.push_back(Event::Ready { principal });
     }
 
@@ -1282,6 +1359,7 @@ impl Connection {
                 OpenPhase::PendingAccept,
                 peer.stream_window,
                 self.limits.stream_window,
+                self.now,
             ),
         );
         self.events
@@ -1414,7 +1492,7 @@ impl Connection {
             }
             return self.violation(ErrorCode::PROTOCOL, format!("reset of unknown stream {id}"));
         }
-        let Some(s) = self.streams.remove(&id) else {
+        let Some(s) = self.take_stream(id) else {
             return;
         };
         if !s.let_go() {
@@ -1434,8 +1512,12 @@ impl Connection {
                     "stream {id}: buffered beyond credit"
                 );
                 debug_assert!(
-                    s.recv.buffered as u64 <= u64::from(self.limits.stream_window),
+                    s.recv.buffered as u64 <= u64::from(s.recv.window.window()),
                     "stream {id}: received beyond the window"
+                );
+                debug_assert!(
+                    s.recv.window.window() <= self.config.sanitized_max_stream_window(),
+                    "stream {id}: window beyond its largest"
                 );
             }
         }

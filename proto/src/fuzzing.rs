@@ -297,6 +297,8 @@ fn arb_config(u: &mut Unstructured<'_>) -> Result<Config> {
         max_control_backlog: *u.choose(&[256 * 1024, 1, 64])?,
         transmit_batch: *u.choose(&[256 * 1024, 1, 100])?,
         send_buffer: *u.choose(&[256 * 1024, 0, 100])?,
+        max_stream_window: *u.choose(&[4 * 1024 * 1024, 0, 1000, crate::MAX_WINDOW])?,
+        window_growth_budget: *u.choose(&[32 * 1024 * 1024, 0, 5000, u64::MAX])?,
     })
 }
 
@@ -372,8 +374,12 @@ fn check_streams(conn: &Connection) {
             panic!("listed stream {id} has no info");
         };
         assert!(
-            info.recv_buffered as u64 <= u64::from(window),
+            info.recv_buffered as u64 <= u64::from(info.recv_window),
             "stream {id} buffers beyond its window"
+        );
+        assert!(
+            info.recv_window >= window,
+            "stream {id}'s window shrank below the initial one"
         );
         assert!(
             info.send_buffered as u64 <= info.send_credit,

@@ -311,10 +311,18 @@ fn writer_blocks_at_the_window_and_resumes_when_the_reader_reads() {
 
 #[test]
 fn writer_blocks_at_the_send_buffer_and_resumes_once_it_is_transmitted() {
-    let mut p = Pair::ready();
+    // A window larger than the send buffer, so that the send buffer alone limits writes.
+    let config = Config {
+        limits: Limits {
+            stream_window: 1024 * 1024,
+            ..Limits::default()
+        },
+        ..Config::default()
+    };
+    let cap = config.send_buffer;
+    assert!((config.limits.stream_window as usize) > cap);
+    let mut p = Pair::ready_with(config);
     let id = p.open_accepted();
-    let cap = Config::default().send_buffer;
-    assert!((Limits::default().stream_window as usize) > cap);
     let big = vec![7u8; cap * 3];
     let n = p.agent.send_stream(id).write(&big).unwrap();
     assert_eq!(n, cap, "write takes the send buffer, not the whole credit");
@@ -1266,5 +1274,78 @@ proptest::proptest! {
         proptest::prop_assert!(copying.0 == zero_copy.0, "agent transmissions differ");
         proptest::prop_assert!(copying.1 == zero_copy.1, "server transmissions differ");
         proptest::prop_assert!(copying.2 == zero_copy.2, "writes or reads differ");
+    }
+}
+
+/// Moves `n` bytes on stream `id` from the agent to the server, the server reading at
+/// once, and returns the server's receive window for it afterwards.
+fn push_and_read(p: &mut Pair, id: StreamId, n: usize) -> u32 {
+    let mut left = n;
+    while left > 0 {
+        let chunk = vec![5u8; left.min(500)];
+        if let Ok(k) = p.agent.send_stream(id).write(&chunk) {
+            left -= k;
+        }
+        p.drive();
+        read_all(&mut p.server, id);
+        p.drive();
+    }
+    p.server.stream_info(id).unwrap().recv_window
+}
+
+#[test]
+fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams_end() {
+    let mut p = Pair::ready_with(Config {
+        limits: Limits {
+            stream_window: 1000,
+            ..Limits::default()
+        },
+        max_stream_window: 4000,
+        // One stream's growth from 1000 to 4000, no more.
+        window_growth_budget: 3000,
+        ..Config::default()
+    });
+    let a = p.open_accepted();
+    let b = p.open_accepted();
+    // A reader that takes everything at once, on a clock that does not move: every
+    // update is quick, and the window doubles up to the largest.
+    assert_eq!(push_and_read(&mut p, a, 20_000), 4000);
+    // The budget is spent: the other stream keeps its initial window.
+    assert_eq!(push_and_read(&mut p, b, 20_000), 1000);
+    // Once the first stream has ended both ways, its growth is given back.
+    p.agent.send_stream(a).finish().unwrap();
+    p.drive();
+    assert!(read_all(&mut p.server, a).1);
+    p.server.send_stream(a).finish().unwrap();
+    p.drive();
+    assert!(read_all(&mut p.agent, a).1);
+    p.drive();
+    assert_eq!(p.server.stream_info(a), None);
+    assert_eq!(push_and_read(&mut p, b, 20_000), 4000);
+}
+
+#[test]
+fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
+    let mut p = Pair::ready_with(Config {
+        limits: Limits {
+            stream_window: 1000,
+            ..Limits::default()
+        },
+        max_stream_window: 4000,
+        ..Config::default()
+    });
+    let id = p.open_accepted();
+    let mut moved = 0;
+    while moved < 20_000 {
+        let n = p.agent.send_stream(id).write(&[5u8; 1000]).unwrap_or(0);
+        moved += n;
+        p.drive();
+        // Half a window per read, and more than four round trips (at least 4 ms) between
+        // reads, the first counted from the stream's start.
+        p.advance(Duration::from_millis(5));
+        p.drive();
+        let _ = p.server.recv_stream(id).read(500);
+        p.drive();
+        assert_eq!(p.server.stream_info(id).unwrap().recv_window, 1000);
     }
 }

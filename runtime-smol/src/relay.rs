@@ -28,7 +28,7 @@ const RELAY_BUF_MIN: usize = 16 * 1024;
 /// filling the buffer (a bulk transfer) grow it up to this, so that each piece costs fewer
 /// system calls and wake-ups:
 /// from 64 KiB to 256 KiB, the server's CPU time for a download fell by about 8%
-/// (docs/PERFORMANCE.md, change 20). A stream's window (4 MiB by default) is far larger.
+/// (docs/PERFORMANCE.md, change 20). A fast stream's window grows to 4 MiB, far larger.
 const RELAY_BUF_MAX: usize = 256 * 1024;
 
 /// Which way bytes moved.

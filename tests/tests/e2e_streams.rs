@@ -214,6 +214,68 @@ fn a_stalled_reader_does_not_slow_another_stream_and_its_memory_stays_bounded() 
     drop(stalled);
 }
 
+/// A stream starts with a small window that grows only while its reader keeps up, so
+/// downloads whose clients stopped reading from the start each hold that small window in
+/// the agent, not the 4 MiB a fast stream grows to: many of them cost little memory,
+/// even after a fast download has shown the tunnel's windows can grow.
+#[test]
+fn many_stalled_downloads_hold_little_memory_in_the_agent() {
+    const STALLED: usize = 48;
+    let _wd = watchdog("stalled_memory", Duration::from_secs(180));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("bulk");
+    let flood = FloodOrigin::start();
+    timed_download(&t, &origin, 64 * MIB);
+    let agent_rss = t.agent.proc.rss_bytes().expect("agent RSS");
+
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let (status, s) = connect_via(t.proxy(), &flood.addr().to_string()).expect("CONNECT");
+        assert_eq!(status, 200);
+        let _ = socket2::SockRef::from(&s).set_recv_buffer_size(64 * 1024);
+        stalled.push(s);
+    }
+    // Every stream is full once the origin can write no more: its total stops moving.
+    let mut last = (0, Instant::now());
+    wait_for(
+        "the stalled streams to fill",
+        Duration::from_secs(120),
+        || {
+            let per = flood.written_per_connection();
+            let total: u64 = per.iter().sum();
+            if per.len() < STALLED || total != last.0 {
+                last = (total, Instant::now());
+                return None;
+            }
+            (last.1.elapsed() >= Duration::from_secs(1)).then_some(())
+        },
+    );
+    let growth = t
+        .agent
+        .proc
+        .rss_bytes()
+        .expect("agent RSS")
+        .saturating_sub(agent_rss);
+    let per = flood.written_per_connection();
+    eprintln!(
+        "{STALLED} stalled downloads: the agent grew by {} KiB; the origin wrote {} to {} KiB into each",
+        growth / 1024,
+        per.iter().min().unwrap_or(&0) / 1024,
+        per.iter().max().unwrap_or(&0) / 1024,
+    );
+    // 2 MiB per stream: half the window a fast stream grows to (with 4 MiB windows from
+    // the start, this grew the agent by about 5 MiB per stream).
+    assert!(
+        growth < 2 * STALLED as u64 * MIB,
+        "{STALLED} stalled downloads grew the agent by {} MiB",
+        growth / MIB
+    );
+
+    // The tunnel still carries a download at full speed beside them.
+    timed_download(&t, &origin, 16 * MIB);
+    drop(stalled);
+}
+
 #[test]
 fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_give_way() {
     const LIMIT: usize = 4;

@@ -231,7 +231,8 @@ fn quiet_link() -> LinkOptions {
 
 /// Small windows: a reader that stops holds exactly its stream's window and no more,
 /// while the other streams, sharing a connection window smaller than all their stream
-/// windows together, carry on to the end.
+/// windows together, carry on to the end. Windows do not grow here (see
+/// `a_reader_that_keeps_up_widens_its_window_and_a_slow_one_does_not`).
 #[test]
 fn a_stopped_reader_holds_only_its_own_window() {
     const WINDOW: u32 = 1000;
@@ -247,6 +248,7 @@ fn a_stopped_reader_holds_only_its_own_window() {
         data_frame_len: 300,
         keepalive_interval: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(3),
+        max_stream_window: WINDOW,
         ..Config::default()
     };
     let eager = ReaderPlan {
@@ -335,6 +337,103 @@ fn resets_reach_the_peer_with_their_codes() {
         "{o:?}"
     );
     assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+}
+
+/// Window growth: streams whose readers take everything at once widen their windows
+/// (within the largest window and, together, the growth budget, which the simulation
+/// checks after every step), while a reader that takes a little now and then, and one
+/// that stops, keep the initial window: their streams never have more in flight.
+#[test]
+fn a_reader_that_keeps_up_widens_its_window_and_a_slow_one_does_not() {
+    const WINDOW: u32 = 1000;
+    const MAX_WINDOW: u32 = 64_000;
+    let config = Config {
+        limits: Limits {
+            max_frame_len: 16 * 1024,
+            stream_window: WINDOW,
+            connection_window: 1_000_000,
+            max_streams: 8,
+        },
+        require_auth: false,
+        data_frame_len: 300,
+        keepalive_interval: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(3),
+        max_stream_window: MAX_WINDOW,
+        // Less than two streams' growth to the largest window.
+        window_growth_budget: 100_000,
+        ..Config::default()
+    };
+    let eager = ReaderPlan {
+        chunk: 64 * 1024,
+        interval: Duration::ZERO,
+        pause_at: None,
+        pause_for: None,
+    };
+    let slow = ReaderPlan {
+        chunk: 100,
+        interval: Duration::from_millis(200),
+        ..eager
+    };
+    let stopped = ReaderPlan {
+        pause_at: Some(Duration::ZERO),
+        pause_for: Some(Duration::from_secs(2)),
+        chunk: 100,
+        interval: Duration::from_millis(200),
+    };
+    let stream = |len: u64, reader: ReaderPlan| StreamPlan {
+        open_at: Duration::ZERO,
+        answer_delay: Duration::ZERO,
+        refuse: None,
+        up: DirPlan {
+            len,
+            write_chunk: 4096,
+            reader,
+        },
+        down: DirPlan {
+            len: 0,
+            write_chunk: 4096,
+            reader: eager,
+        },
+        reset: None,
+    };
+    let opts = Options {
+        seed: 0xF11,
+        agent: config.clone(),
+        server: config,
+        up_link: quiet_link(),
+        down_link: quiet_link(),
+        auth: AuthPlan::Accept(Duration::ZERO),
+        streams: vec![
+            stream(3000, slow),
+            stream(3000, stopped),
+            stream(2_000_000, eager),
+            stream(2_000_000, eager),
+            stream(2_000_000, eager),
+        ],
+        ending: Ending::GoAway {
+            by: Side::Agent,
+            at: None,
+        },
+    };
+    let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(o.completed, 5, "{o:?}");
+    assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+    for k in 0..2 {
+        assert_eq!(
+            o.max_in_flight[k][0],
+            u64::from(WINDOW),
+            "stream {k}: {o:?}"
+        );
+    }
+    for k in 2..5 {
+        assert!(
+            o.max_in_flight[k][0] <= u64::from(MAX_WINDOW),
+            "stream {k}: {o:?}"
+        );
+    }
+    // The budget lets at least one eager stream reach the largest window.
+    let widest = (2..5).map(|k| o.max_in_flight[k][0]).max().unwrap_or(0);
+    assert!(widest > u64::from(MAX_WINDOW) / 2, "{o:?}");
 }
 
 /// Both sides push bulk data at once through transports whose buffers hold only 2 KiB,

@@ -39,6 +39,7 @@ impl SendWindow {
 /// What this side has allowed the peer to send, and what it owes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RecvWindow {
+    /// What the peer may have sent and this side not yet released: the most it buffers.
     window: u32,
     /// Bytes the peer may still send before our next update.
     remaining: u64,
@@ -53,6 +54,11 @@ impl RecvWindow {
             remaining: u64::from(window),
             pending: 0,
         }
+    }
+
+    /// The current window: what the peer may have sent that this side has not released.
+    pub(crate) fn window(&self) -> u32 {
+        self.window
     }
 
     /// Records `n` received bytes; `Err` when the peer exceeded its credit.
@@ -75,6 +81,15 @@ impl RecvWindow {
             return Some(inc);
         }
         None
+    }
+
+    /// Widens the window by up to `by` bytes, never beyond `max`, and returns how much:
+    /// credit the caller adds to the update it sends.
+    pub(crate) fn grow(&mut self, by: u32, max: u32) -> u32 {
+        let by = by.min(max.saturating_sub(self.window));
+        self.window += by;
+        self.remaining += u64::from(by);
+        by
     }
 }
 
@@ -103,9 +118,10 @@ mod tests {
         /// A sender obeying the credit it was given never overruns the receiver, and the
         /// receiver's credit returns as bytes are released.
         #[test]
-        fn sender_and_receiver_agree(window in 1u32..100_000, ops in proptest::collection::vec((any::<bool>(), 1u64..50_000), 1..200)) {
+        fn sender_and_receiver_agree(window in 1u32..100_000, extra in 0u32..300_000, ops in proptest::collection::vec((any::<bool>(), 1u64..50_000), 1..200)) {
             let mut s = SendWindow::new(window);
             let mut r = RecvWindow::new(window);
+            let max = window.saturating_add(extra);
             let mut unreleased = 0u64;
             let mut owed_updates = Vec::new();
             for (send, n) in ops {
@@ -117,12 +133,17 @@ mod tests {
                 } else {
                     let n = n.min(unreleased);
                     unreleased -= n;
-                    if let Some(inc) = r.on_release(n) { owed_updates.push(inc); }
+                    if let Some(inc) = r.on_release(n) {
+                        // Growing at an update adds to it, as the connection does.
+                        let grown = if n % 3 == 0 { r.grow(window, max) } else { 0 };
+                        owed_updates.push(inc + grown);
+                    }
                 }
                 for inc in owed_updates.drain(..) { prop_assert!(s.grant(inc).is_ok()); }
                 // Credit seen by the sender equals what the receiver will still accept.
                 prop_assert_eq!(s.credit(), r.remaining);
-                prop_assert!(unreleased <= u64::from(window));
+                prop_assert!(unreleased <= u64::from(r.window()));
+                prop_assert!(r.window() <= max);
             }
         }
     }

@@ -35,11 +35,16 @@ pub(crate) struct StreamState {
 }
 
 impl StreamState {
-    pub(crate) fn new(phase: OpenPhase, send_credit: u32, recv_window: u32) -> Self {
+    pub(crate) fn new(
+        phase: OpenPhase,
+        send_credit: u32,
+        recv_window: u32,
+        now: std::time::Instant,
+    ) -> Self {
         StreamState {
             phase,
             send: SendState::new(send_credit),
-            recv: RecvState::new(recv_window),
+            recv: RecvState::new(recv_window, now),
             scheduled: false,
         }
     }
@@ -113,6 +118,10 @@ pub struct StreamInfo {
     pub sent: u64,
     /// Bytes received and buffered, not yet read.
     pub recv_buffered: usize,
+    /// The stream's receive window now: the most of it this side buffers. It starts at
+    /// `Limits::stream_window` and grows while the reader keeps up
+    /// (`Config::max_stream_window`).
+    pub recv_window: u32,
     /// Bytes received from the wire.
     pub received: u64,
     /// Bytes handed to the application.

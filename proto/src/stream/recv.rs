@@ -1,6 +1,7 @@
 //! The receiving half of a stream.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -10,9 +11,12 @@ use super::flow::RecvWindow;
 pub(crate) struct RecvState {
     /// Received chunks, as they came off the wire (no copy).
     pub(crate) chunks: VecDeque<Bytes>,
-    /// Sum of `chunks` lengths; never above the stream window.
+    /// Sum of `chunks` lengths; never above the stream's window.
     pub(crate) buffered: usize,
     pub(crate) window: RecvWindow,
+    /// When the last window update went out (at first, when the stream began): how long
+    /// the reader took for the half window since tells whether the window holds it back.
+    pub(crate) last_update: Instant,
     pub(crate) fin_received: bool,
     /// The application has seen the end of the stream.
     pub(crate) fin_read: bool,
@@ -25,11 +29,12 @@ pub(crate) struct RecvState {
 }
 
 impl RecvState {
-    pub(crate) fn new(window: u32) -> Self {
+    pub(crate) fn new(window: u32, now: Instant) -> Self {
         RecvState {
             chunks: VecDeque::new(),
             buffered: 0,
             window: RecvWindow::new(window),
+            last_update: now,
             fin_received: false,
             fin_read: false,
             signalled: false,

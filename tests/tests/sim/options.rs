@@ -245,6 +245,13 @@ impl Options {
         // credit; values under the protocol's minimum check that it is raised.
         agent.send_buffer = rng.log_range(1, 400_000) as usize;
         server.send_buffer = rng.log_range(1, 400_000) as usize;
+        // Window growth, drawn after those for the same reason: from none (a largest window
+        // under the initial one counts as the initial one) to windows far above it, with
+        // budgets that often cut it short.
+        for c in [&mut agent, &mut server] {
+            c.max_stream_window = rng.log_range(1, 2_000_000) as u32;
+            c.window_growth_budget = rng.log_range(1, 4_000_000);
+        }
         Options {
             seed,
             agent,
@@ -321,6 +328,8 @@ fn config(rng: &mut Rng, keepalive: Duration, idle: Duration) -> Config {
         transmit_batch: rng.log_range(100, 300_000) as usize,
         // Drawn at the end of `Options::generate`.
         send_buffer: Config::default().send_buffer,
+        max_stream_window: Config::default().max_stream_window,
+        window_growth_budget: Config::default().window_growth_budget,
     }
 }
 

@@ -1265,13 +1265,14 @@ impl<'a> World<'a> {
         for side in [Side::Agent, Side::Server] {
             let me = &self.peers[ix(side)].conn;
             let peer = &self.peers[1 - ix(side)].conn;
-            let my_window = u64::from(me.limits().stream_window);
-            let peer_window = u64::from(peer.limits().stream_window);
-            let send_buffer = match side {
-                Side::Agent => &self.opts.agent,
-                Side::Server => &self.opts.server,
-            }
-            .sanitized_send_buffer();
+            let (my_config, peer_config) = match side {
+                Side::Agent => (&self.opts.agent, &self.opts.server),
+                Side::Server => (&self.opts.server, &self.opts.agent),
+            };
+            let send_buffer = my_config.sanitized_send_buffer();
+            let initial_window = me.limits().stream_window;
+            let max_window = my_config.sanitized_max_stream_window();
+            let mut grown = 0u64;
             let mut recv_total = 0u64;
             for id in me.stream_ids() {
                 let info = me
@@ -1293,8 +1294,13 @@ impl<'a> World<'a> {
                         info.send_buffered, info.send_credit
                     ));
                 }
-                // Credit only returns for bytes the receiving application read, so what
-                // was sent plus what may still be sent is at most the window plus that.
+                // Credit only returns for bytes the receiving application read, or as the
+                // receiver's window grows, so what was sent plus what may still be sent is
+                // at most the receiver's window now plus what it read.
+                let peer_window = u64::from(
+                    peer.stream_info(id)
+                        .map_or(peer_config.sanitized_max_stream_window(), |i| i.recv_window),
+                );
                 if info.sent + info.send_credit > peer_window + sending.read {
                     return Err(format!(
                         "{side:?}: stream {id} sent {} with {} credit left, beyond the peer's window {} plus the {} bytes it read",
@@ -1310,6 +1316,13 @@ impl<'a> World<'a> {
                 // A stream reset after its last bytes is still listed until they are out;
                 // what it receives meanwhile is dropped unread.
                 let abandoned = matches!(m.app(side).end, End::ResetLocal(_));
+                let my_window = u64::from(info.recv_window);
+                if info.recv_window < initial_window || info.recv_window > max_window {
+                    return Err(format!(
+                        "{side:?}: stream {id} has a window of {my_window}, outside {initial_window}..={max_window}"
+                    ));
+                }
+                grown += u64::from(info.recv_window - initial_window);
                 if info.recv_buffered as u64 > my_window
                     || (!abandoned && info.received - info.read != info.recv_buffered as u64)
                 {
@@ -1335,6 +1348,12 @@ impl<'a> World<'a> {
                     self.max_window_use = self.max_window_use.max(used);
                 }
                 recv_total += info.recv_buffered as u64;
+            }
+            if grown > my_config.window_growth_budget {
+                return Err(format!(
+                    "{side:?}: stream windows grew by {grown} together, beyond the budget of {}",
+                    my_config.window_growth_budget
+                ));
             }
             let stats = me.stats();
             // Every ping crosses the link both ways, and delays only add to latency.
