@@ -77,6 +77,7 @@ pub fn tunnel_settings(
             .clone()
             .unwrap_or_else(|| cfg.server_host().to_owned()),
         tls,
+        ca_file: cfg.ca.clone(),
         peer_check: check,
         proto: Arc::new(proto),
         connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),

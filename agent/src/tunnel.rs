@@ -27,6 +27,9 @@ pub struct TunnelSettings {
     pub server_name: String,
     /// TLS client configuration (identity, CA, server checks).
     pub tls: Arc<rustls::ClientConfig>,
+    /// The file the trusted CA came from, named when the server's certificate is not
+    /// from it.
+    pub ca_file: std::path::PathBuf,
     /// Extra checks on the server certificate after the handshake.
     pub peer_check: PeerCheck,
     /// Protocol configuration. Its `handshake_timeout` also bounds, after the TLS
@@ -209,7 +212,7 @@ impl TunnelDialer {
         let tls = TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
         let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)
             .await
-            .map_err(|e| connect_error(s.server, e))?;
+            .map_err(|e| connect_error(s.server, &s.ca_file, e))?;
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
@@ -276,15 +279,20 @@ impl TunnelDialer {
 
 /// Why the TCP connection or the TLS handshake to the server failed, with what to check
 /// where the cause is a setting.
-fn connect_error(server: SocketAddr, e: fluidity_runtime_smol::Error) -> String {
+fn connect_error(
+    server: SocketAddr,
+    ca_file: &std::path::Path,
+    e: fluidity_runtime_smol::Error,
+) -> String {
     use rustls::CertificateError as C;
     match e {
         fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(
             C::BadSignature | C::UnknownIssuer,
         )) => format!(
             "cannot connect to the server at {server}: its certificate was not issued by the CA \
-             this agent trusts ({e}); point the agent's ca at the CA that issued the server's \
-             certificate (the ca.pem made with it)"
+             this agent trusts, from {} ({e}); point the agent's ca at the CA that issued the \
+             server's certificate (the ca.pem made with it)",
+            ca_file.display()
         ),
         e => format!("cannot connect to the server at {server}: {e}"),
     }

@@ -243,7 +243,7 @@ fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
 }
 
 /// An agent that trusts another CA than the one that issued the server's certificate
-/// says so, and what to point its `ca` setting at.
+/// says so, names the file it trusts, and what to point its `ca` setting at.
 #[test]
 fn an_agent_trusting_another_ca_is_told_what_to_check() {
     let _wd = watchdog("agent_trusts_another_ca", Duration::from_secs(120));
@@ -260,9 +260,11 @@ fn an_agent_trusting_another_ca_is_told_what_to_check() {
         ..Default::default()
     };
     let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    let trusted = certs.ca_cert.display().to_string();
     assert!(
         agent.proc.wait_log(Duration::from_secs(30), |l| {
-            l.contains("not issued by the CA this agent trusts") && l.contains("ca.pem")
+            l.contains("not issued by the CA this agent trusts")
+                && l.contains(&format!("from {trusted}"))
         }),
         "the agent did not say what to check:\n{}",
         agent.proc.log()

@@ -586,6 +586,7 @@ fn tunnel_settings(
         // WebPKI checks the dialled IP against the certificate's IP SANs.
         server_name: located.server_ip.to_string(),
         tls: tls::client_config(&identity, &roots, &check)?,
+        ca_file: files.ca.clone(),
         peer_check: check,
         proto: Arc::new(fluidity_proto::Config {
             // Bounds the whole tunnel handshake, IAM credentials and verdict included.
