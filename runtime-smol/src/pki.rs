@@ -407,6 +407,47 @@ pub fn not_after(cert_pem: &str) -> Result<SystemTime, Error> {
     Ok(cert_not_after(&cert))
 }
 
+/// How long before its end a certificate in use is reported as expiring.
+pub const EXPIRY_NOTICE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// What is wrong with the validity period of the certificate `der` at `now`, for the
+/// user, to follow "certificate FILE": expired, not valid yet, or ending within
+/// [`EXPIRY_NOTICE`]. `None` when it is fine, or cannot be parsed (loading it reports
+/// that).
+pub fn validity_problem(der: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let validity = cert.validity();
+    let days = |d: Duration| d.as_secs().div_ceil(24 * 3600);
+    let not_after = cert_not_after(&cert);
+    let not_before = UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(validity.not_before.timestamp()).unwrap_or(0));
+    if let Ok(ago) = now.duration_since(not_after) {
+        return Some(format!(
+            "expired on {} ({} days ago): peers refuse it; issue a new one (`fluidity \
+             certs init --force` remakes those it made)",
+            validity.not_after,
+            days(ago)
+        ));
+    }
+    if let Ok(ahead) = not_before.duration_since(now) {
+        return Some(format!(
+            "is not valid until {} ({} s from now by this machine's clock): peers with \
+             the right time refuse it until then; check this machine's clock",
+            validity.not_before,
+            ahead.as_secs()
+        ));
+    }
+    let left = not_after.duration_since(now).unwrap_or_default();
+    (left < EXPIRY_NOTICE).then(|| {
+        format!(
+            "expires on {} (in {} days); issue a new one before then (`fluidity certs \
+             init --force` remakes those it made)",
+            validity.not_after,
+            days(left)
+        )
+    })
+}
+
 fn cert_not_after(cert: &X509Certificate<'_>) -> SystemTime {
     let secs = cert.validity().not_after.timestamp();
     // A notAfter before 1970 means "already expired"; the epoch says so just as well.
@@ -1079,6 +1120,35 @@ mod tests {
             err.to_string()
                 .contains("unsupported subject alternative name"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn validity_problems_are_named_with_what_to_do() {
+        let ca = generate_ca("validity test", 100 * DAY).expect("CA");
+        let der = single_cert(ca.cert_pem(), "CA").expect("one certificate");
+        let end = not_after(ca.cert_pem()).expect("not_after");
+        let now = SystemTime::now();
+        assert_eq!(validity_problem(&der, now), None);
+        let soon = validity_problem(&der, end - 3 * DAY).expect("expiring soon");
+        assert!(
+            soon.contains("expires on") && soon.contains("in 3 days"),
+            "{soon}"
+        );
+        let expired = validity_problem(&der, end + 2 * DAY).expect("expired");
+        assert!(
+            expired.contains("expired on") && expired.contains("2 days ago"),
+            "{expired}"
+        );
+        assert!(expired.contains("certs init --force"), "{expired}");
+        let early = validity_problem(&der, now - 2 * DAY).expect("not valid yet");
+        assert!(
+            early.contains("not valid until") && early.contains("clock"),
+            "{early}"
+        );
+        assert_eq!(
+            validity_problem(&CertificateDer::from(vec![1, 2, 3]), now),
+            None
         );
     }
 

@@ -136,8 +136,13 @@ impl Identity {
     }
 
     /// Loads an identity from a certificate chain file and a key file.
+    /// A certificate that has expired, is not valid yet or expires soon is logged as a
+    /// warning naming the file: peers decide by their own clocks, so it still loads.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, Error> {
         let chain = certs_from_pem(&read_pem_file(cert_path)?, &cert_path.display().to_string())?;
+        if let Some(leaf) = chain.first() {
+            warn_validity(leaf, cert_path);
+        }
         let key = key_from_pem(&read_pem_file(key_path)?, &key_path.display().to_string())?;
         Self::checked(
             chain,
@@ -157,13 +162,32 @@ impl Identity {
             origin: origin.to_owned(),
             problem,
         };
+        // openssl makes version 1 certificates unless told otherwise; webpki refuses
+        // them with a code that says little.
+        let version = chain
+            .first()
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+            .map(|(_, cert)| cert.version());
+        if version.is_some_and(|v| v != x509_parser::x509::X509Version::V3) {
+            return Err(bad(
+                "the certificate is not X.509 version 3, which TLS peers require; issue a \
+                 version 3 certificate (with extensions, as `fluidity certs init` makes them)"
+                    .into(),
+            ));
+        }
         let signing_key = provider()
             .key_provider
             .load_private_key(key.clone_key())
             .map_err(|e| bad(format!("unusable private key: {e}")))?;
         rustls::sign::CertifiedKey::new(chain.clone(), signing_key)
             .keys_match()
-            .map_err(|e| bad(format!("key does not belong to the certificate: {e}")))?;
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    bad(format!("key does not belong to the certificate: {e}"))
+                }
+                // Matching parses the certificate: what fails here is the certificate.
+                e => bad(format!("the certificate cannot be used: {e}")),
+            })?;
         Ok(Identity { chain, key })
     }
 
@@ -181,6 +205,13 @@ impl Identity {
     }
 }
 
+/// Logs what is wrong with the validity of `cert`, loaded from `path`, if anything.
+fn warn_validity(cert: &CertificateDer<'_>, path: &Path) {
+    if let Some(problem) = crate::pki::validity_problem(cert, std::time::SystemTime::now()) {
+        tracing::warn!("certificate {} {problem}", path.display());
+    }
+}
+
 /// The CA certificates one side trusts for the other's certificates.
 #[derive(Debug, Clone)]
 pub struct CaRoots {
@@ -194,9 +225,14 @@ impl CaRoots {
     }
 
     /// Loads one or more CA certificates from a PEM file.
+    /// Validity problems are logged as for [`Identity::load`].
     pub fn load(path: &Path) -> Result<Self, Error> {
         let origin = path.display().to_string();
-        Self::from_certs(certs_from_pem(&read_pem_file(path)?, &origin)?, &origin)
+        let certs = certs_from_pem(&read_pem_file(path)?, &origin)?;
+        for cert in &certs {
+            warn_validity(cert, path);
+        }
+        Self::from_certs(certs, &origin)
     }
 
     fn from_certs(certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<Self, Error> {
@@ -1430,6 +1466,30 @@ pub(crate) mod tests {
             client_config(&pki.local_client(), &pki.roots, &PeerCheck::default()).expect("config");
         let err = TlsSession::client(config, "not a host name").expect_err("bad name");
         assert!(matches!(err, Error::InvalidServerName(_)), "{err:?}");
+    }
+
+    /// A self-signed X.509 version 1 certificate and its key, as `openssl x509 -req
+    /// -signkey` makes without an extension file (valid until 2126).
+    const V1_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBFjCBvQIUO2QTZ5wYhRVuUld7MK87bjpANCkwCgYIKoZIzj0EAwIwDTELMAkG
+A1UEAwwCdjEwIBcNMjYxMjA2MTgzMDI2WhgPMjEyNjExMTIxODMwMjZaMA0xCzAJ
+BgNVBAMMAnYxMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEg9YzEZO75NmW7V2/
+3edntPWyR8zjCeUKGklEbrJNo2Bkqe6RfDksYJTKiZIstsoUHq337yFSMAiKcVma
+c7r5eTAKBggqhkjOPQQDAgNIADBFAiEAgwvgpjV2mS9lVF/+e3X71Ish+lSD670d
+mZRz0WbRZWACIFvYo5wHcMQxaUHEWhDJbldJGdzZ9wdDmTh+JFZLOTvi
+-----END CERTIFICATE-----
+";
+    const V1_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg7ijvmhK7XzW43C01
+78WKmJp6RSt+N5BFYtaW93MHnD+hRANCAASD1jMRk7vk2ZbtXb/d52e09bJHzOMJ
+5QoaSURusk2jYGSp7pF8OSxglMqJkiy2yhQerffvIVIwCIpxWZpzuvl5
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn identity_names_a_version_1_certificate_as_such() {
+        let err = Identity::from_pem(V1_CERT, V1_KEY).expect_err("version 1");
+        assert!(err.to_string().contains("not X.509 version 3"), "{err}");
     }
 
     #[test]

@@ -242,6 +242,44 @@ fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
     );
 }
 
+/// An agent whose own certificate expires within two weeks says so at start, naming the
+/// file and what to do, and still works until then.
+#[test]
+fn an_agent_whose_certificate_expires_soon_warns_at_start_and_works() {
+    let _wd = watchdog("agent_certificate_expiring", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("expiring");
+    let ca = pki::CaBundle::load(&t.certs.ca_cert, &t.certs.ca_key).expect("the tunnel's CA");
+    let three_days = Duration::from_secs(3 * 24 * 3600);
+    let short = pki::issue_client(&ca, "fluidity-agent", &[], three_days).expect("certificate");
+    let dir = t.dir.path().join("expiring");
+    std::fs::create_dir_all(&dir).expect("a folder for the certificate");
+    let mut certs = t.certs.clone();
+    certs.client_cert = dir.join("client.pem");
+    certs.client_key = dir.join("client-key.pem");
+    std::fs::write(&certs.client_cert, &short.cert_pem).expect("writing the certificate");
+    std::fs::write(&certs.client_key, &short.key_pem).expect("writing the key");
+    let opts = fluidity_tests::e2e::AgentOptions {
+        name: "fluidity-expiring".into(),
+        ..Default::default()
+    };
+    let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    let file = certs.client_cert.display().to_string();
+    assert!(
+        agent.proc.wait_log(Duration::from_secs(30), |l| {
+            l.contains(&file) && l.contains("expires on") && l.contains("certs init --force")
+        }),
+        "the agent did not warn of its certificate's end:\n{}",
+        agent.proc.log()
+    );
+    let listen = agent.listen;
+    wait_for("the agent's proxy port", Duration::from_secs(30), || {
+        TcpStream::connect(listen).ok()
+    });
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert_eq!((status, body.as_str()), (200, "hello from expiring\n"));
+}
+
 /// An agent that trusts another CA than the one that issued the server's certificate
 /// says so, names the file it trusts, and what to point its `ca` setting at.
 #[test]
