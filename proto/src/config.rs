@@ -76,20 +76,21 @@ pub struct Config {
     /// counts as 16 KiB.
     pub send_buffer: usize,
     /// Largest window one stream's receiving side grows to. A stream starts with
-    /// `limits.stream_window`; each time its reader takes half its window within
-    /// [`WINDOW_GROWTH_RTTS`] round trips of the last update (so the window, not the
-    /// reader, limits it), the window doubles up to this. A reader that stalls or reads
-    /// slowly keeps a small window, and so little buffered memory. Default 4 MiB; less
-    /// than `limits.stream_window` counts as that.
+    /// `limits.stream_window`. After two updates in a row for which its reader took half
+    /// its window within [`WINDOW_GROWTH_RTTS`] round trips (so the window, not the
+    /// reader, limits it), the window grows by up to its size, up to this; a slower
+    /// update halves a grown window. A reader that stalls or reads slowly keeps a small
+    /// window, and so little buffered memory. Default 4 MiB; less than
+    /// `limits.stream_window` counts as that.
     pub max_stream_window: u32,
     /// How much all streams' windows may grow beyond `limits.stream_window` together: with
-    /// `max_streams` it bounds what the connection's streams buffer (at most
-    /// `max_streams × stream_window + window_growth_budget`). Default 16 MiB.
+    /// the number of streams it bounds what the connection's streams buffer (at most
+    /// `streams × stream_window + window_growth_budget`). Default 16 MiB.
     pub window_growth_budget: u64,
 }
 
-/// Round trips within which a reader must take half its window for the window to grow
-/// ([`Config::max_stream_window`]). Four: the round trip is measured on an idle
+/// Round trips within which a reader must take half its window for the update to count
+/// as quick ([`Config::max_stream_window`]). Four: the round trip is measured on an idle
 /// connection and grows under load.
 pub const WINDOW_GROWTH_RTTS: u32 = 4;
 

@@ -134,6 +134,9 @@ pub struct Stats {
     pub rx_allocations: u64,
     /// Smoothed round-trip time from pings, once measured.
     pub rtt: Option<Duration>,
+    /// How far the streams' receive windows have grown beyond the initial one, together
+    /// (within `Config::window_growth_budget`).
+    pub windows_grown: u64,
 }
 
 /// Why the connection is closing.
@@ -308,7 +311,13 @@ impl Connection {
         s.streams_active = self.streams.len();
         s.send_buffered = self.streams.values().map(|st| st.send.buf.len()).sum();
         s.recv_buffered = self.streams.values().map(|st| st.recv.buffered).sum();
+        s.windows_grown = self.windows_grown;
         s
+    }
+
+    /// The configuration this side was made with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     /// A snapshot of one stream, if it exists.
@@ -508,7 +517,8 @@ impl Connection {
         self.transport_ended(now, Error::TransportFailed(why));
     }
 
-    fn transport_ended(&mut self, _now: Instant, reason: Error) {
+    fn transport_ended(&mut self, now: Instant, reason: Error) {
+        self.advance(now);
         match self.closing {
             Closing::No => {
                 // After a goaway the peer drains and closes the transport once it has sent
@@ -640,6 +650,7 @@ impl Connection {
         principal: String,
         lifetime_secs: u32,
     ) {
+        self.advance(now);
         drop(request);
         if self.phase != Phase::AuthPending || !matches!(self.closing, Closing::No) {
             return;
@@ -654,11 +665,12 @@ impl Connection {
     /// Refuses the agent; the connection closes after telling it why.
     pub fn reject_auth(
         &mut self,
-        _now: Instant,
+        now: Instant,
         request: AuthRequest,
         failure: AuthFailure,
         detail: String,
     ) {
+        self.advance(now);
         drop(request);
         if self.phase != Phase::AuthPending || !matches!(self.closing, Closing::No) {
             return;
@@ -674,7 +686,8 @@ impl Connection {
 
     /// Agent: opens a stream to `target`. Data may be written at once (it is carried
     /// behind the open); reading waits for [`StreamEvent::Opened`].
-    pub fn open(&mut self, _now: Instant, target: Target) -> Result<StreamId, Error> {
+    pub fn open(&mut self, now: Instant, target: Target) -> Result<StreamId, Error> {
+        self.advance(now);
         if self.side != Side::Agent {
             return Err(Error::WrongSide);
         }
@@ -754,7 +767,8 @@ impl Connection {
 
     /// Graceful shutdown: tells the peer no new streams will be taken; the connection is
     /// drained once every open stream has ended.
-    pub fn go_away(&mut self, _now: Instant) {
+    pub fn go_away(&mut self, now: Instant) {
+        self.advance(now);
         if self.go_away_sent || !matches!(self.closing, Closing::No) {
             return;
         }
@@ -775,7 +789,8 @@ impl Connection {
     }
 
     /// Immediate close: every stream is dropped and the peer told `code` and `detail`.
-    pub fn close(&mut self, _now: Instant, code: ErrorCode, detail: &str) {
+    pub fn close(&mut self, now: Instant, code: ErrorCode, detail: &str) {
+        self.advance(now);
         if !matches!(self.closing, Closing::No) {
             return;
         }
@@ -931,12 +946,12 @@ impl Connection {
             let n = chunk.len() as u64;
             // No credit after FIN: the peer cannot use it.
             if !s.recv.fin_received {
-                if let Some(increment) = s.recv.window.on_release(n) {
-                    let grown = self.grow_window(id);
-                    self.queue(&Frame::WindowUpdate {
-                        id,
-                        increment: increment + grown,
-                    });
+                if let Some(released) = s.recv.window.on_release(n) {
+                    let increment = self.resize_window(id, released);
+                    // All of it held back: the window shrank by what was released.
+                    if increment > 0 {
+                        self.queue(&Frame::WindowUpdate { id, increment });
+                    }
                 }
             }
             return Ok(Some(chunk));
@@ -1002,24 +1017,26 @@ impl Connection {
     /// Removes stream `id`, giving its window's growth back to the budget.
     fn take_stream(&mut self, id: StreamId) -> Option<StreamState> {
         let s = self.streams.remove(&id)?;
-        let grown = s
-            .recv
-            .window
-            .window()
-            .saturating_sub(self.limits.stream_window);
-        self.windows_grown = self.windows_grown.saturating_sub(u64::from(grown));
+        let grown = u64::from(s.recv.window.window() - self.limits.stream_window);
+        debug_assert!(self.windows_grown >= grown, "window growth counted short");
+        self.windows_grown -= grown;
         Some(s)
     }
 
-    /// Called as stream `id` returns credit: doubles its window (up to
-    /// `Config::max_stream_window`, within `Config::window_growth_budget`) when its reader
-    /// took the half window since the last update within `WINDOW_GROWTH_RTTS` round trips,
-    /// so that the window, not the reader, is what limits the stream. Returns the growth,
-    /// to add to the update.
-    fn grow_window(&mut self, id: StreamId) -> u32 {
+    /// Called as stream `id` returns `released` bytes of credit; returns the increment to
+    /// send. Each update is *quick* when the reader took the half window since the
+    /// previous one (or since the stream began) within `WINDOW_GROWTH_RTTS` round trips.
+    /// After two quick updates in a row the window, not the reader, limits the stream:
+    /// it grows by up to its size (up to `Config::max_stream_window`, within
+    /// `Config::window_growth_budget`), added to the update. Two in a row, so that a
+    /// reader catching up after a stall does not count. A slow update halves a grown
+    /// window (not below the initial one), held back from the update, and gives that
+    /// back to the budget.
+    fn resize_window(&mut self, id: StreamId, released: u32) -> u32 {
         let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT).max(MIN_GROWTH_RTT);
-        let quick = rtt * crate::config::WINDOW_GROWTH_RTTS;
+        let quick_within = rtt * crate::config::WINDOW_GROWTH_RTTS;
         let max = self.config.sanitized_max_stream_window();
+        let initial = self.limits.stream_window;
         let room = self
             .config
             .window_growth_budget
@@ -1027,17 +1044,26 @@ impl Connection {
             .min(u64::from(u32::MAX)) as u32;
         let now = self.now;
         let Some(s) = self.streams.get_mut(&id) else {
-            return 0;
+            return released;
         };
-        let since = now.saturating_duration_since(s.recv.last_update);
+        let quick = now.saturating_duration_since(s.recv.last_update) < quick_within;
+        let streak = quick && s.recv.last_quick;
         s.recv.last_update = now;
-        if since >= quick {
-            return 0;
-        }
+        s.recv.last_quick = quick;
         let window = s.recv.window.window();
-        let grown = s.recv.window.grow(window.min(room), max);
-        self.windows_grown += u64::from(grown);
-        grown
+        let increment = if streak {
+            let grown = s.recv.window.grow(window.min(room), max);
+            self.windows_grown += u64::from(grown);
+            released + grown
+        } else if !quick {
+            let shrunk = s.recv.window.shrink(window / 2, initial, released);
+            self.windows_grown -= u64::from(shrunk);
+            released - shrunk
+        } else {
+            released
+        };
+        self.check_invariants();
+        increment
     }
 
     /// Moves the connection's clock to `now`, never back.
@@ -1516,10 +1542,25 @@ impl Connection {
                     "stream {id}: received beyond the window"
                 );
                 debug_assert!(
-                    s.recv.window.window() <= self.config.sanitized_max_stream_window(),
-                    "stream {id}: window beyond its largest"
+                    s.recv.window.window() <= self.config.sanitized_max_stream_window()
+                        && s.recv.window.window() >= self.limits.stream_window,
+                    "stream {id}: window outside its range"
+                );
+                debug_assert!(
+                    s.recv.window.holds(s.recv.buffered),
+                    "stream {id}: window accounting"
                 );
             }
+            let grown: u64 = self
+                .streams
+                .values()
+                .map(|s| u64::from(s.recv.window.window() - self.limits.stream_window))
+                .sum();
+            debug_assert_eq!(grown, self.windows_grown, "window growth accounting");
+            debug_assert!(
+                grown <= self.config.window_growth_budget,
+                "window growth beyond the budget"
+            );
         }
     }
 }

@@ -369,6 +369,8 @@ impl OutputCheck {
 /// Checks the flow-control invariants visible from outside.
 fn check_streams(conn: &Connection) {
     let window = conn.limits().stream_window;
+    let max = conn.config().sanitized_max_stream_window();
+    let mut grown = 0u64;
     for id in conn.stream_ids() {
         let Some(info) = conn.stream_info(id) else {
             panic!("listed stream {id} has no info");
@@ -378,9 +380,11 @@ fn check_streams(conn: &Connection) {
             "stream {id} buffers beyond its window"
         );
         assert!(
-            info.recv_window >= window,
-            "stream {id}'s window shrank below the initial one"
+            info.recv_window >= window && info.recv_window <= max,
+            "stream {id}'s window {} is outside {window}..={max}",
+            info.recv_window
         );
+        grown += u64::from(info.recv_window - window);
         assert!(
             info.send_buffered as u64 <= info.send_credit,
             "stream {id} buffers beyond its credit"
@@ -390,6 +394,15 @@ fn check_streams(conn: &Connection) {
             "stream {id} lost bytes"
         );
     }
+    assert_eq!(
+        grown,
+        conn.stats().windows_grown,
+        "window growth miscounted"
+    );
+    assert!(
+        grown <= conn.config().window_growth_budget,
+        "windows grew beyond the budget"
+    );
 }
 
 /// The application around one connection: answers what it must and remembers what it

@@ -1349,3 +1349,57 @@ fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
         assert_eq!(p.server.stream_info(id).unwrap().recv_window, 1000);
     }
 }
+
+#[test]
+fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_growth_back() {
+    let mut p = Pair::ready_with(Config {
+        limits: Limits {
+            stream_window: 1000,
+            ..Limits::default()
+        },
+        max_stream_window: 8000,
+        ..Config::default()
+    });
+    let id = p.open_accepted();
+    // Stalls: the window fills, the reader waits a second, then takes everything at once.
+    // The first update after the stall is slow; the quick one right behind it does not
+    // make two in a row.
+    for _ in 0..5 {
+        while p.agent.send_stream(id).write(&[5u8; 300]).is_ok() {}
+        p.drive();
+        p.advance(Duration::from_secs(1));
+        p.drive();
+        // Half a window per read, so two updates, the second at once.
+        let mut reads = 0;
+        while let Ok(Some(_)) = p.server.recv_stream(id).read(500) {
+            reads += 1;
+        }
+        assert!(reads >= 2, "{reads}");
+        p.drive();
+        assert_eq!(p.server.stream_info(id).unwrap().recv_window, 1000);
+    }
+    // A reader that keeps up, on a clock that does not move, widens the window...
+    assert_eq!(push_and_read(&mut p, id, 40_000), 8000);
+    assert_eq!(p.server.stats().windows_grown, 7000);
+    // ...and one that then takes half a window per second narrows it again, update by
+    // update, down to the initial window, giving the growth back.
+    let mut seen = Vec::new();
+    for _ in 0..12 {
+        let _ = p.agent.send_stream(id).write(&[5u8; 4000]);
+        p.drive();
+        p.advance(Duration::from_secs(1));
+        p.drive();
+        let half = p.server.stream_info(id).unwrap().recv_window as usize / 2;
+        let mut took = 0;
+        while took < half {
+            match p.server.recv_stream(id).read(half - took) {
+                Ok(Some(b)) => took += b.len(),
+                _ => break,
+            }
+        }
+        p.drive();
+        seen.push(p.server.stream_info(id).unwrap().recv_window);
+    }
+    assert!(seen.starts_with(&[4000, 2000, 1000]), "{seen:?}");
+    assert_eq!(p.server.stats().windows_grown, 0);
+}

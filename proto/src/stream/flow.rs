@@ -83,6 +83,23 @@ impl RecvWindow {
         None
     }
 
+    /// Narrows the window by up to `by` bytes, never below `min`, out of the `from` bytes
+    /// [`Self::on_release`] just returned (credit can only be held back, never taken
+    /// back); returns how much: the caller sends that much less.
+    pub(crate) fn shrink(&mut self, by: u32, min: u32, from: u32) -> u32 {
+        let by = by.min(self.window.saturating_sub(min)).min(from);
+        self.window -= by;
+        self.remaining -= u64::from(by);
+        by
+    }
+
+    /// Whether what the peer may still send, what was released and not yet returned, and
+    /// the `unreleased` bytes received stay within the window (less once bytes are dropped
+    /// unread, or released after the peer's FIN, when no credit returns).
+    pub(crate) fn holds(&self, unreleased: usize) -> bool {
+        self.remaining + self.pending + unreleased as u64 <= u64::from(self.window)
+    }
+
     /// Widens the window by up to `by` bytes, never beyond `max`, and returns how much:
     /// credit the caller adds to the update it sends.
     pub(crate) fn grow(&mut self, by: u32, max: u32) -> u32 {

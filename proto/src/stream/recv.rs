@@ -17,6 +17,8 @@ pub(crate) struct RecvState {
     /// When the last window update went out (at first, when the stream began): how long
     /// the reader took for the half window since tells whether the window holds it back.
     pub(crate) last_update: Instant,
+    /// Whether the last update was quick (at first, yes): growth needs two in a row.
+    pub(crate) last_quick: bool,
     pub(crate) fin_received: bool,
     /// The application has seen the end of the stream.
     pub(crate) fin_read: bool,
@@ -35,6 +37,7 @@ impl RecvState {
             buffered: 0,
             window: RecvWindow::new(window),
             last_update: now,
+            last_quick: true,
             fin_received: false,
             fin_read: false,
             signalled: false,

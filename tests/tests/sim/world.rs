@@ -1349,9 +1349,11 @@ impl<'a> World<'a> {
                 }
                 recv_total += info.recv_buffered as u64;
             }
-            if grown > my_config.window_growth_budget {
+            if grown > my_config.window_growth_budget || me.stats().windows_grown != grown {
                 return Err(format!(
-                    "{side:?}: stream windows grew by {grown} together, beyond the budget of {}",
+                    "{side:?}: stream windows grew by {grown} together (the connection counts {}), \
+                     beyond the budget of {} or miscounted",
+                    me.stats().windows_grown,
                     my_config.window_growth_budget
                 ));
             }
