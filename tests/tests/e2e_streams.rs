@@ -214,10 +214,10 @@ fn a_stalled_reader_does_not_slow_another_stream_and_its_memory_stays_bounded() 
     drop(stalled);
 }
 
-/// A stream starts with a small window that grows only while its reader keeps up, so
-/// downloads whose clients stopped reading from the start each hold that small window in
-/// the agent, not the 4 MiB a fast stream grows to: many of them cost little memory,
-/// even after a fast download has shown the tunnel's windows can grow.
+/// A stream starts with a small window that grows only while its reader keeps up, and
+/// all streams' growth shares one budget, so downloads whose clients stop reading cost
+/// the agent far less than the 4 MiB a fast stream's window grows to, each, even after a
+/// fast download has shown the tunnel's windows can grow.
 #[test]
 fn many_stalled_downloads_hold_little_memory_in_the_agent() {
     const STALLED: usize = 48;
@@ -365,6 +365,34 @@ fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_giv
     assert_eq!(
         idle.get(&origin.url("/hello")),
         (200, "hello from kept\n".into())
+    );
+
+    // That stream and the CONNECTs are at the limit again. The same client now asks
+    // another origin: its kept stream would hold the slot the new one waits for while it
+    // ended plainly (a FIN each way), so it is reset at once, and the other origin
+    // answers.
+    wait_for("the limit reached", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == LIMIT as f64).then_some(())
+    });
+    let before = origin.ended();
+    let other = HttpOrigin::start("other");
+    assert_eq!(
+        idle.get(&other.url("/hello")),
+        (200, "hello from other\n".into())
+    );
+    let ended = wait_for(
+        "the kept connection to end",
+        Duration::from_secs(30),
+        || {
+            let e = origin.ended();
+            (e.closed + e.reset + e.other > before.closed + before.reset + before.other)
+                .then_some(e)
+        },
+    );
+    assert_eq!(
+        ended.reset,
+        before.reset + 1,
+        "before {before:?}, after {ended:?}"
     );
 }
 
