@@ -78,8 +78,8 @@ pub struct Config {
     /// Largest window one stream's receiving side grows to. A stream starts with
     /// `limits.stream_window`. After two updates in a row for which its reader took half
     /// its window within [`WINDOW_GROWTH_RTTS`] round trips (so the window, not the
-    /// reader, limits it), the window grows by up to its size, up to this; a slower
-    /// update halves a grown window. A reader that stalls or reads slowly keeps a small
+    /// reader, limits it), the window grows by up to its size, up to this; an update four
+    /// times slower than that halves a grown window. A reader that stalls or reads slowly keeps a small
     /// window, and so little buffered memory. Default 4 MiB; less than
     /// `limits.stream_window` counts as that.
     pub max_stream_window: u32,

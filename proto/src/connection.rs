@@ -1029,9 +1029,9 @@ impl Connection {
     /// After two quick updates in a row the window, not the reader, limits the stream:
     /// it grows by up to its size (up to `Config::max_stream_window`, within
     /// `Config::window_growth_budget`), added to the update. Two in a row, so that a
-    /// reader catching up after a stall does not count. A slow update halves a grown
-    /// window (not below the initial one), held back from the update, and gives that
-    /// back to the budget.
+    /// reader catching up after a stall does not count. An update four times slower than
+    /// a quick one halves a grown window (not below the initial one), held back from the
+    /// update, and gives that back to the budget; in between, the window stays.
     fn resize_window(&mut self, id: StreamId, released: u32) -> u32 {
         let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT).max(MIN_GROWTH_RTT);
         let quick_within = rtt * crate::config::WINDOW_GROWTH_RTTS;
@@ -1046,7 +1046,8 @@ impl Connection {
         let Some(s) = self.streams.get_mut(&id) else {
             return released;
         };
-        let quick = now.saturating_duration_since(s.recv.last_update) < quick_within;
+        let since = now.saturating_duration_since(s.recv.last_update);
+        let quick = since < quick_within;
         let streak = quick && s.recv.last_quick;
         s.recv.last_update = now;
         s.recv.last_quick = quick;
@@ -1055,7 +1056,7 @@ impl Connection {
             let grown = s.recv.window.grow(window.min(room), max);
             self.windows_grown += u64::from(grown);
             released + grown
-        } else if !quick {
+        } else if since >= quick_within * 4 {
             let shrunk = s.recv.window.shrink(window / 2, initial, released);
             self.windows_grown -= u64::from(shrunk);
             released - shrunk
