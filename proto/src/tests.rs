@@ -1403,3 +1403,36 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
     assert!(seen.starts_with(&[4000, 2000, 1000]), "{seen:?}");
     assert_eq!(p.server.stats().windows_grown, 0);
 }
+
+#[test]
+fn a_grown_window_stays_through_updates_between_quick_and_slow() {
+    let mut p = Pair::ready_with(Config {
+        limits: Limits {
+            stream_window: 1000,
+            ..Limits::default()
+        },
+        max_stream_window: 8000,
+        ..Config::default()
+    });
+    let id = p.open_accepted();
+    // The first ping's round trip, taken on this clock, is 0: quick is under 4 ms (the
+    // least round trip counted, 1 ms, four times), slow from 16 ms.
+    p.advance(Duration::from_millis(1));
+    p.drive();
+    assert_eq!(push_and_read(&mut p, id, 40_000), 8000);
+    for _ in 0..6 {
+        let _ = p.agent.send_stream(id).write(&[5u8; 4000]);
+        p.drive();
+        p.advance(Duration::from_millis(8));
+        p.drive();
+        let mut took = 0;
+        while took < 4000 {
+            match p.server.recv_stream(id).read(4000 - took) {
+                Ok(Some(b)) => took += b.len(),
+                _ => break,
+            }
+        }
+        p.drive();
+        assert_eq!(p.server.stream_info(id).unwrap().recv_window, 8000);
+    }
+}
