@@ -315,7 +315,8 @@ impl Connection {
         s
     }
 
-    /// The configuration this side was made with.
+    /// The configuration this side was made with (for the fuzz targets' checks).
+    #[cfg(any(fuzzing, feature = "fuzzing"))]
     pub(crate) fn config(&self) -> &Config {
         &self.config
     }
