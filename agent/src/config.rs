@@ -101,9 +101,10 @@ pub struct AgentConfig {
     pub key: PathBuf,
     /// CA that issued the server certificate, PEM. Default `ca.pem`.
     pub ca: PathBuf,
-    /// Username proxy clients must present. Default: none.
+    /// Username proxy clients must present (not empty, no `:`, at most 255 bytes).
+    /// Default: none.
     pub proxy_username: Option<String>,
-    /// Password proxy clients must present. Default: none.
+    /// Password proxy clients must present (not empty, at most 255 bytes). Default: none.
     pub proxy_password: Option<String>,
     /// Seconds for TCP connect plus TLS handshake to the server. Default 10.
     pub connect_timeout_secs: u64,

@@ -95,10 +95,13 @@ pub fn tunnel_settings(
 /// listener without credentials.
 pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
     let auth = match (&cfg.proxy_username, &cfg.proxy_password) {
-        (Some(u), Some(p)) => Some(Credentials {
-            username: u.clone(),
-            password: p.clone(),
-        }),
+        (Some(u), Some(p)) => {
+            check_credentials(u, p)?;
+            Some(Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            })
+        }
         (None, None) => None,
         _ => {
             return Err(Error::Config(
@@ -113,6 +116,24 @@ pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
     };
     pc.validate_for(cfg.listen)?;
     Ok(pc)
+}
+
+/// Refuses proxy credentials that clients could not send or that protect nothing: an
+/// empty one (an unset variable in a service file, say, which would leave the proxy
+/// open), a username with a colon (HTTP Basic cannot carry it), or either longer than
+/// SOCKS5's 255 bytes.
+fn check_credentials(username: &str, password: &str) -> Result<()> {
+    let problem = if username.is_empty() || password.is_empty() {
+        "proxy_username and proxy_password must not be empty (is a variable that sets them \
+         unset?)"
+    } else if username.contains(':') {
+        "proxy_username must not contain ':', which HTTP Basic authentication cannot carry"
+    } else if username.len() > 255 || password.len() > 255 {
+        "proxy_username and proxy_password must be at most 255 bytes each, as SOCKS5 carries them"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config(problem.into()))
 }
 
 /// Binds the proxy listener.
@@ -217,3 +238,35 @@ const CLIENT_CHECK: Duration = Duration::from_secs(5);
 
 /// Time open streams get to finish when the agent stops.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_credentials(username: &str, password: &str) -> AgentConfig {
+        AgentConfig {
+            listen: "192.0.2.1:8080".parse().unwrap(),
+            proxy_username: Some(username.into()),
+            proxy_password: Some(password.into()),
+            ..AgentConfig::default()
+        }
+    }
+
+    #[test]
+    fn proxy_credentials_that_protect_nothing_or_cannot_be_sent_are_refused() {
+        assert!(proxy_config(&with_credentials("bob", "secret")).is_ok());
+        for (user, pass, says) in [
+            ("", "", "must not be empty"),
+            ("bob", "", "must not be empty"),
+            ("", "secret", "must not be empty"),
+            ("b:ob", "secret", "must not contain ':'"),
+            (&"u".repeat(256), "secret", "at most 255 bytes"),
+            ("bob", &"p".repeat(256), "at most 255 bytes"),
+        ] {
+            let err = proxy_config(&with_credentials(user, pass))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains(says), "{user:?}/{pass:?}: {err}");
+        }
+    }
+}
