@@ -89,7 +89,8 @@ pub struct AgentConfig {
     /// address other than loopback requires `proxy_username` and `proxy_password`.
     /// Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Server address, `host:port`. Default `127.0.0.1:8443`.
+    /// Server address, `host:port`: a name is looked up at every connection attempt, its
+    /// addresses tried in turn. Default `127.0.0.1:8443`.
     pub server: String,
     /// Name or IP the server certificate must be valid for. Default: the host of `server`.
     pub server_name: Option<String>,

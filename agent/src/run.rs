@@ -1,7 +1,7 @@
 //! Running the agent: the proxy listener in front of a [`TunnelDialer`].
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
 use crate::iam::IamSigner;
 use crate::proxy::{self, Credentials, ProxyConfig};
-use crate::tunnel::{lock, CredentialSource, TunnelDialer, TunnelSettings};
+use crate::tunnel::{lock, CredentialSource, ServerAddr, TunnelDialer, TunnelSettings};
 
 /// The tunnel credentials `cfg` asks for: `None` for `auth = "none"`; for `auth = "iam"`,
 /// an [`IamSigner`] over the default AWS credential chain read from `env`.
@@ -57,14 +57,12 @@ pub fn tunnel_settings(
         expected_ip: None,
     };
     let tls = tls::client_config(&identity, &roots, &check)?;
-    let server = cfg
-        .server
-        .to_socket_addrs()
-        .map_err(|e| Error::Config(format!("server address {:?}: {e}", cfg.server)))?
-        .next()
-        .ok_or_else(|| {
-            Error::Config(format!("server address {:?} has no addresses", cfg.server))
-        })?;
+    let server = ServerAddr::parse(&cfg.server).ok_or_else(|| {
+        Error::Config(format!(
+            "server address {:?} is not HOST:PORT (a name or an IP address, and a port)",
+            cfg.server
+        ))
+    })?;
     let proto = fluidity_proto::Config {
         // Bounds the whole tunnel handshake, IAM credentials and verdict included.
         handshake_timeout: Duration::from_secs(cfg.iam.timeout_secs.max(1)),

@@ -18,11 +18,77 @@ use crate::proxy::{DialError, Dialer};
 /// Runs on a blocking thread (it may fetch AWS credentials).
 pub type CredentialSource = Arc<dyn Fn(&[u8]) -> Result<Credentials, String> + Send + Sync>;
 
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// An address.
+    Ip(SocketAddr),
+    /// A name, looked up again for every connection attempt (so that a changed address
+    /// is followed, and a name that does not resolve yet is not fatal), its addresses
+    /// tried in turn.
+    Name {
+        /// The host name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl ServerAddr {
+    /// Parses `host:port`, `ip:port` or `[ipv6]:port`; `None` without a valid port or host.
+    pub fn parse(s: &str) -> Option<ServerAddr> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Some(ServerAddr::Ip(addr));
+        }
+        let (host, port) = s.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(':') {
+            return None;
+        }
+        Some(ServerAddr::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The addresses to try, in the resolver's order.
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+        let (host, port) = match self {
+            ServerAddr::Ip(addr) => return Ok(vec![*addr]),
+            ServerAddr::Name { host, port } => (host.clone(), *port),
+        };
+        let name = host.clone();
+        let found = blocking::unblock(move || {
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+                .map(|a| a.collect::<Vec<_>>())
+        })
+        .await;
+        match found {
+            Ok(addrs) if !addrs.is_empty() => Ok(addrs),
+            Ok(_) => Err(format!("the server name {host} has no addresses")),
+            Err(e) => Err(format!(
+                "cannot look up the server name {host}: {e}; check the server setting and \
+                 this machine's network"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Ip(addr) => write!(f, "{addr}"),
+            ServerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
 /// How to reach and trust the server.
 #[derive(Clone)]
 pub struct TunnelSettings {
-    /// Server address.
-    pub server: SocketAddr,
+    /// Where the server listens.
+    pub server: ServerAddr,
     /// Name or IP the server certificate must be valid for.
     pub server_name: String,
     /// TLS client configuration (identity, CA, server checks).
@@ -209,15 +275,41 @@ impl TunnelDialer {
         let settings = self.settings();
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
-        let tls = TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
-        let h = fluidity_runtime_smol::connect(s.server, tls, &s.peer_check, s.connect_timeout)
-            .await
-            .map_err(|e| connect_error(s.server, &s.ca_file, e))?;
+        let addrs = s.server.resolve().await?;
+        // Each address in turn, as a browser would: a name with an address this machine
+        // cannot reach (IPv6 without a route, say) must not hide the one it can.
+        let mut failures = Vec::new();
+        let mut connected = None;
+        for addr in addrs {
+            let tls =
+                TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
+            match fluidity_runtime_smol::connect(addr, tls, &s.peer_check, s.connect_timeout).await
+            {
+                Ok(h) => {
+                    connected = Some((addr, h));
+                    break;
+                }
+                Err(e) => {
+                    let why = connect_error(addr, &s.ca_file, e);
+                    tracing::debug!(%addr, error = %why, "server address failed");
+                    failures.push(why);
+                }
+            }
+        }
+        let Some((server, h)) = connected else {
+            return Err(match failures.len() {
+                1 => failures.remove(0),
+                _ => format!(
+                    "cannot connect to the server {} at any of its addresses: {}",
+                    s.server,
+                    failures.join("; ")
+                ),
+            });
+        };
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
         let auth_deadline = fluidity_runtime_smol::app::deadline_in(limit);
-        let server = s.server;
         let credentials = match &s.credentials {
             None => Credentials::none(),
             Some(source) => {
@@ -402,5 +494,45 @@ impl Dialer for TunnelDialer {
             Some(tunnel) => tunnel.wait_room_wanted().await,
             None => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_parse_as_addresses_or_names_with_a_port() {
+        let ip = |s: &str| Some(ServerAddr::Ip(s.parse().unwrap()));
+        let name = |h: &str, port| {
+            Some(ServerAddr::Name {
+                host: h.into(),
+                port,
+            })
+        };
+        assert_eq!(ServerAddr::parse("192.0.2.1:8443"), ip("192.0.2.1:8443"));
+        assert_eq!(ServerAddr::parse("[::1]:8443"), ip("[::1]:8443"));
+        assert_eq!(
+            ServerAddr::parse("vpn.example.com:8443"),
+            name("vpn.example.com", 8443)
+        );
+        assert_eq!(
+            ServerAddr::parse("[vpn.example.com]:1"),
+            name("vpn.example.com", 1)
+        );
+        for bad in [
+            "vpn.example.com",
+            "vpn.example.com:",
+            "vpn:port",
+            ":8443",
+            "::1:8443",
+            "h:70000",
+        ] {
+            assert_eq!(ServerAddr::parse(bad), None, "{bad}");
+        }
+        assert_eq!(
+            name("vpn.example.com", 8443).unwrap().to_string(),
+            "vpn.example.com:8443"
+        );
     }
 }

@@ -280,6 +280,55 @@ fn an_agent_whose_certificate_expires_soon_warns_at_start_and_works() {
     assert_eq!((status, body.as_str()), (200, "hello from expiring\n"));
 }
 
+/// The server's name is looked up at every connection attempt, not once at start: an
+/// agent whose server name does not resolve keeps running and tells its clients why;
+/// one given a name reaches the server through it.
+#[test]
+fn a_server_name_is_looked_up_when_connecting_and_a_failed_lookup_is_not_fatal() {
+    let _wd = watchdog("server_name_lookup", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("by-name");
+    let port = t.server.listen.port();
+    for (name, server, works) in [
+        (
+            "fluidity-no-such-name",
+            format!("no-such-server.invalid:{port}"),
+            false,
+        ),
+        ("fluidity-by-name", format!("localhost:{port}"), true),
+    ] {
+        let opts = fluidity_tests::e2e::AgentOptions {
+            name: name.into(),
+            server_arg: Some(server.clone()),
+            ..Default::default()
+        };
+        let mut agent =
+            fluidity_tests::e2e::Agent::spawn(&t.certs, t.server.listen, &opts, t.dir.path());
+        let listen = agent.listen;
+        wait_for("the agent's proxy port", Duration::from_secs(30), || {
+            TcpStream::connect(listen).ok()
+        });
+        let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+        if works {
+            assert_eq!(
+                (status, body.as_str()),
+                (200, "hello from by-name\n"),
+                "{server}"
+            );
+        } else {
+            assert!(
+                status == 502 && body.contains("cannot look up the server name"),
+                "{server}: {status} {body}"
+            );
+            assert!(
+                agent.proc.exited().is_none(),
+                "the agent exited:\n{}",
+                agent.proc.log()
+            );
+        }
+    }
+}
+
 /// An agent that trusts another CA than the one that issued the server's certificate
 /// says so, names the file it trusts, and what to point its `ca` setting at.
 #[test]

@@ -61,7 +61,7 @@ use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
 use crate::iam::IamSigner;
 use crate::run;
-use crate::tunnel::{CredentialSource, TunnelDialer, TunnelSettings};
+use crate::tunnel::{CredentialSource, ServerAddr, TunnelDialer, TunnelSettings};
 
 /// The `[lifecycle]` section: where the control functions are and how long to wait.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -582,7 +582,10 @@ fn tunnel_settings(
         None => None,
     };
     Ok(TunnelSettings {
-        server: SocketAddr::new(located.server_ip, aws.lifecycle.server_port),
+        server: ServerAddr::Ip(SocketAddr::new(
+            located.server_ip,
+            aws.lifecycle.server_port,
+        )),
         // WebPKI checks the dialled IP against the certificate's IP SANs.
         server_name: located.server_ip.to_string(),
         tls: tls::client_config(&identity, &roots, &check)?,
@@ -778,7 +781,10 @@ mod tests {
         };
         let aws = test_aws(port);
         let settings = tunnel_settings(&AgentConfig::default(), &aws, &files, &located).unwrap();
-        assert_eq!(settings.server, SocketAddr::new(located.server_ip, port));
+        assert_eq!(
+            settings.server,
+            ServerAddr::Ip(SocketAddr::new(located.server_ip, port))
+        );
         assert_eq!(settings.server_name, "127.0.0.2");
         assert_eq!(settings.peer_check, PeerCheck::cn(arn));
 

@@ -259,6 +259,8 @@ pub struct AgentOptions {
     pub clear_aws_env: bool,
     /// Extra `FLUIDITY_LOG` filter, e.g. `debug`.
     pub log: Option<String>,
+    /// The `--server` value, instead of the server's address (a name, say).
+    pub server_arg: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -269,6 +271,7 @@ impl Default for AgentOptions {
             env: Vec::new(),
             clear_aws_env: false,
             log: None,
+            server_arg: None,
         }
     }
 }
@@ -328,7 +331,11 @@ impl Agent {
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--server")
-            .arg(server.to_string())
+            .arg(
+                opts.server_arg
+                    .clone()
+                    .unwrap_or_else(|| server.to_string()),
+            )
             .arg("--cert")
             .arg(&certs.client_cert)
             .arg("--key")
