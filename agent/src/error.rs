@@ -46,7 +46,10 @@ pub enum Error {
         source: fluidity_runtime_smol::Error,
     },
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    #[error(
+        "cannot listen on {addr}: {source}{}",
+        fluidity_runtime_smol::listener::bind_hint(source)
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,

@@ -24,6 +24,19 @@ const ENFILE: i32 = 23;
 /// `EPROTO`: a protocol error pending on the incoming connection (Linux).
 const EPROTO: i32 = 71;
 
+/// What to check when binding a listener failed with `e`, as a clause to append to the
+/// error (empty when there is nothing to add).
+pub fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => " (is another process using the port?)",
+        io::ErrorKind::AddrNotAvailable => {
+            " (no network interface of this machine has that address; 0.0.0.0 listens on all)"
+        }
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges; pick a higher one)",
+        _ => "",
+    }
+}
+
 /// The failures of one listener's accept loop.
 #[derive(Debug)]
 pub struct AcceptErrors {
@@ -119,6 +132,21 @@ fn advice(e: &io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_failures_say_what_to_check() {
+        // Real binds: an address this machine does not have, and a port already taken.
+        let absent = std::net::TcpListener::bind("192.0.2.1:0").expect_err("TEST-NET-1");
+        assert!(
+            bind_hint(&absent).contains("no network interface"),
+            "{absent}"
+        );
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let again =
+            std::net::TcpListener::bind(taken.local_addr().expect("address")).expect_err("taken");
+        assert!(bind_hint(&again).contains("another process"), "{again}");
+        assert_eq!(bind_hint(&io::Error::other("x")), "");
+    }
 
     #[test]
     fn a_shortage_pauses_and_an_error_of_one_connection_does_not() {

@@ -68,7 +68,10 @@ pub enum Error {
     #[error("AWS: {0}")]
     Aws(#[from] fluidity_aws::Error),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    #[error(
+        "cannot listen on {addr}: {source}{}",
+        fluidity_runtime_smol::listener::bind_hint(source)
+    )]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
