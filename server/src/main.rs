@@ -14,6 +14,7 @@ use fluidity_server::health::{serve_health, Metrics};
 use fluidity_server::iam::IamAuthenticator;
 use fluidity_server::serve::Authenticator;
 use fluidity_server::{Error, Server, ServerConfig};
+use futures_lite::FutureExt;
 
 /// Terminates Fluidity tunnels from agents and makes their outbound connections.
 ///
@@ -185,20 +186,49 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     };
     let server = Server::new(cfg, metrics.clone(), authenticator)?;
     let listener = server.bind()?;
-    let health = smol::block_on(async_net::TcpListener::bind(health_addr)).map_err(|source| {
-        Error::Bind {
-            addr: health_addr,
-            source,
+    let health = match smol::block_on(async_net::TcpListener::bind(health_addr)) {
+        Ok(l) => Some(l),
+        // A server still draining keeps answering health checks on its port until it
+        // exits. Its replacement serves tunnels at once (the old one no longer takes
+        // them) and health checks once the port is free.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(addr = %health_addr,
+                "the health port is in use (by a fluidity-server still draining?); serving \
+                 tunnels now, /healthz and /metrics once the port is free");
+            None
         }
-    })?;
+        Err(source) => {
+            return Err(Error::Bind {
+                addr: health_addr,
+                source,
+            })
+        }
+    };
     app::run(threads, |ex| async move {
         // Dropped (cancelled) when the server has stopped.
         let _publisher = aws.map(|a| ex.spawn(a.publish_metrics(metrics.clone())));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         // The health endpoint runs on this (main) task: it is not Send.
-        let health = serve_health(health, metrics, async move {
-            let _ = stop_rx.recv().await;
-        });
+        let stopped = stop_rx.clone();
+        let health = async move {
+            let listener = match health {
+                Some(l) => Some(l),
+                None => {
+                    bind_when_free(health_addr)
+                        .or(async {
+                            let _ = stopped.recv().await;
+                            None
+                        })
+                        .await
+                }
+            };
+            if let Some(listener) = listener {
+                serve_health(listener, metrics, async move {
+                    let _ = stop_rx.recv().await;
+                })
+                .await;
+            }
+        };
         let tunnels = async {
             server.run(&ex, listener, app::shutdown_signal()).await;
             drop(stop_tx);
@@ -206,4 +236,23 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         futures_lite::future::zip(tunnels, health).await;
     });
     Ok(())
+}
+
+/// Binds `addr` once the process holding it lets go (checked every 250 ms); `None` if
+/// binding fails for another reason, which is logged.
+async fn bind_when_free(addr: SocketAddr) -> Option<async_net::TcpListener> {
+    loop {
+        async_io::Timer::after(std::time::Duration::from_millis(250)).await;
+        match async_net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "health endpoint listening");
+                return Some(l);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for health checks");
+                return None;
+            }
+        }
+    }
 }

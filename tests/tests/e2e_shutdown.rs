@@ -8,10 +8,11 @@ use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
+use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{curl_status, LiveStream};
 use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin};
-use fluidity_tests::e2e::proc::wait_for;
-use fluidity_tests::e2e::tunnel::plain_get;
+use fluidity_tests::e2e::proc::{wait_for, Proc};
+use fluidity_tests::e2e::tunnel::{plain_get, ALLOW_LOOPBACK};
 use fluidity_tests::e2e::{watchdog, ServerOptions, Tunnel};
 
 /// Sends SIGTERM to `pid`.
@@ -120,6 +121,72 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the cut stream's client saw {other:?}, not a reset"),
     }
+}
+
+/// A restart: a replacement started on the same ports while the old server drains
+/// serves tunnels at once (the old one no longer takes them), and its health endpoint as
+/// soon as the old one has exited and let go of the port. Meanwhile the stream the old
+/// server drains goes on.
+#[test]
+fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port_after() {
+    let _wd = watchdog("replacement_during_drain", Duration::from_secs(120));
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let origin = HttpOrigin::start("replacement");
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    terminate(t.server.proc.pid());
+    wait_draining(&t);
+
+    let mut cmd = Command::new(&binaries().server);
+    cmd.arg("--listen")
+        .arg(t.server.listen.to_string())
+        .arg("--health-listen")
+        .arg(t.server.health.to_string())
+        .arg("--cert")
+        .arg(&t.certs.server_cert)
+        .arg("--key")
+        .arg(&t.certs.server_key)
+        .arg("--client-ca")
+        .arg(&t.certs.ca_cert)
+        .arg("--egress")
+        .arg(ALLOW_LOOPBACK);
+    let mut replacement = Proc::spawn("fluidity-server-replacement", cmd, t.dir.path());
+    assert!(
+        replacement.wait_log(Duration::from_secs(30), |l| l
+            .contains("the health port is in use")),
+        "the replacement did not start:\n{}",
+        replacement.log()
+    );
+    // The agent's next tunnel is to the replacement.
+    let body = wait_for(
+        "a request through the replacement",
+        Duration::from_secs(30),
+        || match curl_status(&t.proxy_url(), &origin.url("/hello")) {
+            (200, body) => Some(body),
+            _ => None,
+        },
+    );
+    assert_eq!(body, "hello from replacement\n");
+    live.assert_alive("the replacement took over new requests");
+
+    drop(live);
+    let status = wait_for("the old server to exit", Duration::from_secs(60), || {
+        t.server.proc.exited()
+    });
+    assert!(status.success(), "the old server's exit: {status}");
+    let health = t.server.health;
+    wait_for(
+        "the replacement's /healthz",
+        Duration::from_secs(30),
+        || matches!(plain_get(health, "/healthz"), Ok((200, _))).then_some(()),
+    );
+    assert!(
+        replacement.log().contains("health endpoint listening"),
+        "{}",
+        replacement.log()
+    );
+    assert!(replacement.exited().is_none(), "the replacement exited");
+    replacement.kill();
 }
 
 /// An agent told to stop refuses new clients at once, lets open streams go on for its
