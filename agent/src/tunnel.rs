@@ -386,6 +386,15 @@ fn connect_error(
              server's certificate (the ca.pem made with it)",
             ca_file.display()
         ),
+        // What a plain HTTP service (the server's health port, say) sends back to a TLS
+        // hello: not a TLS record at all.
+        fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        )) => format!(
+            "cannot connect to the server at {server}: it does not speak TLS ({e}); check \
+             that the server setting names a fluidity-server's tunnel port (8443 by default), \
+             not its health port or another service"
+        ),
         e => format!("cannot connect to the server at {server}: {e}"),
     }
 }

@@ -282,9 +282,10 @@ fn an_agent_whose_certificate_expires_soon_warns_at_start_and_works() {
 
 /// The server's name is looked up at every connection attempt, not once at start: an
 /// agent whose server name does not resolve keeps running and tells its clients why;
-/// one given a name reaches the server through it.
+/// one given a name reaches the server through it; one pointed at something that does
+/// not speak TLS (the server's health port) is told to check the setting.
 #[test]
-fn a_server_name_is_looked_up_when_connecting_and_a_failed_lookup_is_not_fatal() {
+fn a_server_name_is_looked_up_when_connecting_and_a_server_setting_that_cannot_work_is_reported() {
     let _wd = watchdog("server_name_lookup", Duration::from_secs(120));
     let t = Tunnel::start();
     let origin = HttpOrigin::start("by-name");
@@ -296,6 +297,8 @@ fn a_server_name_is_looked_up_when_connecting_and_a_failed_lookup_is_not_fatal()
             false,
         ),
         ("fluidity-by-name", format!("localhost:{port}"), true),
+        // Not a fluidity-server at all: the server's own health port.
+        ("fluidity-health-port", t.server.health.to_string(), false),
     ] {
         let opts = fluidity_tests::e2e::AgentOptions {
             name: name.into(),
@@ -316,8 +319,13 @@ fn a_server_name_is_looked_up_when_connecting_and_a_failed_lookup_is_not_fatal()
                 "{server}"
             );
         } else {
+            let says = if name == "fluidity-health-port" {
+                "does not speak TLS"
+            } else {
+                "cannot look up the server name"
+            };
             assert!(
-                status == 502 && body.contains("cannot look up the server name"),
+                status == 502 && body.contains(says),
                 "{server}: {status} {body}"
             );
             assert!(

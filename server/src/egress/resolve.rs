@@ -51,6 +51,7 @@ pub const MAX_ADDRESSES: usize = 16;
 pub struct Resolver {
     timeout: Duration,
     slots: Arc<Semaphore>,
+    max_lookups: usize,
 }
 
 impl Default for Resolver {
@@ -66,6 +67,7 @@ impl Resolver {
         Resolver {
             timeout,
             slots: Arc::new(Semaphore::new(max_lookups.max(1))),
+            max_lookups: max_lookups.max(1),
         }
     }
 
@@ -90,8 +92,13 @@ impl Resolver {
         }
         let port = target.port;
         let slots = self.slots.clone();
+        // Whether the lookup got a slot: a timeout before it did is the slots' doing
+        // (other lookups hanging), not this name's.
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started_in = started.clone();
         let lookup = async move {
             let slot = slots.acquire_arc().await;
+            started_in.store(true, std::sync::atomic::Ordering::Relaxed);
             blocking::unblock(move || {
                 // The slot is held until getaddrinfo returns, even if the caller gave up.
                 let _slot = slot;
@@ -123,6 +130,18 @@ impl Resolver {
                     ));
                 }
                 Ok(addrs)
+            }
+            None if !started.load(std::sync::atomic::Ordering::Relaxed) => {
+                let busy = self.max_lookups;
+                tracing::warn!(%target, ?timeout, busy,
+                    "no name lookup slot free in time; are lookups to the DNS server hanging?");
+                Err(OpenRefusal::new(
+                    RefusalReason::TimedOut,
+                    format!(
+                        "{target}: no name lookup could start within {timeout:?}: all {busy} \
+                         were waiting on slow answers from the DNS server"
+                    ),
+                ))
             }
             None => {
                 tracing::debug!(%target, ?timeout, "name lookup timed out");
@@ -201,5 +220,20 @@ mod special_use_tests {
         let t = Target::parse("nonexistent.invalid:80").unwrap();
         let err = smol::block_on(r.resolve(&t)).unwrap_err();
         assert_eq!(err.reason, RefusalReason::NoSuchHost);
+    }
+
+    #[test]
+    fn a_lookup_that_finds_no_free_slot_says_so() {
+        let r = Resolver::new(Duration::from_millis(200), 1);
+        // The one slot held, as a lookup hanging on the DNS server would.
+        let _held = smol::block_on(r.slots.acquire_arc());
+        let t = Target::parse("example.com:80").unwrap();
+        let err = smol::block_on(r.resolve(&t)).unwrap_err();
+        assert_eq!(err.reason, RefusalReason::TimedOut);
+        assert!(
+            err.detail.contains("no name lookup could start") && err.detail.contains("all 1"),
+            "{}",
+            err.detail
+        );
     }
 }
