@@ -462,3 +462,35 @@ fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets(
         "the tunnel should still work after the rejected uploads"
     );
 }
+
+/// An OPTIONS request with `Max-Forwards: 0` may go no further: the proxy answers it
+/// itself (RFC 9110 §7.6.2), so even a name that resolves nowhere gets 200 with `Allow`.
+/// With `Max-Forwards: 1` the request goes on (and that name's lookup fails at the server).
+#[test]
+fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
+    let _wd = watchdog("max_forwards", Duration::from_secs(60));
+    let t = Tunnel::start();
+    let ask = |hops: &str| {
+        let out = curl([
+            "-i",
+            "-x",
+            &t.proxy_url(),
+            "-X",
+            "OPTIONS",
+            "-H",
+            &format!("Max-Forwards: {hops}"),
+            "http://no-such-origin.invalid/",
+        ]);
+        out.assert_ok();
+        out.text()
+    };
+    let zero = ask("0");
+    assert!(
+        zero.starts_with("HTTP/1.1 200 ")
+            && zero.contains("Allow: ")
+            && zero.contains("Max-Forwards is 0"),
+        "{zero}"
+    );
+    let one = ask("1");
+    assert!(one.starts_with("HTTP/1.1 502 "), "{one}");
+}

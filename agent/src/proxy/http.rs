@@ -161,6 +161,7 @@ fn status_text(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         403 => "Forbidden",
+        405 => "Method Not Allowed",
         407 => "Proxy Authentication Required",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
@@ -307,6 +308,7 @@ fn origin_request(
     websocket: bool,
     close: bool,
 ) -> Vec<u8> {
+    let hops_left = max_forwards(head);
     let tokens: Vec<&[u8]> = head.headers.tokens("connection").collect();
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(head.method().as_bytes());
@@ -323,12 +325,36 @@ fn origin_request(
     });
     push_header(&mut out, b"Host", abs.authority.as_bytes());
     for h in head.headers.iter() {
+        if h.is("max-forwards") {
+            if let Some(n) = hops_left {
+                // This proxy is one hop (RFC 9110 §7.6.2); 0 was answered here.
+                push_header(&mut out, h.name, n.saturating_sub(1).to_string().as_bytes());
+                continue;
+            }
+        }
         if !h.is("host") && !is_hop_by_hop(&h, &tokens) {
             push_header(&mut out, h.name, h.value);
         }
     }
     end_head(&mut out, &head.headers, websocket, close);
     out
+}
+
+/// The `Max-Forwards` of an OPTIONS or TRACE request, the only methods it applies to
+/// (RFC 9110 §7.6.2); `None` for other methods, or without one valid value.
+fn max_forwards(head: &RequestHead) -> Option<u64> {
+    let method = head.method();
+    if !method.eq_ignore_ascii_case("OPTIONS") && !method.eq_ignore_ascii_case("TRACE") {
+        return None;
+    }
+    let mut fields = head.headers.named("max-forwards");
+    let v = fields.next()?.value;
+    // One field of 1*DIGIT; 18 digits always fit.
+    if fields.next().is_some() || v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit)
+    {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// The response as sent to the client.
@@ -422,6 +448,25 @@ where
             return Ok(Next::Close);
         }
     };
+    if max_forwards(&head) == Some(0) {
+        // The request may go no further: the proxy answers as its final recipient (RFC
+        // 9110 §7.6.2), one that takes OPTIONS and does not reflect requests for TRACE.
+        let (status, line) = if method.eq_ignore_ascii_case("OPTIONS") {
+            (
+                200,
+                "fluidity proxy: Max-Forwards is 0; answered by the proxy",
+            )
+        } else {
+            (
+                405,
+                "fluidity proxy: Max-Forwards is 0, and the proxy does not answer TRACE",
+            )
+        };
+        tracing::debug!(%peer, %method, status, "Max-Forwards 0 answered by the proxy");
+        let allow = "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, PATCH";
+        answer(cw, status, line, !keep, &[("Allow", allow)]).await?;
+        return Ok(next_after_answer);
+    }
     let websocket = is_websocket(&head);
     let client_close = head.minor_version == 0 || head.headers.has_token("connection", "close");
     let head_bytes = origin_request(&head, &abs, websocket, client_close);
@@ -1142,6 +1187,37 @@ mod tests {
         assert_eq!(forwarded("http://a:8080"), "OPTIONS * HTTP/1.1");
         assert_eq!(forwarded("http://a/"), "OPTIONS / HTTP/1.1");
         assert_eq!(forwarded("http://a?x"), "OPTIONS /?x HTTP/1.1");
+    }
+
+    #[test]
+    fn max_forwards_is_counted_down_for_options_and_trace_only() {
+        let forwarded = |method: &str, fields: &str| {
+            let raw = format!("{method} http://a/ HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
+            let abs = parse_absolute_target(head.target()).unwrap();
+            (
+                max_forwards(&head),
+                String::from_utf8_lossy(&origin_request(&head, &abs, false, false)).into_owned(),
+            )
+        };
+        let (n, out) = forwarded("OPTIONS", "Max-Forwards: 5\r\n");
+        assert_eq!(n, Some(5));
+        assert!(out.contains("Max-Forwards: 4\r\n"), "{out}");
+        let (n, out) = forwarded("TRACE", "Max-Forwards: 1\r\n");
+        assert_eq!(n, Some(1));
+        assert!(out.contains("Max-Forwards: 0\r\n"), "{out}");
+        assert_eq!(forwarded("OPTIONS", "Max-Forwards: 0\r\n").0, Some(0));
+        // Other methods, and values that are not one number, pass unchanged.
+        for (method, field) in [
+            ("GET", "Max-Forwards: 5"),
+            ("OPTIONS", "Max-Forwards: -1"),
+            ("OPTIONS", "Max-Forwards: 1x"),
+            ("OPTIONS", "Max-Forwards: 99999999999999999999"),
+        ] {
+            let (n, out) = forwarded(method, &format!("{field}\r\n"));
+            assert_eq!(n, None, "{method} {field}");
+            assert!(out.contains(&format!("{field}\r\n")), "{out}");
+        }
     }
 
     #[test]
