@@ -355,7 +355,7 @@ pub enum Framing {
 /// The one Content-Length value of a message, if it has one. Repeated identical values
 /// are one value (RFC 9110 §8.6); anything else is an error, since two recipients could
 /// disagree on where the message ends.
-fn content_length(headers: &Headers) -> Result<Option<u64>, &'static str> {
+pub(crate) fn content_length(headers: &Headers) -> Result<Option<u64>, &'static str> {
     let mut found: Option<u64> = None;
     for h in headers.named("content-length") {
         for part in h.value.split(|&b| b == b',') {

@@ -332,12 +332,22 @@ fn origin_request(
                 continue;
             }
         }
-        if !h.is("host") && !is_hop_by_hop(&h, &tokens) {
+        if !h.is("host") && !h.is("content-length") && !is_hop_by_hop(&h, &tokens) {
             push_header(&mut out, h.name, h.value);
         }
     }
+    push_content_length(&mut out, &head.headers);
     end_head(&mut out, &head.headers, websocket, close);
     out
+}
+
+/// The message's Content-Length as one field with one value. Equal values in a list or
+/// in several fields (which the framing check allows) become one, as RFC 9110 §8.6
+/// permits: the next recipient must not be left to read `3, 3` its own way.
+fn push_content_length(out: &mut Vec<u8>, headers: &head::Headers) {
+    if let Ok(Some(n)) = head::content_length(headers) {
+        push_header(out, b"Content-Length", n.to_string().as_bytes());
+    }
 }
 
 /// The `Max-Forwards` of an OPTIONS or TRACE request, the only methods it applies to
@@ -370,11 +380,13 @@ fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
     out.extend_from_slice(one_line(resp.reason(), 200).as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
-        let stale_length = chunked && h.is("content-length");
-        if !is_hop_by_hop(&h, &tokens) && !stale_length {
+        if !is_hop_by_hop(&h, &tokens) && !h.is("content-length") {
             push_header(&mut out, h.name, h.value);
         }
+    }
+    // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
+    if !chunked {
+        push_content_length(&mut out, &resp.headers);
     }
     end_head(&mut out, &resp.headers, upgrade, close);
     out
@@ -1187,6 +1199,27 @@ mod tests {
         assert_eq!(forwarded("http://a:8080"), "OPTIONS * HTTP/1.1");
         assert_eq!(forwarded("http://a/"), "OPTIONS / HTTP/1.1");
         assert_eq!(forwarded("http://a?x"), "OPTIONS /?x HTTP/1.1");
+    }
+
+    #[test]
+    fn a_content_length_list_or_repeated_field_goes_on_as_one_value() {
+        for fields in [
+            "Content-Length: 3, 3\r\n",
+            "Content-Length: 3\r\nContent-Length: 3\r\n",
+        ] {
+            let raw = format!("POST http://a/ HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
+            let abs = parse_absolute_target(head.target()).unwrap();
+            let out = String::from_utf8(origin_request(&head, &abs, false, false)).unwrap();
+            assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+            assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
+
+            let raw = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+            let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+            let out = String::from_utf8(client_response(&head, false, false)).unwrap();
+            assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+            assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
+        }
     }
 
     #[test]
