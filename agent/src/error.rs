@@ -33,6 +33,19 @@ pub enum Error {
     /// Certificates or TLS setup failed.
     #[error("{0}")]
     Tls(#[from] fluidity_runtime_smol::Error),
+    /// Local mode's own certificate folder is unusable.
+    #[error(
+        "the local-mode certificates in {}: {source}; remove that folder (or give --dir \
+         another) and new ones are made",
+        dir.display()
+    )]
+    LocalCertificates {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// What is wrong in it.
+        #[source]
+        source: fluidity_runtime_smol::Error,
+    },
     /// The configured certificate files could not be loaded.
     #[error(
         "{what}: {source}; `fluidity certs init --dir DIR` creates a CA and certificates, or \

@@ -12,7 +12,7 @@ use fluidity_server::{Server, ServerConfig};
 use smol::Executor;
 
 use crate::config::AgentConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::run;
 use crate::tunnel::TunnelDialer;
 
@@ -59,7 +59,13 @@ pub async fn run_local(
     opts: LocalOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let (paths, outcome) = ensure_dir(&opts.dir, &CertInitOptions::default())?;
+    let (paths, outcome) =
+        ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| {
+            Error::LocalCertificates {
+                dir: opts.dir.clone(),
+                source,
+            }
+        })?;
     match outcome {
         EnsureOutcome::Created => {
             tracing::info!(dir = %opts.dir.display(), "generated certificates")

@@ -73,7 +73,7 @@ pub fn certs_from_pem(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'sta
     };
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("invalid PEM: {e}")))?;
+        .map_err(|e| bad(pem_problem(&e)))?;
     if certs.is_empty() {
         return Err(bad(
             "no certificate found (expected a \"BEGIN CERTIFICATE\" block)".into(),
@@ -91,9 +91,27 @@ pub fn key_from_pem(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>, E
             rustls_pki_types::pem::Error::NoItemsFound => {
                 "no private key found (expected a \"BEGIN PRIVATE KEY\" block)".into()
             }
-            other => format!("invalid PEM: {other}"),
+            other => pem_problem(&other),
         },
     })
+}
+
+/// What is wrong with PEM text, in words (the library's own text shows markers and lines
+/// as lists of byte values).
+fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "invalid PEM: a block has no \"-----END {}-----\" line (is the file cut short?)",
+            text(end_marker)
+        ),
+        E::IllegalSectionStart { line } => {
+            format!("invalid PEM: a malformed BEGIN line: \"{}\"", text(line))
+        }
+        E::Base64Decode(why) => format!("invalid PEM: a block's base64 is damaged ({why})"),
+        other => format!("invalid PEM: {other}"),
+    }
 }
 
 /// A certificate chain (leaf first) and its private key: what one side presents.
@@ -1485,6 +1503,27 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg7ijvmhK7XzW43C01
 5QoaSURusk2jYGSp7pF8OSxglMqJkiy2yhQerffvIVIwCIpxWZpzuvl5
 -----END PRIVATE KEY-----
 ";
+
+    #[test]
+    fn a_cut_or_damaged_pem_file_is_described_in_words() {
+        let pki = Pki::new("test CA");
+        let a = pki::issue_client(&pki.ca, "a", &[], DAY).expect("a");
+        let cut = &a.cert_pem[..a.cert_pem.len() / 2];
+        let err = certs_from_pem(cut, "client.pem")
+            .expect_err("cut short")
+            .to_string();
+        assert!(
+            err.contains("client.pem")
+                && err.contains("no \"-----END CERTIFICATE-----\" line")
+                && err.contains("cut short"),
+            "{err}"
+        );
+        let damaged = a.cert_pem.replacen('M', "*", 1);
+        let err = certs_from_pem(&damaged, "client.pem")
+            .expect_err("damaged")
+            .to_string();
+        assert!(err.contains("base64 is damaged"), "{err}");
+    }
 
     #[test]
     fn identity_names_a_version_1_certificate_as_such() {

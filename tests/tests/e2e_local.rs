@@ -118,3 +118,36 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
     assert!(body.contains("egress policy"), "{body}");
     drop(local);
 }
+
+/// A damaged file in local mode's certificate folder stops it with what is wrong, in
+/// words, and what to do; once the folder is gone, new certificates are made and it runs.
+#[test]
+fn a_damaged_local_certificate_folder_is_named_with_the_way_out() {
+    let _wd = watchdog("local_damaged_certificates", Duration::from_secs(120));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("certs");
+    let (mut p, _) = start_local(&dir, tmp.path(), &[]);
+    p.kill();
+    let client = CertPaths::in_dir(&dir).client_cert;
+    let pem = std::fs::read_to_string(&client).expect("the client certificate");
+    std::fs::write(&client, &pem[..pem.len() / 2]).expect("cutting it short");
+
+    let out = Command::new(&binaries().agent)
+        .arg("local")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(SocketAddr::from(([127, 0, 0, 1], free_port())).to_string())
+        .output()
+        .expect("running fluidity local");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cut short") && err.contains("remove that folder"),
+        "{err}"
+    );
+
+    std::fs::remove_dir_all(&dir).expect("removing the folder");
+    let (mut p, _) = start_local(&dir, tmp.path(), &[]);
+    p.kill();
+}
