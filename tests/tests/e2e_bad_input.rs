@@ -52,7 +52,7 @@ fn send_raw(proxy: SocketAddr, bytes: Vec<u8>) -> String {
 }
 
 #[test]
-fn garbage_and_a_huge_head_get_400_and_431() {
+fn garbage_a_huge_head_and_a_huge_request_line_get_400_431_and_414() {
     let _wd = watchdog("garbage_and_huge_head", Duration::from_secs(120));
     let t = Tunnel::start();
     let origin = HttpOrigin::start("after-garbage");
@@ -87,7 +87,18 @@ fn garbage_and_a_huge_head_get_400_and_431() {
         "only the check request reached the origin"
     );
     assert_tunnel_works(&t, &origin, "a 1 MiB head");
-    live.assert_alive("garbage and a 1 MiB head");
+
+    // A request line that alone exceeds the head limit: the target is what is too long.
+    let mut long_url = format!("GET {}?q=", origin.url("/hello")).into_bytes();
+    long_url.resize(long_url.len() + 100 * 1024, b'a');
+    long_url.extend_from_slice(format!(" HTTP/1.1\r\nHost: {}\r\n\r\n", origin.addr()).as_bytes());
+    let answer = send_raw(t.proxy(), long_url);
+    assert!(
+        answer.starts_with("HTTP/1.1 414 "),
+        "a 100 KiB request line should get 414, got {answer:?}"
+    );
+    assert_tunnel_works(&t, &origin, "a 100 KiB request line");
+    live.assert_alive("garbage, a 1 MiB head and a long request line");
 }
 
 /// Connects to the server's tunnel port with a TLS client that trusts the server's CA and

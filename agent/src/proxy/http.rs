@@ -133,6 +133,11 @@ where
             }
             Some(Err(ReadHeadError::Head(e))) => {
                 let (status, why) = match e {
+                    // Not even the request line fits: it is the target that is too long.
+                    HeadError::TooLarge if !cin.buffered().contains(&b'\n') => (
+                        414,
+                        format!("request line longer than {} bytes", head::MAX_HEAD_LEN),
+                    ),
                     HeadError::TooLarge | HeadError::TooManyHeaders => (431, e.to_string()),
                     HeadError::Malformed(_) => (400, format!("malformed request: {e}")),
                 };
@@ -163,6 +168,7 @@ fn status_text(status: u16) -> &'static str {
         403 => "Forbidden",
         405 => "Method Not Allowed",
         407 => "Proxy Authentication Required",
+        414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
