@@ -1293,19 +1293,38 @@ fn push_and_read(p: &mut Pair, id: StreamId, n: usize) -> u32 {
     p.server.stream_info(id).unwrap().recv_window
 }
 
-#[test]
-fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams_end() {
+/// A ready pair whose streams start with 1000-byte windows that may grow to `max`, all
+/// together by at most `budget`, and a stream open on it.
+fn small_windows(max: u32, budget: u64) -> (Pair, StreamId) {
     let mut p = Pair::ready_with(Config {
         limits: Limits {
             stream_window: 1000,
             ..Limits::default()
         },
-        max_stream_window: 4000,
-        // One stream's growth from 1000 to 4000, no more.
-        window_growth_budget: 3000,
+        max_stream_window: max,
+        window_growth_budget: budget,
         ..Config::default()
     });
-    let a = p.open_accepted();
+    let id = p.open_accepted();
+    (p, id)
+}
+
+/// Reads up to `n` bytes of stream `id` at the server, as many reads as that takes.
+fn read_up_to(p: &mut Pair, id: StreamId, n: usize) -> usize {
+    let mut took = 0;
+    while took < n {
+        match p.server.recv_stream(id).read(n - took) {
+            Ok(Some(b)) => took += b.len(),
+            _ => break,
+        }
+    }
+    took
+}
+
+#[test]
+fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams_end() {
+    // One stream's growth from 1000 to 4000, no more.
+    let (mut p, a) = small_windows(4000, 3000);
     let b = p.open_accepted();
     // A reader that takes everything at once, on a clock that does not move: every
     // update is quick, and the window doubles up to the largest.
@@ -1326,15 +1345,7 @@ fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams
 
 #[test]
 fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
-    let mut p = Pair::ready_with(Config {
-        limits: Limits {
-            stream_window: 1000,
-            ..Limits::default()
-        },
-        max_stream_window: 4000,
-        ..Config::default()
-    });
-    let id = p.open_accepted();
+    let (mut p, id) = small_windows(4000, Config::default().window_growth_budget);
     let mut moved = 0;
     while moved < 20_000 {
         let n = p.agent.send_stream(id).write(&[5u8; 1000]).unwrap_or(0);
@@ -1352,15 +1363,7 @@ fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
 
 #[test]
 fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_growth_back() {
-    let mut p = Pair::ready_with(Config {
-        limits: Limits {
-            stream_window: 1000,
-            ..Limits::default()
-        },
-        max_stream_window: 8000,
-        ..Config::default()
-    });
-    let id = p.open_accepted();
+    let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
     // Stalls: the window fills, the reader waits a second, then takes everything at once.
     // The first update after the stall is slow; the quick one right behind it does not
     // make two in a row.
@@ -1390,13 +1393,7 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
         p.advance(Duration::from_secs(1));
         p.drive();
         let half = p.server.stream_info(id).unwrap().recv_window as usize / 2;
-        let mut took = 0;
-        while took < half {
-            match p.server.recv_stream(id).read(half - took) {
-                Ok(Some(b)) => took += b.len(),
-                _ => break,
-            }
-        }
+        read_up_to(&mut p, id, half);
         p.drive();
         seen.push(p.server.stream_info(id).unwrap().recv_window);
     }
@@ -1406,15 +1403,7 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
 
 #[test]
 fn a_grown_window_stays_through_updates_between_quick_and_slow() {
-    let mut p = Pair::ready_with(Config {
-        limits: Limits {
-            stream_window: 1000,
-            ..Limits::default()
-        },
-        max_stream_window: 8000,
-        ..Config::default()
-    });
-    let id = p.open_accepted();
+    let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
     // The first ping's round trip, taken on this clock, is 0: quick is under 4 ms (the
     // least round trip counted, 1 ms, four times), slow from 16 ms.
     p.advance(Duration::from_millis(1));
@@ -1425,13 +1414,7 @@ fn a_grown_window_stays_through_updates_between_quick_and_slow() {
         p.drive();
         p.advance(Duration::from_millis(8));
         p.drive();
-        let mut took = 0;
-        while took < 4000 {
-            match p.server.recv_stream(id).read(4000 - took) {
-                Ok(Some(b)) => took += b.len(),
-                _ => break,
-            }
-        }
+        read_up_to(&mut p, id, 4000);
         p.drive();
         assert_eq!(p.server.stream_info(id).unwrap().recv_window, 8000);
     }
