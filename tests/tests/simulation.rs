@@ -229,6 +229,15 @@ fn quiet_link() -> LinkOptions {
     }
 }
 
+/// Runs `opts` and checks that every stream completed and neither side lost the
+/// connection.
+fn all_complete(opts: &Options) -> sim::Outcome {
+    let o = sim::run(opts).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(o.completed, opts.streams.len(), "{o:?}");
+    assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+    o
+}
+
 /// Small windows: a reader that stops holds exactly its stream's window and no more,
 /// while the other streams, sharing a connection window smaller than all their stream
 /// windows together, carry on to the end. Windows do not grow here (see
@@ -288,9 +297,7 @@ fn a_stopped_reader_holds_only_its_own_window() {
             at: None,
         },
     };
-    let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
-    assert_eq!(o.completed, 3, "{o:?}");
-    assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+    let o = all_complete(&opts);
     // The stalled stream filled its window exactly: the writer neither stopped short nor
     // overran it.
     assert_eq!(o.max_in_flight[0][0], u64::from(WINDOW), "{o:?}");
@@ -415,9 +422,7 @@ fn a_reader_that_keeps_up_widens_its_window_and_a_slow_one_does_not() {
             at: None,
         },
     };
-    let o = sim::run(&opts).unwrap_or_else(|r| panic!("{r}"));
-    assert_eq!(o.completed, 5, "{o:?}");
-    assert!(o.agent_lost.is_none() && o.server_lost.is_none(), "{o:?}");
+    let o = all_complete(&opts);
     for k in 0..2 {
         assert_eq!(
             o.max_in_flight[k][0],
