@@ -60,11 +60,15 @@ pub async fn run_local(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (paths, outcome) =
-        ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| {
-            Error::LocalCertificates {
+        ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| match source {
+            // A damaged file among the ones local mode made: making them anew fixes it.
+            // Anything else (a folder it cannot write, one holding other files, which it
+            // never overwrites) is reported as it is.
+            fluidity_runtime_smol::Error::BadPem { .. } => Error::LocalCertificates {
                 dir: opts.dir.clone(),
                 source,
-            }
+            },
+            other => other.into(),
         })?;
     match outcome {
         EnsureOutcome::Created => {

@@ -466,11 +466,12 @@ fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets(
 /// An OPTIONS request with `Max-Forwards: 0` may go no further: the proxy answers it
 /// itself (RFC 9110 §7.6.2), so even a name that resolves nowhere gets 200 with `Allow`.
 /// With `Max-Forwards: 1` the request goes on (and that name's lookup fails at the server).
+/// Either answer from the proxy honours a client's `Connection: close`.
 #[test]
 fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
     let _wd = watchdog("max_forwards", Duration::from_secs(60));
     let t = Tunnel::start();
-    let ask = |hops: &str| {
+    let ask = |hops: &str, connection: &str| {
         let out = curl([
             "-i",
             "-x",
@@ -479,18 +480,26 @@ fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
             "OPTIONS",
             "-H",
             &format!("Max-Forwards: {hops}"),
+            "-H",
+            &format!("Connection: {connection}"),
             "http://no-such-origin.invalid/",
         ]);
         out.assert_ok();
         out.text()
     };
-    let zero = ask("0");
+    let zero = ask("0", "keep-alive");
     assert!(
         zero.starts_with("HTTP/1.1 200 ")
             && zero.contains("Allow: ")
             && zero.contains("Max-Forwards is 0"),
         "{zero}"
     );
-    let one = ask("1");
+    assert!(!zero.contains("Connection: close"), "{zero}");
+    let one = ask("1", "keep-alive");
     assert!(one.starts_with("HTTP/1.1 502 "), "{one}");
+    // A client that asked to close gets its answer from the proxy with the close.
+    for hops in ["0", "1"] {
+        let closing = ask(hops, "close");
+        assert!(closing.contains("Connection: close"), "{closing}");
+    }
 }

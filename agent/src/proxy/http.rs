@@ -134,10 +134,18 @@ where
             Some(Err(ReadHeadError::Head(e))) => {
                 let (status, why) = match e {
                     // Not even the request line fits: it is the target that is too long.
-                    HeadError::TooLarge if !cin.buffered().contains(&b'\n') => (
-                        414,
-                        format!("request line longer than {} bytes", head::MAX_HEAD_LEN),
-                    ),
+                    HeadError::TooLarge
+                        if cin
+                            .buffered()
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .is_none_or(|end| end >= head::MAX_HEAD_LEN) =>
+                    {
+                        (
+                            414,
+                            format!("request line longer than {} bytes", head::MAX_HEAD_LEN),
+                        )
+                    }
                     HeadError::TooLarge | HeadError::TooManyHeaders => (431, e.to_string()),
                     HeadError::Malformed(_) => (400, format!("malformed request: {e}")),
                 };
@@ -357,7 +365,9 @@ fn push_content_length(out: &mut Vec<u8>, headers: &head::Headers) {
 }
 
 /// The `Max-Forwards` of an OPTIONS or TRACE request, the only methods it applies to
-/// (RFC 9110 §7.6.2); `None` for other methods, or without one valid value.
+/// (RFC 9110 §7.6.2); `None` for other methods, or without one valid value. Anything
+/// else (several fields, a list, more than 18 digits) is forwarded as it came: counting
+/// it down would mean guessing what the sender meant.
 fn max_forwards(head: &RequestHead) -> Option<u64> {
     let method = head.method();
     if !method.eq_ignore_ascii_case("OPTIONS") && !method.eq_ignore_ascii_case("TRACE") {
@@ -428,8 +438,10 @@ where
             }
         }
     };
-    // An answer from the proxy keeps the connection only if no request body follows.
-    let keep = framing == Framing::Empty;
+    // An answer from the proxy keeps the connection only if no request body follows and
+    // the client did not ask to close it.
+    let client_close = head.minor_version == 0 || head.headers.has_token("connection", "close");
+    let keep = framing == Framing::Empty && !client_close;
     let next_after_answer = if keep { Next::KeepAlive } else { Next::Close };
 
     if let Some(creds) = &cfg.auth {
@@ -486,7 +498,6 @@ where
         return Ok(next_after_answer);
     }
     let websocket = is_websocket(&head);
-    let client_close = head.minor_version == 0 || head.headers.has_token("connection", "close");
     let head_bytes = origin_request(&head, &abs, websocket, client_close);
     let ctx = Exchange {
         method,
@@ -1226,6 +1237,11 @@ mod tests {
             assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
             assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
         }
+        // A 304 (or the answer to a HEAD) keeps the length of the body it does not carry.
+        let raw = "HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n";
+        let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+        let out = String::from_utf8(client_response(&head, false, false)).unwrap();
+        assert!(out.contains("\r\nContent-Length: 42\r\n"), "{out}");
     }
 
     #[test]
