@@ -107,7 +107,8 @@ pub struct AgentConfig {
     pub proxy_username: Option<String>,
     /// Password proxy clients must present (not empty, at most 255 bytes). Default: none.
     pub proxy_password: Option<String>,
-    /// Seconds for TCP connect plus TLS handshake to the server. Default 10.
+    /// Seconds for TCP connect plus TLS handshake to one of the server's addresses (up to
+    /// three are tried), and for looking up its name. Default 10.
     pub connect_timeout_secs: u64,
     /// Seconds a client may take to send its request head. Default 30.
     pub head_timeout_secs: u64,

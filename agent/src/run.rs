@@ -33,8 +33,9 @@ pub fn credential_source(cfg: &AgentConfig, env: &Env) -> Result<Option<Credenti
     }
 }
 
-/// Builds the tunnel settings from the configuration: loads certificates and resolves
-/// the server's address (the server's own name only; targets are never resolved here).
+/// Builds the tunnel settings from the configuration: loads certificates and parses the
+/// server's address (its name is looked up at each connection attempt; targets are never
+/// looked up here).
 pub fn tunnel_settings(
     cfg: &AgentConfig,
     credentials: Option<CredentialSource>,
@@ -84,7 +85,7 @@ pub fn tunnel_settings(
         // Requests within the backoff get the last error at once, so this is also how
         // long traffic may still fail after the server is back: at most 5 s (it was
         // 30 s). A dead server then costs one attempt per 5 s, each bounded by the
-        // connect timeout.
+        // connect timeout per address tried.
         max_backoff: Duration::from_secs(5),
     })
 }

@@ -18,6 +18,11 @@ use crate::proxy::{DialError, Dialer};
 /// Runs on a blocking thread (it may fetch AWS credentials).
 pub type CredentialSource = Arc<dyn Fn(&[u8]) -> Result<Credentials, String> + Send + Sync>;
 
+/// Most addresses of the server's name one connection attempt tries, each within the
+/// connect timeout: with the lookup's own limit, an attempt stays well within the time a
+/// client waits for a stream.
+pub const MAX_SERVER_ADDRESSES: usize = 3;
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {
@@ -35,15 +40,20 @@ pub enum ServerAddr {
 }
 
 impl ServerAddr {
-    /// Parses `host:port`, `ip:port` or `[ipv6]:port`; `None` without a valid port or host.
+    /// Parses `name:port`, `ip:port` or `[ipv6]:port`. `None` unless the port is 1 to
+    /// 65535 in digits and the name is letters, digits, `.`, `-` and `_` (brackets only
+    /// around an IPv6 address).
     pub fn parse(s: &str) -> Option<ServerAddr> {
         if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Some(ServerAddr::Ip(addr));
+            return (addr.port() != 0).then_some(ServerAddr::Ip(addr));
         }
         let (host, port) = s.rsplit_once(':')?;
-        let port = port.parse().ok()?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(':') {
+        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+        let name_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
+        if host.is_empty() || host.len() > 253 || !host.bytes().all(name_byte) {
             return None;
         }
         Some(ServerAddr::Name {
@@ -52,25 +62,48 @@ impl ServerAddr {
         })
     }
 
-    /// The addresses to try, in the resolver's order.
-    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+    /// The addresses to try, in the resolver's order, at most [`MAX_SERVER_ADDRESSES`];
+    /// a lookup gets `limit`.
+    async fn resolve(&self, limit: Duration) -> Result<Vec<SocketAddr>, String> {
         let (host, port) = match self {
             ServerAddr::Ip(addr) => return Ok(vec![*addr]),
             ServerAddr::Name { host, port } => (host.clone(), *port),
         };
         let name = host.clone();
-        let found = blocking::unblock(move || {
-            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
-                .map(|a| a.collect::<Vec<_>>())
+        // The lookup thread cannot be stopped; past the limit it is no longer waited for.
+        let found = async {
+            Some(
+                blocking::unblock(move || {
+                    std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+                        .map(|a| a.take(MAX_SERVER_ADDRESSES).collect::<Vec<_>>())
+                })
+                .await,
+            )
+        }
+        .or(async {
+            async_io::Timer::after(limit).await;
+            None
         })
         .await;
         match found {
-            Ok(addrs) if !addrs.is_empty() => Ok(addrs),
-            Ok(_) => Err(format!("the server name {host} has no addresses")),
-            Err(e) => Err(format!(
+            Some(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+            Some(Ok(_)) => Err(format!("the server name {host} has no addresses")),
+            Some(Err(e)) => Err(format!(
                 "cannot look up the server name {host}: {e}; check the server setting and \
                  this machine's network"
             )),
+            None => Err(format!(
+                "the lookup of the server name {host} took longer than {limit:?}; check this \
+                 machine's DNS"
+            )),
+        }
+    }
+
+    /// How the server is named in messages about `addr`, one of its addresses.
+    fn at(&self, addr: SocketAddr) -> String {
+        match self {
+            ServerAddr::Ip(_) => addr.to_string(),
+            ServerAddr::Name { .. } => format!("{self} ({addr})"),
         }
     }
 }
@@ -101,7 +134,8 @@ pub struct TunnelSettings {
     /// Protocol configuration. Its `handshake_timeout` also bounds, after the TLS
     /// handshake, getting credentials, signing and hearing the server's verdict.
     pub proto: Arc<fluidity_proto::Config>,
-    /// Limit on TCP connect plus TLS handshake.
+    /// Limit on TCP connect plus TLS handshake to one address, and on looking up the
+    /// server's name.
     pub connect_timeout: Duration,
     /// Tunnel credentials (IAM), or `None` for mTLS only.
     pub credentials: Option<CredentialSource>,
@@ -275,7 +309,7 @@ impl TunnelDialer {
         let settings = self.settings();
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
-        let addrs = s.server.resolve().await?;
+        let addrs = s.server.resolve(s.connect_timeout).await?;
         // Each address in turn, as a browser would: a name with an address this machine
         // cannot reach (IPv6 without a route, say) must not hide the one it can.
         let mut failures = Vec::new();
@@ -290,7 +324,7 @@ impl TunnelDialer {
                     break;
                 }
                 Err(e) => {
-                    let why = connect_error(addr, &s.ca_file, e);
+                    let why = connect_error(&s.server.at(addr), &s.ca_file, e);
                     tracing::debug!(%addr, error = %why, "server address failed");
                     failures.push(why);
                 }
@@ -372,7 +406,7 @@ impl TunnelDialer {
 /// Why the TCP connection or the TLS handshake to the server failed, with what to check
 /// where the cause is a setting.
 fn connect_error(
-    server: SocketAddr,
+    server: &str,
     ca_file: &std::path::Path,
     e: fluidity_runtime_smol::Error,
 ) -> String {
@@ -526,8 +560,8 @@ mod tests {
             name("vpn.example.com", 8443)
         );
         assert_eq!(
-            ServerAddr::parse("[vpn.example.com]:1"),
-            name("vpn.example.com", 1)
+            ServerAddr::parse("vpn_1.example:1"),
+            name("vpn_1.example", 1)
         );
         for bad in [
             "vpn.example.com",
@@ -536,6 +570,14 @@ mod tests {
             ":8443",
             "::1:8443",
             "h:70000",
+            "h:0",
+            "h:+1",
+            "h :1",
+            "[vpn.example.com]:1",
+            "[h:8443",
+            "h]:8443",
+            "[1.2.3.4]:80",
+            "192.0.2.1:0",
         ] {
             assert_eq!(ServerAddr::parse(bad), None, "{bad}");
         }
