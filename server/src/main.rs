@@ -136,6 +136,16 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     for rule in &cli.egress {
         cfg.egress.apply(rule.clone());
     }
+    if cfg.listen.port() == cfg.health_listen.port()
+        && (cfg.listen.ip() == cfg.health_listen.ip()
+            || cfg.listen.ip().is_unspecified()
+            || cfg.health_listen.ip().is_unspecified())
+    {
+        return Err(Error::Config(format!(
+            "listen ({}) and health_listen ({}) overlap; give them different ports",
+            cfg.listen, cfg.health_listen
+        )));
+    }
     Ok(cfg)
 }
 
@@ -191,7 +201,10 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         // A server still draining keeps answering health checks on its port until it
         // exits. Its replacement serves tunnels at once (the old one no longer takes
         // them) and health checks once the port is free.
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && held_by_a_draining_server(health_addr) =>
+        {
             tracing::warn!(addr = %health_addr,
                 "the health port is in use (by a fluidity-server still draining?); serving \
                  tunnels now, /healthz and /metrics once the port is free");
@@ -255,4 +268,33 @@ async fn bind_when_free(addr: SocketAddr) -> Option<async_net::TcpListener> {
             }
         }
     }
+}
+
+/// Whether what holds `addr` is a fluidity-server that is draining: its `/healthz`
+/// answers `503` with `draining` (asked with one-second limits). Anything else holding the
+/// port is a conflict to report, not to wait out.
+fn held_by_a_draining_server(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let limit = std::time::Duration::from_secs(1);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, limit) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(limit));
+    let _ = s.set_write_timeout(Some(limit));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: fluidity\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = s.take(4096).read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    answer.starts_with("HTTP/1.1 503") && answer.contains("draining")
 }

@@ -189,6 +189,43 @@ fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port
     replacement.kill();
 }
 
+/// A health port held by anything but a draining fluidity-server is a conflict: the
+/// server says so and exits, rather than run without health checks. A health port that
+/// is the tunnel port is refused as a setting.
+#[test]
+fn a_health_port_held_by_something_else_stops_the_server_with_the_reason() {
+    let _wd = watchdog("health_port_conflict", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let held = held.local_addr().expect("its address");
+    let tunnel_port = format!("127.0.0.1:{}", fluidity_tests::e2e::tunnel::free_port());
+    for (health, says) in [
+        (held.to_string(), format!("cannot listen on {held}")),
+        (tunnel_port.clone(), "overlap".to_owned()),
+    ] {
+        let out = Command::new(&binaries().server)
+            .args([
+                "--listen",
+                &tunnel_port,
+                "--health-listen",
+                &health,
+                "--cert",
+            ])
+            .arg(&t.certs.server_cert)
+            .arg("--key")
+            .arg(&t.certs.server_key)
+            .arg("--client-ca")
+            .arg(&t.certs.ca_cert)
+            .output()
+            .expect("running the server");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&says),
+            "{health}: {err}"
+        );
+    }
+}
+
 /// An agent told to stop refuses new clients at once, lets open streams go on for its
 /// grace period, then resets the clients whose streams it cut: a reset, never a clean end
 /// a client could take for the whole of the data.

@@ -133,8 +133,8 @@ impl Resolver {
             }
             None if !started.load(std::sync::atomic::Ordering::Relaxed) => {
                 let busy = self.max_lookups;
-                tracing::warn!(%target, ?timeout, busy,
-                    "no name lookup slot free in time; are lookups to the DNS server hanging?");
+                // Debug, like every refusal here: during a DNS outage each request meets it.
+                tracing::debug!(%target, ?timeout, busy, "no name lookup slot free in time");
                 Err(OpenRefusal::new(
                     RefusalReason::TimedOut,
                     format!(
