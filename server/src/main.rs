@@ -136,7 +136,9 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     for rule in &cli.egress {
         cfg.egress.apply(rule.clone());
     }
+    // Port 0 asks the system for a free port, which can never clash.
     if cfg.listen.port() == cfg.health_listen.port()
+        && cfg.listen.port() != 0
         && (cfg.listen.ip() == cfg.health_listen.ip()
             || cfg.listen.ip().is_unspecified()
             || cfg.health_listen.ip().is_unspecified())
