@@ -212,6 +212,29 @@ fn clients_without_a_valid_certificate_are_turned_away() {
     live.assert_alive("strangers at the TLS port");
 }
 
+/// Starts an agent against `t`'s server presenting `identity` (written to a folder
+/// `name` of its own, the agent named `fluidity-NAME`); returns it and the certificate's
+/// file.
+fn agent_presenting(
+    t: &Tunnel,
+    identity: &pki::CertifiedKeyPem,
+    name: &str,
+) -> (fluidity_tests::e2e::Agent, std::path::PathBuf) {
+    let dir = t.dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("a folder for the certificate");
+    let mut certs = t.certs.clone();
+    certs.client_cert = dir.join("client.pem");
+    certs.client_key = dir.join("client-key.pem");
+    std::fs::write(&certs.client_cert, &identity.cert_pem).expect("writing the certificate");
+    std::fs::write(&certs.client_key, &identity.key_pem).expect("writing the key");
+    let opts = fluidity_tests::e2e::AgentOptions {
+        name: format!("fluidity-{name}"),
+        ..Default::default()
+    };
+    let agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    (agent, certs.client_cert)
+}
+
 /// An agent whose certificate the server refuses (issued by another CA) says so, in its
 /// log and in the answer its clients get, with what to check; not just that the
 /// connection closed.
@@ -223,18 +246,7 @@ fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
     let day = Duration::from_secs(24 * 3600);
     let other_ca = pki::generate_ca("some other CA", day).expect("CA");
     let other = pki::issue_client(&other_ca, "fluidity-agent", &[], day).expect("certificate");
-    let dir = t.dir.path().join("other-ca");
-    std::fs::create_dir_all(&dir).expect("a folder for the certificate");
-    let mut certs = t.certs.clone();
-    certs.client_cert = dir.join("client.pem");
-    certs.client_key = dir.join("client-key.pem");
-    std::fs::write(&certs.client_cert, &other.cert_pem).expect("writing the certificate");
-    std::fs::write(&certs.client_key, &other.key_pem).expect("writing the key");
-    let opts = fluidity_tests::e2e::AgentOptions {
-        name: "fluidity-other-ca".into(),
-        ..Default::default()
-    };
-    let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
+    let (mut agent, _) = agent_presenting(&t, &other, "other-ca");
     let said = "refused this agent's certificate";
     assert!(
         agent
@@ -264,19 +276,8 @@ fn an_agent_whose_certificate_expires_soon_warns_at_start_and_works() {
     let ca = pki::CaBundle::load(&t.certs.ca_cert, &t.certs.ca_key).expect("the tunnel's CA");
     let three_days = Duration::from_secs(3 * 24 * 3600);
     let short = pki::issue_client(&ca, "fluidity-agent", &[], three_days).expect("certificate");
-    let dir = t.dir.path().join("expiring");
-    std::fs::create_dir_all(&dir).expect("a folder for the certificate");
-    let mut certs = t.certs.clone();
-    certs.client_cert = dir.join("client.pem");
-    certs.client_key = dir.join("client-key.pem");
-    std::fs::write(&certs.client_cert, &short.cert_pem).expect("writing the certificate");
-    std::fs::write(&certs.client_key, &short.key_pem).expect("writing the key");
-    let opts = fluidity_tests::e2e::AgentOptions {
-        name: "fluidity-expiring".into(),
-        ..Default::default()
-    };
-    let mut agent = fluidity_tests::e2e::Agent::spawn(&certs, t.server.listen, &opts, t.dir.path());
-    let file = certs.client_cert.display().to_string();
+    let (mut agent, cert_file) = agent_presenting(&t, &short, "expiring");
+    let file = cert_file.display().to_string();
     assert!(
         agent.proc.wait_log(Duration::from_secs(30), |l| {
             l.contains(&file) && l.contains("expires on") && l.contains("certs init --force")
