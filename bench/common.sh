@@ -182,6 +182,26 @@ bulk() {
     echo "$secs"
 }
 
+# Runs hey; prints "rate p50_ms p99_ms", failing on any non-200 answer or error.
+load() {
+    local n=$1 c=$2
+    shift 2
+    local out
+    # hey gives each client n/c requests.
+    local expected=$((n / c * c))
+    out=$(hey -n "$n" -c "$c" "$@" "$ORIGIN/10k")
+    if ! grep -q "\[200\]	$expected responses" <<<"$out" || grep -q "Error distribution" <<<"$out"; then
+        printf '%s\n' "$out" >&2
+        die "load run had failures"
+    fi
+    awk '
+        /Requests\/sec:/ { rate = $2 }
+        /^ *50% in/ { p50 = $3 * 1000 }
+        /^ *99% in/ { p99 = $3 * 1000 }
+        END { printf "%.1f %.3f %.3f\n", rate, p50, p99 }
+    ' <<<"$out"
+}
+
 # Field `f` of /proc/PID/stat for process `pid` (14: user ticks, 15: system ticks,
 # 10: minor page faults).
 stat_field() { awk -v f="$2" '{ print $f }' "/proc/$1/stat"; }
