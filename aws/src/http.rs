@@ -1,5 +1,5 @@
-//! The HTTP transport: one ureq agent with the aws-lc-rs provider, deadlines on every call,
-//! bounded response bodies, and jittered retries.
+//! The HTTP transport: one ureq agent with Fluidity's crypto provider, deadlines on every
+//! call, bounded response bodies, and jittered retries.
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
@@ -134,9 +134,9 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 impl HttpClient {
-    /// A client with these settings, TLS through rustls with the aws-lc-rs provider.
+    /// A client with these settings, TLS through rustls with Fluidity's crypto provider.
     pub fn new(config: HttpConfig) -> Result<Self> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = fluidity_runtime_smol::tls::crypto_provider();
         let roots = match &config.ca_bundle {
             None => RootCerts::WebPki,
             Some(path) => {

@@ -6,10 +6,10 @@
 //!   [`relay`] moves bytes between a stream and a socket, in a bulk transfer without
 //!   copying them.
 //! - [`tls`] is the only module of the data plane that touches rustls. It builds the
-//!   mutual TLS 1.3 configurations (private CA, ALPN `fluidity/1`, aws-lc-rs passed
-//!   explicitly), checks peer identities (CN and IP SANs), derives the channel-binding
-//!   value used by tunnel authentication, and wraps a rustls connection for a
-//!   buffered-API driver.
+//!   mutual TLS 1.3 configurations (private CA, ALPN `fluidity/1`, ring with a
+//!   post-quantum hybrid key exchange, passed explicitly), checks peer identities (CN
+//!   and IP SANs), derives the channel-binding value used by tunnel authentication, and
+//!   wraps a rustls connection for a buffered-API driver.
 //! - [`pki`] generates the private CA and the server and agent certificates, creates
 //!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
 //! - [`app`] runs a binary's executor threads; [`timer`] and [`listener`] are small

@@ -760,7 +760,8 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) -> Result<()
 /// (a hash of the public key) repeats whenever a key is re-certified.
 fn random_serial() -> Result<SerialNumber, Error> {
     let mut bytes = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| rcgen::Error::RingUnspecified)?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| rcgen::Error::RingUnspecified)?;
     // Top bit clear keeps the INTEGER positive; the next bit set keeps it 16 bytes long.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))

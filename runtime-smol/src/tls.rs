@@ -2,7 +2,8 @@
 //! channel-binding exporter, and a thin wrapper over a rustls connection.
 //!
 //! This is the only module of the data plane that uses rustls. Every configuration is
-//! built with the aws-lc-rs provider passed explicitly, never the process default.
+//! built with [`crypto_provider`] passed explicitly, never the process default: ring,
+//! with the hybrid post-quantum key exchange X25519MLKEM768 first (module `kx`).
 //!
 //! Identity model (DESIGN.md, Security):
 //! - both sides present a certificate from the private CA (WebPKI chain checks, and
@@ -49,8 +50,17 @@ pub const CHANNEL_BINDING_LEN: usize = 32;
 /// rustls bounds what a peer can send, and this bounds what we parse.
 const MAX_CERT_DER_LEN: usize = 16 * 1024;
 
-fn provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+mod kx;
+
+/// The crypto provider of every TLS configuration of Fluidity (the tunnel, its test
+/// origins, the AWS calls): ring's algorithms, AES-128-GCM first, and X25519MLKEM768
+/// ahead of ring's key exchange groups.
+///
+/// ring rather than aws-lc-rs: in measurements on the tunnel it cost no more CPU per
+/// byte or per request, and its smaller code keeps each process about 1.5 MiB smaller
+/// (docs/PERFORMANCE.md, change 30).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
     // AES-128-GCM first (the provider lists AES-256-GCM first): it is the fastest suite
     // where AES runs in hardware, and 128-bit keys are well within TLS 1.3's security
     // margin. Both ends run this code and the server follows the client's order, so the
@@ -58,6 +68,9 @@ fn provider() -> Arc<CryptoProvider> {
     provider
         .cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    // The hybrid first, so that both ends of a tunnel agree on it; X25519 alone and the
+    // NIST curves remain for peers without it.
+    provider.kx_groups.insert(0, kx::X25519MLKEM768);
     Arc::new(provider)
 }
 
@@ -193,10 +206,15 @@ impl Identity {
                     .into(),
             ));
         }
-        let signing_key = provider()
+        let signing_key = crypto_provider()
             .key_provider
             .load_private_key(key.clone_key())
-            .map_err(|e| bad(format!("unusable private key: {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "unusable private key ({e}); keys may be ECDSA P-256 or P-384, Ed25519, \
+                     or RSA of 2048 to 8192 bits"
+                ))
+            })?;
         rustls::sign::CertifiedKey::new(chain.clone(), signing_key)
             .keys_match()
             .map_err(|e| match e {
@@ -480,7 +498,7 @@ pub fn server_config(
     client_ca: &CaRoots,
     client_check: &PeerCheck,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let provider = provider();
+    let provider = crypto_provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(
         Arc::clone(&client_ca.store),
         Arc::clone(&provider),
@@ -506,7 +524,7 @@ pub fn client_config(
     server_ca: &CaRoots,
     server_check: &PeerCheck,
 ) -> Result<Arc<ClientConfig>, Error> {
-    let provider = provider();
+    let provider = crypto_provider();
     let webpki = WebPkiServerVerifier::builder_with_provider(
         Arc::clone(&server_ca.store),
         Arc::clone(&provider),
@@ -1032,6 +1050,11 @@ pub(crate) mod tests {
                 end.negotiated_cipher_suite().map(|s| s.suite()),
                 Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
             );
+            assert_eq!(
+                end.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768),
+                "the tunnel's key exchange must be the post-quantum hybrid"
+            );
         }
 
         let at_client = client
@@ -1282,7 +1305,7 @@ pub(crate) mod tests {
     fn server_rejects_client_without_certificate() {
         let pki = Pki::new("test CA");
         let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
-        let mut config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("versions")
             .with_root_certificates(Arc::clone(&pki.roots.store))
@@ -1405,7 +1428,7 @@ pub(crate) mod tests {
         let pki = Pki::new("test CA");
         let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
         let identity = pki.local_client();
-        let mut config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS12])
             .expect("versions")
             .with_root_certificates(Arc::clone(&pki.roots.store))
@@ -1436,7 +1459,7 @@ pub(crate) mod tests {
         let pki = Pki::new("test CA");
         let identity = pki.local_client();
         let config_with = |alpn: Vec<Vec<u8>>| {
-            let mut config = ClientConfig::builder_with_provider(provider())
+            let mut config = ClientConfig::builder_with_provider(crypto_provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .expect("versions")
                 .with_root_certificates(Arc::clone(&pki.roots.store))
@@ -1503,6 +1526,36 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg7ijvmhK7XzW43C01
 5QoaSURusk2jYGSp7pF8OSxglMqJkiy2yhQerffvIVIwCIpxWZpzuvl5
 -----END PRIVATE KEY-----
 ";
+
+    /// A P-521 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521), which
+    /// the crypto provider cannot sign with.
+    const P521_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIHuAgEAMBAGByqGSM49AgEGBSuBBAAjBIHWMIHTAgEBBEIARt+/zaL/iAAxiX/i
+ZuCb3OjTGGqGAe0PqvNdmIATWpsyYjDqvXpVTrDeCZyUbjphrq9QBygDNppKaMkq
+Xwu0UuahgYkDgYYABAEhYsnlkYTVJuzUJvu4hSZSh7ErlOrYMnpipgt75USzkKdT
+M5Z8tDbzgL5fooKHe/xStz5CrhdDYJMEhZTf1wSd0QBbjDlx1p21rgcNfdIPW6aF
+N3lFoNjmAW570DqqC56LLv0hU2CqyfvuoAgqZjKdLIxU50JgV2AlM++AOzNG2nGr
+7Q==
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_key_of_a_kind_the_provider_cannot_use_is_refused_with_the_kinds_it_can() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new("test CA");
+        let a = pki::issue_client(&pki.ca, "a", &[], DAY).expect("a");
+        let cert = dir.path().join("client.pem");
+        let key = dir.path().join("client-key.pem");
+        std::fs::write(&cert, &a.cert_pem).expect("write");
+        std::fs::write(&key, P521_KEY).expect("write");
+        let err = Identity::load(&cert, &key).expect_err("P-521").to_string();
+        assert!(
+            err.contains("client-key.pem")
+                && err.contains("unusable private key")
+                && err.contains("ECDSA P-256 or P-384, Ed25519, or RSA"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_cut_or_damaged_pem_file_is_described_in_words() {

@@ -104,7 +104,8 @@ fn garbage_a_huge_head_and_a_huge_request_line_get_400_431_and_414() {
 
 /// Connects to the server's tunnel port with a TLS client that trusts the server's CA and
 /// presents `client` (or nothing), and returns what the server did: `Ok(bytes)` with
-/// what it sent after the handshake, or the error that ended the connection.
+/// what it sent after the handshake, or the error that ended the connection. The client is
+/// rustls on aws-lc-rs, another implementation of the key exchange the server prefers.
 fn stranger(
     server: SocketAddr,
     ca: &Path,

@@ -60,7 +60,7 @@ pub fn seeded_payload(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// An incremental SHA-256.
-pub struct Sha256(aws_lc_rs::digest::Context);
+pub struct Sha256(ring::digest::Context);
 
 impl Default for Sha256 {
     fn default() -> Self {
@@ -71,7 +71,7 @@ impl Default for Sha256 {
 impl Sha256 {
     /// A fresh digest.
     pub fn new() -> Self {
-        Sha256(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+        Sha256(ring::digest::Context::new(&ring::digest::SHA256))
     }
 
     /// Adds bytes.

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fluidity_runtime_smol::pki::{self, SanEntry};
-use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
+use fluidity_runtime_smol::tls::{certs_from_pem, crypto_provider, key_from_pem};
 
 use super::client::{payload_into, Sha256};
 use super::proc::{wait_for, Proc};
@@ -186,8 +186,7 @@ impl TlsOrigin {
         .expect("origin certificate");
         let ca_file = dir.join("origin-ca.pem");
         std::fs::write(&ca_file, ca.cert_pem()).expect("writing the origin CA");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let config = rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
             .expect("TLS versions")
             .with_no_client_auth()
@@ -668,7 +667,7 @@ const WS_MAX_PAYLOAD: u64 = 1 << 20;
 /// `Sec-WebSocket-Accept` for a client's key (RFC 6455 §4.2.2).
 fn websocket_accept(key: &str) -> String {
     use base64::Engine as _;
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
     ctx.update(key.as_bytes());
     ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     base64::engine::general_purpose::STANDARD.encode(ctx.finish())
