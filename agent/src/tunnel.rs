@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fluidity_proto::{Credentials, Target};
+use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent, TunnelStream};
 use futures_lite::FutureExt;
@@ -67,36 +68,20 @@ impl ServerAddr {
     async fn resolve(&self, limit: Duration) -> Result<Vec<SocketAddr>, String> {
         let (host, port) = match self {
             ServerAddr::Ip(addr) => return Ok(vec![*addr]),
-            ServerAddr::Name { host, port } => (host.clone(), *port),
+            ServerAddr::Name { host, port } => (host, *port),
         };
-        let name = host.clone();
-        // The lookup thread cannot be stopped; past the limit it is no longer waited for.
-        let found = async {
-            Some(
-                blocking::unblock(move || {
-                    std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
-                        .map(|a| a.take(MAX_SERVER_ADDRESSES).collect::<Vec<_>>())
-                })
-                .await,
-            )
-        }
-        .or(async {
-            async_io::Timer::after(limit).await;
-            None
-        })
-        .await;
-        match found {
-            Some(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
-            Some(Ok(_)) => Err(format!("the server name {host} has no addresses")),
-            Some(Err(e)) => Err(format!(
-                "cannot look up the server name {host}: {e}; check the server setting and \
-                 this machine's network"
-            )),
-            None => Err(format!(
-                "the lookup of the server name {host} took longer than {limit:?}; check this \
-                 machine's DNS"
-            )),
-        }
+        // One lookup at a time: the agent looks up only its server, once per attempt.
+        Resolver::new(limit, 1)
+            .lookup(host, port, MAX_SERVER_ADDRESSES)
+            .await
+            .map_err(|e| {
+                let what = if matches!(e, LookupError::TimedOut(_) | LookupError::NoSlot { .. }) {
+                    "check this machine's DNS"
+                } else {
+                    "check the server setting and this machine's network"
+                };
+                format!("cannot look up the server name {host}: {e}; {what}")
+            })
     }
 
     /// How the server is named in messages about `addr`, one of its addresses.

@@ -12,14 +12,16 @@
 //!   wraps a rustls connection for a buffered-API driver.
 //! - [`pki`] generates the private CA and the server and agent certificates, creates
 //!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
-//! - [`app`] runs a binary's executor threads; [`timer`] and [`listener`] are small
-//!   pieces every loop needs: a moving deadline, and what to do when accepting fails.
+//! - [`app`] runs a binary's executor threads; [`timer`], [`listener`] and [`resolve`]
+//!   are small pieces every loop needs: a moving deadline, what to do when accepting
+//!   fails, and name lookups under a deadline.
 
 pub mod app;
 pub mod driver;
 pub mod listener;
 pub mod pki;
 pub mod relay;
+pub mod resolve;
 pub mod stream;
 #[cfg(any(test, fuzzing, feature = "testing"))]
 pub mod testing;

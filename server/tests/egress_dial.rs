@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_io::Timer;
 use async_net::TcpListener;
 use fluidity_proto::{Host, RefusalReason, Target};
+use fluidity_server::egress::resolve::resolve;
 use fluidity_server::egress::{Dialer, EgressPolicy, PortRange, Resolver};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 
@@ -276,13 +277,13 @@ fn resolver_returns_literals_without_lookup_and_names_from_hosts() {
         let resolver = Resolver::new(Duration::from_secs(5), 1);
         let target = Target::new(Host::Ip("2001:db8::1".parse().unwrap()), 80);
         assert_eq!(
-            resolver.resolve(&target).await.unwrap(),
+            resolve(&resolver, &target).await.unwrap(),
             vec!["[2001:db8::1]:80".parse::<SocketAddr>().unwrap()]
         );
         // One lookup slot: the second lookup waits for the first, then both succeed.
         let (a, b) = futures_lite::future::zip(
-            resolver.resolve(&name("localhost", 1)),
-            resolver.resolve(&name("localhost", 2)),
+            resolve(&resolver, &name("localhost", 1)),
+            resolve(&resolver, &name("localhost", 2)),
         )
         .await;
         assert!(a.unwrap().contains(&SocketAddr::from(([127, 0, 0, 1], 1))));
@@ -295,7 +296,9 @@ fn resolver_deadline_is_timed_out() {
     run(async {
         // A zero deadline expires before the lookup thread can answer.
         let resolver = Resolver::new(Duration::ZERO, 4);
-        let refusal = resolver.resolve(&name("localhost", 80)).await.unwrap_err();
+        let refusal = resolve(&resolver, &name("localhost", 80))
+            .await
+            .unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::TimedOut, "{refusal}");
     });
 }

@@ -12,7 +12,7 @@ use fluidity_proto::{OpenRefusal, RefusalReason, Target};
 use futures_lite::FutureExt;
 
 use super::policy::EgressPolicy;
-use super::resolve::Resolver;
+use super::resolve::{self, Resolver};
 
 /// Default time allowed for one connection attempt to one address.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +35,7 @@ impl Dialer {
     pub fn new(policy: EgressPolicy) -> Self {
         Dialer {
             policy: Arc::new(policy),
-            resolver: Resolver::default(),
+            resolver: resolve::default_resolver(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             deadline: DEFAULT_DIAL_DEADLINE,
         }
@@ -92,9 +92,7 @@ impl Dialer {
         }
 
         let deadline = self.deadline;
-        let resolved = self
-            .resolver
-            .resolve(target)
+        let resolved = resolve::resolve(&self.resolver, target)
             .or(async {
                 Timer::at(give_up_at).await;
                 Err(OpenRefusal::new(

@@ -1,0 +1,301 @@
+//! Name lookups off the executor and under a deadline: the server's for the targets it
+//! dials, the agent's for the server it connects to.
+//!
+//! Names are resolved with the system resolver (`getaddrinfo` through
+//! [`std::net::ToSocketAddrs`]) on the blocking thread pool, so `/etc/hosts`,
+//! `nsswitch.conf` and the VPC resolver behave as for any other program. A lookup that
+//! outlives its deadline is answered [`LookupError::TimedOut`]; its thread runs on until
+//! the C library gives up (glibc: `timeout` × `attempts` from `resolv.conf`), holding one of
+//! a bounded number of lookup slots, so a flood of slow lookups cannot grow the thread pool
+//! without bound.
+//!
+//! # How failures are told apart
+//!
+//! std reports a `getaddrinfo` failure as an [`io::Error`] whose message carries
+//! `gai_strerror`'s text, so the kind is read from that text (glibc and musl wording):
+//!
+//! | `getaddrinfo` result | message | [`LookupFailure`] |
+//! |---|---|---|
+//! | `EAI_NONAME` (NXDOMAIN, or a name glibc rejects without asking) | "Name or service not known" | `NoSuchHost` |
+//! | `EAI_NODATA` (the name exists but has no A/AAAA) | "No address associated with hostname" | `NoSuchHost` |
+//! | `EAI_AGAIN` (no answer from the resolver, or SERVFAIL) | "Temporary failure in name resolution" | `Temporary` |
+//! | anything else, including `EAI_FAIL` and `EAI_SYSTEM` | | `Other` |
+//!
+//! Where the resolver cannot be reached (a sandbox without network, a VPC resolver that is
+//! down), glibc answers `EAI_AGAIN` or takes until the deadline: either way the answer is
+//! a temporary failure or a timeout, not "no such host", which is the honest answer since
+//! nobody said the name does not exist.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_io::Timer;
+use futures_lite::FutureExt;
+use smol::lock::Semaphore;
+
+/// Resolves names to socket addresses; cheap to clone (clones share the lookup slots).
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    timeout: Duration,
+    slots: Arc<Semaphore>,
+    max_lookups: usize,
+}
+
+/// Why a lookup gave no address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The name is `invalid` or under `.invalid`, which never resolves (RFC 6761 §6.4);
+    /// nobody was asked.
+    #[error("names under .invalid never resolve (RFC 6761)")]
+    Invalid,
+    /// The lookup succeeded with no address.
+    #[error("the name has no addresses")]
+    NoAddresses,
+    /// `getaddrinfo` failed.
+    #[error("name lookup failed: {message}")]
+    Failed {
+        /// What kind of failure, read from the message.
+        kind: LookupFailure,
+        /// `gai_strerror`'s text.
+        message: String,
+    },
+    /// The lookup took longer than the resolver's timeout.
+    #[error("name lookup took longer than {0:?}")]
+    TimedOut(Duration),
+    /// Every lookup slot stayed taken for the whole timeout: other lookups hang, not
+    /// necessarily this name's.
+    #[error(
+        "no name lookup could start within {timeout:?}: all {busy} were waiting on slow \
+         answers from the DNS server"
+    )]
+    NoSlot {
+        /// The resolver's timeout.
+        timeout: Duration,
+        /// The number of lookup slots, all taken.
+        busy: usize,
+    },
+}
+
+/// The kind of a failed `getaddrinfo`; see the [module documentation](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupFailure {
+    /// The name does not exist, or has no address.
+    NoSuchHost,
+    /// The DNS server gave no answer in time, or a temporary error.
+    Temporary,
+    /// Anything else.
+    Other,
+}
+
+impl Resolver {
+    /// A resolver that gives each lookup `timeout` (waiting for a slot included) and runs at
+    /// most `max_lookups` (at least one) at a time.
+    pub fn new(timeout: Duration, max_lookups: usize) -> Self {
+        Resolver {
+            timeout,
+            slots: Arc::new(Semaphore::new(max_lookups.max(1))),
+            max_lookups: max_lookups.max(1),
+        }
+    }
+
+    /// The time allowed for one lookup.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The addresses of `host` with `port`, in the resolver's order, without duplicates and
+    /// at most `max_addresses`. An IP literal is returned as is, without a lookup.
+    pub async fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+        max_addresses: usize,
+    ) -> Result<Vec<SocketAddr>, LookupError> {
+        if let Ok(ip) = host.parse() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        if is_special_invalid(host) {
+            return Err(LookupError::Invalid);
+        }
+        let name = host.to_owned();
+        let slots = self.slots.clone();
+        // Whether the lookup got a slot: a timeout before it did is the slots' doing
+        // (other lookups hanging), not this name's.
+        let started = Arc::new(AtomicBool::new(false));
+        let started_in = started.clone();
+        let lookup = async move {
+            let slot = slots.acquire_arc().await;
+            started_in.store(true, Ordering::Relaxed);
+            smol::unblock(move || {
+                // The slot is held until getaddrinfo returns, even if the caller gave up.
+                let _slot = slot;
+                (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|addrs| addrs.collect::<Vec<_>>())
+            })
+            .await
+        };
+        let timeout = self.timeout;
+        let outcome = async { Some(lookup.await) }
+            .or(async {
+                Timer::after(timeout).await;
+                None
+            })
+            .await;
+        match outcome {
+            Some(Ok(found)) => {
+                let mut addrs = Vec::with_capacity(found.len().min(max_addresses));
+                for a in found {
+                    if !addrs.contains(&a) && addrs.len() < max_addresses {
+                        addrs.push(a);
+                    }
+                }
+                if addrs.is_empty() {
+                    return Err(LookupError::NoAddresses);
+                }
+                Ok(addrs)
+            }
+            None if !started.load(Ordering::Relaxed) => Err(LookupError::NoSlot {
+                timeout,
+                busy: self.max_lookups,
+            }),
+            None => Err(LookupError::TimedOut(timeout)),
+            Some(Err(e)) => Err(LookupError::Failed {
+                kind: classify(&e),
+                message: lookup_message(&e),
+            }),
+        }
+    }
+}
+
+/// Whether `name` is `invalid` or under the `.invalid` special-use domain.
+fn is_special_invalid(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("invalid")
+        || name
+            .len()
+            .checked_sub(".invalid".len())
+            .is_some_and(|i| name[i..].eq_ignore_ascii_case(".invalid"))
+}
+
+/// The kind of a failed lookup; see the [module documentation](self).
+pub fn classify(e: &io::Error) -> LookupFailure {
+    if e.raw_os_error().is_some() {
+        // EAI_SYSTEM: std hands over errno, which says nothing about the name.
+        return LookupFailure::Other;
+    }
+    let msg = e.to_string().to_ascii_lowercase();
+    const NO_SUCH_HOST: &[&str] = &[
+        "name or service not known",
+        "no address associated with hostname",
+        "nodename nor servname provided",
+        "name does not resolve",
+        "name has no usable address",
+    ];
+    const TEMPORARY: &[&str] = &["temporary failure in name resolution", "try again"];
+    if NO_SUCH_HOST.iter().any(|m| msg.contains(m)) {
+        LookupFailure::NoSuchHost
+    } else if TEMPORARY.iter().any(|m| msg.contains(m)) {
+        LookupFailure::Temporary
+    } else {
+        LookupFailure::Other
+    }
+}
+
+/// `gai_strerror`'s text without std's "failed to lookup address information: " prefix.
+fn lookup_message(e: &io::Error) -> String {
+    let msg = e.to_string();
+    match msg.split_once(": ") {
+        Some((prefix, rest)) if prefix.starts_with("failed to lookup") => rest.to_owned(),
+        _ => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_names_fail_without_a_lookup() {
+        assert!(is_special_invalid("nonexistent.invalid"));
+        assert!(is_special_invalid("A.B.INVALID."));
+        assert!(is_special_invalid("invalid"));
+        assert!(!is_special_invalid("invalid.example.com"));
+        assert!(!is_special_invalid("notinvalid"));
+        // No slot: a lookup would time out, so only the shortcut can answer.
+        let r = Resolver::new(Duration::from_millis(50), 1);
+        let _held = smol::block_on(r.slots.acquire_arc());
+        let err = smol::block_on(r.lookup("nonexistent.invalid", 80, 4)).unwrap_err();
+        assert_eq!(err, LookupError::Invalid);
+    }
+
+    #[test]
+    fn an_ip_literal_is_its_own_address() {
+        let r = Resolver::new(Duration::from_millis(50), 1);
+        let _held = smol::block_on(r.slots.acquire_arc());
+        let got = smol::block_on(r.lookup("::1", 8443, 4)).expect("literal");
+        assert_eq!(got, vec!["[::1]:8443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn localhost_resolves_to_loopback_addresses_without_duplicates() {
+        let r = Resolver::new(Duration::from_secs(5), 2);
+        let got = smol::block_on(r.lookup("localhost", 80, 16)).expect("localhost");
+        assert!(!got.is_empty() && got.iter().all(|a| a.ip().is_loopback() && a.port() == 80));
+        let mut unique = got.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "{got:?}");
+        let one = smol::block_on(r.lookup("localhost", 80, 1)).expect("localhost");
+        assert_eq!(one, got[..1]);
+    }
+
+    #[test]
+    fn a_lookup_that_finds_no_free_slot_says_so() {
+        let r = Resolver::new(Duration::from_millis(200), 1);
+        // The one slot held, as a lookup hanging on the DNS server would.
+        let _held = smol::block_on(r.slots.acquire_arc());
+        let err = smol::block_on(r.lookup("example.com", 80, 4)).unwrap_err();
+        assert!(
+            matches!(err, LookupError::NoSlot { busy: 1, .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("no name lookup could start") && text.contains("all 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn failures_are_classified_by_their_message() {
+        let e = |m: &str| io::Error::other(format!("failed to lookup address information: {m}"));
+        assert_eq!(
+            classify(&e("Name or service not known")),
+            LookupFailure::NoSuchHost
+        );
+        assert_eq!(
+            classify(&e("No address associated with hostname")),
+            LookupFailure::NoSuchHost
+        );
+        assert_eq!(
+            classify(&e("Temporary failure in name resolution")),
+            LookupFailure::Temporary
+        );
+        assert_eq!(
+            classify(&e("Non-recoverable failure in name resolution")),
+            LookupFailure::Other
+        );
+        assert_eq!(
+            classify(&io::Error::from_raw_os_error(12)),
+            LookupFailure::Other
+        );
+        assert_eq!(
+            lookup_message(&e("Name or service not known")),
+            "Name or service not known"
+        );
+    }
+}
