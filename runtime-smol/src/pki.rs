@@ -722,7 +722,11 @@ fn check_key_matches(
 ) -> Result<(), Error> {
     let key = KeyPair::from_pem(key_pem).map_err(|e| Error::BadPem {
         origin: key_origin.to_owned(),
-        problem: format!("not a usable PKCS#8 private key: {e}"),
+        problem: format!(
+            "not a usable private key ({e}); it must be PKCS#8 (\"BEGIN PRIVATE KEY\"; \
+             `openssl pkcs8 -topk8 -nocrypt -in KEY` converts others) and {}",
+            crate::tls::USABLE_KEY_KINDS
+        ),
     })?;
     if key.subject_public_key_info() != cert.public_key().raw {
         return Err(Error::KeyMismatch {
@@ -948,6 +952,39 @@ mod tests {
         assert!("".parse::<SanEntry>().is_err());
         assert!("not a name".parse::<SanEntry>().is_err());
         assert!("ünïcode.example".parse::<SanEntry>().is_err());
+    }
+
+    /// A P-256 CA made by openssl, with its key in SEC1 form ("EC PRIVATE KEY").
+    const OPENSSL_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBhzCCAS2gAwIBAgIULiBHMnhLqTBFkl6yGgFk8MWN7BcwCgYIKoZIzj0EAwIw
+ETEPMA0GA1UEAwwGdGVzdGNhMB4XDTI2MTIwNjIwMzUxOVoXDTI3MDEwNTIwMzUx
+OVowETEPMA0GA1UEAwwGdGVzdGNhMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE
+Kx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I86wuRSfy3WaXV
+bpkIdc1EGe4NIhXpOWBAS6NjMGEwHQYDVR0OBBYEFFPSB5J1ddv7aZWDpH/XqI4V
+MqsyMB8GA1UdIwQYMBaAFFPSB5J1ddv7aZWDpH/XqI4VMqsyMA8GA1UdEwEB/wQF
+MAMBAf8wDgYDVR0PAQH/BAQDAgIEMAoGCCqGSM49BAMCA0gAMEUCIQCeabbkviBI
+NcizMaVS6r2lREJj3GgD0vpEu/NUUYN6UQIgHQdcUy221Q4ewYHypRsHRJpekw30
+nY05RDbjuAz/KgQ=
+-----END CERTIFICATE-----
+";
+    const OPENSSL_CA_SEC1_KEY: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIDv5z5HXfD/U3R//F/xcF/esccerIRnwynvujjyHDRGioAoGCCqGSM49
+AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
+6wuRSfy3WaXVbpkIdc1EGe4NIhXpOWBASw==
+-----END EC PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_ca_key_that_is_not_pkcs8_is_refused_with_the_way_to_convert_it() {
+        let err = CaBundle::from_pem(OPENSSL_CA.into(), OPENSSL_CA_SEC1_KEY.into())
+            .expect_err("SEC1 key")
+            .to_string();
+        assert!(
+            err.contains("must be PKCS#8")
+                && err.contains("openssl pkcs8 -topk8")
+                && err.contains(crate::tls::USABLE_KEY_KINDS),
+            "{err}"
+        );
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-fluidity-channel-binding";
 /// Length of the channel-binding value in bytes.
 pub const CHANNEL_BINDING_LEN: usize = 32;
 
+/// The kinds of private key the crypto provider signs with, for messages.
+pub const USABLE_KEY_KINDS: &str =
+    "ECDSA P-256 or P-384, Ed25519, or RSA of 2048 to 4096 bits with exponent 65537";
+
 /// Largest certificate whose names are parsed. Fluidity's certificates are under 1 KiB;
 /// rustls bounds what a peer can send, and this bounds what we parse.
 const MAX_CERT_DER_LEN: usize = 16 * 1024;
@@ -57,7 +61,7 @@ mod kx;
 /// ahead of ring's key exchange groups.
 ///
 /// ring rather than aws-lc-rs: in measurements on the tunnel it cost no more CPU per
-/// byte or per request, and its smaller code keeps each process about 1.5 MiB smaller
+/// byte or per request, and its smaller code keeps each process about 1.3 MiB smaller
 /// (docs/PERFORMANCE.md, change 30).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
@@ -206,13 +210,18 @@ impl Identity {
                     .into(),
             ));
         }
+        if let Some(alg) = chain.first().and_then(|leaf| unverifiable_signature(leaf)) {
+            return Err(bad(format!(
+                "the certificate is signed with {alg}, which TLS peers of Fluidity cannot \
+                 verify; issue it with ECDSA (SHA-256 or SHA-384), Ed25519 or RSA"
+            )));
+        }
         let signing_key = crypto_provider()
             .key_provider
             .load_private_key(key.clone_key())
             .map_err(|e| {
                 bad(format!(
-                    "unusable private key ({e}); keys may be ECDSA P-256 or P-384, Ed25519, \
-                     or RSA of 2048 to 8192 bits"
+                    "unusable private key ({e}); keys may be {USABLE_KEY_KINDS}"
                 ))
             })?;
         rustls::sign::CertifiedKey::new(chain.clone(), signing_key)
@@ -274,6 +283,18 @@ impl CaRoots {
     fn from_certs(certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<Self, Error> {
         let mut store = RootCertStore::empty();
         for cert in certs {
+            // Such a CA would load, and then every handshake would fail with an alert
+            // that says little.
+            if let Some(key) = unverifiable_key(&cert) {
+                return Err(Error::BadPem {
+                    origin: origin.to_owned(),
+                    problem: format!(
+                        "a CA certificate has a {key} key, and certificates it signs cannot \
+                         be verified here; use a CA with an ECDSA P-256 or P-384, Ed25519 or \
+                         RSA key"
+                    ),
+                });
+            }
             store.add(cert).map_err(|e| Error::BadPem {
                 origin: origin.to_owned(),
                 problem: format!("not a usable CA certificate: {e}"),
@@ -283,6 +304,101 @@ impl CaRoots {
             store: Arc::new(store),
         })
     }
+}
+
+/// The element at the start of `der`: its tag, its contents, and the bytes after it.
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The contents of `cert`'s public key AlgorithmIdentifier, and of its signatureAlgorithm.
+fn algorithm_ids(cert: &[u8]) -> Option<(&[u8], &[u8])> {
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, cert, _) = der_element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, after_tbs) = der_element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, signature_alg, _) = der_element(after_tbs)? else {
+        return None;
+    };
+    // TBSCertificate: [0] version (absent in version 1), serial, signature, issuer,
+    // validity, subject, SPKI.
+    const VERSION: u8 = 0xa0;
+    let before_spki = if tbs.first() == Some(&VERSION) { 6 } else { 5 };
+    let mut rest = tbs;
+    for _ in 0..before_spki {
+        rest = der_element(rest)?.2;
+    }
+    let (SEQUENCE, spki, _) = der_element(rest)? else {
+        return None;
+    };
+    let (SEQUENCE, key_alg, _) = der_element(spki)? else {
+        return None;
+    };
+    Some((key_alg, signature_alg))
+}
+
+/// An algorithm identifier's OIDs by their names, as x509-parser knows them.
+fn describe_algorithm(cert: &[u8], key: bool) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let name = |oid: &x509_parser::der_parser::oid::Oid<'_>| {
+        x509_parser::objects::oid2sn(oid, registry)
+            .map(str::to_owned)
+            .unwrap_or_else(|_| oid.to_id_string())
+    };
+    match x509_parser::parse_x509_certificate(cert) {
+        Ok((_, c)) if key => {
+            let alg = &c.public_key().algorithm;
+            match alg.parameters.as_ref().and_then(|p| p.as_oid().ok()) {
+                Some(curve) => format!("{} {}", name(&alg.algorithm), name(&curve)),
+                None => name(&alg.algorithm),
+            }
+        }
+        Ok((_, c)) => name(&c.signature_algorithm.algorithm),
+        Err(_) => "unknown algorithm".to_owned(),
+    }
+}
+
+/// Names the kind of `cert`'s key if the crypto provider cannot verify signatures made
+/// with it (a CA whose key is P-521, say).
+fn unverifiable_key(cert: &CertificateDer<'_>) -> Option<String> {
+    let (key_alg, _) = algorithm_ids(cert)?;
+    let provider = crypto_provider();
+    let known = provider
+        .signature_verification_algorithms
+        .all
+        .iter()
+        .any(|alg| alg.public_key_alg_id().as_ref() == key_alg);
+    (!known).then(|| describe_algorithm(cert, true))
+}
+
+/// Names the algorithm `cert` is signed with if the crypto provider cannot verify it
+/// (ECDSA with SHA-512, say).
+fn unverifiable_signature(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, signature_alg) = algorithm_ids(cert)?;
+    let provider = crypto_provider();
+    let known = provider
+        .signature_verification_algorithms
+        .all
+        .iter()
+        .any(|alg| alg.signature_alg_id().as_ref() == signature_alg);
+    (!known).then(|| describe_algorithm(cert, false))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1423,6 +1539,70 @@ pub(crate) mod tests {
         );
     }
 
+    /// A tunnel client on another implementation: rustls on aws-lc-rs, offering `groups`.
+    fn aws_lc_client(
+        pki: &Pki,
+        groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+    ) -> TlsSession {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = groups.to_vec();
+        let identity = pki.local_client();
+        let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(Arc::clone(&pki.roots.store))
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .expect("client cert");
+        config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        TlsSession::client(Arc::new(config), "localhost").expect("client")
+    }
+
+    #[test]
+    fn another_implementation_of_the_hybrid_key_exchange_completes_a_handshake() {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        let pki = Pki::new("test CA");
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = aws_lc_client(&pki, &[kx_group::X25519MLKEM768]);
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            outcome.client.is_ok() && outcome.server.is_ok(),
+            "{outcome:?}"
+        );
+        for end in [client.connection(), server.connection()] {
+            assert_eq!(
+                end.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768)
+            );
+        }
+        let (a, b) = (
+            client.channel_binding().expect("client binding"),
+            server.channel_binding().expect("server binding"),
+        );
+        assert_eq!(a, b, "both ends must derive the same keys");
+
+        // A client with X25519 alone (an agent built before the hybrid) still connects,
+        // in one round trip.
+        let mut server = server_session(&pki, &pki.local_server(), &PeerCheck::default());
+        let mut client = aws_lc_client(&pki, &[kx_group::X25519]);
+        let outcome = handshake(&mut client, &mut server);
+        assert!(
+            outcome.client.is_ok() && outcome.server.is_ok(),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            server
+                .connection()
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519)
+        );
+        assert_eq!(
+            server.connection().handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "no HelloRetryRequest"
+        );
+    }
+
     #[test]
     fn server_rejects_tls12_only_client() {
         let pki = Pki::new("test CA");
@@ -1539,6 +1719,88 @@ N3lFoNjmAW570DqqC56LLv0hU2CqyfvuoAgqZjKdLIxU50JgV2AlM++AOzNG2nGr
 -----END PRIVATE KEY-----
 ";
 
+    /// A self-signed CA certificate with a P-521 key (openssl req -x509 -newkey ec
+    /// -pkeyopt ec_paramgen_curve:P-521), which the crypto provider cannot verify with.
+    const P521_CA: &str = "-----BEGIN CERTIFICATE-----
+MIICDzCCAXCgAwIBAgIUXyz286o4zwNlK2yMIKd2bEJIOkMwCgYIKoZIzj0EAwIw
+ETEPMA0GA1UEAwwGcDUyMWNhMB4XDTI2MTIwNjIwNTAxOVoXDTM2MTIwMzIwNTAx
+OVowETEPMA0GA1UEAwwGcDUyMWNhMIGbMBAGByqGSM49AgEGBSuBBAAjA4GGAAQA
+xadZw4IDohzH+LuBd8fYyHRfuK4XhjGvM94xz7efSIFI9lvfZ4Yw/FwYCsPS2sFn
+UN+eLUYqDZ/zo0AeoXR9biAB71+YzHUwcz5GPDYqyGdqe5tdI8zhvuHLiUX/7BYC
+KFNxukDCIxTMHVXXMpKz/+vEN+ATBFJSatXa6dQqU17ycgqjYzBhMB0GA1UdDgQW
+BBT2S8+NQSE7P49uBBn/EiOxUcCSHjAfBgNVHSMEGDAWgBT2S8+NQSE7P49uBBn/
+EiOxUcCSHjAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjO
+PQQDAgOBjAAwgYgCQgHMKi4TI8VvTqScQqNKSyYxflZz9oTuzj1kNRe/Pbzx+iT3
+4vK1jV0eD/K4I+D9Ka+hzzcKOC9AkAPGRfP3EolexwJCAThb7bM0BHatB8QED2AX
+bnpb8hu9o5Hb0KmSXK6Ry4kkYBEZJLjOdYCZzRGE8z811qa6v3XRvxPDOS7JTXlq
+Hv01
+-----END CERTIFICATE-----
+";
+
+    /// A P-256 client certificate signed with ecdsa-with-SHA512 (openssl x509 -req
+    /// -sha512), and its key.
+    const SHA512_SIGNED: &str = "-----BEGIN CERTIFICATE-----
+MIIBmjCCAUGgAwIBAgIUZOKQjaS72sC2EW/ETJmaeruMTKcwCgYIKoZIzj0EAwQw
+DTELMAkGA1UEAwwCY2EwHhcNMjYxMjA2MjA1MDE5WhcNMzYxMjAzMjA1MDE5WjAU
+MRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASx
+9fOyngvKjLOsabNUC5n64XiV6MMq76HBK1rTlhVeCtieV93YyTckJPPGFv/qdz2u
+PskPvWGGFG/FfO881liDo3gwdjAJBgNVHRMEAjAAMBMGA1UdJQQMMAoGCCsGAQUF
+BwMCMBQGA1UdEQQNMAuCCWxvY2FsaG9zdDAdBgNVHQ4EFgQUT28AAZbCYnweMQzq
+m3dPmYgNefkwHwYDVR0jBBgwFoAUIGs/a1jRHd6xH7Z0CAM89OP3jE4wCgYIKoZI
+zj0EAwQDRwAwRAIgTOPfiITkNflwm1+YUWCLFiI9b6+pdrn+x6GLEHuGhdMCIG34
+VQGo46YYSE4Bp0GF1TzTJtD1epBAjRbVYMkpxQD2
+-----END CERTIFICATE-----
+";
+    const SHA512_SIGNED_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgLjqcGlOBu/Mp3OW1
+tlawY37idy5pM6QNcghMb1vY/EyhRANCAASx9fOyngvKjLOsabNUC5n64XiV6MMq
+76HBK1rTlhVeCtieV93YyTckJPPGFv/qdz2uPskPvWGGFG/FfO881liD
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn algorithms_are_read_from_a_certificate() {
+        let pki = Pki::new("test CA");
+        let a = pki::issue_client(&pki.ca, "a", &[], DAY).expect("a");
+        let der = &certs_from_pem(&a.cert_pem, "a").expect("a")[0];
+        // Made here: P-256, signed with ECDSA and SHA-256.
+        let (key, signature) = algorithm_ids(der).expect("algorithm ids");
+        assert_eq!(key, rustls_pki_types::alg_id::ECDSA_P256.as_ref());
+        assert_eq!(signature, rustls_pki_types::alg_id::ECDSA_SHA256.as_ref());
+        assert_eq!(unverifiable_key(der), None);
+        assert_eq!(unverifiable_signature(der), None);
+        assert_eq!(
+            algorithm_ids(&der[..der.len() - 1]),
+            None,
+            "a cut certificate"
+        );
+        assert_eq!(algorithm_ids(&[]), None);
+    }
+
+    #[test]
+    fn a_ca_whose_signatures_cannot_be_verified_is_refused_at_load() {
+        let Err(err) = CaRoots::from_pem(P521_CA) else {
+            panic!("a P-521 CA must be refused");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("secp521r1") && err.contains("cannot be verified here"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_signed_in_a_way_peers_cannot_verify_is_refused_at_load() {
+        let Err(err) = Identity::from_pem(SHA512_SIGNED, SHA512_SIGNED_KEY) else {
+            panic!("a certificate signed with SHA-512 must be refused");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("ecdsa-with-SHA512") && err.contains("cannot verify"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_key_of_a_kind_the_provider_cannot_use_is_refused_with_the_kinds_it_can() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1552,7 +1814,7 @@ N3lFoNjmAW570DqqC56LLv0hU2CqyfvuoAgqZjKdLIxU50JgV2AlM++AOzNG2nGr
         assert!(
             err.contains("client-key.pem")
                 && err.contains("unusable private key")
-                && err.contains("ECDSA P-256 or P-384, Ed25519, or RSA"),
+                && err.contains(USABLE_KEY_KINDS),
             "{err}"
         );
     }

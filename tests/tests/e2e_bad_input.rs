@@ -105,13 +105,17 @@ fn garbage_a_huge_head_and_a_huge_request_line_get_400_431_and_414() {
 /// Connects to the server's tunnel port with a TLS client that trusts the server's CA and
 /// presents `client` (or nothing), and returns what the server did: `Ok(bytes)` with
 /// what it sent after the handshake, or the error that ended the connection. The client is
-/// rustls on aws-lc-rs, another implementation of the key exchange the server prefers.
+/// rustls on aws-lc-rs offering X25519MLKEM768 first: another implementation of the key
+/// exchange the server prefers.
 fn stranger(
     server: SocketAddr,
     ca: &Path,
     client: Option<&pki::CertifiedKeyPem>,
 ) -> Result<Vec<u8>, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![kx_group::X25519MLKEM768, kx_group::X25519];
+    let provider = Arc::new(provider);
     let mut roots = rustls::RootCertStore::empty();
     let ca_pem = std::fs::read_to_string(ca).expect("reading the CA");
     for c in certs_from_pem(&ca_pem, "ca").expect("CA certificate") {

@@ -2,21 +2,22 @@
 //! tunnel's TLS prefers, from ring's X25519 and libcrux's ML-KEM-768.
 //!
 //! ring, the crypto provider, has no ML-KEM; without this group the key exchange would be
-//! X25519 alone, and traffic recorded today could be decrypted once a quantum computer
-//! can break X25519. As the draft lays it out, the ML-KEM part comes first everywhere: the
+//! X25519 alone (as it was before this module: rustls on aws-lc-rs lists X25519 first),
+//! and traffic recorded today could be decrypted once a quantum computer can break X25519. As the draft lays it out, the ML-KEM part comes first everywhere: the
 //! client's share is its encapsulation key then its X25519 share, the server's share is
 //! its ciphertext then its X25519 share, and the secret is the ML-KEM secret then the
 //! X25519 one. Whoever breaks one half still faces the other.
 
 use libcrux_ml_kem::mlkem768::{self, MlKem768Ciphertext, MlKem768PrivateKey, MlKem768PublicKey};
-use libcrux_ml_kem::{ENCAPS_SEED_SIZE, KEY_GENERATION_SEED_SIZE};
+use libcrux_ml_kem::{KEY_GENERATION_SEED_SIZE, SHARED_SECRET_SIZE};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::crypto::ring::kx_group::X25519;
 use rustls::crypto::{
     ActiveKeyExchange, CompletedKeyExchange, GetRandomFailed, SharedSecret, SupportedKxGroup,
 };
+use rustls::ffdhe_groups::FfdheGroup;
 use rustls::{Error, NamedGroup, PeerMisbehaved, ProtocolVersion};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The X25519MLKEM768 key exchange group (code point 0x11ec), TLS 1.3 only.
 pub(super) static X25519MLKEM768: &dyn SupportedKxGroup = &X25519MlKem768;
@@ -36,8 +37,11 @@ impl SupportedKxGroup for X25519MlKem768 {
     /// The client's side: a fresh X25519 key and ML-KEM key pair.
     fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
         let x25519 = X25519.start()?;
+        // The seed determines the key pair, so it is wiped once used. (The copies libcrux
+        // makes of it and of the key pair on the stack cannot be reached from here.)
+        let seed = random::<KEY_GENERATION_SEED_SIZE>()?;
         let (decapsulation_key, encapsulation_key) =
-            mlkem768::generate_key_pair(random()?).into_parts();
+            mlkem768::generate_key_pair(*seed).into_parts();
         let mut pub_key = Vec::with_capacity(ENCAPSULATION_KEY_LEN + X25519_LEN);
         pub_key.extend_from_slice(encapsulation_key.as_slice());
         pub_key.extend_from_slice(x25519.pub_key());
@@ -59,7 +63,8 @@ impl SupportedKxGroup for X25519MlKem768 {
             return Err(INVALID_KEY_SHARE);
         }
         let x25519 = X25519.start_and_complete(x25519_share)?;
-        let (ciphertext, mut ml_kem_secret) = mlkem768::encapsulate(&encapsulation_key, random()?);
+        let seed = random::<SHARED_SECRET_SIZE>()?;
+        let (ciphertext, mut ml_kem_secret) = mlkem768::encapsulate(&encapsulation_key, *seed);
         let mut pub_key = Vec::with_capacity(CIPHERTEXT_LEN + X25519_LEN);
         pub_key.extend_from_slice(ciphertext.as_slice());
         pub_key.extend_from_slice(&x25519.pub_key);
@@ -70,6 +75,10 @@ impl SupportedKxGroup for X25519MlKem768 {
             pub_key,
             secret,
         })
+    }
+
+    fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
+        None
     }
 
     fn name(&self) -> NamedGroup {
@@ -124,6 +133,10 @@ impl ActiveKeyExchange for Active {
         &self.pub_key
     }
 
+    fn ffdhe_group(&self) -> Option<FfdheGroup<'static>> {
+        None
+    }
+
     fn group(&self) -> NamedGroup {
         NamedGroup::X25519MLKEM768
     }
@@ -154,16 +167,14 @@ fn combine(ml_kem: &[u8], x25519: &[u8]) -> SharedSecret {
     SharedSecret::from(secret)
 }
 
-fn random<const N: usize>() -> Result<[u8; N], Error> {
-    let mut bytes = [0; N];
+/// `N` random bytes, wiped when dropped.
+fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, Error> {
+    let mut bytes = Zeroizing::new([0; N]);
     SystemRandom::new()
-        .fill(&mut bytes)
+        .fill(bytes.as_mut())
         .map_err(|_| Error::from(GetRandomFailed))?;
     Ok(bytes)
 }
-
-// The seed sizes the calls above take, checked where the compiler sees them.
-const _: () = assert!(KEY_GENERATION_SEED_SIZE == 64 && ENCAPS_SEED_SIZE == 32);
 
 #[cfg(test)]
 mod tests {
@@ -199,8 +210,35 @@ mod tests {
         let (client, server) = exchange(X25519MLKEM768, X25519MLKEM768);
         assert_eq!(client.len(), 64);
         assert_eq!(client, server);
-        let (again, _) = exchange(X25519MLKEM768, X25519MLKEM768);
-        assert_ne!(client, again, "every exchange must use fresh keys");
+    }
+
+    #[test]
+    fn both_halves_are_fresh_every_time() {
+        // Each half on its own: a fixed ML-KEM seed would leave the X25519 half changing
+        // and the post-quantum half protecting nothing.
+        let a = X25519MLKEM768.start().expect("client start");
+        let b = X25519MLKEM768.start().expect("client start");
+        let (a_kem, a_x) = a.pub_key().split_at(ENCAPSULATION_KEY_LEN);
+        let (b_kem, b_x) = b.pub_key().split_at(ENCAPSULATION_KEY_LEN);
+        assert_ne!(a_kem, b_kem, "ML-KEM key pairs must differ");
+        assert_ne!(a_x, b_x, "X25519 keys must differ");
+
+        let one = X25519MLKEM768
+            .start_and_complete(a.pub_key())
+            .expect("server completes");
+        let two = X25519MLKEM768
+            .start_and_complete(a.pub_key())
+            .expect("server completes");
+        assert_ne!(
+            one.pub_key[..CIPHERTEXT_LEN],
+            two.pub_key[..CIPHERTEXT_LEN],
+            "encapsulations to one key must differ"
+        );
+        assert_ne!(
+            one.secret.secret_bytes()[..32],
+            two.secret.secret_bytes()[..32],
+            "their ML-KEM secrets must differ"
+        );
     }
 
     #[test]
@@ -214,20 +252,31 @@ mod tests {
     #[test]
     fn the_secret_is_the_ml_kem_secret_then_the_x25519_secret() {
         // Completing only the X25519 half with the same server share gives the last 32
-        // bytes of the hybrid secret: the order the draft fixes.
-        let active = X25519MLKEM768.start().expect("client start");
-        let client_share = active.pub_key().to_vec();
-        let completed = reference()
-            .start_and_complete(&client_share)
-            .expect("server completes");
-        let (_, server_x25519) = completed.pub_key.split_at(CIPHERTEXT_LEN);
-        let x25519_only = active
-            .complete_hybrid_component(server_x25519)
-            .expect("X25519 half");
-        assert_eq!(
-            &completed.secret.secret_bytes()[32..],
-            x25519_only.secret_bytes()
-        );
+        // bytes of the hybrid secret, whichever implementation is the server: the order
+        // the draft fixes.
+        for server in [X25519MLKEM768, reference()] {
+            let active = X25519MLKEM768.start().expect("client start");
+            let completed = server
+                .start_and_complete(active.pub_key())
+                .expect("server completes");
+            let server_x25519 = &completed.pub_key[CIPHERTEXT_LEN..];
+            let x25519_only = active
+                .complete_hybrid_component(server_x25519)
+                .expect("X25519 half");
+            assert_eq!(
+                &completed.secret.secret_bytes()[32..],
+                x25519_only.secret_bytes(),
+                "{server:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn it_is_for_tls_1_3_only() {
+        assert!(X25519MLKEM768.usable_for_version(ProtocolVersion::TLSv1_3));
+        assert!(!X25519MLKEM768.usable_for_version(ProtocolVersion::TLSv1_2));
+        assert_eq!(X25519MLKEM768.name(), NamedGroup::X25519MLKEM768);
+        assert!(X25519MLKEM768.ffdhe_group().is_none());
     }
 
     #[test]
@@ -261,11 +310,26 @@ mod tests {
             Err(e) if e == INVALID_KEY_SHARE
         ));
 
+        // An all-zero X25519 share (a low-order point) in the client's share.
+        let mut zero_x25519 = share.clone();
+        zero_x25519[ENCAPSULATION_KEY_LEN..].fill(0);
+        assert!(X25519MLKEM768.start_and_complete(&zero_x25519).is_err());
+
         let completed = X25519MLKEM768
             .start_and_complete(&share)
             .expect("server completes");
-        let short = &completed.pub_key[..completed.pub_key.len() - 1];
-        assert!(matches!(active.complete(short), Err(e) if e == INVALID_KEY_SHARE));
+        let server_share = &completed.pub_key;
+        for bad in [
+            &server_share[..server_share.len() - 1],
+            &[server_share.as_slice(), &[0]].concat()[..],
+        ] {
+            let active = X25519MLKEM768.start().expect("client start");
+            assert!(matches!(active.complete(bad), Err(e) if e == INVALID_KEY_SHARE));
+        }
+        // An all-zero X25519 part in the server's share.
+        let mut zero_x25519 = server_share.clone();
+        zero_x25519[CIPHERTEXT_LEN..].fill(0);
+        assert!(active.complete(&zero_x25519).is_err());
     }
 
     #[test]
