@@ -493,13 +493,38 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
         &tls_out,
         t.dir.path(),
     );
+    // A third request waits for an answer that never comes.
+    let silent = SilentOrigin::start();
+    let waiting_out = t.path("waiting.body");
+    let mut waiting = background_curl(
+        "curl-waiting",
+        &["-x", &proxy, &silent.url("/never")],
+        &waiting_out,
+        t.dir.path(),
+    );
     // Both transfers are under way (curl may hold back a buffer's worth of what it
-    // received, so half of what the origins send is the sign).
+    // received, so half of what the origins send is the sign), and the request has reached
+    // its origin.
     wait_for("both transfers to start", Duration::from_secs(60), || {
-        (file_len(&plain_out) >= sent / 2 && file_len(&tls_out) >= sent / 2).then_some(())
+        (file_len(&plain_out) >= sent / 2
+            && file_len(&tls_out) >= sent / 2
+            && silent.accepted() == 1)
+            .then_some(())
     });
 
     t.server.proc.kill();
+
+    // The waiting request is told the tunnel ended, not that its origin hung up.
+    wait_for(
+        "the waiting request to end",
+        Duration::from_secs(100),
+        || waiting.exited(),
+    );
+    let body = std::fs::read_to_string(&waiting_out).unwrap_or_default();
+    assert!(
+        body.contains("the tunnel to the server ended before") && !body.contains("closed the"),
+        "the waiting request's answer: {body:?}"
+    );
 
     for c in [&mut plain, &mut https] {
         let status = wait_for("curl to give up", Duration::from_secs(100), || c.exited());

@@ -5,6 +5,7 @@
 //! cleanly delimited; otherwise it is dropped and a new one is opened. Bodies are streamed
 //! in both directions, never buffered whole.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -260,6 +261,20 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
     }
 }
 
+/// A request target without its path and query, which can carry secrets: the scheme and
+/// authority of an absolute URL, an authority as is, nothing of an origin-form path.
+fn head_origin(target: &str) -> Cow<'_, str> {
+    let origin = match target.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            &target[..scheme.len() + 3 + end]
+        }
+        None if target.starts_with('/') => "(a path without a host)",
+        None => target,
+    };
+    one_line(origin, 200)
+}
+
 /// Header fields that concern only one connection and are never forwarded (RFC 9110 §7.6.1),
 /// plus every field the `Connection` header names. Framing fields are handled separately.
 /// `Trailer` is not among them: it announces the trailer fields, which pass through.
@@ -450,7 +465,10 @@ where
             .named("proxy-authorization")
             .any(|h| creds.matches_basic(h.value));
         if !ok {
-            tracing::info!(%peer, %method, target = %one_line(head.target(), 200), status = 407, "proxy authentication required");
+            // The origin only: a URL's path and query can carry tokens, and a browser meets
+            // this on the first request of every session.
+            let origin = head_origin(head.target());
+            tracing::info!(%peer, %method, %origin, status = 407, "proxy authentication required");
             answer(
                 cw,
                 407,
@@ -689,6 +707,10 @@ async fn fail<W: AsyncWrite + Unpin>(
         ExchangeError::NoResponse(_) => {
             format!("fluidity: {target} closed the connection without answering")
         }
+        ExchangeError::TunnelLost(why) => format!(
+            "fluidity: the tunnel to the server ended before {target} answered ({}); retry",
+            one_line(why, 300)
+        ),
         ExchangeError::BadResponse(why) => {
             format!("fluidity: {target} sent an invalid response ({why})")
         }
@@ -726,6 +748,10 @@ enum ExchangeError {
     /// The origin ended or failed before any response; nothing was sent to the client.
     #[error("no response from the origin: {0}")]
     NoResponse(String),
+    /// The tunnel ended (lost, or the server shut down) before any response; nothing was
+    /// sent to the client.
+    #[error("no response: {0}")]
+    TunnelLost(String),
     /// The origin's response head or framing is invalid; nothing was sent to the client.
     #[error("invalid response from the origin: {0}")]
     BadResponse(String),
@@ -1026,6 +1052,12 @@ where
             Ok(None) | Err(ReadHeadError::Truncated) => {
                 return Err(ExchangeError::BadResponse("response head cut short".into()))
             }
+            // The stream's read fails this way only when the whole tunnel ended.
+            Err(ReadHeadError::Io(e))
+                if down == 0 && e.kind() == std::io::ErrorKind::ConnectionAborted =>
+            {
+                return Err(ExchangeError::TunnelLost(e.to_string()))
+            }
             Err(ReadHeadError::Io(e)) if down == 0 => {
                 return Err(ExchangeError::NoResponse(e.to_string()))
             }
@@ -1166,6 +1198,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logged_target_keeps_its_origin_and_loses_its_path_and_query() {
+        assert_eq!(
+            head_origin("http://example.com:8080/p?access_token=SECRET"),
+            "http://example.com:8080"
+        );
+        assert_eq!(
+            head_origin("http://example.com?token=SECRET"),
+            "http://example.com"
+        );
+        assert_eq!(head_origin("http://example.com#frag"), "http://example.com");
+        assert_eq!(head_origin("example.com:443"), "example.com:443");
+        assert_eq!(
+            head_origin("/login?password=SECRET"),
+            "(a path without a host)"
+        );
+    }
 
     /// The header names of a message head as the agent rewrote it, lowercased.
     fn names(head: &[u8]) -> Vec<String> {
