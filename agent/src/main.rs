@@ -28,7 +28,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
-    /// Log format.
+    /// Log format. What is logged comes from FLUIDITY_LOG: a level (debug), targets with
+    /// levels (fluidity_agent=debug), or both, comma-separated; info when unset.
     #[arg(
         long,
         value_enum,

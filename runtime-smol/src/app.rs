@@ -204,8 +204,10 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 
 /// The log filter for `var` (the value of `FLUIDITY_LOG`, if set and not blank), else for
 /// `default` (else `info`): a level, targets with levels, or both, comma-separated
-/// (`warn,fluidity_agent=debug`; spaces around the parts are ignored, and a word that is
-/// not a level names a target). Returns why `var` was not valid, if it was not.
+/// (`warn,fluidity_agent=debug`; spaces around the parts are ignored). Targets not named
+/// log at the level given alone, else at `default`'s: naming one target never silences
+/// the rest. A part without `=` must be a level, so that a mistyped level (`degub`) is
+/// reported rather than read as a target. Returns why `var` was not valid, if it was not.
 /// `ureq_proto` and the targets under it log at debug at most.
 pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>) {
     // Targets takes neither spaces nor empty parts, which a person typing a filter writes.
@@ -221,13 +223,30 @@ pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>)
             .parse::<Targets>()
             .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
     };
-    let (filter, invalid) = match var.map(tidy).filter(|v| !v.is_empty()) {
-        Some(v) => match v.parse::<Targets>() {
-            Ok(t) => (t, None),
-            Err(e) => (fallback(), Some(e.to_string())),
+    let not_a_level = |v: &str| {
+        v.split(',')
+            .find(|p| !p.contains('=') && p.parse::<LevelFilter>().is_err())
+            .map(|p| {
+                format!(
+                    "{p:?} is not a level (trace, debug, info, warn, error, off); a target \
+                     takes one after '=', as in fluidity_agent=debug"
+                )
+            })
+    };
+    let (mut filter, invalid) = match var.map(tidy).filter(|v| !v.is_empty()) {
+        Some(v) => match not_a_level(&v) {
+            Some(why) => (fallback(), Some(why)),
+            None => match v.parse::<Targets>() {
+                Ok(t) => (t, None),
+                Err(e) => (fallback(), Some(e.to_string())),
+            },
         },
         None => (fallback(), None),
     };
+    if filter.default_level().is_none() {
+        let level = fallback().default_level().unwrap_or(LevelFilter::INFO);
+        filter = filter.with_default(level);
+    }
     // `ureq-proto` (the HTTP client under the AWS calls) dumps whole requests, the
     // Authorization header and session tokens included, as hex at trace level. Whatever
     // `FLUIDITY_LOG` asks for, that target and each under it stay at what was asked, but
@@ -351,6 +370,29 @@ mod tests {
         assert!(bad.is_some());
         assert!(f.would_enable("fluidity_agent", &Level::INFO));
         assert!(!f.would_enable("fluidity_agent", &Level::DEBUG));
+    }
+
+    #[test]
+    fn a_mistyped_level_is_reported_and_naming_a_target_silences_nothing_else() {
+        for typo in ["degub", "warn,degub", "fluidity_agent"] {
+            let (f, bad) = log_filter(Some(typo), "info");
+            let bad = bad.expect("reported");
+            assert!(bad.contains("is not a level"), "{typo}: {bad}");
+            assert!(f.would_enable("fluidity_agent", &Level::WARN), "{typo}");
+            assert!(f.would_enable("fluidity_server", &Level::INFO), "{typo}");
+        }
+        // A target alone: the rest keep the default level, warnings included.
+        let (f, bad) = log_filter(Some("fluidity_agent=debug"), "info");
+        assert!(bad.is_none());
+        assert!(f.would_enable("fluidity_agent::proxy", &Level::DEBUG));
+        assert!(f.would_enable("fluidity_runtime_smol::driver", &Level::INFO));
+        assert!(!f.would_enable("fluidity_runtime_smol::driver", &Level::DEBUG));
+        let (f, _) = log_filter(Some("fluidity_agent=debug"), "warn");
+        assert!(f.would_enable("fluidity_runtime_smol::driver", &Level::WARN));
+        assert!(!f.would_enable("fluidity_runtime_smol::driver", &Level::INFO));
+        // An empty level after '=' is no way to silence everything either.
+        let (f, _) = log_filter(Some("trace="), "info");
+        assert!(f.would_enable("fluidity_agent", &Level::WARN));
     }
 
     #[test]

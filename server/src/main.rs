@@ -81,7 +81,8 @@ struct Cli {
     /// deny_hosts=..., allow_ports=80,443, deny_ports=25, allow_private=true.
     #[arg(long = "egress", value_name = "KEY=VALUE")]
     egress: Vec<EgressRule>,
-    /// Log format.
+    /// Log format. What is logged comes from FLUIDITY_LOG: a level (debug), targets with
+    /// levels (fluidity_agent=debug), or both, comma-separated; info when unset.
     #[arg(long, value_enum, default_value = "text", env = "FLUIDITY_LOG_FORMAT")]
     log_format: LogFormat,
 }
