@@ -59,6 +59,14 @@ pub async fn run_local(
     opts: LocalOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    // Local mode takes no proxy credentials, which any other address would need.
+    if !opts.listen.ip().to_canonical().is_loopback() {
+        return Err(Error::Config(format!(
+            "local mode listens on a loopback address only, not {}; to serve other machines \
+             run `fluidity run` with a server and proxy_username and proxy_password",
+            opts.listen
+        )));
+    }
     let (paths, outcome) =
         ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| match source {
             // A damaged file among the ones local mode made: making them anew fixes it.

@@ -91,8 +91,16 @@ pub fn tunnel_settings(
 }
 
 /// The proxy front end's settings from the configuration; refuses a non-loopback
-/// listener without credentials.
+/// listener without credentials, and settings the agent cannot run with.
 pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
+    fluidity_runtime_smol::app::check_threads(cfg.threads).map_err(Error::Config)?;
+    if cfg.head_timeout_secs == 0 {
+        return Err(Error::Config(
+            "head_timeout_secs must be at least 1: it is how long a client gets to send a \
+             request head"
+                .into(),
+        ));
+    }
     let auth = match (&cfg.proxy_username, &cfg.proxy_password) {
         (Some(u), Some(p)) => {
             check_credentials(u, p)?;
@@ -110,7 +118,7 @@ pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
     };
     let pc = ProxyConfig {
         auth,
-        head_timeout: Duration::from_secs(cfg.head_timeout_secs.max(1)),
+        head_timeout: Duration::from_secs(cfg.head_timeout_secs),
         ..ProxyConfig::default()
     };
     pc.validate_for(cfg.listen)?;

@@ -112,6 +112,21 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// Most executor threads a `threads` setting may ask for; more would only exhaust memory
+/// creating them.
+pub const MAX_THREADS: usize = 256;
+
+/// Refuses a `threads` setting over [`MAX_THREADS`], with what to give instead.
+pub fn check_threads(setting: usize) -> Result<(), String> {
+    if setting > MAX_THREADS {
+        return Err(format!(
+            "threads = {setting} is more than {MAX_THREADS}; give a smaller number, or 0 for \
+             one per CPU"
+        ));
+    }
+    Ok(())
+}
+
 /// Worker threads for a `threads` setting: the setting itself, or one per CPU for 0.
 pub fn threads(setting: usize) -> usize {
     if setting == 0 {

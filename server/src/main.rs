@@ -137,6 +137,18 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     for rule in &cli.egress {
         cfg.egress.apply(rule.clone());
     }
+    app::check_threads(cfg.threads).map_err(Error::Config)?;
+    for (name, value) in [
+        ("max_tunnels", cfg.max_tunnels),
+        ("max_handshakes", cfg.max_handshakes),
+        ("max_streams", cfg.max_streams as usize),
+    ] {
+        if value == 0 {
+            return Err(Error::Config(format!(
+                "{name} = 0 would turn every agent away; give at least 1"
+            )));
+        }
+    }
     // Port 0 asks the system for a free port, which can never clash.
     if cfg.listen.port() == cfg.health_listen.port()
         && cfg.listen.port() != 0

@@ -988,6 +988,57 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
     assert_tunnel_works(&t, &origin, "running out of descriptors");
 }
 
+/// Limits that cannot work are refused at start with the reason, before any certificate is
+/// read: a server that would turn every agent away, thread counts that would exhaust
+/// memory, a request head timeout of nothing.
+#[test]
+fn settings_that_cannot_work_are_refused_at_start() {
+    let _wd = watchdog("settings_refused", Duration::from_secs(60));
+    let bins = binaries();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "server = \"127.0.0.1:1\"\nhead_timeout_secs = 0\n").expect("config");
+    let config = config.to_str().expect("path");
+    let cases: [(&Path, &[&str], &str); 7] = [
+        (&bins.server, &["--max-tunnels", "0"], "max_tunnels = 0"),
+        (&bins.server, &["--max-streams", "0"], "max_streams = 0"),
+        (&bins.server, &["--threads", "100000"], "is more than 256"),
+        (
+            &bins.server,
+            &["--egress", "allow_private=maybe"],
+            "true or false",
+        ),
+        (
+            &bins.agent,
+            &["--server", "127.0.0.1:1", "--threads", "100000"],
+            "is more than 256",
+        ),
+        (
+            &bins.agent,
+            &["--config", config],
+            "head_timeout_secs must be at least 1",
+        ),
+        (
+            &bins.agent,
+            &["local", "--listen", "0.0.0.0:0"],
+            "local mode listens on a loopback address only",
+        ),
+    ];
+    for (bin, args, says) in cases {
+        let out = Command::new(bin)
+            .args(args)
+            .env("HOME", dir.path())
+            .output()
+            .expect("running");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: exit {}, {err}",
+            out.status
+        );
+    }
+}
+
 #[test]
 fn missing_certificate_files_are_named_with_their_setting_and_a_way_out() {
     let _wd = watchdog("missing_certificates", Duration::from_secs(60));

@@ -831,7 +831,11 @@ impl FromStr for EgressRule {
             "allow_private" => match value.trim() {
                 "true" | "yes" | "1" => EgressRule::AllowPrivate(true),
                 "false" | "no" | "0" => EgressRule::AllowPrivate(false),
-                _ => return Err(invalid("allow_private is true or false".into())),
+                _ => {
+                    return Err(invalid(
+                        "allow_private is true or false (yes or no, 1 or 0)".into(),
+                    ))
+                }
             },
             other => return Err(invalid(format!("unknown key {other:?}"))),
         };
