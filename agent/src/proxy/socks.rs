@@ -67,9 +67,15 @@ where
         w.write_all(&[socks5::VERSION, socks5::METHOD_NONE_ACCEPTABLE])
             .await?;
         w.flush().await?;
-        return Ok(Handshake::Rejected(
-            "no acceptable authentication method (credentials are required)".into(),
-        ));
+        let why = if cfg.auth.is_some() {
+            "the client does not offer username/password authentication, which this proxy \
+             requires"
+        } else {
+            "the client offers neither no authentication nor username/password"
+        };
+        return Ok(Handshake::Rejected(format!(
+            "no acceptable authentication method: {why}"
+        )));
     };
     w.write_all(&[socks5::VERSION, method]).await?;
     w.flush().await?;
