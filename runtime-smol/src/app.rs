@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::Level;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -138,26 +139,26 @@ pub fn threads(setting: usize) -> usize {
 
 /// The instant `limit` from now. Limits come from configuration files and flags; one beyond
 /// what the clock can count gives a deadline a century away rather than a panic.
-pub fn deadline_in(limit: std::time::Duration) -> std::time::Instant {
-    let now = std::time::Instant::now();
+pub fn deadline_in(limit: Duration) -> Instant {
+    let now = Instant::now();
     now.checked_add(limit)
-        .or_else(|| now.checked_add(std::time::Duration::from_secs(100 * 365 * 86_400)))
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
         .unwrap_or(now)
 }
 
 /// Waits until `done()` holds or `limit` has passed, and returns whether it holds. It is
 /// checked every 20 ms: for state that changes without an event to wait on (tunnels and
 /// connections ending during a shutdown).
-pub async fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = deadline_in(limit);
     loop {
         if done() {
             return true;
         }
-        if std::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return false;
         }
-        async_io::Timer::after(std::time::Duration::from_millis(20)).await;
+        async_io::Timer::after(Duration::from_millis(20)).await;
     }
 }
 
@@ -187,6 +188,40 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Lets a message that can repeat many times a second (a flood of refused connections)
+/// through at most once per period, counting the ones it held back.
+#[derive(Debug)]
+pub struct LogThrottle {
+    every: Duration,
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogThrottle {
+    /// A throttle letting one message through per `every`.
+    pub const fn new(every: Duration) -> Self {
+        LogThrottle {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Whether a message may be logged at `now`: `Some(held_back)` with how many were
+    /// held back since the last one, or `None` (this one is counted as held back).
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, held) = &mut *s;
+        if last.is_some_and(|t| now < t + self.every) {
+            *held += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(held))
+    }
 }
 
 /// Installs the global tracing subscriber on stderr. What is logged comes from
@@ -321,7 +356,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn the_log_filter_takes_levels_and_targets_and_caps_ureq_proto() {
@@ -385,6 +419,18 @@ mod tests {
         assert!(bad.is_some());
         assert!(f.would_enable("fluidity_agent", &Level::INFO));
         assert!(!f.would_enable("fluidity_agent", &Level::DEBUG));
+    }
+
+    #[test]
+    fn a_throttled_message_passes_once_per_period_and_counts_the_rest() {
+        let t = LogThrottle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(t.allow(start), Some(0));
+        assert_eq!(t.allow(start + Duration::from_secs(1)), None);
+        assert_eq!(t.allow(start + Duration::from_secs(9)), None);
+        assert_eq!(t.allow(start + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.allow(start + Duration::from_secs(11)), None);
+        assert_eq!(t.allow(start + Duration::from_secs(30)), Some(1));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use fluidity_proto::{
 };
 use futures_lite::FutureExt;
 
+use crate::app::LogThrottle;
 use crate::relay::consume_chunks;
 use crate::stream::TunnelStream;
 use crate::timer::LazyTimer;
@@ -143,7 +144,7 @@ pub(crate) struct Shared {
 }
 
 /// Opens waiting for the tunnel to carry fewer streams than the server allows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Room {
     /// How many opens wait.
     waiting: usize,
@@ -155,19 +156,27 @@ struct Room {
     /// tunnel closes: whoever holds an idle stream for reuse may give it up (see
     /// [`Tunnel::room_wanted`]).
     wanted: event_listener::Event,
-    /// When waiting was last logged; a tunnel at its limit logs it once in a while, not
-    /// once per open.
-    logged: Option<Instant>,
+    /// A tunnel at its limit says so once in a while, not once per open.
+    logged: LogThrottle,
+}
+
+impl Default for Room {
+    fn default() -> Self {
+        Room {
+            waiting: 0,
+            freed: event_listener::Event::new(),
+            wanted: event_listener::Event::new(),
+            logged: LogThrottle::new(ROOM_LOG_EVERY),
+        }
+    }
 }
 
 impl Room {
     /// Says that the tunnel is at its stream limit, at most once per [`ROOM_LOG_EVERY`].
     fn log_full(&mut self, conn: &Connection) {
-        let now = Instant::now();
-        if self.logged.is_some_and(|t| now < t + ROOM_LOG_EVERY) {
+        if self.logged.allow(Instant::now()).is_none() {
             return;
         }
-        self.logged = Some(now);
         tracing::info!(
             max_streams = conn.peer_limits().map_or(0, |l| l.max_streams),
             "the tunnel carries as many streams as the server allows; new ones wait for one \

@@ -119,6 +119,9 @@ pub struct ServerConfig {
     /// Connections allowed in the TLS handshake at once (before they earn a tunnel
     /// slot). Default 64.
     pub max_handshakes: usize,
+    /// Of those, from one source at once: an IPv4 address or an IPv6 /64. Default 8, so
+    /// that one host holding connections open cannot lock every agent out.
+    pub max_handshakes_per_source: usize,
     /// Streams per tunnel. Default 256.
     pub max_streams: u32,
     /// Seconds for the TLS handshake. Default 10.
@@ -155,6 +158,7 @@ impl Default for ServerConfig {
             check_client_ip: false,
             max_tunnels: 64,
             max_handshakes: 64,
+            max_handshakes_per_source: 8,
             max_streams: 256,
             tls_handshake_secs: 10,
             tunnel_handshake_secs: 30,

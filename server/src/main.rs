@@ -141,6 +141,7 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
     for (name, value) in [
         ("max_tunnels", cfg.max_tunnels),
         ("max_handshakes", cfg.max_handshakes),
+        ("max_handshakes_per_source", cfg.max_handshakes_per_source),
         ("max_streams", cfg.max_streams as usize),
     ] {
         if value == 0 {

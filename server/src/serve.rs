@@ -2,8 +2,8 @@
 //! streams the agent opens under the egress policy.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,10 @@ pub struct Server {
     authenticator: Option<Arc<dyn Authenticator>>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
     next_tunnel: AtomicU64,
-    handshaking: AtomicUsize,
+    handshakes: Mutex<Handshakes>,
+    /// Connections dropped for the handshake limits are logged once in a while: a flood
+    /// of them would otherwise flood the log.
+    dropped: app::LogThrottle,
 }
 
 impl std::fmt::Debug for Server {
@@ -91,12 +94,90 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// Holds a counted slot until dropped.
-struct Slot<'a>(&'a AtomicUsize);
+/// How often connections dropped for the handshake limits are logged.
+const DROPPED_LOG_EVERY: Duration = Duration::from_secs(10);
 
-impl Drop for Slot<'_> {
+/// Connections in the TLS handshake, in all and by source.
+#[derive(Debug, Default)]
+struct Handshakes {
+    total: usize,
+    by_source: HashMap<Source, usize>,
+}
+
+/// Where a connection comes from, for the per-source handshake limit: an IPv4 address, or
+/// the /64 of an IPv6 one (a single host usually has a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4([u8; 4]),
+    V6Net([u8; 8]),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Source {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Source::V4(v4.octets()),
+            IpAddr::V6(v6) => {
+                let mut net = [0u8; 8];
+                net.copy_from_slice(&v6.octets()[..8]);
+                Source::V6Net(net)
+            }
+        }
+    }
+}
+
+/// Which handshake limit a new connection met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakeLimit {
+    Total,
+    PerSource,
+}
+
+impl Handshakes {
+    /// Counts a connection from `source` in, unless a limit is reached.
+    fn take(
+        &mut self,
+        source: Source,
+        total: usize,
+        per_source: usize,
+    ) -> Result<(), HandshakeLimit> {
+        if self.total >= total {
+            return Err(HandshakeLimit::Total);
+        }
+        let n = self.by_source.entry(source).or_insert(0);
+        if *n >= per_source {
+            return Err(HandshakeLimit::PerSource);
+        }
+        *n += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// Counts a connection in whatever the limits (a refusal on its way out).
+    fn force(&mut self, source: Source) {
+        *self.by_source.entry(source).or_insert(0) += 1;
+        self.total += 1;
+    }
+
+    fn give_back(&mut self, source: Source) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// A connection's place among the handshakes, given back when dropped.
+struct HandshakeSlot {
+    server: Arc<Server>,
+    source: Source,
+}
+
+impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.server.handshakes().give_back(self.source);
     }
 }
 
@@ -139,7 +220,8 @@ impl Server {
             authenticator,
             tunnels: Mutex::new(HashMap::new()),
             next_tunnel: AtomicU64::new(1),
-            handshaking: AtomicUsize::new(0),
+            handshakes: Mutex::new(Handshakes::default()),
+            dropped: app::LogThrottle::new(DROPPED_LOG_EVERY),
         }))
     }
 
@@ -158,6 +240,10 @@ impl Server {
 
     fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tunnel>> {
         self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handshakes(&self) -> std::sync::MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Accepts agents until `shutdown` completes, then asks every tunnel to go away and
@@ -203,16 +289,37 @@ impl Server {
         sock: Async<std::net::TcpStream>,
         peer: SocketAddr,
     ) {
-        // Only a bounded number of connections may sit in the TLS handshake; they have
-        // earned nothing yet (slowloris), so the excess is dropped at once.
-        if self.handshaking.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_handshakes {
-            self.handshaking.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "too many connections in handshake; dropped");
+        // Only a bounded number of connections may sit in the TLS handshake, and only a
+        // few from one source; they have earned nothing yet (slowloris), so the excess is
+        // dropped at once.
+        let source = Source::of(peer.ip());
+        let taken = self.handshakes().take(
+            source,
+            self.cfg.max_handshakes,
+            self.cfg.max_handshakes_per_source,
+        );
+        if let Err(limit) = taken {
+            if let Some(also) = self.dropped.allow(Instant::now()) {
+                let (setting, value) = match limit {
+                    HandshakeLimit::Total => ("max_handshakes", self.cfg.max_handshakes),
+                    HandshakeLimit::PerSource => (
+                        "max_handshakes_per_source",
+                        self.cfg.max_handshakes_per_source,
+                    ),
+                };
+                tracing::warn!(%peer, setting, limit = value, dropped_since_last_line = also,
+                    "too many connections in the TLS handshake; dropped (logged at most every \
+                     10 s)");
+            }
             return;
         }
+        let slot = HandshakeSlot {
+            server: self.clone(),
+            source,
+        };
         let ex2 = ex.clone();
         ex.spawn(async move {
-            if let Err(e) = self.serve_tunnel(&ex2, sock, peer).await {
+            if let Err(e) = self.serve_tunnel(&ex2, sock, peer, slot).await {
                 tracing::info!(%peer, error = %e, "tunnel ended with an error");
             }
         })
@@ -224,13 +331,14 @@ impl Server {
         ex: &Arc<Executor<'static>>,
         sock: Async<std::net::TcpStream>,
         peer: SocketAddr,
+        slot: HandshakeSlot,
     ) -> Result<(), Error> {
         let check = PeerCheck {
             expected_cn: self.cfg.expected_client_cn.clone(),
             expected_ip: self.cfg.check_client_ip.then_some(peer.ip()),
         };
         let handshake = {
-            let _slot = Slot(&self.handshaking);
+            let _slot = slot;
             fluidity_runtime_smol::accept(
                 sock,
                 TlsSession::server(self.tls.clone())?,
@@ -243,15 +351,31 @@ impl Server {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                self.metrics.record_auth_failure();
+                // A peer that timed out or hung up proved nothing either way; one whose
+                // certificate or protocol was refused failed to authenticate.
+                use fluidity_runtime_smol::Error as E;
+                let refused = matches!(
+                    e,
+                    E::Tls(_)
+                        | E::PeerIdentity { .. }
+                        | E::NoPeerCertificate { .. }
+                        | E::AlpnMismatch { .. }
+                );
+                if refused {
+                    self.metrics.record_auth_failure();
+                }
                 return Ok(());
             }
         };
         if self.tunnels().len() >= self.cfg.max_tunnels {
             tracing::warn!(%peer, limit = self.cfg.max_tunnels, "tunnel limit reached; connection refused");
             // Counted among the handshakes until it is gone: refusals cannot pile up.
-            self.handshaking.fetch_add(1, Ordering::Relaxed);
-            let _slot = Slot(&self.handshaking);
+            let source = Source::of(peer.ip());
+            self.handshakes().force(source);
+            let _slot = HandshakeSlot {
+                server: self.clone(),
+                source,
+            };
             // Told why, in the tunnel's own close, the agent can say so; a bare close
             // would leave its user guessing.
             let conn = Connection::server(self.proto.clone(), Instant::now());
@@ -448,5 +572,43 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(ip: &str) -> Source {
+        Source::of(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        assert_eq!(source("192.0.2.1"), source("::ffff:192.0.2.1"));
+        assert_ne!(source("192.0.2.1"), source("192.0.2.2"));
+        assert_eq!(source("2001:db8:1:2::1"), source("2001:db8:1:2:ffff::9"));
+        assert_ne!(source("2001:db8:1:2::1"), source("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn handshakes_are_limited_in_all_and_per_source() {
+        let mut h = Handshakes::default();
+        let (a, b) = (source("192.0.2.1"), source("192.0.2.2"));
+        assert_eq!(h.take(a, 3, 2), Ok(()));
+        assert_eq!(h.take(a, 3, 2), Ok(()));
+        assert_eq!(h.take(a, 3, 2), Err(HandshakeLimit::PerSource));
+        assert_eq!(h.take(b, 3, 2), Ok(()));
+        assert_eq!(h.take(b, 3, 2), Err(HandshakeLimit::Total));
+        h.give_back(a);
+        assert_eq!(h.take(b, 3, 2), Ok(()));
+        // A refusal on its way out is counted whatever the limits, and given back.
+        h.force(a);
+        assert_eq!(h.total, 4);
+        for s in [a, a, b, b] {
+            h.give_back(s);
+        }
+        assert_eq!(h.total, 0);
+        assert!(h.by_source.is_empty(), "no source is remembered once gone");
     }
 }

@@ -988,6 +988,82 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
     assert_tunnel_works(&t, &origin, "running out of descriptors");
 }
 
+/// Connections that open and then say nothing hold handshake slots until the TLS
+/// handshake times out. From one source they get at most `max_handshakes_per_source` of
+/// them: an agent elsewhere still connects, and the server logs the drops once, not once
+/// per connection.
+#[test]
+fn idle_connections_from_one_host_do_not_lock_agents_out() {
+    let _wd = watchdog("handshake_flood", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("flood");
+    // 127.0.0.2 is another source on loopback; the agents connect from 127.0.0.1.
+    let connect_from_elsewhere = || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+            .expect("binding 127.0.0.2");
+        sock.connect(&t.server.listen.into()).expect("connect");
+        TcpStream::from(sock)
+    };
+    // The default limit is 8 per source; 8 are held, and the 40 after them dropped.
+    let mut held = Vec::new();
+    for _ in 0..48 {
+        held.push(connect_from_elsewhere());
+    }
+    // A dropped connection reads its end; a held one has nothing to read until its TLS
+    // handshake times out (10 s), which is later than this looks.
+    let mut closed = vec![false; held.len()];
+    for c in &held {
+        c.set_nonblocking(true).expect("nonblocking");
+    }
+    let mut count_closed = || {
+        for (c, done) in held.iter_mut().zip(closed.iter_mut()) {
+            if !*done {
+                *done = match c.read(&mut [0u8; 1]) {
+                    Ok(n) => n == 0,
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+            }
+        }
+        closed.iter().filter(|d| **d).count()
+    };
+    wait_for(
+        "40 idle connections to be dropped",
+        Duration::from_secs(8),
+        || (count_closed() >= 40).then_some(()),
+    );
+    assert_eq!(
+        count_closed(),
+        40,
+        "all but 8 of the idle connections are dropped"
+    );
+
+    // A new agent from 127.0.0.1 is not kept out by them.
+    let dir = t.path("second-agent");
+    std::fs::create_dir_all(&dir).expect("log folder");
+    let agent = fluidity_tests::e2e::tunnel::Agent::start(&t.certs, t.server.listen, &dir);
+    let (status, _) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert_eq!(status, 200, "an agent from another host gets through");
+
+    let log = t.server.proc.log();
+    let lines = log
+        .matches("too many connections in the TLS handshake")
+        .count();
+    assert!(
+        (1..=2).contains(&lines) && log.contains("max_handshakes_per_source"),
+        "the drops are logged once in a while, with the setting: {lines} lines"
+    );
+    // Hanging up in the handshake is no failed authentication.
+    drop(held);
+    wait_for(
+        "the held handshakes to end",
+        Duration::from_secs(30),
+        || (t.server.proc.log().matches("TLS handshake failed").count() >= 8).then_some(()),
+    );
+    assert_eq!(t.server.metric("fluidity_auth_failures_total"), 0.0);
+}
+
 /// Limits that cannot work are refused at start with the reason, before any certificate is
 /// read: a server that would turn every agent away, thread counts that would exhaust
 /// memory, a request head timeout of nothing.
