@@ -162,14 +162,28 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
     }
 }
 
-/// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop).
+/// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop). A
+/// second one while the process drains ends it at once: a person pressing Ctrl-C again
+/// does not want to wait for the drain.
 pub async fn shutdown_signal() {
     use async_signal::{Signal, Signals};
     use futures_lite::StreamExt;
     match Signals::new([Signal::Term, Signal::Int]) {
         Ok(mut signals) => {
             if let Some(Ok(sig)) = signals.next().await {
-                tracing::info!(signal = ?sig, "shutdown requested");
+                tracing::info!(signal = ?sig, "shutdown requested; a second signal stops at once");
+            }
+            let spawned = std::thread::Builder::new()
+                .name("second-signal".into())
+                .spawn(move || {
+                    if let Some(Ok(sig)) = async_io::block_on(signals.next()) {
+                        tracing::warn!(signal = ?sig, "second signal: stopping now, open streams cut");
+                        // 128 + SIGINT, as a shell reports an interrupted program.
+                        std::process::exit(130);
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::debug!(error = %e, "no thread for a second signal");
             }
         }
         Err(e) => {

@@ -123,6 +123,38 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
     }
 }
 
+/// A second signal during the drain stops the server at once (Ctrl-C pressed again), with
+/// the exit status of an interrupted program, instead of waiting for the drain deadline.
+#[test]
+fn a_second_signal_during_the_drain_stops_the_server_at_once() {
+    let _wd = watchdog("second_signal", Duration::from_secs(120));
+    // A deadline far beyond the test's: an exit proves the second signal, not the deadline.
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+
+    terminate(t.server.proc.pid());
+    wait_draining(&t);
+    live.assert_alive("the server began to drain");
+    assert!(
+        t.server.proc.exited().is_none(),
+        "the drain waits for the stream"
+    );
+
+    terminate(t.server.proc.pid());
+    let status = wait_for(
+        "the server to stop at the second signal",
+        Duration::from_secs(30),
+        || t.server.proc.exited(),
+    );
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status after a second signal"
+    );
+    assert!(t.server.proc.log().contains("second signal"));
+}
+
 /// A restart: a replacement started on the same ports while the old server drains
 /// serves tunnels at once (the old one no longer takes them), and its health endpoint as
 /// soon as the old one has exited and let go of the port. Meanwhile the stream the old
