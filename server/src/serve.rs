@@ -254,8 +254,8 @@ impl Server {
         listener: Async<TcpListener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let local = listener.get_ref().local_addr().ok();
-        tracing::info!(listen = ?local, auth = ?self.cfg.auth, "fluidity-server listening");
+        let local = listener.get_ref().local_addr().unwrap_or(self.cfg.listen);
+        tracing::info!(listen = %local, auth = ?self.cfg.auth, "fluidity-server listening");
         let accept_loop = async {
             let mut errors = AcceptErrors::new("tunnel");
             loop {

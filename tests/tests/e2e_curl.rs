@@ -471,7 +471,7 @@ fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets(
 fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
     let _wd = watchdog("max_forwards", Duration::from_secs(60));
     let t = Tunnel::start();
-    let ask = |hops: &str, connection: &str| {
+    let ask_with = |hops: &str, field: &str, connection: &str| {
         let out = curl([
             "-i",
             "-x",
@@ -481,12 +481,13 @@ fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
             "-H",
             &format!("Max-Forwards: {hops}"),
             "-H",
-            &format!("Connection: {connection}"),
+            &format!("{field}: {connection}"),
             "http://no-such-origin.invalid/",
         ]);
         out.assert_ok();
         out.text()
     };
+    let ask = |hops: &str, connection: &str| ask_with(hops, "Connection", connection);
     let zero = ask("0", "keep-alive");
     assert!(
         zero.starts_with("HTTP/1.1 200 ")
@@ -500,6 +501,9 @@ fn options_with_max_forwards_zero_is_answered_by_the_proxy() {
     // A client that asked to close gets its answer from the proxy with the close.
     for hops in ["0", "1"] {
         let closing = ask(hops, "close");
+        assert!(closing.contains("Connection: close"), "{closing}");
+        // The older Proxy-Connection field means the same to a proxy.
+        let closing = ask_with(hops, "Proxy-Connection", "close");
         assert!(closing.contains("Connection: close"), "{closing}");
     }
 }

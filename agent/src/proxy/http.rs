@@ -455,7 +455,10 @@ where
     };
     // An answer from the proxy keeps the connection only if no request body follows and
     // the client did not ask to close it.
-    let client_close = head.minor_version == 0 || head.headers.has_token("connection", "close");
+    // Proxy-Connection is not standard, but clients that send it mean it.
+    let client_close = head.minor_version == 0
+        || head.headers.has_token("connection", "close")
+        || head.headers.has_token("proxy-connection", "close");
     let keep = framing == Framing::Empty && !client_close;
     let next_after_answer = if keep { Next::KeepAlive } else { Next::Close };
 
@@ -1189,7 +1192,11 @@ where
             Next::Done
         }
         Err(e) => {
-            tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted");
+            if e.is_routine() {
+                tracing::debug!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted");
+            } else {
+                tracing::info!(%peer, method = "CONNECT", %target, status = 200, error = %e, "tunnel aborted");
+            }
             Next::Abort(format!("CONNECT to {target}: {e}"))
         }
     })

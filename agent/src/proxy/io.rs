@@ -366,6 +366,22 @@ pub(crate) enum CopyError {
     Chunked(ChunkedError),
 }
 
+impl CopyError {
+    /// Whether a relay ended this way as connections end every day: one side reset or
+    /// hung up (a browser closing a tab ends its tunnels so). Logged at debug, not info.
+    pub(crate) fn is_routine(&self) -> bool {
+        use io::ErrorKind as K;
+        match self {
+            CopyError::Eof => true,
+            CopyError::Read(e) | CopyError::Write(e) => matches!(
+                e.kind(),
+                K::ConnectionReset | K::NotConnected | K::BrokenPipe | K::UnexpectedEof
+            ),
+            CopyError::Chunked(_) => false,
+        }
+    }
+}
+
 /// Sends `head` (a message head) before a body that `from` delivers. When body bytes
 /// are already buffered, the head stays in `head` and goes out with them in one write
 /// ([`write_after`]): for a small message one system call instead of two. Otherwise it

@@ -202,7 +202,11 @@ where
             Ok(())
         }
         Err(e) => {
-            tracing::info!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
+            if e.is_routine() {
+                tracing::debug!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
+            } else {
+                tracing::info!(%peer, proto = "socks5", %target, error = %e, "tunnel aborted");
+            }
             Err(Error::Aborted(format!("SOCKS5 to {target}: {e}")))
         }
     }
