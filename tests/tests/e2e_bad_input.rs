@@ -1064,6 +1064,57 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
     assert_eq!(t.server.metric("fluidity_auth_failures_total"), 0.0);
 }
 
+/// A client that starts a request head and does not finish it in time gets 408 and the
+/// close; one that sent nothing more after a complete exchange is closed quietly.
+#[test]
+fn a_request_head_that_stalls_gets_408() {
+    let _wd = watchdog("head_408", Duration::from_secs(60));
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg_dir.path().join("agent.toml");
+    std::fs::write(&cfg, "head_timeout_secs = 1\n").expect("config");
+    let t = Tunnel::with_agent(
+        ServerOptions::default(),
+        fluidity_tests::e2e::tunnel::AgentOptions {
+            args: vec!["--config".into(), cfg.to_str().expect("path").into()],
+            ..Default::default()
+        },
+    );
+    let mut sock = TcpStream::connect(t.proxy()).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    sock.write_all(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1")
+        .expect("part of a head");
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer)
+        .expect("the answer, then the close");
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n")
+            && answer.contains("did not arrive within"),
+        "{answer:?}"
+    );
+}
+
+/// A client that speaks TLS to the proxy (a proxy URL starting with https://) cannot be
+/// answered in words; the agent's log says what to change.
+#[test]
+fn a_tls_client_at_the_proxy_port_is_named_in_the_log() {
+    let _wd = watchdog("tls_to_proxy", Duration::from_secs(60));
+    let mut t = Tunnel::start();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--proxy-insecure", "-x"])
+        .arg(format!("https://{}", t.proxy()))
+        .arg("http://127.0.0.1:1/")
+        .output()
+        .expect("running curl");
+    assert!(!out.status.success(), "a TLS client cannot get an answer");
+    assert!(
+        t.agent.proc.wait_log(Duration::from_secs(20), |l| l
+            .contains("must start with http://")),
+        "the agent's log: {}",
+        t.agent.proc.log()
+    );
+}
+
 /// Limits that cannot work are refused at start with the reason, before any certificate is
 /// read: a server that would turn every agent away, thread counts that would exhaust
 /// memory, a request head timeout of nothing.

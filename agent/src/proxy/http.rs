@@ -119,6 +119,20 @@ where
             }
             None => {
                 tracing::debug!(%peer, "client sent no complete request head in time");
+                // Part of a head came: the client is there, and is told (RFC 9110 §15.5.9).
+                if !cin.buffered().is_empty() {
+                    let _ = answer(
+                        cw,
+                        408,
+                        &format!(
+                            "fluidity proxy: the request head did not arrive within {:?}",
+                            cfg.head_timeout
+                        ),
+                        true,
+                        &[],
+                    )
+                    .await;
+                }
                 return Err(Error::ClientTimeout(cfg.head_timeout));
             }
             Some(Ok(Some(head))) => head,
@@ -177,6 +191,7 @@ fn status_text(status: u16) -> &'static str {
         403 => "Forbidden",
         405 => "Method Not Allowed",
         407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
