@@ -276,7 +276,17 @@ impl Server {
         for t in &tunnels {
             t.go_away();
         }
-        app::wait_until(self.cfg.drain_timeout(), || self.tunnels().is_empty()).await;
+        let drained = app::wait_until(self.cfg.drain_timeout(), || self.tunnels().is_empty()).await;
+        if !drained {
+            let left = self.tunnels();
+            let streams: usize = left.values().map(|t| t.stats().streams_active).sum();
+            tracing::warn!(
+                tunnels = left.len(),
+                streams,
+                drain_secs = self.cfg.drain_timeout().as_secs(),
+                "drain deadline reached; closing the tunnels left, and their streams with them"
+            );
+        }
         for t in self.tunnels().values() {
             t.close(ErrorCode::NO_ERROR, "server stopped");
         }

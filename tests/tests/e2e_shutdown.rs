@@ -64,12 +64,13 @@ fn sigterm_lets_open_streams_finish_refuses_new_ones_and_exits_when_drained() {
     live.assert_alive("the server began to drain");
 
     // The agent hears the server's goaway and reconnects, which the stopping server
-    // refuses: 503 (the server is shutting down) or 502 (the tunnel is down), each with
-    // its one-line reason and the advice to retry.
+    // refuses: 503, the server is shutting down (whether the open met the goaway or the
+    // reconnection), with its one-line reason and the advice to retry.
     let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
     assert!(
-        (status == 503 || status == 502)
+        status == 503
             && body.trim_end().lines().count() == 1
+            && body.contains("shutting down")
             && body.contains("retry in a moment"),
         "a new request while the server drains: {status} {body}"
     );
@@ -112,6 +113,11 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
     assert!(
         status.success(),
         "the server's exit at the deadline: {status}"
+    );
+    let log = t.server.proc.log();
+    assert!(
+        log.contains("drain deadline reached") && log.contains("streams=1"),
+        "the server says what it cut:\n{log}"
     );
     // The client's connection is reset: cut short, it must not look like a clean end
     // (the agent resets a client connection whose stream broke off), nor wait for ever.
