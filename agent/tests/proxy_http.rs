@@ -528,9 +528,16 @@ fn a_silent_client_is_dropped_after_the_head_timeout() {
             ..ProxyConfig::default()
         };
         let proxy = start_proxy(DirectDialer, cfg).await;
+        // Part of a head: the client is there, and is told with 408.
         let mut c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
         c.send(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x").await;
-        assert_eq!(c.read_to_close().await, b"");
+        let answer = c.read_to_close().await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 408 Request Timeout\r\n"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        // Nothing at all: closed without a word.
         let c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
         let mut c = c;
         assert_eq!(c.read_to_close().await, b"");

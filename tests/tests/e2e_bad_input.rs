@@ -63,6 +63,11 @@ fn garbage_a_huge_head_and_a_huge_request_line_get_400_431_and_414() {
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\xde\xad\xbe\xef garbage\x00\xff\r\n\r\n";
     let answer = send_raw(t.proxy(), garbage.to_vec());
     assert!(
+        answer.starts_with("HTTP/1.1 400 ") && answer.contains("http://"),
+        "garbage that looks like TLS should get 400 with the hint, got {answer:?}"
+    );
+    let answer = send_raw(t.proxy(), b"\x00\xff\x7f garbage\r\n\r\n".to_vec());
+    assert!(
         answer.starts_with("HTTP/1.1 400 "),
         "garbage should get 400, got {answer:?}"
     );

@@ -201,6 +201,19 @@ fn status_text(status: u16) -> &'static str {
     }
 }
 
+/// Answers a client that began a TLS handshake: 400, saying the proxy speaks plain HTTP.
+pub(crate) async fn refuse_tls<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    answer(
+        w,
+        400,
+        "fluidity proxy: this port speaks plain HTTP and SOCKS5; use a proxy URL that \
+         starts with http://",
+        true,
+        &[],
+    )
+    .await
+}
+
 /// Writes a complete plain-text answer from the proxy itself.
 async fn answer<W: AsyncWrite + Unpin>(
     w: &mut W,

@@ -137,7 +137,7 @@ impl ProxyConfig {
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Serves one client connection to the end: sniffs the protocol from the first byte
-/// (0x05 is SOCKS5, 0x04 SOCKS4, which is refused, 0x16 a TLS client, closed with a
+/// (0x05 is SOCKS5, 0x04 SOCKS4, which is refused, 0x16 a TLS client, refused with a
 /// line in the log, anything else HTTP/1.1) and proxies
 /// through `dialer`. `client` is cloned into a reading and a writing handle of the same
 /// connection (as `async_net::TcpStream` clones are).
@@ -168,10 +168,12 @@ where
     if first == socks5::VERSION {
         socks::serve(&mut inb, &mut w, peer, dialer, cfg).await
     } else if first == TLS_HANDSHAKE_RECORD {
-        // Nothing this proxy could answer would reach a TLS client as words; its log can.
+        // A TLS client cannot read an answer in words (it reports a bad record, which
+        // points at the mismatch); the log says what to change.
         tracing::info!(%peer, "a client began a TLS handshake: this proxy speaks plain \
             HTTP and SOCKS5 (HTTPS goes through CONNECT), so its proxy URL must start with \
             http://, not https://");
+        http::refuse_tls(&mut w).await?;
         Ok(())
     } else if first == socks5::SOCKS4_VERSION {
         socks::refuse_socks4(&mut inb, &mut w, peer).await
