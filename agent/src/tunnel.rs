@@ -3,7 +3,6 @@
 //! gives clients a fast, honest error instead of a hang.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,9 +155,6 @@ struct Inner {
     current: Mutex<Option<Tunnel>>,
     connecting: smol::lock::Mutex<()>,
     breaker: Mutex<Breaker>,
-    /// The last tunnel's server said it is going away, and no tunnel has been ready
-    /// since: a failure to connect now is that server stopping.
-    going_away: AtomicBool,
 }
 
 /// Opens streams through the tunnel, connecting and reconnecting as needed. Cheap to
@@ -191,7 +187,6 @@ impl TunnelDialer {
                 current: Mutex::new(None),
                 connecting: smol::lock::Mutex::new(()),
                 breaker: Mutex::new(Breaker::default()),
-                going_away: AtomicBool::new(false),
             }),
         }
     }
@@ -285,7 +280,6 @@ impl TunnelDialer {
         tracing::info!(from = %self.settings().server, to = %settings.server, "switching to another server");
         *lock(&self.inner.settings) = Arc::new(settings);
         *lock(&self.inner.breaker) = Breaker::default();
-        self.inner.going_away.store(false, Ordering::Relaxed);
         if let Some(old) = lock(&self.inner.current).take() {
             old.close(fluidity_proto::ErrorCode::NO_ERROR, "server replaced");
         }
@@ -358,20 +352,15 @@ impl TunnelDialer {
         let (tunnel, events, driver) =
             fluidity_runtime_smol::start(h.sock, h.tls, conn).map_err(|e| e.to_string())?;
         self.inner.ex.spawn(driver).detach();
-        let inner = self.inner.clone();
         self.inner
             .ex
             .spawn(async move {
                 while let Ok(ev) = events.recv().await {
                     match ev {
                         TunnelEvent::Ready { principal } => {
-                            inner.going_away.store(false, Ordering::Relaxed);
                             tracing::info!(%server, %principal, "tunnel ready")
                         }
-                        TunnelEvent::GoAway => {
-                            inner.going_away.store(true, Ordering::Relaxed);
-                            tracing::info!(%server, "server is going away")
-                        }
+                        TunnelEvent::GoAway => tracing::info!(%server, "server is going away"),
                         TunnelEvent::Closed { reason: None } => {
                             tracing::info!(%server, "tunnel closed")
                         }
@@ -496,13 +485,7 @@ impl Dialer for TunnelDialer {
     async fn open(&self, target: Target) -> Result<TunnelStream, DialError> {
         // One retry: a tunnel that died between the check and the open is replaced.
         for attempt in 0..2 {
-            let tunnel = self.tunnel().await.map_err(|why| {
-                if self.inner.going_away.load(Ordering::Relaxed) {
-                    DialError::ServerStopping(why)
-                } else {
-                    DialError::TunnelDown(why)
-                }
-            })?;
+            let tunnel = self.tunnel().await.map_err(DialError::TunnelDown)?;
             match tunnel.open(target.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),

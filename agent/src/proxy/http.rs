@@ -251,14 +251,6 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
                 one_line(why, 300)
             ),
         ),
-        DialError::ServerStopping(why) => (
-            503,
-            format!(
-                "fluidity: cannot reach {target}: the fluidity server is shutting down, and no \
-                 new tunnel could be made yet ({}); retry in a moment",
-                one_line(why, 300)
-            ),
-        ),
         DialError::NoStream(waited) => (
             504,
             format!(

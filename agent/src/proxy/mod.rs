@@ -71,10 +71,6 @@ pub enum DialError {
     /// There is no working tunnel to the server right now; the text says why.
     #[error("the tunnel is down: {0}")]
     TunnelDown(String),
-    /// The server said it is shutting down (a goaway), and no new tunnel could be made
-    /// since; the text says why.
-    #[error("the server is shutting down: {0}")]
-    ServerStopping(String),
     /// No stream came within the dial timeout: the tunnel's streams all stayed in use,
     /// or the tunnel gave no answer.
     #[error("no stream within {0:?}")]
