@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use fluidity_agent::config::{AgentAuth, AgentConfig, AgentMode};
-use fluidity_agent::error::Result;
+use fluidity_agent::error::{Error, Result};
 use fluidity_agent::local::{self, LocalOptions};
 use fluidity_agent::run;
 use fluidity_agent::tunnel::TunnelDialer;
@@ -239,6 +239,8 @@ fn agent_config(args: RunArgs) -> Result<AgentConfig> {
     if let Some(v) = args.threads {
         cfg.threads = v;
     }
+    // Checked before any mode starts its threads.
+    app::check_threads(cfg.threads).map_err(Error::Config)?;
     Ok(cfg)
 }
 

@@ -91,9 +91,8 @@ pub fn tunnel_settings(
 }
 
 /// The proxy front end's settings from the configuration; refuses a non-loopback
-/// listener without credentials, and settings the agent cannot run with.
+/// listener without credentials, and settings the proxy cannot run with.
 pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
-    fluidity_runtime_smol::app::check_threads(cfg.threads).map_err(Error::Config)?;
     if cfg.head_timeout_secs == 0 {
         return Err(Error::Config(
             "head_timeout_secs must be at least 1: it is how long a client gets to send a \

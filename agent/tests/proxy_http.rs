@@ -521,6 +521,25 @@ fn proxy_credentials_are_required_when_configured() {
 }
 
 #[test]
+fn two_host_fields_get_400_for_every_method() {
+    run(async {
+        let proxy = start_proxy(DirectDialer, ProxyConfig::default()).await;
+        for request in [
+            &b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"[..],
+            b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nhost: b\r\n\r\n",
+        ] {
+            let mut c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
+            c.send(request).await;
+            let answer = String::from_utf8_lossy(&c.read_to_close().await).into_owned();
+            assert!(
+                answer.starts_with("HTTP/1.1 400 ") && answer.contains("more than one Host"),
+                "{answer}"
+            );
+        }
+    });
+}
+
+#[test]
 fn a_silent_client_is_dropped_after_the_head_timeout() {
     run(async {
         let cfg = ProxyConfig {

@@ -163,23 +163,44 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 }
 
 /// Completes when the process receives SIGINT or SIGTERM (Ctrl-C or a service stop). A
-/// second one while the process drains ends it at once: a person pressing Ctrl-C again
-/// does not want to wait for the drain.
+/// second one while the process drains ends it at once, with the exit status of a
+/// process killed by that signal (130 for SIGINT, 143 for SIGTERM): a person pressing
+/// Ctrl-C again does not want to wait for the drain.
 pub async fn shutdown_signal() {
+    wait_for_shutdown(true).await;
+}
+
+/// [`shutdown_signal`] for a process whose shutdown must run to its end (the AWS-mode
+/// agent stops its server after the drain): a second signal changes nothing.
+pub async fn shutdown_signal_unforced() {
+    wait_for_shutdown(false).await;
+}
+
+async fn wait_for_shutdown(second_stops: bool) {
     use async_signal::{Signal, Signals};
     use futures_lite::StreamExt;
     match Signals::new([Signal::Term, Signal::Int]) {
         Ok(mut signals) => {
             if let Some(Ok(sig)) = signals.next().await {
-                tracing::info!(signal = ?sig, "shutdown requested; a second signal stops at once");
+                if second_stops {
+                    tracing::info!(signal = ?sig, "shutdown requested; a second signal stops at once");
+                } else {
+                    tracing::info!(signal = ?sig, "shutdown requested");
+                }
+            }
+            if !second_stops {
+                return;
             }
             let spawned = std::thread::Builder::new()
                 .name("second-signal".into())
                 .spawn(move || {
                     if let Some(Ok(sig)) = async_io::block_on(signals.next()) {
                         tracing::warn!(signal = ?sig, "second signal: stopping now, open streams cut");
-                        // 128 + SIGINT, as a shell reports an interrupted program.
-                        std::process::exit(130);
+                        let number = match sig {
+                            Signal::Int => 2,
+                            _ => 15,
+                        };
+                        std::process::exit(128 + number);
                     }
                 });
             if let Err(e) = spawned {

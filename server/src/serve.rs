@@ -81,9 +81,11 @@ pub struct Server {
     tunnels: Mutex<HashMap<u64, Tunnel>>,
     next_tunnel: AtomicU64,
     handshakes: Mutex<Handshakes>,
-    /// Connections dropped for the handshake limits are logged once in a while: a flood
-    /// of them would otherwise flood the log.
-    dropped: app::LogThrottle,
+    /// Connections dropped for the handshake limits are logged once in a while, per
+    /// limit: a flood of them would otherwise flood the log, and one limit's flood must
+    /// not hide the other's.
+    dropped_total: app::LogThrottle,
+    dropped_per_source: app::LogThrottle,
 }
 
 impl std::fmt::Debug for Server {
@@ -143,11 +145,11 @@ impl Handshakes {
         if self.total >= total {
             return Err(HandshakeLimit::Total);
         }
-        let n = self.by_source.entry(source).or_insert(0);
-        if *n >= per_source {
+        // Looked up before inserting: a refused source leaves no entry behind.
+        if self.by_source.get(&source).copied().unwrap_or(0) >= per_source {
             return Err(HandshakeLimit::PerSource);
         }
-        *n += 1;
+        *self.by_source.entry(source).or_insert(0) += 1;
         self.total += 1;
         Ok(())
     }
@@ -221,7 +223,8 @@ impl Server {
             tunnels: Mutex::new(HashMap::new()),
             next_tunnel: AtomicU64::new(1),
             handshakes: Mutex::new(Handshakes::default()),
-            dropped: app::LogThrottle::new(DROPPED_LOG_EVERY),
+            dropped_total: app::LogThrottle::new(DROPPED_LOG_EVERY),
+            dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
         }))
     }
 
@@ -309,14 +312,19 @@ impl Server {
             self.cfg.max_handshakes_per_source,
         );
         if let Err(limit) = taken {
-            if let Some(also) = self.dropped.allow(Instant::now()) {
-                let (setting, value) = match limit {
-                    HandshakeLimit::Total => ("max_handshakes", self.cfg.max_handshakes),
-                    HandshakeLimit::PerSource => (
-                        "max_handshakes_per_source",
-                        self.cfg.max_handshakes_per_source,
-                    ),
-                };
+            let (setting, value, throttle) = match limit {
+                HandshakeLimit::Total => (
+                    "max_handshakes",
+                    self.cfg.max_handshakes,
+                    &self.dropped_total,
+                ),
+                HandshakeLimit::PerSource => (
+                    "max_handshakes_per_source",
+                    self.cfg.max_handshakes_per_source,
+                    &self.dropped_per_source,
+                ),
+            };
+            if let Some(also) = throttle.allow(Instant::now()) {
                 tracing::warn!(%peer, setting, limit = value, dropped_since_last_line = also,
                     "too many connections in the TLS handshake; dropped (logged at most every \
                      10 s)");
@@ -608,6 +616,11 @@ mod tests {
         assert_eq!(h.take(a, 3, 2), Ok(()));
         assert_eq!(h.take(a, 3, 2), Ok(()));
         assert_eq!(h.take(a, 3, 2), Err(HandshakeLimit::PerSource));
+        assert_eq!(
+            h.take(source("192.0.2.9"), 3, 0),
+            Err(HandshakeLimit::PerSource)
+        );
+        assert_eq!(h.by_source.len(), 1, "a refused source leaves no entry");
         assert_eq!(h.take(b, 3, 2), Ok(()));
         assert_eq!(h.take(b, 3, 2), Err(HandshakeLimit::Total));
         h.give_back(a);

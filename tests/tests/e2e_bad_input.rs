@@ -1000,7 +1000,11 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
 #[test]
 fn idle_connections_from_one_host_do_not_lock_agents_out() {
     let _wd = watchdog("handshake_flood", Duration::from_secs(120));
-    let t = Tunnel::start();
+    // Held handshakes time out long after the checks below, however slow the machine.
+    let t = Tunnel::with(ServerOptions {
+        config: Some("tls_handshake_secs = 60\n".into()),
+        ..ServerOptions::default()
+    });
     let origin = HttpOrigin::start("flood");
     // 127.0.0.2 is another source on loopback; the agents connect from 127.0.0.1.
     let connect_from_elsewhere = || {
@@ -1011,13 +1015,15 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
         sock.connect(&t.server.listen.into()).expect("connect");
         TcpStream::from(sock)
     };
-    // The default limit is 8 per source; 8 are held, and the 40 after them dropped.
+    // The default limits are 8 per source and 64 in all; 8 are held, and the 64 after
+    // them dropped. (Without the per-source limit 64 would be held, and the agent below
+    // turned away.)
     let mut held = Vec::new();
-    for _ in 0..48 {
+    for _ in 0..72 {
         held.push(connect_from_elsewhere());
     }
     // A dropped connection reads its end; a held one has nothing to read until its TLS
-    // handshake times out (10 s), which is later than this looks.
+    // handshake times out.
     let mut closed = vec![false; held.len()];
     for c in &held {
         c.set_nonblocking(true).expect("nonblocking");
@@ -1034,13 +1040,13 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
         closed.iter().filter(|d| **d).count()
     };
     wait_for(
-        "40 idle connections to be dropped",
-        Duration::from_secs(8),
-        || (count_closed() >= 40).then_some(()),
+        "64 idle connections to be dropped",
+        Duration::from_secs(30),
+        || (count_closed() >= 64).then_some(()),
     );
     assert_eq!(
         count_closed(),
-        40,
+        64,
         "all but 8 of the idle connections are dropped"
     );
 
@@ -1070,7 +1076,7 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
 }
 
 /// A client that starts a request head and does not finish it in time gets 408 and the
-/// close; one that sent nothing more after a complete exchange is closed quietly.
+/// close (one that sends nothing is closed quietly: agent/tests/proxy_http.rs).
 #[test]
 fn a_request_head_that_stalls_gets_408() {
     let _wd = watchdog("head_408", Duration::from_secs(60));
@@ -1131,14 +1137,14 @@ fn settings_that_cannot_work_are_refused_at_start() {
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "server = \"127.0.0.1:1\"\nhead_timeout_secs = 0\n").expect("config");
     let config = config.to_str().expect("path");
-    let cases: [(&Path, &[&str], &str); 7] = [
+    let cases: [(&Path, &[&str], &str); 8] = [
         (&bins.server, &["--max-tunnels", "0"], "max_tunnels = 0"),
         (&bins.server, &["--max-streams", "0"], "max_streams = 0"),
         (&bins.server, &["--threads", "100000"], "is more than 256"),
         (
             &bins.server,
             &["--egress", "allow_private=maybe"],
-            "true or false",
+            "yes or no",
         ),
         (
             &bins.agent,
@@ -1149,6 +1155,11 @@ fn settings_that_cannot_work_are_refused_at_start() {
             &bins.agent,
             &["--config", config],
             "head_timeout_secs must be at least 1",
+        ),
+        (
+            &bins.agent,
+            &["--mode", "aws", "--threads", "100000"],
+            "is more than 256",
         ),
         (
             &bins.agent,

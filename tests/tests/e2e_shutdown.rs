@@ -155,8 +155,8 @@ fn a_second_signal_during_the_drain_stops_the_server_at_once() {
     );
     assert_eq!(
         status.code(),
-        Some(130),
-        "exit status after a second signal"
+        Some(143),
+        "128 + SIGTERM after a second SIGTERM"
     );
     assert!(t.server.proc.log().contains("second signal"));
 }

@@ -265,7 +265,8 @@ pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
         quiet,
     };
     app::run(app::threads(cfg.threads), |ex| async move {
-        run_aws(&ex, cfg, aws, app::shutdown_signal()).await
+        // A second Ctrl-C must not skip the Kill that follows the drain.
+        run_aws(&ex, cfg, aws, app::shutdown_signal_unforced()).await
     })
 }
 

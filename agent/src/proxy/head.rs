@@ -396,11 +396,7 @@ fn transfer_chunked(headers: &Headers) -> Result<Option<bool>, &'static str> {
 
 /// Framing of a request body (RFC 9112 §6.3, rules 4-7 for requests). Transfer-Encoding
 /// together with Content-Length is refused: it is the classic request smuggling vector.
-/// So is more than one Host field (RFC 9112 §3.2), which a server must answer with 400.
 pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
-    if head.headers.named("host").nth(1).is_some() {
-        return Err("more than one Host field");
-    }
     let te = transfer_chunked(&head.headers)?;
     let cl = content_length(&head.headers)?;
     match (te, cl) {
@@ -657,14 +653,6 @@ mod tests {
         assert_eq!(
             request_framing(&req("GET http://a/ HTTP/1.1\r\n\r\n")),
             Ok(Framing::Empty)
-        );
-        assert_eq!(
-            request_framing(&req("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")),
-            Ok(Framing::Empty)
-        );
-        assert_eq!(
-            request_framing(&req("GET http://a/ HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n")),
-            Err("more than one Host field")
         );
         assert_eq!(
             request_framing(&req(

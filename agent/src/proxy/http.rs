@@ -121,7 +121,7 @@ where
                 tracing::debug!(%peer, "client sent no complete request head in time");
                 // Part of a head came: the client is there, and is told (RFC 9110 §15.5.9).
                 if !cin.buffered().is_empty() {
-                    let _ = answer(
+                    let told = answer(
                         cw,
                         408,
                         &format!(
@@ -132,6 +132,12 @@ where
                         &[],
                     )
                     .await;
+                    // What the client still sends must not turn the close into a reset
+                    // that destroys the answer (RFC 9112 §9.6).
+                    if told.is_ok() {
+                        futures_lite::future::zip(release(upstream.take()), linger_close(cin, cw))
+                            .await;
+                    }
                 }
                 return Err(Error::ClientTimeout(cfg.head_timeout));
             }
@@ -287,6 +293,14 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
             )
         }
     }
+}
+
+/// Whether a request with `method` may be repeated without changing more than once
+/// (RFC 9110 §9.2.2).
+fn is_idempotent(method: &str) -> bool {
+    ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
+        .iter()
+        .any(|m| method.eq_ignore_ascii_case(m))
 }
 
 /// A request target without its path and query, which can carry secrets: the scheme and
@@ -469,6 +483,19 @@ where
 {
     let method = head.method();
     let is_connect = method.eq_ignore_ascii_case("CONNECT");
+    // RFC 9112 §3.2: a server must answer 400 to more than one Host field, CONNECT too.
+    if head.headers.named("host").nth(1).is_some() {
+        tracing::info!(%peer, %method, status = 400, "more than one Host field");
+        answer(
+            cw,
+            400,
+            "fluidity proxy: more than one Host field",
+            true,
+            &[],
+        )
+        .await?;
+        return Ok(Next::Close);
+    }
     let framing = if is_connect {
         Framing::Empty
     } else {
@@ -558,11 +585,9 @@ where
 
     // One retry, only for an idempotent request without a body on a reused stream that
     // failed before any answer: the origin most likely closed the idle connection just
-    // then. Anything else might have taken effect and must not be replayed (RFC 9110 §9.2.2).
-    let retryable = framing == Framing::Empty
-        && ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
-            .iter()
-            .any(|m| method.eq_ignore_ascii_case(m));
+    // then, or the tunnel ended under it. Anything else might have taken effect and must
+    // not be replayed (RFC 9110 §9.2.2).
+    let retryable = framing == Framing::Empty && is_idempotent(method);
     for attempt in 0..2 {
         // A stream kept for another origin is let go plainly while the new one opens,
         // unless the new one would wait for its room: then it is reset, as is one that is
@@ -591,7 +616,9 @@ where
         up.reused = true;
         let result = exchange(&ctx, &head_bytes, cin, cw, up).await;
         let outcome = match result {
-            Err(ExchangeError::NoResponse(_)) if reused && retryable && attempt == 0 => {
+            Err(ExchangeError::NoResponse(_) | ExchangeError::TunnelLost(_))
+                if reused && retryable && attempt == 0 =>
+            {
                 *upstream = None;
                 continue;
             }
@@ -739,8 +766,13 @@ async fn fail<W: AsyncWrite + Unpin>(
             format!("fluidity: {target} closed the connection without answering")
         }
         ExchangeError::TunnelLost(why) => format!(
-            "fluidity: the tunnel to the server ended before {target} answered ({}); retry",
-            one_line(why, 300)
+            "fluidity: the tunnel to the server ended before {target} answered ({}){}",
+            one_line(why, 300),
+            if is_idempotent(method) {
+                "; retry"
+            } else {
+                "; the request may have taken effect"
+            }
         ),
         ExchangeError::BadResponse(why) => {
             format!("fluidity: {target} sent an invalid response ({why})")

@@ -15,6 +15,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use fluidity_proto::{OpenRefusal, Target};
+use fluidity_runtime_smol::app::LogThrottle;
 use fluidity_runtime_smol::relay::ReadChunks;
 use futures_io::{AsyncRead, AsyncWrite};
 
@@ -165,10 +166,14 @@ where
         socks::serve(&mut inb, &mut w, peer, dialer, cfg).await
     } else if first == TLS_HANDSHAKE_RECORD {
         // A TLS client cannot read an answer in words (it reports a bad record, which
-        // points at the mismatch); the log says what to change.
-        tracing::info!(%peer, "a client began a TLS handshake: this proxy speaks plain \
-            HTTP and SOCKS5 (HTTPS goes through CONNECT), so its proxy URL must start with \
-            http://, not https://");
+        // points at the mismatch); the log says what to change, once in a while (a
+        // misconfigured browser tries again and again).
+        static TLS_CLIENTS: LogThrottle = LogThrottle::new(Duration::from_secs(60));
+        if TLS_CLIENTS.allow(std::time::Instant::now()).is_some() {
+            tracing::info!(%peer, "a client began a TLS handshake: this proxy speaks plain \
+                HTTP and SOCKS5 (HTTPS goes through CONNECT), so its proxy URL must start \
+                with http://, not https:// (logged at most once a minute)");
+        }
         http::refuse_tls(&mut w).await?;
         Ok(())
     } else if first == socks5::SOCKS4_VERSION {
