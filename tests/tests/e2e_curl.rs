@@ -463,6 +463,37 @@ fn an_early_413_to_a_large_upload_reaches_the_client_although_the_origin_resets(
     );
 }
 
+/// An HTTP/1.0 client's request goes on as HTTP/1.1 (an intermediary sends its own
+/// version, RFC 9110 §2.5), and an answer in the chunked coding, which such a client does
+/// not know, reaches it as its payload alone, ended by the close. An HTTP/1.1 client gets
+/// the coding as it came.
+#[test]
+fn an_http_1_0_client_gets_no_chunked_coding() {
+    let _wd = watchdog("http_1_0", Duration::from_secs(60));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("chunked-answers");
+    let url = origin.url("/chunked-version");
+    let old = curl(["-0", "-i", "-sS", "-x", &t.proxy_url(), &url]);
+    old.assert_ok();
+    let text = old.text();
+    assert!(
+        text.starts_with("HTTP/1.1 200 ")
+            && !text.to_ascii_lowercase().contains("transfer-encoding")
+            && text.contains("Connection: close")
+            && text.ends_with("\r\n\r\nrequest HTTP/1.1"),
+        "{text:?}"
+    );
+    let new = curl(["-i", "-sS", "-x", &t.proxy_url(), &url]);
+    new.assert_ok();
+    let text = new.text();
+    assert!(
+        text.contains("Transfer-Encoding: chunked")
+            && text.contains("\r\n\r\nrequest HTTP/1.1")
+            && text.contains("X-Trailer: t"),
+        "{text:?}"
+    );
+}
+
 /// An OPTIONS request with `Max-Forwards: 0` may go no further: the proxy answers it
 /// itself (RFC 9110 §7.6.2), so even a name that resolves nowhere gets 200 with `Allow`.
 /// With `Max-Forwards: 1` the request goes on (and that name's lookup fails at the server).

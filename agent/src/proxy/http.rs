@@ -23,8 +23,8 @@ use super::head::{
     ResponseHead,
 };
 use super::io::{
-    copy_chunked, copy_exact, linger_close, read_head, relay, relay_stream, CopyError, Inbound,
-    ReadHeadError, SharedStream, Source,
+    copy_chunked, copy_exact, copy_unchunked, linger_close, read_head, relay, relay_stream,
+    CopyError, Inbound, ReadHeadError, SharedStream, Source,
 };
 use super::{dial, one_line, DialError, Dialer, ProxyConfig};
 use crate::error::{Error, Result};
@@ -389,11 +389,9 @@ fn origin_request(
     } else {
         out.extend_from_slice(abs.path.as_bytes());
     }
-    out.extend_from_slice(if head.minor_version == 0 {
-        b" HTTP/1.0\r\n"
-    } else {
-        b" HTTP/1.1\r\n"
-    });
+    // An intermediary sends its own version (RFC 9110 §2.5), whatever the client's; an
+    // HTTP/1.0 client's request carries `Connection: close` instead (`close`).
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     push_header(&mut out, b"Host", abs.authority.as_bytes());
     for h in head.headers.iter() {
         if h.is("max-forwards") {
@@ -442,6 +440,21 @@ fn max_forwards(head: &RequestHead) -> Option<u64> {
 
 /// The response as sent to the client.
 fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
+    client_response_head(resp, upgrade, close, false)
+}
+
+/// [`client_response`] for a body sent without its transfer coding (to an HTTP/1.0
+/// client, which knows none): no `Transfer-Encoding`, no length, and the close ends it.
+fn client_response_unchunked(resp: &ResponseHead) -> Vec<u8> {
+    client_response_head(resp, false, true, true)
+}
+
+fn client_response_head(
+    resp: &ResponseHead,
+    upgrade: bool,
+    close: bool,
+    unchunked: bool,
+) -> Vec<u8> {
     let tokens: Vec<&[u8]> = resp.headers.tokens("connection").collect();
     let chunked = resp.headers.named("transfer-encoding").next().is_some();
     let mut out = Vec::with_capacity(512);
@@ -453,7 +466,10 @@ fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
     out.extend_from_slice(one_line(resp.reason(), 200).as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        if !is_hop_by_hop(&h, &tokens) && !h.is("content-length") {
+        let dropped = is_hop_by_hop(&h, &tokens)
+            || h.is("content-length")
+            || (unchunked && h.is("transfer-encoding"));
+        if !dropped {
             push_header(&mut out, h.name, h.value);
         }
     }
@@ -1167,13 +1183,21 @@ where
         let close = ctx.client_close || framing == Framing::UntilClose || early;
         let upstream_keep =
             !close && resp.minor_version == 1 && !resp.headers.has_token("connection", "close");
-        let mut bytes = client_response(&resp, false, close);
+        // An HTTP/1.0 client knows no chunked coding: it gets the payload alone, ended by
+        // the close (its request asked for the close anyway).
+        let unchunk = framing == Framing::Chunked && ctx.client_minor == 0;
+        let mut bytes = if unchunk {
+            client_response_unchunked(&resp)
+        } else {
+            client_response(&resp, false, close)
+        };
         started.store(true, Ordering::Relaxed);
         down += bytes.len() as u64;
         // The head goes out with the body's first bytes where it can (one write).
         let body = match framing {
             Framing::Empty => copy_exact(uin, cw, &mut bytes, 0).await.map(|()| 0),
             Framing::Length(n) => copy_exact(uin, cw, &mut bytes, n).await.map(|()| n),
+            Framing::Chunked if unchunk => copy_unchunked(uin, cw, &mut bytes).await,
             Framing::Chunked => copy_chunked(uin, cw, &mut bytes).await,
             Framing::UntilClose => {
                 cw.write_all(&bytes)

@@ -520,6 +520,48 @@ where
     Ok(total)
 }
 
+/// Sends `head`, then the payload of one chunked body without its coding (sizes,
+/// extensions and trailers left out), stopping exactly at the body's end; returns the
+/// payload's length. For a client that cannot read the coding: the close must end it.
+pub(crate) async fn copy_unchunked<S, W>(
+    from: &mut S,
+    to: &mut W,
+    head: &mut Vec<u8>,
+) -> Result<u64, CopyError>
+where
+    S: Source,
+    W: AsyncWrite + Unpin,
+{
+    to.write_all(head).await.map_err(CopyError::Write)?;
+    head.clear();
+    let mut decoder = ChunkedDecoder::new();
+    let mut payload = Vec::new();
+    let mut total = 0u64;
+    while !decoder.is_done() {
+        if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
+            return Err(CopyError::Eof);
+        }
+        let buf = from.buffered();
+        let mut at = 0;
+        while at < buf.len() && !decoder.is_done() {
+            let step = decoder.feed(&buf[at..]).map_err(CopyError::Chunked)?;
+            if step.consumed == 0 {
+                break;
+            }
+            payload.extend_from_slice(&buf[at + step.data.start..at + step.data.end]);
+            at += step.consumed;
+        }
+        from.consume(at);
+        if !payload.is_empty() {
+            to.write_all(&payload).await.map_err(CopyError::Write)?;
+            total += payload.len() as u64;
+            payload.clear();
+        }
+    }
+    to.flush().await.map_err(CopyError::Write)?;
+    Ok(total)
+}
+
 /// Copies everything until `from` ends, then closes the write side of `to` (a half-close:
 /// the other direction carries on). Returns the number of bytes copied.
 pub(crate) async fn pipe<S, W>(from: &mut S, to: &mut W) -> Result<u64, CopyError>
@@ -697,6 +739,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A chunked body goes to a client that cannot read the coding as its payload alone,
+    /// however its bytes are cut and whatever the writer takes per call; what follows
+    /// the body stays unread.
+    #[test]
+    fn an_unchunked_copy_sends_the_payload_alone_and_stops_at_the_body_end() {
+        let body: &[u8] =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: t\r\n\r\nNEXT";
+        for sizes in [&[1][..], &[2, 3], &[7, 4096], &[body.len()]] {
+            for per_call in [1, 3, 1000] {
+                let mut w = Trickle::new(per_call);
+                let mut head = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+                let expected = [&head[..], b"hello world"].concat();
+                let mut stream = SharedStream::new(Batches::cut(body, sizes, 100));
+                let (mut from, _) = stream.halves();
+                let n = block_on(copy_unchunked(&mut from, &mut w, &mut head)).unwrap();
+                assert_eq!(n, 11, "{sizes:?} {per_call}");
+                assert_eq!(w.out, expected, "{sizes:?} {per_call}");
+                assert!(head.is_empty());
+                let mut rest = Vec::new();
+                loop {
+                    let n = from.buffered().len();
+                    if n == 0 {
+                        if block_on(from.fill()).unwrap() == 0 {
+                            break;
+                        }
+                        continue;
+                    }
+                    rest.extend_from_slice(from.buffered());
+                    from.consume(n);
+                }
+                assert_eq!(rest, b"NEXT", "{sizes:?} {per_call}");
+            }
+        }
+        // An invalid size is an error, not a silently short body.
+        let mut w = Trickle::new(100);
+        let mut stream = SharedStream::new(Batches::cut(b"zz\r\n", &[5], 100));
+        let (mut from, _) = stream.halves();
+        let err = block_on(copy_unchunked(&mut from, &mut w, &mut Vec::new())).unwrap_err();
+        assert!(matches!(err, CopyError::Chunked(_)), "{err:?}");
+        // A body cut short is an error too.
+        let mut stream = SharedStream::new(Batches::cut(b"5\r\nhel", &[8], 100));
+        let (mut from, _) = stream.halves();
+        let err = block_on(copy_unchunked(&mut from, &mut w, &mut Vec::new())).unwrap_err();
+        assert!(matches!(err, CopyError::Eof), "{err:?}");
     }
 
     /// Two responses on one kept stream, cut into chunks anywhere (a head in many pieces,

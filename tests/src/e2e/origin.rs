@@ -244,6 +244,8 @@ struct Request {
     chunked: bool,
     expect_continue: bool,
     close: bool,
+    /// The request line's minor version (0 or 1).
+    minor_version: u8,
     /// `Sec-WebSocket-Key`, as sent.
     websocket_key: Option<String>,
 }
@@ -294,6 +296,7 @@ fn read_head<R: BufRead>(r: &mut R) -> io::Result<Option<Request>> {
         chunked: false,
         expect_continue: false,
         close: req.version == Some(0),
+        minor_version: req.version.unwrap_or(1),
         websocket_key: None,
     };
     for h in req.headers.iter() {
@@ -457,6 +460,23 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<bool> {
                 send_payload(w, sent.min(total))?;
                 // A plain close (FIN), with the response unfinished.
                 return Ok(false);
+            }
+            ("GET", ["chunked-version"]) => {
+                // Chunked whatever the request's version (as some origins answer), in two
+                // chunks and a trailer, saying which version the request came in.
+                let said = format!("request HTTP/1.{}", req.minor_version);
+                let (a, b) = said.split_at(8);
+                let w = conn.get_mut();
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n\
+                     {:x}\r\n{b}\r\n0\r\nX-Trailer: t\r\n\r\n",
+                    a.len(),
+                    b.len()
+                )?;
+                if close {
+                    return Ok(false);
+                }
             }
             ("GET", ["cut-chunked"]) => {
                 let w = conn.get_mut();
