@@ -8,6 +8,7 @@ use std::time::Duration;
 use fluidity_runtime_smol::listener::AcceptErrors;
 use fluidity_runtime_smol::relay::{reset_on_close, take_socket_error};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
+use fluidity_runtime_smol::PeerRole;
 use futures_lite::FutureExt;
 use smol::Executor;
 
@@ -45,9 +46,11 @@ pub fn tunnel_settings(
             "auth = \"iam\" needs a credential source (see run::credential_source)".into(),
         ));
     }
-    let identity = Identity::load(&cfg.cert, &cfg.key).map_err(|source| Error::Certificates {
-        what: "the agent's certificate and key (cert, key)",
-        source,
+    let identity = Identity::load_as(&cfg.cert, &cfg.key, PeerRole::Client).map_err(|source| {
+        Error::Certificates {
+            what: "the agent's certificate and key (cert, key)",
+            source,
+        }
     })?;
     let roots = CaRoots::load(&cfg.ca).map_err(|source| Error::Certificates {
         what: "the CA certificate that signed the server's (ca)",

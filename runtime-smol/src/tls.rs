@@ -186,6 +186,24 @@ impl Identity {
         )
     }
 
+    /// [`Identity::load`] for one end of the tunnel: also refuses a certificate whose
+    /// extended key usage does not allow that end (the server's certificate given to the
+    /// agent, say), which peers would refuse with an alert that says little.
+    pub fn load_as(cert_path: &Path, key_path: &Path, role: PeerRole) -> Result<Self, Error> {
+        let identity = Self::load(cert_path, key_path)?;
+        if let Some(problem) = identity
+            .chain
+            .first()
+            .and_then(|leaf| usage_problem(leaf, role))
+        {
+            return Err(Error::BadPem {
+                origin: cert_path.display().to_string(),
+                problem,
+            });
+        }
+        Ok(identity)
+    }
+
     /// Rejects a key that does not belong to the leaf certificate here, where the files
     /// can still be named, instead of as an obscure handshake failure later.
     fn checked(
@@ -304,6 +322,32 @@ impl CaRoots {
             store: Arc::new(store),
         })
     }
+}
+
+/// Why `leaf` cannot serve as `role`'s certificate, if it cannot: its extended key usage
+/// allows neither that end's usage nor any. A certificate without the extension may serve
+/// either.
+fn usage_problem(leaf: &CertificateDer<'_>, role: PeerRole) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let eku = cert.extended_key_usage().ok()??.value;
+    let (allowed, needed, who, use_this) = match role {
+        PeerRole::Server => (eku.server_auth, "serverAuth", "a server", "server.pem"),
+        PeerRole::Client => (eku.client_auth, "clientAuth", "an agent", "client.pem"),
+    };
+    if eku.any || allowed {
+        return None;
+    }
+    let has = if eku.server_auth {
+        "serverAuth: it is a server's"
+    } else if eku.client_auth {
+        "clientAuth: it is an agent's"
+    } else {
+        "neither serverAuth nor clientAuth"
+    };
+    Some(format!(
+        "the certificate's extended key usage is {has}, and {who} needs {needed}; use the \
+         {use_this} that `fluidity certs init` makes for it"
+    ))
 }
 
 /// The element at the start of `der`: its tag, its contents, and the bytes after it.
@@ -1797,6 +1841,44 @@ tlawY37idy5pM6QNcghMb1vY/EyhRANCAASx9fOyngvKjLOsabNUC5n64XiV6MMq
         let err = err.to_string();
         assert!(
             err.contains("ecdsa-with-SHA512") && err.contains("cannot verify"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_for_the_other_end_is_refused_at_load_with_the_right_file_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new("test CA");
+        let server =
+            pki::issue_server(&pki.ca, &["localhost".parse().unwrap()], "s", DAY).expect("server");
+        let client = pki::issue_client(&pki.ca, "c", &[], DAY).expect("client");
+        let write = |name: &str, issued: &CertifiedKeyPem| {
+            let cert = dir.path().join(format!("{name}.pem"));
+            let key = dir.path().join(format!("{name}-key.pem"));
+            std::fs::write(&cert, &issued.cert_pem).expect("write");
+            std::fs::write(&key, &issued.key_pem).expect("write");
+            (cert, key)
+        };
+        let (server_cert, server_key) = write("server", &server);
+        let (client_cert, client_key) = write("client", &client);
+        Identity::load_as(&server_cert, &server_key, PeerRole::Server).expect("server's own");
+        Identity::load_as(&client_cert, &client_key, PeerRole::Client).expect("agent's own");
+        let Err(err) = Identity::load_as(&server_cert, &server_key, PeerRole::Client) else {
+            panic!("a server certificate for the agent must be refused");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("server.pem")
+                && err.contains("it is a server's")
+                && err.contains("client.pem"),
+            "{err}"
+        );
+        let Err(err) = Identity::load_as(&client_cert, &client_key, PeerRole::Server) else {
+            panic!("an agent certificate for the server must be refused");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("it is an agent's") && err.contains("server.pem"),
             "{err}"
         );
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fluidity_runtime_smol::tls::{CaRoots, Identity};
+use fluidity_runtime_smol::PeerRole;
 use serde::Deserialize;
 
 use crate::egress::EgressPolicy;
@@ -194,9 +195,11 @@ impl ServerConfig {
     /// Loads the server's certificate and key (`cert`, `key`), naming those settings if
     /// they cannot be loaded.
     pub fn load_identity(&self) -> Result<Identity, Error> {
-        Identity::load(&self.cert, &self.key).map_err(|source| Error::Certificates {
-            what: "the server's certificate and key (cert, key)",
-            source,
+        Identity::load_as(&self.cert, &self.key, PeerRole::Server).map_err(|source| {
+            Error::Certificates {
+                what: "the server's certificate and key (cert, key)",
+                source,
+            }
         })
     }
 
