@@ -230,8 +230,11 @@ impl TunnelDialer {
                     .min(s.max_backoff);
                 b.retry_at = Some(Instant::now() + backoff);
                 b.last_error = e.clone();
+                // The next attempt is made by the next client that needs the tunnel, no
+                // sooner than this.
                 tracing::warn!(server = %s.server, error = %e, failures = b.failures,
-                    retry_in_ms = backoff.as_millis() as u64, "cannot reach the server");
+                    next_attempt_after_ms = backoff.as_millis() as u64,
+                    "cannot reach the server; the next client to need it tries again");
                 Err(e)
             }
         }
