@@ -7,7 +7,9 @@ use futures_lite::future::block_on;
 
 use super::chunked::ChunkedDecoder;
 use super::head::{self, Framing};
-use super::io::{copy_chunked, copy_exact, pipe, read_head, Inbound, SharedStream, Source};
+use super::io::{
+    copy_chunked, copy_exact, copy_unchunked, pipe, read_head, Inbound, SharedStream, Source,
+};
 use super::socks5;
 
 /// Parses `data` as a request head and, if complete, its framing and target.
@@ -69,7 +71,8 @@ fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), super::chunked::Ch
 /// from a buffered reader and once from a tunnel stream whose chunks are cut as the first
 /// byte says, as many a read as the second says, into a client that takes at most as
 /// many bytes a write as the third says (0: all): every message and error must come out
-/// the same, byte for byte.
+/// the same, byte for byte. Read once more as for an HTTP/1.0 client, each chunked body
+/// must come out as its payload alone (the chunked copy's body, decoded).
 pub fn fuzz_http_response_stream(data: &[u8]) {
     let [cut, per_read, per_write, input @ ..] = data else {
         return;
@@ -80,17 +83,35 @@ pub fn fuzz_http_response_stream(data: &[u8]) {
         0 => usize::MAX,
         n => usize::from(*n),
     };
-    let whole = read_responses(&mut Inbound::with_capacity(input, 64), per_write);
+    let whole = read_responses(&mut Inbound::with_capacity(input, 64), per_write, false);
     let mut stream = SharedStream::new(Batches::cut(input, &sizes, per_read));
-    let chunked = read_responses(&mut stream.halves().0, per_write);
+    let chunked = read_responses(&mut stream.halves().0, per_write, false);
     assert_eq!(whole, chunked);
+
+    let mut stream = SharedStream::new(Batches::cut(input, &sizes, per_read));
+    let unchunked = read_responses(&mut stream.halves().0, per_write, true);
+    let decoded: Vec<_> = whole
+        .into_iter()
+        .map(|r| {
+            r.map(|(status, was_chunked, body)| match was_chunked {
+                true => match decode(&[&body]) {
+                    Ok((payload, _, true)) => (status, true, payload),
+                    other => panic!("a chunked body that was copied whole decodes: {other:?}"),
+                },
+                false => (status, false, body),
+            })
+        })
+        .collect();
+    assert_eq!(unchunked, decoded);
 }
 
-/// Each response's status and body, until the input ends or something fails.
-fn read_responses<S: Source>(
-    from: &mut S,
-    per_write: usize,
-) -> Vec<Result<(u16, Vec<u8>), String>> {
+/// A response as read: its status, whether its body was chunked, and its body; or why
+/// reading stopped.
+type ReadResponse = Result<(u16, bool, Vec<u8>), String>;
+
+/// Each response (its body's payload alone when `unchunk`), until the input ends or
+/// something fails.
+fn read_responses<S: Source>(from: &mut S, per_write: usize, unchunk: bool) -> Vec<ReadResponse> {
     let mut out = Vec::new();
     loop {
         let resp = match block_on(read_head(from, head::parse_response_head)) {
@@ -108,6 +129,9 @@ fn read_responses<S: Source>(
             Ok(Framing::Length(n)) => {
                 block_on(copy_exact(from, &mut body, &mut Vec::new(), n)).map(|()| n)
             }
+            Ok(Framing::Chunked) if unchunk => {
+                block_on(copy_unchunked(from, &mut body, &mut Vec::new()))
+            }
             Ok(Framing::Chunked) => block_on(copy_chunked(from, &mut body, &mut Vec::new())),
             Ok(Framing::UntilClose) => block_on(pipe(from, &mut body)),
             Err(why) => {
@@ -118,7 +142,7 @@ fn read_responses<S: Source>(
         match copied {
             Ok(n) => {
                 assert_eq!(n, body.out.len() as u64);
-                out.push(Ok((resp.status, body.out)));
+                out.push(Ok((resp.status, framing == Ok(Framing::Chunked), body.out)));
             }
             Err(e) => {
                 out.push(Err(format!("{e:?}")));
