@@ -228,7 +228,10 @@ impl Identity {
                     .into(),
             ));
         }
-        if let Some(alg) = chain.first().and_then(|leaf| unverifiable_signature(leaf)) {
+        if let Some(alg) = chain
+            .first()
+            .and_then(|leaf| unverifiable(leaf, CertAlgorithm::Signature))
+        {
             return Err(bad(format!(
                 "the certificate is signed with {alg}, which TLS peers of Fluidity cannot \
                  verify; issue it with ECDSA (SHA-256 or SHA-384), Ed25519 or RSA"
@@ -303,7 +306,7 @@ impl CaRoots {
         for cert in certs {
             // Such a CA would load, and then every handshake would fail with an alert
             // that says little.
-            if let Some(key) = unverifiable_key(&cert) {
+            if let Some(key) = unverifiable(&cert, CertAlgorithm::Key) {
                 return Err(Error::BadPem {
                     origin: origin.to_owned(),
                     problem: format!(
@@ -398,51 +401,51 @@ fn algorithm_ids(cert: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((key_alg, signature_alg))
 }
 
-/// An algorithm identifier's OIDs by their names, as x509-parser knows them.
-fn describe_algorithm(cert: &[u8], key: bool) -> String {
+/// Which algorithm of a certificate a check is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CertAlgorithm {
+    /// Its key's, which verifies what the certificate's holder signs (for a CA: the
+    /// certificates it issues).
+    Key,
+    /// The one it is signed with, which its peers verify.
+    Signature,
+}
+
+/// The algorithm's OIDs by their names, as x509-parser knows them.
+fn describe_algorithm(cert: &[u8], which: CertAlgorithm) -> String {
     let registry = x509_parser::objects::oid_registry();
     let name = |oid: &x509_parser::der_parser::oid::Oid<'_>| {
         x509_parser::objects::oid2sn(oid, registry)
             .map(str::to_owned)
             .unwrap_or_else(|_| oid.to_id_string())
     };
-    match x509_parser::parse_x509_certificate(cert) {
-        Ok((_, c)) if key => {
+    match (x509_parser::parse_x509_certificate(cert), which) {
+        (Ok((_, c)), CertAlgorithm::Key) => {
             let alg = &c.public_key().algorithm;
             match alg.parameters.as_ref().and_then(|p| p.as_oid().ok()) {
                 Some(curve) => format!("{} {}", name(&alg.algorithm), name(&curve)),
                 None => name(&alg.algorithm),
             }
         }
-        Ok((_, c)) => name(&c.signature_algorithm.algorithm),
-        Err(_) => "unknown algorithm".to_owned(),
+        (Ok((_, c)), CertAlgorithm::Signature) => name(&c.signature_algorithm.algorithm),
+        (Err(_), _) => "unknown algorithm".to_owned(),
     }
 }
 
-/// Names the kind of `cert`'s key if the crypto provider cannot verify signatures made
-/// with it (a CA whose key is P-521, say).
-fn unverifiable_key(cert: &CertificateDer<'_>) -> Option<String> {
-    let (key_alg, _) = algorithm_ids(cert)?;
+/// Names `cert`'s algorithm `which` if the crypto provider cannot verify with it (a CA
+/// whose key is P-521, a certificate signed with ECDSA and SHA-512, say).
+fn unverifiable(cert: &CertificateDer<'_>, which: CertAlgorithm) -> Option<String> {
+    let (key_alg, signature_alg) = algorithm_ids(cert)?;
     let provider = crypto_provider();
     let known = provider
         .signature_verification_algorithms
         .all
         .iter()
-        .any(|alg| alg.public_key_alg_id().as_ref() == key_alg);
-    (!known).then(|| describe_algorithm(cert, true))
-}
-
-/// Names the algorithm `cert` is signed with if the crypto provider cannot verify it
-/// (ECDSA with SHA-512, say).
-fn unverifiable_signature(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, signature_alg) = algorithm_ids(cert)?;
-    let provider = crypto_provider();
-    let known = provider
-        .signature_verification_algorithms
-        .all
-        .iter()
-        .any(|alg| alg.signature_alg_id().as_ref() == signature_alg);
-    (!known).then(|| describe_algorithm(cert, false))
+        .any(|alg| match which {
+            CertAlgorithm::Key => alg.public_key_alg_id().as_ref() == key_alg,
+            CertAlgorithm::Signature => alg.signature_alg_id().as_ref() == signature_alg,
+        });
+    (!known).then(|| describe_algorithm(cert, which))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1811,8 +1814,8 @@ tlawY37idy5pM6QNcghMb1vY/EyhRANCAASx9fOyngvKjLOsabNUC5n64XiV6MMq
         let (key, signature) = algorithm_ids(der).expect("algorithm ids");
         assert_eq!(key, rustls_pki_types::alg_id::ECDSA_P256.as_ref());
         assert_eq!(signature, rustls_pki_types::alg_id::ECDSA_SHA256.as_ref());
-        assert_eq!(unverifiable_key(der), None);
-        assert_eq!(unverifiable_signature(der), None);
+        assert_eq!(unverifiable(der, CertAlgorithm::Key), None);
+        assert_eq!(unverifiable(der, CertAlgorithm::Signature), None);
         assert_eq!(
             algorithm_ids(&der[..der.len() - 1]),
             None,
