@@ -87,7 +87,8 @@ pub struct AgentConfig {
     pub lifecycle: crate::aws::LifecycleSettings,
     /// Local proxy listener (HTTP, CONNECT, WebSocket and SOCKS5 on one port). Any
     /// address other than loopback requires `proxy_username` and `proxy_password`.
-    /// Default `127.0.0.1:8080`.
+    /// Default `127.0.0.1:8080`; `localhost:PORT` means `127.0.0.1:PORT`.
+    #[serde(deserialize_with = "fluidity_runtime_smol::listener::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// Server address, `host:port`: a name is looked up at every connection attempt, its
     /// addresses tried in turn. Default `127.0.0.1:8443`.

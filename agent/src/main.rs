@@ -16,6 +16,7 @@ use fluidity_agent::run;
 use fluidity_agent::tunnel::TunnelDialer;
 use fluidity_aws::Env;
 use fluidity_runtime_smol::app::{self, LogFormat};
+use fluidity_runtime_smol::listener::parse_listen_addr;
 use fluidity_runtime_smol::pki::{init_dir, CertInitOptions, SanEntry};
 use fluidity_server::egress::EgressRule;
 
@@ -61,8 +62,9 @@ struct RunArgs {
     /// [default: direct].
     #[arg(long, value_enum, env = "FLUIDITY_MODE")]
     mode: Option<AgentMode>,
-    /// Proxy listener [default: 127.0.0.1:8080]; non-loopback needs proxy credentials.
-    #[arg(long, env = "FLUIDITY_LISTEN")]
+    /// Proxy listener, IP:port or localhost:port [default: 127.0.0.1:8080]; non-loopback
+    /// needs proxy credentials.
+    #[arg(long, env = "FLUIDITY_LISTEN", value_parser = parse_listen_addr)]
     listen: Option<SocketAddr>,
     /// Server address host:port [default: 127.0.0.1:8443].
     #[arg(long, env = "FLUIDITY_SERVER")]
@@ -120,10 +122,10 @@ struct LocalArgs {
     #[arg(long, env = "FLUIDITY_LOCAL_DIR")]
     dir: Option<PathBuf>,
     /// Proxy listener.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "FLUIDITY_LISTEN")]
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FLUIDITY_LISTEN", value_parser = parse_listen_addr)]
     listen: SocketAddr,
     /// The in-process server's listener (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_listen_addr)]
     server_listen: SocketAddr,
     /// Egress rule for the in-process server, repeatable. Local mode allows this machine
     /// (127.0.0.1 and ::1) on top of the server's default policy; deny_cidrs=127.0.0.0/8,::1

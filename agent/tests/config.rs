@@ -40,6 +40,13 @@ fn keys_override_defaults_and_unknown_keys_are_errors() {
     assert_eq!(cfg.cert, std::path::PathBuf::from("/abs/c.pem"));
     assert_eq!(cfg.connect_timeout_secs, 3);
 
+    let (_d, path) = file("listen = \"localhost:9001\"\n");
+    let cfg = AgentConfig::load(&path).unwrap();
+    assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
+    let (_d, path) = file("listen = \"proxy.example:9001\"\n");
+    let err = AgentConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("localhost:PORT"), "{err}");
+
     let (_d, path) = file("listen_addr = \"127.0.0.1:9000\"\n");
     let err = AgentConfig::load(&path).unwrap_err().to_string();
     assert!(err.contains("listen_addr"), "{err}");

@@ -1,4 +1,4 @@
-//! What an accept loop does when accepting fails.
+//! Listeners: the addresses they take, and what an accept loop does when accepting fails.
 //!
 //! The usual cause is running out of file descriptors (`EMFILE`), which lasts until
 //! connections close, and comes and goes while they do. Retrying at once would spin on the
@@ -9,7 +9,10 @@
 //! passes on a network error pending on it) concern nobody else: the loop goes on at once.
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer};
 
 /// How long an accept loop waits after a failure before accepting again.
 const PAUSE: Duration = Duration::from_millis(100);
@@ -23,6 +26,37 @@ const EMFILE: i32 = 24;
 const ENFILE: i32 = 23;
 /// `EPROTO`: a protocol error pending on the incoming connection (Linux).
 const EPROTO: i32 = 71;
+
+/// Reads a listener address: an IP address and port (`127.0.0.1:8080`, `[::1]:8080`,
+/// `0.0.0.0:8443`), or `localhost:PORT` for `127.0.0.1:PORT`. Other names are refused: a
+/// listener binds one address, and which of a name's addresses was meant is a guess.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if let Some((host, port)) = s.rsplit_once(':') {
+        if host.eq_ignore_ascii_case("localhost") {
+            if let Ok(port) = port.parse::<u16>() {
+                return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+            }
+        }
+    }
+    let what = if s.parse::<u16>().is_ok() {
+        "a port alone does not say which address to listen on"
+    } else {
+        "not an IP address and port"
+    };
+    Err(format!(
+        "{what}; give one like 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8443 (all \
+         interfaces), or localhost:PORT for 127.0.0.1"
+    ))
+}
+
+/// [`parse_listen_addr`] for a configuration file's field (`#[serde(deserialize_with)]`).
+pub fn deserialize_listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_listen_addr(&s).map_err(serde::de::Error::custom)
+}
 
 /// What to check when binding a listener failed with `e`, as a clause to append to the
 /// error (empty when there is nothing to add).
@@ -132,6 +166,33 @@ fn advice(e: &io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_are_ip_and_port_or_localhost() {
+        let ok = |s: &str| parse_listen_addr(s).expect(s).to_string();
+        assert_eq!(ok("127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("[::1]:8080"), "[::1]:8080");
+        assert_eq!(ok("0.0.0.0:8443"), "0.0.0.0:8443");
+        assert_eq!(ok("localhost:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("LocalHost:0"), "127.0.0.1:0");
+        for bad in [
+            "8080",
+            "example.com:8080",
+            "localhost",
+            "localhost:99999",
+            ":8080",
+            "",
+        ] {
+            let e = parse_listen_addr(bad).expect_err(bad);
+            assert!(
+                e.contains("127.0.0.1:8080") && e.contains("localhost:PORT"),
+                "{e}"
+            );
+        }
+        assert!(parse_listen_addr("8080")
+            .unwrap_err()
+            .contains("a port alone"));
+    }
 
     #[test]
     fn binding_failures_say_what_to_check() {

@@ -101,8 +101,10 @@ pub struct ServerConfig {
     /// AWS mode settings, for `mode = "aws"`.
     pub aws: crate::aws::AwsSettings,
     /// Tunnel listener. Default `0.0.0.0:8443`.
+    #[serde(deserialize_with = "fluidity_runtime_smol::listener::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// `/healthz` and `/metrics` listener. Default `0.0.0.0:8080`.
+    #[serde(deserialize_with = "fluidity_runtime_smol::listener::deserialize_listen_addr")]
     pub health_listen: SocketAddr,
     /// Server certificate chain (PEM). Default `server.pem`.
     pub cert: PathBuf,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fluidity_aws::Env;
 use fluidity_runtime_smol::app::{self, LogFormat};
+use fluidity_runtime_smol::listener::parse_listen_addr;
 use fluidity_server::config::{AuthMode, ServerMode};
 use fluidity_server::egress::EgressRule;
 use fluidity_server::health::{serve_health, Metrics};
@@ -27,10 +28,10 @@ struct Cli {
     #[arg(long, short, env = "FLUIDITY_SERVER_CONFIG")]
     config: Option<PathBuf>,
     /// Tunnel listener [default: 0.0.0.0:8443].
-    #[arg(long, env = "FLUIDITY_SERVER_LISTEN")]
+    #[arg(long, env = "FLUIDITY_SERVER_LISTEN", value_parser = parse_listen_addr)]
     listen: Option<SocketAddr>,
     /// Health and metrics listener (/healthz, /metrics) [default: 0.0.0.0:8080].
-    #[arg(long, env = "FLUIDITY_SERVER_HEALTH_LISTEN")]
+    #[arg(long, env = "FLUIDITY_SERVER_HEALTH_LISTEN", value_parser = parse_listen_addr)]
     health_listen: Option<SocketAddr>,
     /// Server certificate chain, PEM [default: server.pem].
     #[arg(long, env = "FLUIDITY_SERVER_CERT")]

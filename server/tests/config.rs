@@ -32,11 +32,12 @@ fn an_empty_file_gives_the_documented_defaults() {
 #[test]
 fn egress_rules_and_overrides_are_read() {
     let (_d, path) = file(
-        "max_tunnels = 2\nauth = \"iam\"\n[egress]\nallow_cidrs = [\"127.0.0.1/32\"]\nallow_ports = [80, \"8000-8100\"]\n",
+        "max_tunnels = 2\nauth = \"iam\"\nhealth_listen = \"localhost:9090\"\n[egress]\nallow_cidrs = [\"127.0.0.1/32\"]\nallow_ports = [80, \"8000-8100\"]\n",
     );
     let cfg = ServerConfig::load(&path).unwrap();
     assert_eq!(cfg.max_tunnels, 2);
     assert_eq!(cfg.auth, AuthMode::Iam);
+    assert_eq!(cfg.health_listen, "127.0.0.1:9090".parse().unwrap());
     assert_eq!(cfg.egress.allow_cidrs.len(), 1);
     assert_eq!(cfg.egress.allow_ports.len(), 2);
     let (_d, path) = file("[egress]\nallow_cidr = [\"127.0.0.1/32\"]\n");

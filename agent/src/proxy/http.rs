@@ -526,7 +526,9 @@ where
     };
     // An answer from the proxy keeps the connection only if no request body follows and
     // the client did not ask to close it.
-    // Proxy-Connection is not standard, but clients that send it mean it.
+    // Proxy-Connection is not standard, but clients that send it mean it. An HTTP/1.0
+    // client's `Connection: keep-alive` is not honoured: RFC 9112 §9.3 lets only a
+    // recipient that is not a proxy keep a 1.0 request's connection.
     let client_close = head.minor_version == 0
         || head.headers.has_token("connection", "close")
         || head.headers.has_token("proxy-connection", "close");

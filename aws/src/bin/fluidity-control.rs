@@ -5,6 +5,7 @@
 //! the usual AWS variables; see docs/AWS.md.
 
 use fluidity_runtime_smol::app::{self, LogFormat};
+use fluidity_runtime_smol::listener::parse_listen_addr;
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ struct Args {
     #[arg(
         long,
         env = "FLUIDITY_CONTROL_LISTEN",
-        default_value = "127.0.0.1:9000"
+        default_value = "127.0.0.1:9000",
+        value_parser = parse_listen_addr
     )]
     listen: SocketAddr,
     /// Refuse requests that carry no SigV4 signature for service lambda, as function URLs
