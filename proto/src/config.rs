@@ -57,6 +57,14 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// A peer that sends nothing at all for this long is presumed dead. Default 15 s.
     pub idle_timeout: Duration,
+    /// How long a peer may stay silent after this side opened a stream or sent stream
+    /// data at a moment the peer had already been silent for [`PROBE_QUIET`]: such a send
+    /// goes with a ping, and a peer that answers nothing (not the ping, not anything) for
+    /// this long, or four round trips if longer, is presumed dead. It finds a dead path
+    /// while someone waits for an answer, sooner than `idle_timeout`. Default 5 s, the
+    /// keepalive interval: a live peer that was silent for `PROBE_QUIET` and then for this
+    /// long missed its own ping too. Zero turns probes off.
+    pub probe_timeout: Duration,
     /// Server only: whether authentication goes to the application (`true`) or every
     /// agent that completes the hello is admitted (`false`, for mTLS-only setups).
     /// Default `true`.
@@ -89,6 +97,11 @@ pub struct Config {
     pub window_growth_budget: u64,
 }
 
+/// How long the peer must have been silent for a stream's open or data to go with a
+/// probe ([`Config::probe_timeout`]). On a busy connection the peer's frames keep coming
+/// and no probe is sent.
+pub const PROBE_QUIET: Duration = Duration::from_secs(1);
+
 /// Round trips within which a reader must take half its window for the update to count
 /// as quick ([`Config::max_stream_window`]). Four: the round trip is measured on an idle
 /// connection and grows under load.
@@ -115,6 +128,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
+            probe_timeout: Duration::from_secs(5),
             require_auth: true,
             data_frame_len: 16 * 1024,
             max_control_backlog: 256 * 1024,

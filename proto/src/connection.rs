@@ -11,7 +11,10 @@ use crate::handshake::{AuthFailure, AuthRequest, AuthResult, Credentials, Hello,
 use crate::stream::flow::{RecvWindow, SendWindow};
 use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
-use crate::{Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target};
+use crate::{
+    Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target,
+    PROBE_QUIET,
+};
 
 /// The round trip window growth assumes until a ping has measured one (the first goes out
 /// as the connection becomes ready).
@@ -188,6 +191,9 @@ pub struct Connection {
     next_ping: Option<Instant>,
     ping_outstanding: Option<(u64, Instant)>,
     ping_counter: u64,
+    /// When a probe (`Config::probe_timeout`) gives up on a silent peer; cleared by any
+    /// input.
+    probe_deadline: Option<Instant>,
     go_away_sent: bool,
     go_away_received: bool,
     closing: Closing,
@@ -244,6 +250,7 @@ impl Connection {
             next_ping: None,
             ping_outstanding: None,
             ping_counter: 0,
+            probe_deadline: None,
             go_away_sent: false,
             go_away_received: false,
             closing: Closing::No,
@@ -353,7 +360,7 @@ impl Connection {
             // Nothing more is accepted once closing; the bytes are discarded.
             return data.len();
         }
-        self.last_recv = now;
+        self.heard(now);
         let mut consumed = 0;
         while consumed < data.len() {
             // A zero backlog would stop input for good; one frame's worth is the least that works.
@@ -400,7 +407,7 @@ impl Connection {
             data.clear();
             return total;
         }
-        self.last_recv = now;
+        self.heard(now);
         // The backlog is checked first, then after every `INPUT_SLICE` bytes or so (frames
         // are not cut here, so a check may come up to one frame later than in `handle_input`).
         let mut since_check = INPUT_SLICE;
@@ -561,20 +568,57 @@ impl Connection {
             self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
             return;
         }
+        if let Some(at) = self.probe_deadline {
+            if now >= at {
+                // In whole milliseconds: it is read by people.
+                let silent = now.saturating_duration_since(self.last_recv).as_millis();
+                let silent = Duration::from_millis(u64::try_from(silent).unwrap_or(u64::MAX));
+                self.fail(Error::Unresponsive(silent), true);
+                return;
+            }
+        }
         if let Some(at) = self.next_ping {
             if now >= at {
                 self.release_free_rx_spares();
-                if self.ping_outstanding.is_none() {
-                    self.ping_counter += 1;
-                    self.ping_outstanding = Some((self.ping_counter, now));
-                    self.queue(&Frame::Ping {
-                        ack: false,
-                        opaque: self.ping_counter,
-                    });
-                }
+                self.ping(now);
                 self.next_ping = Some(now + self.config.keepalive_interval);
             }
         }
+    }
+
+    /// Sends a ping unless one is outstanding (whose pong serves as well).
+    fn ping(&mut self, now: Instant) {
+        if self.ping_outstanding.is_none() {
+            self.ping_counter += 1;
+            self.ping_outstanding = Some((self.ping_counter, now));
+            self.queue(&Frame::Ping {
+                ack: false,
+                opaque: self.ping_counter,
+            });
+        }
+    }
+
+    /// Bytes came from the peer: it is alive.
+    fn heard(&mut self, now: Instant) {
+        self.last_recv = now;
+        self.probe_deadline = None;
+    }
+
+    /// A stream is being opened or sent data: if the peer has been silent for
+    /// [`PROBE_QUIET`], ping it now and give it `Config::probe_timeout` to answer, so that
+    /// a dead path is found while the stream waits rather than after `idle_timeout`.
+    fn probe(&mut self, now: Instant) {
+        let timeout = self.config.probe_timeout;
+        if timeout.is_zero()
+            || self.probe_deadline.is_some()
+            || self.phase != Phase::Ready
+            || now.saturating_duration_since(self.last_recv) < PROBE_QUIET
+        {
+            return;
+        }
+        let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT);
+        self.ping(now);
+        self.probe_deadline = Some(now + timeout.max(rtt * 4));
     }
 
     // ----- outputs -----
@@ -611,6 +655,10 @@ impl Connection {
     /// The one scheduler behind both transmit calls: control frames first, then stream
     /// data within the batch budget.
     fn transmit<T: Transmit>(&mut self, out: &mut T) {
+        if !self.sendable.is_empty() && matches!(self.closing, Closing::No) {
+            // Stream data is about to go: its probe, if any, goes first.
+            self.probe(self.now);
+        }
         out.control(&mut self.ctrl);
         if self.phase == Phase::Ready && matches!(self.closing, Closing::No) {
             self.transmit_data(out);
@@ -629,6 +677,7 @@ impl Connection {
             return Some(self.handshake_deadline);
         }
         let idle = self.last_recv + self.config.idle_timeout;
+        let idle = self.probe_deadline.map_or(idle, |p| p.min(idle));
         Some(match self.next_ping {
             Some(p) if self.ping_outstanding.is_none() => p.min(idle),
             _ => idle,
@@ -719,6 +768,7 @@ impl Connection {
         );
         self.stats.streams_opened += 1;
         self.queue(&Frame::Open { id, target });
+        self.probe(now);
         Ok(id)
     }
 
@@ -1197,7 +1247,7 @@ impl Connection {
         self.phase = Phase::Ready;
         // The idle clock starts now: while the server application decides on the auth,
         // the agent has nothing to send, and the handshake deadline covers that wait.
-        self.last_recv = now;
+        self.heard(now);
         // The first ping goes out at once: its round trip sizes the streams' windows.
         self.next_ping = Some(now);
         self.events.push_back(Event::Ready { principal });

@@ -299,6 +299,8 @@ fn arb_config(u: &mut Unstructured<'_>) -> Result<Config> {
         send_buffer: *u.choose(&[256 * 1024, 0, 100])?,
         max_stream_window: *u.choose(&[4 * 1024 * 1024, 0, 1000, crate::MAX_WINDOW])?,
         window_growth_budget: *u.choose(&[32 * 1024 * 1024, 0, 5000, u64::MAX])?,
+        // Last, so that the inputs of the corpus keep choosing what they chose before.
+        probe_timeout: Duration::from_millis(*u.choose(&[5000, 0, 50])?),
     })
 }
 

@@ -86,7 +86,7 @@ pub mod fuzzing;
 
 use std::fmt;
 
-pub use config::{Config, Limits, WINDOW_GROWTH_RTTS};
+pub use config::{Config, Limits, PROBE_QUIET, WINDOW_GROWTH_RTTS};
 pub use connection::{Connection, Event, Stats};
 pub use error::{Error, ErrorCode};
 pub use frame::{Decoder, Frame, FrameType};

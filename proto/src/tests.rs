@@ -561,6 +561,94 @@ fn keepalive_measures_rtt_and_detects_a_dead_peer() {
     )));
 }
 
+/// The pings (without ACK) in `bytes`, as frames.
+fn pings_in(bytes: &[u8]) -> usize {
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut d = crate::frame::Decoder::new(u32::MAX);
+    let mut n = 0;
+    while let Some(f) = d.decode(&mut buf).unwrap() {
+        n += usize::from(matches!(f, Frame::Ping { ack: false, .. }));
+    }
+    n
+}
+
+#[test]
+fn a_stream_opened_after_silence_probes_and_finds_a_dead_peer_sooner() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(2));
+    p.drive();
+    let last_heard = p.now;
+    p.now += Duration::from_secs(2);
+    // The server is gone (nothing more is delivered); a client wants a new stream.
+    p.agent.open(p.now, target()).unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 1, "the open goes with a ping");
+    let probe = Config::default().probe_timeout;
+    let deadline = p.now + probe;
+    assert_eq!(p.agent.poll_timeout(), Some(deadline));
+    assert!(deadline < last_heard + Config::default().idle_timeout);
+    p.now = deadline - Duration::from_millis(1);
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(p.agent_events.is_empty(), "{:?}", p.agent_events);
+    p.now = deadline;
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(
+        p.agent_events.iter().any(|e| matches!(
+            e,
+            Event::ConnectionLost { reason: Error::Unresponsive(d) } if *d == Duration::from_secs(7)
+        )),
+        "{:?}",
+        p.agent_events
+    );
+}
+
+#[test]
+fn a_live_peer_answers_the_probe_and_a_busy_one_is_not_probed() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(2));
+    p.drive();
+    // Heard from just now: the open goes alone.
+    p.agent.open(p.now, target()).unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 0);
+    assert_eq!(p.server.handle_input(p.now, &out), out.len());
+    p.collect();
+    let id = p.open_accepted();
+    // Quiet for 3 s, then data on the stream: probed, answered, and all is well.
+    p.now += Duration::from_secs(3);
+    p.agent.send_stream(id).write(b"after a pause").unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 1, "data after silence goes with a ping");
+    assert_eq!(p.server.handle_input(p.now, &out), out.len());
+    p.drive();
+    for _ in 0..8 {
+        p.advance(Duration::from_secs(5));
+        p.drive();
+    }
+    assert!(p.agent.is_ready() && p.server.is_ready());
+    assert!(!p
+        .agent_events
+        .iter()
+        .any(|e| matches!(e, Event::ConnectionLost { .. })));
+    // Turned off: no probe ping.
+    let mut p = Pair::ready_with(Config {
+        probe_timeout: Duration::ZERO,
+        ..Config::default()
+    });
+    p.advance(Duration::from_secs(2));
+    p.drive();
+    p.now += Duration::from_secs(2);
+    p.agent.open(p.now, target()).unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 0);
+}
+
 #[test]
 fn goaway_lets_open_streams_finish_then_drains() {
     let mut p = Pair::ready();

@@ -25,4 +25,4 @@ pub mod tunnel;
 
 pub use client::{curl, payload, sha256_hex, Curl};
 pub use proc::{watchdog, Watchdog};
-pub use tunnel::{Agent, AgentOptions, Server, ServerOptions, Tunnel};
+pub use tunnel::{Agent, AgentOptions, PathRelay, Server, ServerOptions, Tunnel};

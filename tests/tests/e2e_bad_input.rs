@@ -20,7 +20,8 @@ use fluidity_tests::e2e::origin::{
     TlsOrigin,
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
-use fluidity_tests::e2e::{watchdog, Server, ServerOptions, Tunnel};
+use fluidity_tests::e2e::tunnel::certs_init;
+use fluidity_tests::e2e::{watchdog, Agent, PathRelay, Server, ServerOptions, Tunnel};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -498,12 +499,13 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
         &tls_out,
         t.dir.path(),
     );
-    // A third request waits for an answer that never comes.
+    // A third request waits for an answer that never comes: a POST, which is not sent
+    // again through a new tunnel as a GET would be.
     let silent = SilentOrigin::start();
     let waiting_out = t.path("waiting.body");
     let mut waiting = background_curl(
         "curl-waiting",
-        &["-x", &proxy, &silent.url("/never")],
+        &["-x", &proxy, "-d", "x", &silent.url("/never")],
         &waiting_out,
         t.dir.path(),
     );
@@ -578,6 +580,69 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
 /// curl exit code, a receive error, through absolute-form HTTP, CONNECT and SOCKS5; never
 /// a success with a silently shortened body. The agent resets the client's connection
 /// when what it carried broke off. The tunnel keeps working.
+#[test]
+fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_tunnel() {
+    let _wd = watchdog("silent_path", Duration::from_secs(180));
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let certs = certs_init(&dir.path().join("certs"));
+    let server = Server::start(&certs, &ServerOptions::default(), dir.path());
+    let path = PathRelay::start(server.listen);
+    let mut agent = Agent::start(&certs, path.addr(), dir.path());
+    let origin = HttpOrigin::start("after-the-cut");
+    let proxy = agent.proxy_url();
+    assert_eq!(curl_status(&proxy, &origin.url("/hello")).0, 200);
+    assert_eq!(path.accepted(), 1);
+    // A request is under way when the path dies: its origin has it and has not answered
+    // (it answers the request's second coming).
+    let slow = SilentOrigin::answering_from(1);
+    let in_flight_out = dir.path().join("in-flight.body");
+    let mut in_flight = background_curl(
+        "curl-in-flight",
+        &["-x", &proxy, &slow.url("/slow")],
+        &in_flight_out,
+        dir.path(),
+    );
+    wait_for(
+        "the request to reach its origin",
+        Duration::from_secs(60),
+        || (slow.accepted() == 1).then_some(()),
+    );
+
+    // The network under the tunnel dies without a word (a laptop's Wi-Fi changed), and a
+    // moment passes before the next request: the tunnel has heard nothing since.
+    path.cut_silently();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = curl_status(&proxy, &origin.url("/hello"));
+
+    // The tunnel's probe found the dead path (not its idle timeout), and the new request
+    // went through a new tunnel, as did the one under way (a GET, safe to send again).
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from after-the-cut\n"),
+        "{}",
+        agent.proc.log()
+    );
+    assert_eq!(path.accepted(), 2);
+    let exit = wait_for(
+        "the request under way to end",
+        Duration::from_secs(60),
+        || in_flight.exited(),
+    );
+    let answer = std::fs::read_to_string(&in_flight_out).unwrap_or_default();
+    assert!(
+        exit.success() && answer == "answered",
+        "the request under way: exit {exit}, body {answer:?}\n{}",
+        agent.proc.log()
+    );
+    assert_eq!(slow.accepted(), 2);
+    let log = agent.proc.log();
+    assert!(
+        log.contains("tunnel lost") && log.contains("answered nothing"),
+        "the agent should say the server stopped answering:\n{log}"
+    );
+    assert!(agent.proc.exited().is_none());
+}
+
 #[test]
 fn an_origin_reset_mid_response_fails_the_client_as_it_would_directly() {
     let _wd = watchdog("origin_reset_mid_response", Duration::from_secs(120));

@@ -601,10 +601,11 @@ where
         client_minor: head.minor_version,
     };
 
-    // One retry, only for an idempotent request without a body on a reused stream that
-    // failed before any answer: the origin most likely closed the idle connection just
-    // then, or the tunnel ended under it. Anything else might have taken effect and must
-    // not be replayed (RFC 9110 §9.2.2).
+    // One retry, only for an idempotent request without a body that failed before any
+    // answer, on a reused stream (the origin most likely closed the idle connection just
+    // then) or because the tunnel ended under it (a dead path found by the tunnel's probe,
+    // a server that stopped): a new tunnel may well carry it. Anything else might have
+    // taken effect and must not be replayed (RFC 9110 §9.2.2).
     let retryable = framing == Framing::Empty && is_idempotent(method);
     for attempt in 0..2 {
         // A stream kept for another origin is let go plainly while the new one opens,
@@ -634,9 +635,11 @@ where
         up.reused = true;
         let result = exchange(&ctx, &head_bytes, cin, cw, up).await;
         let outcome = match result {
-            Err(ExchangeError::NoResponse(_) | ExchangeError::TunnelLost(_))
-                if reused && retryable && attempt == 0 =>
-            {
+            Err(ExchangeError::NoResponse(_)) if reused && retryable && attempt == 0 => {
+                *upstream = None;
+                continue;
+            }
+            Err(ExchangeError::TunnelLost(_)) if retryable && attempt == 0 => {
                 *upstream = None;
                 continue;
             }

@@ -878,13 +878,27 @@ pub struct SilentOrigin {
 impl SilentOrigin {
     /// Starts the origin.
     pub fn start() -> SilentOrigin {
+        SilentOrigin::answering_from(usize::MAX)
+    }
+
+    /// Starts an origin silent on its first `n` connections only: from the next one on, a
+    /// request gets `200` with the body `answered`.
+    pub fn answering_from(n: usize) -> SilentOrigin {
         let listener = bind();
         let addr = listener.local_addr().expect("origin address");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
         let released = Arc::new(AtomicUsize::new(0));
         let counted = released.clone();
+        let served = Arc::new(AtomicUsize::new(0));
         accept_loop(listener, stop.clone(), accepted.clone(), move |mut conn| {
+            if served.fetch_add(1, Ordering::SeqCst) >= n {
+                let mut conn = BufReader::new(conn);
+                if let Ok(Some(req)) = read_head(&mut conn) {
+                    let _ = respond(conn.get_mut(), "200 OK", b"answered", req.close);
+                }
+                return;
+            }
             // Whatever arrives is read and ignored until the other side goes away.
             let mut sink = [0u8; 4096];
             while conn.read(&mut sink).is_ok_and(|n| n > 0) {}

@@ -417,3 +417,114 @@ impl Tunnel {
         self.dir.path().join(name)
     }
 }
+
+/// A TCP relay on 127.0.0.1 standing for the network path between an agent and its
+/// server. [`PathRelay::cut_silently`] makes the path die as a changed or failed network
+/// does: the connections it carries get nothing more delivered either way, and nothing
+/// is closed or reset; connections made afterwards go through.
+#[derive(Debug)]
+pub struct PathRelay {
+    addr: SocketAddr,
+    state: std::sync::Arc<RelayState>,
+}
+
+#[derive(Debug, Default)]
+struct RelayState {
+    /// Connections accepted so far.
+    accepted: std::sync::atomic::AtomicUsize,
+    /// Connections with an index below this are cut.
+    cut_below: std::sync::atomic::AtomicUsize,
+    /// The relay is dropped: every thread ends.
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl PathRelay {
+    /// Relays every connection to `to`.
+    pub fn start(to: SocketAddr) -> PathRelay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the relay");
+        listener.set_nonblocking(true).expect("nonblocking accept");
+        let addr = listener.local_addr().expect("relay address");
+        let state = std::sync::Arc::new(RelayState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.done.load(SeqCst) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let index = st.accepted.fetch_add(1, SeqCst);
+                let Ok(up) = TcpStream::connect(to) else {
+                    continue;
+                };
+                for (from, into) in [(&down, &up), (&up, &down)] {
+                    let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone()) else {
+                        continue;
+                    };
+                    let st = st.clone();
+                    std::thread::spawn(move || relay_one_way(&mut from, &mut into, index, &st));
+                }
+            }
+        });
+        PathRelay { addr, state }
+    }
+
+    /// Where agents connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops carrying every connection accepted so far, without closing any.
+    pub fn cut_silently(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state
+            .cut_below
+            .store(self.state.accepted.load(SeqCst), SeqCst);
+    }
+}
+
+impl Drop for PathRelay {
+    fn drop(&mut self) {
+        self.state
+            .done
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` into `into` until either ends, the connection is cut (then it holds
+/// both sockets open and delivers nothing), or the relay is dropped.
+fn relay_one_way(from: &mut TcpStream, into: &mut TcpStream, index: usize, st: &RelayState) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0; 64 * 1024];
+    while !st.done.load(SeqCst) {
+        if index < st.cut_below.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            // Cut meanwhile: the bytes are lost, as on the dead path.
+            Ok(_) if index < st.cut_below.load(SeqCst) => {}
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = into.shutdown(std::net::Shutdown::Write);
+}

@@ -317,6 +317,9 @@ fn config(rng: &mut Rng, keepalive: Duration, idle: Duration) -> Config {
         handshake_timeout: rng.duration(Duration::from_secs(3), Duration::from_secs(20)),
         keepalive_interval: keepalive,
         idle_timeout: idle,
+        // A live peer answers a probe's ping within the idle timeout drawn above (it covers
+        // the link's worst stall, delay and queueing), and no sooner can be promised.
+        probe_timeout: idle,
         require_auth: true,
         data_frame_len: rng.log_range(1, 20_000) as u32,
         // Tiny backlogs make `handle_input` stop early and ask to be called again.
