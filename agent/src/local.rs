@@ -13,6 +13,7 @@ use smol::Executor;
 
 use crate::config::AgentConfig;
 use crate::error::{Error, Result};
+use crate::proxy::ProxyConfig;
 use crate::run;
 use crate::tunnel::TunnelDialer;
 
@@ -127,7 +128,10 @@ pub async fn run_local(
         ca: paths.ca_cert.clone(),
         ..AgentConfig::default()
     };
-    let proxy_cfg = run::proxy_config(&acfg)?;
+    let proxy_cfg = ProxyConfig {
+        local_server: true,
+        ..run::proxy_config(&acfg)?
+    };
     let settings = run::tunnel_settings(&acfg, None)?;
     let listener = run::bind(opts.listen)?;
     let listen = listener.local_addr().map_err(crate::error::Error::Io)?;

@@ -360,13 +360,18 @@ impl TunnelDialer {
             .spawn(async move {
                 while let Ok(ev) = events.recv().await {
                     match ev {
+                        // mTLS admits no principal of its own (the certificates say who).
+                        TunnelEvent::Ready { principal } if principal.is_empty() => {
+                            tracing::info!(%server, "tunnel ready")
+                        }
                         TunnelEvent::Ready { principal } => {
                             tracing::info!(%server, %principal, "tunnel ready")
                         }
                         TunnelEvent::GoAway => tracing::info!(%server, "server is going away"),
-                        TunnelEvent::Closed { reason: None } => {
-                            tracing::info!(%server, "tunnel closed")
-                        }
+                        // Drained, or closed by the agent itself (stopping, replacing it).
+                        TunnelEvent::Closed {
+                            reason: None | Some(fluidity_proto::Error::LocallyClosed(_)),
+                        } => tracing::info!(%server, "tunnel closed"),
                         TunnelEvent::Closed { reason: Some(r) } => {
                             tracing::warn!(%server, reason = %r, "tunnel lost")
                         }

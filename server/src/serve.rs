@@ -527,6 +527,10 @@ impl Server {
                     })
                     .detach();
                 }
+                // mTLS admits no principal of its own: `tunnel connected` named the agent.
+                TunnelEvent::Ready { principal } if principal.is_empty() => {
+                    tracing::info!(%peer, tunnel = id, "tunnel ready");
+                }
                 TunnelEvent::Ready { principal } => {
                     tracing::info!(%peer, tunnel = id, %principal, "tunnel ready");
                 }

@@ -126,9 +126,7 @@ fn refused_port_is_connection_refused() {
             "{refusal}"
         );
         assert!(
-            refusal
-                .detail
-                .starts_with(&format!("127.0.0.1:{port}: 1 address tried")),
+            refusal.detail.starts_with("Connection refused"),
             "{}",
             refusal.detail
         );
@@ -202,7 +200,7 @@ fn unresolvable_name_is_no_such_host() {
         assert!(
             refusal
                 .detail
-                .starts_with("bad!name.invalid:443: names under .invalid never resolve"),
+                .starts_with("names under .invalid never resolve"),
             "{}",
             refusal.detail
         );
@@ -232,8 +230,15 @@ fn private_addresses_are_refused_without_a_connection() {
                 RefusalReason::DeniedByPolicy,
                 "{target}: {refusal}"
             );
+            // The rule that matched; a name's addresses were all judged.
+            let said = match target.host {
+                Host::Ip(_) => refusal.detail.starts_with("address "),
+                Host::Name(_) => refusal
+                    .detail
+                    .starts_with("every address it resolves to is denied: address "),
+            };
             assert!(
-                refusal.detail.starts_with(&target.to_string()),
+                said && refusal.detail.contains(" range "),
                 "{}",
                 refusal.detail
             );

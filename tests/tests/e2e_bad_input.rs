@@ -407,8 +407,17 @@ fn unreachable_targets_get_502_and_504() {
     assert_eq!(status, 502, "unresolvable name: {body}");
     assert_tunnel_works(&t, &origin, "an unresolvable name");
 
-    let (status, body) = curl_status(&proxy, &format!("http://127.0.0.1:{}/", refused_port()));
+    let port = refused_port();
+    let (status, body) = curl_status(&proxy, &format!("http://127.0.0.1:{port}/"));
     assert_eq!(status, 502, "refused port: {body}");
+    // Said once: the target by the agent, the reason without its echo in the detail.
+    assert_eq!(
+        body.trim_end(),
+        format!(
+            "fluidity: cannot reach 127.0.0.1:{port}: connection refused; is the service \
+             running on that port?"
+        )
+    );
     assert_tunnel_works(&t, &origin, "a refused port");
 
     let hole = BlackHole::start();
@@ -443,8 +452,14 @@ fn a_private_address_is_refused_under_the_default_policy() {
     let origin = HttpOrigin::start("private");
     let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
     assert_eq!(status, 403, "loopback must be refused by default: {body}");
-    let (status, _) = curl_status(&t.proxy_url(), "http://10.1.2.3/");
+    let (status, body) = curl_status(&t.proxy_url(), "http://10.1.2.3/");
     assert_eq!(status, 403, "a private address must be refused by default");
+    assert_eq!(
+        body.trim_end(),
+        "fluidity: cannot reach 10.1.2.3:80: denied by the server's egress policy (address \
+         10.1.2.3 is in the private range 10.0.0.0/8); if it should be allowed, the server's \
+         egress settings (allow_cidrs, allow_hosts, allow_ports) can allow it"
+    );
     assert_eq!(origin.connections(), 0, "nothing reached the origin");
     assert_eq!(
         t.server.metric("fluidity_tunnels_active"),
@@ -785,7 +800,19 @@ fn a_client_that_leaves_before_its_answer_releases_the_stream_and_the_origin() {
     wait_for("the streams to close", Duration::from_secs(30), || {
         (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
     });
+
+    // Gone in the middle of a download, as a cancelled one is.
+    let mut s = send(&answers.url(&format!("/bytes/{}", 64 * MIB)));
+    let mut some = [0u8; 1000];
+    s.read_exact(&mut some).expect("the download's start");
+    drop(s);
+    wait_for("the streams to close", Duration::from_secs(30), || {
+        (t.server.metric("fluidity_streams_active") == 0.0).then_some(())
+    });
     assert_tunnel_works(&t, &answers, "clients left before their answers");
+    // Clients leave every day: nothing of it is logged at info, as a failure.
+    let log = t.agent.proc.log();
+    assert!(!log.contains("request failed"), "{log}");
 }
 
 /// A client that resets its connection while its upload waits on a full stream (the

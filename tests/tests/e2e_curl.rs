@@ -279,6 +279,51 @@ fn a_kept_origin_connection_ends_with_a_plain_close_when_its_client_leaves() {
     );
 }
 
+/// A request whose client asks to close the connection after it (`Connection: close`, or
+/// HTTP/1.0), or whose origin says it closes, ends its stream plainly (FIN both ways), not
+/// with a reset, whether the client then leaves or sends another request.
+#[test]
+fn streams_that_carry_no_further_request_end_plainly() {
+    let _wd = watchdog("spent_streams_end_plainly", Duration::from_secs(60));
+    let mut t = Tunnel::with(ServerOptions {
+        log: Some("info,fluidity_server=debug".into()),
+        ..ServerOptions::default()
+    });
+    let origin = HttpOrigin::start("spent");
+    let url = origin.url("/hello");
+    for args in [&["-H", "Connection: close"][..], &["-0"][..]] {
+        let out = curl(
+            ["-sS", "-x", &t.proxy_url()]
+                .iter()
+                .chain(args)
+                .chain([&url.as_str()]),
+        );
+        assert_eq!(out.assert_ok().text(), "hello from spent\n");
+    }
+    // Two requests on one kept-alive client connection, each answered with
+    // `Connection: close` by the origin.
+    let bye = origin.url("/bye");
+    let out = curl(["-sS", "-x", &t.proxy_url(), &bye, &bye]);
+    assert_eq!(out.assert_ok().text(), "bye\nbye\n");
+    let ended = |l: &str| l.matches("stream done").count() + l.matches("stream aborted").count();
+    assert!(
+        t.server
+            .proc
+            .wait_log(Duration::from_secs(30), |l| ended(l) >= 4),
+        "{}",
+        t.server.proc.log()
+    );
+    let log = t.server.proc.log();
+    assert_eq!(
+        (
+            log.matches("stream done").count(),
+            log.matches("stream aborted").count()
+        ),
+        (4, 0),
+        "{log}"
+    );
+}
+
 /// An origin may answer before it has read a request's body (RFC 9110 allows it), then
 /// read the body. A client that sends its whole body before it reads gets the answer and
 /// gets its whole body taken through the proxy, as directly; since the proxy cannot

@@ -115,7 +115,21 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
     );
     let (status, body) = curl_status(&format!("http://{listen}"), &origin.url("/hello"));
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("egress policy"), "{body}");
+    assert!(
+        body.contains("egress policy") && body.contains("remove the matching `--egress deny_"),
+        "{body}"
+    );
+    // Without the deny rule, a private address is refused by default, and the answer
+    // gives the option that allows it.
+    drop(local);
+    let (local, listen) = start_local(&dir, tmp.path(), &[]);
+    let (status, body) = curl_status(&format!("http://{listen}"), "http://10.1.2.3:8/");
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("private range 10.0.0.0/8")
+            && body.contains("`fluidity local --egress allow_cidrs=10.1.2.3/32` allows it"),
+        "{body}"
+    );
     drop(local);
 }
 

@@ -12,7 +12,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use fluidity_proto::{RefusalReason, Target};
+use fluidity_proto::{Host, RefusalReason, Target};
 use fluidity_runtime_smol::relay::{IdleDeadline, OwnWaker, ReadChunks, LAST_BYTES_TIME};
 use fluidity_runtime_smol::timer::LazyTimer;
 use futures_io::{AsyncRead, AsyncWrite};
@@ -37,6 +37,9 @@ struct Upstream<S> {
     /// Whether it has carried a request before (so that a failure may just mean the origin
     /// closed an idle connection, and one retry is safe).
     reused: bool,
+    /// Its exchange ended whole, but it carries no further request (the origin or the
+    /// client closes the connection after it): it is let go plainly, not reset.
+    spent: bool,
     /// When a request's client is watched (see [`WATCH_AFTER`]): one timer for all the
     /// requests the stream carries, armed again about once a second at most.
     watch: LazyTimer,
@@ -51,6 +54,7 @@ impl<S> Upstream<S> {
             target,
             stream: SharedStream::new(stream),
             reused: false,
+            spent: false,
             watch: LazyTimer::new(),
             send_waker: OwnWaker::new(),
         }
@@ -89,6 +93,11 @@ where
     loop {
         let (kept, inb) = (&mut upstream, &mut *cin);
         let reading = async move {
+            if kept.as_ref().is_some_and(|k| k.spent) {
+                // Let go while the client's next request comes.
+                return while_releasing(kept.take(), read_head(inb, head::parse_request_head))
+                    .await;
+            }
             if kept.is_some() {
                 let next = async { Some(read_head(inb, head::parse_request_head).await) };
                 let room_wanted = async {
@@ -247,7 +256,7 @@ async fn answer<W: AsyncWrite + Unpin>(
 }
 
 /// Status and one-line explanation for a failed open.
-fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
+fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, String) {
     match e {
         DialError::TunnelDown(why) => (
             502,
@@ -257,42 +266,83 @@ fn dial_failure(target: &Target, e: &DialError) -> (u16, String) {
                 one_line(why, 300)
             ),
         ),
-        DialError::NoStream(waited) => (
-            504,
-            format!(
-                "fluidity: no stream to {target} within {waited:?}: the tunnel's streams all \
-                 stayed in use (the server's max_streams), or the tunnel gave no answer; \
-                 retry later, or raise max_streams"
-            ),
-        ),
+        DialError::NoStream(waited) => {
+            let advice = if cfg.local_server {
+                "retry when some have ended"
+            } else {
+                "retry later, or raise the server's max_streams"
+            };
+            (
+                504,
+                format!(
+                    "fluidity: no stream to {target} within {waited:?}: the tunnel's streams all \
+                     stayed in use (the server's max_streams), or the tunnel gave no answer; \
+                     {advice}"
+                ),
+            )
+        }
         DialError::Refused(r) => {
+            let allow;
             let (status, advice) = match r.reason {
                 RefusalReason::NoSuchHost => (502, "check the host name"),
                 RefusalReason::ConnectionRefused => (502, "is the service running on that port?"),
                 RefusalReason::Unreachable => (502, "the server has no route to it"),
                 RefusalReason::TimedOut => (504, "the host did not answer in time; retry later"),
-                RefusalReason::DeniedByPolicy => (
-                    403,
-                    "the server's egress policy forbids this destination; change the policy if it should be allowed",
-                ),
-                RefusalReason::TooManyStreams => (503, "the tunnel is at its stream limit; retry shortly"),
+                RefusalReason::DeniedByPolicy => {
+                    allow = allow_advice(target, cfg.local_server, &r.detail);
+                    (403, allow.as_str())
+                }
+                RefusalReason::TooManyStreams => {
+                    (503, "the tunnel is at its stream limit; retry shortly")
+                }
                 RefusalReason::GoingAway => (503, "the server is shutting down; retry in a moment"),
                 RefusalReason::Other | RefusalReason::Unknown(_) => (502, "see the server's log"),
             };
-            let detail = if r.detail.is_empty() {
+            let reason = r.reason.to_string();
+            // A detail that only says the reason again ("Connection refused (os error
+            // 111)" after "connection refused") is left out.
+            let repeats = r
+                .detail
+                .get(..reason.len())
+                .is_some_and(|d| d.eq_ignore_ascii_case(&reason));
+            let detail = if r.detail.is_empty() || repeats {
                 String::new()
             } else {
                 format!(" ({})", one_line(&r.detail, 300))
             };
             (
                 status,
-                format!(
-                    "fluidity: cannot reach {target}: {}{detail}; {advice}",
-                    r.reason
-                ),
+                format!("fluidity: cannot reach {target}: {reason}{detail}; {advice}"),
             )
         }
     }
+}
+
+/// How a destination the egress policy denies could be allowed, given the server's
+/// `detail` (which names the rule that matched): in local mode, the option that allows
+/// exactly this target; otherwise the server's settings, which its operator keeps.
+fn allow_advice(target: &Target, local: bool, detail: &str) -> String {
+    if !local {
+        return "if it should be allowed, the server's egress settings (allow_cidrs, \
+                allow_hosts, allow_ports) can allow it"
+            .into();
+    }
+    // Local mode's rules are the user's own options: a deny rule they gave wins over any
+    // allow (README, egress), and a port list of theirs must name the port.
+    if detail.contains("deny_") {
+        return "remove the matching `--egress deny_...` option of `fluidity local` to allow it"
+            .into();
+    }
+    let rule = if detail.contains("allow_ports") {
+        format!("allow_ports={}", target.port)
+    } else {
+        match &target.host {
+            Host::Ip(ip) if ip.is_ipv4() => format!("allow_cidrs={ip}/32"),
+            Host::Ip(ip) => format!("allow_cidrs={ip}/128"),
+            Host::Name(name) => format!("allow_hosts={name}"),
+        }
+    };
+    format!("`fluidity local --egress {rule}` allows it")
 }
 
 /// Whether a request with `method` may be repeated without changing more than once
@@ -541,10 +591,17 @@ where
             .named("proxy-authorization")
             .any(|h| creds.matches_basic(h.value));
         if !ok {
-            // The origin only: a URL's path and query can carry tokens, and a browser meets
-            // this on the first request of every session.
+            // The origin only: a URL's path and query can carry tokens. Credentials that
+            // do not match are worth an info line; none at all is how browsers and curl
+            // start every session (they send them once asked).
             let origin = head_origin(head.target());
-            tracing::info!(%peer, %method, %origin, status = 407, "proxy authentication required");
+            if head.headers.named("proxy-authorization").next().is_some() {
+                tracing::info!(%peer, %method, %origin, status = 407,
+                    "wrong proxy username or password");
+            } else {
+                tracing::debug!(%peer, %method, %origin, status = 407,
+                    "proxy authentication required");
+            }
             answer(
                 cw,
                 407,
@@ -612,7 +669,10 @@ where
         // unless the new one would wait for its room: then it is reset, as is one that is
         // no longer usable.
         let mut previous = None;
-        if upstream.as_ref().is_some_and(|u| u.target != abs.target) {
+        if upstream
+            .as_ref()
+            .is_some_and(|u| u.spent || u.target != abs.target)
+        {
             previous = upstream.take().filter(|_| dialer.has_room());
         } else if !still_usable(upstream) {
             *upstream = None;
@@ -621,7 +681,7 @@ where
             match while_releasing(previous.take(), dial(dialer, &abs.target, cfg)).await {
                 Ok(s) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
                 Err(e) => {
-                    let (status, line) = dial_failure(&abs.target, &e);
+                    let (status, line) = dial_failure(&abs.target, &e, cfg);
                     tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
                     answer(cw, status, &line, !keep, &[]).await?;
                     return Ok(next_after_answer);
@@ -681,8 +741,14 @@ where
                 // more than its answer (its next one could not be trusted, and what it
                 // sent would hold received memory while the client is idle).
                 let extra = upstream.as_ref().is_some_and(|u| u.stream.has_unread());
-                if !upstream_keep || extra || dialer.room_wanted() {
+                if extra || dialer.room_wanted() {
                     *upstream = None;
+                } else if !upstream_keep {
+                    // Its origin closes it, or this client's close does: with a FIN, as the
+                    // origin would see it directly, not a reset (see `release`).
+                    if let Some(u) = upstream.as_mut() {
+                        u.spent = true;
+                    }
                 }
                 return Ok(if client_keep {
                     Next::KeepAlive
@@ -781,7 +847,12 @@ async fn fail<W: AsyncWrite + Unpin>(
     method: &str,
     target: &Target,
 ) -> Result<Next> {
-    tracing::info!(%peer, %method, %target, error = %e, "request failed");
+    if matches!(e, ExchangeError::ClientGone) {
+        // Routine: a browser or a download tool cancelling what it no longer needs.
+        tracing::debug!(%peer, %method, %target, "client left before the exchange ended");
+    } else {
+        tracing::info!(%peer, %method, %target, error = %e, "request failed");
+    }
     let line = match &e {
         ExchangeError::NoResponse(_) => {
             format!("fluidity: {target} closed the connection without answering")
@@ -809,8 +880,13 @@ async fn fail<W: AsyncWrite + Unpin>(
             .await?;
             return Ok(Next::Close);
         }
-        ExchangeError::Aborted => {
-            return Ok(Next::Abort(format!("exchange with {target} broke off")))
+        ExchangeError::Aborted(why) => {
+            return Ok(Next::Abort(format!("exchange with {target}: {why}")))
+        }
+        ExchangeError::ClientGone => {
+            return Ok(Next::Abort(format!(
+                "the client left before the exchange with {target} ended"
+            )))
         }
         ExchangeError::CutShort => return Ok(Next::Close),
     };
@@ -842,10 +918,15 @@ enum ExchangeError {
     /// The client's body is invalid; nothing was sent to the client.
     #[error("invalid request body: {0}")]
     BadRequestBody(String),
-    /// Failed after the response began, or the client went away: the client connection
-    /// must be dropped without an answer.
-    #[error("aborted mid-message")]
-    Aborted,
+    /// The client went away (a read or write on its connection failed, or it closed mid
+    /// request): nothing more can reach it. Browsers and download tools do this every day.
+    #[error("the client left before the exchange ended")]
+    ClientGone,
+    /// The exchange broke off after the response began (or the body stalled), on the
+    /// origin's or the tunnel's side: the client connection must be dropped without an
+    /// answer.
+    #[error("{0}")]
+    Aborted(String),
     /// The origin closed its connection in the middle of a response whose framing says
     /// where it ends: the client's connection is closed as plainly, and its framing tells
     /// the client the response is incomplete, as it would directly.
@@ -901,6 +982,19 @@ where
     // - the client has closed its side: the answer gets as long as it keeps moving;
     // - the answer is complete and the body is not: the body, as long as it moves.
     let arm = |count| Some(IdleDeadline::new(LAST_BYTES_TIME, count));
+    // Whether the client closed its side (then an answer that stops moving means it was
+    // abandoned, as by a browser closing its tab).
+    let mut client_closed = false;
+    let stalled = |client_closed| {
+        if client_closed {
+            ExchangeError::ClientGone
+        } else {
+            ExchangeError::Aborted(format!(
+                "the stream took no more of the request, and nothing moved for \
+                 {LAST_BYTES_TIME:?}"
+            ))
+        }
+    };
     let mut deadline: Option<IdleDeadline<'_>> = None;
     let (mut uin, mut uw) = up.stream.halves();
     let watch = &mut up.watch;
@@ -941,7 +1035,10 @@ where
                         _ if answered.is_some() => {}
                         // It closed its side: it may still read (a half-close), so the
                         // answer gets its time.
-                        Err(CopyError::Eof) if body_done() => deadline = arm(Some(&moved)),
+                        Err(CopyError::Eof) if body_done() => {
+                            client_closed = true;
+                            deadline = arm(Some(&moved));
+                        }
                         Err(CopyError::Read(_) | CopyError::Eof | CopyError::Chunked(_)) => {
                             sent = Some(r);
                             return Poll::Ready(None);
@@ -973,7 +1070,9 @@ where
                 if d.poll(cx).is_ready() {
                     // A complete answer stands; the body that stopped moving is dropped
                     // with the connection.
-                    return Poll::Ready(Some(answered.take().ok_or(ExchangeError::Aborted)));
+                    return Poll::Ready(Some(
+                        answered.take().ok_or_else(|| stalled(client_closed)),
+                    ));
                 }
             }
             Poll::Pending
@@ -996,7 +1095,12 @@ where
             Some(Err(CopyError::Chunked(e))) if !started.load(Ordering::Relaxed) => {
                 ExchangeError::BadRequestBody(e.to_string())
             }
-            _ => ExchangeError::Aborted,
+            Some(Err(CopyError::Chunked(e))) => {
+                ExchangeError::Aborted(format!("invalid request body: {e}"))
+            }
+            // Only the client's side ends the request this way (a read that failed or
+            // ended early).
+            _ => ExchangeError::ClientGone,
         });
     };
     let mut outcome = result?;
@@ -1145,7 +1249,11 @@ where
             Err(ReadHeadError::Io(e)) if down == 0 => {
                 return Err(ExchangeError::NoResponse(e.to_string()))
             }
-            Err(ReadHeadError::Io(_)) => return Err(ExchangeError::Aborted),
+            Err(ReadHeadError::Io(e)) => {
+                return Err(ExchangeError::Aborted(format!(
+                    "the origin's side failed after an interim response: {e}"
+                )))
+            }
             Err(ReadHeadError::Head(e)) => return Err(ExchangeError::BadResponse(e.to_string())),
         };
         if resp.status == 101 {
@@ -1158,8 +1266,8 @@ where
             started.store(true, Ordering::Relaxed);
             cw.write_all(&bytes)
                 .await
-                .map_err(|_| ExchangeError::Aborted)?;
-            cw.flush().await.map_err(|_| ExchangeError::Aborted)?;
+                .map_err(|_| ExchangeError::ClientGone)?;
+            cw.flush().await.map_err(|_| ExchangeError::ClientGone)?;
             return Ok(Outcome {
                 status: 101,
                 up: 0,
@@ -1173,8 +1281,8 @@ where
                 let bytes = client_response(&resp, false, false);
                 cw.write_all(&bytes)
                     .await
-                    .map_err(|_| ExchangeError::Aborted)?;
-                cw.flush().await.map_err(|_| ExchangeError::Aborted)?;
+                    .map_err(|_| ExchangeError::ClientGone)?;
+                cw.flush().await.map_err(|_| ExchangeError::ClientGone)?;
                 down += bytes.len() as u64;
             }
             continue;
@@ -1207,7 +1315,7 @@ where
             Framing::UntilClose => {
                 cw.write_all(&bytes)
                     .await
-                    .map_err(|_| ExchangeError::Aborted)?;
+                    .map_err(|_| ExchangeError::ClientGone)?;
                 super::io::pipe(uin, cw).await
             }
         };
@@ -1226,7 +1334,12 @@ where
                 }
                 return Err(ExchangeError::CutShort);
             }
-            Err(_) => return Err(ExchangeError::Aborted),
+            Err(CopyError::Write(_)) => return Err(ExchangeError::ClientGone),
+            Err(e) => {
+                return Err(ExchangeError::Aborted(format!(
+                    "the response broke off on the origin's side: {e}"
+                )))
+            }
         };
         return Ok(Outcome {
             status: resp.status,
@@ -1259,14 +1372,15 @@ where
             "fluidity proxy: CONNECT needs host:port, got {:?}",
             one_line(head.target(), 200)
         );
-        tracing::info!(%peer, method = "CONNECT", status = 400, "bad CONNECT target");
+        tracing::info!(%peer, method = "CONNECT", target = %one_line(head.target(), 200),
+            status = 400, "bad CONNECT target: host:port needed");
         answer(cw, 400, &line, true, &[]).await?;
         return Ok(Next::Close);
     };
     let stream = match dial(dialer, &target, cfg).await {
         Ok(s) => s,
         Err(e) => {
-            let (status, line) = dial_failure(&target, &e);
+            let (status, line) = dial_failure(&target, &e, cfg);
             tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
             answer(cw, status, &line, false, &[]).await?;
             return Ok(Next::KeepAlive);

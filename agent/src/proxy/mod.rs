@@ -106,15 +106,19 @@ pub struct ProxyConfig {
     pub head_timeout: Duration,
     /// Upper bound on opening a stream, in case the dialer never answers.
     pub dial_timeout: Duration,
+    /// The server runs in this process (`fluidity local`): advice in answers names local
+    /// mode's options, not the server's configuration.
+    pub local_server: bool,
 }
 
 impl Default for ProxyConfig {
-    /// No credentials, 30 s head timeout, 60 s dial timeout.
+    /// No credentials, 30 s head timeout, 60 s dial timeout, a server elsewhere.
     fn default() -> Self {
         ProxyConfig {
             auth: None,
             head_timeout: Duration::from_secs(30),
             dial_timeout: Duration::from_secs(60),
+            local_server: false,
         }
     }
 }

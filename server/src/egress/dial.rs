@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use async_net::TcpStream;
-use fluidity_proto::{OpenRefusal, RefusalReason, Target};
+use fluidity_proto::{Host, OpenRefusal, RefusalReason, Target};
 use futures_lite::FutureExt;
 
 use super::policy::EgressPolicy;
@@ -88,7 +88,7 @@ impl Dialer {
 
         if let Err(denied) = self.policy.check_target(target) {
             tracing::debug!(%target, %denied, "egress denied before resolution");
-            return Err(denied.to_refusal(target));
+            return Err(denied.to_refusal());
         }
 
         let deadline = self.deadline;
@@ -97,7 +97,7 @@ impl Dialer {
                 Timer::at(give_up_at).await;
                 Err(OpenRefusal::new(
                     RefusalReason::TimedOut,
-                    format!("{target}: not resolved within the dial deadline of {deadline:?}"),
+                    format!("not resolved within the dial deadline of {deadline:?}"),
                 ))
             })
             .await?;
@@ -117,20 +117,18 @@ impl Dialer {
             let why = first_denial.map(|d| d.to_string()).unwrap_or_default();
             return Err(OpenRefusal::new(
                 RefusalReason::DeniedByPolicy,
-                format!("{target}: resolves only to denied addresses ({why})"),
+                format!("every address it resolves to is denied: {why}"),
             ));
         }
 
         let addrs = interleave_families(allowed);
         let tried = addrs.len();
-        let mut last: Option<(RefusalReason, String)> = None;
+        let mut last: Option<(RefusalReason, SocketAddr, String)> = None;
         for addr in addrs {
             let remaining = give_up_at.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                last = Some((
-                    RefusalReason::TimedOut,
-                    format!("dial deadline of {deadline:?} reached before trying {addr}"),
-                ));
+                let why = format!("the dial deadline of {deadline:?} passed before it was tried");
+                last = Some((RefusalReason::TimedOut, addr, why));
                 break;
             }
             let attempt = self.connect_timeout.min(remaining);
@@ -155,16 +153,21 @@ impl Dialer {
                 Err(e) => {
                     let reason = classify_connect_error(&e);
                     tracing::debug!(%target, %addr, error = %e, ?reason, "connection attempt failed");
-                    last = Some((reason, format!("{addr}: {e}")));
+                    last = Some((reason, addr, e.to_string()));
                 }
             }
         }
-        let (reason, detail) = last.unwrap_or((RefusalReason::Other, "no address tried".into()));
-        let plural = if tried == 1 { "" } else { "es" };
-        Err(OpenRefusal::new(
-            reason,
-            format!("{target}: {tried} address{plural} tried, last error {detail}"),
-        ))
+        // The agent's answer names the target already: the detail names the address
+        // only where it says more (a name's address, or the last of several).
+        let Some((reason, addr, why)) = last else {
+            return Err(OpenRefusal::new(RefusalReason::Other, "no address tried"));
+        };
+        let detail = match (tried, &target.host) {
+            (1, Host::Ip(_)) => why,
+            (1, Host::Name(_)) => format!("{addr}: {why}"),
+            _ => format!("{tried} addresses tried; the last, {addr}: {why}"),
+        };
+        Err(OpenRefusal::new(reason, detail))
     }
 }
 

@@ -624,9 +624,9 @@ pub enum Denied {
 }
 
 impl Denied {
-    /// The refusal to send for `target`; the detail names the target and the rule.
-    pub fn to_refusal(&self, target: &Target) -> OpenRefusal {
-        OpenRefusal::new(RefusalReason::DeniedByPolicy, format!("{target}: {self}"))
+    /// The refusal to send; the detail names the rule (the agent names the target).
+    pub fn to_refusal(&self) -> OpenRefusal {
+        OpenRefusal::new(RefusalReason::DeniedByPolicy, self.to_string())
     }
 }
 

@@ -404,6 +404,11 @@ fn serve_http<S: Read + Write>(conn: S, name: &str) -> io::Result<bool> {
                 format!("hello from {name}\n").as_bytes(),
                 close,
             )?,
+            // Answered with `Connection: close` whatever the request asked, and closed.
+            ("GET", ["bye"]) => {
+                respond(conn.get_mut(), "200 OK", b"bye\n", true)?;
+                return Ok(false);
+            }
             ("GET", ["bytes", n]) => match n.parse::<u64>() {
                 Ok(len) => {
                     let w = conn.get_mut();
