@@ -29,6 +29,11 @@ pub struct LocalOptions {
     /// Egress rules for the in-process server, applied after [`LOCAL_ALLOWED`] is
     /// allowed (a deny rule takes precedence over it).
     pub egress: Vec<EgressRule>,
+    /// Username proxy clients must present, with `proxy_password` (other users of this
+    /// machine reach its loopback addresses too).
+    pub proxy_username: Option<String>,
+    /// Password proxy clients must present, with `proxy_username`.
+    pub proxy_password: Option<String>,
 }
 
 /// What local mode allows on top of the server's default egress policy: this machine's
@@ -98,8 +103,8 @@ pub async fn run_local(
     for ip in LOCAL_ALLOWED {
         scfg.egress = scfg.egress.allowing(Cidr::host(ip));
     }
-    for rule in opts.egress {
-        scfg.egress.apply(rule);
+    for rule in &opts.egress {
+        scfg.egress.apply(rule.clone());
     }
     let server = Server::new(scfg, Arc::new(Metrics::new()), None)?;
     let listener = server.bind()?;
@@ -126,6 +131,8 @@ pub async fn run_local(
         cert: paths.client_cert.clone(),
         key: paths.client_key.clone(),
         ca: paths.ca_cert.clone(),
+        proxy_username: opts.proxy_username.clone(),
+        proxy_password: opts.proxy_password.clone(),
         ..AgentConfig::default()
     };
     let proxy_cfg = ProxyConfig {
@@ -139,14 +146,32 @@ pub async fn run_local(
     if let Err(e) = dialer.tunnel().await {
         tracing::error!(error = %e, "the local server is not reachable");
     }
+    let egress = if opts.egress.is_empty() {
+        "this machine (127.0.0.1, ::1) and public addresses; private networks are refused \
+         unless allowed with --egress"
+            .to_owned()
+    } else {
+        let rules: Vec<String> = opts.egress.iter().map(ToString::to_string).collect();
+        format!(
+            "this machine (127.0.0.1, ::1) and public addresses, then your rules: {} (a deny \
+             rule wins over any allow)",
+            rules.join(" ")
+        )
+    };
+    let (user, auth) = match &opts.proxy_username {
+        Some(u) => (
+            format!("{u}:PASSWORD@"),
+            " (with the proxy username and password)",
+        ),
+        None => (String::new(), ""),
+    };
     println!(
         "fluidity local mode: proxy on {listen} (HTTP, HTTPS via CONNECT, WebSocket, SOCKS5), \
          server on {server_addr}, certificates in {}\n\
-         try:   curl -x http://{listen} https://example.com/\n\
-         or:    curl --socks5-hostname {listen} https://example.com/\n\
-         browser: set the HTTP and HTTPS proxy (or SOCKS v5 with remote DNS) to {listen}\n\
-         egress: this machine (127.0.0.1, ::1) and public addresses; private networks are \
-         refused unless allowed with --egress\n\
+         try:   curl -x http://{user}{listen} https://example.com/\n\
+         or:    curl --socks5-hostname {user}{listen} https://example.com/\n\
+         browser: set the HTTP and HTTPS proxy (or SOCKS v5 with remote DNS) to {listen}{auth}\n\
+         egress: {egress}\n\
          stop with Ctrl-C",
         opts.dir.display()
     );

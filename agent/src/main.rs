@@ -132,6 +132,13 @@ struct LocalArgs {
     /// takes that back, allow_private=true opens private networks.
     #[arg(long = "egress", value_name = "KEY=VALUE")]
     egress: Vec<EgressRule>,
+    /// Username proxy clients must present (other users of this machine can reach its
+    /// loopback addresses too) [default: none].
+    #[arg(long, env = "FLUIDITY_PROXY_USERNAME")]
+    proxy_username: Option<String>,
+    /// Password proxy clients must present (prefer the environment variable).
+    #[arg(long, env = "FLUIDITY_PROXY_PASSWORD", hide_env_values = true)]
+    proxy_password: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,6 +280,8 @@ fn run_local(args: LocalArgs) -> Result<()> {
         listen: args.listen,
         server_listen: args.server_listen,
         egress: args.egress,
+        proxy_username: args.proxy_username,
+        proxy_password: args.proxy_password,
     };
     app::run(app::default_threads(), |ex| async move {
         local::run_local(&ex, opts, app::shutdown_signal()).await

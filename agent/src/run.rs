@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fluidity_runtime_smol::listener::AcceptErrors;
+use fluidity_runtime_smol::listener::{out_of_descriptors, AcceptErrors};
 use fluidity_runtime_smol::relay::{reset_on_close, take_socket_error};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use fluidity_runtime_smol::PeerRole;
@@ -197,7 +197,12 @@ pub async fn serve(
                     })
                     .detach();
                 }
-                Err(e) => errors.failed(&e).await,
+                Err(e) => {
+                    if out_of_descriptors(&e) {
+                        dialer.close_idle_clients();
+                    }
+                    errors.failed(&e).await
+                }
             }
         }
     };

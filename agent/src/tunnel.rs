@@ -155,7 +155,25 @@ struct Inner {
     current: Mutex<Option<Tunnel>>,
     connecting: smol::lock::Mutex<()>,
     breaker: Mutex<Breaker>,
+    /// Closed when the agent begins to stop: from then on no tunnel is made and no
+    /// stream opened, and idle client connections are closed.
+    stopping: (async_channel::Sender<()>, async_channel::Receiver<()>),
+    /// Until when idle client connections close to give their descriptors back (see
+    /// [`TunnelDialer::close_idle_clients`]).
+    shed_until: Mutex<Option<Instant>>,
+    /// Notified when idle client connections should close.
+    shed: event_listener::Event,
 }
+
+impl Inner {
+    fn shedding(&self) -> bool {
+        lock(&self.shed_until).is_some_and(|t| Instant::now() < t)
+    }
+}
+
+/// How long after the last accept that failed for want of descriptors idle client
+/// connections keep closing (those that become idle meanwhile too).
+const SHED_FOR: Duration = Duration::from_secs(1);
 
 /// Opens streams through the tunnel, connecting and reconnecting as needed. Cheap to
 /// clone.
@@ -187,6 +205,9 @@ impl TunnelDialer {
                 current: Mutex::new(None),
                 connecting: smol::lock::Mutex::new(()),
                 breaker: Mutex::new(Breaker::default()),
+                stopping: async_channel::bounded(1),
+                shed_until: Mutex::new(None),
+                shed: event_listener::Event::new(),
             }),
         }
     }
@@ -195,6 +216,9 @@ impl TunnelDialer {
     pub async fn tunnel(&self) -> Result<Tunnel, String> {
         if let Some(t) = self.usable() {
             return Ok(t);
+        }
+        if self.is_stopping() {
+            return Err("the agent is stopping".into());
         }
         let _one_at_a_time = self.inner.connecting.lock().await;
         if let Some(t) = self.usable() {
@@ -240,9 +264,18 @@ impl TunnelDialer {
         }
     }
 
+    /// Accepting a client failed for want of file descriptors: client connections that
+    /// wait for their next request close, now and for [`SHED_FOR`], so that clients
+    /// waiting to connect get their turn (the proxy listener's backlog).
+    pub fn close_idle_clients(&self) {
+        *lock(&self.inner.shed_until) = Some(Instant::now() + SHED_FOR);
+        self.inner.shed.notify(usize::MAX);
+    }
+
     /// Graceful shutdown: no new streams; waits up to `grace` for open streams to
     /// finish, then closes the tunnel.
     pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.0.close();
         let Some(t) = lock(&self.inner.current).take() else {
             return;
         };
@@ -491,6 +524,9 @@ impl Dialer for TunnelDialer {
     type Stream = TunnelStream;
 
     async fn open(&self, target: Target) -> Result<TunnelStream, DialError> {
+        if self.is_stopping() {
+            return Err(DialError::Stopping);
+        }
         // One retry: a tunnel that died between the check and the open is replaced.
         for attempt in 0..2 {
             let tunnel = self.tunnel().await.map_err(DialError::TunnelDown)?;
@@ -510,6 +546,28 @@ impl Dialer for TunnelDialer {
             }
         }
         Err(DialError::TunnelDown("the tunnel keeps failing".into()))
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.inner.stopping.0.is_closed()
+    }
+
+    fn wait_close_idle(&self) -> impl std::future::Future<Output = ()> + Send {
+        let inner = self.inner.clone();
+        async move {
+            loop {
+                let shed = inner.shed.listen();
+                if inner.stopping.0.is_closed() || inner.shedding() {
+                    return;
+                }
+                // Nothing is ever sent on `stopping`: its close is the signal.
+                let stopping = inner.stopping.1.recv();
+                shed.or(async {
+                    let _ = stopping.await;
+                })
+                .await;
+            }
+        }
     }
 
     fn room_wanted(&self) -> bool {

@@ -71,6 +71,12 @@ pub fn bind_hint(e: &io::Error) -> &'static str {
     }
 }
 
+/// Whether accepting failed for want of file descriptors (the process's or the system's):
+/// closing idle connections makes room.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
+}
+
 /// The failures of one listener's accept loop.
 #[derive(Debug)]
 pub struct AcceptErrors {

@@ -450,8 +450,19 @@ fn rules_from_the_command_line() {
         "allow_hosts=svc.local",
         "allow_private=true",
     ] {
-        p.apply(rule.parse::<EgressRule>().unwrap());
+        let parsed = rule.parse::<EgressRule>().unwrap();
+        // Shown as given (in its canonical spelling), and read back the same.
+        let shown = parsed.to_string();
+        assert_eq!(shown.parse::<EgressRule>().unwrap(), parsed, "{shown}");
+        p.apply(parsed);
     }
+    assert_eq!(
+        "allow_cidrs=127.0.0.1/32,::1"
+            .parse::<EgressRule>()
+            .unwrap()
+            .to_string(),
+        "allow_cidrs=127.0.0.1/32,::1/128"
+    );
     assert_eq!(p.allow_cidrs, vec![cidr("127.0.0.1/32"), cidr("::1/128")]);
     assert_eq!(p.deny_hosts.len(), 1);
     assert_eq!(p.allow_ports.len(), 3);

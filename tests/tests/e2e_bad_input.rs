@@ -21,7 +21,9 @@ use fluidity_tests::e2e::origin::{
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::tunnel::certs_init;
-use fluidity_tests::e2e::{watchdog, Agent, PathRelay, Server, ServerOptions, Tunnel};
+use fluidity_tests::e2e::{
+    watchdog, Agent, AgentOptions, PathRelay, Server, ServerOptions, Tunnel,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -1083,6 +1085,89 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
         "{failures} failures: the loop did not retry\n{log}"
     );
     assert_tunnel_works(&t, &origin, "running out of descriptors");
+}
+
+/// A kept-alive client connection that waits for its next request holds a descriptor a
+/// new client may need: when accepting fails for want of them, such idle connections are
+/// closed (as a web server closes them) and the waiting client is served.
+#[test]
+fn idle_kept_alive_clients_make_room_when_descriptors_run_out() {
+    let _wd = watchdog("idle_clients_make_room", Duration::from_secs(120));
+    let origin = HttpOrigin::start("room");
+    // Idle connections kept far longer than the test: any that closes was closed to make
+    // room, not because it expired.
+    let config = tempfile::tempdir().expect("config folder");
+    let path = config.path().join("agent.toml");
+    std::fs::write(&path, "head_timeout_secs = 600\n").expect("writing the agent config");
+    let mut t = Tunnel::with_agent(
+        ServerOptions::default(),
+        AgentOptions {
+            args: vec!["--config".into(), path.display().to_string()],
+            ..AgentOptions::default()
+        },
+    );
+    let ready = t
+        .agent
+        .proc
+        .wait_log(Duration::from_secs(30), |l| l.contains("tunnel ready"));
+    assert!(ready, "the tunnel did not come up:\n{}", t.agent.proc.log());
+    let get = format!(
+        "GET {} HTTP/1.1\r\nHost: room\r\n\r\n",
+        origin.url("/hello")
+    );
+    let answered = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        s.write_all(get.as_bytes()).expect("a request");
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"hello from room\n") {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).expect("the answer");
+            assert!(n > 0, "the answer ended early: {answer:?}");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    };
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
+            answered(&mut s);
+            s
+        })
+        .collect();
+    let pid = t.agent.proc.pid();
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("listing the agent's descriptors")
+            .count()
+    };
+    let open = wait_for(
+        "the agent's descriptors to settle",
+        Duration::from_secs(30),
+        || {
+            let before = count();
+            std::thread::sleep(Duration::from_millis(50));
+            (count() == before).then_some(before)
+        },
+    );
+    // Not one descriptor to spare.
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={open}:{open}"))
+        .status()
+        .expect("running prlimit (util-linux; .ci/setup-e2e.sh installs it)");
+    assert!(status.success(), "prlimit failed: {status}");
+
+    let mut newcomer = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
+    answered(&mut newcomer);
+    for s in &mut idle {
+        let mut byte = [0u8; 1];
+        match s.read(&mut byte) {
+            Ok(0) => {}
+            other => panic!("an idle kept-alive client saw {other:?}, not a close"),
+        }
+    }
+    let log = t.agent.proc.log();
+    assert!(log.contains("out of file descriptors"), "{log}");
 }
 
 /// Connections that open and then say nothing hold handshake slots until the TLS

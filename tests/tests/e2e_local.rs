@@ -119,6 +119,37 @@ fn local_mode_generates_certificates_prints_usage_and_proxies() {
         body.contains("egress policy") && body.contains("remove the matching `--egress deny_"),
         "{body}"
     );
+    let usage = local.stdout();
+    assert!(
+        usage.contains("then your rules: deny_cidrs=127.0.0.0/8,::1/128"),
+        "the usage should name the rules given:\n{usage}"
+    );
+    drop(local);
+
+    // Proxy credentials, as `fluidity run` takes them: other users of this machine reach
+    // its loopback addresses too.
+    let (local, listen) = start_local(
+        &dir,
+        tmp.path(),
+        &["--proxy-username", "alice", "--proxy-password", "s3cr3t pw"],
+    );
+    let (status, _) = curl_status(&format!("http://{listen}"), &origin.url("/hello"));
+    assert_eq!(status, 407);
+    let out = curl([
+        "-x",
+        &format!("http://{listen}"),
+        "--proxy-user",
+        "alice:s3cr3t pw",
+        &origin.url("/hello"),
+    ]);
+    assert_eq!(out.assert_ok().text(), "hello from local-origin\n");
+    assert!(
+        local
+            .stdout()
+            .contains(&format!("curl -x http://alice:PASSWORD@{listen} ")),
+        "{}",
+        local.stdout()
+    );
     // Without the deny rule, a private address is refused by default, and the answer
     // gives the option that allows it.
     drop(local);

@@ -264,17 +264,48 @@ fn a_health_port_held_by_something_else_stops_the_server_with_the_reason() {
     }
 }
 
-/// An agent told to stop refuses new clients at once, lets open streams go on for its
-/// grace period, then resets the clients whose streams it cut: a reset, never a clean end
-/// a client could take for the whole of the data.
+/// An agent told to stop refuses new clients at once, closes the kept-alive connections
+/// that wait for a next request (as a server closes idle ones: the client sends it
+/// elsewhere), lets open streams go on for its grace period, then resets the clients
+/// whose streams it cut: a reset, never a clean end a client could take for the whole of
+/// the data.
 #[test]
 fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
+    use std::io::Write;
     let _wd = watchdog("agent_sigterm", Duration::from_secs(120));
     let mut t = Tunnel::start();
     let echo = EchoOrigin::start();
+    let origin = HttpOrigin::start("kept");
     let mut live = LiveStream::open(t.proxy(), echo.addr());
+    let mut kept = std::net::TcpStream::connect(t.proxy()).expect("connecting to the proxy");
+    kept.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let get = format!(
+        "GET {} HTTP/1.1\r\nHost: kept\r\n\r\n",
+        origin.url("/hello")
+    );
+    kept.write_all(get.as_bytes()).expect("a request");
+    let body = "hello from kept\n";
+    let mut answer = Vec::new();
+    while !answer.ends_with(body.as_bytes()) {
+        let mut buf = [0u8; 1024];
+        let n = kept.read(&mut buf).expect("the answer");
+        assert!(n > 0, "the answer ended early: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
 
     terminate(t.agent.proc.pid());
+    // Closed plainly, at once: before the grace period ends, and not with the reset the
+    // connections still open at the agent's exit get.
+    let mut byte = [0u8; 1];
+    match kept.read(&mut byte) {
+        Ok(0) => {}
+        other => panic!("the idle kept-alive client saw {other:?}, not a close"),
+    }
+    assert!(
+        t.agent.proc.exited().is_none(),
+        "closed by the agent's exit, not by its stopping"
+    );
     let proxy = t.proxy();
     wait_for(
         "the agent to refuse new clients",

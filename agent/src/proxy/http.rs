@@ -89,14 +89,17 @@ where
 {
     let mut upstream: Option<Upstream<D::Stream>> = None;
     let mut first = true;
+    // A request is arriving: idle connections that close do not include this one.
+    let mut arriving = false;
     let mut head_deadline = LazyTimer::new();
     loop {
         let (kept, inb) = (&mut upstream, &mut *cin);
         let reading = async move {
             if kept.as_ref().is_some_and(|k| k.spent) {
                 // Let go while the client's next request comes.
-                return while_releasing(kept.take(), read_head(inb, head::parse_request_head))
-                    .await;
+                return Some(
+                    while_releasing(kept.take(), read_head(inb, head::parse_request_head)).await,
+                );
             }
             if kept.is_some() {
                 let next = async { Some(read_head(inb, head::parse_request_head).await) };
@@ -105,7 +108,7 @@ where
                     None
                 };
                 if let Some(r) = next.or(room_wanted).await {
-                    return r;
+                    return Some(r);
                 }
                 if dialer.room_wanted() {
                     // Another client waits for a stream: an idle one kept for this client's
@@ -117,9 +120,37 @@ where
                     release(kept.take()).await;
                 }
             }
-            read_head(inb, head::parse_request_head).await
+            Some(read_head(inb, head::parse_request_head).await)
         };
-        let head = head_deadline.run(cfg.head_timeout, pin!(reading)).await;
+        // Between requests the connection may be closed, as a server closes an idle
+        // kept-alive one, when the agent stops or runs out of descriptors (see
+        // `Dialer::wait_close_idle`). A new connection is not idle: its first request is
+        // on its way.
+        let close_idle = async {
+            if first || arriving {
+                std::future::pending::<()>().await;
+            }
+            dialer.wait_close_idle().await;
+            None
+        };
+        let head = head_deadline
+            .run(cfg.head_timeout, pin!(reading.or(close_idle)))
+            .await;
+        let head = match head {
+            Some(None) if cin.buffered().is_empty() => {
+                tracing::debug!(%peer, "idle client connection closed");
+                release(upstream.take()).await;
+                return Ok(());
+            }
+            Some(None) => {
+                // Part of a request came meanwhile: it is read and answered.
+                arriving = true;
+                continue;
+            }
+            Some(Some(r)) => Some(r),
+            None => None,
+        };
+        arriving = false;
         let head = match head {
             // An idle keep-alive connection simply expires.
             None if !first && cin.buffered().is_empty() => {
@@ -265,6 +296,10 @@ fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, Stri
                  the agent reconnects on its own, retry in a moment",
                 one_line(why, 300)
             ),
+        ),
+        DialError::Stopping => (
+            503,
+            format!("fluidity: the proxy is stopping and takes no new requests (for {target})"),
         ),
         DialError::NoStream(waited) => {
             let advice = if cfg.local_server {
@@ -683,6 +718,10 @@ where
                 Err(e) => {
                     let (status, line) = dial_failure(&abs.target, &e, cfg);
                     tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
+                    if e == DialError::Stopping {
+                        answer(cw, status, &line, true, &[]).await?;
+                        return Ok(Next::Close);
+                    }
                     answer(cw, status, &line, !keep, &[]).await?;
                     return Ok(next_after_answer);
                 }

@@ -61,6 +61,20 @@ pub trait Dialer: Send + Sync + 'static {
     fn wait_room_wanted(&self) -> impl Future<Output = ()> + Send {
         std::future::pending()
     }
+
+    /// Whether the agent is stopping: opens fail with [`DialError::Stopping`], and client
+    /// connections take no further request. Never, unless the dialer stops.
+    fn is_stopping(&self) -> bool {
+        false
+    }
+
+    /// Returns when client connections that wait for their next request should close:
+    /// the agent is stopping (the client then sends it elsewhere, not into a proxy about
+    /// to exit), or it ran out of file descriptors (idle connections make room for
+    /// clients waiting to connect, as a web server's do). Never, unless the dialer says so.
+    fn wait_close_idle(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Why a stream could not be opened.
@@ -72,6 +86,9 @@ pub enum DialError {
     /// There is no working tunnel to the server right now; the text says why.
     #[error("the tunnel is down: {0}")]
     TunnelDown(String),
+    /// The agent is stopping and opens no more streams.
+    #[error("the agent is stopping")]
+    Stopping,
     /// No stream came within the dial timeout: the tunnel's streams all stayed in use,
     /// or the tunnel gave no answer.
     #[error("no stream within {0:?}")]

@@ -184,7 +184,7 @@ where
         Err(e) => {
             let code = match &e {
                 DialError::Refused(r) => socks5::reply_for_refusal(r.reason),
-                DialError::TunnelDown(_) => reply::GENERAL_FAILURE,
+                DialError::TunnelDown(_) | DialError::Stopping => reply::GENERAL_FAILURE,
                 DialError::NoStream(_) => reply::TTL_EXPIRED,
             };
             tracing::info!(%peer, proto = "socks5", %target, reply = code, error = %e, "connect refused");

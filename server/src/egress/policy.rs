@@ -803,6 +803,28 @@ pub enum EgressRule {
     AllowPrivate(bool),
 }
 
+impl fmt::Display for EgressRule {
+    /// The rule as it is given on the command line (it parses back to itself).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T: fmt::Display>(f: &mut fmt::Formatter<'_>, key: &str, v: &[T]) -> fmt::Result {
+            write!(f, "{key}=")?;
+            for (i, x) in v.iter().enumerate() {
+                write!(f, "{}{x}", if i == 0 { "" } else { "," })?;
+            }
+            Ok(())
+        }
+        match self {
+            EgressRule::AllowCidrs(v) => list(f, "allow_cidrs", v),
+            EgressRule::DenyCidrs(v) => list(f, "deny_cidrs", v),
+            EgressRule::AllowHosts(v) => list(f, "allow_hosts", v),
+            EgressRule::DenyHosts(v) => list(f, "deny_hosts", v),
+            EgressRule::AllowPorts(v) => list(f, "allow_ports", v),
+            EgressRule::DenyPorts(v) => list(f, "deny_ports", v),
+            EgressRule::AllowPrivate(b) => write!(f, "allow_private={b}"),
+        }
+    }
+}
+
 impl FromStr for EgressRule {
     type Err = Error;
 
