@@ -1017,6 +1017,34 @@ fn socks5_refusals_get_the_matching_reply_codes() {
     assert_tunnel_works(&t, &origin, "SOCKS5 refusals");
 }
 
+/// How many descriptors process `pid` holds, once the count stops moving.
+fn settled_descriptors(pid: u32) -> usize {
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("listing the agent's descriptors")
+            .count()
+    };
+    wait_for(
+        "the agent's descriptors to settle",
+        Duration::from_secs(30),
+        || {
+            let before = count();
+            std::thread::sleep(Duration::from_millis(50));
+            (count() == before).then_some(before)
+        },
+    )
+}
+
+/// Sets process `pid`'s descriptor limit (soft and hard) to `limit`.
+fn limit_descriptors(pid: u32, limit: usize) {
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("running prlimit (util-linux; .ci/setup-e2e.sh installs it)");
+    assert!(status.success(), "prlimit failed: {status}");
+}
+
 #[test]
 fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
     let _wd = watchdog("out_of_descriptors", Duration::from_secs(120));
@@ -1030,27 +1058,8 @@ fn running_out_of_descriptors_pauses_accepting_logs_once_and_recovers() {
         .wait_log(Duration::from_secs(30), |l| l.contains("tunnel ready"));
     assert!(ready, "the tunnel did not come up:\n{}", t.agent.proc.log());
     let pid = t.agent.proc.pid();
-    let count = || {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .expect("listing the agent's descriptors")
-            .count()
-    };
-    let open = wait_for(
-        "the agent's descriptors to settle",
-        Duration::from_secs(30),
-        || {
-            let before = count();
-            std::thread::sleep(Duration::from_millis(50));
-            (count() == before).then_some(before)
-        },
-    );
-    let limit = open + 4;
-    let status = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
-        .status()
-        .expect("running prlimit (util-linux; .ci/setup-e2e.sh installs it)");
-    assert!(status.success(), "prlimit failed: {status}");
+    let open = settled_descriptors(pid);
+    limit_descriptors(pid, open + 4);
 
     // The first few clients take the last descriptors; the rest wait in the backlog.
     let clients: Vec<TcpStream> = (0..16)
@@ -1135,27 +1144,9 @@ fn idle_kept_alive_clients_make_room_when_descriptors_run_out() {
         })
         .collect();
     let pid = t.agent.proc.pid();
-    let count = || {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .expect("listing the agent's descriptors")
-            .count()
-    };
-    let open = wait_for(
-        "the agent's descriptors to settle",
-        Duration::from_secs(30),
-        || {
-            let before = count();
-            std::thread::sleep(Duration::from_millis(50));
-            (count() == before).then_some(before)
-        },
-    );
+    let open = settled_descriptors(pid);
     // Not one descriptor to spare.
-    let status = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={open}:{open}"))
-        .status()
-        .expect("running prlimit (util-linux; .ci/setup-e2e.sh installs it)");
-    assert!(status.success(), "prlimit failed: {status}");
+    limit_descriptors(pid, open);
 
     let mut newcomer = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
     answered(&mut newcomer);
