@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fluidity_proto::{Credentials, Target};
+use fluidity_proto::{Credentials, RefusalReason, Target};
 use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent, TunnelStream};
@@ -224,6 +224,9 @@ impl TunnelDialer {
         if let Some(t) = self.usable() {
             return Ok(t);
         }
+        if self.is_stopping() {
+            return Err("the agent is stopping".into());
+        }
         {
             let b = lock(&self.inner.breaker);
             if let Some(at) = b.retry_at {
@@ -238,6 +241,11 @@ impl TunnelDialer {
             }
         }
         match self.connect().await {
+            // The agent began to stop meanwhile: shutdown() has let the tunnels it knew go.
+            Ok(t) if self.is_stopping() => {
+                t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+                Err("the agent is stopping".into())
+            }
             Ok(t) => {
                 *lock(&self.inner.breaker) = Breaker::default();
                 *lock(&self.inner.current) = Some(t.clone());
@@ -262,6 +270,11 @@ impl TunnelDialer {
                 Err(e)
             }
         }
+    }
+
+    /// Whether the agent is stopping: no tunnel is made and no stream opened any more.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.0.is_closed()
     }
 
     /// Accepting a client failed for want of file descriptors: client connections that
@@ -401,6 +414,11 @@ impl TunnelDialer {
                             tracing::info!(%server, %principal, "tunnel ready")
                         }
                         TunnelEvent::GoAway => tracing::info!(%server, "server is going away"),
+                        TunnelEvent::Unresponsive { silent } => tracing::warn!(
+                            %server, ?silent,
+                            "the server answered nothing; new connections go through a new \
+                             tunnel, those under way keep this one while it lasts"
+                        ),
                         // Drained, or closed by the agent itself (stopping, replacing it).
                         TunnelEvent::Closed {
                             reason: None | Some(fluidity_proto::Error::LocallyClosed(_)),
@@ -529,9 +547,27 @@ impl Dialer for TunnelDialer {
         }
         // One retry: a tunnel that died between the check and the open is replaced.
         for attempt in 0..2 {
-            let tunnel = self.tunnel().await.map_err(DialError::TunnelDown)?;
+            let tunnel = match self.tunnel().await {
+                Ok(t) => t,
+                Err(_) if self.is_stopping() => return Err(DialError::Stopping),
+                Err(e) => return Err(DialError::TunnelDown(e)),
+            };
             match tunnel.open(target.clone()).await {
                 Ok(s) => return Ok(s),
+                // Refused unprocessed by a tunnel that takes no new streams (the server's
+                // goaway crossed it, or the server stopped answering): it went nowhere, and
+                // a new tunnel may take it.
+                Err(fluidity_runtime_smol::Error::Refused(r))
+                    if r.reason == RefusalReason::GoingAway
+                        && attempt == 0
+                        && !self.is_stopping() =>
+                {
+                    tracing::debug!(refusal = %r, "open refused by a tunnel going away; reconnecting");
+                    let mut current = lock(&self.inner.current);
+                    if current.as_ref().is_some_and(|t| t.is_same(&tunnel)) {
+                        current.take();
+                    }
+                }
                 Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),
                 Err(e) if attempt == 0 && !tunnel.can_open() => {
                     tracing::debug!(error = %e, "tunnel unusable; reconnecting");
@@ -546,10 +582,6 @@ impl Dialer for TunnelDialer {
             }
         }
         Err(DialError::TunnelDown("the tunnel keeps failing".into()))
-    }
-
-    fn is_stopping(&self) -> bool {
-        self.inner.stopping.0.is_closed()
     }
 
     fn wait_close_idle(&self) -> impl std::future::Future<Output = ()> + Send {

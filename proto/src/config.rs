@@ -57,13 +57,14 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// A peer that sends nothing at all for this long is presumed dead. Default 15 s.
     pub idle_timeout: Duration,
-    /// How long a peer may stay silent after this side opened a stream or sent stream
-    /// data at a moment the peer had already been silent for [`PROBE_QUIET`]: such a send
-    /// goes with a ping, and a peer that answers nothing (not the ping, not anything) for
-    /// this long, or four round trips if longer, is presumed dead. It finds a dead path
-    /// while someone waits for an answer, sooner than `idle_timeout`. Default 5 s, the
-    /// keepalive interval: a live peer that was silent for `PROBE_QUIET` and then for this
-    /// long missed its own ping too. Zero turns probes off.
+    /// Agent: how long the server may stay silent after the agent opened a stream or sent
+    /// stream data at a moment the server had already been silent for [`PROBE_QUIET`].
+    /// Such a send goes with a ping; a server that answers nothing at all for this long
+    /// (or four round trips, if longer) gets no new streams on this connection, and the
+    /// opens it has not answered are refused so that they can go elsewhere (see
+    /// `Event::Unresponsive`); streams under way are not cut, since a live path whose
+    /// bytes wait in a queue looks the same. A dead path under an idle tunnel is so found
+    /// while someone waits, not after `idle_timeout`. Default 5 s; zero turns probes off.
     pub probe_timeout: Duration,
     /// Server only: whether authentication goes to the application (`true`) or every
     /// agent that completes the hello is admitted (`false`, for mTLS-only setups).

@@ -106,6 +106,16 @@ pub enum Event {
         /// The peer's explanation.
         detail: String,
     },
+    /// Agent: the server answered nothing for `silent` after a stream was opened or
+    /// written to (`Config::probe_timeout`). This connection takes no new streams (a
+    /// GOAWAY went to the server); opens it had not answered were refused with
+    /// `GOING_AWAY` (and reset towards the server) so that they can go elsewhere; the
+    /// streams under way go on until they end, or the idle timeout ends the connection.
+    /// Raised at most once.
+    Unresponsive {
+        /// How long the server had been silent.
+        silent: Duration,
+    },
     /// The connection is over; every stream is gone. Raised once.
     ConnectionLost {
         /// Why.
@@ -550,8 +560,8 @@ impl Connection {
         }
     }
 
-    /// Processes timers due at `now`: the handshake deadline, keepalive pings and the idle
-    /// timeout.
+    /// Processes timers due at `now`: the handshake deadline, keepalive pings, the idle
+    /// timeout and the probe's deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advance(now);
         // A peer that drained sends nothing more: no keepalive, no idle timeout.
@@ -568,14 +578,9 @@ impl Connection {
             self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
             return;
         }
-        if let Some(at) = self.probe_deadline {
-            if now >= at {
-                // In whole milliseconds: it is read by people.
-                let silent = now.saturating_duration_since(self.last_recv).as_millis();
-                let silent = Duration::from_millis(u64::try_from(silent).unwrap_or(u64::MAX));
-                self.fail(Error::Unresponsive(silent), true);
-                return;
-            }
+        if self.probe_deadline.is_some_and(|at| now >= at) {
+            self.probe_deadline = None;
+            self.give_up_new_streams(now);
         }
         if let Some(at) = self.next_ping {
             if now >= at {
@@ -600,25 +605,63 @@ impl Connection {
 
     /// Bytes came from the peer: it is alive.
     fn heard(&mut self, now: Instant) {
-        self.last_recv = now;
+        self.last_recv = self.last_recv.max(now);
         self.probe_deadline = None;
     }
 
-    /// A stream is being opened or sent data: if the peer has been silent for
+    /// Agent: a stream is being opened or sent data. If the server has been silent for
     /// [`PROBE_QUIET`], ping it now and give it `Config::probe_timeout` to answer, so that
     /// a dead path is found while the stream waits rather than after `idle_timeout`.
-    fn probe(&mut self, now: Instant) {
+    fn probe(&mut self) {
+        let now = self.now;
         let timeout = self.config.probe_timeout;
         if timeout.is_zero()
+            || self.side != Side::Agent
             || self.probe_deadline.is_some()
-            || self.phase != Phase::Ready
+            || !self.can_open()
             || now.saturating_duration_since(self.last_recv) < PROBE_QUIET
         {
             return;
         }
         let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT);
         self.ping(now);
-        self.probe_deadline = Some(now + timeout.max(rtt * 4));
+        self.probe_deadline = now.checked_add(timeout.max(rtt.saturating_mul(4)));
+    }
+
+    /// The probe found the server silent. A dead path and a live one whose bytes wait in
+    /// a queue look alike from here, so nothing under way is cut: only new streams go
+    /// elsewhere (see [`Event::Unresponsive`]). The opens not yet answered carried no
+    /// more than what the application wrote behind them; they are reset towards the
+    /// server, which drops them if it is alive after all.
+    fn give_up_new_streams(&mut self, now: Instant) {
+        // In whole milliseconds: it is read by people.
+        let silent = now.saturating_duration_since(self.last_recv).as_millis();
+        let silent = Duration::from_millis(u64::try_from(silent).unwrap_or(u64::MAX));
+        let pending: Vec<(StreamId, bool)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.phase == OpenPhase::Opening)
+            .map(|(id, s)| (*id, !s.let_go()))
+            .collect();
+        for (id, told) in pending {
+            self.remove_stream(id);
+            self.queue(&Frame::Reset {
+                id,
+                code: ErrorCode::CANCEL,
+            });
+            // A stream the application has reset hears no more about it.
+            if told {
+                self.events.push_back(Event::Stream(StreamEvent::Refused {
+                    id,
+                    refusal: OpenRefusal::new(
+                        RefusalReason::GoingAway,
+                        format!("the server answered nothing for {silent:?}"),
+                    ),
+                }));
+            }
+        }
+        self.events.push_back(Event::Unresponsive { silent });
+        self.go_away_with(now, "the server answered nothing; new streams go elsewhere");
     }
 
     // ----- outputs -----
@@ -657,7 +700,7 @@ impl Connection {
     fn transmit<T: Transmit>(&mut self, out: &mut T) {
         if !self.sendable.is_empty() && matches!(self.closing, Closing::No) {
             // Stream data is about to go: its probe, if any, goes first.
-            self.probe(self.now);
+            self.probe();
         }
         out.control(&mut self.ctrl);
         if self.phase == Phase::Ready && matches!(self.closing, Closing::No) {
@@ -768,7 +811,7 @@ impl Connection {
         );
         self.stats.streams_opened += 1;
         self.queue(&Frame::Open { id, target });
-        self.probe(now);
+        self.probe();
         Ok(id)
     }
 
@@ -819,6 +862,10 @@ impl Connection {
     /// Graceful shutdown: tells the peer no new streams will be taken; the connection is
     /// drained once every open stream has ended.
     pub fn go_away(&mut self, now: Instant) {
+        self.go_away_with(now, "shutting down");
+    }
+
+    fn go_away_with(&mut self, now: Instant, detail: &str) {
         self.advance(now);
         if self.go_away_sent || !matches!(self.closing, Closing::No) {
             return;
@@ -828,7 +875,7 @@ impl Connection {
         self.queue(&Frame::GoAway {
             last_stream: last,
             code: ErrorCode::NO_ERROR,
-            detail: "shutting down".into(),
+            detail: detail.into(),
         });
         if self.phase != Phase::Ready {
             self.closing = Closing::Flushing;

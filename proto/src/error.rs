@@ -160,10 +160,6 @@ pub enum Error {
     /// The peer sent nothing (not even a pong) for the idle timeout.
     #[error("the peer sent nothing for {0:?}; it is presumed dead")]
     IdleTimeout(std::time::Duration),
-    /// The peer answered nothing, not even a ping, for this long after a stream was
-    /// opened or written to (`Config::probe_timeout`).
-    #[error("the peer answered nothing for {0:?} after a stream was opened or written to; it is presumed dead")]
-    Unresponsive(std::time::Duration),
     /// The server rejected this agent's authentication.
     #[error("authentication rejected ({failure}): {detail}")]
     AuthRejected {
@@ -203,7 +199,7 @@ impl Error {
             Error::Protocol { code, .. } => *code,
             Error::VersionMismatch { .. } => ErrorCode::VERSION_MISMATCH,
             Error::HandshakeTimeout(_) => ErrorCode::HANDSHAKE_TIMEOUT,
-            Error::IdleTimeout(_) | Error::Unresponsive(_) => ErrorCode::IDLE_TIMEOUT,
+            Error::IdleTimeout(_) => ErrorCode::IDLE_TIMEOUT,
             Error::AuthRejected { .. } => ErrorCode::AUTH_FAILED,
             Error::PeerClosed { code, .. } => *code,
             Error::LocallyClosed(code) => *code,

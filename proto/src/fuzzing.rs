@@ -737,6 +737,7 @@ impl Pair {
                         end.conn.accept_auth(self.now, r, "fuzz".into(), 0);
                     }
                     Event::Ready { .. } | Event::GoAway { .. } => {}
+                    Event::Unresponsive { .. } => assert_eq!(side, AGENT, "only agents probe"),
                     Event::ConnectionLost { reason } => {
                         assert!(!end.lost, "ConnectionLost raised twice");
                         assert!(

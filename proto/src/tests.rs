@@ -573,19 +573,20 @@ fn pings_in(bytes: &[u8]) -> usize {
 }
 
 #[test]
-fn a_stream_opened_after_silence_probes_and_finds_a_dead_peer_sooner() {
+fn a_stream_opened_after_silence_probes_and_new_streams_leave_a_silent_server() {
     let mut p = Pair::ready();
+    let under_way = p.open_accepted();
     p.advance(Duration::from_secs(2));
     p.drive();
+    p.agent_events.clear();
     let last_heard = p.now;
     p.now += Duration::from_secs(2);
-    // The server is gone (nothing more is delivered); a client wants a new stream.
-    p.agent.open(p.now, target()).unwrap();
+    // Nothing more the server sends is delivered; a client wants a new stream.
+    let waiting = p.agent.open(p.now, target()).unwrap();
     let mut out = Vec::new();
     p.agent.poll_transmit(p.now, &mut out);
     assert_eq!(pings_in(&out), 1, "the open goes with a ping");
-    let probe = Config::default().probe_timeout;
-    let deadline = p.now + probe;
+    let deadline = p.now + Config::default().probe_timeout;
     assert_eq!(p.agent.poll_timeout(), Some(deadline));
     assert!(deadline < last_heard + Config::default().idle_timeout);
     p.now = deadline - Duration::from_millis(1);
@@ -595,14 +596,110 @@ fn a_stream_opened_after_silence_probes_and_finds_a_dead_peer_sooner() {
     p.now = deadline;
     p.agent.handle_timeout(p.now);
     p.collect();
+    // The waiting open is refused so that it can go elsewhere; the connection takes no
+    // new streams, and the stream under way is not cut.
     assert!(
         p.agent_events.iter().any(|e| matches!(
             e,
-            Event::ConnectionLost { reason: Error::Unresponsive(d) } if *d == Duration::from_secs(7)
+            Event::Stream(StreamEvent::Refused { id, refusal })
+                if *id == waiting && refusal.reason == RefusalReason::GoingAway
         )),
         "{:?}",
         p.agent_events
     );
+    assert!(p.agent_events.contains(&Event::Unresponsive {
+        silent: Duration::from_secs(7)
+    }));
+    assert!(!p.agent.can_open() && p.agent.is_going_away());
+    assert!(p.agent.stream_info(under_way).is_some());
+    assert!(!p
+        .agent_events
+        .iter()
+        .any(|e| matches!(e, Event::ConnectionLost { .. })));
+    // The server hears of it (should it be alive after all): the open reset, a goaway.
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    let frames = {
+        let mut buf = bytes::BytesMut::from(&out[..]);
+        let mut d = crate::frame::Decoder::new(u32::MAX);
+        std::iter::from_fn(|| d.decode(&mut buf).unwrap()).collect::<Vec<_>>()
+    };
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, Frame::Reset { id, .. } if *id == waiting)));
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, Frame::GoAway { code, .. } if *code == ErrorCode::NO_ERROR)));
+    // A dead server is then found dead by the idle timeout.
+    p.now = last_heard + Config::default().idle_timeout;
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::ConnectionLost {
+            reason: Error::IdleTimeout(_)
+        }
+    )));
+}
+
+/// A live server whose answers only wait in a queue (a slow uplink) looks silent to the
+/// probe: it must not lose the streams under way, and the connection drains plainly.
+#[test]
+fn a_probe_that_gives_up_on_a_live_but_slow_server_cuts_nothing() {
+    let mut p = Pair::ready();
+    let under_way = p.open_accepted();
+    p.advance(Duration::from_secs(2));
+    p.drive();
+    p.now += Duration::from_secs(2);
+    let waiting = p.agent.open(p.now, target()).unwrap();
+    // What the agent sends waits in the queue for 6 s, and so the server's answers.
+    let mut queued = Vec::new();
+    p.agent.poll_transmit(p.now, &mut queued);
+    p.now += Duration::from_secs(6);
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(p.agent_events.contains(&Event::Unresponsive {
+        silent: Duration::from_secs(8)
+    }));
+    // Everything arrives at last.
+    assert_eq!(p.server.handle_input(p.now, &queued), queued.len());
+    p.drive();
+    if let Some(id) = p.server_events.iter().find_map(|e| match e {
+        Event::Stream(StreamEvent::OpenRequested { id, .. }) if *id == waiting => Some(*id),
+        _ => None,
+    }) {
+        // Accepting an open the agent has reset meanwhile is harmless.
+        let _ = p.server.accept_open(id);
+        p.drive();
+    }
+    p.server
+        .send_stream(under_way)
+        .write(b"still here")
+        .unwrap();
+    p.server.send_stream(under_way).finish().unwrap();
+    p.agent.send_stream(under_way).finish().unwrap();
+    p.drive();
+    assert_eq!(
+        read_all(&mut p.agent, under_way),
+        (b"still here".to_vec(), true)
+    );
+    assert_eq!(read_all(&mut p.server, under_way), (Vec::new(), true));
+    p.drive();
+    assert!(
+        p.agent.is_drained() && p.server.is_drained(),
+        "agent {:?} server {:?}; {:?}",
+        p.agent.stream_ids().collect::<Vec<_>>(),
+        p.server.stream_ids().collect::<Vec<_>>(),
+        p.server_events
+    );
+    for events in [&p.agent_events, &p.server_events] {
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::ConnectionLost { .. })),
+            "{events:?}"
+        );
+    }
 }
 
 #[test]

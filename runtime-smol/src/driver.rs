@@ -73,6 +73,13 @@ pub enum TunnelEvent {
     },
     /// The peer takes no new streams.
     GoAway,
+    /// Agent: the server answered nothing for `silent` after a stream was opened or
+    /// written to; the tunnel takes no new streams, and its unanswered opens were refused
+    /// so that they go elsewhere (`fluidity_proto::Event::Unresponsive`).
+    Unresponsive {
+        /// How long the server had been silent.
+        silent: Duration,
+    },
     /// The tunnel is over.
     Closed {
         /// Why; `None` after a graceful drain.
@@ -231,6 +238,11 @@ impl Shared {
                 Event::GoAway { .. } => {
                     self.room.wanted.notify(usize::MAX);
                     self.send_event(TunnelEvent::GoAway);
+                }
+                Event::Unresponsive { silent } => {
+                    // Idle streams kept for reuse are let go, as at a goaway.
+                    self.room.wanted.notify(usize::MAX);
+                    self.send_event(TunnelEvent::Unresponsive { silent });
                 }
                 Event::ConnectionLost { reason } => self.finish(Some(reason)),
             }

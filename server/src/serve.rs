@@ -540,7 +540,8 @@ impl Server {
                     ex.spawn(async move { this.serve_stream(tunnel, sid, target).await })
                         .detach();
                 }
-                TunnelEvent::GoAway => {}
+                // Probes are the agent's.
+                TunnelEvent::GoAway | TunnelEvent::Unresponsive { .. } => {}
                 TunnelEvent::Closed { reason } => {
                     match reason {
                         None => tracing::info!(%peer, tunnel = id, "tunnel closed"),

@@ -592,11 +592,9 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
     assert_eq!(back.metric("fluidity_tunnels_total"), 1.0);
 }
 
-/// An origin that crashes mid-response (a body delimited by the connection's end, cut
-/// by a TCP reset) fails the client through the proxy as it fails it directly: the same
-/// curl exit code, a receive error, through absolute-form HTTP, CONNECT and SOCKS5; never
-/// a success with a silently shortened body. The agent resets the client's connection
-/// when what it carried broke off. The tunnel keeps working.
+/// A path to the server that dies without a word (a laptop that changed networks): the
+/// tunnel's probe finds it within seconds of the next request, which goes through a new
+/// tunnel; a GET under way when it died goes again once the idle timeout ends the old one.
 #[test]
 fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_tunnel() {
     let _wd = watchdog("silent_path", Duration::from_secs(180));
@@ -631,8 +629,9 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     std::thread::sleep(Duration::from_millis(1500));
     let (status, body) = curl_status(&proxy, &origin.url("/hello"));
 
-    // The tunnel's probe found the dead path (not its idle timeout), and the new request
-    // went through a new tunnel, as did the one under way (a GET, safe to send again).
+    // The tunnel's probe found the dead path (before its idle timeout) and the new request
+    // went through a new tunnel; the one under way did too once the idle timeout ended the
+    // old one (a GET, safe to send again).
     assert_eq!(
         (status, body.as_str()),
         (200, "hello from after-the-cut\n"),
@@ -660,6 +659,11 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     assert!(agent.proc.exited().is_none());
 }
 
+/// An origin that crashes mid-response (a body delimited by the connection's end, cut
+/// by a TCP reset) fails the client through the proxy as it fails it directly: the same
+/// curl exit code, a receive error, through absolute-form HTTP, CONNECT and SOCKS5; never
+/// a success with a silently shortened body. The agent resets the client's connection
+/// when what it carried broke off. The tunnel keeps working.
 #[test]
 fn an_origin_reset_mid_response_fails_the_client_as_it_would_directly() {
     let _wd = watchdog("origin_reset_mid_response", Duration::from_secs(120));

@@ -704,10 +704,7 @@ where
         // unless the new one would wait for its room: then it is reset, as is one that is
         // no longer usable.
         let mut previous = None;
-        if upstream
-            .as_ref()
-            .is_some_and(|u| u.spent || u.target != abs.target)
-        {
+        if upstream.as_ref().is_some_and(|u| u.target != abs.target) {
             previous = upstream.take().filter(|_| dialer.has_room());
         } else if !still_usable(upstream) {
             *upstream = None;
@@ -886,9 +883,9 @@ async fn fail<W: AsyncWrite + Unpin>(
     method: &str,
     target: &Target,
 ) -> Result<Next> {
-    if matches!(e, ExchangeError::ClientGone) {
+    if let ExchangeError::ClientGone(how) = e {
         // Routine: a browser or a download tool cancelling what it no longer needs.
-        tracing::debug!(%peer, %method, %target, "client left before the exchange ended");
+        tracing::debug!(%peer, %method, %target, how, "client gone before the exchange ended");
     } else {
         tracing::info!(%peer, %method, %target, error = %e, "request failed");
     }
@@ -922,16 +919,23 @@ async fn fail<W: AsyncWrite + Unpin>(
         ExchangeError::Aborted(why) => {
             return Ok(Next::Abort(format!("exchange with {target}: {why}")))
         }
-        ExchangeError::ClientGone => {
-            return Ok(Next::Abort(format!(
-                "the client left before the exchange with {target} ended"
-            )))
+        ExchangeError::ClientGone(how) => {
+            return Ok(Next::Abort(format!("exchange with {target}: {how}")))
         }
         ExchangeError::CutShort => return Ok(Next::Close),
     };
     answer(cw, 502, &line, true, &[]).await?;
     Ok(Next::Close)
 }
+
+/// [`ExchangeError::ClientGone`]: the client's connection failed or ended mid-request.
+const LEFT: &str = "the client left before the exchange ended";
+
+/// [`ExchangeError::ClientGone`]: the client closed its side after its request (as a
+/// browser closing a tab does, or a script that half-closes) and no answer moved within
+/// [`LAST_BYTES_TIME`].
+const CLOSED_SIDE: &str =
+    "the client closed its side of the connection, and the answer then stopped moving";
 
 /// What a request needs to know while its response is relayed.
 struct Exchange<'a> {
@@ -958,9 +962,10 @@ enum ExchangeError {
     #[error("invalid request body: {0}")]
     BadRequestBody(String),
     /// The client went away (a read or write on its connection failed, or it closed mid
-    /// request): nothing more can reach it. Browsers and download tools do this every day.
-    #[error("the client left before the exchange ended")]
-    ClientGone,
+    /// request), or closed its side and the answer stopped moving: nothing more reaches
+    /// it. Browsers and download tools do this every day. The text says which.
+    #[error("{0}")]
+    ClientGone(&'static str),
     /// The exchange broke off after the response began (or the body stalled), on the
     /// origin's or the tunnel's side: the client connection must be dropped without an
     /// answer.
@@ -1026,7 +1031,7 @@ where
     let mut client_closed = false;
     let stalled = |client_closed| {
         if client_closed {
-            ExchangeError::ClientGone
+            ExchangeError::ClientGone(CLOSED_SIDE)
         } else {
             ExchangeError::Aborted(format!(
                 "the stream took no more of the request, and nothing moved for \
@@ -1139,7 +1144,7 @@ where
             }
             // Only the client's side ends the request this way (a read that failed or
             // ended early).
-            _ => ExchangeError::ClientGone,
+            _ => ExchangeError::ClientGone(LEFT),
         });
     };
     let mut outcome = result?;
@@ -1305,8 +1310,10 @@ where
             started.store(true, Ordering::Relaxed);
             cw.write_all(&bytes)
                 .await
-                .map_err(|_| ExchangeError::ClientGone)?;
-            cw.flush().await.map_err(|_| ExchangeError::ClientGone)?;
+                .map_err(|_| ExchangeError::ClientGone(LEFT))?;
+            cw.flush()
+                .await
+                .map_err(|_| ExchangeError::ClientGone(LEFT))?;
             return Ok(Outcome {
                 status: 101,
                 up: 0,
@@ -1320,8 +1327,10 @@ where
                 let bytes = client_response(&resp, false, false);
                 cw.write_all(&bytes)
                     .await
-                    .map_err(|_| ExchangeError::ClientGone)?;
-                cw.flush().await.map_err(|_| ExchangeError::ClientGone)?;
+                    .map_err(|_| ExchangeError::ClientGone(LEFT))?;
+                cw.flush()
+                    .await
+                    .map_err(|_| ExchangeError::ClientGone(LEFT))?;
                 down += bytes.len() as u64;
             }
             continue;
@@ -1354,7 +1363,7 @@ where
             Framing::UntilClose => {
                 cw.write_all(&bytes)
                     .await
-                    .map_err(|_| ExchangeError::ClientGone)?;
+                    .map_err(|_| ExchangeError::ClientGone(LEFT))?;
                 super::io::pipe(uin, cw).await
             }
         };
@@ -1373,10 +1382,10 @@ where
                 }
                 return Err(ExchangeError::CutShort);
             }
-            Err(CopyError::Write(_)) => return Err(ExchangeError::ClientGone),
+            Err(CopyError::Write(_)) => return Err(ExchangeError::ClientGone(LEFT)),
             Err(e) => {
                 return Err(ExchangeError::Aborted(format!(
-                    "the response broke off on the origin's side: {e}"
+                    "the response broke off: {e}"
                 )))
             }
         };
@@ -1421,6 +1430,10 @@ where
         Err(e) => {
             let (status, line) = dial_failure(&target, &e, cfg);
             tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
+            if e == DialError::Stopping {
+                answer(cw, status, &line, true, &[]).await?;
+                return Ok(Next::Close);
+            }
             answer(cw, status, &line, false, &[]).await?;
             return Ok(Next::KeepAlive);
         }

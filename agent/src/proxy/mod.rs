@@ -62,12 +62,6 @@ pub trait Dialer: Send + Sync + 'static {
         std::future::pending()
     }
 
-    /// Whether the agent is stopping: opens fail with [`DialError::Stopping`], and client
-    /// connections take no further request. Never, unless the dialer stops.
-    fn is_stopping(&self) -> bool {
-        false
-    }
-
     /// Returns when client connections that wait for their next request should close:
     /// the agent is stopping (the client then sends it elsewhere, not into a proxy about
     /// to exit), or it ran out of file descriptors (idle connections make room for

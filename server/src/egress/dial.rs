@@ -122,7 +122,7 @@ impl Dialer {
         }
 
         let addrs = interleave_families(allowed);
-        let tried = addrs.len();
+        let mut tried = 0;
         let mut last: Option<(RefusalReason, SocketAddr, String)> = None;
         for addr in addrs {
             let remaining = give_up_at.saturating_duration_since(Instant::now());
@@ -131,6 +131,7 @@ impl Dialer {
                 last = Some((RefusalReason::TimedOut, addr, why));
                 break;
             }
+            tried += 1;
             let attempt = self.connect_timeout.min(remaining);
             let result = TcpStream::connect(addr)
                 .or(async {
@@ -163,8 +164,8 @@ impl Dialer {
             return Err(OpenRefusal::new(RefusalReason::Other, "no address tried"));
         };
         let detail = match (tried, &target.host) {
-            (1, Host::Ip(_)) => why,
-            (1, Host::Name(_)) => format!("{addr}: {why}"),
+            (0 | 1, Host::Ip(_)) => why,
+            (0 | 1, Host::Name(_)) => format!("{addr}: {why}"),
             _ => format!("{tried} addresses tried; the last, {addr}: {why}"),
         };
         Err(OpenRefusal::new(reason, detail))

@@ -611,6 +611,13 @@ impl<'a> World<'a> {
             return Err(format!("{side:?}: an event after ConnectionLost"));
         }
         match ev {
+            // The probe's timeout is the idle timeout here, which a live peer always beats
+            // (options.rs): giving up on one would be a false alarm.
+            Event::Unresponsive { silent } => {
+                return Err(format!(
+                    "{side:?}: a live peer taken for a silent one after {silent:?}"
+                ));
+            }
             Event::AuthRequested(req) => {
                 if side != Side::Server || !self.opts.server.require_auth {
                     return Err(format!("{side:?}: unexpected AuthRequested"));
