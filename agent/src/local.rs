@@ -73,6 +73,16 @@ pub async fn run_local(
             opts.listen
         )));
     }
+    // Its certificate names localhost, 127.0.0.1 and ::1, and the agent dials the address
+    // the server binds: anything else could not work (and 0.0.0.0 would open the server
+    // to the network).
+    if !opts.server_listen.ip().to_canonical().is_loopback() {
+        return Err(Error::Config(format!(
+            "local mode's server listens on a loopback address only (127.0.0.1 or ::1, any \
+             port), not {}",
+            opts.server_listen
+        )));
+    }
     let (paths, outcome) =
         ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| match source {
             // A damaged file among the ones local mode made: making them anew fixes it.

@@ -265,7 +265,9 @@ fn run_agent(args: RunArgs, log_format: LogFormat) -> Result<()> {
     let listener = run::bind(cfg.listen)?;
     app::run(app::threads(cfg.threads), |ex| async move {
         let dialer = TunnelDialer::new(settings, ex.clone());
-        tracing::info!(listen = %cfg.listen, server = %cfg.server, "fluidity proxy listening");
+        // The bound address: port 0 picks one.
+        let listen = listener.local_addr().unwrap_or(cfg.listen);
+        tracing::info!(%listen, server = %cfg.server, "fluidity proxy listening");
         if let Err(e) = dialer.tunnel().await {
             tracing::warn!(error = %e, "server not reachable yet; will retry when a client connects");
         }

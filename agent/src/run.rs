@@ -114,7 +114,9 @@ pub fn proxy_config(cfg: &AgentConfig) -> Result<ProxyConfig> {
         (None, None) => None,
         _ => {
             return Err(Error::Config(
-                "set both proxy_username and proxy_password, or neither".into(),
+                "set both proxy_username and proxy_password (--proxy-username, and \
+                 FLUIDITY_PROXY_PASSWORD or --proxy-password), or neither"
+                    .into(),
             ))
         }
     };

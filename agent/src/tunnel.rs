@@ -547,7 +547,14 @@ impl Dialer for TunnelDialer {
         }
         // One retry: a tunnel that died between the check and the open is replaced.
         for attempt in 0..2 {
-            let tunnel = match self.tunnel().await {
+            // A stop gives up a connection attempt under way: its clients get their 503
+            // now, not a reset when the process exits before the attempt ends.
+            let stopping = self.inner.stopping.1.clone();
+            let stopped = async move {
+                let _ = stopping.recv().await;
+                Err(String::new())
+            };
+            let tunnel = match self.tunnel().or(stopped).await {
                 Ok(t) => t,
                 Err(_) if self.is_stopping() => return Err(DialError::Stopping),
                 Err(e) => return Err(DialError::TunnelDown(e)),

@@ -57,9 +57,9 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// A peer that sends nothing at all for this long is presumed dead. Default 15 s.
     pub idle_timeout: Duration,
-    /// Agent: how long the server may stay silent after the agent opened a stream or sent
-    /// stream data at a moment the server had already been silent for [`PROBE_QUIET`].
-    /// Such a send goes with a ping; a server that answers nothing at all for this long
+    /// Agent: how long the server has to answer the ping that goes with a stream's open or
+    /// data sent at a moment the server had been silent for [`PROBE_QUIET`] (or the agent's
+    /// keepalive ping was unanswered). A server that does not answer it within this long
     /// (or four round trips, if longer) gets no new streams on this connection, and the
     /// opens it has not answered are refused so that they can go elsewhere (see
     /// `Event::Unresponsive`); streams under way are not cut, since a live path whose

@@ -111,7 +111,7 @@ pub enum Event {
     /// GOAWAY went to the server); opens it had not answered were refused with
     /// `GOING_AWAY` (and reset towards the server) so that they can go elsewhere; the
     /// streams under way go on until they end, or the idle timeout ends the connection.
-    /// Raised at most once.
+    /// Raised at most once, before the refusals of those opens.
     Unresponsive {
         /// How long the server had been silent.
         silent: Duration,
@@ -201,9 +201,10 @@ pub struct Connection {
     next_ping: Option<Instant>,
     ping_outstanding: Option<(u64, Instant)>,
     ping_counter: u64,
-    /// When a probe (`Config::probe_timeout`) gives up on a silent peer; cleared by any
-    /// input.
-    probe_deadline: Option<Instant>,
+    /// The probe under way (`Config::probe_timeout`): its ping's `opaque`, and when it
+    /// gives up on the server. Only that ping's answer ends it: the server's own pings
+    /// arriving say nothing of whether what the agent sends reaches it.
+    probe: Option<(u64, Instant)>,
     go_away_sent: bool,
     go_away_received: bool,
     closing: Closing,
@@ -260,7 +261,7 @@ impl Connection {
             next_ping: None,
             ping_outstanding: None,
             ping_counter: 0,
-            probe_deadline: None,
+            probe: None,
             go_away_sent: false,
             go_away_received: false,
             closing: Closing::No,
@@ -578,8 +579,8 @@ impl Connection {
             self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
             return;
         }
-        if self.probe_deadline.is_some_and(|at| now >= at) {
-            self.probe_deadline = None;
+        if self.probe.is_some_and(|(_, at)| now >= at) {
+            self.probe = None;
             self.give_up_new_streams(now);
         }
         if let Some(at) = self.next_ping {
@@ -606,26 +607,35 @@ impl Connection {
     /// Bytes came from the peer: it is alive.
     fn heard(&mut self, now: Instant) {
         self.last_recv = self.last_recv.max(now);
-        self.probe_deadline = None;
     }
 
     /// Agent: a stream is being opened or sent data. If the server has been silent for
-    /// [`PROBE_QUIET`], ping it now and give it `Config::probe_timeout` to answer, so that
-    /// a dead path is found while the stream waits rather than after `idle_timeout`.
+    /// [`PROBE_QUIET`], or the agent's keepalive ping is still unanswered (the server's own
+    /// pings may keep arriving over a path that has died the other way), ping it now and
+    /// give it `Config::probe_timeout` to answer that ping, so that a dead path is found
+    /// while the stream waits rather than after `idle_timeout`.
     fn probe(&mut self) {
         let now = self.now;
         let timeout = self.config.probe_timeout;
+        let quiet = now.saturating_duration_since(self.last_recv) >= PROBE_QUIET;
         if timeout.is_zero()
             || self.side != Side::Agent
-            || self.probe_deadline.is_some()
+            || self.probe.is_some()
             || !self.can_open()
-            || now.saturating_duration_since(self.last_recv) < PROBE_QUIET
+            || !(quiet || self.ping_outstanding.is_some())
         {
             return;
         }
         let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT);
-        self.ping(now);
-        self.probe_deadline = now.checked_add(timeout.max(rtt.saturating_mul(4)));
+        // A ping of its own, beside an outstanding keepalive ping (a peer answers every
+        // ping): only an answer to a ping sent now says the open got through.
+        self.ping_counter += 1;
+        let opaque = self.ping_counter;
+        self.ping_outstanding.get_or_insert((opaque, now));
+        self.queue(&Frame::Ping { ack: false, opaque });
+        if let Some(at) = now.checked_add(timeout.max(rtt.saturating_mul(4))) {
+            self.probe = Some((opaque, at));
+        }
     }
 
     /// The probe found the server silent. A dead path and a live one whose bytes wait in
@@ -637,6 +647,7 @@ impl Connection {
         // In whole milliseconds: it is read by people.
         let silent = now.saturating_duration_since(self.last_recv).as_millis();
         let silent = Duration::from_millis(u64::try_from(silent).unwrap_or(u64::MAX));
+        self.events.push_back(Event::Unresponsive { silent });
         let pending: Vec<(StreamId, bool)> = self
             .streams
             .iter()
@@ -660,7 +671,6 @@ impl Connection {
                 }));
             }
         }
-        self.events.push_back(Event::Unresponsive { silent });
         self.go_away_with(now, "the server answered nothing; new streams go elsewhere");
     }
 
@@ -720,7 +730,7 @@ impl Connection {
             return Some(self.handshake_deadline);
         }
         let idle = self.last_recv + self.config.idle_timeout;
-        let idle = self.probe_deadline.map_or(idle, |p| p.min(idle));
+        let idle = self.probe.map_or(idle, |(_, at)| at.min(idle));
         Some(match self.next_ping {
             Some(p) if self.ping_outstanding.is_none() => p.min(idle),
             _ => idle,
@@ -1396,6 +1406,9 @@ impl Connection {
     }
 
     fn on_pong(&mut self, now: Instant, opaque: u64) {
+        if self.probe.is_some_and(|(probe, _)| probe == opaque) {
+            self.probe = None;
+        }
         if let Some((sent_id, at)) = self.ping_outstanding {
             if sent_id == opaque {
                 self.ping_outstanding = None;

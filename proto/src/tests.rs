@@ -642,6 +642,44 @@ fn a_stream_opened_after_silence_probes_and_new_streams_leave_a_silent_server() 
     )));
 }
 
+/// A path that died one way only: the server's pings still arrive, what the agent sends
+/// is lost. The agent's keepalive ping stays unanswered, so a new open is probed anyway,
+/// and only the answer to the probe's own ping would end it.
+#[test]
+fn a_path_dead_towards_the_server_is_probed_though_its_pings_arrive() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(5));
+    // Both sides ping; only the server's arrives.
+    let mut lost = Vec::new();
+    p.agent.poll_transmit(p.now, &mut lost);
+    assert_eq!(pings_in(&lost), 1);
+    let mut from_server = Vec::new();
+    p.server.poll_transmit(p.now, &mut from_server);
+    assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
+    p.now += Duration::from_millis(300);
+    p.agent.open(p.now, target()).unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    // The pong to the server's ping, and the probe's own ping.
+    assert_eq!(pings_in(&out), 1, "the open goes with a ping of its own");
+    // The server's next ping arrives; the probe's ping is never answered.
+    p.now += Duration::from_secs(4);
+    p.server.handle_timeout(p.now);
+    let mut from_server = Vec::new();
+    p.server.poll_transmit(p.now, &mut from_server);
+    assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
+    p.now += Duration::from_secs(1);
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(
+        p.agent_events
+            .iter()
+            .any(|e| matches!(e, Event::Unresponsive { .. })),
+        "{:?}",
+        p.agent_events
+    );
+}
+
 /// A live server whose answers only wait in a queue (a slow uplink) looks silent to the
 /// probe: it must not lose the streams under way, and the connection drains plainly.
 #[test]

@@ -20,6 +20,7 @@ where
     F: FnOnce(Arc<smol::Executor<'static>>) -> Fut,
     Fut: Future<Output = T>,
 {
+    raise_descriptor_limit();
     let ex = Arc::new(smol::Executor::new());
     let (stop, stopped) = async_channel::bounded::<()>(1);
     std::thread::scope(|scope| {
@@ -34,6 +35,32 @@ where
         drop(stop);
         out
     })
+}
+
+/// Raises the soft limit on open files to the hard one, as many servers (and Go's
+/// runtime) do at start: every proxied connection holds a descriptor (two in the server,
+/// and both sides in local mode's one process), and the soft limit is often 1024, or 256
+/// on macOS, far below what the system allows the process. Where the hard limit is
+/// unlimited, which macOS refuses as a soft limit, 10240 (its `OPEN_MAX`) is tried.
+pub fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(soft) = limit.current else {
+        return; // Unlimited already.
+    };
+    for target in [limit.maximum, Some(10240)] {
+        let Some(target) = target.filter(|&t| t > soft) else {
+            continue;
+        };
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            tracing::debug!(from = soft, to = target, "raised the open files limit");
+            return;
+        }
+    }
 }
 
 /// Polls the inner future only after it asked to be woken.
@@ -391,6 +418,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each test runs in a process of its own (nextest), so lowering this process's limit
+    /// touches no other test.
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let before = getrlimit(Resource::Nofile);
+        let Some(hard) = before.maximum.filter(|&h| h > 256) else {
+            return; // Nothing to raise to on this machine.
+        };
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(256),
+                maximum: Some(hard),
+            },
+        )
+        .expect("lowering the soft limit");
+        raise_descriptor_limit();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(hard));
+    }
 
     #[test]
     fn the_log_filter_takes_levels_and_targets_and_caps_ureq_proto() {

@@ -41,13 +41,18 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
             }
         }
     }
+    let port_too_large = s
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     let what = if s.parse::<u16>().is_ok() {
         "a port alone does not say which address to listen on"
+    } else if port_too_large {
+        "the port is above 65535"
     } else {
         "not an IP address and port"
     };
     Err(format!(
-        "{what}; give one like 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8443 (all \
+        "{what}; give one like 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8080 (all \
          interfaces), or localhost:PORT for 127.0.0.1"
     ))
 }
@@ -198,6 +203,9 @@ mod tests {
         assert!(parse_listen_addr("8080")
             .unwrap_err()
             .contains("a port alone"));
+        for big in ["127.0.0.1:99999", "localhost:70000"] {
+            assert!(parse_listen_addr(big).unwrap_err().contains("above 65535"));
+        }
     }
 
     #[test]

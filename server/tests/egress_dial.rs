@@ -125,12 +125,8 @@ fn refused_port_is_connection_refused() {
             RefusalReason::ConnectionRefused,
             "{refusal}"
         );
-        assert!(
-            refusal.detail.starts_with("Connection refused"),
-            "{}",
-            refusal.detail
-        );
-        assert!(refusal.detail.contains("refused"), "{}", refusal.detail);
+        // The reason says it all for an address given as such.
+        assert_eq!(refusal.detail, "", "{refusal}");
     });
 }
 

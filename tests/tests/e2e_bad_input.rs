@@ -458,8 +458,8 @@ fn a_private_address_is_refused_under_the_default_policy() {
     assert_eq!(status, 403, "a private address must be refused by default");
     assert_eq!(
         body.trim_end(),
-        "fluidity: cannot reach 10.1.2.3:80: denied by the server's egress policy (address \
-         10.1.2.3 is in the private range 10.0.0.0/8); if it should be allowed, the server's \
+        "fluidity: cannot reach 10.1.2.3:80: denied by the server's egress policy: address \
+         10.1.2.3 is in the private range 10.0.0.0/8; if it should be allowed, the server's \
          egress settings (allow_cidrs, allow_hosts, allow_ports) can allow it"
     );
     assert_eq!(origin.connections(), 0, "nothing reached the origin");

@@ -322,7 +322,7 @@ fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, Stri
                 RefusalReason::NoSuchHost => (502, "check the host name"),
                 RefusalReason::ConnectionRefused => (502, "is the service running on that port?"),
                 RefusalReason::Unreachable => (502, "the server has no route to it"),
-                RefusalReason::TimedOut => (504, "the host did not answer in time; retry later"),
+                RefusalReason::TimedOut => (504, "retry later"),
                 RefusalReason::DeniedByPolicy => {
                     allow = allow_advice(target, cfg.local_server, &r.detail);
                     (403, allow.as_str())
@@ -340,10 +340,11 @@ fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, Stri
                 .detail
                 .get(..reason.len())
                 .is_some_and(|d| d.eq_ignore_ascii_case(&reason));
+            // After a colon, not in parentheses: details have their own.
             let detail = if r.detail.is_empty() || repeats {
                 String::new()
             } else {
-                format!(" ({})", one_line(&r.detail, 300))
+                format!(": {}", one_line(&r.detail, 300))
             };
             (
                 status,
@@ -1280,24 +1281,17 @@ where
     loop {
         let resp = match read_head(uin, head::parse_response_head).await {
             Ok(Some(r)) => r,
-            Ok(None) if down == 0 => return Err(ExchangeError::NoResponse("closed".into())),
-            Ok(None) | Err(ReadHeadError::Truncated) => {
+            // No final answer yet (an interim one, as `100 Continue`, may have gone out: a
+            // final one can still follow it, the proxy's own).
+            Ok(None) => return Err(ExchangeError::NoResponse("closed".into())),
+            Err(ReadHeadError::Truncated) => {
                 return Err(ExchangeError::BadResponse("response head cut short".into()))
             }
             // The stream's read fails this way only when the whole tunnel ended.
-            Err(ReadHeadError::Io(e))
-                if down == 0 && e.kind() == std::io::ErrorKind::ConnectionAborted =>
-            {
+            Err(ReadHeadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
                 return Err(ExchangeError::TunnelLost(e.to_string()))
             }
-            Err(ReadHeadError::Io(e)) if down == 0 => {
-                return Err(ExchangeError::NoResponse(e.to_string()))
-            }
-            Err(ReadHeadError::Io(e)) => {
-                return Err(ExchangeError::Aborted(format!(
-                    "the origin's side failed after an interim response: {e}"
-                )))
-            }
+            Err(ReadHeadError::Io(e)) => return Err(ExchangeError::NoResponse(e.to_string())),
             Err(ReadHeadError::Head(e)) => return Err(ExchangeError::BadResponse(e.to_string())),
         };
         if resp.status == 101 {

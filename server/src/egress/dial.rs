@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use async_net::TcpStream;
 use fluidity_proto::{Host, OpenRefusal, RefusalReason, Target};
+use fluidity_runtime_smol::app::LogThrottle;
+use fluidity_runtime_smol::listener::out_of_descriptors;
 use futures_lite::FutureExt;
 
 use super::policy::EgressPolicy;
@@ -151,6 +153,23 @@ impl Dialer {
                     tracing::debug!(%target, %addr, elapsed = ?start.elapsed(), "dialled");
                     return Ok((stream, addr));
                 }
+                Err(e) if out_of_descriptors(&e) => {
+                    // The server's own shortage, not the target's: said once in a while,
+                    // with what to do, and to the agent too. Other addresses would fail alike.
+                    if let Some(held_back) = DESCRIPTORS_LOG.allow(Instant::now()) {
+                        tracing::warn!(%target, error = %e, held_back,
+                            "out of file descriptors: cannot connect to targets; raise the \
+                             limit (ulimit -n, or LimitNOFILE for a service) or lower \
+                             max_tunnels and max_streams");
+                    }
+                    return Err(OpenRefusal::new(
+                        RefusalReason::Other,
+                        format!(
+                            "the server is out of file descriptors ({e}); its operator can raise \
+                             its limit"
+                        ),
+                    ));
+                }
                 Err(e) => {
                     let reason = classify_connect_error(&e);
                     tracing::debug!(%target, %addr, error = %e, ?reason, "connection attempt failed");
@@ -163,14 +182,29 @@ impl Dialer {
         let Some((reason, addr, why)) = last else {
             return Err(OpenRefusal::new(RefusalReason::Other, "no address tried"));
         };
-        let detail = match (tried, &target.host) {
-            (0 | 1, Host::Ip(_)) => why,
-            (0 | 1, Host::Name(_)) => format!("{addr}: {why}"),
-            _ => format!("{tried} addresses tried; the last, {addr}: {why}"),
+        let which = match (tried, &target.host) {
+            (0 | 1, Host::Ip(_)) => None,
+            (0 | 1, Host::Name(_)) => Some(addr.to_string()),
+            _ => Some(format!("{tried} addresses tried; the last, {addr}")),
+        };
+        // A refused or unreachable address is all the reason says; a timeout's or another
+        // error's text says more.
+        let says_more = !matches!(
+            reason,
+            RefusalReason::ConnectionRefused | RefusalReason::Unreachable
+        );
+        let detail = match (which, says_more) {
+            (None, true) => why,
+            (None, false) => String::new(),
+            (Some(which), true) => format!("{which}: {why}"),
+            (Some(which), false) => which,
         };
         Err(OpenRefusal::new(reason, detail))
     }
 }
+
+/// One warning per this long about running out of descriptors when dialling.
+static DESCRIPTORS_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
 
 /// The refusal reason for a failed connection attempt.
 pub fn classify_connect_error(e: &io::Error) -> RefusalReason {

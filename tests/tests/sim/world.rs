@@ -263,6 +263,8 @@ pub struct World<'a> {
     ending_done: bool,
     silent_at: Option<Instant>,
     aborted_at: Option<Instant>,
+    /// When the agent's probe gave up on the server (only ever after a silent cut).
+    gave_up_at: Option<Instant>,
     trace: TraceHash,
     log: VecDeque<String>,
     steps: u64,
@@ -311,6 +313,7 @@ impl<'a> World<'a> {
             open_order,
             next_open: 0,
             ending_done: false,
+            gave_up_at: None,
             silent_at: None,
             aborted_at: None,
             trace: TraceHash::default(),
@@ -366,6 +369,9 @@ impl<'a> World<'a> {
             let p = &self.peers[ix(s)];
             match (self.silent_at, &p.lost) {
                 (Some(t), Some((_, at))) if *at >= t => Some(*at - t),
+                // The agent's probe gave up on the server, and with no stream left the
+                // connection drained: noticed then.
+                (Some(t), None) if s == Side::Agent => self.gave_up_at.map(|g| g - t),
                 _ => None,
             }
         });
@@ -612,11 +618,15 @@ impl<'a> World<'a> {
         }
         match ev {
             // The probe's timeout is the idle timeout here, which a live peer always beats
-            // (options.rs): giving up on one would be a false alarm.
+            // (options.rs): giving up on one would be a false alarm. After a silent cut it
+            // is the probe's job.
             Event::Unresponsive { silent } => {
-                return Err(format!(
-                    "{side:?}: a live peer taken for a silent one after {silent:?}"
-                ));
+                if side != Side::Agent || self.silent_at.is_none() || self.gave_up_at.is_some() {
+                    return Err(format!(
+                        "{side:?}: a live peer taken for a silent one after {silent:?}"
+                    ));
+                }
+                self.gave_up_at = Some(now);
             }
             Event::AuthRequested(req) => {
                 if side != Side::Server || !self.opts.server.require_auth {
@@ -733,10 +743,14 @@ impl<'a> World<'a> {
                     RefusalReason::GoingAway | RefusalReason::TooManyStreams
                 ) && m.server.end == End::NotStarted
                     && m.answer_at.is_none();
+                // The probe gave up on the server: opens it had not answered are refused
+                // here, whatever became of them there.
+                let given_up =
+                    refusal.reason == RefusalReason::GoingAway && self.gave_up_at == Some(now);
                 if side != Side::Agent
                     || m.agent.end != End::Open
                     || m.opened
-                    || !(by_protocol || m.server.end == End::Refused(refusal.reason))
+                    || !(by_protocol || given_up || m.server.end == End::Refused(refusal.reason))
                 {
                     return Err(format!(
                         "{side:?}: unexpected Refused({refusal}) for {id} (server end {:?})",
@@ -1411,9 +1425,6 @@ impl<'a> World<'a> {
                 let lost_before = p.lost.as_ref().is_some_and(|(_, at)| *at <= t);
                 let closing_before = p.went_away || p.closed_with.is_some() || lost_before;
                 if !closing_before {
-                    let Some((reason, at)) = &p.lost else {
-                        return Err(format!("{side:?}: the silent disconnect was never noticed"));
-                    };
                     let cfg = match side {
                         Side::Agent => &self.opts.agent,
                         Side::Server => &self.opts.server,
@@ -1422,6 +1433,26 @@ impl<'a> World<'a> {
                         // The idle clock starts at ready at the earliest.
                         Some(r) => t.max(r) + cfg.idle_timeout,
                         None => self.start + cfg.handshake_timeout,
+                    };
+                    let gave_up = self.gave_up_at.filter(|_| side == Side::Agent);
+                    let Some((reason, at)) = &p.lost else {
+                        // The probe gave up, and the connection drained as its streams
+                        // ended: noticed, if in time.
+                        match gave_up {
+                            Some(g) if g <= deadline + DETECTION_SLACK => continue,
+                            Some(g) => {
+                                return Err(format!(
+                                    "{side:?}: the probe gave up {:?} after the cut; the limit was {:?}",
+                                    g - t,
+                                    deadline - t
+                                ))
+                            }
+                            None => {
+                                return Err(format!(
+                                    "{side:?}: the silent disconnect was never noticed"
+                                ))
+                            }
+                        }
                     };
                     if *at > deadline + DETECTION_SLACK {
                         return Err(format!(
