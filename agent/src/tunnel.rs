@@ -241,14 +241,17 @@ impl TunnelDialer {
             }
         }
         match self.connect().await {
-            // The agent began to stop meanwhile: shutdown() has let the tunnels it knew go.
-            Ok(t) if self.is_stopping() => {
-                t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
-                Err("the agent is stopping".into())
-            }
             Ok(t) => {
                 *lock(&self.inner.breaker) = Breaker::default();
-                *lock(&self.inner.current) = Some(t.clone());
+                // Checked under the lock shutdown() takes after it signals the stop: a
+                // tunnel installed here is one shutdown() will find and let go.
+                let mut current = lock(&self.inner.current);
+                if self.is_stopping() {
+                    drop(current);
+                    t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+                    return Err("the agent is stopping".into());
+                }
+                *current = Some(t.clone());
                 Ok(t)
             }
             Err(e) => {

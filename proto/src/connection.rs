@@ -152,6 +152,14 @@ pub struct Stats {
     pub windows_grown: u64,
 }
 
+/// A probe under way (see `Connection::probe`).
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    opaque: u64,
+    sent: Instant,
+    deadline: Instant,
+}
+
 /// Why the connection is closing.
 #[derive(Debug)]
 enum Closing {
@@ -201,10 +209,11 @@ pub struct Connection {
     next_ping: Option<Instant>,
     ping_outstanding: Option<(u64, Instant)>,
     ping_counter: u64,
-    /// The probe under way (`Config::probe_timeout`): its ping's `opaque`, and when it
-    /// gives up on the server. Only that ping's answer ends it: the server's own pings
-    /// arriving say nothing of whether what the agent sends reaches it.
-    probe: Option<(u64, Instant)>,
+    /// The probe under way (`Config::probe_timeout`): its ping's `opaque`, when that ping
+    /// went out, and when the probe gives up on the server. Only that ping's answer ends
+    /// it: the server's own pings arriving say nothing of whether what the agent sends
+    /// reaches it.
+    probe: Option<Probe>,
     go_away_sent: bool,
     go_away_received: bool,
     closing: Closing,
@@ -579,9 +588,12 @@ impl Connection {
             self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
             return;
         }
-        if self.probe.is_some_and(|(_, at)| now >= at) {
+        if let Some(probe) = self.probe.filter(|p| now >= p.deadline) {
             self.probe = None;
-            self.give_up_new_streams(now);
+            self.give_up_new_streams(now, probe.sent);
+            if !matches!(self.closing, Closing::No) {
+                return;
+            }
         }
         if let Some(at) = self.next_ping {
             if now >= at {
@@ -618,11 +630,16 @@ impl Connection {
         let now = self.now;
         let timeout = self.config.probe_timeout;
         let quiet = now.saturating_duration_since(self.last_recv) >= PROBE_QUIET;
+        // A keepalive ping out for a moment is every connection's lot; one unanswered for
+        // as long as the server may be quiet is a sign.
+        let unanswered = self
+            .ping_outstanding
+            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) >= PROBE_QUIET);
         if timeout.is_zero()
             || self.side != Side::Agent
             || self.probe.is_some()
             || !self.can_open()
-            || !(quiet || self.ping_outstanding.is_some())
+            || !(quiet || unanswered)
         {
             return;
         }
@@ -633,8 +650,12 @@ impl Connection {
         let opaque = self.ping_counter;
         self.ping_outstanding.get_or_insert((opaque, now));
         self.queue(&Frame::Ping { ack: false, opaque });
-        if let Some(at) = now.checked_add(timeout.max(rtt.saturating_mul(4))) {
-            self.probe = Some((opaque, at));
+        if let Some(deadline) = now.checked_add(timeout.max(rtt.saturating_mul(4))) {
+            self.probe = Some(Probe {
+                opaque,
+                sent: now,
+                deadline,
+            });
         }
     }
 
@@ -643,9 +664,10 @@ impl Connection {
     /// elsewhere (see [`Event::Unresponsive`]). The opens not yet answered carried no
     /// more than what the application wrote behind them; they are reset towards the
     /// server, which drops them if it is alive after all.
-    fn give_up_new_streams(&mut self, now: Instant) {
-        // In whole milliseconds: it is read by people.
-        let silent = now.saturating_duration_since(self.last_recv).as_millis();
+    fn give_up_new_streams(&mut self, now: Instant, probe_sent: Instant) {
+        // Since the probe's ping (the server may have sent other things meanwhile), in
+        // whole milliseconds: it is read by people.
+        let silent = now.saturating_duration_since(probe_sent).as_millis();
         let silent = Duration::from_millis(u64::try_from(silent).unwrap_or(u64::MAX));
         self.events.push_back(Event::Unresponsive { silent });
         let pending: Vec<(StreamId, bool)> = self
@@ -672,6 +694,9 @@ impl Connection {
             }
         }
         self.go_away_with(now, "the server answered nothing; new streams go elsewhere");
+        // Already going away (the agent stopping): the opens just removed may have been
+        // all that kept it from draining.
+        self.check_drain();
     }
 
     // ----- outputs -----
@@ -730,7 +755,7 @@ impl Connection {
             return Some(self.handshake_deadline);
         }
         let idle = self.last_recv + self.config.idle_timeout;
-        let idle = self.probe.map_or(idle, |(_, at)| at.min(idle));
+        let idle = self.probe.map_or(idle, |p| p.deadline.min(idle));
         Some(match self.next_ping {
             Some(p) if self.ping_outstanding.is_none() => p.min(idle),
             _ => idle,
@@ -1406,7 +1431,7 @@ impl Connection {
     }
 
     fn on_pong(&mut self, now: Instant, opaque: u64) {
-        if self.probe.is_some_and(|(probe, _)| probe == opaque) {
+        if self.probe.is_some_and(|p| p.opaque == opaque) {
             self.probe = None;
         }
         if let Some((sent_id, at)) = self.ping_outstanding {

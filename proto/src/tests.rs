@@ -608,7 +608,7 @@ fn a_stream_opened_after_silence_probes_and_new_streams_leave_a_silent_server() 
         p.agent_events
     );
     assert!(p.agent_events.contains(&Event::Unresponsive {
-        silent: Duration::from_secs(7)
+        silent: Duration::from_secs(5)
     }));
     assert!(!p.agent.can_open() && p.agent.is_going_away());
     assert!(p.agent.stream_info(under_way).is_some());
@@ -648,19 +648,25 @@ fn a_stream_opened_after_silence_probes_and_new_streams_leave_a_silent_server() 
 #[test]
 fn a_path_dead_towards_the_server_is_probed_though_its_pings_arrive() {
     let mut p = Pair::ready();
+    let id = p.open_accepted();
     p.advance(Duration::from_secs(5));
-    // Both sides ping; only the server's arrives.
+    // Both sides ping; only the server's arrives, and later some of the stream's data.
     let mut lost = Vec::new();
     p.agent.poll_transmit(p.now, &mut lost);
     assert_eq!(pings_in(&lost), 1);
     let mut from_server = Vec::new();
     p.server.poll_transmit(p.now, &mut from_server);
     assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
-    p.now += Duration::from_millis(300);
-    p.agent.open(p.now, target()).unwrap();
+    p.now += Duration::from_millis(1400);
+    p.server.send_stream(id).write(b"still coming").unwrap();
+    let mut from_server = Vec::new();
+    p.server.poll_transmit(p.now, &mut from_server);
+    assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
+    // Heard from 100 ms ago, but the keepalive ping has gone unanswered for 1.5 s.
+    p.now += Duration::from_millis(100);
+    let waiting = p.agent.open(p.now, target()).unwrap();
     let mut out = Vec::new();
     p.agent.poll_transmit(p.now, &mut out);
-    // The pong to the server's ping, and the probe's own ping.
     assert_eq!(pings_in(&out), 1, "the open goes with a ping of its own");
     // The server's next ping arrives; the probe's ping is never answered.
     p.now += Duration::from_secs(4);
@@ -671,13 +677,33 @@ fn a_path_dead_towards_the_server_is_probed_though_its_pings_arrive() {
     p.now += Duration::from_secs(1);
     p.agent.handle_timeout(p.now);
     p.collect();
-    assert!(
-        p.agent_events
-            .iter()
-            .any(|e| matches!(e, Event::Unresponsive { .. })),
-        "{:?}",
-        p.agent_events
-    );
+    assert!(p.agent_events.contains(&Event::Unresponsive {
+        silent: Duration::from_secs(5)
+    }));
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::Stream(StreamEvent::Refused { id, .. }) if *id == waiting
+    )));
+}
+
+/// A keepalive ping out for less than a second (one round trip, every few seconds) arms
+/// no probe on a connection that is busy.
+#[test]
+fn a_keepalive_ping_just_sent_arms_no_probe() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(5));
+    let mut keepalive = Vec::new();
+    p.agent.poll_transmit(p.now, &mut keepalive);
+    assert_eq!(pings_in(&keepalive), 1);
+    // The server's own ping arrives: the agent has heard from it just now.
+    let mut from_server = Vec::new();
+    p.server.poll_transmit(p.now, &mut from_server);
+    assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
+    p.now += Duration::from_millis(300);
+    p.agent.open(p.now, target()).unwrap();
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 0);
 }
 
 /// A live server whose answers only wait in a queue (a slow uplink) looks silent to the
@@ -697,19 +723,19 @@ fn a_probe_that_gives_up_on_a_live_but_slow_server_cuts_nothing() {
     p.agent.handle_timeout(p.now);
     p.collect();
     assert!(p.agent_events.contains(&Event::Unresponsive {
-        silent: Duration::from_secs(8)
+        silent: Duration::from_secs(6)
     }));
-    // Everything arrives at last.
+    // Everything arrives at last: the open first, which the server accepts, its answer
+    // crossing the agent's reset.
     assert_eq!(p.server.handle_input(p.now, &queued), queued.len());
+    p.collect();
+    assert!(p.server_events.iter().any(|e| matches!(
+        e,
+        Event::Stream(StreamEvent::OpenRequested { id, .. }) if *id == waiting
+    )));
+    p.server.accept_open(waiting).unwrap();
+    p.server.send_stream(waiting).write(b"too late").unwrap();
     p.drive();
-    if let Some(id) = p.server_events.iter().find_map(|e| match e {
-        Event::Stream(StreamEvent::OpenRequested { id, .. }) if *id == waiting => Some(*id),
-        _ => None,
-    }) {
-        // Accepting an open the agent has reset meanwhile is harmless.
-        let _ = p.server.accept_open(id);
-        p.drive();
-    }
     p.server
         .send_stream(under_way)
         .write(b"still here")

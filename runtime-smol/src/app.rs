@@ -56,9 +56,14 @@ pub fn raise_descriptor_limit() {
             current: Some(target),
             maximum: limit.maximum,
         };
-        if setrlimit(Resource::Nofile, raised).is_ok() {
-            tracing::debug!(from = soft, to = target, "raised the open files limit");
-            return;
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = target, "raised the open files limit");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(from = soft, to = target, error = %e, "cannot raise the open files limit")
+            }
         }
     }
 }
