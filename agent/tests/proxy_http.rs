@@ -153,6 +153,46 @@ fn expect_100_continue_is_relayed() {
     });
 }
 
+/// An interim answer is not the answer: a tunnel lost after `100 Continue` still gets the
+/// client a final one (502, saying so), not a reset.
+#[test]
+fn a_tunnel_lost_after_100_continue_gets_a_final_502() {
+    run(async {
+        let origin = async_net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = origin.local_addr().unwrap();
+        let served = smol::spawn(async move {
+            let (s, _) = origin.accept().await.unwrap();
+            let mut c = Conn::new(s);
+            c.until(b"\r\n\r\n").await.expect("the request head");
+            c.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            c.exact(5).await.expect("the body");
+            // Gone: through the dialer, the tunnel ended.
+        });
+        let proxy = start_proxy(TunnelLostDialer, cfg()).await;
+        let mut client = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
+        client
+            .send(
+                format!(
+                    "POST http://{addr}/upload HTTP/1.1\r\nHost: {addr}\r\n\
+                     Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let interim = client.until(b"\r\n\r\n").await.expect("100 Continue");
+        assert!(interim.starts_with(b"HTTP/1.1 100 "), "{interim:?}");
+        client.send(b"hello").await;
+        served.await;
+        let rest = String::from_utf8_lossy(&client.read_to_close().await).into_owned();
+        assert!(
+            rest.starts_with("HTTP/1.1 502 ")
+                && rest.contains("the tunnel to the server ended before")
+                && rest.contains("may have taken effect"),
+            "{rest:?}"
+        );
+    });
+}
+
 #[test]
 fn keep_alive_carries_requests_to_two_origins_on_one_client_connection() {
     run(async {

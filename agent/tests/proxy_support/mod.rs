@@ -47,7 +47,7 @@ impl Dialer for DirectDialer {
         let mut last = refused(RefusalReason::NoSuchHost, "no addresses".into());
         for addr in addrs {
             match TcpStream::connect(addr).await {
-                Ok(s) => return Ok(DirectStream(s)),
+                Ok(s) => return Ok(DirectStream(s, false)),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     last = refused(RefusalReason::ConnectionRefused, e.to_string())
                 }
@@ -58,9 +58,36 @@ impl Dialer for DirectDialer {
     }
 }
 
-/// A TCP connection as a dialer's stream. Its chunk reads copy into a fresh buffer each
-/// (the tunnel's hand out what they received).
-pub struct DirectStream(TcpStream);
+/// Dials directly, but each stream's end reads as its tunnel ending
+/// (`ConnectionAborted`), as a tunnel's streams report a lost tunnel.
+pub struct TunnelLostDialer;
+
+impl Dialer for TunnelLostDialer {
+    type Stream = DirectStream;
+
+    async fn open(&self, target: Target) -> Result<DirectStream, DialError> {
+        let s = DirectDialer.open(target).await?;
+        Ok(DirectStream(s.0, true))
+    }
+}
+
+/// A TCP connection as a dialer's stream (and whether its end reads as a lost tunnel).
+/// Its chunk reads copy into a fresh buffer each (the tunnel's hand out what they
+/// received).
+pub struct DirectStream(TcpStream, bool);
+
+impl DirectStream {
+    /// `n` bytes read: the end, for a stream whose end is a lost tunnel, is an error.
+    fn ended(&self, n: usize) -> io::Result<usize> {
+        if n == 0 && self.1 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "tunnel lost: the test's stream ended",
+            ));
+        }
+        Ok(n)
+    }
+}
 
 impl AsyncRead for DirectStream {
     fn poll_read(
@@ -68,7 +95,8 @@ impl AsyncRead for DirectStream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let n = std::task::ready!(Pin::new(&mut self.0).poll_read(cx, buf))?;
+        Poll::Ready(self.ended(n))
     }
 }
 
@@ -103,7 +131,7 @@ impl ReadChunks for DirectStream {
         if n > 0 {
             out.push(Bytes::from(buf));
         }
-        Poll::Ready(Ok(n))
+        Poll::Ready(self.ended(n))
     }
 }
 
