@@ -281,7 +281,7 @@ impl TunnelDialer {
     }
 
     /// Accepting a client failed for want of file descriptors: client connections that
-    /// wait for their next request close, now and for [`SHED_FOR`], so that clients
+    /// wait for their next request close, now and for a second after, so that clients
     /// waiting to connect get their turn (the proxy listener's backlog).
     pub fn close_idle_clients(&self) {
         *lock(&self.inner.shed_until) = Some(Instant::now() + SHED_FOR);

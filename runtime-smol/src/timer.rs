@@ -71,12 +71,16 @@ impl LazyTimer {
     /// pinned, so every task that ever awaits the call would carry two or three copies of
     /// it (a tunnel open's future, 4 KiB, made each proxied connection's task 9 KiB
     /// larger).
-    pub async fn run<F: Future + Unpin>(
+    pub async fn run<F: Future + Unpin>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
+        self.run_until(crate::app::deadline_in(limit), fut).await
+    }
+
+    /// Runs `fut`, giving up with `None` once `deadline` has passed (see [`Self::run`]).
+    pub async fn run_until<F: Future + Unpin>(
         &mut self,
-        limit: Duration,
+        deadline: Instant,
         mut fut: F,
     ) -> Option<F::Output> {
-        let deadline = crate::app::deadline_in(limit);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = Pin::new(&mut fut).poll(cx) {
                 return Poll::Ready(Some(v));

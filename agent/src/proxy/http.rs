@@ -92,6 +92,7 @@ where
     // A request is arriving: idle connections that close do not include this one.
     let mut arriving = false;
     let mut head_deadline = LazyTimer::new();
+    let mut head_due = None;
     loop {
         let (kept, inb) = (&mut upstream, &mut *cin);
         let reading = async move {
@@ -133,8 +134,13 @@ where
             dialer.wait_close_idle().await;
             None
         };
+        // One limit for a head, however often an idle close was declined meanwhile.
+        let due = match head_due {
+            Some(due) if arriving => due,
+            _ => *head_due.insert(fluidity_runtime_smol::app::deadline_in(cfg.head_timeout)),
+        };
         let head = head_deadline
-            .run(cfg.head_timeout, pin!(reading.or(close_idle)))
+            .run_until(due, pin!(reading.or(close_idle)))
             .await;
         let head = match head {
             Some(None) if cin.buffered().is_empty() => {
