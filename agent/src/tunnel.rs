@@ -166,6 +166,10 @@ struct Inner {
 }
 
 impl Inner {
+    fn is_stopping(&self) -> bool {
+        self.stopping.0.is_closed()
+    }
+
     fn shedding(&self) -> bool {
         lock(&self.shed_until).is_some_and(|t| Instant::now() < t)
     }
@@ -277,7 +281,17 @@ impl TunnelDialer {
 
     /// Whether the agent is stopping: no tunnel is made and no stream opened any more.
     pub fn is_stopping(&self) -> bool {
-        self.inner.stopping.0.is_closed()
+        self.inner.is_stopping()
+    }
+
+    /// Lets `tunnel` go as the current one, so that the next open makes another. Only
+    /// that tunnel: the current one may already be its replacement (an open can wait long
+    /// for room).
+    fn forget(&self, tunnel: &Tunnel) {
+        let mut current = lock(&self.inner.current);
+        if current.as_ref().is_some_and(|t| t.is_same(tunnel)) {
+            current.take();
+        }
     }
 
     /// Accepting a client failed for want of file descriptors: client connections that
@@ -573,20 +587,12 @@ impl Dialer for TunnelDialer {
                         && !self.is_stopping() =>
                 {
                     tracing::debug!(refusal = %r, "open refused by a tunnel going away; reconnecting");
-                    let mut current = lock(&self.inner.current);
-                    if current.as_ref().is_some_and(|t| t.is_same(&tunnel)) {
-                        current.take();
-                    }
+                    self.forget(&tunnel);
                 }
                 Err(fluidity_runtime_smol::Error::Refused(r)) => return Err(DialError::Refused(r)),
                 Err(e) if attempt == 0 && !tunnel.can_open() => {
                     tracing::debug!(error = %e, "tunnel unusable; reconnecting");
-                    // Only this tunnel: the current one may already be its replacement
-                    // (an open can wait long for room).
-                    let mut current = lock(&self.inner.current);
-                    if current.as_ref().is_some_and(|t| t.is_same(&tunnel)) {
-                        current.take();
-                    }
+                    self.forget(&tunnel);
                 }
                 Err(e) => return Err(DialError::TunnelDown(e.to_string())),
             }
@@ -599,7 +605,7 @@ impl Dialer for TunnelDialer {
         async move {
             loop {
                 let shed = inner.shed.listen();
-                if inner.stopping.0.is_closed() || inner.shedding() {
+                if inner.is_stopping() || inner.shedding() {
                     return;
                 }
                 // Nothing is ever sent on `stopping`: its close is the signal.

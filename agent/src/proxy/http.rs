@@ -702,9 +702,9 @@ where
 
     // One retry, only for an idempotent request without a body that failed before any
     // answer, on a reused stream (the origin most likely closed the idle connection just
-    // then) or because the tunnel ended under it (a dead path found by the tunnel's probe,
-    // a server that stopped): a new tunnel may well carry it. Anything else might have
-    // taken effect and must not be replayed (RFC 9110 §9.2.2).
+    // then) or because the tunnel ended under it (its server gone, or its path dead past
+    // the idle timeout): a new tunnel may well carry it. Anything else might have taken
+    // effect and must not be replayed (RFC 9110 §9.2.2).
     let retryable = framing == Framing::Empty && is_idempotent(method);
     for attempt in 0..2 {
         // A stream kept for another origin is let go plainly while the new one opens,
@@ -738,11 +738,11 @@ where
         up.reused = true;
         let result = exchange(&ctx, &head_bytes, cin, cw, up).await;
         let outcome = match result {
-            Err(ExchangeError::NoResponse(_)) if reused && retryable && attempt == 0 => {
-                *upstream = None;
-                continue;
-            }
-            Err(ExchangeError::TunnelLost(_)) if retryable && attempt == 0 => {
+            Err(ref e @ (ExchangeError::NoResponse(_) | ExchangeError::TunnelLost(_)))
+                if retryable
+                    && attempt == 0
+                    && (reused || matches!(e, ExchangeError::TunnelLost(_))) =>
+            {
                 *upstream = None;
                 continue;
             }
