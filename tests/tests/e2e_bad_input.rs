@@ -13,7 +13,7 @@ use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
 use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{
-    connect_via, curl_status, read_all_lossy, ws_crash_client, LiveStream, WsVia,
+    connect_via, curl_status, read_all_lossy, ws_crash_client, KeptAlive, LiveStream, WsVia,
 };
 use fluidity_tests::e2e::origin::{
     refused_port, AbruptOrigin, BlackHole, DeafOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
@@ -1124,27 +1124,15 @@ fn idle_kept_alive_clients_make_room_when_descriptors_run_out() {
         .proc
         .wait_log(Duration::from_secs(30), |l| l.contains("tunnel ready"));
     assert!(ready, "the tunnel did not come up:\n{}", t.agent.proc.log());
-    let get = format!(
-        "GET {} HTTP/1.1\r\nHost: room\r\n\r\n",
-        origin.url("/hello")
-    );
-    let answered = |s: &mut TcpStream| {
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        s.write_all(get.as_bytes()).expect("a request");
-        let mut answer = Vec::new();
-        while !answer.ends_with(b"hello from room\n") {
-            let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).expect("the answer");
-            assert!(n > 0, "the answer ended early: {answer:?}");
-            answer.extend_from_slice(&buf[..n]);
-        }
+    let hello = origin.url("/hello");
+    let answered = |k: &mut KeptAlive| {
+        assert_eq!(k.get(&hello), (200, "hello from room\n".to_owned()));
     };
-    let mut idle: Vec<TcpStream> = (0..4)
+    let mut idle: Vec<KeptAlive> = (0..4)
         .map(|_| {
-            let mut s = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
-            answered(&mut s);
-            s
+            let mut k = KeptAlive::open(t.proxy());
+            answered(&mut k);
+            k
         })
         .collect();
     let pid = t.agent.proc.pid();
@@ -1152,14 +1140,13 @@ fn idle_kept_alive_clients_make_room_when_descriptors_run_out() {
     // Not one descriptor to spare.
     limit_descriptors(pid, open);
 
-    let mut newcomer = TcpStream::connect(t.proxy()).expect("connecting to the proxy");
-    answered(&mut newcomer);
-    for s in &mut idle {
-        let mut byte = [0u8; 1];
-        match s.read(&mut byte) {
-            Ok(0) => {}
-            other => panic!("an idle kept-alive client saw {other:?}, not a close"),
-        }
+    answered(&mut KeptAlive::open(t.proxy()));
+    for k in &mut idle {
+        let seen = k.closed_plainly();
+        assert!(
+            matches!(seen, Ok(true)),
+            "an idle kept-alive client saw {seen:?}, not a close"
+        );
     }
     let log = t.agent.proc.log();
     assert!(log.contains("out of file descriptors"), "{log}");

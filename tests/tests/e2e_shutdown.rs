@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use fluidity_tests::e2e::bin::binaries;
-use fluidity_tests::e2e::client::{curl_status, LiveStream};
+use fluidity_tests::e2e::client::{curl_status, KeptAlive, LiveStream};
 use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin};
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::tunnel::{plain_get, ALLOW_LOOPBACK};
@@ -271,37 +271,25 @@ fn a_health_port_held_by_something_else_stops_the_server_with_the_reason() {
 /// the data.
 #[test]
 fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
-    use std::io::Write;
     let _wd = watchdog("agent_sigterm", Duration::from_secs(120));
     let mut t = Tunnel::start();
     let echo = EchoOrigin::start();
     let origin = HttpOrigin::start("kept");
     let mut live = LiveStream::open(t.proxy(), echo.addr());
-    let mut kept = std::net::TcpStream::connect(t.proxy()).expect("connecting to the proxy");
-    kept.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    let get = format!(
-        "GET {} HTTP/1.1\r\nHost: kept\r\n\r\n",
-        origin.url("/hello")
+    let mut kept = KeptAlive::open(t.proxy());
+    assert_eq!(
+        kept.get(&origin.url("/hello")),
+        (200, "hello from kept\n".to_owned())
     );
-    kept.write_all(get.as_bytes()).expect("a request");
-    let body = "hello from kept\n";
-    let mut answer = Vec::new();
-    while !answer.ends_with(body.as_bytes()) {
-        let mut buf = [0u8; 1024];
-        let n = kept.read(&mut buf).expect("the answer");
-        assert!(n > 0, "the answer ended early: {answer:?}");
-        answer.extend_from_slice(&buf[..n]);
-    }
 
     terminate(t.agent.proc.pid());
     // Closed plainly, at once: before the grace period ends, and not with the reset the
     // connections still open at the agent's exit get.
-    let mut byte = [0u8; 1];
-    match kept.read(&mut byte) {
-        Ok(0) => {}
-        other => panic!("the idle kept-alive client saw {other:?}, not a close"),
-    }
+    let seen = kept.closed_plainly();
+    assert!(
+        matches!(seen, Ok(true)),
+        "the idle kept-alive client saw {seen:?}, not a close"
+    );
     assert!(
         t.agent.proc.exited().is_none(),
         "closed by the agent's exit, not by its stopping"

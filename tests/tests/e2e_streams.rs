@@ -7,8 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use fluidity_tests::e2e::client::{
-    connect_via, curl_status, parse_status, payload_sha256, read_head_bytewise, seeded_payload,
-    Sha256,
+    connect_via, curl_status, payload_sha256, read_head_bytewise, seeded_payload, KeptAlive, Sha256,
 };
 use fluidity_tests::e2e::origin::{EchoOrigin, FloodOrigin, HttpOrigin};
 use fluidity_tests::e2e::proc::wait_for;
@@ -451,41 +450,4 @@ fn agent_config_args(toml: &str) -> (tempfile::TempDir, Vec<String>) {
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, toml).expect("writing the agent config");
     (dir, vec!["--config".into(), path.display().to_string()])
-}
-
-/// One client connection to the proxy that sends GETs one after another (keep-alive).
-struct KeptAlive {
-    s: std::net::TcpStream,
-}
-
-impl KeptAlive {
-    fn open(proxy: std::net::SocketAddr) -> KeptAlive {
-        let s = std::net::TcpStream::connect(proxy).expect("connecting to the proxy");
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("read timeout");
-        KeptAlive { s }
-    }
-
-    /// Status and body of a GET of `url` (a Content-Length response).
-    fn get(&mut self, url: &str) -> (u16, String) {
-        let host = url
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap_or("");
-        write!(self.s, "GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("request");
-        let head = read_head_bytewise(&mut self.s).expect("response head");
-        let status = parse_status(&head).expect("status");
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .expect("a Content-Length");
-        let mut body = vec![0u8; len];
-        self.s.read_exact(&mut body).expect("response body");
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
 }

@@ -429,3 +429,49 @@ impl LiveStream {
         );
     }
 }
+
+/// One client connection to the proxy that sends GETs one after another (keep-alive).
+pub struct KeptAlive {
+    /// The connection.
+    pub s: std::net::TcpStream,
+}
+
+impl KeptAlive {
+    /// Connects to the proxy at `proxy`.
+    pub fn open(proxy: std::net::SocketAddr) -> KeptAlive {
+        let s = std::net::TcpStream::connect(proxy).expect("connecting to the proxy");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("read timeout");
+        KeptAlive { s }
+    }
+
+    /// Status and body of a GET of `url` (a Content-Length response).
+    pub fn get(&mut self, url: &str) -> (u16, String) {
+        let host = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        write!(self.s, "GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("request");
+        let head = read_head_bytewise(&mut self.s).expect("response head");
+        let status = parse_status(&head).expect("status");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .expect("a Content-Length");
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).expect("response body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Whether the proxy closed the connection plainly (EOF) rather than resetting it or
+    /// sending anything.
+    pub fn closed_plainly(&mut self) -> io::Result<bool> {
+        let mut byte = [0u8; 1];
+        Ok(self.s.read(&mut byte)? == 0)
+    }
+}
