@@ -49,7 +49,7 @@
 //! how a test reports.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -62,6 +62,7 @@ use serde_json::{json, Value};
 
 use crate::e2e::bin::workspace_root;
 use crate::e2e::proc::{wait_for, Proc};
+use crate::e2e::tunnel::free_port;
 
 /// The account moto puts everything in.
 pub const ACCOUNT_ID: &str = "123456789012";
@@ -229,13 +230,6 @@ pub fn moto_server_path() -> PathBuf {
         workspace_root().display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 to find a free port")
 }
 
 impl Moto {

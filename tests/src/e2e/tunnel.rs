@@ -24,10 +24,17 @@ pub const ALLOW_LOOPBACK: &str = "allow_cidrs=127.0.0.1/32";
 /// A port that was free a moment ago on 127.0.0.1. Another process may take it before it
 /// is used, so starting a binary on it is retried.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct ports that were free a moment ago on 127.0.0.1. They are held together
+/// while picked: ports picked one after another may be the same port, since the kernel
+/// may hand a just-released port out again.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0"));
+    held.map(|l| l.local_addr().expect("a bound port's address").port())
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -160,8 +167,9 @@ impl Server {
             p
         });
         for attempt in 1..=START_ATTEMPTS {
-            let listen = opts.listen.unwrap_or_else(|| loopback(free_port()));
-            let health = loopback(free_port());
+            let [listen_port, health_port] = free_ports();
+            let listen = opts.listen.unwrap_or_else(|| loopback(listen_port));
+            let health = loopback(health_port);
             let mut cmd = Command::new(&binaries().server);
             if let Some(p) = &config {
                 cmd.arg("--config").arg(p);
