@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fluidity_proto::{Credentials, RefusalReason, Target};
+use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, ATTEMPT_DELAY};
 use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent, TunnelStream};
@@ -31,7 +32,7 @@ pub enum ServerAddr {
     Ip(SocketAddr),
     /// A name, looked up again for every connection attempt (so that a changed address
     /// is followed, and a name that does not resolve yet is not fatal), its addresses
-    /// tried in turn.
+    /// tried as RFC 8305 says.
     Name {
         /// The host name.
         host: String,
@@ -361,36 +362,32 @@ impl TunnelDialer {
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
         let addrs = s.server.resolve(s.connect_timeout).await?;
-        // Each address in turn, as a browser would: a name with an address this machine
-        // cannot reach (IPv6 without a route, say) must not hide the one it can.
-        let mut failures = Vec::new();
-        let mut connected = None;
-        for addr in addrs {
+        // As a browser would (RFC 8305): an address this machine cannot reach (IPv6
+        // without a route, say) must not hide, or hold up, the one it can.
+        let outcome = first_to_connect(addrs, ATTEMPT_DELAY, |addr| async move {
             let tls =
                 TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
-            match fluidity_runtime_smol::connect(addr, tls, &s.peer_check, s.connect_timeout).await
-            {
-                Ok(h) => {
-                    connected = Some((addr, h));
-                    break;
-                }
-                Err(e) => {
+            fluidity_runtime_smol::connect(addr, tls, &s.peer_check, s.connect_timeout)
+                .await
+                .map_err(|e| {
                     let why = connect_error(&s.server.at(addr), &s.ca_file, e);
                     tracing::debug!(%addr, error = %why, "server address failed");
-                    failures.push(why);
-                }
-            }
-        }
-        let Some((server, h)) = connected else {
-            return Err(match failures.len() {
-                1 => failures.remove(0),
+                    why
+                })
+        })
+        .await;
+        let (server, h) = outcome.map_err(|failed| {
+            let mut why: Vec<String> = failed.into_iter().map(|(_, why)| why).collect();
+            why.dedup();
+            match why.len() {
+                1 => why.remove(0),
                 _ => format!(
                     "cannot connect to the server {} at any of its addresses: {}",
                     s.server,
-                    failures.join("; ")
+                    why.join("; ")
                 ),
-            });
-        };
+            }
+        })?;
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;

@@ -12,12 +12,14 @@
 //!   wraps a rustls connection for a buffered-API driver.
 //! - [`pki`] generates the private CA and the server and agent certificates, creates
 //!   and signs CSRs, and manages a local certificate directory (`fluidity certs init`).
-//! - [`app`] runs a binary's executor threads; [`timer`], [`listener`] and [`resolve`]
-//!   are small pieces every loop needs: a moving deadline, what to do when accepting
-//!   fails, and name lookups under a deadline.
+//! - [`app`] runs a binary's executor threads; [`timer`], [`listener`], [`resolve`] and
+//!   [`happy_eyeballs`] are small pieces every loop needs: a moving deadline, what to do
+//!   when accepting fails, name lookups under a deadline, and connecting to the first of
+//!   several addresses that answers.
 
 pub mod app;
 pub mod driver;
+pub mod happy_eyeballs;
 pub mod listener;
 pub mod pki;
 pub mod relay;

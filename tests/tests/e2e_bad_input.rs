@@ -3,7 +3,7 @@
 //! that cannot be reached or may not be, and the server dying mid-transfer.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use fluidity_tests::e2e::origin::{
     TlsOrigin,
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
-use fluidity_tests::e2e::tunnel::certs_init;
+use fluidity_tests::e2e::tunnel::{certs_init, ALLOW_LOOPBACK};
 use fluidity_tests::e2e::{
     watchdog, Agent, AgentOptions, PathRelay, Server, ServerOptions, Tunnel,
 };
@@ -445,6 +445,44 @@ fn unreachable_targets_get_502_and_504() {
     );
     assert_tunnel_works(&t, &origin, "a CONNECT to an unresolvable name");
     live.assert_alive("unreachable targets");
+}
+
+/// A name whose first address never answers is reached through its next one without
+/// waiting for the first (RFC 8305). The server's hosts file gives `twofold.test` [::1], a
+/// black hole, before 127.0.0.1, the origin; its connect timeout is longer than the dial's
+/// 30 s deadline, so a dial that waited for the first address would never try the second.
+#[test]
+fn a_name_whose_first_address_never_answers_is_reached_through_the_next() {
+    let _wd = watchdog("happy_eyeballs", Duration::from_secs(120));
+    let origin = HttpOrigin::start("the second address");
+    let port = origin.addr().port();
+    let _hole = BlackHole::on(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+    let t = Tunnel::with(ServerOptions {
+        config: Some("connect_timeout_secs = 600\n".into()),
+        egress: vec![ALLOW_LOOPBACK.into(), "allow_cidrs=::1/128".into()],
+        hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
+        log: Some("info,fluidity_server=debug".into()),
+        ..ServerOptions::default()
+    });
+    let (status, body) = curl_status(&t.proxy_url(), &format!("http://twofold.test:{port}/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from the second address\n"),
+        "{}",
+        t.server.proc.log()
+    );
+    // The black hole was tried, and first: the answer came by the race, not by order.
+    let log = t.server.proc.log();
+    let attempt = |addr: &str| {
+        log.find(&format!(
+            "connecting target=twofold.test:{port} addr={addr}:{port}"
+        ))
+    };
+    let (hole_at, origin_at) = (attempt("[::1]"), attempt("127.0.0.1"));
+    assert!(
+        matches!((hole_at, origin_at), (Some(h), Some(o)) if h < o),
+        "the server should have tried [::1] first, then 127.0.0.1:\n{log}"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Dialling a stream's target: policy, resolution, and one TCP connection attempt per
-//! allowed address.
+//! allowed address, staggered as RFC 8305 says.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use async_io::Timer;
 use async_net::TcpStream;
 use fluidity_proto::{Host, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::app::LogThrottle;
+use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, ATTEMPT_DELAY};
 use fluidity_runtime_smol::listener::out_of_descriptors;
 use futures_lite::FutureExt;
 
@@ -77,8 +78,9 @@ impl Dialer {
     }
 
     /// Connects to `target`: checks the policy, resolves the name, drops every address the
-    /// policy refuses, then tries the rest in turn (IPv6 and IPv4 alternating, starting with
-    /// the resolver's first) until one connects. Returns the connected socket, with
+    /// policy refuses, then tries the rest (IPv6 and IPv4 alternating, starting with the
+    /// resolver's first; each attempt [`ATTEMPT_DELAY`] after the one before or when it
+    /// fails, as RFC 8305 says) until one connects. Returns the connected socket, with
     /// `TCP_NODELAY` set, and the address it reached.
     ///
     /// A refusal carries the reason of the last failed attempt (a refused connection,
@@ -123,60 +125,64 @@ impl Dialer {
             ));
         }
 
-        let addrs = interleave_families(allowed);
-        let mut tried = 0;
-        let mut last: Option<(RefusalReason, SocketAddr, String)> = None;
-        for addr in addrs {
-            let remaining = give_up_at.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                let why = format!("the dial deadline of {deadline:?} passed before it was tried");
-                last = Some((RefusalReason::TimedOut, addr, why));
-                break;
+        let connect_timeout = self.connect_timeout;
+        let outcome = first_to_connect(allowed, ATTEMPT_DELAY, |addr| async move {
+            let limit = connect_timeout.min(give_up_at.saturating_duration_since(Instant::now()));
+            if limit.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the dial deadline of {deadline:?} passed before it was tried"),
+                ));
             }
-            tried += 1;
-            let attempt = self.connect_timeout.min(remaining);
+            tracing::debug!(%target, %addr, "connecting");
             let result = TcpStream::connect(addr)
                 .or(async {
-                    Timer::after(attempt).await;
+                    Timer::after(limit).await;
                     Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no answer within {attempt:?}"),
+                        format!("no answer within {limit:?}"),
                     ))
                 })
                 .await;
-            match result {
-                Ok(stream) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        // Only latency suffers; the connection itself is fine.
-                        tracing::debug!(%target, %addr, error = %e, "could not set TCP_NODELAY");
-                    }
-                    tracing::debug!(%target, %addr, elapsed = ?start.elapsed(), "dialled");
-                    return Ok((stream, addr));
-                }
-                Err(e) if out_of_descriptors(&e) => {
-                    // The server's own shortage, not the target's: said once in a while,
-                    // with what to do, and to the agent too. Other addresses would fail alike.
-                    if let Some(held_back) = DESCRIPTORS_LOG.allow(Instant::now()) {
-                        tracing::warn!(%target, error = %e, held_back,
-                            "out of file descriptors: cannot connect to targets; raise the \
-                             limit (ulimit -n, or LimitNOFILE for a service) or lower \
-                             max_tunnels and max_streams");
-                    }
-                    return Err(OpenRefusal::new(
-                        RefusalReason::Other,
-                        format!(
-                            "the server is out of file descriptors ({e}); its operator can raise \
-                             its limit"
-                        ),
-                    ));
-                }
-                Err(e) => {
-                    let reason = classify_connect_error(&e);
-                    tracing::debug!(%target, %addr, error = %e, ?reason, "connection attempt failed");
-                    last = Some((reason, addr, e.to_string()));
-                }
+            if let Err(e) = &result {
+                tracing::debug!(%target, %addr, error = %e, "connection attempt failed");
             }
+            result
+        })
+        .await;
+        let failed = match outcome {
+            Ok((addr, stream)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    // Only latency suffers; the connection itself is fine.
+                    tracing::debug!(%target, %addr, error = %e, "could not set TCP_NODELAY");
+                }
+                tracing::debug!(%target, %addr, elapsed = ?start.elapsed(), "dialled");
+                return Ok((stream, addr));
+            }
+            Err(failed) => failed,
+        };
+        if let Some((_, e)) = failed.iter().find(|(_, e)| out_of_descriptors(e)) {
+            // The server's own shortage, not the target's: said once in a while, with
+            // what to do, and to the agent too.
+            if let Some(held_back) = DESCRIPTORS_LOG.allow(Instant::now()) {
+                tracing::warn!(%target, error = %e, held_back,
+                    "out of file descriptors: cannot connect to targets; raise the \
+                     limit (ulimit -n, or LimitNOFILE for a service) or lower \
+                     max_tunnels and max_streams");
+            }
+            return Err(OpenRefusal::new(
+                RefusalReason::Other,
+                format!(
+                    "the server is out of file descriptors ({e}); its operator can raise \
+                     its limit"
+                ),
+            ));
         }
+        let tried = failed.len();
+        let last = failed
+            .into_iter()
+            .last()
+            .map(|(addr, e)| (classify_connect_error(&e), addr, e.to_string()));
         // The agent's answer names the target already: the detail names the address
         // only where it says more (a name's address, or the last of several).
         let Some((reason, addr, why)) = last else {
@@ -220,49 +226,9 @@ pub fn classify_connect_error(e: &io::Error) -> RefusalReason {
     }
 }
 
-/// Alternates IPv6 and IPv4 addresses (keeping each family's order), starting with the
-/// family of the first address, so that a broken family costs one timeout, not all.
-fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let first_is_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
-    let (mut a, mut b): (Vec<_>, Vec<_>) =
-        addrs.into_iter().partition(|s| s.is_ipv6() == first_is_v6);
-    a.reverse();
-    b.reverse();
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    loop {
-        match (a.pop(), b.pop()) {
-            (None, None) => return out,
-            (x, y) => out.extend(x.into_iter().chain(y)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn interleaves_families_from_the_first() {
-        let s = |t: &str| t.parse::<SocketAddr>().unwrap();
-        let got = interleave_families(vec![
-            s("[2001:4860::1]:80"),
-            s("[2001:4860::2]:80"),
-            s("[2001:4860::3]:80"),
-            s("8.8.8.8:80"),
-        ]);
-        assert_eq!(
-            got,
-            vec![
-                s("[2001:4860::1]:80"),
-                s("8.8.8.8:80"),
-                s("[2001:4860::2]:80"),
-                s("[2001:4860::3]:80"),
-            ]
-        );
-        let got = interleave_families(vec![s("1.1.1.1:1"), s("1.0.0.1:1"), s("[2606::1]:1")]);
-        assert_eq!(got, vec![s("1.1.1.1:1"), s("[2606::1]:1"), s("1.0.0.1:1")]);
-        assert!(interleave_families(Vec::new()).is_empty());
-    }
 
     #[test]
     #[cfg(target_os = "linux")]

@@ -992,12 +992,19 @@ pub struct BlackHole {
 }
 
 impl BlackHole {
-    /// Creates the listener and fills its backlog.
+    /// Creates the listener on a free port of 127.0.0.1 and fills its backlog.
     pub fn start() -> BlackHole {
+        BlackHole::on(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Creates the listener on `addr` (port 0 for a free one) and fills its backlog.
+    pub fn on(addr: SocketAddr) -> BlackHole {
         use socket2::{Domain, Socket, Type};
-        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .expect("bind");
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        if addr.is_ipv6() {
+            sock.set_only_v6(true).expect("IPV6_V6ONLY");
+        }
+        sock.bind(&addr.into()).expect("bind");
         sock.listen(0).expect("listen");
         let addr = sock
             .local_addr()

@@ -111,6 +111,10 @@ pub struct ServerOptions {
     /// Remove every inherited `AWS_*` variable first, so only what `env` sets reaches the
     /// process (the developer's own AWS configuration must not).
     pub clear_aws_env: bool,
+    /// The contents of an `/etc/hosts` the server sees instead of this machine's, for
+    /// names with the addresses a test needs. The server then runs in mount and user
+    /// namespaces of its own (`unshare`, util-linux); its network is this machine's.
+    pub hosts: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -123,6 +127,7 @@ impl Default for ServerOptions {
             args: Vec::new(),
             env: Vec::new(),
             clear_aws_env: false,
+            hosts: None,
         }
     }
 }
@@ -166,11 +171,28 @@ impl Server {
             std::fs::write(&p, text).expect("writing the server config");
             p
         });
+        let hosts = opts.hosts.as_ref().map(|text| {
+            let p = log_dir.join("hosts");
+            std::fs::write(&p, text).expect("writing the server's hosts file");
+            p
+        });
         for attempt in 1..=START_ATTEMPTS {
             let [listen_port, health_port] = free_ports();
             let listen = opts.listen.unwrap_or_else(|| loopback(listen_port));
             let health = loopback(health_port);
-            let mut cmd = Command::new(&binaries().server);
+            let mut cmd = match &hosts {
+                None => Command::new(&binaries().server),
+                Some(hosts) => {
+                    // unshare execs the shell, which execs the server: the process
+                    // the test holds is the server's.
+                    let mut cmd = Command::new("unshare");
+                    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+                        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                        .arg(hosts)
+                        .arg(&binaries().server);
+                    cmd
+                }
+            };
             if let Some(p) = &config {
                 cmd.arg("--config").arg(p);
             }
