@@ -74,8 +74,9 @@ pub enum TunnelEvent {
     /// The peer takes no new streams.
     GoAway,
     /// Agent: the server answered nothing for `silent` after a stream was opened or
-    /// written to; the tunnel takes no new streams, and its unanswered opens were refused
-    /// so that they go elsewhere (`fluidity_proto::Event::Unresponsive`).
+    /// written to; the tunnel takes no new streams, its unanswered opens were refused so
+    /// that they go elsewhere (`fluidity_proto::Event::Unresponsive`), and reads of
+    /// streams armed with `ReadChunks::give_up_if_unresponsive` fail.
     Unresponsive {
         /// How long the server had been silent.
         silent: Duration,
@@ -144,6 +145,9 @@ pub(crate) struct Shared {
     /// Set once the connection is lost or drained.
     pub(crate) closed: Option<Option<fluidity_proto::Error>>,
     pub(crate) ready: bool,
+    /// Set when the server was found unresponsive (`Event::Unresponsive`): reads armed
+    /// with `TunnelStream::give_up_if_unresponsive` fail from then on.
+    pub(crate) unresponsive: bool,
     ready_wakers: Vec<Waker>,
     events: async_channel::Sender<TunnelEvent>,
     /// Room for streams, for opens that found the server's stream limit reached.
@@ -240,8 +244,15 @@ impl Shared {
                     self.send_event(TunnelEvent::GoAway);
                 }
                 Event::Unresponsive { silent } => {
-                    // Idle streams kept for reuse are let go, as at a goaway.
+                    // Idle streams kept for reuse are let go, as at a goaway; readers
+                    // that would rather go elsewhere are told.
                     self.room.wanted.notify(usize::MAX);
+                    self.unresponsive = true;
+                    for slot in self.slots.values_mut() {
+                        if let Some(w) = slot.read_waker.take() {
+                            w.wake();
+                        }
+                    }
                     self.send_event(TunnelEvent::Unresponsive { silent });
                 }
                 Event::ConnectionLost { reason } => self.finish(Some(reason)),
@@ -572,6 +583,7 @@ pub fn start(
         driver_waker: None,
         closed: None,
         ready: false,
+        unresponsive: false,
         ready_wakers: Vec::new(),
         events: tx,
         room: Room::default(),

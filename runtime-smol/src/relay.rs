@@ -167,6 +167,12 @@ pub trait ReadChunks {
     fn poll_given_up(&mut self, _cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Pending
     }
+
+    /// With `on`, until the next bytes arrive, a read that finds nothing fails with
+    /// `ConnectionAborted` once the peer is found unresponsive: for a request that is
+    /// safe to send again elsewhere, whose answer would otherwise wait for the whole
+    /// connection's idle timeout. A stream that cannot tell ignores it.
+    fn give_up_if_unresponsive(&mut self, _on: bool) {}
 }
 
 /// Copies from `stream` to `w` until the stream ends, then closes `w` (a half-close). The

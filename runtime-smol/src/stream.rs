@@ -25,6 +25,9 @@ pub struct TunnelStream {
     id: StreamId,
     finished: bool,
     eof: bool,
+    /// Reads fail once the server is found unresponsive, until bytes arrive
+    /// ([`ReadChunks::give_up_if_unresponsive`]).
+    give_up: bool,
 }
 
 impl TunnelStream {
@@ -34,6 +37,7 @@ impl TunnelStream {
             id,
             finished: false,
             eof: false,
+            give_up: false,
         }
     }
 
@@ -108,6 +112,12 @@ impl TunnelStream {
                     break;
                 }
                 Err(ProtoError::Blocked) if filled > 0 => break,
+                Err(ProtoError::Blocked) if self.give_up && s.unresponsive => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the server stopped answering (no answer to the tunnel's probe)",
+                    )));
+                }
                 Err(ProtoError::Blocked) => {
                     if let Some(slot) = s.slots.get_mut(&id) {
                         slot.read_waker = Some(cx.waker().clone());
@@ -130,6 +140,10 @@ impl TunnelStream {
                     return Poll::Ready(Err(gone(&s, id)));
                 }
             }
+        }
+        if filled > 0 {
+            // The server is heard: what it sends is no longer given up on.
+            self.give_up = false;
         }
         s.wake_driver();
         Poll::Ready(Ok(filled))
@@ -202,6 +216,10 @@ impl ReadChunks for TunnelStream {
             // Forgotten once it ended both ways: nothing to give up.
             None => Poll::Pending,
         }
+    }
+
+    fn give_up_if_unresponsive(&mut self, on: bool) {
+        self.give_up = on;
     }
 }
 

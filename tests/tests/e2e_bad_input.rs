@@ -632,7 +632,8 @@ fn killing_the_server_mid_transfer_fails_transfers_then_the_agent_reconnects() {
 
 /// A path to the server that dies without a word (a laptop that changed networks): the
 /// tunnel's probe finds it within seconds of the next request, which goes through a new
-/// tunnel; a GET under way when it died goes again once the idle timeout ends the old one.
+/// tunnel; a GET under way when it died goes again through the new tunnel as soon as the
+/// probe has found the old one dead, not when the idle timeout ends it.
 #[test]
 fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_tunnel() {
     let _wd = watchdog("silent_path", Duration::from_secs(180));
@@ -640,7 +641,15 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     let certs = certs_init(&dir.path().join("certs"));
     let server = Server::start(&certs, &ServerOptions::default(), dir.path());
     let path = PathRelay::start(server.listen);
-    let mut agent = Agent::start(&certs, path.addr(), dir.path());
+    let mut agent = Agent::start_with(
+        &certs,
+        path.addr(),
+        &AgentOptions {
+            log: Some("info,fluidity_agent::proxy=debug".into()),
+            ..AgentOptions::default()
+        },
+        dir.path(),
+    );
     let origin = HttpOrigin::start("after-the-cut");
     let proxy = agent.proxy_url();
     assert_eq!(curl_status(&proxy, &origin.url("/hello")).0, 200);
@@ -668,8 +677,7 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     let (status, body) = curl_status(&proxy, &origin.url("/hello"));
 
     // The tunnel's probe found the dead path (before its idle timeout) and the new request
-    // went through a new tunnel; the one under way did too once the idle timeout ended the
-    // old one (a GET, safe to send again).
+    // went through a new tunnel; the one under way did too (a GET, safe to send again).
     assert_eq!(
         (status, body.as_str()),
         (200, "hello from after-the-cut\n"),
@@ -691,8 +699,19 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     assert_eq!(slow.accepted(), 2);
     let log = agent.proc.log();
     assert!(
-        log.contains("tunnel lost") && log.contains("answered nothing"),
+        log.contains("answered nothing"),
         "the agent should say the server stopped answering:\n{log}"
+    );
+    // Sent again because the probe found the server gone, not because the idle timeout
+    // ended the tunnel later ("tunnel lost").
+    let again: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sending the request again"))
+        .collect();
+    assert!(
+        again.len() == 1 && again[0].contains("stopped answering"),
+        "the request under way should have gone again when the probe found the server \
+         gone:\n{log}"
     );
     assert!(agent.proc.exited().is_none());
 }

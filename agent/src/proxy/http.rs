@@ -703,7 +703,8 @@ where
     // One retry, only for an idempotent request without a body that failed before any
     // answer, on a reused stream (the origin most likely closed the idle connection just
     // then) or because the tunnel ended under it (its server gone, or its path dead past
-    // the idle timeout): a new tunnel may well carry it. Anything else might have taken
+    // the idle timeout) or its server stopped answering the tunnel's probe: a new tunnel
+    // may well carry it. Anything else might have taken
     // effect and must not be replayed (RFC 9110 §9.2.2).
     let retryable = framing == Framing::Empty && is_idempotent(method);
     for attempt in 0..2 {
@@ -736,6 +737,9 @@ where
         };
         let reused = up.reused;
         up.reused = true;
+        // A request that may go again does not wait for a tunnel whose server stopped
+        // answering to time out: its answer's first bytes would have to come through it.
+        up.stream.give_up_if_unresponsive(retryable && attempt == 0);
         let result = exchange(&ctx, &head_bytes, cin, cw, up).await;
         let outcome = match result {
             Err(ref e @ (ExchangeError::NoResponse(_) | ExchangeError::TunnelLost(_)))
@@ -743,6 +747,7 @@ where
                     && attempt == 0
                     && (reused || matches!(e, ExchangeError::TunnelLost(_))) =>
             {
+                tracing::debug!(%peer, %method, target = %abs.target, error = %e, "sending the request again");
                 *upstream = None;
                 continue;
             }

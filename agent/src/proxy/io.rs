@@ -202,6 +202,15 @@ impl<S> SharedStream<S> {
         }
     }
 
+    /// See [`ReadChunks::give_up_if_unresponsive`].
+    pub(crate) fn give_up_if_unresponsive(&mut self, on: bool)
+    where
+        S: ReadChunks,
+    {
+        let stream = self.stream.get_mut().unwrap_or_else(|e| e.into_inner());
+        stream.give_up_if_unresponsive(on);
+    }
+
     /// Whether bytes taken from the stream are left unread.
     pub(crate) fn has_unread(&self) -> bool {
         !self.rx.is_empty()
