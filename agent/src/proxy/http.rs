@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use fluidity_proto::{Host, RefusalReason, Target};
 use fluidity_runtime_smol::relay::{IdleDeadline, OwnWaker, ReadChunks, LAST_BYTES_TIME};
 use fluidity_runtime_smol::timer::LazyTimer;
+use fluidity_server::egress::embedded_ipv4;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncWriteExt, FutureExt};
 
@@ -379,8 +380,12 @@ fn allow_advice(target: &Target, local: bool, detail: &str) -> String {
         format!("allow_ports={}", target.port)
     } else {
         match &target.host {
-            Host::Ip(ip) if ip.is_ipv4() => format!("allow_cidrs={ip}/32"),
-            Host::Ip(ip) => format!("allow_cidrs={ip}/128"),
+            Host::Ip(IpAddr::V4(ip)) => format!("allow_cidrs={ip}/32"),
+            // A NAT64 or 6to4 address is judged as the IPv4 address it embeds too.
+            Host::Ip(IpAddr::V6(ip)) => match embedded_ipv4(*ip) {
+                Some(v4) => format!("allow_cidrs={ip}/128,{v4}/32"),
+                None => format!("allow_cidrs={ip}/128"),
+            },
             Host::Name(name) => format!("allow_hosts={name}"),
         }
     };
@@ -1465,6 +1470,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Local mode's 403 names a rule; given to the server's default policy, that rule
+    /// lets the request through (for an address embedding IPv4, both forms are judged).
+    #[test]
+    fn the_rule_a_local_403_gives_allows_the_target() {
+        use fluidity_server::egress::{EgressPolicy, EgressRule};
+        let cases = [
+            ("10.1.2.3:80", None),
+            ("[fd00::1]:80", None),
+            ("[::ffff:10.1.2.3]:80", None),
+            ("[64:ff9b::a01:203]:80", None),
+            ("[2002:a01:203::1]:80", None),
+            ("db.internal:80", Some("10.0.0.5".parse().unwrap())),
+        ];
+        for (target, resolved) in cases {
+            let t = Target::parse(target).unwrap();
+            let check = |policy: &EgressPolicy| match resolved {
+                Some(ip) => policy.check_resolved(&t, ip),
+                None => policy.check_target(&t),
+            };
+            let mut policy = EgressPolicy::default();
+            let denied = check(&policy).expect_err(target).to_string();
+            let advice = allow_advice(&t, true, &denied);
+            let rule = advice
+                .strip_prefix("`fluidity local --egress ")
+                .and_then(|r| r.strip_suffix("` allows it"))
+                .unwrap_or_else(|| panic!("{target}: {advice}"));
+            policy.apply(rule.parse::<EgressRule>().unwrap());
+            assert!(check(&policy).is_ok(), "{target}: {rule} did not allow it");
+        }
+    }
 
     #[test]
     fn a_logged_target_keeps_its_origin_and_loses_its_path_and_query() {

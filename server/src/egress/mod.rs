@@ -6,5 +6,7 @@ pub mod policy;
 pub mod resolve;
 
 pub use dial::{Dialer, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DIAL_DEADLINE};
-pub use policy::{Cidr, Denied, EgressPolicy, EgressRule, HostPattern, PortRange, RangeKind};
+pub use policy::{
+    embedded_ipv4, Cidr, Denied, EgressPolicy, EgressRule, HostPattern, PortRange, RangeKind,
+};
 pub use resolve::Resolver;

@@ -560,26 +560,29 @@ pub fn default_denied_range(ip: IpAddr) -> Option<(Cidr, RangeKind)> {
 /// The forms under which an address is judged: itself (or, if IPv4-mapped, only the IPv4
 /// address it maps) and the IPv4 address a NAT64 or 6to4 address embeds.
 fn judged_forms(ip: IpAddr) -> (IpAddr, Option<Ipv4Addr>) {
-    let IpAddr::V6(v6) = ip else {
-        return (ip, None);
-    };
-    if let Some(v4) = v6.to_ipv4_mapped() {
-        return (IpAddr::V4(v4), None);
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (IpAddr::V4(v4), None),
+            None => (ip, embedded_ipv4(v6)),
+        },
+        IpAddr::V4(_) => (ip, None),
     }
+}
+
+/// The IPv4 address a NAT64 (`64:ff9b::/96`) or 6to4 (`2002::/16`) address embeds, which
+/// the policy judges too (see the [module documentation](self)).
+pub fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let ip = IpAddr::V6(v6);
     let bits = u128::from(v6);
     let nat64 = Cidr::v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96);
     if nat64.contains(ip) {
         // The low 32 bits of a u128 always fit a u32.
-        return (ip, Some(Ipv4Addr::from((bits & 0xffff_ffff) as u32)));
+        return Some(Ipv4Addr::from((bits & 0xffff_ffff) as u32));
     }
     let six_to_four = Cidr::v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16);
-    if six_to_four.contains(ip) {
-        return (
-            ip,
-            Some(Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32)),
-        );
-    }
-    (ip, None)
+    six_to_four
+        .contains(ip)
+        .then(|| Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32))
 }
 
 /// Why the policy refused a target; names the rule that matched.
