@@ -157,12 +157,14 @@ impl AgentConfig {
         .map_err(Error::Config)
     }
 
-    /// The host part of `server`, without brackets.
+    /// The host part of `server`, without brackets or an IPv6 scope (`%2`), which no
+    /// certificate names: the server name the TLS handshake checks by default.
     pub fn server_host(&self) -> &str {
         let host = self
             .server
             .rsplit_once(':')
             .map_or(self.server.as_str(), |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']')
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.split_once('%').map_or(host, |(ip, _scope)| ip)
     }
 }

@@ -37,6 +37,17 @@ fn keys_override_defaults_and_unknown_keys_are_errors() {
     let cfg = AgentConfig::load(&path).unwrap();
     assert_eq!(cfg.listen.port(), 9000);
     assert_eq!(cfg.server_host(), "vpn.example.com");
+    for (server, host) in [
+        ("[fe80::1%2]:8443", "fe80::1"),
+        ("[2001:db8::1]:8443", "2001:db8::1"),
+        ("192.0.2.1:8443", "192.0.2.1"),
+    ] {
+        let cfg = AgentConfig {
+            server: server.into(),
+            ..AgentConfig::default()
+        };
+        assert_eq!(cfg.server_host(), host, "{server}");
+    }
     assert_eq!(cfg.cert, std::path::PathBuf::from("/abs/c.pem"));
     assert_eq!(cfg.connect_timeout_secs, 3);
 
