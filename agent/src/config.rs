@@ -91,7 +91,7 @@ pub struct AgentConfig {
     #[serde(deserialize_with = "fluidity_runtime_smol::listener::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// Server address, `host:port`: a name is looked up at every connection attempt, its
-    /// addresses tried in turn. Default `127.0.0.1:8443`.
+    /// addresses raced as RFC 8305 says. Default `127.0.0.1:8443`.
     pub server: String,
     /// Name or IP the server certificate must be valid for. Default: the host of `server`.
     pub server_name: Option<String>,

@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fluidity_proto::{Credentials, RefusalReason, Target};
+use fluidity_runtime_smol::driver::{client_handshake, tcp_connect};
 use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, ATTEMPT_DELAY};
 use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
-use fluidity_runtime_smol::{Tunnel, TunnelEvent, TunnelStream};
+use fluidity_runtime_smol::{Handshaken, Tunnel, TunnelEvent, TunnelStream};
 use futures_lite::FutureExt;
 use smol::Executor;
 
@@ -64,7 +65,7 @@ impl ServerAddr {
         })
     }
 
-    /// The addresses to try, in the resolver's order, at most [`MAX_SERVER_ADDRESSES`];
+    /// The addresses to try, IPv6 and IPv4 alternating, at most [`MAX_SERVER_ADDRESSES`];
     /// a lookup gets `limit`.
     async fn resolve(&self, limit: Duration) -> Result<Vec<SocketAddr>, String> {
         let (host, port) = match self {
@@ -361,23 +362,8 @@ impl TunnelDialer {
         let settings = self.settings();
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
-        let addrs = s.server.resolve(s.connect_timeout).await?;
-        // As a browser would (RFC 8305): an address this machine cannot reach (IPv6
-        // without a route, say) must not hide, or hold up, the one it can.
-        let outcome = first_to_connect(addrs, ATTEMPT_DELAY, |addr| async move {
-            let tls =
-                TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| e.to_string())?;
-            fluidity_runtime_smol::connect(addr, tls, &s.peer_check, s.connect_timeout)
-                .await
-                .map_err(|e| {
-                    let why = connect_error(&s.server.at(addr), &s.ca_file, e);
-                    tracing::debug!(%addr, error = %why, "server address failed");
-                    why
-                })
-        })
-        .await;
-        let (server, h) = outcome.map_err(|failed| {
-            let mut why: Vec<String> = failed.into_iter().map(|(_, why)| why).collect();
+        let mut addrs = s.server.resolve(s.connect_timeout).await?;
+        let (server, h) = connect_to_one(s, &mut addrs).await.map_err(|mut why| {
             why.dedup();
             match why.len() {
                 1 => why.remove(0),
@@ -459,6 +445,47 @@ impl TunnelDialer {
         }
         Ok(tunnel)
     }
+}
+
+/// A checked TLS connection to one of `addrs`, or why each failed. As a browser does
+/// (RFC 8305), TCP connections are raced, so that an address this machine cannot reach
+/// (IPv6 without a route, say) neither hides nor holds up one it can; TLS runs on the
+/// first to connect only (a race of whole handshakes would open a second connection
+/// whenever two round trips exceed the attempt delay). If TLS fails there, the other
+/// addresses are raced again.
+async fn connect_to_one(
+    s: &TunnelSettings,
+    addrs: &mut Vec<SocketAddr>,
+) -> Result<(SocketAddr, Handshaken), Vec<String>> {
+    let mut why = Vec::new();
+    let failed = |why: &mut Vec<String>, addr: SocketAddr, e| {
+        let e = connect_error(&s.server.at(addr), &s.ca_file, e);
+        tracing::debug!(%addr, error = %e, "server address failed");
+        why.push(e);
+    };
+    while !addrs.is_empty() {
+        let raced = first_to_connect(addrs.clone(), ATTEMPT_DELAY, |addr| {
+            tcp_connect(addr, s.connect_timeout)
+        })
+        .await;
+        let (addr, sock) = match raced {
+            Ok(won) => won,
+            Err(lost) => {
+                for (addr, e) in lost {
+                    failed(&mut why, addr, fluidity_runtime_smol::Error::Io(e));
+                }
+                break;
+            }
+        };
+        addrs.retain(|a| *a != addr);
+        let tls =
+            TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
+        match client_handshake(sock, tls, &s.peer_check, s.connect_timeout).await {
+            Ok(h) => return Ok((addr, h)),
+            Err(e) => failed(&mut why, addr, e),
+        }
+    }
+    Err(why)
 }
 
 /// Why the TCP connection or the TLS handshake to the server failed, with what to check

@@ -973,10 +973,16 @@ pub struct Handshaken {
 /// ALPN and the server's names against `check`.
 pub async fn connect(
     addr: SocketAddr,
-    mut tls: TlsSession,
+    tls: TlsSession,
     check: &PeerCheck,
     timeout: Duration,
 ) -> Result<Handshaken, Error> {
+    let sock = tcp_connect(addr, timeout).await.map_err(Error::Io)?;
+    client_handshake(sock, tls, check, timeout).await
+}
+
+/// Agent side: the TCP connection to `addr`, within `timeout`, with `TCP_NODELAY` set.
+pub async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> io::Result<Async<TcpStream>> {
     let sock = Async::<TcpStream>::connect(addr)
         .or(async {
             Timer::after(timeout).await;
@@ -985,9 +991,19 @@ pub async fn connect(
                 format!("TCP connect to {addr} timed out after {timeout:?}"),
             ))
         })
-        .await
-        .map_err(Error::Io)?;
-    sock.get_ref().set_nodelay(true).map_err(Error::Io)?;
+        .await?;
+    sock.get_ref().set_nodelay(true)?;
+    Ok(sock)
+}
+
+/// Agent side: completes the TLS handshake on a connected socket within `timeout` and
+/// checks ALPN and the server's names against `check`.
+pub async fn client_handshake(
+    sock: Async<TcpStream>,
+    mut tls: TlsSession,
+    check: &PeerCheck,
+    timeout: Duration,
+) -> Result<Handshaken, Error> {
     handshake(&sock, &mut tls, timeout).await?;
     let established = tls.established(check)?;
     Ok(Handshaken {

@@ -35,15 +35,16 @@ where
     let mut failed = Vec::new();
     let mut next_start = Timer::never();
     poll_fn(move |cx| loop {
-        let mut one_failed = false;
+        let mut failed_now = 0;
         let mut i = 0;
         while i < running.len() {
             match running[i].1.as_mut().poll(cx) {
                 Poll::Ready(Ok(done)) => return Poll::Ready(Ok((running[i].0, done))),
                 Poll::Ready(Err(e)) => {
-                    let (addr, _) = running.swap_remove(i);
+                    // Removed in place, so that failures keep the order of their starts.
+                    let (addr, _) = running.remove(i);
                     failed.push((addr, e));
-                    one_failed = true;
+                    failed_now += 1;
                 }
                 Poll::Pending => i += 1,
             }
@@ -54,18 +55,21 @@ where
                 false => Poll::Pending,
             };
         }
-        // The timer is polled (and so wakes this task) only while nothing else starts
-        // the next attempt; starting one re-arms it either way.
-        let start =
-            one_failed || running.is_empty() || Pin::new(&mut next_start).poll(cx).is_ready();
-        if !start {
+        // One new attempt per failure, one if none runs, else one when the delay has
+        // passed. The timer is polled (and so wakes this task) only in that last case;
+        // starting an attempt re-arms it either way.
+        let starts = match (failed_now, running.is_empty()) {
+            (0, false) => usize::from(Pin::new(&mut next_start).poll(cx).is_ready()),
+            (n, _) => n.max(1),
+        };
+        if starts == 0 {
             return Poll::Pending;
         }
-        if let Some(addr) = waiting.next() {
+        for addr in waiting.by_ref().take(starts) {
             running.push((addr, Box::pin(attempt(addr))));
-            next_start.set_after(delay);
         }
-        // Round again: the new attempt is polled (and registers its waker) at once.
+        next_start.set_after(delay);
+        // Round again: the new attempts are polled (and register their wakers) at once.
     })
     .await
 }
@@ -204,7 +208,8 @@ mod tests {
     }
 
     /// Attempts that run side by side are all polled: a later one that fails while an
-    /// earlier one still waits is recorded, and the earlier one can still win.
+    /// earlier one still waits does not end the race, and the earlier one can still win
+    /// (it finishes only once the later one has failed).
     #[test]
     fn an_earlier_attempt_can_win_after_a_later_one_fails() {
         let (_r, refused) = refusing();

@@ -299,6 +299,10 @@ impl<T: ReadChunks> ReadChunks for SharedHalf<'_, T> {
     fn poll_given_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         lock(self.0).poll_given_up(cx)
     }
+
+    fn give_up_if_unresponsive(&mut self, on: bool) {
+        lock(self.0).give_up_if_unresponsive(on);
+    }
 }
 
 /// Runs two fallible futures at once until both have finished or one has failed (the

@@ -36,6 +36,8 @@ use async_io::Timer;
 use futures_lite::FutureExt;
 use smol::lock::Semaphore;
 
+use crate::happy_eyeballs::interleave_families;
+
 /// Resolves names to socket addresses; cheap to clone (clones share the lookup slots).
 #[derive(Debug, Clone)]
 pub struct Resolver {
@@ -106,8 +108,9 @@ impl Resolver {
         self.timeout
     }
 
-    /// The addresses of `host` with `port`, in the resolver's order, without duplicates and
-    /// at most `max_addresses`. An IP literal is returned as is, without a lookup.
+    /// The addresses of `host` with `port`, without duplicates, IPv6 and IPv4 alternating
+    /// from the family of the resolver's first (RFC 8305 §4; each family in the resolver's
+    /// order), at most `max_addresses`. An IP literal is returned as is, without a lookup.
     pub async fn lookup(
         &self,
         host: &str,
@@ -147,15 +150,19 @@ impl Resolver {
             .await;
         match outcome {
             Some(Ok(found)) => {
-                let mut addrs = Vec::with_capacity(found.len().min(max_addresses));
+                let mut addrs = Vec::with_capacity(found.len());
                 for a in found {
-                    if !addrs.contains(&a) && addrs.len() < max_addresses {
+                    if !addrs.contains(&a) {
                         addrs.push(a);
                     }
                 }
                 if addrs.is_empty() {
                     return Err(LookupError::NoAddresses);
                 }
+                // Cut after interleaving, so that many addresses of one family do not
+                // crowd out the other.
+                let mut addrs = interleave_families(addrs);
+                addrs.truncate(max_addresses);
                 Ok(addrs)
             }
             None if !started.load(Ordering::Relaxed) => Err(LookupError::NoSlot {

@@ -451,6 +451,8 @@ fn unreachable_targets_get_502_and_504() {
 /// waiting for the first (RFC 8305). The server's hosts file gives `twofold.test` [::1], a
 /// black hole, before 127.0.0.1, the origin; its connect timeout is longer than the dial's
 /// 30 s deadline, so a dial that waited for the first address would never try the second.
+/// Needs `unshare` with user namespaces (for the hosts file), `::1` on the loopback
+/// interface, and the resolver's usual order (RFC 6724: `::1` before `127.0.0.1`).
 #[test]
 fn a_name_whose_first_address_never_answers_is_reached_through_the_next() {
     let _wd = watchdog("happy_eyeballs", Duration::from_secs(120));
@@ -654,6 +656,9 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     let proxy = agent.proxy_url();
     assert_eq!(curl_status(&proxy, &origin.url("/hello")).0, 200);
     assert_eq!(path.accepted(), 1);
+    // A client keeps its connection, and so its stream to the origin, between requests.
+    let mut kept = KeptAlive::open(agent.listen);
+    assert_eq!(kept.get(&origin.url("/hello")).0, 200);
     // A request is under way when the path dies: its origin has it and has not answered
     // (it answers the request's second coming).
     let slow = SilentOrigin::answering_from(1);
@@ -685,6 +690,18 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
         agent.proc.log()
     );
     assert_eq!(path.accepted(), 2);
+    // The kept client's next request, a POST (never sent twice), takes a new stream
+    // through the new tunnel: the kept one's tunnel is known unresponsive.
+    let (status, sum) = kept.post(&origin.url("/sha256"), b"kept");
+    assert_eq!(
+        (status, sum.as_str()),
+        (
+            200,
+            fluidity_tests::e2e::client::sha256_hex(b"kept").as_str()
+        ),
+        "{}",
+        agent.proc.log()
+    );
     let exit = wait_for(
         "the request under way to end",
         Duration::from_secs(60),

@@ -881,14 +881,17 @@ where
 }
 
 /// Whether a kept stream can take another request: the origin has sent nothing and not
-/// closed it meanwhile (checked without waiting; a stream is kept only with nothing left
-/// unread).
+/// closed it meanwhile, and its tunnel's server has not stopped answering (checked
+/// without waiting; a stream is kept only with nothing left unread).
 fn still_usable<S: ReadChunks>(upstream: &mut Option<Upstream<S>>) -> bool {
     let Some(up) = upstream else {
         return true;
     };
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
+    // Armed, the read fails if the server stopped answering: a new tunnel takes the
+    // request rather than one that may never carry it.
+    up.stream.give_up_if_unresponsive(true);
     // Data or EOF from an idle origin: either way its next answer cannot be trusted.
     up.stream.halves().0.poll_fill(&mut cx).is_pending()
 }
@@ -968,8 +971,8 @@ enum ExchangeError {
     /// The origin ended or failed before any response; nothing was sent to the client.
     #[error("no response from the origin: {0}")]
     NoResponse(String),
-    /// The tunnel ended (lost, or the server shut down) before any response; nothing was
-    /// sent to the client.
+    /// The tunnel ended (lost, or the server shut down), or its server stopped answering
+    /// a request that may go again, before any response; nothing was sent to the client.
     #[error("no response: {0}")]
     TunnelLost(String),
     /// The origin's response head or framing is invalid; nothing was sent to the client.
@@ -1303,7 +1306,8 @@ where
             Err(ReadHeadError::Truncated) => {
                 return Err(ExchangeError::BadResponse("response head cut short".into()))
             }
-            // The stream's read fails this way only when the whole tunnel ended.
+            // The stream's read fails this way only when the whole tunnel ended, or when
+            // its server stopped answering and the read was armed to give up then.
             Err(ReadHeadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
                 return Err(ExchangeError::TunnelLost(e.to_string()))
             }

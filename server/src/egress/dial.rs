@@ -129,10 +129,7 @@ impl Dialer {
         let outcome = first_to_connect(allowed, ATTEMPT_DELAY, |addr| async move {
             let limit = connect_timeout.min(give_up_at.saturating_duration_since(Instant::now()));
             if limit.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the dial deadline of {deadline:?} passed before it was tried"),
-                ));
+                return Err(Attempt::TooLate);
             }
             tracing::debug!(%target, %addr, "connecting");
             let result = TcpStream::connect(addr)
@@ -144,10 +141,10 @@ impl Dialer {
                     ))
                 })
                 .await;
-            if let Err(e) = &result {
+            result.map_err(|e| {
                 tracing::debug!(%target, %addr, error = %e, "connection attempt failed");
-            }
-            result
+                Attempt::Failed(e)
+            })
         })
         .await;
         let failed = match outcome {
@@ -161,7 +158,14 @@ impl Dialer {
             }
             Err(failed) => failed,
         };
-        if let Some((_, e)) = failed.iter().find(|(_, e)| out_of_descriptors(e)) {
+        let tried: Vec<(SocketAddr, io::Error)> = failed
+            .into_iter()
+            .filter_map(|(addr, a)| match a {
+                Attempt::Failed(e) => Some((addr, e)),
+                Attempt::TooLate => None,
+            })
+            .collect();
+        if let Some((_, e)) = tried.iter().find(|(_, e)| out_of_descriptors(e)) {
             // The server's own shortage, not the target's: said once in a while, with
             // what to do, and to the agent too.
             if let Some(held_back) = DESCRIPTORS_LOG.allow(Instant::now()) {
@@ -178,20 +182,20 @@ impl Dialer {
                 ),
             ));
         }
-        let tried = failed.len();
-        let last = failed
-            .into_iter()
-            .last()
-            .map(|(addr, e)| (classify_connect_error(&e), addr, e.to_string()));
+        let count = tried.len();
+        let Some((addr, e)) = tried.into_iter().last() else {
+            return Err(OpenRefusal::new(
+                RefusalReason::TimedOut,
+                format!("the dial deadline of {deadline:?} passed before an address was tried"),
+            ));
+        };
+        let (reason, why) = (classify_connect_error(&e), e.to_string());
         // The agent's answer names the target already: the detail names the address
         // only where it says more (a name's address, or the last of several).
-        let Some((reason, addr, why)) = last else {
-            return Err(OpenRefusal::new(RefusalReason::Other, "no address tried"));
-        };
-        let which = match (tried, &target.host) {
-            (0 | 1, Host::Ip(_)) => None,
-            (0 | 1, Host::Name(_)) => Some(addr.to_string()),
-            _ => Some(format!("{tried} addresses tried; the last, {addr}")),
+        let which = match (count, &target.host) {
+            (1, Host::Ip(_)) => None,
+            (1, Host::Name(_)) => Some(addr.to_string()),
+            _ => Some(format!("{count} addresses tried; the last, {addr}")),
         };
         // A refused or unreachable address is all the reason says; a timeout's or another
         // error's text says more.
@@ -207,6 +211,14 @@ impl Dialer {
         };
         Err(OpenRefusal::new(reason, detail))
     }
+}
+
+/// Why one address gave no connection.
+enum Attempt {
+    /// The connection attempt failed or timed out.
+    Failed(io::Error),
+    /// The dial deadline had passed when its turn came: not tried.
+    TooLate,
 }
 
 /// One warning per this long about running out of descriptors when dialling.

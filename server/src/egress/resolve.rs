@@ -23,7 +23,7 @@ pub fn default_resolver() -> Resolver {
     Resolver::new(DEFAULT_RESOLVE_TIMEOUT, DEFAULT_MAX_LOOKUPS)
 }
 
-/// The addresses of `target`, in the resolver's order, without duplicates and at most
+/// The addresses of `target`, IPv6 and IPv4 alternating, without duplicates and at most
 /// [`MAX_ADDRESSES`]; a failure is the refusal the stream open is answered with.
 pub async fn resolve(resolver: &Resolver, target: &Target) -> Result<Vec<SocketAddr>, OpenRefusal> {
     let name = match &target.host {

@@ -430,7 +430,7 @@ impl LiveStream {
     }
 }
 
-/// One client connection to the proxy that sends GETs one after another (keep-alive).
+/// One client connection to the proxy that sends requests one after another (keep-alive).
 pub struct KeptAlive {
     /// The connection.
     pub s: std::net::TcpStream,
@@ -447,12 +447,27 @@ impl KeptAlive {
 
     /// Status and body of a GET of `url` (a Content-Length response).
     pub fn get(&mut self, url: &str) -> (u16, String) {
+        self.request("GET", url, None)
+    }
+
+    /// Status and body of a POST of `body` to `url` (a Content-Length response).
+    pub fn post(&mut self, url: &str, body: &[u8]) -> (u16, String) {
+        self.request("POST", url, Some(body))
+    }
+
+    fn request(&mut self, method: &str, url: &str, body: Option<&[u8]>) -> (u16, String) {
         let host = url
             .trim_start_matches("http://")
             .split('/')
             .next()
             .unwrap_or("");
-        write!(self.s, "GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("request");
+        let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
+        if let Some(body) = body {
+            req.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body.unwrap_or_default());
+        self.s.write_all(&req).expect("request");
         let head = read_head_bytewise(&mut self.s).expect("response head");
         let status = parse_status(&head).expect("status");
         let len: usize = head
