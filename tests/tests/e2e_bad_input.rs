@@ -961,6 +961,29 @@ fn a_client_reset_during_a_stalled_upload_releases_its_stream() {
     assert_tunnel_works(&t, &origin, "clients reset during stalled uploads");
 }
 
+/// An origin that drops a request without answering gets the client a 502 that says how:
+/// closed, or reset (as a crashing server does). The tunnel keeps working.
+#[test]
+fn an_origin_that_drops_a_request_unanswered_gets_a_502_saying_how() {
+    let _wd = watchdog("origin_drops_request", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = AbruptOrigin::start();
+    let other = HttpOrigin::start("after-dropped-requests");
+    let target = origin.addr();
+    for (path, how) in [("/close-now", "closed"), ("/reset-now", "reset")] {
+        let (status, body) = curl_status(&t.proxy_url(), &origin.url(path));
+        assert_eq!(
+            (status, body.trim_end()),
+            (
+                502,
+                format!("fluidity: {target} {how} the connection without answering").as_str()
+            ),
+            "{path}"
+        );
+    }
+    assert_tunnel_works(&t, &other, "origins that dropped requests");
+}
+
 /// An origin that closes its connection plainly (a FIN) in the middle of a response whose
 /// length is known (Content-Length or chunked) fails the client through the proxy as it
 /// does directly: curl sees the response cut short (exit 18), not a reset (56), and never

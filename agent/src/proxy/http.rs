@@ -910,8 +910,12 @@ async fn fail<W: AsyncWrite + Unpin>(
         tracing::info!(%peer, %method, %target, error = %e, "request failed");
     }
     let line = match &e {
-        ExchangeError::NoResponse(_) => {
+        // The server resets the stream when its connection to the origin breaks.
+        ExchangeError::NoResponse(None) => {
             format!("fluidity: {target} closed the connection without answering")
+        }
+        ExchangeError::NoResponse(Some(_)) => {
+            format!("fluidity: {target} reset the connection without answering")
         }
         ExchangeError::TunnelLost(why) => format!(
             "fluidity: the tunnel to the server ended before {target} answered ({}){}",
@@ -968,9 +972,10 @@ struct Exchange<'a> {
 
 #[derive(Debug, thiserror::Error)]
 enum ExchangeError {
-    /// The origin ended or failed before any response; nothing was sent to the client.
-    #[error("no response from the origin: {0}")]
-    NoResponse(String),
+    /// The origin closed the connection (`None`) or broke it off (`Some`, why) before any
+    /// response; nothing was sent to the client.
+    #[error("no response from the origin: {}", .0.as_deref().unwrap_or("closed"))]
+    NoResponse(Option<String>),
     /// The tunnel ended (lost, or the server shut down), or its server stopped answering
     /// a request that may go again, before any response; nothing was sent to the client.
     #[error("no response: {0}")]
@@ -1302,7 +1307,7 @@ where
             Ok(Some(r)) => r,
             // No final answer yet (an interim one, as `100 Continue`, may have gone out: a
             // final one can still follow it, the proxy's own).
-            Ok(None) => return Err(ExchangeError::NoResponse("closed".into())),
+            Ok(None) => return Err(ExchangeError::NoResponse(None)),
             Err(ReadHeadError::Truncated) => {
                 return Err(ExchangeError::BadResponse("response head cut short".into()))
             }
@@ -1311,7 +1316,9 @@ where
             Err(ReadHeadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
                 return Err(ExchangeError::TunnelLost(e.to_string()))
             }
-            Err(ReadHeadError::Io(e)) => return Err(ExchangeError::NoResponse(e.to_string())),
+            Err(ReadHeadError::Io(e)) => {
+                return Err(ExchangeError::NoResponse(Some(e.to_string())))
+            }
             Err(ReadHeadError::Head(e)) => return Err(ExchangeError::BadResponse(e.to_string())),
         };
         if resp.status == 101 {

@@ -543,6 +543,7 @@ pub const REJECT_BODY: &str = "rejected before reading the body: too large\n";
 ///   body without end, and once the client has taken none of it for a second, resets the
 ///   connection. A client that sends its whole upload before it reads anything is then
 ///   blocked sending when the reset comes;
+/// - `/reset-now` and `/close-now`: reset, or close, the connection without answering;
 /// - `/ws-crash`: a WebSocket endpoint (RFC 6455) that echoes text and binary messages
 ///   until it receives the text `crash`, then resets the connection without a close
 ///   frame, as a WebSocket server that crashes mid-session does.
@@ -597,6 +598,13 @@ impl AbruptOrigin {
         }
         if req.path == "/ws-crash" {
             return websocket_until_crash(conn, req.websocket_key.as_deref());
+        }
+        if req.path == "/reset-now" {
+            socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+            return Ok(true);
+        }
+        if req.path == "/close-now" {
+            return Ok(false);
         }
         if req.path == "/flood-then-reset" {
             conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
