@@ -57,7 +57,7 @@ where
         }
         // One new attempt per failure, one if none runs, else one when the delay has
         // passed. The timer is polled (and so wakes this task) only in that last case;
-        // starting an attempt re-arms it either way.
+        // starting an attempt re-arms it.
         let starts = match (failed_now, running.is_empty()) {
             (0, false) => usize::from(Pin::new(&mut next_start).poll(cx).is_ready()),
             (n, _) => n.max(1),
@@ -68,7 +68,10 @@ where
         for addr in waiting.by_ref().take(starts) {
             running.push((addr, Box::pin(attempt(addr))));
         }
-        next_start.set_after(delay);
+        // A timer is armed only while an address waits: most targets have one.
+        if waiting.peek().is_some() {
+            next_start.set_after(delay);
+        }
         // Round again: the new attempts are polled (and register their wakers) at once.
     })
     .await
