@@ -464,6 +464,9 @@ async fn connect_to_one(
         why.push(e);
     };
     while !addrs.is_empty() {
+        // Before any connection: a name rustls refuses fails here, with no socket opened.
+        let tls =
+            TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
         let raced = first_to_connect(addrs.clone(), ATTEMPT_DELAY, |addr| {
             tcp_connect(addr, s.connect_timeout)
         })
@@ -478,8 +481,6 @@ async fn connect_to_one(
             }
         };
         addrs.retain(|a| *a != addr);
-        let tls =
-            TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
         match client_handshake(sock, tls, &s.peer_check, s.connect_timeout).await {
             Ok(h) => return Ok((addr, h)),
             Err(e) => failed(&mut why, addr, e),

@@ -20,7 +20,8 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// of the first (RFC 8305 §4), the next one starting `delay` after the one before or as
 /// soon as one fails. Returns the first that succeeds, with its address; the attempts
 /// still running are then dropped, which cancels them. If every attempt fails, returns
-/// each address with its error, in the order they failed.
+/// each address with its error, in the order they failed (those found failed together, in
+/// the order they started).
 pub async fn first_to_connect<T, E, F, Fut>(
     addrs: Vec<SocketAddr>,
     delay: Duration,
@@ -41,7 +42,7 @@ where
             match running[i].1.as_mut().poll(cx) {
                 Poll::Ready(Ok(done)) => return Poll::Ready(Ok((running[i].0, done))),
                 Poll::Ready(Err(e)) => {
-                    // Removed in place, so that failures keep the order of their starts.
+                    // Removed in place: failures found together keep their starts' order.
                     let (addr, _) = running.remove(i);
                     failed.push((addr, e));
                     failed_now += 1;

@@ -691,7 +691,8 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     );
     assert_eq!(path.accepted(), 2);
     // The kept client's next request, a POST (never sent twice), takes a new stream
-    // through the new tunnel: the kept one's tunnel is known unresponsive.
+    // through the new tunnel: the kept stream was let go when its tunnel stopped taking
+    // streams (and would be found unusable if it had not been).
     let (status, sum) = kept.post(&origin.url("/sha256"), b"kept");
     assert_eq!(
         (status, sum.as_str()),
@@ -962,7 +963,7 @@ fn a_client_reset_during_a_stalled_upload_releases_its_stream() {
 }
 
 /// An origin that drops a request without answering gets the client a 502 that says how:
-/// closed, or reset (as a crashing server does). The tunnel keeps working.
+/// closed, or broken off (reset, as by a crashing server). The tunnel keeps working.
 #[test]
 fn an_origin_that_drops_a_request_unanswered_gets_a_502_saying_how() {
     let _wd = watchdog("origin_drops_request", Duration::from_secs(120));
@@ -970,14 +971,20 @@ fn an_origin_that_drops_a_request_unanswered_gets_a_502_saying_how() {
     let origin = AbruptOrigin::start();
     let other = HttpOrigin::start("after-dropped-requests");
     let target = origin.addr();
-    for (path, how) in [("/close-now", "closed"), ("/reset-now", "reset")] {
+    for (path, says) in [
+        (
+            "/close-now",
+            format!("{target} closed the connection without answering"),
+        ),
+        (
+            "/reset-now",
+            format!("the connection to {target} broke off before it answered"),
+        ),
+    ] {
         let (status, body) = curl_status(&t.proxy_url(), &origin.url(path));
         assert_eq!(
             (status, body.trim_end()),
-            (
-                502,
-                format!("fluidity: {target} {how} the connection without answering").as_str()
-            ),
+            (502, format!("fluidity: {says}").as_str()),
             "{path}"
         );
     }

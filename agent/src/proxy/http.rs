@@ -118,8 +118,13 @@ where
                     // request opens a new one.
                     *kept = None;
                 } else {
-                    // The tunnel is going away: let the stream go plainly.
-                    release(kept.take()).await;
+                    // The tunnel is going away: let the stream go plainly while the next
+                    // request comes, which must not wait for it (over a dead path, the
+                    // origin's end never comes).
+                    return Some(
+                        while_releasing(kept.take(), read_head(inb, head::parse_request_head))
+                            .await,
+                    );
                 }
             }
             Some(read_head(inb, head::parse_request_head).await)
@@ -910,12 +915,13 @@ async fn fail<W: AsyncWrite + Unpin>(
         tracing::info!(%peer, %method, %target, error = %e, "request failed");
     }
     let line = match &e {
-        // The server resets the stream when its connection to the origin breaks.
         ExchangeError::NoResponse(None) => {
             format!("fluidity: {target} closed the connection without answering")
         }
+        // The server resets the stream when its connection to the origin fails: a reset
+        // by the origin most often, a timeout or a lost route at times.
         ExchangeError::NoResponse(Some(_)) => {
-            format!("fluidity: {target} reset the connection without answering")
+            format!("fluidity: the connection to {target} broke off before it answered")
         }
         ExchangeError::TunnelLost(why) => format!(
             "fluidity: the tunnel to the server ended before {target} answered ({}){}",
