@@ -59,7 +59,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Agent: how long the server has to answer the ping that goes with a stream's open or
     /// data sent at a moment the server had been silent for [`PROBE_QUIET`] (or the agent's
-    /// keepalive ping was unanswered). A server that does not answer it within this long
+    /// keepalive ping was unanswered), or that goes when an open is still unanswered
+    /// [`PROBE_QUIET`] after it was sent. A server that does not answer it within this long
     /// (or four round trips, if longer) gets no new streams on this connection, and the
     /// opens it has not answered are refused so that they can go elsewhere (see
     /// `Event::Unresponsive`); streams under way are not cut, since a live path whose

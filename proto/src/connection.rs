@@ -214,6 +214,10 @@ pub struct Connection {
     /// it: the server's own pings arriving say nothing of whether what the agent sends
     /// reaches it.
     probe: Option<Probe>,
+    /// Agent: when to look again at opens that went without a probe (the server had just
+    /// been heard): one still unanswered [`PROBE_QUIET`] later starts the probe then, so
+    /// that a path dead only towards the server is found while the open waits.
+    open_check: Option<Instant>,
     go_away_sent: bool,
     go_away_received: bool,
     closing: Closing,
@@ -271,6 +275,7 @@ impl Connection {
             ping_outstanding: None,
             ping_counter: 0,
             probe: None,
+            open_check: None,
             go_away_sent: false,
             go_away_received: false,
             closing: Closing::No,
@@ -595,6 +600,15 @@ impl Connection {
                 return;
             }
         }
+        if self.open_check.is_some_and(|at| now >= at) {
+            self.open_check = None;
+            // An OPEN_RESULT can take a while (the server dials the target first): the
+            // probe's ping, which the server answers at once, tells a slow target from a
+            // path that lost the open.
+            if self.streams.values().any(|s| s.phase == OpenPhase::Opening) {
+                self.start_probe();
+            }
+        }
         if let Some(at) = self.next_ping {
             if now >= at {
                 self.release_free_rx_spares();
@@ -628,18 +642,23 @@ impl Connection {
     /// while the stream waits rather than after `idle_timeout`.
     fn probe(&mut self) {
         let now = self.now;
-        let timeout = self.config.probe_timeout;
         let quiet = now.saturating_duration_since(self.last_recv) >= PROBE_QUIET;
         // A keepalive ping out for a moment is every connection's lot; one unanswered for
         // as long as the server may be quiet is a sign.
         let unanswered = self
             .ping_outstanding
             .is_some_and(|(_, sent)| now.saturating_duration_since(sent) >= PROBE_QUIET);
-        if timeout.is_zero()
-            || self.side != Side::Agent
-            || self.probe.is_some()
-            || !self.can_open()
-            || !(quiet || unanswered)
+        if quiet || unanswered {
+            self.start_probe();
+        }
+    }
+
+    /// Agent: pings the server and gives it `Config::probe_timeout` to answer that ping,
+    /// unless a probe is under way, probes are off, or no stream could go elsewhere.
+    fn start_probe(&mut self) {
+        let now = self.now;
+        let timeout = self.config.probe_timeout;
+        if timeout.is_zero() || self.side != Side::Agent || self.probe.is_some() || !self.can_open()
         {
             return;
         }
@@ -756,6 +775,7 @@ impl Connection {
         }
         let idle = self.last_recv + self.config.idle_timeout;
         let idle = self.probe.map_or(idle, |p| p.deadline.min(idle));
+        let idle = self.open_check.map_or(idle, |at| at.min(idle));
         Some(match self.next_ping {
             Some(p) if self.ping_outstanding.is_none() => p.min(idle),
             _ => idle,
@@ -847,6 +867,9 @@ impl Connection {
         self.stats.streams_opened += 1;
         self.queue(&Frame::Open { id, target });
         self.probe();
+        if self.probe.is_none() && !self.config.probe_timeout.is_zero() {
+            self.open_check.get_or_insert(self.now + PROBE_QUIET);
+        }
         Ok(id)
     }
 

@@ -686,6 +686,58 @@ fn a_path_dead_towards_the_server_is_probed_though_its_pings_arrive() {
     )));
 }
 
+/// A path that died towards the server just after the server was heard and the agent's
+/// keepalive answered: nothing says so when a stream opens, but an open still unanswered
+/// a second later starts the probe, which finds the server gone while the open waits.
+#[test]
+fn an_open_unanswered_for_a_second_probes_a_path_dead_towards_the_server() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(5));
+    p.drive();
+    // From now on, what the agent sends is lost; the server's pings still arrive.
+    let waiting = p.agent.open(p.now, target()).unwrap();
+    let mut lost = Vec::new();
+    p.agent.poll_transmit(p.now, &mut lost);
+    assert_eq!(
+        pings_in(&lost),
+        0,
+        "the server was just heard: no probe yet"
+    );
+    let check = p.now + PROBE_QUIET;
+    assert_eq!(p.agent.poll_timeout(), Some(check));
+    p.now = check;
+    p.agent.handle_timeout(p.now);
+    p.agent.poll_transmit(p.now, &mut lost);
+    assert_eq!(pings_in(&lost), 1, "the open still waits: the probe's ping");
+    p.now += Duration::from_secs(4);
+    p.server.handle_timeout(p.now);
+    let mut from_server = Vec::new();
+    p.server.poll_transmit(p.now, &mut from_server);
+    assert!(pings_in(&from_server) > 0);
+    assert_eq!(p.agent.handle_input(p.now, &from_server), from_server.len());
+    p.now = check + Config::default().probe_timeout;
+    p.agent.handle_timeout(p.now);
+    p.collect();
+    assert!(p.agent_events.iter().any(|e| matches!(
+        e,
+        Event::Stream(StreamEvent::Refused { id, .. }) if *id == waiting
+    )));
+}
+
+/// An open answered within the second costs no probe: the check finds nothing waiting.
+#[test]
+fn an_open_answered_within_a_second_sends_no_probe() {
+    let mut p = Pair::ready();
+    p.advance(Duration::from_secs(5));
+    p.drive();
+    p.open_accepted();
+    p.now += PROBE_QUIET;
+    p.agent.handle_timeout(p.now);
+    let mut out = Vec::new();
+    p.agent.poll_transmit(p.now, &mut out);
+    assert_eq!(pings_in(&out), 0);
+}
+
 /// A keepalive ping out for less than a second (one round trip, every few seconds) arms
 /// no probe on a connection that is busy.
 #[test]
