@@ -734,6 +734,39 @@ fn a_path_that_dies_silently_is_found_by_the_probe_and_a_get_goes_through_a_new_
     assert!(agent.proc.exited().is_none());
 }
 
+/// A path that dies towards the server only, right after the server was heard: its
+/// pings keep arriving, so the agent's idle timeout does not end the tunnel, and nothing
+/// the agent sends says the path is dead. The next request's open, unanswered a second
+/// later, starts the probe, and the request goes through a new tunnel within seconds,
+/// not when the server's idle timeout (15 s) ends the old one (the log tells which).
+#[test]
+fn a_path_dead_towards_the_server_only_is_found_while_a_request_waits() {
+    let _wd = watchdog("one_way_path", Duration::from_secs(180));
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let certs = certs_init(&dir.path().join("certs"));
+    let server = Server::start(&certs, &ServerOptions::default(), dir.path());
+    let path = PathRelay::start(server.listen);
+    let agent = Agent::start(&certs, path.addr(), dir.path());
+    let origin = HttpOrigin::start("after-the-one-way-cut");
+    let proxy = agent.proxy_url();
+    assert_eq!(curl_status(&proxy, &origin.url("/hello")).0, 200);
+    // The answer was just heard; from now on what the agent sends is lost.
+    path.cut_towards_server();
+    let (status, body) = curl_status(&proxy, &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from after-the-one-way-cut\n"),
+        "{}",
+        agent.proc.log()
+    );
+    assert_eq!(path.accepted(), 2, "a new tunnel carried it");
+    let log = agent.proc.log();
+    assert!(
+        log.contains("answered nothing"),
+        "the probe should have found the server gone:\n{log}"
+    );
+}
+
 /// An origin that crashes mid-response (a body delimited by the connection's end, cut
 /// by a TCP reset) fails the client through the proxy as it fails it directly: the same
 /// curl exit code, a receive error, through absolute-form HTTP, CONNECT and SOCKS5; never

@@ -464,6 +464,8 @@ struct RelayState {
     accepted: std::sync::atomic::AtomicUsize,
     /// Connections with an index below this are cut.
     cut_below: std::sync::atomic::AtomicUsize,
+    /// Connections with an index below this carry nothing towards the server.
+    cut_up_below: std::sync::atomic::AtomicUsize,
     /// The relay is dropped: every thread ends.
     done: std::sync::atomic::AtomicBool,
 }
@@ -487,12 +489,12 @@ impl PathRelay {
                 let Ok(up) = TcpStream::connect(to) else {
                     continue;
                 };
-                for (from, into) in [(&down, &up), (&up, &down)] {
+                for (from, into, up) in [(&down, &up, true), (&up, &down, false)] {
                     let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone()) else {
                         continue;
                     };
                     let st = st.clone();
-                    std::thread::spawn(move || relay_one_way(&mut from, &mut into, index, &st));
+                    std::thread::spawn(move || relay_one_way(&mut from, &mut into, index, up, &st));
                 }
             }
         });
@@ -518,6 +520,15 @@ impl PathRelay {
             .cut_below
             .store(self.state.accepted.load(SeqCst), SeqCst);
     }
+
+    /// Stops carrying what the connections accepted so far send towards the server; what
+    /// the server sends still arrives (a path dead one way).
+    pub fn cut_towards_server(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state
+            .cut_up_below
+            .store(self.state.accepted.load(SeqCst), SeqCst);
+    }
 }
 
 impl Drop for PathRelay {
@@ -528,21 +539,29 @@ impl Drop for PathRelay {
     }
 }
 
-/// Copies `from` into `into` until either ends, the connection is cut (then it holds
-/// both sockets open and delivers nothing), or the relay is dropped.
-fn relay_one_way(from: &mut TcpStream, into: &mut TcpStream, index: usize, st: &RelayState) {
+/// Copies `from` into `into` (towards the server if `up`) until either ends, the
+/// connection is cut that way (then it holds both sockets open and delivers nothing), or
+/// the relay is dropped.
+fn relay_one_way(
+    from: &mut TcpStream,
+    into: &mut TcpStream,
+    index: usize,
+    up: bool,
+    st: &RelayState,
+) {
     use std::sync::atomic::Ordering::SeqCst;
+    let cut = || index < st.cut_below.load(SeqCst) || (up && index < st.cut_up_below.load(SeqCst));
     let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = vec![0; 64 * 1024];
     while !st.done.load(SeqCst) {
-        if index < st.cut_below.load(SeqCst) {
+        if cut() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
         match from.read(&mut buf) {
             Ok(0) => break,
             // Cut meanwhile: the bytes are lost, as on the dead path.
-            Ok(_) if index < st.cut_below.load(SeqCst) => {}
+            Ok(_) if cut() => {}
             Ok(n) => {
                 if into.write_all(&buf[..n]).is_err() {
                     break;
