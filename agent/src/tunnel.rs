@@ -451,8 +451,8 @@ impl TunnelDialer {
 /// (RFC 8305), TCP connections are raced, so that an address this machine cannot reach
 /// (IPv6 without a route, say) neither hides nor holds up one it can; TLS runs on the
 /// first to connect only (a race of whole handshakes would open a second connection
-/// whenever two round trips exceed the attempt delay). If TLS fails there, the other
-/// addresses are raced again.
+/// whenever two round trips exceed the attempt delay). If TLS fails there, the addresses
+/// not yet known to fail are raced again.
 async fn connect_to_one(
     s: &TunnelSettings,
     addrs: &mut Vec<SocketAddr>,
@@ -471,14 +471,17 @@ async fn connect_to_one(
             tcp_connect(addr, s.connect_timeout)
         })
         .await;
-        let (addr, sock) = match raced {
-            Ok(won) => won,
-            Err(lost) => {
-                for (addr, e) in lost {
-                    failed(&mut why, addr, fluidity_runtime_smol::Error::Io(e));
-                }
-                break;
-            }
+        let (first, lost) = match raced {
+            Ok(won) => (Some((won.addr, won.conn)), won.failed),
+            Err(lost) => (None, lost),
+        };
+        // Addresses that failed are not raced again should TLS fail below.
+        for (addr, e) in lost {
+            addrs.retain(|a| *a != addr);
+            failed(&mut why, addr, fluidity_runtime_smol::Error::Io(e));
+        }
+        let Some((addr, sock)) = first else {
+            break;
         };
         addrs.retain(|a| *a != addr);
         match client_handshake(sock, tls, &s.peer_check, s.connect_timeout).await {

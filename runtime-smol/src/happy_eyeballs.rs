@@ -18,15 +18,16 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// Runs `attempt` on each address of `addrs`, IPv6 and IPv4 alternating from the family
 /// of the first (RFC 8305 §4), the next one starting `delay` after the one before or as
-/// soon as one fails. Returns the first that succeeds, with its address; the attempts
-/// still running are then dropped, which cancels them. If every attempt fails, returns
+/// soon as one fails. Returns the first that succeeds, with its address and the attempts
+/// that had failed by then; the attempts still running are dropped, which cancels them.
+/// If every attempt fails, returns
 /// each address with its error, in the order they failed (those found failed together, in
 /// the order they started).
 pub async fn first_to_connect<T, E, F, Fut>(
     addrs: Vec<SocketAddr>,
     delay: Duration,
     mut attempt: F,
-) -> Result<(SocketAddr, T), Vec<(SocketAddr, E)>>
+) -> Result<Won<T, E>, Vec<(SocketAddr, E)>>
 where
     F: FnMut(SocketAddr) -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -40,7 +41,13 @@ where
         let mut i = 0;
         while i < running.len() {
             match running[i].1.as_mut().poll(cx) {
-                Poll::Ready(Ok(done)) => return Poll::Ready(Ok((running[i].0, done))),
+                Poll::Ready(Ok(conn)) => {
+                    return Poll::Ready(Ok(Won {
+                        addr: running[i].0,
+                        conn,
+                        failed: std::mem::take(&mut failed),
+                    }))
+                }
                 Poll::Ready(Err(e)) => {
                     // Removed in place: failures found together keep their starts' order.
                     let (addr, _) = running.remove(i);
@@ -76,6 +83,17 @@ where
         // Round again: the new attempts are polled (and register their wakers) at once.
     })
     .await
+}
+
+/// The first attempt of a race to succeed.
+#[derive(Debug)]
+pub struct Won<T, E> {
+    /// The address it connected to.
+    pub addr: SocketAddr,
+    /// What the attempt gave.
+    pub conn: T,
+    /// The attempts that had failed before it, with their errors.
+    pub failed: Vec<(SocketAddr, E)>,
 }
 
 /// Alternates IPv6 and IPv4 addresses (keeping each family's order), starting with the
@@ -169,9 +187,10 @@ mod tests {
                 }
             },
         ));
-        let (addr, stream) = got.expect("the live address connects");
-        assert_eq!(addr, live_addr);
-        assert_eq!(stream.peer_addr().unwrap(), live_addr);
+        let won = got.expect("the live address connects");
+        assert_eq!(won.addr, live_addr);
+        assert_eq!(won.conn.peer_addr().unwrap(), live_addr);
+        assert!(won.failed.is_empty());
         assert_eq!(started, vec![silent, live_addr]);
     }
 
@@ -190,7 +209,10 @@ mod tests {
             hour,
             TcpStream::connect,
         ));
-        assert_eq!(got.expect("the second address connects").0, live_addr);
+        let won = got.expect("the second address connects");
+        assert_eq!(won.addr, live_addr);
+        let failed: Vec<_> = won.failed.iter().map(|(a, e)| (*a, e.kind())).collect();
+        assert_eq!(failed, vec![(refused_a, io::ErrorKind::ConnectionRefused)]);
 
         let got = run(first_to_connect(
             vec![refused_a, refused_b],
@@ -213,7 +235,7 @@ mod tests {
 
     /// Attempts that run side by side are all polled: a later one that fails while an
     /// earlier one still waits does not end the race, and the earlier one can still win
-    /// (it finishes only once the later one has failed).
+    /// (it finishes only once the later one has failed), the failure reported with it.
     #[test]
     fn an_earlier_attempt_can_win_after_a_later_one_fails() {
         let (_r, refused) = refusing();
@@ -235,6 +257,9 @@ mod tests {
             });
             race.await
         });
-        assert_eq!(got.expect("the slow attempt wins").0, slow);
+        let won = got.expect("the slow attempt wins");
+        assert_eq!(won.addr, slow);
+        assert_eq!(won.failed.len(), 1);
+        assert_eq!(won.failed[0].0, refused);
     }
 }

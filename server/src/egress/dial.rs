@@ -10,7 +10,7 @@ use async_io::Timer;
 use async_net::TcpStream;
 use fluidity_proto::{Host, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::app::LogThrottle;
-use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, ATTEMPT_DELAY};
+use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, Won, ATTEMPT_DELAY};
 use fluidity_runtime_smol::listener::out_of_descriptors;
 use futures_lite::FutureExt;
 
@@ -148,7 +148,9 @@ impl Dialer {
         })
         .await;
         let failed = match outcome {
-            Ok((addr, stream)) => {
+            Ok(Won {
+                addr, conn: stream, ..
+            }) => {
                 if let Err(e) = stream.set_nodelay(true) {
                     // Only latency suffers; the connection itself is fine.
                     tracing::debug!(%target, %addr, error = %e, "could not set TCP_NODELAY");
