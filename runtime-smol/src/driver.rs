@@ -249,9 +249,7 @@ impl Shared {
                     self.room.wanted.notify(usize::MAX);
                     self.unresponsive = true;
                     for slot in self.slots.values_mut() {
-                        if let Some(w) = slot.read_waker.take() {
-                            w.wake();
-                        }
+                        slot.wake_all();
                     }
                     self.send_event(TunnelEvent::Unresponsive { silent });
                 }

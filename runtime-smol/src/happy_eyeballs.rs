@@ -20,9 +20,8 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// of the first (RFC 8305 §4), the next one starting `delay` after the one before or as
 /// soon as one fails. Returns the first that succeeds, with its address and the attempts
 /// that had failed by then; the attempts still running are dropped, which cancels them.
-/// If every attempt fails, returns
-/// each address with its error, in the order they failed (those found failed together, in
-/// the order they started).
+/// If every attempt fails, returns each address with its error, in the order they failed
+/// (those found failed together, in the order they started).
 pub async fn first_to_connect<T, E, F, Fut>(
     addrs: Vec<SocketAddr>,
     delay: Duration,

@@ -714,8 +714,8 @@ where
     // answer, on a reused stream (the origin most likely closed the idle connection just
     // then) or because the tunnel ended under it (its server gone, or its path dead past
     // the idle timeout) or its server stopped answering the tunnel's probe: a new tunnel
-    // may well carry it. Anything else might have taken
-    // effect and must not be replayed (RFC 9110 §9.2.2).
+    // may well carry it. Anything else might have taken effect and must not be replayed
+    // (RFC 9110 §9.2.2).
     let retryable = framing == Framing::Empty && is_idempotent(method);
     for attempt in 0..2 {
         // A stream kept for another origin is let go plainly while the new one opens,
