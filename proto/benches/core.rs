@@ -256,6 +256,8 @@ struct Transfer {
     transport: Duration,
     frames_sent: u64,
     rounds: u64,
+    /// Payload bytes the server copied out of its receive buffer (`Stats::rx_copied`).
+    copied: u64,
     sent_hash: Fnv,
     recv_hash: Fnv,
 }
@@ -278,6 +280,7 @@ fn transfer(
     let (mut p, id) = open_stream(config, zero_copy);
     p.transport = Duration::ZERO;
     let frames_before = p.agent.stats().frames_sent;
+    let copied_before = p.server.stats().rx_copied;
     let mut written = 0usize;
     let mut read = 0usize;
     let mut finished = false;
@@ -345,6 +348,7 @@ fn transfer(
         elapsed,
         transport: p.transport,
         frames_sent: p.agent.stats().frames_sent - frames_before,
+        copied: p.server.stats().rx_copied - copied_before,
         sent_hash,
         recv_hash,
         rounds,
@@ -540,6 +544,7 @@ fn main() {
     let mut open_runs = Vec::new();
     let mut copy_runs = Vec::new();
     let mut last = None;
+    let mut last_zero = None;
     for _ in 0..runs {
         let t = transfer(config.clone(), total, &source, false, false);
         transfer_runs.push(t.elapsed);
@@ -547,6 +552,7 @@ fn main() {
         let z = transfer(config.clone(), total, &source, false, true);
         zero_runs.push(z.elapsed);
         transport_runs.push(z.transport);
+        last_zero = Some(z.copied);
         let (seal, open) = aes_gcm(total, &source);
         seal_runs.push(seal);
         open_runs.push(open);
@@ -623,10 +629,11 @@ fn main() {
             fmt_runs(all)
         );
     }
-    if let Some(t) = last {
+    if let (Some(t), Some(zero_copied)) = (last, last_zero) {
         println!(
-            "transfer detail: {} frames sent by the agent, {} driver rounds",
-            t.frames_sent, t.rounds
+            "transfer detail: {} frames sent by the agent, {} driver rounds, payload bytes \
+             copied out of the server's receive buffer: {} (copying API), {} (zero-copy API)",
+            t.frames_sent, t.rounds, t.copied, zero_copied
         );
     }
     println!();

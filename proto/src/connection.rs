@@ -9,6 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::frame::{encode_data_header, Decoder, Frame, HEADER_LEN, MIN_MAX_FRAME_LEN};
 use crate::handshake::{AuthFailure, AuthRequest, AuthResult, Credentials, Hello, Phase};
 use crate::stream::flow::{RecvWindow, SendWindow};
+use crate::stream::recv::{Allocation, RecvState};
 use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
 use crate::{
@@ -145,6 +146,9 @@ pub struct Stats {
     /// Times the receive buffer needed a fresh allocation after its first; the other
     /// times it took back an earlier one.
     pub rx_allocations: u64,
+    /// Payload bytes copied out of the receive buffer, because their stream's unread
+    /// chunks kept enough of its allocations alive already.
+    pub rx_copied: u64,
     /// Smoothed round-trip time from pings, once measured.
     pub rtt: Option<Duration>,
     /// How far the streams' receive windows have grown beyond the initial one, together
@@ -188,6 +192,12 @@ pub struct Connection {
     peer: Option<Hello>,
     decoder: Decoder,
     rx: BytesMut,
+    /// The allocation `rx` decodes from.
+    rx_allocation: Allocation,
+    /// The number the next receive allocation gets.
+    next_allocation: u64,
+    /// The largest receive allocation so far (for the invariant checks).
+    largest_allocation: usize,
     /// The receive buffer's previous allocations, oldest first, each taken back once the
     /// payloads that share it are gone (see [`Connection::reserve_rx`]).
     rx_spares: VecDeque<BytesMut>,
@@ -259,6 +269,12 @@ impl Connection {
             peer: None,
             decoder: Decoder::new(limits.max_frame_len),
             rx: BytesMut::with_capacity(RX_ALLOC),
+            rx_allocation: Allocation {
+                id: 0,
+                size: RX_ALLOC,
+            },
+            next_allocation: 1,
+            largest_allocation: RX_ALLOC,
             rx_spares: VecDeque::new(),
             ctrl: Vec::new(),
             headers: BytesMut::new(),
@@ -400,7 +416,7 @@ impl Connection {
                 match self.decoder.decode_shared(&mut self.rx) {
                     Ok(Some(frame)) => {
                         self.stats.frames_received += 1;
-                        self.on_frame(now, frame);
+                        self.on_frame(now, frame, self.rx_allocation);
                         if !matches!(self.closing, Closing::No) {
                             return data.len();
                         }
@@ -418,7 +434,9 @@ impl Connection {
     }
 
     /// Like [`handle_input`](Self::handle_input), taking the bytes out of `data` instead
-    /// of copying them: decoded DATA payloads share `data`'s allocation, and a trailing
+    /// of copying them: decoded DATA payloads share `data`'s allocation (unless their
+    /// stream's unread payloads keep too much alive already: see the crate's notes on
+    /// flow control; the whole of `data`'s capacity counts), and a trailing
     /// partial frame is kept the same way. Only the rest of a frame begun in an earlier
     /// input is copied (at most one frame per call). Consumed bytes are removed from the
     /// front of `data` and their count is returned; the two input calls may be mixed.
@@ -433,6 +451,7 @@ impl Connection {
             return total;
         }
         self.heard(now);
+        let input = self.new_allocation(data.capacity());
         // The backlog is checked first, then after every `INPUT_SLICE` bytes or so (frames
         // are not cut here, so a check may come up to one frame later than in `handle_input`).
         let mut since_check = INPUT_SLICE;
@@ -445,27 +464,28 @@ impl Connection {
                 since_check = 0;
             }
             let before = data.len();
-            let decoded = if self.rx.is_empty() {
+            let (decoded, from) = if self.rx.is_empty() {
                 let decoded = self.decoder.decode_shared(data);
                 if matches!(decoded, Ok(None)) {
                     // A partial frame: keep it, sharing the allocation; the next input
                     // completes it.
                     self.rx.unsplit(data.split());
+                    self.rx_allocation = input;
                 }
-                decoded
+                (decoded, input)
             } else {
                 // Finish the frame begun earlier, copying no more than it needs.
                 let k = self.decoder.missing(self.rx.len()).min(data.len());
                 self.reserve_rx(k);
                 self.rx.extend_from_slice(&data[..k]);
                 data.advance(k);
-                self.decoder.decode_shared(&mut self.rx)
+                (self.decoder.decode_shared(&mut self.rx), self.rx_allocation)
             };
             since_check += before - data.len();
             match decoded {
                 Ok(Some(frame)) => {
                     self.stats.frames_received += 1;
-                    self.on_frame(now, frame);
+                    self.on_frame(now, frame, from);
                     if !matches!(self.closing, Closing::No) {
                         data.clear();
                         return total;
@@ -519,11 +539,20 @@ impl Connection {
         // At most the start of one frame moves.
         next.extend_from_slice(&self.rx);
         let mut previous = std::mem::replace(&mut self.rx, next);
+        self.rx_allocation = self.new_allocation(self.rx.capacity());
         previous.clear();
         if self.rx_spares.len() >= RX_SPARES {
             self.rx_spares.pop_front();
         }
         self.rx_spares.push_back(previous);
+    }
+
+    /// Numbers a receive allocation of `size` bytes that payloads will be decoded from.
+    fn new_allocation(&mut self, size: usize) -> Allocation {
+        let id = self.next_allocation;
+        self.next_allocation += 1;
+        self.largest_allocation = self.largest_allocation.max(size);
+        Allocation { id, size }
     }
 
     /// Gives back the spare receive allocations no payload uses any more, so that a quiet
@@ -1074,8 +1103,7 @@ impl Connection {
         s.send.reset_after = Some(code);
         s.send.blocked = false;
         // Nobody will read them: their memory goes now, and the peer gets no more credit.
-        s.recv.chunks.clear();
-        s.recv.buffered = 0;
+        s.recv.clear();
         self.schedule(id);
         Ok(())
     }
@@ -1367,7 +1395,8 @@ impl Connection {
         }
     }
 
-    fn on_frame(&mut self, now: Instant, frame: Frame) {
+    /// Handles one decoded frame; a DATA payload shares receive allocation `from`.
+    fn on_frame(&mut self, now: Instant, frame: Frame, from: Allocation) {
         match frame {
             Frame::Hello(h) => self.on_hello(h),
             _ if self.phase == Phase::AwaitHello => {
@@ -1393,7 +1422,7 @@ impl Connection {
             ),
             Frame::Open { id, target } => self.on_open(id, target),
             Frame::OpenResult { id, result } => self.on_open_result(id, result),
-            Frame::Data { id, fin, payload } => self.on_data(id, fin, payload),
+            Frame::Data { id, fin, payload } => self.on_data(id, fin, payload, from),
             Frame::WindowUpdate { id, increment } => self.on_window_update(id, increment),
             Frame::Reset { id, code } => self.on_reset(id, code),
         }
@@ -1593,7 +1622,7 @@ impl Connection {
         }
     }
 
-    fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes) {
+    fn on_data(&mut self, id: StreamId, fin: bool, payload: Bytes, from: Allocation) {
         let n = payload.len() as u64;
         if self.conn_recv.on_receive(n).is_err() {
             return self.violation(ErrorCode::FLOW_CONTROL, "data beyond the connection window");
@@ -1637,8 +1666,7 @@ impl Connection {
             return; // Reset by the application; only its last bytes still go out.
         }
         if !payload.is_empty() {
-            s.recv.buffered += payload.len();
-            s.recv.chunks.push_back(payload);
+            self.stats.rx_copied += s.recv.push(payload, from) as u64;
         }
         if fin {
             s.recv.fin_received = true;
@@ -1709,6 +1737,14 @@ impl Connection {
                 debug_assert!(
                     s.recv.window.holds(s.recv.buffered),
                     "stream {id}: window accounting"
+                );
+                debug_assert!(
+                    s.recv.pinned()
+                        <= RecvState::pin_limit(
+                            self.largest_allocation,
+                            self.config.sanitized_max_stream_window()
+                        ),
+                    "stream {id}: its unread chunks keep too much alive"
                 );
             }
             let grown: u64 = self

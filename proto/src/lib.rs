@@ -68,6 +68,11 @@
 //! beyond either; a receiver treats any excess as a `FLOW_CONTROL` error. Stream credit
 //! returns as the application reads; connection credit returns as frames are processed,
 //! so a stalled reader holds only its own stream's window and never blocks the others.
+//! Received payloads share the receive buffer's allocations, which hold other frames
+//! too; a payload is copied instead when its stream's unread payloads keep more of those
+//! allocations alive than twice their bytes plus two allocations (counted by
+//! [`Stats::rx_copied`]), so a stalled reader keeps little more memory than its bytes,
+//! whatever the peer sends between them.
 
 #![warn(unreachable_pub)]
 

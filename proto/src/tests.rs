@@ -368,6 +368,46 @@ fn a_stalled_stream_does_not_block_another() {
     assert_eq!(p.server.stream_info(stalled).unwrap().recv_buffered, window);
 }
 
+/// A peer that sends an unread stream one byte between every 64 KiB or so for another
+/// stream would make each byte keep a whole receive allocation alive: 16 MiB for the
+/// other stream would hold 16 MiB here for 256 bytes. Past two allocations those bytes
+/// are copied, so the receive buffer takes its earlier allocations back.
+#[test]
+fn a_few_bytes_of_an_unread_stream_do_not_keep_the_receive_buffers_alive() {
+    let mut p = Pair::ready();
+    let unread = p.open_accepted();
+    let live = p.open_accepted();
+    let chunk = vec![7u8; 60 * 1024];
+    let before = p.server.stats();
+    let mut moved = 0;
+    for i in 0..256u32 {
+        p.agent
+            .send_stream(unread)
+            .write(&[i as u8])
+            .expect("room for a byte");
+        p.drive();
+        let mut n = 0;
+        while n < chunk.len() {
+            n += p.agent.send_stream(live).write(&chunk[n..]).unwrap_or(0);
+            p.drive();
+            moved += read_all(&mut p.server, live).0.len();
+        }
+    }
+    assert_eq!(moved, 256 * chunk.len());
+    let stats = p.server.stats();
+    let made = stats.rx_allocations - before.rx_allocations;
+    assert!(
+        made <= 4,
+        "{made} fresh receive allocations for {} MiB",
+        moved >> 20
+    );
+    // All but the bytes in the first two or three allocations.
+    let copied = stats.rx_copied - before.rx_copied;
+    assert!((250..=254).contains(&copied), "{copied} bytes copied");
+    let (bytes, _) = read_all(&mut p.server, unread);
+    assert_eq!(bytes, (0..=255u8).collect::<Vec<_>>());
+}
+
 #[test]
 fn reset_reaches_the_peer_with_its_code_and_late_frames_are_ignored() {
     let mut p = Pair::ready();

@@ -313,6 +313,17 @@ impl Shared {
             return;
         }
         self.closed = Some(reason.clone());
+        let stats = self.conn.stats();
+        tracing::debug!(
+            bytes_sent = stats.bytes_sent,
+            bytes_received = stats.bytes_received,
+            frames_sent = stats.frames_sent,
+            frames_received = stats.frames_received,
+            streams = stats.streams_opened,
+            rx_allocations = stats.rx_allocations,
+            rx_copied = stats.rx_copied,
+            "tunnel counters at its end"
+        );
         for s in self.slots.values_mut() {
             s.wake_all();
         }
