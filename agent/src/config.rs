@@ -91,7 +91,8 @@ pub struct AgentConfig {
     #[serde(deserialize_with = "fluidity_runtime_smol::listener::deserialize_listen_addr")]
     pub listen: SocketAddr,
     /// Server address, `host:port`: a name is looked up at every connection attempt, its
-    /// addresses raced as RFC 8305 says. Default `127.0.0.1:8443`.
+    /// addresses raced as RFC 8305 says, and the next ones tried beside a TLS handshake
+    /// still unfinished after 2 s. Default `127.0.0.1:8443`.
     pub server: String,
     /// Name or IP the server certificate must be valid for. Default: the host of `server`.
     pub server_name: Option<String>,
@@ -108,8 +109,8 @@ pub struct AgentConfig {
     pub proxy_username: Option<String>,
     /// Password proxy clients must present (not empty, at most 255 bytes). Default: none.
     pub proxy_password: Option<String>,
-    /// Seconds for TCP connect plus TLS handshake to one of the server's addresses (up to
-    /// three are tried), and for looking up its name. Default 10.
+    /// Seconds for the TCP connect, and for the TLS handshake, to one of the server's
+    /// addresses (up to three are tried), and for looking up its name. Default 10.
     pub connect_timeout_secs: u64,
     /// Seconds a client may take to send its request head. Default 30.
     pub head_timeout_secs: u64,

@@ -2,13 +2,18 @@
 //! reconnected with backoff when lost, behind a circuit breaker so that a dead server
 //! gives clients a fast, honest error instead of a hang.
 
-use std::net::SocketAddr;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use async_io::{Async, Timer};
 use fluidity_proto::{Credentials, RefusalReason, Target};
 use fluidity_runtime_smol::driver::{client_handshake, tcp_connect};
-use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, ATTEMPT_DELAY};
+use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, Won, ATTEMPT_DELAY};
 use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Handshaken, Tunnel, TunnelEvent, TunnelStream};
@@ -447,49 +452,123 @@ impl TunnelDialer {
     }
 }
 
+/// How long a TLS handshake with the server may take (or four times its TCP connection's
+/// set-up, if longer) before the next address is tried beside it.
+const HANDSHAKE_FALLBACK: Duration = Duration::from_secs(2);
+
 /// A checked TLS connection to one of `addrs`, or why each failed. As a browser does
 /// (RFC 8305), TCP connections are raced, so that an address this machine cannot reach
 /// (IPv6 without a route, say) neither hides nor holds up one it can; TLS runs on the
 /// first to connect only (a race of whole handshakes would open a second connection
 /// whenever two round trips exceed the attempt delay). If TLS fails there, the addresses
-/// not yet known to fail are raced again.
+/// not yet known to fail are raced again at once; if it is still under way after
+/// [`HANDSHAKE_FALLBACK`] (a middlebox that lets TCP through and swallows TLS), they are
+/// raced beside it, and the first handshake to finish wins.
 async fn connect_to_one(
     s: &TunnelSettings,
     addrs: &mut Vec<SocketAddr>,
 ) -> Result<(SocketAddr, Handshaken), Vec<String>> {
+    type Raced = Result<Won<Async<TcpStream>, io::Error>, Vec<(SocketAddr, io::Error)>>;
+    type Race<'a> = Pin<Box<dyn Future<Output = Raced> + Send + 'a>>;
+    type Handshook = Box<Result<Handshaken, fluidity_runtime_smol::Error>>;
+    type Handshake<'a> = Pin<Box<dyn Future<Output = (SocketAddr, Handshook)> + Send + 'a>>;
+    enum Step {
+        /// A race's outcome, and when it started.
+        Raced(Instant, Raced),
+        Handshake(SocketAddr, Handshook),
+        Fallback,
+    }
+    // Before any connection: a name rustls refuses fails here, with no socket opened.
+    TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
+    let race = |addrs: Vec<SocketAddr>| -> (Instant, Race<'_>) {
+        let raced = first_to_connect(addrs, ATTEMPT_DELAY, |addr| {
+            tcp_connect(addr, s.connect_timeout)
+        });
+        (Instant::now(), Box::pin(raced))
+    };
     let mut why = Vec::new();
-    let failed = |why: &mut Vec<String>, addr: SocketAddr, e| {
+    let mut failed = |addr: SocketAddr, e| {
         let e = connect_error(&s.server.at(addr), &s.ca_file, e);
         tracing::debug!(%addr, error = %e, "server address failed");
         why.push(e);
     };
-    while !addrs.is_empty() {
-        // Before any connection: a name rustls refuses fails here, with no socket opened.
-        let tls =
-            TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
-        let raced = first_to_connect(addrs.clone(), ATTEMPT_DELAY, |addr| {
-            tcp_connect(addr, s.connect_timeout)
+    let mut racing = (!addrs.is_empty()).then(|| race(addrs.clone()));
+    let mut handshakes: Vec<Handshake<'_>> = Vec::new();
+    let mut fallback = Timer::never();
+    loop {
+        let step = poll_fn(|cx| {
+            if let Some((started, r)) = racing.as_mut() {
+                if let Poll::Ready(out) = r.as_mut().poll(cx) {
+                    let started = *started;
+                    racing = None;
+                    return Poll::Ready(Step::Raced(started, out));
+                }
+            }
+            for i in 0..handshakes.len() {
+                if let Poll::Ready((addr, out)) = handshakes[i].as_mut().poll(cx) {
+                    drop(handshakes.swap_remove(i));
+                    return Poll::Ready(Step::Handshake(addr, out));
+                }
+            }
+            match Pin::new(&mut fallback).poll(cx) {
+                Poll::Ready(_) => Poll::Ready(Step::Fallback),
+                Poll::Pending => Poll::Pending,
+            }
         })
         .await;
-        let (first, lost) = match raced {
-            Ok(won) => (Some((won.addr, won.conn)), won.failed),
-            Err(lost) => (None, lost),
-        };
-        // Addresses that failed are not raced again should TLS fail below.
-        for (addr, e) in lost {
-            addrs.retain(|a| *a != addr);
-            failed(&mut why, addr, fluidity_runtime_smol::Error::Io(e));
+        let mut next_race = false;
+        match step {
+            Step::Raced(started, raced) => {
+                let (won, lost) = match raced {
+                    Ok(won) => (Some((won.addr, won.conn)), won.failed),
+                    Err(lost) => (None, lost),
+                };
+                // Addresses that failed are not raced again.
+                for (addr, e) in lost {
+                    addrs.retain(|a| *a != addr);
+                    failed(addr, fluidity_runtime_smol::Error::Io(e));
+                }
+                if let Some((addr, sock)) = won {
+                    addrs.retain(|a| *a != addr);
+                    let set_up = started.elapsed();
+                    handshakes.push(Box::pin(async move {
+                        let tls = TlsSession::client(s.tls.clone(), &s.server_name);
+                        let out = match tls {
+                            Ok(tls) => {
+                                client_handshake(sock, tls, &s.peer_check, s.connect_timeout).await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        (addr, Box::new(out))
+                    }));
+                    if !addrs.is_empty() {
+                        fallback.set_after(HANDSHAKE_FALLBACK.max(set_up * 4));
+                    }
+                }
+            }
+            Step::Handshake(addr, out) => match *out {
+                Ok(h) => return Ok((addr, h)),
+                Err(e) => {
+                    failed(addr, e);
+                    next_race = true;
+                }
+            },
+            Step::Fallback => {
+                tracing::debug!(
+                    waiting = handshakes.len(),
+                    "the TLS handshake with the server is slow; trying its next address beside it"
+                );
+                next_race = true;
+            }
         }
-        let Some((addr, sock)) = first else {
-            break;
-        };
-        addrs.retain(|a| *a != addr);
-        match client_handshake(sock, tls, &s.peer_check, s.connect_timeout).await {
-            Ok(h) => return Ok((addr, h)),
-            Err(e) => failed(&mut why, addr, e),
+        if next_race && racing.is_none() && !addrs.is_empty() {
+            fallback = Timer::never();
+            racing = Some(race(addrs.clone()));
+        }
+        if racing.is_none() && handshakes.is_empty() {
+            return Err(why);
         }
     }
-    Err(why)
 }
 
 /// Why the TCP connection or the TLS handshake to the server failed, with what to check

@@ -487,6 +487,64 @@ fn a_name_whose_first_address_never_answers_is_reached_through_the_next() {
     );
 }
 
+/// A server name whose first address takes TCP connections and answers no TLS (a
+/// middlebox that swallows TLS, a process that stopped reading) is reached through its
+/// next address while that handshake still hangs. The agent's hosts file gives
+/// `twofold.test` [::1], a listener never accepted from (the kernel completes the TCP
+/// handshake; nothing answers the TLS hello), before 127.0.0.1, the server. The agent's
+/// connect timeout, which bounds each TLS handshake too, is longer than the test waits, so
+/// an agent that waited for the first handshake would never try the second. Needs what
+/// the test above needs.
+#[test]
+fn a_server_address_that_answers_no_tls_is_passed_over_for_the_next() {
+    let _wd = watchdog("tls_fallback", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = certs_init(dir.path());
+    let server = Server::start(&certs, &ServerOptions::default(), dir.path());
+    let port = server.listen.port();
+    let swallower = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port))
+        .expect("a listener on [::1] at the server's port");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "connect_timeout_secs = 600\n").expect("agent config");
+    let agent = Agent::start_with(
+        &certs,
+        server.listen,
+        &AgentOptions {
+            server_arg: Some(format!("twofold.test:{port}")),
+            hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
+            args: vec![
+                "--server-name".into(),
+                "localhost".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            log: Some("info,fluidity_agent=debug".into()),
+            ..AgentOptions::default()
+        },
+        dir.path(),
+    );
+    let origin = HttpOrigin::start("behind the second address");
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from behind the second address\n")
+    );
+    // The swallowing address was tried first and got a TCP connection: the tunnel came
+    // through the fallback, not by order or by a refused connection.
+    let log = agent.proc.log();
+    assert!(
+        log.contains(
+            "the TLS handshake with the server is slow; trying its next address beside it"
+        ),
+        "the agent should have tried the next address beside a hanging handshake:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("tunnel ready server=127.0.0.1:{port}")),
+        "the tunnel should have come through 127.0.0.1:\n{log}"
+    );
+    drop(swallower);
+}
+
 #[test]
 fn a_private_address_is_refused_under_the_default_policy() {
     let _wd = watchdog("default_policy", Duration::from_secs(120));

@@ -120,7 +120,7 @@ impl World {
             env: self.moto.env_vars(user),
             clear_aws_env: true,
             log: Some("debug".into()),
-            server_arg: None,
+            ..AgentOptions::default()
         }
     }
 }

@@ -132,6 +132,23 @@ impl Default for ServerOptions {
     }
 }
 
+/// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` if given: it then
+/// runs in mount and user namespaces of its own (`unshare`, util-linux), with this
+/// machine's network.
+fn command_with_hosts(binary: &Path, hosts: Option<&Path>) -> Command {
+    let Some(hosts) = hosts else {
+        return Command::new(binary);
+    };
+    // unshare execs the shell, which execs the binary: the process the test holds is
+    // the binary's.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(hosts)
+        .arg(binary);
+    cmd
+}
+
 /// Removes every `AWS_*` variable `cmd` would inherit.
 fn clear_aws_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
@@ -180,19 +197,7 @@ impl Server {
             let [listen_port, health_port] = free_ports();
             let listen = opts.listen.unwrap_or_else(|| loopback(listen_port));
             let health = loopback(health_port);
-            let mut cmd = match &hosts {
-                None => Command::new(&binaries().server),
-                Some(hosts) => {
-                    // unshare execs the shell, which execs the server: the process
-                    // the test holds is the server's.
-                    let mut cmd = Command::new("unshare");
-                    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
-                        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-                        .arg(hosts)
-                        .arg(&binaries().server);
-                    cmd
-                }
-            };
+            let mut cmd = command_with_hosts(&binaries().server, hosts.as_deref());
             if let Some(p) = &config {
                 cmd.arg("--config").arg(p);
             }
@@ -291,6 +296,9 @@ pub struct AgentOptions {
     pub log: Option<String>,
     /// The `--server` value, instead of the server's address (a name, say).
     pub server_arg: Option<String>,
+    /// The contents of an `/etc/hosts` the agent sees instead of this machine's (as
+    /// [`ServerOptions::hosts`]).
+    pub hosts: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -302,6 +310,7 @@ impl Default for AgentOptions {
             clear_aws_env: false,
             log: None,
             server_arg: None,
+            hosts: None,
         }
     }
 }
@@ -356,7 +365,12 @@ impl Agent {
         log_dir: &Path,
     ) -> Agent {
         let listen = loopback(free_port());
-        let mut cmd = Command::new(&binaries().agent);
+        let hosts = opts.hosts.as_ref().map(|text| {
+            let p = log_dir.join(format!("{}-hosts", opts.name));
+            std::fs::write(&p, text).expect("writing the agent's hosts file");
+            p
+        });
+        let mut cmd = command_with_hosts(&binaries().agent, hosts.as_deref());
         cmd.arg("run")
             .arg("--listen")
             .arg(listen.to_string())
