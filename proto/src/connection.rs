@@ -358,7 +358,7 @@ impl Connection {
         let mut s = self.stats;
         s.streams_active = self.streams.len();
         s.send_buffered = self.streams.values().map(|st| st.send.buf.len()).sum();
-        s.recv_buffered = self.streams.values().map(|st| st.recv.buffered).sum();
+        s.recv_buffered = self.streams.values().map(|st| st.recv.buffered()).sum();
         s.windows_grown = self.windows_grown;
         s
     }
@@ -375,7 +375,7 @@ impl Connection {
             send_buffered: s.send.buf.len(),
             send_credit: s.send.window.credit(),
             sent: s.send.sent,
-            recv_buffered: s.recv.buffered,
+            recv_buffered: s.recv.buffered(),
             recv_window: s.recv.window.window(),
             received: s.recv.received,
             read: s.recv.read,
@@ -910,7 +910,7 @@ impl Connection {
             return Err(Error::NotPendingOpen(id));
         }
         s.phase = OpenPhase::Open;
-        let readable = s.recv.buffered > 0 || s.recv.fin_received;
+        let readable = s.recv.buffered() > 0 || s.recv.fin_received;
         self.queue(&Frame::OpenResult { id, result: Ok(()) });
         if readable {
             self.signal_readable(id);
@@ -1710,7 +1710,7 @@ impl Connection {
             return;
         };
         if !s.let_go() {
-            let unread = s.recv.chunks.into();
+            let unread = s.recv.into_unread();
             self.events
                 .push_back(Event::Stream(StreamEvent::Reset { id, code, unread }));
         }
@@ -1726,7 +1726,7 @@ impl Connection {
                     "stream {id}: buffered beyond credit"
                 );
                 debug_assert!(
-                    s.recv.buffered as u64 <= u64::from(s.recv.window.window()),
+                    s.recv.buffered() as u64 <= u64::from(s.recv.window.window()),
                     "stream {id}: received beyond the window"
                 );
                 debug_assert!(
@@ -1735,11 +1735,11 @@ impl Connection {
                     "stream {id}: window outside its range"
                 );
                 debug_assert!(
-                    s.recv.window.holds(s.recv.buffered),
+                    s.recv.window.holds(s.recv.buffered()),
                     "stream {id}: window accounting"
                 );
                 debug_assert!(
-                    s.recv.pinned()
+                    s.recv.pinned() as u64
                         <= RecvState::pin_limit(
                             self.largest_allocation,
                             self.config.sanitized_max_stream_window()

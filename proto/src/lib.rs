@@ -69,10 +69,12 @@
 //! returns as the application reads; connection credit returns as frames are processed,
 //! so a stalled reader holds only its own stream's window and never blocks the others.
 //! Received payloads share the receive buffer's allocations, which hold other frames
-//! too; a payload is copied instead when its stream's unread payloads keep more of those
-//! allocations alive than twice their bytes plus two allocations (counted by
-//! [`Stats::rx_copied`]), so a stalled reader keeps little more memory than its bytes,
-//! whatever the peer sends between them.
+//! too; a payload in a new allocation is copied instead (counted by
+//! [`Stats::rx_copied`]) when sharing it would leave its stream's shared payloads
+//! keeping more of those allocations alive than twice their bytes plus a slack (two
+//! allocations, or half the window while the stream buffers less than that). Whatever
+//! the peer interleaves, a stalled reader thus keeps at most about three and a half
+//! times its window in memory.
 
 #![warn(unreachable_pub)]
 

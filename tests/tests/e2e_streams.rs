@@ -266,14 +266,15 @@ fn many_stalled_downloads_hold_little_memory_in_the_agent() {
     // What the windows let in: each stream's first window, and the growth all streams
     // share. With 4 MiB windows from the start this grew the agent by about 5 MiB per
     // stream; while each received chunk kept its whole receive allocation alive (64 KiB,
-    // which holds the frames of several streams), by about twice what the windows let
-    // in. Now a stream keeps allocations alive only while they hold mostly its own bytes,
-    // and copies the rest.
+    // which holds the frames of several streams, some of them read long ago), by 43-53
+    // MiB where the windows let in 28 MiB. Now a stream that falls behind keeps
+    // allocations alive only while they hold much of its own bytes, and copies the rest:
+    // 27-36 MiB.
     let config = fluidity_proto::Config::default();
     let windows =
         STALLED as u64 * u64::from(config.limits.stream_window) + config.window_growth_budget;
     assert!(
-        growth < windows + windows / 4,
+        growth < windows * 3 / 2,
         "{STALLED} stalled downloads grew the agent by {} MiB; their windows let in {} MiB",
         growth / MIB,
         windows / MIB

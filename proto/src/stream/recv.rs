@@ -3,13 +3,17 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::flow::RecvWindow;
 
 /// How many receive allocations a stream's unread chunks may keep alive beyond twice
-/// their bytes (see [`RecvState::push`]).
+/// their bytes, at least (see [`RecvState::push`]).
 const FREE_PINS: usize = 2;
+
+/// The least a stream's buffer for copied payloads takes at a time: small payloads share
+/// one allocation instead of costing one each.
+const COPY_ALLOC: usize = 16 * 1024;
 
 /// The receive allocation a payload shares: which one (a number the connection changes
 /// whenever it takes another) and how large it is.
@@ -19,29 +23,29 @@ pub(crate) struct Allocation {
     pub(crate) size: usize,
 }
 
-/// A receive allocation kept alive by some of a stream's unread chunks.
+/// Consecutive chunks of a stream: shared ones in one receive allocation, or copies.
 #[derive(Debug, Clone, Copy)]
-struct Pin {
-    allocation: Allocation,
-    /// How many of the stream's shared chunks lie in it.
+struct Run {
+    /// The allocation the chunks share; `None` for copies.
+    shared: Option<Allocation>,
     chunks: usize,
 }
 
 #[derive(Debug)]
 pub(crate) struct RecvState {
-    /// Received chunks, in order: first the ones that share a receive allocation (see
-    /// `pins`), then copies.
-    pub(crate) chunks: VecDeque<Bytes>,
+    /// Received chunks, in order, one per payload.
+    chunks: VecDeque<Bytes>,
+    /// What `chunks` holds, run by run, in the same order.
+    runs: VecDeque<Run>,
+    /// Room for copied payloads: each is copied in and split off as its chunk, so that
+    /// small ones share an allocation (of this stream's bytes only).
+    copies: BytesMut,
     /// Sum of `chunks` lengths; never above the stream's window.
-    pub(crate) buffered: usize,
-    /// The receive allocations the first chunks share, in their order; the chunks after
-    /// them are copies.
-    pins: VecDeque<Pin>,
-    /// How many of `chunks`, from the front, are shared.
-    shared_chunks: usize,
-    /// Their bytes.
+    buffered: usize,
+    /// Bytes of `chunks` in shared runs.
     shared_bytes: usize,
-    /// The sizes of the allocations in `pins`, together.
+    /// The sizes of the allocations the shared runs keep alive, together (one allocation
+    /// split by copies counts once per run).
     pinned: usize,
     pub(crate) window: RecvWindow,
     /// When the last window update went out (at first, when the stream began): how long
@@ -64,9 +68,9 @@ impl RecvState {
     pub(crate) fn new(window: u32, now: Instant) -> Self {
         RecvState {
             chunks: VecDeque::new(),
+            runs: VecDeque::new(),
+            copies: BytesMut::new(),
             buffered: 0,
-            pins: VecDeque::new(),
-            shared_chunks: 0,
             shared_bytes: 0,
             pinned: 0,
             window: RecvWindow::new(window),
@@ -86,40 +90,63 @@ impl RecvState {
     /// A payload shares its allocation, which holds other frames too, other streams'
     /// among them: a reader that lags would keep alive whole allocations for a few bytes
     /// of its own in each (a peer sending one byte for it between every 64 KiB for
-    /// another stream would make a 256 KiB window hold 16 GiB). So a payload stays shared
-    /// only if its allocation is the one the stream's last chunk shares, or keeping one
-    /// more allocation alive leaves them within twice the bytes the shared chunks hold
-    /// plus [`FREE_PINS`] allocations of its size; otherwise it is copied, and so is
-    /// every payload after it until the queue is empty. The allocations a stream keeps
-    /// alive thus never exceed twice its window plus two of the largest; a download
-    /// whose allocations hold mostly its own frames is never copied, however far its
-    /// reader lags (the first and the last allocation it keeps alive may hold little of
-    /// it, the free two are for them).
+    /// another stream would make a 256 KiB window hold 16 GiB). So a payload in an
+    /// allocation other than the last shared chunk's stays shared only if keeping that
+    /// allocation alive too leaves the allocations the stream's shared chunks keep alive
+    /// within twice their bytes plus a slack: [`FREE_PINS`] allocations of its size, or
+    /// half the stream's window while it buffers less than that. Otherwise it is copied
+    /// into an allocation of the stream's own (shared by its small copies,
+    /// [`COPY_ALLOC`] at least). The receive allocations a stream keeps alive thus never
+    /// exceed two and a half times its window, or twice it plus two of the largest, and
+    /// its copies take their bytes plus at most about two of its own allocations.
+    ///
+    /// Why the slack grows while the reader is within half the window: a stream's share
+    /// of an allocation says little while several streams move at once (three downloads
+    /// side by side hold a third of each allocation each, all of it alive, and with two
+    /// allocations of slack they copied two thirds of their bytes whenever their readers
+    /// lagged a little); allocations go to waste when some streams' bytes in them are read
+    /// and others' are not, that is, when a reader falls behind by much of its window.
+    /// A download whose allocations hold mostly its own frames shares them however far
+    /// its reader lags, once the reader is past any it kept for only a few bytes.
     pub(crate) fn push(&mut self, payload: Bytes, from: Allocation) -> usize {
         let len = payload.len();
         self.buffered += len;
-        let copy = if self.shared_chunks < self.chunks.len() {
-            true
-        } else if self.pins.back().is_some_and(|p| p.allocation == from) {
-            false
+        let same = self.runs.back().is_some_and(|r| r.shared == Some(from));
+        // In u64: windows up to 2^31 would overflow a 32-bit usize here.
+        let window = u64::from(self.window.window());
+        let moving = if (self.buffered as u64) < window / 2 {
+            window / 2
         } else {
-            self.pinned + from.size > 2 * (self.shared_bytes + len) + FREE_PINS * from.size
+            0
         };
-        if copy {
-            self.chunks.push_back(Bytes::copy_from_slice(&payload));
+        let slack = (FREE_PINS as u64 * from.size as u64).max(moving);
+        let room = 2 * (self.shared_bytes as u64 + len as u64) + slack;
+        if !same && self.pinned as u64 + from.size as u64 > room {
+            if self.copies.capacity() < len {
+                // The earlier allocation goes when its chunks have been read.
+                self.copies = BytesMut::with_capacity(len.max(COPY_ALLOC));
+            }
+            self.copies.extend_from_slice(&payload);
+            self.chunks.push_back(self.copies.split().freeze());
+            match self.runs.back_mut() {
+                Some(run) if run.shared.is_none() => run.chunks += 1,
+                _ => self.runs.push_back(Run {
+                    shared: None,
+                    chunks: 1,
+                }),
+            }
             return len;
         }
-        match self.pins.back_mut() {
-            Some(pin) if pin.allocation == from => pin.chunks += 1,
+        match self.runs.back_mut() {
+            Some(run) if run.shared == Some(from) => run.chunks += 1,
             _ => {
-                self.pins.push_back(Pin {
-                    allocation: from,
+                self.runs.push_back(Run {
+                    shared: Some(from),
                     chunks: 1,
                 });
                 self.pinned += from.size;
             }
         }
-        self.shared_chunks += 1;
         self.shared_bytes += len;
         self.chunks.push_back(payload);
         0
@@ -134,16 +161,18 @@ impl RecvState {
         } else {
             front.split_to(max)
         };
-        if self.shared_chunks > 0 {
-            self.shared_bytes -= out.len();
+        // Every chunk is in a run.
+        if let Some(run) = self.runs.front_mut() {
+            if run.shared.is_some() {
+                self.shared_bytes -= out.len();
+            }
             if whole {
-                self.shared_chunks -= 1;
-                if let Some(pin) = self.pins.front_mut() {
-                    pin.chunks -= 1;
-                    if pin.chunks == 0 {
-                        self.pinned -= pin.allocation.size;
-                        self.pins.pop_front();
+                run.chunks -= 1;
+                if run.chunks == 0 {
+                    if let Some(allocation) = run.shared {
+                        self.pinned -= allocation.size;
                     }
+                    self.runs.pop_front();
                 }
             }
         }
@@ -152,14 +181,24 @@ impl RecvState {
         Some(out)
     }
 
-    /// Drops every unread chunk (the application reset the stream).
+    /// Drops every unread byte (the application reset the stream).
     pub(crate) fn clear(&mut self) {
         self.chunks.clear();
-        self.pins.clear();
+        self.runs.clear();
+        self.copies = BytesMut::new();
         self.buffered = 0;
-        self.shared_chunks = 0;
         self.shared_bytes = 0;
         self.pinned = 0;
+    }
+
+    /// The unread bytes, in order (the peer reset the stream).
+    pub(crate) fn into_unread(self) -> Vec<Bytes> {
+        self.chunks.into()
+    }
+
+    /// Bytes received and not read yet.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buffered
     }
 
     /// The sizes of the receive allocations the unread chunks keep alive, together.
@@ -169,8 +208,9 @@ impl RecvState {
 
     /// The most [`pinned`](Self::pinned) can be, given the largest allocation and the
     /// largest window the stream can have.
-    pub(crate) fn pin_limit(largest_allocation: usize, max_window: u32) -> usize {
-        FREE_PINS * largest_allocation + 2 * max_window as usize
+    pub(crate) fn pin_limit(largest_allocation: usize, max_window: u32) -> u64 {
+        let slack = (FREE_PINS as u64 * largest_allocation as u64).max(u64::from(max_window) / 2);
+        slack + 2 * u64::from(max_window)
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -189,8 +229,9 @@ mod tests {
         Allocation { id, size: ALLOC }
     }
 
+    /// A stream with the default window, 256 KiB.
     fn state() -> RecvState {
-        RecvState::new(u32::MAX, Instant::now())
+        RecvState::new(256 * 1024, Instant::now())
     }
 
     fn payload(len: usize, byte: u8) -> Bytes {
@@ -218,7 +259,7 @@ mod tests {
                 0..=499 => 0,
                 _ => 4 << 20,
             };
-            while s.buffered > lag {
+            while s.buffered() > lag {
                 s.take(64 * 1024);
             }
         }
@@ -227,8 +268,8 @@ mod tests {
     }
 
     /// One byte between every allocation's worth of another stream's frames would keep
-    /// one allocation alive per byte: past two allocations those bytes are copied, and
-    /// every byte after them, until the reader has caught up.
+    /// one allocation alive per byte: past two allocations those bytes are copied into
+    /// an allocation of the stream's own, and come out one by one, in order.
     #[test]
     fn a_stream_with_a_few_bytes_in_each_allocation_keeps_two_alive() {
         let mut s = state();
@@ -238,18 +279,49 @@ mod tests {
         }
         assert_eq!(copied, 998);
         assert_eq!(s.pinned(), 2 * ALLOC);
-        // Reading frees the pins in order, and the bytes come out in order.
+        // The copies share one allocation of the stream's own.
+        let copies = s.chunks.iter().skip(2).map(|c| c.as_ptr() as usize);
+        let (low, high) = copies.fold((usize::MAX, 0), |(l, h), p| (l.min(p), h.max(p)));
+        assert!(high - low < COPY_ALLOC, "the copies are spread out");
         for id in 0..1000u64 {
             let b = s.take(usize::MAX).expect("a chunk");
-            assert_eq!(&b[..], [id as u8]);
+            assert_eq!(&b[..], [id as u8], "one payload per read, in order");
             if id == 0 {
                 assert_eq!(s.pinned(), ALLOC);
             }
         }
-        assert_eq!((s.pinned(), s.buffered), (0, 0));
+        assert_eq!((s.pinned(), s.buffered()), (0, 0));
         // An empty queue shares again.
         assert_eq!(s.push(payload(1, 0), allocation(5000)), 0);
         assert_eq!(s.pinned(), ALLOC);
+    }
+
+    /// Copies do not make a stream copy for good: once its reader is past the
+    /// allocations it kept for a few bytes, a download that fills its own allocations is
+    /// shared again, though the reader never empties the queue.
+    #[test]
+    fn a_stream_shares_again_once_past_what_it_copied() {
+        let mut s = state();
+        for id in 0..8 {
+            s.push(payload(1, 1), allocation(id));
+        }
+        let copied_before = 6;
+        let mut copied = 0;
+        let mut id = 8;
+        for i in 0..3000 {
+            if i % 3 == 0 {
+                id += 1;
+            }
+            copied += s.push(payload(16 * 1024, 2), allocation(id));
+            // The reader stays 64 KiB behind.
+            while s.buffered() > 64 * 1024 {
+                s.take(16 * 1024);
+            }
+        }
+        assert!(
+            copied <= 4 * 16 * 1024,
+            "{copied} bytes copied after the {copied_before} copied single bytes"
+        );
     }
 
     /// A stream with a quarter of each allocation (four streams' frames interleaved) keeps
@@ -268,7 +340,27 @@ mod tests {
         assert_eq!(part.len(), 1000);
         assert_eq!(s.pinned(), 4 * ALLOC);
         s.clear();
-        assert_eq!((s.pinned(), s.buffered, s.chunks.len()), (0, 0, 0));
+        assert_eq!((s.pinned(), s.buffered(), s.chunks.len()), (0, 0, 0));
+    }
+
+    /// Three downloads side by side hold a third of each allocation each, all of it
+    /// alive: while their readers keep within half their (grown) windows, nothing is
+    /// copied; a reader that falls further behind copies.
+    #[test]
+    fn downloads_side_by_side_keep_sharing_while_their_readers_keep_up() {
+        let run = |lag: usize| {
+            let mut s = RecvState::new(4 << 20, Instant::now());
+            let mut copied = 0;
+            for id in 0..2000 {
+                copied += s.push(payload(21 * 1024, 1), allocation(id));
+                while s.buffered() > lag {
+                    s.take(64 * 1024);
+                }
+            }
+            copied
+        };
+        assert_eq!(run(1 << 20), 0);
+        assert!(run(3 << 20) > 0);
     }
 
     #[derive(Debug, Clone)]
@@ -311,7 +403,7 @@ mod tests {
                         let d: Vec<u8> = (0..n).map(|_| { next = next.wrapping_add(1); next }).collect();
                         s.push(Bytes::from(d.clone()), current);
                         pushed.extend_from_slice(&d);
-                        most_buffered = most_buffered.max(s.buffered);
+                        most_buffered = most_buffered.max(s.buffered());
                     }
                     Op::Take(n) => {
                         if let Some(b) = s.take(n.max(1)) {
@@ -319,8 +411,9 @@ mod tests {
                         }
                     }
                 }
-                prop_assert_eq!(s.buffered + taken.len(), pushed.len());
+                prop_assert_eq!(s.buffered() + taken.len(), pushed.len());
                 prop_assert!(s.pinned() <= FREE_PINS * largest + 2 * most_buffered);
+                prop_assert_eq!(s.runs.iter().map(|r| r.chunks).sum::<usize>(), s.chunks.len());
             }
             while let Some(b) = s.take(usize::MAX) {
                 taken.extend_from_slice(&b);
