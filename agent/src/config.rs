@@ -92,7 +92,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Server address, `host:port`: a name is looked up at every connection attempt, its
     /// addresses raced as RFC 8305 says, and the next ones tried beside a TLS handshake
-    /// still unfinished after 2 s. Default `127.0.0.1:8443`.
+    /// still unfinished after 2 s (or four times as long as the TCP race took, if
+    /// longer). Default `127.0.0.1:8443`.
     pub server: String,
     /// Name or IP the server certificate must be valid for. Default: the host of `server`.
     pub server_name: Option<String>,

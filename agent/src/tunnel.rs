@@ -452,8 +452,8 @@ impl TunnelDialer {
     }
 }
 
-/// How long a TLS handshake with the server may take (or four times its TCP connection's
-/// set-up, if longer) before the next address is tried beside it.
+/// How long a TLS handshake with the server may take (or four times the TCP race that
+/// led to it, if longer) before the next address is tried beside it.
 const HANDSHAKE_FALLBACK: Duration = Duration::from_secs(2);
 
 /// A checked TLS connection to one of `addrs`, or why each failed. As a browser does
@@ -496,6 +496,9 @@ async fn connect_to_one(
     let mut handshakes: Vec<Handshake<'_>> = Vec::new();
     let mut fallback = Timer::never();
     loop {
+        if racing.is_none() && handshakes.is_empty() {
+            return Err(why);
+        }
         let step = poll_fn(|cx| {
             if let Some((started, r)) = racing.as_mut() {
                 if let Poll::Ready(out) = r.as_mut().poll(cx) {
@@ -564,9 +567,6 @@ async fn connect_to_one(
         if next_race && racing.is_none() && !addrs.is_empty() {
             fallback = Timer::never();
             racing = Some(race(addrs.clone()));
-        }
-        if racing.is_none() && handshakes.is_empty() {
-            return Err(why);
         }
     }
 }

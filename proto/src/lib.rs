@@ -69,12 +69,13 @@
 //! returns as the application reads; connection credit returns as frames are processed,
 //! so a stalled reader holds only its own stream's window and never blocks the others.
 //! Received payloads share the receive buffer's allocations, which hold other frames
-//! too; a payload in a new allocation is copied instead (counted by
-//! [`Stats::rx_copied`]) when sharing it would leave its stream's shared payloads
-//! keeping more of those allocations alive than twice their bytes plus a slack (two
-//! allocations, or half the window while the stream buffers less than that). Whatever
-//! the peer interleaves, a stalled reader thus keeps at most about three and a half
-//! times its window in memory.
+//! too; a payload in another allocation than its stream's last shared chunk is copied
+//! instead (counted by [`Stats::rx_copied`]) when sharing it would leave the stream's
+//! shared payloads keeping more of those allocations alive than twice their bytes plus a
+//! slack (two allocations, or half the window while the stream buffers less than that);
+//! payloads under 1 KiB are always copied, and gathered (one read may return several).
+//! Whatever the peer sends, a stalled reader thus keeps about three times its window in
+//! memory at most.
 
 #![warn(unreachable_pub)]
 

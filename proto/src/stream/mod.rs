@@ -14,6 +14,11 @@ use crate::{Error, ErrorCode, OpenRefusal, StreamId, Target};
 use recv::RecvState;
 use send::SendState;
 
+/// Chunks shorter than this are copied into a buffer that gathers them instead of queued
+/// one by one (written ones by `SendBuf::push`, received ones by `RecvState::push`), so
+/// tiny writes or frames cannot grow a stream's queue to one entry per byte of its window.
+const MIN_CHUNK: usize = 1024;
+
 /// Where a stream is in its opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpenPhase {

@@ -6,13 +6,15 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use super::flow::RecvWindow;
+use super::MIN_CHUNK;
 
 /// How many receive allocations a stream's unread chunks may keep alive beyond twice
 /// their bytes, at least (see [`RecvState::push`]).
 const FREE_PINS: usize = 2;
 
-/// The least a stream's buffer for copied payloads takes at a time: small payloads share
-/// one allocation instead of costing one each.
+/// The least a stream's buffer for copied payloads takes at a time: payloads up to a
+/// quarter of it share one allocation instead of costing one each; larger ones get their
+/// own, so that what a full buffer leaves unused stays within a quarter of what it holds.
 const COPY_ALLOC: usize = 16 * 1024;
 
 /// The receive allocation a payload shares: which one (a number the connection changes
@@ -33,14 +35,18 @@ struct Run {
 
 #[derive(Debug)]
 pub(crate) struct RecvState {
-    /// Received chunks, in order, one per payload.
+    /// Received chunks, in order, one per payload of [`MIN_CHUNK`] or more; `small` comes
+    /// after them.
     chunks: VecDeque<Bytes>,
     /// What `chunks` holds, run by run, in the same order.
     runs: VecDeque<Run>,
     /// Room for copied payloads: each is copied in and split off as its chunk, so that
-    /// small ones share an allocation (of this stream's bytes only).
+    /// they share an allocation (of this stream's bytes only).
     copies: BytesMut,
-    /// Sum of `chunks` lengths; never above the stream's window.
+    /// Payloads under [`MIN_CHUNK`] received after every chunk, copied and gathered: one
+    /// read takes several. Sealed into a chunk when a larger payload comes.
+    small: BytesMut,
+    /// Sum of `chunks` and `small` lengths; never above the stream's window.
     buffered: usize,
     /// Bytes of `chunks` in shared runs.
     shared_bytes: usize,
@@ -70,6 +76,7 @@ impl RecvState {
             chunks: VecDeque::new(),
             runs: VecDeque::new(),
             copies: BytesMut::new(),
+            small: BytesMut::new(),
             buffered: 0,
             shared_bytes: 0,
             pinned: 0,
@@ -87,18 +94,23 @@ impl RecvState {
     /// Queues a payload decoded from receive allocation `from`, and returns how many of
     /// its bytes were copied (none or all).
     ///
+    /// A payload under [`MIN_CHUNK`] is copied and gathered with the small ones before it,
+    /// so that one-byte frames cost a byte each, not an entry in the queue and an
+    /// allocation kept alive.
+    ///
     /// A payload shares its allocation, which holds other frames too, other streams'
     /// among them: a reader that lags would keep alive whole allocations for a few bytes
-    /// of its own in each (a peer sending one byte for it between every 64 KiB for
-    /// another stream would make a 256 KiB window hold 16 GiB). So a payload in an
-    /// allocation other than the last shared chunk's stays shared only if keeping that
-    /// allocation alive too leaves the allocations the stream's shared chunks keep alive
-    /// within twice their bytes plus a slack: [`FREE_PINS`] allocations of its size, or
-    /// half the stream's window while it buffers less than that. Otherwise it is copied
-    /// into an allocation of the stream's own (shared by its small copies,
-    /// [`COPY_ALLOC`] at least). The receive allocations a stream keeps alive thus never
-    /// exceed two and a half times its window, or twice it plus two of the largest, and
-    /// its copies take their bytes plus at most about two of its own allocations.
+    /// of its own in each (a peer sending a kilobyte for it between every 64 KiB for
+    /// another stream would make a 256 KiB window hold 16 MiB). So a payload in another
+    /// allocation than the last chunk's, when that one is shared, stays shared only if
+    /// keeping its allocation alive too leaves the allocations the stream's shared chunks
+    /// keep alive within twice their bytes plus a slack: [`FREE_PINS`] allocations of its
+    /// size, or half the stream's window while it buffers less than that. Otherwise it is
+    /// copied (into an allocation of the stream's own, see [`COPY_ALLOC`]). The receive
+    /// allocations a stream keeps alive thus never exceed twice its window plus two of
+    /// the largest (the half-window slack applies only while the stream buffers less
+    /// than half its window, which keeps it within one and a half windows), and its
+    /// copies take little more than their bytes.
     ///
     /// Why the slack grows while the reader is within half the window: a stream's share
     /// of an allocation says little while several streams move at once (three downloads
@@ -111,6 +123,11 @@ impl RecvState {
     pub(crate) fn push(&mut self, payload: Bytes, from: Allocation) -> usize {
         let len = payload.len();
         self.buffered += len;
+        if len < MIN_CHUNK {
+            self.small.extend_from_slice(&payload);
+            return len;
+        }
+        self.seal_small();
         let same = self.runs.back().is_some_and(|r| r.shared == Some(from));
         // In u64: windows up to 2^31 would overflow a 32-bit usize here.
         let window = u64::from(self.window.window());
@@ -122,19 +139,17 @@ impl RecvState {
         let slack = (FREE_PINS as u64 * from.size as u64).max(moving);
         let room = 2 * (self.shared_bytes as u64 + len as u64) + slack;
         if !same && self.pinned as u64 + from.size as u64 > room {
-            if self.copies.capacity() < len {
-                // The earlier allocation goes when its chunks have been read.
-                self.copies = BytesMut::with_capacity(len.max(COPY_ALLOC));
-            }
-            self.copies.extend_from_slice(&payload);
-            self.chunks.push_back(self.copies.split().freeze());
-            match self.runs.back_mut() {
-                Some(run) if run.shared.is_none() => run.chunks += 1,
-                _ => self.runs.push_back(Run {
-                    shared: None,
-                    chunks: 1,
-                }),
-            }
+            let copy = if len > COPY_ALLOC / 4 {
+                Bytes::copy_from_slice(&payload)
+            } else {
+                if self.copies.capacity() < len {
+                    // The earlier allocation goes when its chunks have been read.
+                    self.copies = BytesMut::with_capacity(COPY_ALLOC);
+                }
+                self.copies.extend_from_slice(&payload);
+                self.copies.split().freeze()
+            };
+            self.queue_copy(copy);
             return len;
         }
         match self.runs.back_mut() {
@@ -152,8 +167,33 @@ impl RecvState {
         0
     }
 
+    /// Queues the gathered small payloads as one copied chunk.
+    fn seal_small(&mut self) {
+        if !self.small.is_empty() {
+            let copy = self.small.split().freeze();
+            self.queue_copy(copy);
+        }
+    }
+
+    /// Queues a chunk of copied bytes.
+    fn queue_copy(&mut self, copy: Bytes) {
+        self.chunks.push_back(copy);
+        match self.runs.back_mut() {
+            Some(run) if run.shared.is_none() => run.chunks += 1,
+            _ => self.runs.push_back(Run {
+                shared: None,
+                chunks: 1,
+            }),
+        }
+    }
+
     /// Takes up to `max` bytes off the front.
     pub(crate) fn take(&mut self, max: usize) -> Option<Bytes> {
+        if self.chunks.is_empty() && !self.small.is_empty() {
+            let out = self.small.split_to(max.min(self.small.len())).freeze();
+            self.taken(out.len());
+            return Some(out);
+        }
         let front = self.chunks.front_mut()?;
         let whole = front.len() <= max;
         let out = if whole {
@@ -176,9 +216,19 @@ impl RecvState {
                 }
             }
         }
-        self.buffered -= out.len();
-        self.read += out.len() as u64;
+        self.taken(out.len());
         Some(out)
+    }
+
+    /// Counts `n` bytes handed to the application.
+    fn taken(&mut self, n: usize) {
+        self.buffered -= n;
+        self.read += n as u64;
+        if self.buffered == 0 {
+            // Nothing waits: the room left in these need not outlive the reads.
+            self.copies = BytesMut::new();
+            self.small = BytesMut::new();
+        }
     }
 
     /// Drops every unread byte (the application reset the stream).
@@ -186,13 +236,15 @@ impl RecvState {
         self.chunks.clear();
         self.runs.clear();
         self.copies = BytesMut::new();
+        self.small = BytesMut::new();
         self.buffered = 0;
         self.shared_bytes = 0;
         self.pinned = 0;
     }
 
     /// The unread bytes, in order (the peer reset the stream).
-    pub(crate) fn into_unread(self) -> Vec<Bytes> {
+    pub(crate) fn into_unread(mut self) -> Vec<Bytes> {
+        self.seal_small();
         self.chunks.into()
     }
 
@@ -209,8 +261,7 @@ impl RecvState {
     /// The most [`pinned`](Self::pinned) can be, given the largest allocation and the
     /// largest window the stream can have.
     pub(crate) fn pin_limit(largest_allocation: usize, max_window: u32) -> u64 {
-        let slack = (FREE_PINS as u64 * largest_allocation as u64).max(u64::from(max_window) / 2);
-        slack + 2 * u64::from(max_window)
+        FREE_PINS as u64 * largest_allocation as u64 + 2 * u64::from(max_window)
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -267,33 +318,75 @@ mod tests {
         assert!(s.pinned() > 4 << 20, "the reader lags at the end");
     }
 
-    /// One byte between every allocation's worth of another stream's frames would keep
-    /// one allocation alive per byte: past two allocations those bytes are copied into
-    /// an allocation of the stream's own, and come out one by one, in order.
+    /// A kilobyte between every allocation's worth of another stream's frames would keep
+    /// 64 KiB alive per kilobyte: past two allocations those payloads are copied into an
+    /// allocation of the stream's own, and come out one by one, in order. (A window of
+    /// 256 KiB holds 200 of them.)
     #[test]
-    fn a_stream_with_a_few_bytes_in_each_allocation_keeps_two_alive() {
+    fn a_stream_with_a_kilobyte_in_each_allocation_keeps_two_alive() {
         let mut s = state();
         let mut copied = 0;
-        for id in 0..1000 {
-            copied += s.push(payload(1, id as u8), allocation(id));
+        for id in 0..200 {
+            copied += s.push(payload(MIN_CHUNK, id as u8), allocation(id));
         }
-        assert_eq!(copied, 998);
+        assert_eq!(copied, 198 * MIN_CHUNK);
         assert_eq!(s.pinned(), 2 * ALLOC);
-        // The copies share one allocation of the stream's own.
-        let copies = s.chunks.iter().skip(2).map(|c| c.as_ptr() as usize);
-        let (low, high) = copies.fold((usize::MAX, 0), |(l, h), p| (l.min(p), h.max(p)));
-        assert!(high - low < COPY_ALLOC, "the copies are spread out");
-        for id in 0..1000u64 {
+        // The copies share the stream's own allocations, COPY_ALLOC each.
+        let copies: Vec<_> = s
+            .chunks
+            .iter()
+            .skip(2)
+            .map(|c| c.as_ptr() as usize)
+            .collect();
+        let apart = copies
+            .windows(2)
+            .filter(|w| w[1] != w[0] + MIN_CHUNK)
+            .count();
+        assert!(
+            apart <= 198 * MIN_CHUNK / COPY_ALLOC,
+            "{apart} allocations for the copies"
+        );
+        for id in 0..200u64 {
             let b = s.take(usize::MAX).expect("a chunk");
-            assert_eq!(&b[..], [id as u8], "one payload per read, in order");
+            assert_eq!(b.len(), MIN_CHUNK, "one payload per read");
+            assert!(b.iter().all(|&x| x == id as u8), "in order");
             if id == 0 {
                 assert_eq!(s.pinned(), ALLOC);
             }
         }
         assert_eq!((s.pinned(), s.buffered()), (0, 0));
         // An empty queue shares again.
-        assert_eq!(s.push(payload(1, 0), allocation(5000)), 0);
+        assert_eq!(s.push(payload(MIN_CHUNK, 0), allocation(5000)), 0);
         assert_eq!(s.pinned(), ALLOC);
+    }
+
+    /// Payloads under MIN_CHUNK are gathered, whatever their allocations: one-byte frames
+    /// cost a byte each, keep no receive allocation alive, and a read takes many.
+    #[test]
+    fn small_payloads_are_gathered() {
+        let mut s = state();
+        for id in 0..100_000 {
+            assert_eq!(s.push(payload(1, id as u8), allocation(id)), 1);
+        }
+        // A larger payload after them comes after them.
+        s.push(payload(MIN_CHUNK, 7), allocation(100_000));
+        assert_eq!(s.pinned(), ALLOC);
+        assert_eq!(
+            s.chunks.len(),
+            2,
+            "the small ones in one chunk, then the large one"
+        );
+        let small = s.take(usize::MAX).expect("the small ones");
+        assert_eq!(small.len(), 100_000);
+        assert!(small.iter().enumerate().all(|(i, &b)| b == i as u8));
+        assert_eq!(s.take(usize::MAX).map(|b| b.len()), Some(MIN_CHUNK));
+        // Small ones read as they come, in pieces if asked.
+        s.push(payload(10, 1), allocation(1));
+        s.push(payload(10, 2), allocation(1));
+        assert_eq!(s.take(15).map(|b| b.len()), Some(15));
+        assert_eq!(s.take(15).map(|b| b.len()), Some(5));
+        assert_eq!(s.take(15), None);
+        assert_eq!(s.buffered(), 0);
     }
 
     /// Copies do not make a stream copy for good: once its reader is past the
@@ -303,7 +396,7 @@ mod tests {
     fn a_stream_shares_again_once_past_what_it_copied() {
         let mut s = state();
         for id in 0..8 {
-            s.push(payload(1, 1), allocation(id));
+            s.push(payload(MIN_CHUNK, 1), allocation(id));
         }
         let copied_before = 6;
         let mut copied = 0;
@@ -382,12 +475,16 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
-        /// Whatever the payloads and allocations, the bytes come out in the order they came
-        /// in, the allocations kept alive stay within two of the largest plus twice the
-        /// most ever buffered, and an empty queue keeps none.
+        /// Whatever the payloads, allocations and window, the bytes come out in the order
+        /// they came in, the allocations kept alive stay within the slack (two of the
+        /// largest, or half the window) plus twice the most ever buffered, and an empty
+        /// queue keeps none.
         #[test]
-        fn bytes_leave_in_order_and_pins_stay_bounded(ops in proptest::collection::vec(op(), 1..200)) {
-            let mut s = state();
+        fn bytes_leave_in_order_and_pins_stay_bounded(
+            window in proptest::sample::select(vec![64 * 1024u32, 256 * 1024, 4 << 20]),
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let mut s = RecvState::new(window, Instant::now());
             let mut pushed = Vec::new();
             let mut taken = Vec::new();
             let mut next = 0u8;
@@ -412,7 +509,8 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(s.buffered() + taken.len(), pushed.len());
-                prop_assert!(s.pinned() <= FREE_PINS * largest + 2 * most_buffered);
+                let slack = (FREE_PINS * largest).max(window as usize / 2);
+                prop_assert!(s.pinned() <= slack + 2 * most_buffered);
                 prop_assert_eq!(s.runs.iter().map(|r| r.chunks).sum::<usize>(), s.chunks.len());
             }
             while let Some(b) = s.take(usize::MAX) {

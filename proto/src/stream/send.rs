@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::flow::SendWindow;
+use super::MIN_CHUNK;
 
 /// Where the sender is with its FIN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,10 +65,6 @@ impl SendState {
         self.fin == Fin::Sent
     }
 }
-
-/// Chunks written with [`SendBuf::push`] shorter than this are copied into the tail
-/// instead of queued, so tiny writes cannot grow the queue to one entry per byte of credit.
-const MIN_CHUNK: usize = 1024;
 
 /// Written but not yet transmitted bytes: a queue of shared chunks (taken from
 /// `write_bytes` without copying) followed by a tail that copying writes append to.
