@@ -146,8 +146,8 @@ pub struct Stats {
     /// Times the receive buffer needed a fresh allocation after its first; the other
     /// times it took back an earlier one.
     pub rx_allocations: u64,
-    /// Payload bytes copied out of the receive buffer, because their stream's unread
-    /// chunks kept enough of its allocations alive already.
+    /// Payload bytes copied out of the receive buffer: payloads under 1 KiB, and those
+    /// whose stream's unread chunks kept enough of its allocations alive already.
     pub rx_copied: u64,
     /// Smoothed round-trip time from pings, once measured.
     pub rtt: Option<Duration>,
@@ -435,8 +435,9 @@ impl Connection {
 
     /// Like [`handle_input`](Self::handle_input), taking the bytes out of `data` instead
     /// of copying them: decoded DATA payloads share `data`'s allocation (unless their
-    /// stream's unread payloads keep too much alive already: see the crate's notes on
-    /// flow control; the whole of `data`'s capacity counts), and a trailing
+    /// stream's unread payloads keep too much alive already, or they are under 1 KiB: see
+    /// the crate's notes on flow control; `data`'s capacity from its start counts as the
+    /// allocation's size), and a trailing
     /// partial frame is kept the same way. Only the rest of a frame begun in an earlier
     /// input is copied (at most one frame per call). Consumed bytes are removed from the
     /// front of `data` and their count is returned; the two input calls may be mixed.
