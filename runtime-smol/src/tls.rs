@@ -191,17 +191,28 @@ impl Identity {
     /// agent, say), which peers would refuse with an alert that says little.
     pub fn load_as(cert_path: &Path, key_path: &Path, role: PeerRole) -> Result<Self, Error> {
         let identity = Self::load(cert_path, key_path)?;
-        if let Some(problem) = identity
-            .chain
-            .first()
-            .and_then(|leaf| usage_problem(leaf, role))
-        {
+        if let Some(problem) = identity.usage_problem(role) {
+            let made = match role {
+                PeerRole::Server => "server.pem",
+                PeerRole::Client => "client.pem",
+            };
             return Err(Error::BadPem {
                 origin: cert_path.display().to_string(),
-                problem,
+                problem: format!(
+                    "{problem}; use the {made} that `fluidity certs init` makes for it"
+                ),
             });
         }
         Ok(identity)
+    }
+
+    /// Why this identity's certificate cannot serve as `role`'s, if it cannot: its
+    /// extended key usage allows neither that end's usage nor any (a certificate without
+    /// the extension may serve either).
+    pub fn usage_problem(&self, role: PeerRole) -> Option<String> {
+        self.chain
+            .first()
+            .and_then(|leaf| usage_problem(leaf, role))
     }
 
     /// Rejects a key that does not belong to the leaf certificate here, where the files
@@ -333,9 +344,9 @@ impl CaRoots {
 fn usage_problem(leaf: &CertificateDer<'_>, role: PeerRole) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let eku = cert.extended_key_usage().ok()??.value;
-    let (allowed, needed, who, use_this) = match role {
-        PeerRole::Server => (eku.server_auth, "serverAuth", "a server", "server.pem"),
-        PeerRole::Client => (eku.client_auth, "clientAuth", "an agent", "client.pem"),
+    let (allowed, needed, who) = match role {
+        PeerRole::Server => (eku.server_auth, "serverAuth", "a server"),
+        PeerRole::Client => (eku.client_auth, "clientAuth", "an agent"),
     };
     if eku.any || allowed {
         return None;
@@ -348,8 +359,7 @@ fn usage_problem(leaf: &CertificateDer<'_>, role: PeerRole) -> Option<String> {
         "neither serverAuth nor clientAuth"
     };
     Some(format!(
-        "the certificate's extended key usage is {has}, and {who} needs {needed}; use the \
-         {use_this} that `fluidity certs init` makes for it"
+        "the certificate's extended key usage is {has}, and {who} needs {needed}"
     ))
 }
 

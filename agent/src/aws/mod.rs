@@ -42,6 +42,7 @@ use fluidity_aws::Env;
 use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::pki::RENEW_BEFORE;
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
+use fluidity_runtime_smol::PeerRole;
 use fluidity_server::aws::cert::{self as certs, CertFiles, ControlCa};
 use futures_lite::FutureExt;
 use serde::Deserialize;
@@ -427,9 +428,11 @@ async fn certify(aws: &AwsRun, located: &Located, agent_ip: IpAddr) -> Result<Ce
         role: CertRole::Agent,
     };
     let (f, arn) = (files.clone(), located.server_arn.clone());
-    blocking::unblock(move || certs::obtain(&f, &arn, &[agent_ip], &ca, RENEW_BEFORE))
-        .await
-        .map_err(|e| Error::Lifecycle(format!("agent certificate: {e}")))?;
+    blocking::unblock(move || {
+        certs::obtain(&f, &arn, &[agent_ip], PeerRole::Client, &ca, RENEW_BEFORE)
+    })
+    .await
+    .map_err(|e| Error::Lifecycle(format!("agent certificate: {e}")))?;
     Ok(files)
 }
 
@@ -575,7 +578,7 @@ fn tunnel_settings(
     files: &CertFiles,
     located: &Located,
 ) -> Result<TunnelSettings> {
-    let identity = Identity::load(&files.cert, &files.key)?;
+    let identity = Identity::load_as(&files.cert, &files.key, PeerRole::Client)?;
     let roots = CaRoots::load(&files.ca)?;
     let check = PeerCheck::cn(located.server_arn.clone());
     let credentials = match &aws.credentials {

@@ -18,6 +18,7 @@ use fluidity_runtime_smol::pki;
 #[cfg(doc)]
 use fluidity_runtime_smol::pki::RENEW_BEFORE;
 use fluidity_runtime_smol::tls::{certs_from_pem, Identity, PeerIdentity};
+use fluidity_runtime_smol::PeerRole;
 
 use crate::Error;
 
@@ -96,12 +97,14 @@ pub enum Obtained {
     Issued,
 }
 
-/// Returns why the cached certificate in `files` cannot be used for `cn` and `ips` at
-/// `now` (it must have more than `renew_before` left), or `None` if it can.
+/// Returns why the cached certificate in `files` cannot be used for `cn` and `ips`, as
+/// `role`'s certificate, at `now` (it must have more than `renew_before` left), or `None`
+/// if it can.
 pub fn cached_unusable(
     files: &CertFiles,
     cn: &str,
     ips: &[IpAddr],
+    role: PeerRole,
     now: SystemTime,
     renew_before: Duration,
 ) -> Option<String> {
@@ -117,6 +120,9 @@ pub fn cached_unusable(
         Ok(i) => i,
         Err(e) => return Some(e.to_string()),
     };
+    if let Some(why) = identity.usage_problem(role) {
+        return Some(why);
+    }
     let names = match identity.names() {
         Ok(n) => n,
         Err(e) => return Some(e.to_string()),
@@ -154,20 +160,23 @@ fn names_differ(names: &PeerIdentity, cn: &str, ips: &[IpAddr]) -> Option<String
     None
 }
 
-/// Returns a certificate for `cn` and `ips` in `files`: the cached one if it still fits
-/// and has more than `renew_before` left (the agent uses [`RENEW_BEFORE`], 30 days), else
-/// a fresh key and CSR signed by `ca` and written to `files` (key first, mode 0600).
+/// Returns a certificate for `cn` and `ips`, to serve as `role`'s, in `files`: the cached
+/// one if it still fits and has more than `renew_before` left (the agent uses
+/// [`RENEW_BEFORE`], 30 days), else a fresh key and CSR signed by `ca` and written to
+/// `files` (key first, mode 0600).
 ///
 /// The answer of the CA is checked before it is stored: a certificate for other names
-/// than were asked for is refused rather than cached.
+/// than were asked for, or whose extended key usage does not allow `role`, is refused
+/// rather than cached.
 pub fn obtain(
     files: &CertFiles,
     cn: &str,
     ips: &[IpAddr],
+    role: PeerRole,
     ca: &dyn CertificateAuthority,
     renew_before: Duration,
 ) -> Result<Obtained, Error> {
-    match cached_unusable(files, cn, ips, SystemTime::now(), renew_before) {
+    match cached_unusable(files, cn, ips, role, SystemTime::now(), renew_before) {
         None => {
             tracing::info!(cert = %files.cert.display(), cn, "using the cached certificate");
             return Ok(Obtained::Cached);
@@ -190,7 +199,7 @@ pub fn obtain(
             "the CA function returned an unreadable certificate: {e}"
         ))
     })?;
-    if let Some(why) = names_differ(&names, cn, ips) {
+    if let Some(why) = names_differ(&names, cn, ips).or_else(|| identity.usage_problem(role)) {
         return Err(Error::AwsStartup(format!(
             "the CA function returned a certificate that does not match the request: {why}"
         )));
@@ -259,6 +268,25 @@ mod tests {
         }
     }
 
+    /// A CA that issues every certificate for the agent's end (clientAuth).
+    struct AgentOnlyCa(TestCa);
+
+    impl CertificateAuthority for AgentOnlyCa {
+        fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
+            let cert_pem = sign_csr(
+                &self.0.ca,
+                csr_pem,
+                CertUsage::Client,
+                Duration::from_secs(self.0.days * 86400),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(SignedCertificate {
+                cert_pem,
+                ca_pem: self.0.ca.cert_pem().to_owned(),
+            })
+        }
+    }
+
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
@@ -271,7 +299,7 @@ mod tests {
         let addrs = ips(&["198.51.100.7", "203.0.113.9"]);
 
         assert_eq!(
-            obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            obtain(&files, ARN, &addrs, PeerRole::Server, &ca, RENEW_BEFORE).unwrap(),
             Obtained::Issued
         );
         assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
@@ -285,19 +313,35 @@ mod tests {
         // Same names in another order: the cache fits.
         let reversed: Vec<IpAddr> = addrs.iter().rev().copied().collect();
         assert_eq!(
-            obtain(&files, ARN, &reversed, &ca, RENEW_BEFORE).unwrap(),
+            obtain(&files, ARN, &reversed, PeerRole::Server, &ca, RENEW_BEFORE).unwrap(),
             Obtained::Cached
         );
         assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
 
         // Another server or another agent address: a new certificate.
         assert_eq!(
-            obtain(&files, OTHER_ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            obtain(
+                &files,
+                OTHER_ARN,
+                &addrs,
+                PeerRole::Server,
+                &ca,
+                RENEW_BEFORE
+            )
+            .unwrap(),
             Obtained::Issued
         );
         let moved = ips(&["198.51.100.7", "203.0.113.10"]);
         assert_eq!(
-            obtain(&files, OTHER_ARN, &moved, &ca, RENEW_BEFORE).unwrap(),
+            obtain(
+                &files,
+                OTHER_ARN,
+                &moved,
+                PeerRole::Server,
+                &ca,
+                RENEW_BEFORE
+            )
+            .unwrap(),
             Obtained::Issued
         );
         assert_eq!(ca.calls.load(Ordering::Relaxed), 3);
@@ -317,13 +361,21 @@ mod tests {
         let addrs = ips(&["203.0.113.9"]);
         let short = TestCa::new(20);
         assert_eq!(
-            obtain(&files, ARN, &addrs, &short, RENEW_BEFORE).unwrap(),
+            obtain(&files, ARN, &addrs, PeerRole::Server, &short, RENEW_BEFORE).unwrap(),
             Obtained::Issued
         );
-        let why = cached_unusable(&files, ARN, &addrs, SystemTime::now(), RENEW_BEFORE).unwrap();
+        let why = cached_unusable(
+            &files,
+            ARN,
+            &addrs,
+            PeerRole::Server,
+            SystemTime::now(),
+            RENEW_BEFORE,
+        )
+        .unwrap();
         assert!(why.contains("renewal window"), "{why}");
         assert_eq!(
-            obtain(&files, ARN, &addrs, &short, RENEW_BEFORE).unwrap(),
+            obtain(&files, ARN, &addrs, PeerRole::Server, &short, RENEW_BEFORE).unwrap(),
             Obtained::Issued
         );
         assert_eq!(short.calls.load(Ordering::Relaxed), 2);
@@ -338,6 +390,7 @@ mod tests {
             &files,
             ARN,
             &addrs,
+            PeerRole::Server,
             &LyingCa(TestCa::new(365)),
             RENEW_BEFORE,
         )
@@ -350,12 +403,57 @@ mod tests {
         );
 
         let ca = TestCa::new(365);
-        obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap();
+        obtain(&files, ARN, &addrs, PeerRole::Server, &ca, RENEW_BEFORE).unwrap();
         fs::write(&files.key, "garbage").unwrap();
-        assert!(cached_unusable(&files, ARN, &addrs, SystemTime::now(), RENEW_BEFORE).is_some());
+        assert!(cached_unusable(
+            &files,
+            ARN,
+            &addrs,
+            PeerRole::Server,
+            SystemTime::now(),
+            RENEW_BEFORE
+        )
+        .is_some());
         assert_eq!(
-            obtain(&files, ARN, &addrs, &ca, RENEW_BEFORE).unwrap(),
+            obtain(&files, ARN, &addrs, PeerRole::Server, &ca, RENEW_BEFORE).unwrap(),
             Obtained::Issued
+        );
+    }
+
+    #[test]
+    fn refuses_and_replaces_a_certificate_for_the_other_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "server");
+        let addrs = ips(&["203.0.113.9"]);
+        let agents = AgentOnlyCa(TestCa::new(365));
+        let err = obtain(&files, ARN, &addrs, PeerRole::Server, &agents, RENEW_BEFORE)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not match the request"), "{err}");
+        assert!(err.contains("extended key usage"), "{err}");
+        assert!(
+            !files.cert.exists(),
+            "a wrong certificate must not be cached"
+        );
+
+        // An agent's certificate left where the server's belongs is not used: it is
+        // replaced by one for the server.
+        obtain(&files, ARN, &addrs, PeerRole::Client, &agents, RENEW_BEFORE).unwrap();
+        let now = SystemTime::now();
+        let why = cached_unusable(&files, ARN, &addrs, PeerRole::Server, now, RENEW_BEFORE);
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("extended key usage")),
+            "{why:?}"
+        );
+        let ca = TestCa::new(365);
+        assert_eq!(
+            obtain(&files, ARN, &addrs, PeerRole::Server, &ca, RENEW_BEFORE).unwrap(),
+            Obtained::Issued
+        );
+        assert_eq!(
+            cached_unusable(&files, ARN, &addrs, PeerRole::Server, now, RENEW_BEFORE),
+            None
         );
     }
 }

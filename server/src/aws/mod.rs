@@ -36,6 +36,7 @@ use fluidity_aws::clients::ecs::EcsClient;
 use fluidity_aws::control::types::{CertRole, METRIC_NAMESPACE};
 use fluidity_aws::control::{ControlClient, ControlUrls, ServerId};
 use fluidity_aws::{AwsConfig, Env};
+use fluidity_runtime_smol::PeerRole;
 use serde::Deserialize;
 
 use self::cert::{CertFiles, ControlCa};
@@ -235,6 +236,7 @@ pub fn start_up(
         &files,
         &identity.arn,
         &[server_ip, agent_ip],
+        PeerRole::Server,
         &ca,
         SERVER_RENEW_BEFORE,
     )?;
