@@ -98,10 +98,11 @@ where
         let (kept, inb) = (&mut upstream, &mut *cin);
         let reading = async move {
             if kept.as_ref().is_some_and(|k| k.spent) {
-                // Let go while the client's next request comes.
-                return Some(
-                    while_releasing(kept.take(), read_head(inb, head::parse_request_head)).await,
-                );
+                // Let go while the client's next request comes; if the client leaves
+                // instead, nothing waits, and the stream ends plainly.
+                let next = read_head(inb, head::parse_request_head);
+                let release_all = |r: &Result<Option<_>, _>| matches!(r, Ok(None));
+                return Some(while_releasing_unless(kept.take(), next, release_all).await);
             }
             if kept.is_some() {
                 let next = async { Some(read_head(inb, head::parse_request_head).await) };
@@ -873,16 +874,34 @@ where
     S: AsyncWrite + ReadChunks + Unpin,
     F: Future,
 {
+    while_releasing_unless(old, f, |_| false).await
+}
+
+/// [`while_releasing`], except that when `f`'s output is one after which nothing waits
+/// (`release_all` says so: the client left), the release runs to its end.
+async fn while_releasing_unless<S, F>(
+    old: Option<Upstream<S>>,
+    f: F,
+    release_all: impl FnOnce(&F::Output) -> bool,
+) -> F::Output
+where
+    S: AsyncWrite + ReadChunks + Unpin,
+    F: Future,
+{
     let mut releasing = pin!(release(old));
     let mut released = false;
     let mut f = pin!(f);
-    futures_lite::future::poll_fn(|cx| {
+    let out = futures_lite::future::poll_fn(|cx| {
         if !released {
             released = releasing.as_mut().poll(cx).is_ready();
         }
         f.as_mut().poll(cx)
     })
-    .await
+    .await;
+    if !released && release_all(&out) {
+        releasing.await;
+    }
+    out
 }
 
 /// Whether a kept stream can take another request: the origin has sent nothing and not
