@@ -228,14 +228,18 @@ mod tests {
     struct TestCa {
         ca: CaBundle,
         days: u64,
+        /// The end every certificate it issues is for.
+        usage: CertUsage,
         calls: AtomicUsize,
     }
 
     impl TestCa {
+        /// A CA issuing server certificates.
         fn new(days: u64) -> TestCa {
             TestCa {
                 ca: generate_ca("test CA", Duration::from_secs(3650 * 86400)).unwrap(),
                 days,
+                usage: CertUsage::Server,
                 calls: AtomicUsize::new(0),
             }
         }
@@ -247,7 +251,7 @@ mod tests {
             let cert_pem = sign_csr(
                 &self.ca,
                 csr_pem,
-                CertUsage::Server,
+                self.usage,
                 Duration::from_secs(self.days * 86400),
             )
             .map_err(|e| e.to_string())?;
@@ -265,25 +269,6 @@ mod tests {
         fn sign(&self, _csr_pem: &str) -> Result<SignedCertificate, String> {
             let other = pki::create_csr(OTHER_ARN, &["192.0.2.1".parse().unwrap()]).unwrap();
             self.0.sign(&other.csr_pem)
-        }
-    }
-
-    /// A CA that issues every certificate for the agent's end (clientAuth).
-    struct AgentOnlyCa(TestCa);
-
-    impl CertificateAuthority for AgentOnlyCa {
-        fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
-            let cert_pem = sign_csr(
-                &self.0.ca,
-                csr_pem,
-                CertUsage::Client,
-                Duration::from_secs(self.0.days * 86400),
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(SignedCertificate {
-                cert_pem,
-                ca_pem: self.0.ca.cert_pem().to_owned(),
-            })
         }
     }
 
@@ -425,7 +410,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = CertFiles::in_dir(dir.path(), "server");
         let addrs = ips(&["203.0.113.9"]);
-        let agents = AgentOnlyCa(TestCa::new(365));
+        // A CA that issues every certificate for the agent's end (clientAuth).
+        let agents = TestCa {
+            usage: CertUsage::Client,
+            ..TestCa::new(365)
+        };
         let err = obtain(&files, ARN, &addrs, PeerRole::Server, &agents, RENEW_BEFORE)
             .unwrap_err()
             .to_string();

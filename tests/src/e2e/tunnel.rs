@@ -132,19 +132,20 @@ impl Default for ServerOptions {
     }
 }
 
-/// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` if given: it then
-/// runs in mount and user namespaces of its own (`unshare`, util-linux), with this
-/// machine's network.
-fn command_with_hosts(binary: &Path, hosts: Option<&Path>) -> Command {
-    let Some(hosts) = hosts else {
+/// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` if given (written to
+/// `file`): it then runs in mount and user namespaces of its own (`unshare`, util-linux),
+/// with this machine's network.
+fn command_with_hosts(binary: &Path, hosts: Option<&str>, file: PathBuf) -> Command {
+    let Some(text) = hosts else {
         return Command::new(binary);
     };
+    std::fs::write(&file, text).expect("writing a hosts file");
     // unshare execs the shell, which execs the binary: the process the test holds is
     // the binary's.
     let mut cmd = Command::new("unshare");
     cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-        .arg(hosts)
+        .arg(file)
         .arg(binary);
     cmd
 }
@@ -188,16 +189,15 @@ impl Server {
             std::fs::write(&p, text).expect("writing the server config");
             p
         });
-        let hosts = opts.hosts.as_ref().map(|text| {
-            let p = log_dir.join("hosts");
-            std::fs::write(&p, text).expect("writing the server's hosts file");
-            p
-        });
         for attempt in 1..=START_ATTEMPTS {
             let [listen_port, health_port] = free_ports();
             let listen = opts.listen.unwrap_or_else(|| loopback(listen_port));
             let health = loopback(health_port);
-            let mut cmd = command_with_hosts(&binaries().server, hosts.as_deref());
+            let mut cmd = command_with_hosts(
+                &binaries().server,
+                opts.hosts.as_deref(),
+                log_dir.join("hosts"),
+            );
             if let Some(p) = &config {
                 cmd.arg("--config").arg(p);
             }
@@ -365,12 +365,11 @@ impl Agent {
         log_dir: &Path,
     ) -> Agent {
         let listen = loopback(free_port());
-        let hosts = opts.hosts.as_ref().map(|text| {
-            let p = log_dir.join(format!("{}-hosts", opts.name));
-            std::fs::write(&p, text).expect("writing the agent's hosts file");
-            p
-        });
-        let mut cmd = command_with_hosts(&binaries().agent, hosts.as_deref());
+        let mut cmd = command_with_hosts(
+            &binaries().agent,
+            opts.hosts.as_deref(),
+            log_dir.join(format!("{}-hosts", opts.name)),
+        );
         cmd.arg("run")
             .arg("--listen")
             .arg(listen.to_string())
