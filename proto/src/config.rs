@@ -86,11 +86,12 @@ pub struct Config {
     /// counts as 16 KiB.
     pub send_buffer: usize,
     /// Largest window one stream's receiving side grows to. A stream starts with
-    /// `limits.stream_window`. After two updates in a row for which its reader took half
-    /// its window within [`WINDOW_GROWTH_RTTS`] round trips (so the window, not the
-    /// reader, limits it), the window grows by up to its size, up to this; an update four
-    /// times slower than that halves a grown window. A reader that stalls or reads slowly keeps a small
-    /// window, and so little buffered memory. Default 4 MiB; less than
+    /// `limits.stream_window`. While the window is smaller than what its reader takes in
+    /// [`WINDOW_GROWTH_RTTS`] round trips, at the reader's pace over the last 8 round
+    /// trips (at least the last 100 ms), the window, not the reader, limits the stream:
+    /// each update grows it by up to its size, up to this. A window more than four times
+    /// that halves. A reader that stalls or reads slowly, even in large bursts, keeps a
+    /// small window, and so little buffered memory. Default 4 MiB; less than
     /// `limits.stream_window` counts as that.
     pub max_stream_window: u32,
     /// How much all streams' windows may grow beyond `limits.stream_window` together: with
@@ -104,10 +105,11 @@ pub struct Config {
 /// and no probe is sent.
 pub const PROBE_QUIET: Duration = Duration::from_secs(1);
 
-/// Round trips within which a reader must take half its window for the update to count
-/// as quick ([`Config::max_stream_window`]). Four: the round trip is measured on an idle
-/// connection and grows under load.
-pub const WINDOW_GROWTH_RTTS: u32 = 4;
+/// Round trips of its reader's pace a stream's window grows to cover
+/// ([`Config::max_stream_window`]). Eight, where one would keep a path full: the round
+/// trip is measured on an idle connection and grows under load, and the window is
+/// returned in halves.
+pub const WINDOW_GROWTH_RTTS: u32 = 8;
 
 impl Config {
     /// `send_buffer` as the connection applies it: at least 16 KiB.

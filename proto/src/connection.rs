@@ -26,6 +26,16 @@ const INITIAL_RTT: Duration = Duration::from_millis(100);
 /// load.
 const MIN_GROWTH_RTT: Duration = Duration::from_millis(1);
 
+/// Round trips over which a reader's pace is measured for its window
+/// ([`Connection::resize_window`]).
+const RATE_HORIZON_RTTS: u32 = 8;
+
+/// The least horizon over which a reader's pace is measured. A reader behind a loopback
+/// socket takes what the socket's buffer frees, up to megabytes at once, at intervals of
+/// a tenth of a second or more when its client reads a few megabytes a second: shorter
+/// horizons take such a burst for the reader's pace.
+const MIN_RATE_HORIZON: Duration = Duration::from_millis(100);
+
 /// How much input `handle_input` decodes between checks of the control backlog.
 const INPUT_SLICE: usize = 16 * 1024;
 
@@ -1209,17 +1219,19 @@ impl Connection {
     }
 
     /// Called as stream `id` returns `released` bytes of credit; returns the increment to
-    /// send. Each update is *quick* when the reader took the half window since the
-    /// previous one (or since the stream began) within `WINDOW_GROWTH_RTTS` round trips.
-    /// After two quick updates in a row the window, not the reader, limits the stream:
-    /// it grows by up to its size (up to `Config::max_stream_window`, within
-    /// `Config::window_growth_budget`), added to the update. Two in a row, so that a
-    /// reader catching up after a stall does not count. An update four times slower than
-    /// a quick one halves a grown window (not below the initial one), held back from the
-    /// update, and gives that back to the budget; in between, the window stays.
+    /// send. The window follows the pace of the stream's reader, measured over a horizon
+    /// of [`RATE_HORIZON_RTTS`] round trips (at least [`MIN_RATE_HORIZON`]), not over one
+    /// update: a reader behind a socket takes what its socket buffer frees, a megabyte or
+    /// more at once, between long pauses, so two quick updates in a row do not show that
+    /// the window holds it back. When the window is smaller than what the reader takes in
+    /// `WINDOW_GROWTH_RTTS` round trips at that pace, it grows by up to its size (up to
+    /// `Config::max_stream_window`, within `Config::window_growth_budget`), added to the
+    /// update; when it is more than four times that, it halves (not below the initial
+    /// window), held back from the update, and gives that back to the budget; in between,
+    /// it stays.
     fn resize_window(&mut self, id: StreamId, released: u32) -> u32 {
         let rtt = self.stats.rtt.unwrap_or(INITIAL_RTT).max(MIN_GROWTH_RTT);
-        let quick_within = rtt * crate::config::WINDOW_GROWTH_RTTS;
+        let horizon = (rtt * RATE_HORIZON_RTTS).max(MIN_RATE_HORIZON).as_nanos();
         let max = self.config.sanitized_max_stream_window();
         let initial = self.limits.stream_window;
         let room = self
@@ -1231,17 +1243,21 @@ impl Connection {
         let Some(s) = self.streams.get_mut(&id) else {
             return released;
         };
-        let since = now.saturating_duration_since(s.recv.last_update);
-        let quick = since < quick_within;
-        let streak = quick && s.recv.last_quick;
+        let since = now.saturating_duration_since(s.recv.last_update).as_nanos();
         s.recv.last_update = now;
-        s.recv.last_quick = quick;
+        // What was taken `since` ago counts `horizon / (since + horizon)`: about what the
+        // reader took in the last horizon, without keeping a history.
+        let lately =
+            (u128::from(s.recv.taken_lately) + u128::from(released)) * horizon / (since + horizon);
+        s.recv.taken_lately = lately.min(u128::from(u64::MAX)) as u64;
+        // What the reader takes in `WINDOW_GROWTH_RTTS` round trips at that pace.
+        let wanted = lately * (rtt * crate::config::WINDOW_GROWTH_RTTS).as_nanos() / horizon;
         let window = s.recv.window.window();
-        let increment = if streak {
+        let increment = if wanted > u128::from(window) {
             let grown = s.recv.window.grow(window.min(room), max);
             self.windows_grown += u64::from(grown);
             released + grown
-        } else if since >= quick_within * 4 {
+        } else if wanted < u128::from(window / 4) {
             let shrunk = s.recv.window.shrink(window / 2, initial, released);
             self.windows_grown -= u64::from(shrunk);
             released - shrunk

@@ -1669,8 +1669,8 @@ fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams
     // One stream's growth from 1000 to 4000, no more.
     let (mut p, a) = small_windows(4000, 3000);
     let b = p.open_accepted();
-    // A reader that takes everything at once, on a clock that does not move: every
-    // update is quick, and the window doubles up to the largest.
+    // A reader that takes everything at once, on a clock that does not move: its pace
+    // has no bound, and the window doubles up to the largest.
     assert_eq!(push_and_read(&mut p, a, 20_000), 4000);
     // The budget is spent: the other stream keeps its initial window.
     assert_eq!(push_and_read(&mut p, b, 20_000), 1000);
@@ -1707,9 +1707,9 @@ fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
 #[test]
 fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_growth_back() {
     let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
-    // Stalls: the window fills, the reader waits a second, then takes everything at once.
-    // The first update after the stall is slow; the quick one right behind it does not
-    // make two in a row.
+    // Stalls: the window fills, the reader waits a second, then takes everything at once
+    // (two updates, the second at once): a window a second, where the initial one would
+    // carry that in a few round trips.
     for _ in 0..5 {
         while p.agent.send_stream(id).write(&[5u8; 300]).is_ok() {}
         p.drive();
@@ -1725,7 +1725,7 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
         assert_eq!(p.server.stream_info(id).unwrap().recv_window, 1000);
     }
     // A reader that keeps up, on a clock that does not move, widens the window...
-    assert_eq!(push_and_read(&mut p, id, 40_000), 8000);
+    assert_eq!(push_and_read(&mut p, id, 200_000), 8000);
     assert_eq!(p.server.stats().windows_grown, 7000);
     // ...and one that then takes half a window per second narrows it again, update by
     // update, down to the initial window, giving the growth back.
@@ -1745,14 +1745,33 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
 }
 
 #[test]
-fn a_grown_window_stays_through_updates_between_quick_and_slow() {
+fn a_reader_taking_bursts_between_pauses_keeps_its_window() {
     let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
-    // The first ping's round trip, taken on this clock, is 0: quick is under 4 ms (the
-    // least round trip counted, 1 ms, four times), slow from 16 ms.
+    // The round trip counted is 1 ms (see below), so the pace is measured over 100 ms.
     p.advance(Duration::from_millis(1));
     p.drive();
-    assert_eq!(push_and_read(&mut p, id, 40_000), 8000);
-    for _ in 0..6 {
+    // As a relay writing to a socket does when its client reads a little at a time:
+    // eight windows at once, as fast as they come (sixteen updates with no time between
+    // them), then a pause. The window that pace needs is well below the initial one.
+    for _ in 0..10 {
+        assert_eq!(push_and_read(&mut p, id, 8000), 1000);
+        p.advance(Duration::from_millis(200));
+        p.drive();
+    }
+    assert_eq!(p.server.stats().windows_grown, 0);
+}
+
+#[test]
+fn a_grown_window_stays_for_a_reader_between_growing_and_shrinking_paces() {
+    let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
+    // The first ping's round trip, taken on this clock, is 0: the least one counted,
+    // 1 ms, stands for it. The window grows while it is below what the reader takes in
+    // 8 ms, and halves above four times that.
+    p.advance(Duration::from_millis(1));
+    p.drive();
+    assert_eq!(push_and_read(&mut p, id, 200_000), 8000);
+    // Half the window every 8 ms: long enough for the pace measured before to fade.
+    for _ in 0..60 {
         let _ = p.agent.send_stream(id).write(&[5u8; 4000]);
         p.drive();
         p.advance(Duration::from_millis(8));

@@ -289,6 +289,60 @@ fn many_stalled_downloads_hold_little_memory_in_the_agent() {
     drop(stalled);
 }
 
+/// A client that reads a download slowly keeps its stream's window small. The agent's
+/// relay writes into the client's socket, whose buffer the kernel grows to megabytes, and
+/// so takes the stream's bytes in bursts as fast as the tunnel brings them, between
+/// pauses: the window follows the reader's pace over 100 ms, not each burst. While each
+/// burst counted, the window grew to 4 MiB and the agent's heap by 4.7 MiB here; now by
+/// about 0.4 MiB.
+#[test]
+fn a_client_reading_slowly_keeps_its_window_small() {
+    const PACE: u64 = 5 * MIB; // bytes a second
+    const PIECE: usize = 64 * 1024;
+    let _wd = watchdog("slow_reader_window", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let flood = FloodOrigin::start();
+    let (status, mut s) = connect_via(t.proxy(), &flood.addr().to_string()).expect("CONNECT");
+    assert_eq!(status, 200);
+    let mut buf = vec![0u8; PIECE];
+    // The tunnel and the stream are set up; the heap from here on is the download's.
+    s.read_exact(&mut buf).expect("the first bytes");
+    let before = t.agent.proc.anon_bytes().expect("agent memory");
+    let started = Instant::now();
+    let mut read = 0u64;
+    let mut most = before;
+    while started.elapsed() < Duration::from_secs(4) {
+        s.read_exact(&mut buf).expect("the download");
+        read += PIECE as u64;
+        most = most.max(t.agent.proc.anon_bytes().expect("agent memory"));
+        // The client's pace: a slow link, or a player reading as it plays.
+        let due = Duration::from_secs_f64(read as f64 / PACE as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let growth = most.saturating_sub(before);
+    eprintln!(
+        "a client reading {} MiB/s: the agent's heap grew by at most {} KiB",
+        PACE / MIB,
+        growth / 1024
+    );
+    // Twice the initial window, the allocations the receive rule lets the stream keep
+    // (twice its bytes plus two) and as much again for the tunnel's own buffers: well
+    // below what a grown window holds.
+    let window = u64::from(fluidity_proto::Config::default().limits.stream_window);
+    let allowed = 2 * (2 * (2 * window) + 2 * 64 * 1024);
+    assert!(
+        growth < allowed,
+        "a client reading {} MiB/s grew the agent's heap by {} KiB, more than the {} KiB \
+         a window kept near its initial {} KiB allows",
+        PACE / MIB,
+        growth / 1024,
+        allowed / 1024,
+        window / 1024
+    );
+}
+
 #[test]
 fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_give_way() {
     const LIMIT: usize = 4;

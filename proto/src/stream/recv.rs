@@ -54,11 +54,11 @@ pub(crate) struct RecvState {
     /// split by copies counts once per run).
     pinned: usize,
     pub(crate) window: RecvWindow,
-    /// When the last window update went out (at first, when the stream began): how long
-    /// the reader took for the half window since tells whether the window holds it back.
+    /// When the last window update went out (at first, when the stream began).
     pub(crate) last_update: Instant,
-    /// Whether the last update was quick (at first, yes): growth needs two in a row.
-    pub(crate) last_quick: bool,
+    /// Bytes the reader took lately: each update adds what it returns, and what was
+    /// counted fades with the time between updates (see `Connection::resize_window`).
+    pub(crate) taken_lately: u64,
     pub(crate) fin_received: bool,
     /// The application has seen the end of the stream.
     pub(crate) fin_read: bool,
@@ -82,7 +82,7 @@ impl RecvState {
             pinned: 0,
             window: RecvWindow::new(window),
             last_update: now,
-            last_quick: true,
+            taken_lately: 0,
             fin_received: false,
             fin_read: false,
             signalled: false,
