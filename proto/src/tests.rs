@@ -1669,8 +1669,9 @@ fn windows_grow_for_readers_that_keep_up_within_the_budget_given_back_as_streams
     // One stream's growth from 1000 to 4000, no more.
     let (mut p, a) = small_windows(4000, 3000);
     let b = p.open_accepted();
-    // A reader that takes everything at once, on a clock that does not move: its pace
-    // has no bound, and the window doubles up to the largest.
+    // A reader that takes everything at once, on a clock that does not move (and no
+    // round trip measured yet: 100 ms is assumed), so everything it took counts: the
+    // window doubles up to the largest.
     assert_eq!(push_and_read(&mut p, a, 20_000), 4000);
     // The budget is spent: the other stream keeps its initial window.
     assert_eq!(push_and_read(&mut p, b, 20_000), 1000);
@@ -1694,8 +1695,8 @@ fn a_window_does_not_grow_for_a_reader_slower_than_its_round_trips() {
         let n = p.agent.send_stream(id).write(&[5u8; 1000]).unwrap_or(0);
         moved += n;
         p.drive();
-        // Half a window per read, and more than four round trips (at least 4 ms) between
-        // reads, the first counted from the stream's start.
+        // Half a window every 5 ms: 800 bytes in 8 round trips (the least counted,
+        // 1 ms, each), under the 1000-byte window.
         p.advance(Duration::from_millis(5));
         p.drive();
         let _ = p.server.recv_stream(id).read(500);
@@ -1752,7 +1753,8 @@ fn a_reader_taking_bursts_between_pauses_keeps_its_window() {
     p.drive();
     // As a relay writing to a socket does when its client reads a little at a time:
     // eight windows at once, as fast as they come (sixteen updates with no time between
-    // them), then a pause. The window that pace needs is well below the initial one.
+    // them), then a pause. By that pace the window needs at most 920 bytes, below the
+    // initial 1000.
     for _ in 0..10 {
         assert_eq!(push_and_read(&mut p, id, 8000), 1000);
         p.advance(Duration::from_millis(200));
