@@ -724,3 +724,94 @@ fn an_invalid_chunked_response_gets_502_or_ends_the_transfer_visibly() {
         assert_eq!(stdout(&out), "hello from a\n", "{}", stderr(&out));
     });
 }
+
+#[test]
+fn an_http_1_0_client_sees_a_chunked_response_cut_short_fail() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        // Direct, curl reports the broken chunked body.
+        let direct = curl(&["-0", &a.url("/chunks-cut")]).await;
+        assert!(!direct.status.success(), "{}", stderr(&direct));
+        // Through the proxy an HTTP/1.0 client gets the body without its coding, ended by
+        // the close: a plain close would pass for the whole response, so it is a reset.
+        let out = curl(&["-0", "-x", &proxy.url(), &a.url("/chunks-cut")]).await;
+        assert!(
+            !out.status.success(),
+            "a cut response passed for a whole one: {:?} {}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!("helloonly".starts_with(&stdout(&out)), "{}", stdout(&out));
+        // An HTTP/1.1 client keeps the chunked coding and sees the cut itself.
+        let out = curl(&["-x", &proxy.url(), &a.url("/chunks-cut")]).await;
+        assert!(!out.status.success(), "{}", stderr(&out));
+    });
+}
+
+#[test]
+fn a_transfer_coding_an_http_1_0_client_cannot_take_gets_502() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        let request = format!("GET {} HTTP/1.0\r\n\r\n", a.url("/gzip-chunked"));
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        assert!(answer.contains("transfer coding"), "{answer}");
+        // An HTTP/1.1 client gets the codings as the origin sent them.
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            a.url("/gzip-chunked")
+        );
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.contains("Transfer-Encoding: gzip, chunked\r\n"),
+            "{answer}"
+        );
+        assert!(answer.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{answer}");
+    });
+}
+
+#[test]
+fn methods_are_case_sensitive() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        // `head` is not HEAD (RFC 9110 §9.1): the origin answers it with a body, which
+        // the client must get, not wait for.
+        let request = format!(
+            "head {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            a.url("/hello")
+        );
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nhello from a\n"), "{answer}");
+        // And `connect` opens no tunnel: its target is no absolute URL.
+        let answer = raw_exchange(
+            &proxy,
+            format!("connect {} HTTP/1.1\r\nHost: x\r\n\r\n", a.addr).as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    });
+}
+
+#[test]
+fn a_refused_connect_ends_the_connection() {
+    run(async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        // The client sends its TLS hello right behind the request, as some do: after the
+        // refusal those bytes are not read as a request (a second, 400 answer).
+        let mut request =
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        request.extend_from_slice(b"\x16\x03\x01\x00\x05hello");
+        let answer = raw_exchange(&proxy, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        assert!(answer.contains("Connection: close\r\n"), "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    });
+}

@@ -411,9 +411,10 @@ pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
     }
 }
 
-/// Framing of a response body to a request with `method` (RFC 9112 §6.3).
+/// Framing of a response body to a request with `method` (RFC 9112 §6.3). Methods are
+/// case-sensitive (RFC 9110 §9.1): the origin answers `head` as a method of its own.
 pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'static str> {
-    if method.eq_ignore_ascii_case("HEAD")
+    if method == "HEAD"
         || (100..200).contains(&head.status)
         || head.status == 204
         || head.status == 304

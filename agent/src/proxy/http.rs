@@ -399,11 +399,9 @@ fn allow_advice(target: &Target, local: bool, detail: &str) -> String {
 }
 
 /// Whether a request with `method` may be repeated without changing more than once
-/// (RFC 9110 §9.2.2).
+/// (RFC 9110 §9.2.2). Methods are case-sensitive (§9.1): `put` is not PUT.
 fn is_idempotent(method: &str) -> bool {
-    ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
-        .iter()
-        .any(|m| method.eq_ignore_ascii_case(m))
+    ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"].contains(&method)
 }
 
 /// A request target without its path and query, which can carry secrets: the scheme and
@@ -469,7 +467,7 @@ fn end_head(out: &mut Vec<u8>, headers: &Headers, upgrade: bool, close: bool) {
 /// Whether the request asks for a WebSocket upgrade (RFC 6455 §4.1).
 fn is_websocket(head: &RequestHead) -> bool {
     head.minor_version == 1
-        && head.method().eq_ignore_ascii_case("GET")
+        && head.method() == "GET"
         && head.headers.has_token("upgrade", "websocket")
         && head.headers.has_token("connection", "upgrade")
 }
@@ -487,7 +485,7 @@ fn origin_request(
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    if abs.bare && head.method().eq_ignore_ascii_case("OPTIONS") {
+    if abs.bare && head.method() == "OPTIONS" {
         out.push(b'*');
     } else {
         out.extend_from_slice(abs.path.as_bytes());
@@ -528,7 +526,7 @@ fn push_content_length(out: &mut Vec<u8>, headers: &head::Headers) {
 /// it down would mean guessing what the sender meant.
 fn max_forwards(head: &RequestHead) -> Option<u64> {
     let method = head.method();
-    if !method.eq_ignore_ascii_case("OPTIONS") && !method.eq_ignore_ascii_case("TRACE") {
+    if method != "OPTIONS" && method != "TRACE" {
         return None;
     }
     let mut fields = head.headers.named("max-forwards");
@@ -601,7 +599,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let method = head.method();
-    let is_connect = method.eq_ignore_ascii_case("CONNECT");
+    let is_connect = method == "CONNECT";
     // RFC 9112 §3.2: a server must answer 400 to more than one Host field, CONNECT too.
     if head.headers.named("host").nth(1).is_some() {
         tracing::info!(%peer, %method, status = 400, "more than one Host field");
@@ -685,7 +683,7 @@ where
     if max_forwards(&head) == Some(0) {
         // The request may go no further: the proxy answers as its final recipient (RFC
         // 9110 §7.6.2), one that takes OPTIONS and does not reflect requests for TRACE.
-        let (status, line) = if method.eq_ignore_ascii_case("OPTIONS") {
+        let (status, line) = if method == "OPTIONS" {
             (
                 200,
                 "fluidity proxy: Max-Forwards is 0; answered by the proxy",
@@ -1393,6 +1391,14 @@ where
         // An HTTP/1.0 client knows no chunked coding: it gets the payload alone, ended by
         // the close (its request asked for the close anyway).
         let unchunk = framing == Framing::Chunked && ctx.client_minor == 0;
+        // Taking the chunked coding off leaves any other (gzip, say), which nothing
+        // could then name: the origin used one no request of ours asked for (TE is
+        // not forwarded), and the HTTP/1.0 client gets an honest 502 instead.
+        if unchunk && resp.headers.tokens("transfer-encoding").nth(1).is_some() {
+            return Err(ExchangeError::BadResponse(
+                "a transfer coding besides chunked, which an HTTP/1.0 client cannot take".into(),
+            ));
+        }
         let mut bytes = if unchunk {
             client_response_unchunked(&resp)
         } else {
@@ -1425,6 +1431,15 @@ where
                 // What the origin sent reaches the client, its head included.
                 if !bytes.is_empty() {
                     let _ = cw.write_all(&bytes).await;
+                }
+                // Unchunked for an HTTP/1.0 client, the body ends where the connection
+                // does: a plain close would pass for the whole response.
+                if unchunk {
+                    return Err(ExchangeError::Aborted(
+                        "the origin closed the connection in the middle of a chunked \
+                         response, which an HTTP/1.0 client gets delimited by the close"
+                            .into(),
+                    ));
                 }
                 return Err(ExchangeError::CutShort);
             }
@@ -1476,12 +1491,10 @@ where
         Err(e) => {
             let (status, line) = dial_failure(&target, &e, cfg);
             tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
-            if e == DialError::Stopping {
-                answer(cw, status, &line, true, &[]).await?;
-                return Ok(Next::Close);
-            }
-            answer(cw, status, &line, false, &[]).await?;
-            return Ok(Next::KeepAlive);
+            // The connection ends with the refusal: a client may have sent its first bytes
+            // for the tunnel (a TLS hello) behind the request, and those are no request.
+            answer(cw, status, &line, true, &[]).await?;
+            return Ok(Next::Close);
         }
     };
     cw.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -200,7 +200,13 @@ pub async fn start_proxy<D: Dialer>(dialer: D, cfg: ProxyConfig) -> Proxy {
             let dialer = dialer.clone();
             let cfg = cfg.clone();
             smol::spawn(async move {
-                let _ = serve_connection(client, peer, &*dialer, &cfg).await;
+                let sock = client.clone();
+                // As the agent does: a connection whose message broke off is reset.
+                if let Err(fluidity_agent::error::Error::Aborted(_)) =
+                    serve_connection(client, peer, &*dialer, &cfg).await
+                {
+                    fluidity_runtime_smol::relay::reset_on_close(&sock);
+                }
             })
             .detach();
         }
@@ -512,6 +518,19 @@ async fn origin_conn(mut c: Conn, name: String) {
             out.extend_from_slice(b"\r\nzz\r\n");
             c.send(&out).await;
             return;
+        } else if path == "/chunks-cut" {
+            // Chunked, and closed in the middle of its second chunk.
+            c.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nonly",
+            )
+            .await;
+            return;
+        } else if path == "/gzip-chunked" {
+            // A transfer coding besides chunked, which no request asked for.
+            c.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            )
+            .await;
         } else if path == "/close" {
             c.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body\n")
                 .await;
