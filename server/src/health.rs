@@ -184,6 +184,11 @@ impl Metrics {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the server is shutting down ([`Metrics::set_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The counters as they are now.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let now = unix_now();

@@ -424,6 +424,14 @@ impl Server {
         let (tunnel, events, driver) = fluidity_runtime_smol::start(h.sock, h.tls, conn)?;
         let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
         self.tunnels().insert(id, tunnel.clone());
+        // A handshake that finished after the drain began: the drain told only the
+        // tunnels it found to go away, and this one would take streams until the deadline
+        // (and hold the exit back to it). Checked after the insert, under the map's lock
+        // the drain takes after marking itself, so that one of the two sees the other.
+        if self.metrics.is_draining() {
+            tracing::info!(%peer, tunnel = id, "the server is draining: the new tunnel is told to go away");
+            tunnel.go_away();
+        }
         let _active = self.metrics.track_tunnel();
         let driver = ex.spawn(driver);
         tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");

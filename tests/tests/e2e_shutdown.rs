@@ -13,7 +13,7 @@ use fluidity_tests::e2e::client::{curl_status, KeptAlive, LiveStream};
 use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin};
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::tunnel::{plain_get, ALLOW_LOOPBACK};
-use fluidity_tests::e2e::{watchdog, ServerOptions, Tunnel};
+use fluidity_tests::e2e::{watchdog, Agent, AgentOptions, PathRelay, ServerOptions, Tunnel};
 
 /// Sends SIGTERM to `pid`.
 fn terminate(pid: u32) {
@@ -90,6 +90,60 @@ fn sigterm_lets_open_streams_finish_refuses_new_ones_and_exits_when_drained() {
     let log = t.server.proc.log();
     assert!(log.contains("draining"), "no drain in the log:\n{log}");
     assert!(log.contains("stopped"), "no clean stop in the log:\n{log}");
+}
+
+/// An agent whose TLS handshake was under way when SIGTERM came, and finishes after, is
+/// told to go away as the tunnels already there were: it takes no streams on the
+/// stopping server, and the server exits once the tunnels it had are drained, not at its
+/// deadline.
+#[test]
+fn a_tunnel_whose_handshake_ends_during_the_drain_is_told_to_go_away() {
+    let _wd = watchdog("late_handshake_drain", Duration::from_secs(150));
+    // A deadline far beyond the test's: an exit proves the drain ended, not the deadline.
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    // A second agent's connection reaches the server, and its TLS hello waits.
+    let path = PathRelay::start(t.server.listen);
+    path.hold_new();
+    let late = Agent::spawn(
+        &t.certs,
+        path.addr(),
+        &AgentOptions::default(),
+        t.dir.path(),
+    );
+    wait_for(
+        "the second agent's connection to reach the server",
+        Duration::from_secs(60),
+        || (path.accepted() == 1).then_some(()),
+    );
+    terminate(t.server.proc.pid());
+    wait_draining(&t);
+    path.release();
+    assert!(
+        t.server.proc.wait_log(Duration::from_secs(60), |l| l
+            .matches("tunnel connected")
+            .count()
+            == 2),
+        "the second agent's tunnel did not connect:\n{}",
+        t.server.proc.log()
+    );
+    live.assert_alive("a tunnel connected during the drain");
+    // The stream the drain waits for ends: nothing else may hold the server.
+    drop(live);
+    let status = wait_for(
+        "the drained server to exit",
+        Duration::from_secs(60),
+        || t.server.proc.exited(),
+    );
+    let log = t.server.proc.log();
+    assert!(status.success(), "the server's exit: {status}\n{log}");
+    assert!(!log.contains("drain deadline reached"), "{log}");
+    assert!(
+        log.contains("the server is draining: the new tunnel is told to go away"),
+        "{log}"
+    );
+    drop(late);
 }
 
 /// A stream still open at the drain deadline is cut, and its client sees a reset: not a

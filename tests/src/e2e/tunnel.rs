@@ -479,6 +479,10 @@ struct RelayState {
     cut_below: std::sync::atomic::AtomicUsize,
     /// Connections with an index below this carry nothing towards the server.
     cut_up_below: std::sync::atomic::AtomicUsize,
+    /// Connections with an index from this on hold what they send towards the server
+    /// (delivered late, not lost) while `holding` is set.
+    hold_from: std::sync::atomic::AtomicUsize,
+    holding: std::sync::atomic::AtomicBool,
     /// The relay is dropped: every thread ends.
     done: std::sync::atomic::AtomicBool,
 }
@@ -544,6 +548,25 @@ impl PathRelay {
     }
 }
 
+impl PathRelay {
+    /// Holds what connections accepted from now on send towards the server, until
+    /// [`PathRelay::release`]: a handshake that takes its time. Nothing is lost.
+    pub fn hold_new(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state
+            .hold_from
+            .store(self.state.accepted.load(SeqCst), SeqCst);
+        self.state.holding.store(true, SeqCst);
+    }
+
+    /// Delivers what [`PathRelay::hold_new`] held, and all that follows.
+    pub fn release(&self) {
+        self.state
+            .holding
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for PathRelay {
     fn drop(&mut self) {
         self.state
@@ -554,7 +577,7 @@ impl Drop for PathRelay {
 
 /// Copies `from` into `into` (towards the server if `up`) until either ends, the
 /// connection is cut that way (then it holds both sockets open and delivers nothing), or
-/// the relay is dropped.
+/// the relay is dropped; while held, it reads nothing, so the bytes wait.
 fn relay_one_way(
     from: &mut TcpStream,
     into: &mut TcpStream,
@@ -564,10 +587,11 @@ fn relay_one_way(
 ) {
     use std::sync::atomic::Ordering::SeqCst;
     let cut = || index < st.cut_below.load(SeqCst) || (up && index < st.cut_up_below.load(SeqCst));
+    let held = || up && st.holding.load(SeqCst) && index >= st.hold_from.load(SeqCst);
     let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = vec![0; 64 * 1024];
     while !st.done.load(SeqCst) {
-        if cut() {
+        if cut() || held() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
