@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{curl_status, KeptAlive, LiveStream};
-use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin};
+use fluidity_tests::e2e::origin::{EchoOrigin, HttpOrigin, SilentOrigin};
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::tunnel::{plain_get, ALLOW_LOOPBACK};
 use fluidity_tests::e2e::{watchdog, Agent, AgentOptions, PathRelay, ServerOptions, Tunnel};
@@ -370,4 +370,30 @@ fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the cut stream's client saw {other:?}, not a reset"),
     }
+}
+
+/// A GET under way when the agent is told to stop, whose origin has it and has not
+/// answered by the end of the grace period, is not answered as if it had never been sent:
+/// the tunnel ending is a reason to send a GET again, but the stopping agent opens no
+/// new stream for it, and the client hears why the first one failed.
+#[test]
+fn a_request_cut_by_the_agent_stopping_is_not_called_unsent() {
+    let _wd = watchdog("agent_stop_in_flight", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let silent = SilentOrigin::start();
+    let (proxy, url) = (t.proxy_url(), silent.url("/slow"));
+    let client = std::thread::spawn(move || curl_status(&proxy, &url));
+    wait_for(
+        "the request to reach its origin",
+        Duration::from_secs(60),
+        || (silent.accepted() == 1).then_some(()),
+    );
+    terminate(t.agent.proc.pid());
+    let (status, body) = client.join().expect("the client thread");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("ended before") && !body.contains("no new requests"),
+        "the cut request's answer: {body}"
+    );
+    assert_eq!(silent.accepted(), 1, "sent again through a stopping agent");
 }

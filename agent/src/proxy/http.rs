@@ -716,6 +716,8 @@ where
     // may well carry it. Anything else might have taken effect and must not be replayed
     // (RFC 9110 §9.2.2).
     let retryable = framing == Framing::Empty && is_idempotent(method);
+    // Why the first attempt failed, when it is sent again.
+    let mut first_failure = None;
     for attempt in 0..2 {
         // A stream kept for another origin is let go plainly while the new one opens,
         // unless the new one would wait for its room: then it is reset, as is one that is
@@ -730,6 +732,12 @@ where
             match while_releasing(previous.take(), dial(dialer, &abs.target, cfg)).await {
                 Ok(s) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
                 Err(e) => {
+                    // The agent stopping is why the first attempt's tunnel closed: the
+                    // request may have reached the origin, which "takes no new requests"
+                    // would deny.
+                    if let (DialError::Stopping, Some(first)) = (&e, first_failure.take()) {
+                        return fail(first, cw, peer, method, &abs.target).await;
+                    }
                     let (status, line) = dial_failure(&abs.target, &e, cfg);
                     tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
                     if e == DialError::Stopping {
@@ -758,6 +766,7 @@ where
             {
                 tracing::debug!(%peer, %method, target = %abs.target, error = %e, "sending the request again");
                 *upstream = None;
+                first_failure = result.err();
                 continue;
             }
             Err(e) => {
