@@ -588,6 +588,18 @@ fn connect_error(
              server's certificate (the ca.pem made with it)",
             ca_file.display()
         ),
+        fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. },
+        )) => format!(
+            "cannot connect to the server at {server}: its certificate has expired ({e}); \
+             renew the server's certificate (or check this machine's clock)"
+        ),
+        fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(
+            C::NotValidYet | C::NotValidYetContext { .. },
+        )) => format!(
+            "cannot connect to the server at {server}: its certificate is not valid yet ({e}); \
+             check the clocks of this machine and the server"
+        ),
         // What a plain HTTP service (the server's health port, say) sends back to a TLS
         // hello: not a TLS record at all.
         fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidMessage(
@@ -790,6 +802,28 @@ mod tests {
         assert_eq!(
             name("vpn.example.com", 8443).unwrap().to_string(),
             "vpn.example.com:8443"
+        );
+    }
+
+    #[test]
+    fn a_server_certificate_out_of_its_validity_says_what_to_check() {
+        use rustls::CertificateError as C;
+        let say = |c: C| {
+            connect_error(
+                "127.0.0.1:8443",
+                std::path::Path::new("ca.pem"),
+                fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(c)),
+            )
+        };
+        let expired = say(C::Expired);
+        assert!(
+            expired.contains("has expired") && expired.contains("renew"),
+            "{expired}"
+        );
+        let early = say(C::NotValidYet);
+        assert!(
+            early.contains("not valid yet") && early.contains("clocks"),
+            "{early}"
         );
     }
 }

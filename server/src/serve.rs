@@ -368,7 +368,7 @@ impl Server {
         let h = match handshake {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                tracing::warn!(%peer, error = %e, advice = handshake_advice(&e), "TLS handshake failed");
                 // A peer that timed out or hung up proved nothing either way; one whose
                 // certificate or protocol was refused failed to authenticate.
                 use fluidity_runtime_smol::Error as E;
@@ -603,6 +603,42 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// What to check when an agent's TLS handshake failed for a reason a setting or a
+/// certificate explains; empty when the peer timed out, hung up, or sent no TLS.
+fn handshake_advice(e: &fluidity_runtime_smol::Error) -> &'static str {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as T};
+    let fluidity_runtime_smol::Error::Tls(e) = e else {
+        return "";
+    };
+    match e {
+        T::InvalidCertificate(C::BadSignature | C::UnknownIssuer) => {
+            "the agent's certificate was not issued by the CA this server trusts for agents \
+             (client_ca): give the agent one from that CA, or point client_ca at the CA that \
+             issued it"
+        }
+        T::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the agent's certificate has expired: issue it a new one (or check this machine's \
+             clock)"
+        }
+        T::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the agent's certificate is not valid yet: check the clocks of this machine and \
+             the agent's"
+        }
+        T::AlertReceived(A::CertificateExpired) => {
+            "the agent found a certificate expired: renew this server's certificate, or check \
+             the clocks of both machines"
+        }
+        T::AlertReceived(
+            A::DecryptError | A::UnknownCA | A::BadCertificate | A::CertificateUnknown,
+        ) => {
+            "the agent refused this server's certificate: its ca must be the CA that issued \
+             this server's certificate, which must name the server as the agent knows it \
+             (server_name)"
+        }
+        _ => "",
     }
 }
 

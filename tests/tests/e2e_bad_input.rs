@@ -216,6 +216,13 @@ fn clients_without_a_valid_certificate_are_turned_away() {
         },
     );
     assert!(failures >= 2.0);
+    // The log says what to check for the certificate from another CA.
+    let log = t.server.proc.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("client_ca")),
+        "no advice for the other CA's certificate:\n{log}"
+    );
     assert_eq!(
         t.server.metric("fluidity_tunnels_total"),
         1.0,
