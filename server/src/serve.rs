@@ -368,7 +368,12 @@ impl Server {
         let h = match handshake {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, advice = handshake_advice(&e), "TLS handshake failed");
+                match handshake_advice(&e) {
+                    Some(advice) => {
+                        tracing::warn!(%peer, error = %e, advice, "TLS handshake failed")
+                    }
+                    None => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                }
                 // A peer that timed out or hung up proved nothing either way; one whose
                 // certificate or protocol was refused failed to authenticate.
                 use fluidity_runtime_smol::Error as E;
@@ -607,13 +612,13 @@ impl Server {
 }
 
 /// What to check when an agent's TLS handshake failed for a reason a setting or a
-/// certificate explains; empty when the peer timed out, hung up, or sent no TLS.
-fn handshake_advice(e: &fluidity_runtime_smol::Error) -> &'static str {
+/// certificate explains; `None` when the peer timed out, hung up, or sent no TLS.
+fn handshake_advice(e: &fluidity_runtime_smol::Error) -> Option<&'static str> {
     use rustls::{AlertDescription as A, CertificateError as C, Error as T};
     let fluidity_runtime_smol::Error::Tls(e) = e else {
-        return "";
+        return None;
     };
-    match e {
+    let advice = match e {
         T::InvalidCertificate(C::BadSignature | C::UnknownIssuer) => {
             "the agent's certificate was not issued by the CA this server trusts for agents \
              (client_ca): give the agent one from that CA, or point client_ca at the CA that \
@@ -638,8 +643,9 @@ fn handshake_advice(e: &fluidity_runtime_smol::Error) -> &'static str {
              this server's certificate, which must name the server as the agent knows it \
              (server_name)"
         }
-        _ => "",
-    }
+        _ => return None,
+    };
+    Some(advice)
 }
 
 #[cfg(test)]
