@@ -1748,7 +1748,8 @@ fn a_reader_catching_up_after_stalls_keeps_its_window_and_a_slowing_one_gives_gr
 #[test]
 fn a_reader_taking_bursts_between_pauses_keeps_its_window() {
     let (mut p, id) = small_windows(8000, Config::default().window_growth_budget);
-    // The round trip counted is 1 ms (see below), so the pace is measured over 100 ms.
+    // The first ping's round trip, 0 on this clock, counts as the least one, 1 ms: the
+    // pace is measured over 100 ms.
     p.advance(Duration::from_millis(1));
     p.drive();
     // As a relay writing to a socket does when its client reads a little at a time:
