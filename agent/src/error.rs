@@ -47,10 +47,7 @@ pub enum Error {
         source: fluidity_runtime_smol::Error,
     },
     /// The configured certificate files could not be loaded.
-    #[error(
-        "{what}: {source}; `fluidity certs init --dir DIR` creates a CA and certificates, or \
-         `fluidity local` runs everything on this machine with its own"
-    )]
+    #[error("{what}: {source}{}", certificates_advice(.source))]
     Certificates {
         /// Which files, and the settings that name them.
         what: &'static str,
@@ -81,3 +78,14 @@ pub enum Error {
 
 /// Result with the agent's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do about certificate files that could not be loaded: make new ones, unless they
+/// are there but this process may not read them (the message says so already).
+fn certificates_advice(source: &fluidity_runtime_smol::Error) -> &'static str {
+    if source.is_permission_denied() {
+        ""
+    } else {
+        "; `fluidity certs init --dir DIR` creates a CA and certificates, or `fluidity local` \
+         runs everything on this machine with its own"
+    }
+}

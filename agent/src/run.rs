@@ -81,6 +81,7 @@ pub fn tunnel_settings(
         tls,
         ca_file: cfg.ca.clone(),
         peer_check: check,
+        presented_cert: identity.cert_chain().first().cloned(),
         proto: Arc::new(proto),
         connect_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
         credentials,

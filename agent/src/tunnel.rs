@@ -14,6 +14,7 @@ use async_io::{Async, Timer};
 use fluidity_proto::{Credentials, RefusalReason, Target};
 use fluidity_runtime_smol::driver::{client_handshake, tcp_connect};
 use fluidity_runtime_smol::happy_eyeballs::{first_to_connect, Won, ATTEMPT_DELAY};
+use fluidity_runtime_smol::pki;
 use fluidity_runtime_smol::resolve::{LookupError, Resolver};
 use fluidity_runtime_smol::tls::{PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Handshaken, Tunnel, TunnelEvent, TunnelStream};
@@ -123,6 +124,8 @@ pub struct TunnelSettings {
     pub ca_file: std::path::PathBuf,
     /// Extra checks on the server certificate after the handshake.
     pub peer_check: PeerCheck,
+    /// The certificate this agent presents (its leaf), to say why the server refused it.
+    pub presented_cert: Option<rustls::pki_types::CertificateDer<'static>>,
     /// Protocol configuration. Its `handshake_timeout` also bounds, after the TLS
     /// handshake, getting credentials, signing and hearing the server's verdict.
     pub proto: Arc<fluidity_proto::Config>,
@@ -401,7 +404,6 @@ impl TunnelDialer {
                     .map_err(|e| format!("cannot build tunnel credentials: {e}"))?
             }
         };
-        let iam = s.credentials.is_some();
         let conn = fluidity_proto::Connection::agent(s.proto.clone(), credentials, Instant::now());
         let (tunnel, events, driver) =
             fluidity_runtime_smol::start(h.sock, h.tls, conn).map_err(|e| e.to_string())?;
@@ -409,13 +411,16 @@ impl TunnelDialer {
         self.inner
             .ex
             .spawn(async move {
+                let mut was_ready = false;
                 while let Ok(ev) = events.recv().await {
                     match ev {
                         // mTLS admits no principal of its own (the certificates say who).
                         TunnelEvent::Ready { principal } if principal.is_empty() => {
+                            was_ready = true;
                             tracing::info!(%server, "tunnel ready")
                         }
                         TunnelEvent::Ready { principal } => {
+                            was_ready = true;
                             tracing::info!(%server, %principal, "tunnel ready")
                         }
                         TunnelEvent::GoAway => tracing::info!(%server, "server is going away"),
@@ -428,6 +433,11 @@ impl TunnelDialer {
                         TunnelEvent::Closed {
                             reason: None | Some(fluidity_proto::Error::LocallyClosed(_)),
                         } => tracing::info!(%server, "tunnel closed"),
+                        // A tunnel refused in its handshake was never there to lose: the
+                        // failed attempt's warning says why.
+                        TunnelEvent::Closed { reason: Some(r) } if !was_ready => {
+                            tracing::debug!(%server, reason = %r, "tunnel handshake ended")
+                        }
                         TunnelEvent::Closed { reason: Some(r) } => {
                             tracing::warn!(%server, reason = %r, "tunnel lost")
                         }
@@ -446,7 +456,7 @@ impl TunnelDialer {
         if let Err(e) = ready {
             // Nothing more will come of this connection; do not leave it half open.
             tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "handshake abandoned");
-            return Err(handshake_error(server, iam, limit, e));
+            return Err(handshake_error(server, s, e));
         }
         Ok(tunnel)
     }
@@ -616,11 +626,12 @@ fn connect_error(
 /// What went wrong in the tunnel handshake, with what to check.
 fn handshake_error(
     server: SocketAddr,
-    iam: bool,
-    limit: Duration,
+    s: &TunnelSettings,
     e: fluidity_runtime_smol::Error,
 ) -> String {
     use fluidity_proto::AuthFailure as F;
+    let iam = s.credentials.is_some();
+    let limit = s.proto.handshake_timeout;
     match e {
         fluidity_runtime_smol::Error::Timeout(_) if iam => format!(
             "no answer to IAM authentication from the server at {server} within {limit:?}; \
@@ -661,6 +672,14 @@ fn handshake_error(
         }
         // In TLS 1.3 the server judges the client certificate after the client has
         // finished its handshake, so its refusal arrives as an alert on the first read.
+        // rustls sends one alert for a certificate expired and one not valid yet: which it
+        // is, if either, this machine's clock can tell.
+        fluidity_runtime_smol::Error::Tunnel(fluidity_proto::Error::TransportFailed(why))
+            if why.contains("received fatal alert: CertificateExpired") =>
+        {
+            let now = std::time::SystemTime::now();
+            refused_as_expired(server, s.presented_cert.as_ref(), &why, now)
+        }
         fluidity_runtime_smol::Error::Tunnel(fluidity_proto::Error::TransportFailed(why))
             if why.contains("received fatal alert") =>
         {
@@ -671,6 +690,27 @@ fn handshake_error(
             )
         }
         e => format!("the server at {server} refused the tunnel: {e}"),
+    }
+}
+
+/// The server's refusal of the agent's certificate `presented` as out of its validity
+/// period (`why`, the alert): expired, or not valid yet, by this machine's clock at `now`;
+/// or valid by it, which puts one of the two clocks in doubt.
+fn refused_as_expired(
+    server: SocketAddr,
+    presented: Option<&rustls::pki_types::CertificateDer<'static>>,
+    why: &str,
+    now: std::time::SystemTime,
+) -> String {
+    match presented.and_then(|c| pki::outside_validity(c, now)) {
+        Some(problem) => {
+            format!("the server at {server} refused this agent's certificate ({why}): it {problem}")
+        }
+        None => format!(
+            "the server at {server} refused this agent's certificate as expired or not valid \
+             yet ({why}), though by this machine's clock it is valid now; check the clocks of \
+             this machine and the server"
+        ),
     }
 }
 
@@ -803,6 +843,34 @@ mod tests {
             name("vpn.example.com", 8443).unwrap().to_string(),
             "vpn.example.com:8443"
         );
+    }
+
+    #[test]
+    fn a_refusal_of_this_agents_certificate_as_expired_says_which_clock_to_check() {
+        let day = Duration::from_secs(24 * 3600);
+        let ca = pki::generate_ca("test CA", 10 * day).unwrap();
+        let issued = pki::issue_client(&ca, "agent", &[], 2 * day).unwrap();
+        let der = fluidity_runtime_smol::tls::certs_from_pem(&issued.cert_pem, "test").unwrap();
+        let server: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let alert = "TLS: received fatal alert: CertificateExpired";
+        let now = std::time::SystemTime::now();
+        let say = |at| refused_as_expired(server, der.first(), alert, at);
+        let expired = say(now + 3 * day);
+        assert!(
+            expired.contains("expired on") && expired.contains("certs init --force"),
+            "{expired}"
+        );
+        let early = say(now - 3 * day);
+        assert!(
+            early.contains("not valid until") && early.contains("this machine's clock"),
+            "{early}"
+        );
+        let valid = say(now);
+        assert!(
+            valid.contains("valid now") && valid.contains("clocks of this machine and the server"),
+            "{valid}"
+        );
+        assert!(refused_as_expired(server, None, alert, now).contains("valid now"));
     }
 
     #[test]

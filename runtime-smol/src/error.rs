@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source}{}", permission_hint(.source))]
     ReadFile {
         /// The file.
         path: PathBuf,
@@ -21,7 +21,7 @@ pub enum Error {
     },
 
     /// A file or directory could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {source}{}", permission_hint(.source))]
     WriteFile {
         /// The file or directory.
         path: PathBuf,
@@ -149,6 +149,16 @@ pub enum Error {
     StreamReset(fluidity_proto::ErrorCode),
 }
 
+impl Error {
+    /// Whether a file was refused to this process for lack of permission, so that making
+    /// new certificates is the wrong advice: the message already says to check the
+    /// file's owner and mode.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, Error::ReadFile { source, .. } | Error::WriteFile { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied)
+    }
+}
+
 impl From<Error> for std::io::Error {
     /// Deliberate, as in quinn: tunnel errors surface through `AsyncRead`/`AsyncWrite`.
     fn from(e: Error) -> Self {
@@ -231,6 +241,18 @@ pub enum IdentityError {
     /// The certificate could not be parsed for its names.
     #[error("cannot parse certificate names: {0}")]
     Unparsable(String),
+}
+
+/// The advice for a file that exists but is not this process's to read or write.
+fn permission_hint(source: &std::io::Error) -> String {
+    if source.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    format!(
+        " (this process runs as uid {}: check the owner and mode of the file and of the \
+         folders above it, or run as the user the file belongs to)",
+        rustix::process::getuid().as_raw()
+    )
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {

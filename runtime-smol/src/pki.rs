@@ -415,6 +415,16 @@ pub const EXPIRY_NOTICE: Duration = Duration::from_secs(14 * 24 * 3600);
 /// [`EXPIRY_NOTICE`]. `None` when it is fine, or cannot be parsed (loading it reports
 /// that).
 pub fn validity_problem(der: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
+    validity_check(der, now, EXPIRY_NOTICE)
+}
+
+/// What [`validity_problem`] says when the certificate `der` is outside its validity
+/// period at `now` (expired, or not valid yet); `None` within it, however soon it ends.
+pub fn outside_validity(der: &CertificateDer<'_>, now: SystemTime) -> Option<String> {
+    validity_check(der, now, Duration::ZERO)
+}
+
+fn validity_check(der: &CertificateDer<'_>, now: SystemTime, notice: Duration) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let validity = cert.validity();
     let days = |d: Duration| d.as_secs().div_ceil(24 * 3600);
@@ -438,7 +448,7 @@ pub fn validity_problem(der: &CertificateDer<'_>, now: SystemTime) -> Option<Str
         ));
     }
     let left = not_after.duration_since(now).unwrap_or_default();
-    (left < EXPIRY_NOTICE).then(|| {
+    (left < notice).then(|| {
         format!(
             "expires on {} (in {} days); issue a new one before then (`fluidity certs \
              init --force` remakes those it made)",
@@ -1188,6 +1198,10 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
             validity_problem(&CertificateDer::from(vec![1, 2, 3]), now),
             None
         );
+        // Outside the period only: ending soon is still inside it.
+        assert_eq!(outside_validity(&der, end - 3 * DAY), None);
+        assert_eq!(outside_validity(&der, end + 2 * DAY), Some(expired));
+        assert_eq!(outside_validity(&der, now - 2 * DAY), Some(early));
     }
 
     #[test]

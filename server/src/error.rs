@@ -49,10 +49,7 @@ pub enum Error {
     #[error("TLS setup: {0}")]
     Tls(#[from] fluidity_runtime_smol::Error),
     /// The configured certificate files could not be loaded.
-    #[error(
-        "{what}: {source}; `fluidity certs init --dir DIR` creates a CA and certificates \
-         (server.pem, server-key.pem, ca.pem)"
-    )]
+    #[error("{what}: {source}{}", certificates_advice(.source))]
     Certificates {
         /// Which files, and the settings that name them.
         what: &'static str,
@@ -79,4 +76,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// What to do about certificate files that could not be loaded: make new ones, unless they
+/// are there but this process may not read them (the message says so already).
+fn certificates_advice(source: &fluidity_runtime_smol::Error) -> &'static str {
+    if source.is_permission_denied() {
+        ""
+    } else {
+        "; `fluidity certs init --dir DIR` creates a CA and certificates (server.pem, \
+         server-key.pem, ca.pem)"
+    }
 }

@@ -284,6 +284,57 @@ fn an_agent_whose_certificate_is_refused_is_told_what_to_check() {
         status == 502 && body.contains(said) && body.contains("client_ca"),
         "{status} {body}"
     );
+    // The refusal is one warning per attempt, not also a tunnel "lost" that never was up.
+    let log = agent.proc.log();
+    let attempts = log.matches("cannot reach the server").count();
+    assert!(
+        attempts >= 1 && !log.contains("tunnel lost"),
+        "{attempts} attempts:\n{log}"
+    );
+}
+
+/// An agent whose certificate is not valid yet (a clock behind, a certificate made on a
+/// machine whose clock is ahead) is refused by the server with the alert TLS has for an
+/// expired one; the agent tells its clients which it is and what to check, not "expired".
+#[test]
+fn an_agent_whose_certificate_is_not_valid_yet_says_so_not_expired() {
+    let _wd = watchdog("agent_certificate_not_yet_valid", Duration::from_secs(120));
+    let t = Tunnel::start();
+    let origin = HttpOrigin::start("unreachable");
+    let ca = pki::CaBundle::load(&t.certs.ca_cert, &t.certs.ca_key).expect("the tunnel's CA");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        ca.cert_pem(),
+        rcgen::KeyPair::from_pem(ca.key_pem()).expect("the CA's key"),
+    )
+    .expect("an issuer");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("parameters");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fluidity-agent");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(2099, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params.signed_by(&key, &issuer).expect("a certificate");
+    let early = pki::CertifiedKeyPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    let (agent, _) = agent_presenting(&t, &early, "not-yet-valid");
+    let listen = agent.listen;
+    wait_for("the agent's proxy port", Duration::from_secs(30), || {
+        TcpStream::connect(listen).ok()
+    });
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert!(
+        status == 502
+            && body.contains("refused this agent's certificate")
+            && body.contains("is not valid until")
+            && body.contains("clock")
+            && !body.contains("client_ca"),
+        "{status} {body}\n{}",
+        agent.proc.log()
+    );
 }
 
 /// An agent whose own certificate expires within two weeks says so at start, naming the
@@ -1573,5 +1624,77 @@ fn missing_certificate_files_are_named_with_their_setting_and_a_way_out() {
         assert!(stderr.contains(what), "{stderr}");
         assert!(stderr.contains(missing), "{stderr}");
         assert!(stderr.contains("fluidity certs init"), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unreadable_key_file_is_reported_as_a_permission_problem_not_a_missing_certificate() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let _wd = watchdog("unreadable_key", Duration::from_secs(60));
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let certs = dir.path().join("certs");
+    certs_init(&certs);
+    let bins = binaries();
+    // Root reads any file, so as root the binaries run as `nobody`, from copies in a folder
+    // that user may enter, with the key left readable by its owner alone.
+    let as_root = std::fs::metadata("/proc/self").expect("/proc").uid() == 0;
+    let run_dir = dir.path().join("bin");
+    std::fs::create_dir(&run_dir).expect("a folder for the binaries");
+    let mut commands = Vec::new();
+    for (bin, args, key) in [
+        (
+            &bins.agent,
+            vec!["run", "--server", "127.0.0.1:9", "--cert", "client.pem"],
+            "client-key.pem",
+        ),
+        (
+            &bins.server,
+            vec!["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
+            "server-key.pem",
+        ),
+    ] {
+        let name = bin.file_name().expect("a binary's name");
+        let copy = run_dir.join(name);
+        std::fs::copy(bin, &copy).expect("copying the binary");
+        let mut cmd = Command::new(&copy);
+        cmd.args(args).current_dir(&certs);
+        if bin == &bins.agent {
+            cmd.args(["--key", key, "--ca", "ca.pem"]);
+        } else {
+            cmd.args([
+                "--cert",
+                "server.pem",
+                "--key",
+                key,
+                "--client-ca",
+                "ca.pem",
+            ]);
+        }
+        commands.push((cmd, key));
+    }
+    for folder in [dir.path(), &certs, &run_dir] {
+        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    for entry in std::fs::read_dir(&certs).expect("the certificates") {
+        let path = entry.expect("an entry").path();
+        let key = path.to_string_lossy().ends_with("-key.pem");
+        let mode = match (key, as_root) {
+            (true, true) => 0o600,
+            (true, false) => 0o000,
+            (false, _) => 0o644,
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    for (mut cmd, key) in commands {
+        if as_root {
+            cmd.uid(65534).gid(65534);
+        }
+        let output = cmd.output().expect("running the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(key), "{stderr}");
+        assert!(stderr.contains("check the owner and mode"), "{stderr}");
+        assert!(!stderr.contains("certs init"), "{stderr}");
     }
 }

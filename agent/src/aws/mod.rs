@@ -595,6 +595,7 @@ fn tunnel_settings(
         tls: tls::client_config(&identity, &roots, &check)?,
         ca_file: files.ca.clone(),
         peer_check: check,
+        presented_cert: identity.cert_chain().first().cloned(),
         proto: Arc::new(fluidity_proto::Config {
             // Bounds the whole tunnel handshake, IAM credentials and verdict included.
             handshake_timeout: Duration::from_secs(cfg.iam.timeout_secs.max(1)),
