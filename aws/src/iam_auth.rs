@@ -671,7 +671,12 @@ impl Verifier {
         }
         // Remember the signature before asking STS, so two copies racing cannot both pass;
         // it is forgotten again if STS does not vouch for it.
-        let expires = date + self.config.time_window;
+        // A window beyond what the clock counts (a setting of u64::MAX seconds) keeps the
+        // signature for a century instead of panicking.
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+        let expires = date
+            .checked_add(self.config.time_window)
+            .unwrap_or(date + CENTURY);
         let fresh = self
             .replay
             .lock()

@@ -1,6 +1,6 @@
 //! Configuration: the limits a side advertises and its timers. Every default is documented.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::frame::MIN_MAX_FRAME_LEN;
 
@@ -110,6 +110,15 @@ pub const PROBE_QUIET: Duration = Duration::from_secs(1);
 /// trip is measured on an idle connection and grows under load, and the window is
 /// returned in halves.
 pub const WINDOW_GROWTH_RTTS: u32 = 8;
+
+/// The instant `limit` after `at`. Limits come from configuration files and flags; one
+/// beyond what the clock can count gives a deadline a century away rather than a panic.
+pub fn deadline(at: Instant, limit: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    at.checked_add(limit)
+        .or_else(|| at.checked_add(CENTURY))
+        .unwrap_or(at)
+}
 
 impl Config {
     /// `send_buffer` as the connection applies it: at least 16 KiB.

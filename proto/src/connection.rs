@@ -13,7 +13,7 @@ use crate::stream::recv::{Allocation, RecvState};
 use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
 use crate::{
-    Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target,
+    deadline, Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target,
     PROBE_QUIET,
 };
 
@@ -295,7 +295,7 @@ impl Connection {
             // Zero until the peer's hello says what it allows.
             conn_send: SendWindow::new(0),
             conn_recv: RecvWindow::new(limits.connection_window),
-            handshake_deadline: now + config.handshake_timeout,
+            handshake_deadline: deadline(now, config.handshake_timeout),
             last_recv: now,
             next_ping: None,
             ping_outstanding: None,
@@ -629,7 +629,7 @@ impl Connection {
             }
             return;
         }
-        if now >= self.last_recv + self.config.idle_timeout {
+        if now >= deadline(self.last_recv, self.config.idle_timeout) {
             self.fail(Error::IdleTimeout(self.config.idle_timeout), true);
             return;
         }
@@ -653,7 +653,7 @@ impl Connection {
             if now >= at {
                 self.release_free_rx_spares();
                 self.ping(now);
-                self.next_ping = Some(now + self.config.keepalive_interval);
+                self.next_ping = Some(deadline(now, self.config.keepalive_interval));
             }
         }
     }
@@ -709,13 +709,11 @@ impl Connection {
         let opaque = self.ping_counter;
         self.ping_outstanding.get_or_insert((opaque, now));
         self.queue(&Frame::Ping { ack: false, opaque });
-        if let Some(deadline) = now.checked_add(timeout.max(rtt.saturating_mul(4))) {
-            self.probe = Some(Probe {
-                opaque,
-                sent: now,
-                deadline,
-            });
-        }
+        self.probe = Some(Probe {
+            opaque,
+            sent: now,
+            deadline: deadline(now, timeout.max(rtt.saturating_mul(4))),
+        });
     }
 
     /// The probe found the server silent. A dead path and a live one whose bytes wait in
@@ -813,7 +811,7 @@ impl Connection {
         if self.phase != Phase::Ready {
             return Some(self.handshake_deadline);
         }
-        let idle = self.last_recv + self.config.idle_timeout;
+        let idle = deadline(self.last_recv, self.config.idle_timeout);
         let idle = self.probe.map_or(idle, |p| p.deadline.min(idle));
         let idle = self.open_check.map_or(idle, |at| at.min(idle));
         Some(match self.next_ping {

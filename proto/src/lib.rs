@@ -94,7 +94,7 @@ pub mod fuzzing;
 
 use std::fmt;
 
-pub use config::{Config, Limits, PROBE_QUIET, WINDOW_GROWTH_RTTS};
+pub use config::{deadline, Config, Limits, PROBE_QUIET, WINDOW_GROWTH_RTTS};
 pub use connection::{Connection, Event, Stats};
 pub use error::{Error, ErrorCode};
 pub use frame::{Decoder, Frame, FrameType};

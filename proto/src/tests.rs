@@ -603,6 +603,31 @@ fn keepalive_measures_rtt_and_detects_a_dead_peer() {
     )));
 }
 
+/// Timers from settings beyond what the clock counts (`u64::MAX` seconds in a
+/// configuration file) mean "a century", not a panic: the handshake, keepalive, idle and
+/// probe deadlines all run on them.
+#[test]
+fn timers_beyond_what_the_clock_counts_do_not_panic() {
+    let mut p = Pair::ready_with(Config {
+        handshake_timeout: Duration::MAX,
+        keepalive_interval: Duration::MAX,
+        idle_timeout: Duration::MAX,
+        probe_timeout: Duration::MAX,
+        ..Config::default()
+    });
+    // Silence long enough for a probe to go with the next open.
+    p.advance(Duration::from_secs(5));
+    let id = p.open_accepted();
+    p.advance(Duration::from_secs(3600));
+    p.drive();
+    assert!(p.agent.poll_timeout().is_some());
+    assert!(p.agent.is_ready() && p.server.is_ready());
+    p.agent.send_stream(id).write(b"still here").unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.server, id).0, b"still here");
+    assert!(deadline(p.now, Duration::MAX) > p.now + Duration::from_secs(50 * 365 * 86_400));
+}
+
 /// The pings (without ACK) in `bytes`, as frames.
 fn pings_in(bytes: &[u8]) -> usize {
     let mut buf = bytes::BytesMut::from(bytes);

@@ -172,10 +172,7 @@ pub fn threads(setting: usize) -> usize {
 /// The instant `limit` from now. Limits come from configuration files and flags; one beyond
 /// what the clock can count gives a deadline a century away rather than a panic.
 pub fn deadline_in(limit: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(limit)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
-        .unwrap_or(now)
+    fluidity_proto::deadline(Instant::now(), limit)
 }
 
 /// Waits until `done()` holds or `limit` has passed, and returns whether it holds. It is

@@ -414,6 +414,25 @@ fn a_signed_request_replayed_on_another_connection_is_denied() {
         verifier.verify(&p, &binding, ip, now),
         Err(AuthDenied::Replay)
     );
+
+    // A window beyond what the clock counts (`time_window_secs = 18446744073709551615`)
+    // admits and remembers the signature; it panicked the server before.
+    let mut wide = VerifierConfig::new(
+        SERVER_ID,
+        w.moto.endpoint(),
+        vec![PrincipalPattern::Exact(alice.arn.clone())],
+    );
+    wide.time_window = Duration::MAX;
+    let verifier = Verifier::new(wide).expect("verifier");
+    let p = signed(&w.moto, &creds, SERVER_ID, &binding, SystemTime::now()).encode();
+    assert_eq!(
+        verifier.verify(&p, &binding, ip, now).map(|a| a.arn),
+        Ok(alice.arn.clone())
+    );
+    assert_eq!(
+        verifier.verify(&p, &binding, ip, now),
+        Err(AuthDenied::Replay)
+    );
 }
 
 #[test]
