@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fluidity_runtime_smol::pki::{ensure_dir, CertInitOptions, EnsureOutcome};
+use fluidity_runtime_smol::pki::{self, ensure_dir, CertInitOptions, CertPaths, EnsureOutcome};
+use fluidity_runtime_smol::tls::Identity;
+use fluidity_runtime_smol::PeerRole;
 use fluidity_server::egress::{Cidr, EgressRule};
 use fluidity_server::health::Metrics;
 use fluidity_server::{Server, ServerConfig};
@@ -83,17 +85,53 @@ pub async fn run_local(
             opts.server_listen
         )));
     }
+    // The default folder is local mode's own, marked or not (sets made before the marker
+    // was have none): only a folder given with --dir must carry the mark to be renewed.
+    let complete = CertPaths::in_dir(&opts.dir)
+        .files()
+        .iter()
+        .all(|f| f.is_file());
+    if complete && !pki::is_local_dir(&opts.dir) && opts.dir == default_dir() {
+        pki::mark_local_dir(&opts.dir)?;
+    }
+    let own = pki::is_local_dir(&opts.dir);
     let (paths, outcome) =
         ensure_dir(&opts.dir, &CertInitOptions::default()).map_err(|source| match source {
             // A damaged file among the ones local mode made: making them anew fixes it.
             // Anything else (a folder it cannot write, one holding other files, which it
             // never overwrites) is reported as it is.
-            fluidity_runtime_smol::Error::BadPem { .. } => Error::LocalCertificates {
-                dir: opts.dir.clone(),
-                source,
-            },
+            fluidity_runtime_smol::Error::BadPem { .. }
+            | fluidity_runtime_smol::Error::KeyMismatch { .. }
+                if own =>
+            {
+                Error::LocalCertificates {
+                    dir: opts.dir.clone(),
+                    source,
+                }
+            }
             other => other.into(),
         })?;
+    // A set someone made for a server elsewhere (`certs init --server-name vpn…`) would
+    // fail every tunnel on the certificate's names.
+    let server_ip = opts.server_listen.ip().to_canonical();
+    let names = Identity::load_as(&paths.server_cert, &paths.server_key, PeerRole::Server)?
+        .names()
+        .map_err(|e| Error::Config(format!("{}: {e}", paths.server_cert.display())))?;
+    if !names.ip_sans.contains(&server_ip) {
+        return Err(Error::Config(format!(
+            "the server certificate {} is not valid for {server_ip}, where local mode's \
+             server listens (it names {}): local mode needs a set made for this machine; \
+             give it a folder of its own (--dir), or leave out --dir",
+            paths.server_cert.display(),
+            names
+                .dns_sans
+                .iter()
+                .cloned()
+                .chain(names.ip_sans.iter().map(ToString::to_string))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     match outcome {
         EnsureOutcome::Created => {
             tracing::info!(dir = %opts.dir.display(), "generated certificates")

@@ -118,7 +118,9 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct LocalArgs {
-    /// Certificate folder [default: ~/.cache/fluidity/local].
+    /// Certificate folder [default: $XDG_CACHE_HOME/fluidity/local, else
+    /// ~/.cache/fluidity/local]. Local mode renews the certificates of a folder it filled
+    /// itself (it writes made-by-fluidity-local.txt there) and never replaces others.
     #[arg(long, env = "FLUIDITY_LOCAL_DIR")]
     dir: Option<PathBuf>,
     /// Proxy listener.

@@ -857,7 +857,7 @@ mod tests {
         let say = |at| refused_as_expired(server, der.first(), alert, at);
         let expired = say(now + 3 * day);
         assert!(
-            expired.contains("expired on") && expired.contains("certs init --force"),
+            expired.contains("expired on") && expired.contains("certs init --dir DIR --force"),
             "{expired}"
         );
         let early = say(now - 3 * day);

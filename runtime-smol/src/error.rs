@@ -76,6 +76,27 @@ pub enum Error {
         missing: Vec<PathBuf>,
     },
 
+    /// Local mode's certificates are near their end in a folder it did not fill, which it
+    /// does not replace.
+    #[error(
+        "the certificates in {dir} end on {ends}, and local mode made none of them (the \
+         folder has no {marker}), so it does not replace them: renew them with `fluidity \
+         certs init --dir {dir} --force` (which makes a new CA too: give it to every agent \
+         and server that trusts this one), or give local mode a folder of its own (--dir)",
+        dir = dir.display(),
+        marker = crate::pki::LOCAL_MARKER
+    )]
+    NotLocalDir {
+        /// The folder.
+        dir: PathBuf,
+        /// The earliest end of its certificates, as a date.
+        ends: String,
+    },
+
+    /// A path given as a folder is something else (a file).
+    #[error("{} is not a folder; give a folder's path (it is created if missing)", .0.display())]
+    NotAFolder(PathBuf),
+
     /// A private key does not belong to the certificate it was paired with.
     #[error("private key {key} does not match certificate {cert}")]
     KeyMismatch {

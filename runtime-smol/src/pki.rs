@@ -433,29 +433,43 @@ fn validity_check(der: &CertificateDer<'_>, now: SystemTime, notice: Duration) -
         + Duration::from_secs(u64::try_from(validity.not_before.timestamp()).unwrap_or(0));
     if let Ok(ago) = now.duration_since(not_after) {
         return Some(format!(
-            "expired on {} ({} days ago): peers refuse it; issue a new one (`fluidity \
-             certs init --force` remakes those it made)",
+            "expired on {} ({} days ago): peers refuse it; issue a new one ({REISSUE})",
             validity.not_after,
             days(ago)
         ));
     }
     if let Ok(ahead) = not_before.duration_since(now) {
         return Some(format!(
-            "is not valid until {} ({} s from now by this machine's clock): peers with \
+            "is not valid until {} ({} from now by this machine's clock): peers with \
              the right time refuse it until then; check this machine's clock",
             validity.not_before,
-            ahead.as_secs()
+            span(ahead)
         ));
     }
     let left = not_after.duration_since(now).unwrap_or_default();
     (left < notice).then(|| {
         format!(
-            "expires on {} (in {} days); issue a new one before then (`fluidity certs \
-             init --force` remakes those it made)",
+            "expires on {} (in {} days); issue a new one before then ({REISSUE})",
             validity.not_after,
             days(left)
         )
     })
+}
+
+/// How to replace a certificate, for [`validity_problem`]'s messages.
+const REISSUE: &str = "`fluidity certs init --dir DIR --force` remakes the set it made in DIR, \
+     with a new CA that every agent and server must then be given; `fluidity local` renews \
+     its own";
+
+/// `d` in the largest unit that keeps it readable: seconds, minutes, hours or days.
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..120 => format!("{s} s"),
+        120..7_200 => format!("{} min", s / 60),
+        7_200..172_800 => format!("{} h", s / 3_600),
+        _ => format!("{} days", s / 86_400),
+    }
 }
 
 fn cert_not_after(cert: &X509Certificate<'_>) -> SystemTime {
@@ -545,7 +559,8 @@ impl CertPaths {
         }
     }
 
-    fn files(&self) -> [&PathBuf; 6] {
+    /// The six files, CA first.
+    pub fn files(&self) -> [&PathBuf; 6] {
         [
             &self.ca_cert,
             &self.ca_key,
@@ -565,7 +580,6 @@ impl CertPaths {
 /// writing anything) if any of these files exists.
 pub fn init_dir(dir: &Path, opts: &CertInitOptions) -> Result<CertPaths, Error> {
     let paths = CertPaths::in_dir(dir);
-    create_private_dir(dir)?;
     if !opts.force {
         let existing: Vec<PathBuf> = paths
             .files()
@@ -582,6 +596,8 @@ pub fn init_dir(dir: &Path, opts: &CertInitOptions) -> Result<CertPaths, Error> 
     let ca = generate_ca(&opts.ca_cn, validity)?;
     let server = issue_server(&ca, &opts.server_names, &opts.server_cn, validity)?;
     let client = issue_client(&ca, &opts.client_cn, &opts.client_ips, validity)?;
+    // Only now, with the options found good: a refused one leaves no empty folder behind.
+    create_private_dir(dir)?;
 
     // Keys first: a certificate without its key is useless, but a key written before a
     // failure is harmless and replaced on the next run.
@@ -613,13 +629,34 @@ pub enum EnsureOutcome {
     Kept,
 }
 
+/// The file that marks a certificate folder as local mode's own: [`ensure_dir`] writes it
+/// beside the sets it makes, and replaces no set without it.
+pub const LOCAL_MARKER: &str = "made-by-fluidity-local.txt";
+
+/// Marks `dir` as local mode's own ([`LOCAL_MARKER`]), so that [`ensure_dir`] renews its
+/// certificates when they near their end.
+pub fn mark_local_dir(dir: &Path) -> Result<(), Error> {
+    write_atomic(
+        &dir.join(LOCAL_MARKER),
+        b"`fluidity local` made the certificates in this folder and replaces them (a new CA \
+          with them) when they near their end. Delete this file to keep it from doing so.\n",
+        CERT_MODE,
+    )
+}
+
+/// Whether `dir` is marked as local mode's own ([`mark_local_dir`]).
+pub fn is_local_dir(dir: &Path) -> bool {
+    dir.join(LOCAL_MARKER).is_file()
+}
+
 /// Makes sure `dir` holds a usable certificate set: creates one if none of the files
 /// exist; otherwise loads and checks them (parsable, keys match, leaves signed by the
-/// CA) and replaces the whole set if any certificate expires within [`RENEW_BEFORE`].
+/// CA) and replaces the whole set if any certificate expires within [`RENEW_BEFORE`] and
+/// the folder is local mode's own ([`LOCAL_MARKER`], written beside a set it creates).
 ///
-/// A directory holding only some of the files, or files that fail the checks, is an
-/// error rather than being overwritten, so a user's own certificates are never lost.
-/// `opts.force` is ignored.
+/// A directory holding only some of the files, files that fail the checks, or a set near
+/// its end that local mode did not make, is an error rather than being overwritten, so a
+/// user's own certificates (and CA) are never lost. `opts.force` is ignored.
 pub fn ensure_dir(dir: &Path, opts: &CertInitOptions) -> Result<(CertPaths, EnsureOutcome), Error> {
     let paths = CertPaths::in_dir(dir);
     let missing: Vec<PathBuf> = paths
@@ -633,7 +670,9 @@ pub fn ensure_dir(dir: &Path, opts: &CertInitOptions) -> Result<(CertPaths, Ensu
         ..opts.clone()
     };
     if missing.len() == paths.files().len() {
-        return Ok((init_dir(dir, &no_force)?, EnsureOutcome::Created));
+        let paths = init_dir(dir, &no_force)?;
+        mark_local_dir(dir)?;
+        return Ok((paths, EnsureOutcome::Created));
     }
     if !missing.is_empty() {
         return Err(Error::IncompleteCertDir {
@@ -646,6 +685,12 @@ pub fn ensure_dir(dir: &Path, opts: &CertInitOptions) -> Result<(CertPaths, Ensu
     let renew_at = expires.checked_sub(RENEW_BEFORE).unwrap_or(UNIX_EPOCH);
     if SystemTime::now() < renew_at {
         return Ok((paths, EnsureOutcome::Kept));
+    }
+    if !is_local_dir(dir) {
+        return Err(Error::NotLocalDir {
+            dir: dir.to_path_buf(),
+            ends: time::OffsetDateTime::from(expires).date().to_string(),
+        });
     }
     tracing::info!(dir = %dir.display(), "certificates expire within 30 days; renewing");
     let force = CertInitOptions {
@@ -795,9 +840,16 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(dir).map_err(|source| Error::WriteFile {
-        path: dir.to_path_buf(),
-        source,
+    builder.create(dir).map_err(|source| {
+        // "File exists" would not say that the path is taken by something else.
+        if source.kind() == std::io::ErrorKind::AlreadyExists && !dir.is_dir() {
+            Error::NotAFolder(dir.to_path_buf())
+        } else {
+            Error::WriteFile {
+                path: dir.to_path_buf(),
+                source,
+            }
+        }
     })
 }
 
@@ -1188,12 +1240,17 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
             expired.contains("expired on") && expired.contains("2 days ago"),
             "{expired}"
         );
-        assert!(expired.contains("certs init --force"), "{expired}");
+        assert!(
+            expired.contains("certs init --dir DIR --force"),
+            "{expired}"
+        );
         let early = validity_problem(&der, now - 2 * DAY).expect("not valid yet");
         assert!(
             early.contains("not valid until") && early.contains("clock"),
             "{early}"
         );
+        // Two days less the five minutes every certificate is backdated by.
+        assert!(early.contains("(47 h from now"), "{early}");
         assert_eq!(
             validity_problem(&CertificateDer::from(vec![1, 2, 3]), now),
             None
@@ -1328,19 +1385,63 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
         assert_eq!(outcome, EnsureOutcome::Kept);
         assert_eq!(fs::read(&paths.ca_cert).expect("read"), first);
 
-        // A set that expires within 30 days is replaced.
+        // A set that expires within 30 days is replaced, in a folder local mode made.
         let short = CertInitOptions {
             validity_days: 10,
             force: true,
             ..opts.clone()
         };
         init_dir(&dir, &short).expect("short-lived set");
+        assert!(is_local_dir(&dir));
         let (_, outcome) = ensure_dir(&dir, &opts).expect("renew");
         assert_eq!(outcome, EnsureOutcome::Renewed);
         let renewed = read_pem_file(&paths.server_cert).expect("read");
         assert!(not_after(&renewed).expect("not_after") > SystemTime::now() + 300 * DAY);
         let (_, outcome) = ensure_dir(&dir, &opts).expect("keep");
         assert_eq!(outcome, EnsureOutcome::Kept);
+    }
+
+    #[test]
+    fn ensure_dir_never_replaces_a_set_it_did_not_make() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mine");
+        let short = CertInitOptions {
+            validity_days: 10,
+            ..CertInitOptions::default()
+        };
+        let paths = init_dir(&dir, &short).expect("a user's own short-lived set");
+        let before: Vec<Vec<u8>> = paths.files().iter().map(|f| fs::read(f).unwrap()).collect();
+        let err = ensure_dir(&dir, &CertInitOptions::default()).expect_err("not local mode's");
+        let text = err.to_string();
+        assert!(matches!(err, Error::NotLocalDir { .. }), "{err:?}");
+        assert!(
+            text.contains(LOCAL_MARKER)
+                && text.contains("certs init --dir")
+                && text.contains("--force"),
+            "{text}"
+        );
+        let after: Vec<Vec<u8>> = paths.files().iter().map(|f| fs::read(f).unwrap()).collect();
+        assert_eq!(before, after, "the user's files were changed");
+        // Marked as local mode's own, the same set is renewed.
+        mark_local_dir(&dir).expect("mark");
+        let (_, outcome) = ensure_dir(&dir, &CertInitOptions::default()).expect("renew");
+        assert_eq!(outcome, EnsureOutcome::Renewed);
+    }
+
+    #[test]
+    fn init_dir_refusing_its_options_or_a_file_in_the_way_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("certs");
+        let zero = CertInitOptions {
+            validity_days: 0,
+            ..CertInitOptions::default()
+        };
+        init_dir(&dir, &zero).expect_err("zero days");
+        assert!(!dir.exists(), "a refused set left its folder");
+        let file = tmp.path().join("a-file");
+        fs::write(&file, b"not a folder").expect("write");
+        let err = init_dir(&file, &CertInitOptions::default()).expect_err("a file");
+        assert!(err.to_string().contains("not a folder"), "{err}");
     }
 
     #[test]

@@ -105,6 +105,15 @@ pub fn key_from_pem(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>, E
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::BadPem {
         origin: origin.to_owned(),
         problem: match e {
+            // PKCS#8 with a passphrase: nothing here could ask for it.
+            rustls_pki_types::pem::Error::NoItemsFound
+                if pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") =>
+            {
+                "the private key is encrypted (\"BEGIN ENCRYPTED PRIVATE KEY\"), and \
+                 Fluidity takes keys without a passphrase: `openssl pkcs8 -in KEY -out \
+                 KEY.plain` asks for it and writes one (keep it readable by its owner only)"
+                    .into()
+            }
             rustls_pki_types::pem::Error::NoItemsFound => {
                 "no private key found (expected a \"BEGIN PRIVATE KEY\" block)".into()
             }
@@ -1957,6 +1966,13 @@ tlawY37idy5pM6QNcghMb1vY/EyhRANCAASx9fOyngvKjLOsabNUC5n64XiV6MMq
         assert!(err.to_string().contains("no certificate found"), "{err}");
         let err = Identity::from_pem(&a.cert_pem, &a.cert_pem).expect_err("no key");
         assert!(err.to_string().contains("no private key found"), "{err}");
+        // The block an encrypted PKCS#8 key comes in (only its label matters here).
+        let encrypted = a.key_pem.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY");
+        let err = Identity::from_pem(&a.cert_pem, &encrypted).expect_err("encrypted");
+        assert!(
+            err.to_string().contains("is encrypted") && err.to_string().contains("openssl pkcs8"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -351,7 +351,9 @@ fn an_agent_whose_certificate_expires_soon_warns_at_start_and_works() {
     let file = cert_file.display().to_string();
     assert!(
         agent.proc.wait_log(Duration::from_secs(30), |l| {
-            l.contains(&file) && l.contains("expires on") && l.contains("certs init --force")
+            l.contains(&file)
+                && l.contains("expires on")
+                && l.contains("certs init --dir DIR --force")
         }),
         "the agent did not warn of its certificate's end:\n{}",
         agent.proc.log()

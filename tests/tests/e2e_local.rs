@@ -196,3 +196,77 @@ fn a_damaged_local_certificate_folder_is_named_with_the_way_out() {
     let (mut p, _) = start_local(&dir, tmp.path(), &[]);
     p.kill();
 }
+
+/// Runs `fluidity local --dir DIR` expecting it to refuse the folder; returns its stderr.
+fn local_refusing(dir: &std::path::Path) -> String {
+    let out = Command::new(&binaries().agent)
+        .arg("local")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--listen")
+        .arg(SocketAddr::from(([127, 0, 0, 1], free_port())).to_string())
+        .output()
+        .expect("running fluidity local");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    err
+}
+
+/// A folder of the user's own certificates given to local mode is never replaced: not
+/// when they near their end (their CA would be lost to every agent and server trusting
+/// it), and one made for a server elsewhere is refused at start, not at every tunnel.
+#[test]
+fn local_mode_never_replaces_a_users_own_certificates() {
+    let _wd = watchdog("local_users_certificates", Duration::from_secs(120));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let init = |dir: &std::path::Path, extra: &[&str]| {
+        let out = Command::new(&binaries().agent)
+            .args(["certs", "init", "--dir"])
+            .arg(dir)
+            .args(["--server-name", "vpn.example.com"])
+            .args(extra)
+            .output()
+            .expect("running certs init");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        init_files(dir)
+    };
+
+    let ending = tmp.path().join("ending");
+    let before = init(&ending, &["--days", "20"]);
+    let err = local_refusing(&ending);
+    assert!(
+        err.contains("local mode made none of them") && err.contains("certs init --dir"),
+        "{err}"
+    );
+    assert_eq!(
+        init_files(&ending),
+        before,
+        "local mode changed the user's files"
+    );
+
+    let elsewhere = tmp.path().join("elsewhere");
+    let before = init(&elsewhere, &[]);
+    let err = local_refusing(&elsewhere);
+    assert!(
+        err.contains("not valid for 127.0.0.1") && err.contains("vpn.example.com"),
+        "{err}"
+    );
+    assert_eq!(
+        init_files(&elsewhere),
+        before,
+        "local mode changed the user's files"
+    );
+}
+
+/// The contents of the six files of the certificate folder `dir`.
+fn init_files(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    CertPaths::in_dir(dir)
+        .files()
+        .iter()
+        .map(|f| std::fs::read(f).expect("a certificate file"))
+        .collect()
+}
