@@ -159,7 +159,8 @@ struct CertsInitArgs {
     /// [default: localhost, 127.0.0.1, ::1].
     #[arg(long = "server-name")]
     server_names: Vec<SanEntry>,
-    /// Server certificate CN [default: localhost].
+    /// Server certificate CN, which an IAM server also takes as its id [default: the first
+    /// --server-name, else localhost].
     #[arg(long)]
     server_cn: Option<String>,
     /// Agent certificate CN [default: fluidity-agent].
@@ -188,7 +189,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fluidity: {e}");
+            app::report_exit("fluidity", cli.log_format, &e);
             ExitCode::FAILURE
         }
     }
@@ -298,6 +299,11 @@ fn certs_init(args: CertsInitArgs) -> Result<()> {
         force: args.force,
         ..CertInitOptions::default()
     };
+    // The CN follows the name the server is known by, so that the IAM server id (the CN
+    // by default) is the name agents dial.
+    if let Some(first) = args.server_names.first() {
+        opts.server_cn = first.to_string();
+    }
     if !args.server_names.is_empty() {
         opts.server_names = args.server_names;
     }

@@ -46,6 +46,26 @@ pub fn tunnel_settings(
             "auth = \"iam\" needs a credential source (see run::credential_source)".into(),
         ));
     }
+    let server_name = cfg
+        .server_name
+        .clone()
+        .unwrap_or_else(|| cfg.server_host().to_owned());
+    // Checked per connection too, but a name no connection can use is a setting to fix,
+    // not a server to wait for.
+    if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        return Err(Error::Config(match cfg.server_name {
+            Some(_) => format!(
+                "server_name {server_name:?} (--server-name, FLUIDITY_SERVER_NAME) is not a \
+                 DNS name or an IP address; give the name or address the server's \
+                 certificate is issued for, or leave it out to use the host of server"
+            ),
+            None => format!(
+                "server {:?} (--server, FLUIDITY_SERVER): its host {server_name:?} is not a \
+                 DNS name or an IP address",
+                cfg.server
+            ),
+        }));
+    }
     let identity = Identity::load_as(&cfg.cert, &cfg.key, PeerRole::Client).map_err(|source| {
         Error::Certificates {
             what: "the agent's certificate and key (cert, key)",
@@ -74,10 +94,7 @@ pub fn tunnel_settings(
     };
     Ok(TunnelSettings {
         server,
-        server_name: cfg
-            .server_name
-            .clone()
-            .unwrap_or_else(|| cfg.server_host().to_owned()),
+        server_name,
         tls,
         ca_file: cfg.ca.clone(),
         peer_check: check,
@@ -267,6 +284,34 @@ mod tests {
             proxy_password: Some(password.into()),
             ..AgentConfig::default()
         }
+    }
+
+    #[test]
+    fn a_server_name_no_certificate_can_hold_is_refused_at_start() {
+        for name in ["", "bad name", "a..b"] {
+            let cfg = AgentConfig {
+                server_name: Some(name.into()),
+                ..AgentConfig::default()
+            };
+            let err = tunnel_settings(&cfg, None)
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("server_name") && err.contains("--server-name"),
+                "{name:?}: {err}"
+            );
+        }
+        let cfg = AgentConfig {
+            server: "bad host:8443".into(),
+            ..AgentConfig::default()
+        };
+        let err = tunnel_settings(&cfg, None)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("--server,") && err.contains("\"bad host\""),
+            "{err}"
+        );
     }
 
     #[test]

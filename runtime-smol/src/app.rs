@@ -316,6 +316,16 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
+/// Reports the error that ends the program: `PROGRAM: ERROR` on stderr, or with
+/// `--log-format json` a log line at level ERROR, so that the last line a log collector
+/// reads parses like the others.
+pub fn report_exit(program: &str, format: LogFormat, error: &dyn std::fmt::Display) {
+    match format {
+        LogFormat::Text => eprintln!("{program}: {error}"),
+        LogFormat::Json => tracing::error!(program, error = %error, "stopped by an error"),
+    }
+}
+
 /// The log filter for `var` (the value of `FLUIDITY_LOG`, if set and not blank), else for
 /// `default` (else `info`): a level, targets with levels, or both, comma-separated
 /// (`warn,fluidity_agent=debug`; spaces around the parts are ignored). Targets not named

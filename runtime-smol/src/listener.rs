@@ -41,13 +41,19 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
             }
         }
     }
-    let port_too_large = s
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let split = s.rsplit_once(':');
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
     let what = if s.parse::<u16>().is_ok() {
         "a port alone does not say which address to listen on"
-    } else if port_too_large {
+    } else if s.parse::<std::net::Ipv6Addr>().is_ok()
+        || split.is_some_and(|(h, _)| h.parse::<std::net::Ipv6Addr>().is_ok())
+    {
+        "an IPv6 address with a port goes in brackets"
+    } else if split.is_some_and(|(h, p)| digits(p) && p.parse::<u16>().is_err() && host_ok(h)) {
         "the port is above 65535"
+    } else if split.is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !host_ok(h)) {
+        "the host is not an IP address (names other than localhost are not taken: a listener \
+         binds one address)"
     } else {
         "not an IP address and port"
     };
@@ -55,6 +61,17 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
         "{what}; give one like 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8080 (all \
          interfaces), or localhost:PORT for 127.0.0.1"
     ))
+}
+
+/// Whether `host` is what a listener address may have before its port: an IPv4 address,
+/// an IPv6 address in brackets, or `localhost`.
+fn host_ok(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<Ipv4Addr>().is_ok()
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// [`parse_listen_addr`] for a configuration file's field (`#[serde(deserialize_with)]`).
@@ -203,8 +220,16 @@ mod tests {
         assert!(parse_listen_addr("8080")
             .unwrap_err()
             .contains("a port alone"));
-        for big in ["127.0.0.1:99999", "localhost:70000"] {
+        for big in ["127.0.0.1:99999", "localhost:70000", "[::1]:65536"] {
             assert!(parse_listen_addr(big).unwrap_err().contains("above 65535"));
+        }
+        for name in ["example.com:8080", "foo:8080", "192.168.1.300:80"] {
+            let e = parse_listen_addr(name).unwrap_err();
+            assert!(e.contains("the host is not an IP address"), "{name}: {e}");
+        }
+        for bare in ["::1:8080", "::1"] {
+            let e = parse_listen_addr(bare).unwrap_err();
+            assert!(e.contains("goes in brackets"), "{bare}: {e}");
         }
     }
 

@@ -172,14 +172,14 @@ fn main() -> ExitCode {
     let cfg = match config(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fluidity-server: {e}");
+            app::report_exit("fluidity-server", cli.log_format, &e);
             return ExitCode::from(2);
         }
     };
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fluidity-server: {e}");
+            app::report_exit("fluidity-server", cli.log_format, &e);
             ExitCode::FAILURE
         }
     }

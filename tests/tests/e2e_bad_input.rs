@@ -1629,6 +1629,45 @@ fn missing_certificate_files_are_named_with_their_setting_and_a_way_out() {
     }
 }
 
+/// With JSON logs, the error that stops a binary is a JSON line too (a log collector
+/// parses every line), at level ERROR, naming what failed.
+#[test]
+fn with_json_logs_the_error_that_stops_a_binary_is_a_json_line() {
+    let _wd = watchdog("json_exit_error", Duration::from_secs(60));
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().expect("a UTF-8 path");
+    let bins = binaries();
+    let runs = [
+        Command::new(&bins.agent)
+            .args(["run", "--log-format", "json", "--server", "127.0.0.1:9"])
+            .args(["--cert", missing, "--key", missing, "--ca", missing])
+            .output(),
+        Command::new(&bins.server)
+            .args(["--log-format", "json", "--listen", "127.0.0.1:0"])
+            .args(["--health-listen", "127.0.0.1:0"])
+            .args(["--cert", missing, "--key", missing, "--client-ca", missing])
+            .output(),
+    ];
+    for output in runs {
+        let output = output.expect("running the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}\n{stderr}")))
+            .collect();
+        let last = lines.last().expect("an error line");
+        assert_eq!(last["level"], "ERROR", "{stderr}");
+        let error = last["fields"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(missing) && error.contains("cert, key"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn an_unreadable_key_file_is_reported_as_a_permission_problem_not_a_missing_certificate() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -250,6 +250,13 @@ fn local_mode_never_replaces_a_users_own_certificates() {
 
     let elsewhere = tmp.path().join("elsewhere");
     let before = init(&elsewhere, &[]);
+    // The CN (an IAM server's id by default) follows the first --server-name.
+    let server_pem =
+        std::fs::read_to_string(CertPaths::in_dir(&elsewhere).server_cert).expect("server.pem");
+    let der = fluidity_runtime_smol::tls::certs_from_pem(&server_pem, "server.pem")
+        .expect("a certificate");
+    let names = fluidity_runtime_smol::tls::PeerIdentity::from_der(&der[0]).expect("names");
+    assert_eq!(names.common_name.as_deref(), Some("vpn.example.com"));
     let err = local_refusing(&elsewhere);
     assert!(
         err.contains("not valid for 127.0.0.1") && err.contains("vpn.example.com"),

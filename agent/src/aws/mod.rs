@@ -243,6 +243,22 @@ impl std::fmt::Debug for AwsRun {
 /// `auth = "iam"` the tunnel authentication names the server's ARN learnt from Query.
 /// `quiet` keeps progress lines off stderr (they stay log events), for JSON logs.
 pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
+    let defaults = AgentConfig::default();
+    let ignored: Vec<&str> = [
+        ("server", cfg.server != defaults.server),
+        ("server_name", cfg.server_name.is_some()),
+        ("expected_server_cn", cfg.expected_server_cn.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            settings = %ignored.join(", "),
+            "ignored in AWS mode: the agent dials the server it wakes, at the address Query \
+             gives, and trusts the certificate of that server's ARN"
+        );
+    }
     let env = Env::process();
     let aws_config = crate::iam::aws_config(&cfg, &env)?;
     let control = ControlClient::new(&aws_config, cfg.lifecycle.urls(&env)?);
