@@ -220,8 +220,9 @@ pub struct Connection {
     streams: BTreeMap<StreamId, StreamState>,
     /// Round-robin of streams with output.
     sendable: VecDeque<StreamId>,
-    /// Agent: the next id to open. Server: one past the highest id the agent opened.
-    next_stream: u32,
+    /// Agent: the next id to open. Server: two past the highest id the agent opened. Wider
+    /// than an id, so that the last one (`u32::MAX`) leaves no room to open it again.
+    next_stream: u64,
     conn_send: SendWindow,
     conn_recv: RecvWindow,
     handshake_deadline: Instant,
@@ -888,10 +889,13 @@ impl Connection {
         if self.stream_room() == 0 {
             return Err(Error::TooManyStreams);
         }
-        if self.next_stream == u32::MAX {
+        let Some(id) = u32::try_from(self.next_stream)
+            .ok()
+            .filter(|&id| id != u32::MAX)
+            .map(StreamId)
+        else {
             return Err(Error::StreamIdsExhausted);
-        }
-        let id = StreamId(self.next_stream);
+        };
         self.next_stream += 2;
         self.streams.insert(
             id,
@@ -1274,11 +1278,11 @@ impl Connection {
     /// Whether `id` names a stream that existed once and is gone (late frames for it are
     /// ignored), as opposed to one that never existed (a protocol error).
     fn was_opened(&self, id: StreamId) -> bool {
-        id.is_agent_initiated() && id.0 < self.next_stream
+        id.is_agent_initiated() && u64::from(id.0) < self.next_stream
     }
 
     fn last_stream_id(&self) -> StreamId {
-        StreamId(self.next_stream.saturating_sub(2))
+        StreamId(u32::try_from(self.next_stream.saturating_sub(2)).unwrap_or(u32::MAX))
     }
 
     fn transmit_data<T: Transmit>(&mut self, out: &mut T) {
@@ -1554,13 +1558,13 @@ impl Connection {
         if self.side != Side::Server {
             return self.violation(ErrorCode::PROTOCOL, "the server cannot open streams");
         }
-        if !id.is_agent_initiated() || id.0 < self.next_stream {
+        if !id.is_agent_initiated() || u64::from(id.0) < self.next_stream {
             return self.violation(
                 ErrorCode::PROTOCOL,
                 format!("stream id {id} is not a new agent stream id"),
             );
         }
-        self.next_stream = id.0.saturating_add(2);
+        self.next_stream = u64::from(id.0) + 2;
         self.stats.streams_opened += 1;
         let refusal = if self.go_away_sent {
             Some(OpenRefusal::new(

@@ -1196,6 +1196,27 @@ fn duplicate_open_is_a_protocol_error() {
     expect_violation(&mut p, ErrorCode::PROTOCOL);
 }
 
+/// The last id, `u32::MAX`, opens once: a second OPEN for it is a duplicate like any other
+/// (it was taken as new, replacing the stream and escaping the stream limit).
+#[test]
+fn the_last_stream_id_cannot_be_opened_twice() {
+    let mut p = Pair::ready();
+    let last = StreamId(u32::MAX);
+    let open = raw(Frame::Open {
+        id: last,
+        target: target(),
+    });
+    p.server.handle_input(p.now, &open);
+    p.collect();
+    assert!(p
+        .server_events
+        .iter()
+        .any(|e| matches!(e, Event::Stream(StreamEvent::OpenRequested { id, .. }) if *id == last)));
+    assert!(p.server.is_ready());
+    p.server.handle_input(p.now, &open);
+    expect_violation(&mut p, ErrorCode::PROTOCOL);
+}
+
 #[test]
 fn data_after_fin_is_a_stream_closed_error() {
     let mut p = Pair::ready();

@@ -383,6 +383,12 @@ impl Tunnel {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
+    /// Streams the tunnel keeps state for beside the protocol's: those with a handle, and
+    /// (server) those requested and not answered yet.
+    pub fn stream_slots(&self) -> usize {
+        lock(&self.shared).slots.len()
+    }
+
     /// Whether the tunnel has closed (lost or drained).
     pub fn is_closed(&self) -> bool {
         lock(&self.shared).closed.is_some()
@@ -495,13 +501,42 @@ impl Tunnel {
     /// Server: accepts stream `id` and returns its handle.
     pub fn accept_open(&self, id: StreamId) -> Result<TunnelStream, Error> {
         let mut s = lock(&self.shared);
-        s.conn.accept_open(id).map_err(Error::Tunnel)?;
+        if let Err(e) = s.conn.accept_open(id) {
+            // Reset by the agent meanwhile (or the tunnel is gone): nothing will use the
+            // slot, which would stay as long as the tunnel does.
+            s.slots.remove(&id);
+            return Err(Error::Tunnel(e));
+        }
         if let Some(slot) = s.slots.get_mut(&id) {
             slot.state = SlotState::Open;
         }
         s.wake_driver();
         drop(s);
         Ok(TunnelStream::new(self.shared.clone(), id))
+    }
+
+    /// Server: resolves when stream `id`, requested and not answered yet, is reset by the
+    /// agent, or the tunnel ends; its slot is then let go. The work of answering it (a
+    /// dial) can stop there: a stream reset while pending no longer counts towards
+    /// `max_streams`, so work that went on would escape that limit.
+    pub async fn open_abandoned(&self, id: StreamId) {
+        futures_lite::future::poll_fn(|cx| {
+            let mut s = lock(&self.shared);
+            if s.closed.is_some() {
+                return Poll::Ready(());
+            }
+            match s.slots.get_mut(&id) {
+                Some(slot) if matches!(slot.state, SlotState::Opening) => {
+                    slot.read_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Some(_) | None => {
+                    s.slots.remove(&id);
+                    Poll::Ready(())
+                }
+            }
+        })
+        .await
     }
 
     /// Server: refuses stream `id` with a typed reason.

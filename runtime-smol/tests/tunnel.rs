@@ -228,6 +228,71 @@ fn many_concurrent_streams_are_echoed_byte_exact() {
     });
 }
 
+/// An open the agent gives up while the server works on it (a dial that takes long)
+/// tells the server, which stops and keeps nothing of it: not a slot, and not a stream
+/// its `accept_open` could still take.
+#[test]
+fn an_open_given_up_by_the_agent_is_let_go_by_the_server() {
+    run(|ex| {
+        let certs = certs();
+        let (listener, addr) = listen();
+        let (abandoned_tx, abandoned) = async_channel::bounded::<(usize, bool)>(1);
+        let server_ex = ex.clone();
+        ex.spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let h = accept(
+                sock,
+                TlsSession::server(certs.server).unwrap(),
+                &PeerCheck::default(),
+                LIMIT,
+            )
+            .await
+            .unwrap();
+            let conn = Connection::server(proto_config(), std::time::Instant::now());
+            let (tunnel, events, driver) = start(h.sock, h.tls, conn).unwrap();
+            server_ex.spawn(driver).detach();
+            let mut first = true;
+            while let Ok(ev) = events.recv().await {
+                if let TunnelEvent::OpenRequested { id, .. } = ev {
+                    if first {
+                        // A dial that never ends, unless the open is given up.
+                        tunnel.open_abandoned(id).await;
+                    } else {
+                        // A dial that ends after the agent gave the open up.
+                        while tunnel.stats().streams_active > 0 {
+                            Timer::after(Duration::from_millis(10)).await;
+                        }
+                    }
+                    first = false;
+                    let accepted = tunnel.accept_open(id).is_ok();
+                    abandoned_tx
+                        .send((tunnel.stream_slots(), accepted))
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+        .detach();
+        let ex2 = ex.clone();
+        ex.spawn(async move {
+            let tunnel = agent(addr, certs.client, &ex2).await;
+            for _ in 0..2 {
+                let open = tunnel.open(Target::parse("slow.test:9").unwrap());
+                // The agent's client goes away while the open waits for its answer.
+                let gave_up = open
+                    .or(async {
+                        Timer::after(Duration::from_millis(200)).await;
+                        Err(fluidity_runtime_smol::Error::Timeout("test"))
+                    })
+                    .await;
+                assert!(gave_up.is_err(), "the open was answered");
+                let (slots, accepted) = abandoned.recv().await.unwrap();
+                assert_eq!((slots, accepted), (0, false));
+            }
+        })
+    });
+}
+
 #[test]
 fn refusal_arrives_typed() {
     run(|ex| {

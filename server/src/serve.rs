@@ -411,15 +411,8 @@ impl Server {
                     self.cfg.max_tunnels
                 ),
             );
-            // The close needs one driver turn; a peer that never reads gets no more.
-            let limit = self.cfg.tls_handshake_timeout();
-            async {
-                let _ = driver.await;
-            }
-            .or(async {
-                Timer::after(limit).await;
-            })
-            .await;
+            // The close needs one driver turn.
+            let_driver_finish(driver, self.cfg.tls_handshake_timeout()).await;
             drop(tunnel);
             return Ok(());
         }
@@ -565,14 +558,29 @@ impl Server {
             }
         }
         self.tunnels().remove(&id);
-        let _ = driver.await;
+        // Its goaway or close_notify may still be on the way out, to a peer that may never
+        // read it; the tunnel no longer counts towards max_tunnels, so it must not keep
+        // its socket and buffers for ever.
+        let_driver_finish(driver, self.cfg.tls_handshake_timeout()).await;
         Ok(())
     }
 
     async fn serve_stream(self: Arc<Self>, tunnel: Tunnel, id: StreamId, target: Target) {
         self.metrics.touch();
         let started = Instant::now();
-        match self.dialer.dial(&target).await {
+        // An open the agent resets while it is dialled (its client went away) stops the
+        // dial: dials that outlived their streams would escape max_streams.
+        let dialled = async { Some(self.dialer.dial(&target).await) }
+            .or(async {
+                tunnel.open_abandoned(id).await;
+                None
+            })
+            .await;
+        let Some(dialled) = dialled else {
+            tracing::debug!(stream = %id, %target, "open given up by the agent while dialling");
+            return;
+        };
+        match dialled {
             Err(refusal) => {
                 tracing::info!(stream = %id, %target, %refusal, "open refused");
                 self.metrics.record_refusal(refusal.reason);
@@ -609,6 +617,18 @@ impl Server {
             }
         }
     }
+}
+
+/// Lets a closing tunnel's driver flush its last words (a goaway, TLS's close_notify) for
+/// at most `limit`, then drops it and its socket: a peer that never reads gets no more.
+async fn let_driver_finish<T>(driver: impl std::future::Future<Output = T>, limit: Duration) {
+    async {
+        driver.await;
+    }
+    .or(async {
+        Timer::after(limit).await;
+    })
+    .await
 }
 
 /// What to check when an agent's TLS handshake failed for a reason a setting or a

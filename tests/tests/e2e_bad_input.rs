@@ -16,8 +16,8 @@ use fluidity_tests::e2e::client::{
     connect_via, curl_status, read_all_lossy, ws_crash_client, KeptAlive, LiveStream, WsVia,
 };
 use fluidity_tests::e2e::origin::{
-    refused_port, AbruptOrigin, BlackHole, DeafOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
-    TlsOrigin,
+    refused_port, AbruptOrigin, BlackHole, DeafOrigin, EchoOrigin, FloodOrigin, HttpOrigin,
+    SilentOrigin, TlsOrigin,
 };
 use fluidity_tests::e2e::proc::{wait_for, Proc};
 use fluidity_tests::e2e::tunnel::{certs_init, ALLOW_LOOPBACK};
@@ -1738,4 +1738,122 @@ fn an_unreadable_key_file_is_reported_as_a_permission_problem_not_a_missing_cert
         assert!(stderr.contains("check the owner and mode"), "{stderr}");
         assert!(!stderr.contains("certs init"), "{stderr}");
     }
+}
+
+/// A peer with a valid certificate that fills its receive buffers and then breaks the
+/// protocol gets its tunnel closed; the close (a goaway, TLS's close_notify) cannot be
+/// sent to a peer that never reads, and the server gives up on it after its handshake
+/// limit instead of holding the socket, its buffers and a tunnel count for ever.
+#[test]
+fn a_closed_tunnel_whose_peer_never_reads_is_let_go() {
+    use fluidity_proto::frame::Frame;
+    use fluidity_proto::{Config, Connection, Credentials, Event, Limits, StreamEvent, Target};
+    use fluidity_runtime_smol::tls::{client_config, CaRoots, Identity, PeerCheck};
+    use std::time::Instant;
+
+    let _wd = watchdog("closed_tunnel_never_read", Duration::from_secs(180));
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let certs = certs_init(&dir.path().join("certs"));
+    let opts = ServerOptions {
+        config: Some("tls_handshake_secs = 2\n".into()),
+        ..ServerOptions::default()
+    };
+    let mut server = Server::start(&certs, &opts, dir.path());
+    let flood = FloodOrigin::start();
+
+    // The tunnel handshake and the opens, through the protocol's own state machine.
+    let identity = Identity::load_as(
+        &certs.client_cert,
+        &certs.client_key,
+        fluidity_runtime_smol::PeerRole::Client,
+    )
+    .expect("the agent's identity");
+    let roots = CaRoots::load(&certs.ca_cert).expect("the CA");
+    let tls = client_config(&identity, &roots, &PeerCheck::default()).expect("TLS");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
+    let conn = rustls::ClientConnection::new(tls, name).expect("a TLS client");
+    let sock = TcpStream::connect(server.listen).expect("connecting to the server");
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("a read timeout");
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let big = 64 * 1024 * 1024;
+    let config = Config {
+        limits: Limits {
+            stream_window: big,
+            connection_window: big,
+            ..Limits::default()
+        },
+        ..Config::default()
+    };
+    let mut agent = Connection::agent(Arc::new(config), Credentials::none(), Instant::now());
+    let target = Target::parse(&flood.addr().to_string()).expect("the flood's address");
+    let (mut opened, mut asked) = (0, false);
+    let mut unread = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opened < 4 {
+        assert!(Instant::now() < deadline, "the streams did not open");
+        if agent.is_ready() && !asked {
+            for _ in 0..4 {
+                agent.open(Instant::now(), target.clone()).expect("an open");
+            }
+            asked = true;
+        }
+        let mut out = Vec::new();
+        agent.poll_transmit(Instant::now(), &mut out);
+        tls.write_all(&out).expect("sending");
+        let mut buf = [0u8; 16 * 1024];
+        match tls.read(&mut buf) {
+            Ok(0) => panic!("the server closed the tunnel"),
+            Ok(n) => unread.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading: {e}"),
+        }
+        let taken = agent.handle_input(Instant::now(), &unread);
+        unread.drain(..taken);
+        agent.handle_timeout(Instant::now());
+        while let Some(ev) = agent.poll() {
+            if matches!(ev, Event::Stream(StreamEvent::Opened { .. })) {
+                opened += 1;
+            }
+        }
+    }
+    assert_eq!(server.metric("fluidity_tunnels_active"), 1.0);
+
+    // From now on nothing is read: the server sends into full buffers until it can send
+    // no more, which the flood, stopping, tells.
+    let mut last = flood.written();
+    wait_for(
+        "the server to stop sending",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = flood.written();
+            let stopped = now == last && now > 0;
+            last = now;
+            stopped.then_some(())
+        },
+    );
+    // A zero increment is a protocol error: the server closes the tunnel.
+    let mut bad = Vec::new();
+    Frame::WindowUpdate {
+        id: fluidity_proto::StreamId(0),
+        increment: 0,
+    }
+    .encode(&mut bad);
+    tls.write_all(&bad).expect("sending the bad frame");
+    tls.flush().expect("flushing");
+    let logged = server
+        .proc
+        .wait_log(Duration::from_secs(30), |l| l.contains("tunnel lost"));
+    assert!(logged, "{}", server.proc.log());
+    wait_for(
+        "the server to let the tunnel go",
+        Duration::from_secs(60),
+        || (server.metric("fluidity_tunnels_active") == 0.0).then_some(()),
+    );
+    drop(tls);
 }
