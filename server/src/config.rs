@@ -23,6 +23,16 @@ pub enum AuthMode {
     Iam,
 }
 
+impl std::fmt::Display for AuthMode {
+    /// As the setting is written (`mtls`, `iam`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMode::Mtls => "mtls",
+            AuthMode::Iam => "iam",
+        })
+    }
+}
+
 /// IAM authentication settings (`auth = "iam"`), the `[iam]` table.
 ///
 /// The agent signs an STS `GetCallerIdentity` request naming this server and its TLS

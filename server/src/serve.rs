@@ -258,7 +258,7 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let local = listener.get_ref().local_addr().unwrap_or(self.cfg.listen);
-        tracing::info!(listen = %local, auth = ?self.cfg.auth, "fluidity-server listening");
+        tracing::info!(listen = %local, auth = %self.cfg.auth, "fluidity-server listening");
         let accept_loop = async {
             let mut errors = AcceptErrors::new("tunnel");
             loop {

@@ -72,6 +72,11 @@ fn wake_discover_certify_connect_curl_and_kill_on_exit() {
         "progress is shown:\n{log}"
     );
     assert!(
+        log.lines()
+            .any(|l| l.contains("ignored in AWS mode") && l.contains("server_name")),
+        "the ignored --server-name is named:\n{log}"
+    );
+    assert!(
         log.contains("connecting to the server at 127.0.0.2"),
         "{log}"
     );

@@ -232,10 +232,12 @@ impl World {
         std::fs::write(&path, config).expect("writing the agent config");
         let mut cmd = Command::new(&binaries().agent);
         Moto::clear_aws_env(&mut cmd);
+        // A setting AWS mode ignores, which it must say.
         cmd.envs(self.moto.env_vars(&self.agent_user))
             .arg("run")
             .arg("--config")
-            .arg(&path);
+            .arg(&path)
+            .args(["--server-name", "ignored.example"]);
         (Proc::spawn("fluidity", cmd, self.dir.path()), listen)
     }
 
