@@ -78,19 +78,52 @@ pub async fn run_local(
     // Its certificate names localhost, 127.0.0.1 and ::1, and the agent dials the address
     // the server binds: anything else could not work (and 0.0.0.0 would open the server
     // to the network).
-    if !opts.server_listen.ip().to_canonical().is_loopback() {
+    let server_ip = opts.server_listen.ip().to_canonical();
+    if !LOCAL_ALLOWED.contains(&server_ip) {
         return Err(Error::Config(format!(
-            "local mode's server listens on a loopback address only (127.0.0.1 or ::1, any \
-             port), not {}",
+            "local mode's server listens on 127.0.0.1 or ::1 (any port), the addresses its \
+             certificate names, not {}",
             opts.server_listen
         )));
     }
-    // The default folder is local mode's own, marked or not (sets made before the marker
-    // was have none): only a folder given with --dir must carry the mark to be renewed.
+    // A set someone made for a server elsewhere (`certs init --server-name vpn…`) would
+    // fail every tunnel on the certificate's names; it is refused before anything could
+    // renew it. (A damaged one is left to ensure_dir, which says what is wrong.)
     let complete = CertPaths::in_dir(&opts.dir)
         .files()
         .iter()
         .all(|f| f.is_file());
+    let paths = CertPaths::in_dir(&opts.dir);
+    if complete {
+        if let Ok(names) =
+            Identity::load_as(&paths.server_cert, &paths.server_key, PeerRole::Server)
+                .map_err(|_| ())
+                .and_then(|id| id.names().map_err(|_| ()))
+        {
+            if !names.ip_sans.contains(&server_ip) {
+                return Err(Error::Config(format!(
+                    "the server certificate {} is not valid for {server_ip}, where local \
+                     mode's server listens (it names {}): local mode needs a set made for \
+                     this machine; give it a folder of its own (--dir){}",
+                    paths.server_cert.display(),
+                    names
+                        .dns_sans
+                        .iter()
+                        .cloned()
+                        .chain(names.ip_sans.iter().map(ToString::to_string))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if opts.dir == default_dir() {
+                        ""
+                    } else {
+                        ", or leave out --dir"
+                    }
+                )));
+            }
+        }
+    }
+    // The default folder is local mode's own, marked or not (sets made before the marker
+    // was have none): only a folder given with --dir must carry the mark to be renewed.
     if complete && !pki::is_local_dir(&opts.dir) && opts.dir == default_dir() {
         pki::mark_local_dir(&opts.dir)?;
     }
@@ -111,27 +144,6 @@ pub async fn run_local(
             }
             other => other.into(),
         })?;
-    // A set someone made for a server elsewhere (`certs init --server-name vpn…`) would
-    // fail every tunnel on the certificate's names.
-    let server_ip = opts.server_listen.ip().to_canonical();
-    let names = Identity::load_as(&paths.server_cert, &paths.server_key, PeerRole::Server)?
-        .names()
-        .map_err(|e| Error::Config(format!("{}: {e}", paths.server_cert.display())))?;
-    if !names.ip_sans.contains(&server_ip) {
-        return Err(Error::Config(format!(
-            "the server certificate {} is not valid for {server_ip}, where local mode's \
-             server listens (it names {}): local mode needs a set made for this machine; \
-             give it a folder of its own (--dir), or leave out --dir",
-            paths.server_cert.display(),
-            names
-                .dns_sans
-                .iter()
-                .cloned()
-                .chain(names.ip_sans.iter().map(ToString::to_string))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
     match outcome {
         EnsureOutcome::Created => {
             tracing::info!(dir = %opts.dir.display(), "generated certificates")

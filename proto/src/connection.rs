@@ -335,6 +335,12 @@ impl Connection {
         matches!(self.closing, Closing::Drained)
     }
 
+    /// Whether the connection is closing or closed: its last frames (a goaway) may still
+    /// wait to be sent, and no timer of its own runs any more.
+    pub fn is_closing(&self) -> bool {
+        !matches!(self.closing, Closing::No)
+    }
+
     /// Whether this side may open streams now (agent, ready, no goaway either way).
     pub fn can_open(&self) -> bool {
         self.side == Side::Agent && self.is_ready() && !self.go_away_received && !self.go_away_sent

@@ -322,7 +322,23 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 pub fn report_exit(program: &str, format: LogFormat, error: &dyn std::fmt::Display) {
     match format {
         LogFormat::Text => eprintln!("{program}: {error}"),
-        LogFormat::Json => tracing::error!(program, error = %error, "stopped by an error"),
+        LogFormat::Json if tracing::enabled!(tracing::Level::ERROR) => {
+            tracing::error!(program, error = %error, "stopped by an error")
+        }
+        // A filter that silences errors (FLUIDITY_LOG=off) must not hide why the program
+        // stopped: the line is written as the JSON layer would have.
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "level": "ERROR",
+                "fields": {
+                    "message": "stopped by an error",
+                    "program": program,
+                    "error": error.to_string(),
+                },
+                "target": module_path!(),
+            });
+            eprintln!("{line}");
+        }
     }
 }
 

@@ -503,8 +503,14 @@ impl Tunnel {
         let mut s = lock(&self.shared);
         if let Err(e) = s.conn.accept_open(id) {
             // Reset by the agent meanwhile (or the tunnel is gone): nothing will use the
-            // slot, which would stay as long as the tunnel does.
-            s.slots.remove(&id);
+            // slot, which would stay as long as the tunnel does. A stream accepted before
+            // keeps its slot, which its handle uses.
+            if s.slots
+                .get(&id)
+                .is_some_and(|slot| matches!(slot.state, SlotState::Reset(_)))
+            {
+                s.slots.remove(&id);
+            }
             return Err(Error::Tunnel(e));
         }
         if let Some(slot) = s.slots.get_mut(&id) {
@@ -525,15 +531,20 @@ impl Tunnel {
             if s.closed.is_some() {
                 return Poll::Ready(());
             }
-            match s.slots.get_mut(&id) {
-                Some(slot) if matches!(slot.state, SlotState::Opening) => {
-                    slot.read_waker = Some(cx.waker().clone());
+            match s.slots.get(&id).map(|slot| &slot.state) {
+                Some(SlotState::Opening) => {
+                    if let Some(slot) = s.slots.get_mut(&id) {
+                        slot.read_waker = Some(cx.waker().clone());
+                    }
                     Poll::Pending
                 }
-                Some(_) | None => {
+                // Reset while pending: nothing will use the slot.
+                Some(SlotState::Reset(_)) => {
                     s.slots.remove(&id);
                     Poll::Ready(())
                 }
+                // Answered (its handle owns the slot now), or unknown: nothing to wait for.
+                Some(_) | None => Poll::Ready(()),
             }
         })
         .await
@@ -603,7 +614,16 @@ pub struct Driver {
     rx_end: usize,
     eof: bool,
     done: bool,
+    /// When the connection began to close (or was lost), or its peer last took bytes
+    /// since: its last words get [`CLOSE_LIMIT`] from then.
+    closing_since: Option<Instant>,
 }
+
+/// How long a closing tunnel's peer may take nothing of its last words (a goaway, the
+/// last stream data, TLS's close_notify) before the transport is dropped: a peer that
+/// reads nothing would hold it, its socket and its buffers for ever, the connection's own
+/// timers having stopped.
+pub const CLOSE_LIMIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -644,6 +664,7 @@ pub fn start(
         rx_end: 0,
         eof: false,
         done: false,
+        closing_since: None,
     };
     // The handshake may have decrypted the peer's first frames along with its last
     // handshake message; they wait in rustls, not in the socket.
@@ -777,10 +798,26 @@ impl Driver {
             return Poll::Ready(Ok(()));
         }
 
+        let mut deadline = s.conn.poll_timeout();
+        if s.conn.is_closing() || s.closed.is_some() {
+            let give_up = *self.closing_since.get_or_insert(now) + CLOSE_LIMIT;
+            if now >= give_up {
+                tracing::debug!(
+                    limit_secs = CLOSE_LIMIT.as_secs(),
+                    "the peer took nothing of the closing tunnel's last words for the limit; \
+                     dropping it"
+                );
+                s.finish(Some(fluidity_proto::Error::TransportFailed(format!(
+                    "the peer took nothing for {} s while the tunnel closed",
+                    CLOSE_LIMIT.as_secs()
+                ))));
+                return Poll::Ready(Ok(()));
+            }
+            deadline = Some(deadline.map_or(give_up, |d| d.min(give_up)));
+        }
         // Wait for the next reason to run. The connection's deadline moves later with
         // almost every input (the idle timeout), which a lazy timer follows without
         // re-arming the reactor each time.
-        let deadline = s.conn.poll_timeout();
         drop(s);
         match deadline {
             Some(at) => {
@@ -879,6 +916,11 @@ impl Driver {
     fn flush_tls(&mut self) -> io::Result<bool> {
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut SockIo(&self.sock)) {
+                // A closing tunnel whose peer still takes bytes, however slowly, keeps them
+                // coming: CLOSE_LIMIT counts from the last it took.
+                Ok(n) if n > 0 && self.closing_since.is_some() => {
+                    self.closing_since = Some(Instant::now());
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),

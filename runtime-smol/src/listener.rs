@@ -48,7 +48,7 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     } else if s.parse::<std::net::Ipv6Addr>().is_ok()
         || split.is_some_and(|(h, _)| h.parse::<std::net::Ipv6Addr>().is_ok())
     {
-        "an IPv6 address with a port goes in brackets"
+        "an IPv6 address goes in brackets, with the port after them"
     } else if split.is_some_and(|(h, p)| digits(p) && p.parse::<u16>().is_err() && host_ok(h)) {
         "the port is above 65535"
     } else if split.is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !host_ok(h)) {
@@ -229,7 +229,7 @@ mod tests {
         }
         for bare in ["::1:8080", "::1"] {
             let e = parse_listen_addr(bare).unwrap_err();
-            assert!(e.contains("goes in brackets"), "{bare}: {e}");
+            assert!(e.contains("goes in brackets, with the port"), "{bare}: {e}");
         }
     }
 

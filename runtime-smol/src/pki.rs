@@ -639,7 +639,8 @@ pub fn mark_local_dir(dir: &Path) -> Result<(), Error> {
     write_atomic(
         &dir.join(LOCAL_MARKER),
         b"`fluidity local` made the certificates in this folder and replaces them (a new CA \
-          with them) when they near their end. Delete this file to keep it from doing so.\n",
+          with them) when they near their end. In a folder given to it with --dir, deleting \
+          this file keeps it from doing so; its default folder is always its own.\n",
         CERT_MODE,
     )
 }

@@ -201,7 +201,10 @@ impl Authenticator for IamAuthenticator {
     }
 
     fn deadline(&self) -> Duration {
-        self.verifier.config().sts_timeout + VERIFY_SLACK
+        self.verifier
+            .config()
+            .sts_timeout
+            .saturating_add(VERIFY_SLACK)
     }
 }
 

@@ -411,8 +411,9 @@ impl Server {
                     self.cfg.max_tunnels
                 ),
             );
-            // The close needs one driver turn.
-            let_driver_finish(driver, self.cfg.tls_handshake_timeout()).await;
+            // The close needs one driver turn; a peer that reads nothing gets the driver's
+            // CLOSE_LIMIT.
+            let _ = driver.await;
             drop(tunnel);
             return Ok(());
         }
@@ -559,9 +560,8 @@ impl Server {
         }
         self.tunnels().remove(&id);
         // Its goaway or close_notify may still be on the way out, to a peer that may never
-        // read it; the tunnel no longer counts towards max_tunnels, so it must not keep
-        // its socket and buffers for ever.
-        let_driver_finish(driver, self.cfg.tls_handshake_timeout()).await;
+        // read it: the driver gives up on it after CLOSE_LIMIT.
+        let _ = driver.await;
         Ok(())
     }
 
@@ -570,12 +570,13 @@ impl Server {
         let started = Instant::now();
         // An open the agent resets while it is dialled (its client went away) stops the
         // dial: dials that outlived their streams would escape max_streams.
-        let dialled = async { Some(self.dialer.dial(&target).await) }
-            .or(async {
-                tunnel.open_abandoned(id).await;
-                None
-            })
-            .await;
+        // Polled first: an open reset before this task ran starts no lookup or connect.
+        let dialled = async {
+            tunnel.open_abandoned(id).await;
+            None
+        }
+        .or(async { Some(self.dialer.dial(&target).await) })
+        .await;
         let Some(dialled) = dialled else {
             tracing::debug!(stream = %id, %target, "open given up by the agent while dialling");
             return;
@@ -617,18 +618,6 @@ impl Server {
             }
         }
     }
-}
-
-/// Lets a closing tunnel's driver flush its last words (a goaway, TLS's close_notify) for
-/// at most `limit`, then drops it and its socket: a peer that never reads gets no more.
-async fn let_driver_finish<T>(driver: impl std::future::Future<Output = T>, limit: Duration) {
-    async {
-        driver.await;
-    }
-    .or(async {
-        Timer::after(limit).await;
-    })
-    .await
 }
 
 /// What to check when an agent's TLS handshake failed for a reason a setting or a

@@ -199,10 +199,14 @@ fn a_damaged_local_certificate_folder_is_named_with_the_way_out() {
 
 /// Runs `fluidity local --dir DIR` expecting it to refuse the folder; returns its stderr.
 fn local_refusing(dir: &std::path::Path) -> String {
-    let out = Command::new(&binaries().agent)
-        .arg("local")
-        .arg("--dir")
-        .arg(dir)
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.arg("local").arg("--dir").arg(dir);
+    refusal(cmd)
+}
+
+/// Runs `cmd` (`fluidity local` with its folder) expecting a refusal; returns its stderr.
+fn refusal(mut cmd: Command) -> String {
+    let out = cmd
         .arg("--listen")
         .arg(SocketAddr::from(([127, 0, 0, 1], free_port())).to_string())
         .output()
@@ -223,7 +227,6 @@ fn local_mode_never_replaces_a_users_own_certificates() {
         let out = Command::new(&binaries().agent)
             .args(["certs", "init", "--dir"])
             .arg(dir)
-            .args(["--server-name", "vpn.example.com"])
             .args(extra)
             .output()
             .expect("running certs init");
@@ -235,6 +238,7 @@ fn local_mode_never_replaces_a_users_own_certificates() {
         init_files(dir)
     };
 
+    // A set for this machine (what `certs init` makes by default), near its end.
     let ending = tmp.path().join("ending");
     let before = init(&ending, &["--days", "20"]);
     let err = local_refusing(&ending);
@@ -249,7 +253,7 @@ fn local_mode_never_replaces_a_users_own_certificates() {
     );
 
     let elsewhere = tmp.path().join("elsewhere");
-    let before = init(&elsewhere, &[]);
+    let before = init(&elsewhere, &["--server-name", "vpn.example.com"]);
     // The CN (an IAM server's id by default) follows the first --server-name.
     let server_pem =
         std::fs::read_to_string(CertPaths::in_dir(&elsewhere).server_cert).expect("server.pem");
@@ -267,6 +271,30 @@ fn local_mode_never_replaces_a_users_own_certificates() {
         before,
         "local mode changed the user's files"
     );
+
+    // A set made for another server, near its end, in local mode's default folder:
+    // refused too, before anything could renew it.
+    let cache = tmp.path().join("cache");
+    let default = cache.join("fluidity").join("local");
+    let before = init(
+        &default,
+        &["--server-name", "vpn.example.com", "--days", "20"],
+    );
+    let mut cmd = Command::new(&binaries().agent);
+    cmd.arg("local").env("XDG_CACHE_HOME", &cache);
+    let err = refusal(cmd);
+    assert!(
+        err.contains("not valid for 127.0.0.1") && !err.contains("leave out --dir"),
+        "{err}"
+    );
+    assert_eq!(
+        init_files(&default),
+        before,
+        "local mode changed the user's files"
+    );
+    assert!(!default
+        .join(fluidity_runtime_smol::pki::LOCAL_MARKER)
+        .exists());
 }
 
 /// The contents of the six files of the certificate folder `dir`.
