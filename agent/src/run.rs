@@ -187,6 +187,16 @@ pub async fn serve(
     // The client connections being served, to reset those still open when the tunnel
     // closes under them.
     let clients: Arc<Mutex<HashMap<u64, async_net::TcpStream>>> = Arc::default();
+    // A second signal exits at once: those connections are reset first, or they would end
+    // with a clean close a client could take for the whole of its data.
+    let forced = Arc::downgrade(&clients);
+    fluidity_runtime_smol::app::on_forced_exit(move || {
+        if let Some(clients) = forced.upgrade() {
+            for sock in lock(&clients).values() {
+                reset_on_close(sock);
+            }
+        }
+    });
     let accept_loop = async {
         let mut errors = AcceptErrors::new("proxy");
         let mut next_id = 0u64;

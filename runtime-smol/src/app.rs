@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::Level;
@@ -205,6 +205,21 @@ pub async fn shutdown_signal_unforced() {
     wait_for_shutdown(false).await;
 }
 
+/// What runs before a second signal ends the process at once.
+type ForcedExitHook = Box<dyn Fn() + Send + Sync>;
+
+static FORCED_EXIT_HOOKS: Mutex<Vec<ForcedExitHook>> = Mutex::new(Vec::new());
+
+/// Runs `hook` if a second signal ends the process at once ([`shutdown_signal`]), before
+/// it exits: to reset the connections the exit cuts, which would otherwise end with a
+/// clean close that a peer could take for a complete transfer.
+pub fn on_forced_exit(hook: impl Fn() + Send + Sync + 'static) {
+    FORCED_EXIT_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Box::new(hook));
+}
+
 async fn wait_for_shutdown(second_stops: bool) {
     use async_signal::{Signal, Signals};
     use futures_lite::StreamExt;
@@ -229,6 +244,13 @@ async fn wait_for_shutdown(second_stops: bool) {
                             Signal::Int => 2,
                             _ => 15,
                         };
+                        for hook in FORCED_EXIT_HOOKS
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                        {
+                            hook();
+                        }
                         std::process::exit(128 + number);
                     }
                 });

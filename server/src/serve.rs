@@ -80,6 +80,10 @@ pub struct Server {
     authenticator: Option<Arc<dyn Authenticator>>,
     tunnels: Mutex<HashMap<u64, Tunnel>>,
     next_tunnel: AtomicU64,
+    /// The connections to targets being relayed, to reset those an exit cuts (the drain
+    /// deadline, a second signal): a clean close would pass a cut upload for a whole one.
+    origins: Arc<Mutex<HashMap<u64, async_net::TcpStream>>>,
+    next_origin: AtomicU64,
     handshakes: Mutex<Handshakes>,
     /// Connections dropped for the handshake limits are logged once in a while, per
     /// limit: a flood of them would otherwise flood the log, and one limit's flood must
@@ -222,6 +226,8 @@ impl Server {
             authenticator,
             tunnels: Mutex::new(HashMap::new()),
             next_tunnel: AtomicU64::new(1),
+            origins: Arc::default(),
+            next_origin: AtomicU64::new(0),
             handshakes: Mutex::new(Handshakes::default()),
             dropped_total: app::LogThrottle::new(DROPPED_LOG_EVERY),
             dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
@@ -257,6 +263,12 @@ impl Server {
         listener: Async<TcpListener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        let origins = Arc::downgrade(&self.origins);
+        app::on_forced_exit(move || {
+            if let Some(origins) = origins.upgrade() {
+                reset_all(&origins);
+            }
+        });
         let local = listener.get_ref().local_addr().unwrap_or(self.cfg.listen);
         tracing::info!(listen = %local, auth = %self.cfg.auth, "fluidity-server listening");
         let accept_loop = async {
@@ -292,6 +304,10 @@ impl Server {
         }
         for t in self.tunnels().values() {
             t.close(ErrorCode::NO_ERROR, "server stopped");
+        }
+        if !drained {
+            // The process may exit before the relays of the streams just cut run again.
+            reset_all(&self.origins);
         }
         tracing::info!("stopped");
     }
@@ -591,6 +607,7 @@ impl Server {
                 let Ok(stream) = tunnel.accept_open(id) else {
                     return; // The tunnel is gone.
                 };
+                let _origin = OriginEntry::new(&self, &tcp);
                 let _active = self.metrics.track_stream();
                 let metrics = self.metrics.clone();
                 let sock = tcp.clone();
@@ -617,6 +634,40 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Resets every connection in `origins` when it closes (see [`reset_on_close`]).
+fn reset_all(origins: &Mutex<HashMap<u64, async_net::TcpStream>>) {
+    for sock in origins.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        reset_on_close(sock);
+    }
+}
+
+/// A connection to a target in [`Server`]'s list while its stream is relayed.
+struct OriginEntry {
+    origins: Arc<Mutex<HashMap<u64, async_net::TcpStream>>>,
+    id: u64,
+}
+
+impl OriginEntry {
+    fn new(server: &Server, sock: &async_net::TcpStream) -> OriginEntry {
+        let id = server.next_origin.fetch_add(1, Ordering::Relaxed);
+        let origins = server.origins.clone();
+        origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, sock.clone());
+        OriginEntry { origins, id }
+    }
+}
+
+impl Drop for OriginEntry {
+    fn drop(&mut self) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 

@@ -181,6 +181,25 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the cut stream's client saw {other:?}, not a reset"),
     }
+    origin_reset(&echo);
+}
+
+/// Waits until `echo`'s one connection has ended, and checks it ended in a reset: a
+/// target whose upload the server cut must not take it for a complete one.
+fn origin_reset(echo: &EchoOrigin) {
+    let ended = wait_for(
+        "the origin's connection to end",
+        Duration::from_secs(30),
+        || {
+            let e = echo.ended();
+            (e.closed + e.reset + e.other > 0).then_some(e)
+        },
+    );
+    assert_eq!(
+        (ended.reset, ended.closed),
+        (1, 0),
+        "the cut upload reached the origin as {ended:?}"
+    );
 }
 
 /// A second signal during the drain stops the server at once (Ctrl-C pressed again), with
@@ -213,6 +232,43 @@ fn a_second_signal_during_the_drain_stops_the_server_at_once() {
         "128 + SIGTERM after a second SIGTERM"
     );
     assert!(t.server.proc.log().contains("second signal"));
+    origin_reset(&echo);
+}
+
+/// A second signal stops the agent at once too, and the clients whose streams it cuts
+/// get a reset, not a clean end (the exit would close their connections plainly).
+#[test]
+fn a_second_signal_to_the_agent_resets_the_clients_it_cuts() {
+    let _wd = watchdog("agent_second_signal", Duration::from_secs(120));
+    let mut t = Tunnel::start();
+    let echo = EchoOrigin::start();
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    terminate(t.agent.proc.pid());
+    let proxy = t.proxy();
+    wait_for(
+        "the agent to refuse new clients",
+        Duration::from_secs(30),
+        || match std::net::TcpStream::connect(proxy) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        },
+    );
+    live.assert_alive("the agent began to stop");
+    terminate(t.agent.proc.pid());
+    let status = wait_for("the agent to exit", Duration::from_secs(30), || {
+        t.agent.proc.exited()
+    });
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "128 + SIGTERM after a second SIGTERM"
+    );
+    let mut sock = live.into_socket();
+    let mut byte = [0u8; 1];
+    match sock.read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the cut stream's client saw {other:?}, not a reset"),
+    }
 }
 
 /// A restart: a replacement started on the same ports while the old server drains

@@ -765,6 +765,7 @@ pub struct EchoOrigin {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicUsize>,
+    ended: Arc<Mutex<Ended>>,
 }
 
 impl EchoOrigin {
@@ -774,19 +775,35 @@ impl EchoOrigin {
         let addr = listener.local_addr().expect("origin address");
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
-        accept_loop(listener, stop.clone(), connections.clone(), |conn| {
+        let ended = Arc::new(Mutex::new(Ended::default()));
+        let counts = ended.clone();
+        accept_loop(listener, stop.clone(), connections.clone(), move |conn| {
             let _ = conn.set_nodelay(true);
             let Ok(mut w) = conn.try_clone() else { return };
             let mut r = conn;
-            if io::copy(&mut r, &mut w).is_ok() {
+            let how = io::copy(&mut r, &mut w);
+            if how.is_ok() {
                 let _ = w.shutdown(Shutdown::Write);
+            }
+            let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+            match how {
+                Ok(_) => counts.closed += 1,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => counts.reset += 1,
+                Err(_) => counts.other += 1,
             }
         });
         EchoOrigin {
             addr,
             stop,
             connections,
+            ended,
         }
+    }
+
+    /// How its connections have ended so far: `closed` when the client side closed
+    /// (half-closed) plainly.
+    pub fn ended(&self) -> Ended {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The listening address.
