@@ -271,9 +271,16 @@ fn run_agent(args: RunArgs, log_format: LogFormat) -> Result<()> {
         // The bound address: port 0 picks one.
         let listen = listener.local_addr().unwrap_or(cfg.listen);
         tracing::info!(%listen, server = %cfg.server, "fluidity proxy listening");
-        if let Err(e) = dialer.tunnel().await {
-            tracing::warn!(error = %e, "server not reachable yet; will retry when a client connects");
-        }
+        // The first tunnel is made beside the proxy, not before it: clients are served
+        // (they wait for that attempt) and a stop is heard from the start, not only once
+        // the attempt ends, up to a connect timeout and a handshake later.
+        let first = dialer.clone();
+        ex.spawn(async move {
+            if let Err(e) = first.tunnel().await {
+                tracing::warn!(error = %e, "server not reachable yet; will retry when a client connects");
+            }
+        })
+        .detach();
         run::serve(&ex, listener, dialer, proxy_cfg, app::shutdown_signal()).await;
     });
     Ok(())

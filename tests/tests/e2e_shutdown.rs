@@ -453,3 +453,41 @@ fn a_request_cut_by_the_agent_stopping_is_not_called_unsent() {
     );
     assert_eq!(silent.accepted(), 1, "sent again through a stopping agent");
 }
+
+/// A stop that comes while the agent makes its first tunnel (a server slow to answer) is
+/// heard at once and handled as any stop, not left to the signal's default action, which
+/// killed the agent and reset the clients waiting for that tunnel.
+#[test]
+fn a_stop_during_the_first_tunnel_attempt_is_a_graceful_stop() {
+    let _wd = watchdog("stop_during_first_attempt", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let certs = fluidity_tests::e2e::tunnel::certs_init(&dir.path().join("certs"));
+    let server = fluidity_tests::e2e::Server::start(&certs, &ServerOptions::default(), dir.path());
+    let path = PathRelay::start(server.listen);
+    // The agent's TLS hello waits in the path: its first attempt lasts.
+    path.hold_new();
+    let opts = AgentOptions {
+        name: "fluidity-first-attempt".into(),
+        ..AgentOptions::default()
+    };
+    let mut agent = Agent::spawn(&certs, path.addr(), &opts, dir.path());
+    wait_for(
+        "the agent's attempt to reach the path",
+        Duration::from_secs(30),
+        || (path.accepted() >= 1).then_some(()),
+    );
+    let listen = agent.listen;
+    wait_for("the proxy port", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(listen).ok()
+    });
+    terminate(agent.proc.pid());
+    let status = wait_for("the agent to stop", Duration::from_secs(60), || {
+        agent.proc.exited()
+    });
+    assert!(
+        status.success(),
+        "stopped by the signal's default action ({status}), not by the agent:\n{}",
+        agent.proc.log()
+    );
+    path.release();
+}
