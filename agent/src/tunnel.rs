@@ -163,6 +163,10 @@ struct Inner {
     settings: Mutex<Arc<TunnelSettings>>,
     ex: Arc<Executor<'static>>,
     current: Mutex<Option<Tunnel>>,
+    /// Tunnels replaced while streams may still use them (after a goaway, or a server
+    /// found unresponsive): a stop gives their streams the same grace as the current
+    /// one's.
+    retired: Mutex<Vec<Tunnel>>,
     connecting: smol::lock::Mutex<()>,
     breaker: Mutex<Breaker>,
     /// Closed when the agent begins to stop: from then on no tunnel is made and no
@@ -217,6 +221,7 @@ impl TunnelDialer {
                 settings: Mutex::new(Arc::new(settings)),
                 ex,
                 current: Mutex::new(None),
+                retired: Mutex::new(Vec::new()),
                 connecting: smol::lock::Mutex::new(()),
                 breaker: Mutex::new(Breaker::default()),
                 stopping: async_channel::bounded(1),
@@ -265,7 +270,9 @@ impl TunnelDialer {
                     t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
                     return Err("the agent is stopping".into());
                 }
-                *current = Some(t.clone());
+                if let Some(old) = current.replace(t.clone()) {
+                    self.retire(old);
+                }
                 Ok(t)
             }
             Err(e) => {
@@ -300,7 +307,19 @@ impl TunnelDialer {
     fn forget(&self, tunnel: &Tunnel) {
         let mut current = lock(&self.inner.current);
         if current.as_ref().is_some_and(|t| t.is_same(tunnel)) {
-            current.take();
+            if let Some(old) = current.take() {
+                self.retire(old);
+            }
+        }
+    }
+
+    /// Keeps `old`, replaced, among the tunnels a stop waits for while it has streams;
+    /// those that have closed are let go.
+    fn retire(&self, old: Tunnel) {
+        let mut retired = lock(&self.inner.retired);
+        retired.retain(|t| !t.is_closed());
+        if !old.is_closed() {
+            retired.push(old);
         }
     }
 
@@ -316,16 +335,27 @@ impl TunnelDialer {
     /// finish, then closes the tunnel.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stopping.0.close();
-        let Some(t) = lock(&self.inner.current).take() else {
+        // The current tunnel and those it replaced whose streams go on.
+        let mut all: Vec<Tunnel> = std::mem::take(&mut *lock(&self.inner.retired));
+        all.extend(lock(&self.inner.current).take());
+        all.retain(|t| !t.is_closed());
+        if all.is_empty() {
             return;
-        };
-        t.go_away();
-        if !fluidity_runtime_smol::app::wait_until(grace, || t.is_closed()).await {
+        }
+        for t in &all {
+            t.go_away();
+        }
+        if !fluidity_runtime_smol::app::wait_until(grace, || all.iter().all(|t| t.is_closed()))
+            .await
+        {
+            let streams: usize = all.iter().map(|t| t.stats().streams_active).sum();
             tracing::warn!(
-                streams = t.stats().streams_active,
+                streams,
                 "streams still open at the shutdown deadline; closing"
             );
-            t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+            for t in &all {
+                t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+            }
         }
     }
 

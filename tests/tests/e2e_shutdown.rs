@@ -271,20 +271,11 @@ fn a_second_signal_to_the_agent_resets_the_clients_it_cuts() {
     }
 }
 
-/// A restart: a replacement started on the same ports while the old server drains
-/// serves tunnels at once (the old one no longer takes them), and its health endpoint as
-/// soon as the old one has exited and let go of the port. Meanwhile the stream the old
-/// server drains goes on.
-#[test]
-fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port_after() {
-    let _wd = watchdog("replacement_during_drain", Duration::from_secs(120));
-    let mut t = Tunnel::with(server_draining_for(600));
-    let echo = EchoOrigin::start();
-    let origin = HttpOrigin::start("replacement");
-    let mut live = LiveStream::open(t.proxy(), echo.addr());
+/// Tells `t`'s server to drain, starts a replacement on its ports, and waits until the
+/// agent's next tunnel goes to the replacement (a request to `origin` through it).
+fn drain_and_replace(t: &Tunnel, origin: &HttpOrigin) -> Proc {
     terminate(t.server.proc.pid());
-    wait_draining(&t);
-
+    wait_draining(t);
     let mut cmd = Command::new(&binaries().server);
     cmd.arg("--listen")
         .arg(t.server.listen.to_string())
@@ -305,7 +296,6 @@ fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port
         "the replacement did not start:\n{}",
         replacement.log()
     );
-    // The agent's next tunnel is to the replacement.
     let body = wait_for(
         "a request through the replacement",
         Duration::from_secs(30),
@@ -314,7 +304,67 @@ fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port
             _ => None,
         },
     );
-    assert_eq!(body, "hello from replacement\n");
+    assert_eq!(body, format!("hello from {}\n", origin.name()));
+    replacement
+}
+
+/// A stream on a tunnel the agent replaced (its server went away with a goaway) gets the
+/// same grace at the agent's stop as one on the current tunnel: it goes on and ends
+/// cleanly within it, instead of being reset a second after the stop.
+#[test]
+fn a_stopping_agent_gives_streams_on_a_replaced_tunnel_their_grace() {
+    let _wd = watchdog("stop_with_replaced_tunnel", Duration::from_secs(120));
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let origin = HttpOrigin::start("replacement");
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    let mut replacement = drain_and_replace(&t, &origin);
+
+    terminate(t.agent.proc.pid());
+    let proxy = t.proxy();
+    wait_for(
+        "the agent to refuse new clients",
+        Duration::from_secs(30),
+        || match std::net::TcpStream::connect(proxy) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        },
+    );
+    // A client that goes on working for a while (well within the 5 s grace, beyond the
+    // 1 s the old tunnel's streams got), then ends its stream.
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(250));
+        live.assert_alive(&format!("round {round} of the agent's grace"));
+    }
+    let mut sock = live.into_socket();
+    sock.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut rest = Vec::new();
+    let end = sock.read_to_end(&mut rest);
+    assert!(
+        matches!(end, Ok(0)),
+        "the stream's end: {end:?}\n{}",
+        t.agent.proc.log()
+    );
+    let status = wait_for("the agent to exit", Duration::from_secs(60), || {
+        t.agent.proc.exited()
+    });
+    assert!(status.success(), "the agent's exit: {status}");
+    replacement.kill();
+}
+
+/// A restart: a replacement started on the same ports while the old server drains
+/// serves tunnels at once (the old one no longer takes them), and its health endpoint as
+/// soon as the old one has exited and let go of the port. Meanwhile the stream the old
+/// server drains goes on.
+#[test]
+fn a_replacement_started_during_a_drain_serves_at_once_and_takes_the_health_port_after() {
+    let _wd = watchdog("replacement_during_drain", Duration::from_secs(120));
+    let mut t = Tunnel::with(server_draining_for(600));
+    let echo = EchoOrigin::start();
+    let origin = HttpOrigin::start("replacement");
+    let mut live = LiveStream::open(t.proxy(), echo.addr());
+    let mut replacement = drain_and_replace(&t, &origin);
     live.assert_alive("the replacement took over new requests");
 
     drop(live);
