@@ -175,13 +175,32 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
     );
     // The client's connection is reset: cut short, it must not look like a clean end
     // (the agent resets a client connection whose stream broke off), nor wait for ever.
+    assert_reset(live);
+    origin_reset(&echo);
+}
+
+/// Waits until `t`'s agent, stopping, refuses new clients.
+fn wait_refusing(t: &Tunnel) {
+    let proxy = t.proxy();
+    wait_for(
+        "the agent to refuse new clients",
+        Duration::from_secs(30),
+        || match std::net::TcpStream::connect(proxy) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        },
+    );
+}
+
+/// Checks that `live`'s connection was reset: a cut stream must not look like a clean
+/// end, nor wait for ever.
+fn assert_reset(live: LiveStream) {
     let mut sock = live.into_socket();
     let mut byte = [0u8; 1];
     match sock.read(&mut byte) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the cut stream's client saw {other:?}, not a reset"),
     }
-    origin_reset(&echo);
 }
 
 /// Waits until `echo`'s one connection has ended, and checks it ended in a reset: a
@@ -244,15 +263,7 @@ fn a_second_signal_to_the_agent_resets_the_clients_it_cuts() {
     let echo = EchoOrigin::start();
     let mut live = LiveStream::open(t.proxy(), echo.addr());
     terminate(t.agent.proc.pid());
-    let proxy = t.proxy();
-    wait_for(
-        "the agent to refuse new clients",
-        Duration::from_secs(30),
-        || match std::net::TcpStream::connect(proxy) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    wait_refusing(&t);
     live.assert_alive("the agent began to stop");
     terminate(t.agent.proc.pid());
     let status = wait_for("the agent to exit", Duration::from_secs(30), || {
@@ -263,12 +274,7 @@ fn a_second_signal_to_the_agent_resets_the_clients_it_cuts() {
         Some(143),
         "128 + SIGTERM after a second SIGTERM"
     );
-    let mut sock = live.into_socket();
-    let mut byte = [0u8; 1];
-    match sock.read(&mut byte) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("the cut stream's client saw {other:?}, not a reset"),
-    }
+    assert_reset(live);
 }
 
 /// Tells `t`'s server to drain, starts a replacement on its ports, and waits until the
@@ -321,15 +327,7 @@ fn a_stopping_agent_gives_streams_on_a_replaced_tunnel_their_grace() {
     let mut replacement = drain_and_replace(&t, &origin);
 
     terminate(t.agent.proc.pid());
-    let proxy = t.proxy();
-    wait_for(
-        "the agent to refuse new clients",
-        Duration::from_secs(30),
-        || match std::net::TcpStream::connect(proxy) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    wait_refusing(&t);
     // A client that goes on working for a while (well within the 5 s grace, beyond the
     // 1 s the old tunnel's streams got), then ends its stream.
     for round in 0..8 {
@@ -454,15 +452,7 @@ fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
         t.agent.proc.exited().is_none(),
         "closed by the agent's exit, not by its stopping"
     );
-    let proxy = t.proxy();
-    wait_for(
-        "the agent to refuse new clients",
-        Duration::from_secs(30),
-        || match std::net::TcpStream::connect(proxy) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        },
-    );
+    wait_refusing(&t);
     // Still running: the open stream works while new clients are refused.
     live.assert_alive("the agent began to stop");
 
@@ -470,12 +460,7 @@ fn an_agent_told_to_stop_refuses_new_clients_and_resets_the_ones_it_cuts() {
         t.agent.proc.exited()
     });
     assert!(status.success(), "the agent's exit: {status}");
-    let mut sock = live.into_socket();
-    let mut byte = [0u8; 1];
-    match sock.read(&mut byte) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("the cut stream's client saw {other:?}, not a reset"),
-    }
+    assert_reset(live);
 }
 
 /// A GET under way when the agent is told to stop, whose origin has it and has not
