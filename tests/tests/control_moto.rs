@@ -423,7 +423,10 @@ fn ca_signs_agent_and_server_csrs_with_the_ca_from_secrets_manager() {
     let now = SystemTime::now();
 
     let agent = control
-        .sign_certificate(&csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent))
+        .sign_certificate(
+            &csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent),
+            Some(ip("203.0.113.9")),
+        )
         .expect("agent certificate");
     assert_eq!(agent.ca_certificate, w.ca.cert_pem());
     let names = names_of(&agent.certificate);
@@ -435,11 +438,14 @@ fn ca_signs_agent_and_server_csrs_with_the_ca_from_secrets_manager() {
     assert!(life > Duration::from_secs(89 * 86400), "{life:?}");
 
     let server = control
-        .sign_certificate(&csr(
-            TASK_ARN_CN,
-            &["198.51.100.7", "203.0.113.9"],
-            CertRole::Server,
-        ))
+        .sign_certificate(
+            &csr(
+                TASK_ARN_CN,
+                &["198.51.100.7", "203.0.113.9"],
+                CertRole::Server,
+            ),
+            Some(ip("198.51.100.7")),
+        )
         .expect("server certificate");
     let names = names_of(&server.certificate);
     assert_eq!(names.ip_sans, vec![ip("198.51.100.7"), ip("203.0.113.9")]);
@@ -501,7 +507,7 @@ fn ca_refuses_what_its_policy_does_not_allow_with_a_clear_reason() {
         ),
     ];
     for (req, why) in cases {
-        let e = refused(control.sign_certificate(&req));
+        let e = refused(control.sign_certificate(&req, Some(ip("203.0.113.9"))));
         assert_eq!((e.status, e.code), (400, "csr_refused"), "{e}");
         assert!(e.message.contains(why), "want {why:?} in: {e}");
     }
@@ -511,7 +517,10 @@ fn ca_refuses_what_its_policy_does_not_allow_with_a_clear_reason() {
         ca_secret: Some("fluidity/missing".into()),
         ..w.config()
     });
-    let e = refused(no_ca.sign_certificate(&csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent)));
+    let e = refused(no_ca.sign_certificate(
+        &csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent),
+        Some(ip("203.0.113.9")),
+    ));
     assert_eq!(e.code, "aws_error");
     assert!(
         e.message
@@ -695,6 +704,15 @@ fn fluidity_control_serves_the_functions_to_control_client() {
     assert_eq!(
         names_of(&cert.certificate).common_name.as_deref(),
         Some(arn.as_str())
+    );
+    // An agent certificate for an address other than the caller's: refused.
+    let e = client
+        .sign_certificate(&csr(&arn, &["203.0.113.50"], CertRole::Agent))
+        .expect_err("a refusal");
+    let text = e.to_string();
+    assert!(
+        text.contains("csr_refused") && text.contains("203.0.113.50") && text.contains("127.0.0.1"),
+        "{text}"
     );
     let e = client
         .sign_certificate(&csr("not-an-arn", &["127.0.0.1"], CertRole::Agent))

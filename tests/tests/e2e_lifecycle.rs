@@ -127,7 +127,28 @@ fn wake_discover_certify_connect_curl_and_kill_on_exit() {
     player.wait_server_log("the CN refusal", |l| {
         l.contains(&format!("CN is \"{other_arn}\", expected \"{task_arn}\""))
     });
-    let (cert, key, ca) = agent_certificate(&w, &task_arn, "127.0.0.3".parse().unwrap());
+    // The CA function issues no certificate for an address other than its caller's;
+    // the server refuses one all the same (made here with the CA itself).
+    let elsewhere: IpAddr = "127.0.0.3".parse().unwrap();
+    let refused = ControlClient::new(
+        &w.moto.aws_config(&w.agent_user),
+        ControlUrls::on_host(&w.control_url),
+    )
+    .sign_certificate(&CertificateRequest {
+        csr: create_csr(&task_arn, &[elsewhere]).expect("a CSR").csr_pem,
+        role: CertRole::Agent,
+        validity_days: None,
+    })
+    .expect_err("a certificate for another address");
+    assert!(refused.to_string().contains("csr_refused"), "{refused}");
+    let made = fluidity_runtime_smol::pki::issue_client(
+        &w.ca,
+        &task_arn,
+        &[elsewhere],
+        Duration::from_secs(86_400),
+    )
+    .expect("a certificate");
+    let (cert, key, ca) = (made.cert_pem, made.key_pem, w.ca.cert_pem().to_owned());
     assert!(!server_accepts(server, &cert, &key, &ca));
     player.wait_server_log("the source address refusal", |l| {
         l.contains("address 127.0.0.1 is not in its IP SANs")

@@ -139,6 +139,35 @@ pub fn check_request(req: &CertificateRequest, max_days: u32) -> Result<Duration
     Ok(Duration::from_secs(u64::from(days) * 24 * 60 * 60))
 }
 
+/// Checks that an agent certificate names the address its caller calls from (`source`,
+/// as the function URL saw it, the address Wake records): an agent may not have a
+/// certificate for another's address. Server certificates are left to
+/// [`check_request`]'s policy.
+pub fn check_caller(req: &CertificateRequest, source: Option<IpAddr>) -> Result<(), ControlError> {
+    if req.role != CertRole::Agent {
+        return Ok(());
+    }
+    let Some(source) = source.map(super::handlers::canonical_ip) else {
+        return Err(ControlError::bad_request(
+            "an agent certificate needs the caller's source IP: call the CA through its \
+             function URL",
+        ));
+    };
+    let names = pki::csr_names(&req.csr)
+        .map_err(|e| ControlError::csr_refused(format!("the CSR is not acceptable: {e}")))?;
+    match names.ip_sans.as_slice() {
+        [ip] if super::handlers::canonical_ip(*ip) == source => Ok(()),
+        ips => Err(ControlError::csr_refused(format!(
+            "an agent certificate names the address its caller calls from, {source}, and \
+             this CSR names {}",
+            ips.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 /// Checks `req` and signs it with `ca`.
 pub fn sign(
     ca: &CaBundle,
@@ -294,6 +323,28 @@ mod tests {
             .unwrap_err()
             .message
             .contains("not acceptable"));
+    }
+
+    #[test]
+    fn an_agent_certificate_names_the_callers_own_address() {
+        let caller: IpAddr = "203.0.113.9".parse().unwrap();
+        let own = req(ARN, &["203.0.113.9"], CertRole::Agent);
+        assert!(check_caller(&own, Some(caller)).is_ok());
+        // The same caller seen through a dual-stack listener.
+        let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        assert!(check_caller(&own, Some(mapped)).is_ok());
+        let other = req(ARN, &["198.51.100.7"], CertRole::Agent);
+        let e = check_caller(&other, Some(caller)).unwrap_err();
+        assert_eq!(e.code, "csr_refused");
+        assert!(
+            e.message.contains("198.51.100.7") && e.message.contains("203.0.113.9"),
+            "{e}"
+        );
+        let e = check_caller(&own, None).unwrap_err();
+        assert!(e.message.contains("function URL"), "{e}");
+        // A server certificate names the server's address too: the policy counts them.
+        let server = req(ARN, &["198.51.100.7", "203.0.113.9"], CertRole::Server);
+        assert!(check_caller(&server, Some(caller)).is_ok());
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl Control {
                         "the request body is not {{\"csr\": PEM, \"role\": \"agent\"|\"server\"}}: {e}"
                     ))
                 })?;
-                to_value(&self.sign_certificate(&req)?)
+                to_value(&self.sign_certificate(&req, source_ip)?)
             }
         }
     }
@@ -481,13 +481,16 @@ impl Control {
         answer(SleepAction::ScaledToZero, reason)
     }
 
-    /// CA: checks the request against the policy (before touching the CA) and signs it.
+    /// CA: checks the request against the policy and its caller's address (before
+    /// touching the CA) and signs it.
     pub fn sign_certificate(
         &self,
         req: &CertificateRequest,
+        source_ip: Option<IpAddr>,
     ) -> Result<CertificateResponse, ControlError> {
         let max_days = self.config.max_cert_days(req.role);
         ca::check_request(req, max_days)?;
+        ca::check_caller(req, source_ip)?;
         let bundle = self.ca()?;
         let resp = ca::sign(&bundle, req, max_days)?;
         tracing::info!(role = %req.role, not_after = resp.not_after, "certificate issued");

@@ -136,6 +136,8 @@ pub struct World {
     pub server_port: u16,
     /// Scratch folder: configs, logs, caches.
     pub dir: TempDir,
+    /// The CA the CA function signs with (in its secret).
+    pub ca: fluidity_runtime_smol::pki::CaBundle,
 }
 
 impl World {
@@ -187,6 +189,7 @@ impl World {
                         control_url: format!("http://{addr}"),
                         server_port: free_port(),
                         dir,
+                        ca,
                     };
                 }
                 std::thread::sleep(Duration::from_millis(20));
