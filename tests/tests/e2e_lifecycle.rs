@@ -410,3 +410,97 @@ fn agent_gives_up_when_no_replacement_server_comes_and_kills_it() {
         "the replacement was started"
     );
 }
+
+/// A stop while Wake is under way (a slow control plane): Kill waits for the Wake, which
+/// would otherwise land after it and leave the server wanted until Sleep finds it idle.
+/// The control host here is a stand-in whose Wake takes two seconds.
+#[test]
+fn a_stop_during_wake_kills_after_the_wake_lands() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    let _wd = watchdog("stop_during_wake", Duration::from_secs(120));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a control host");
+    let control = listener.local_addr().expect("its address");
+    let events: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = events.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().expect("a clone"));
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                let mut length = 0;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = r.read_exact(&mut body);
+                let push = |e| seen.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                let answer = match path.as_str() {
+                    "/wake" => {
+                        push("wake begins");
+                        std::thread::sleep(Duration::from_secs(2));
+                        push("wake ends");
+                        r#"{"status":"starting","agent_public_ip_as_seen":"127.0.0.1","desired_count":1,"changed":true}"#
+                    }
+                    "/kill" => {
+                        push("kill");
+                        r#"{"status":"stopped","desired_count":0,"changed":true}"#
+                    }
+                    _ => r#"{"status":"starting","desired_count":1}"#,
+                };
+                let mut w = conn;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            });
+        }
+    });
+
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let listen = SocketAddr::from(([127, 0, 0, 1], fluidity_tests::e2e::tunnel::free_port()));
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"aws\"\nlisten = \"{listen}\"\n[lifecycle]\ncontrol_url = \"http://{control}\"\n\
+             wait_secs = 60\npoll_secs = 1\nstate_dir = \"{}\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .expect("writing the config");
+    let mut cmd = std::process::Command::new(&fluidity_tests::e2e::bin::binaries().agent);
+    fluidity_tests::moto::Moto::clear_aws_env(&mut cmd);
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_REGION", "us-east-1")
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    let mut agent =
+        fluidity_tests::e2e::proc::Proc::spawn("fluidity-stop-during-wake", cmd, dir.path());
+    wait_for("the Wake to begin", LIMIT, || {
+        events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&"wake begins")
+            .then_some(())
+    });
+    terminate(&mut agent);
+    assert_eq!(
+        *events.lock().unwrap_or_else(|p| p.into_inner()),
+        ["wake begins", "wake ends", "kill"],
+        "{}",
+        agent.log()
+    );
+}

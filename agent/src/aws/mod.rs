@@ -33,7 +33,7 @@ pub mod wait;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use fluidity_aws::control::types::{CertRole, WakeResponse};
@@ -226,7 +226,50 @@ pub struct AwsRun {
     pub credentials: Option<CredentialsFor>,
     /// Keep progress off stderr (the log still has it).
     pub quiet: bool,
+    /// The Wake calls under way, which Kill waits for.
+    pub wakes: Arc<WakesInFlight>,
 }
+
+/// Wake calls under way. A Wake runs to its end on its blocking thread even when the agent
+/// stops waiting for it (a stop while it wakes the server); Kill waits for it, since a Wake
+/// that lands after Kill would leave the server wanted until Sleep finds it idle.
+#[derive(Debug, Default)]
+pub struct WakesInFlight {
+    count: Mutex<usize>,
+    ended: Condvar,
+}
+
+impl WakesInFlight {
+    /// Counts a Wake call until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> WakeInFlight {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        WakeInFlight(self.clone())
+    }
+
+    /// Waits up to `limit` for the Wake calls under way to end; returns whether they did.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .ended
+            .wait_timeout_while(count, limit, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
+}
+
+/// One Wake call under way ([`WakesInFlight`]).
+struct WakeInFlight(Arc<WakesInFlight>);
+
+impl Drop for WakeInFlight {
+    fn drop(&mut self) {
+        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        self.0.ended.notify_all();
+    }
+}
+
+/// How long Kill waits for a Wake under way: longer than a control call may take.
+const WAKE_WAIT: Duration = Duration::from_secs(40);
 
 impl std::fmt::Debug for AwsRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,6 +323,7 @@ pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
         env,
         credentials,
         quiet,
+        wakes: Arc::default(),
     };
     app::run(app::threads(cfg.threads), |ex| async move {
         // A second Ctrl-C must not skip the Kill that follows the drain.
@@ -368,7 +412,20 @@ pub async fn run_aws(
         Ok(why) => why.to_string(),
         Err(e) => format!("unrecoverable error: {e}"),
     };
-    blocking::unblock(move || killer.kill(&why)).await;
+    let wakes = aws.wakes.clone();
+    blocking::unblock(move || {
+        if !wakes.wait_idle(Duration::ZERO) {
+            tracing::info!("waiting for the Wake under way before stopping the server");
+            if !wakes.wait_idle(WAKE_WAIT) {
+                tracing::warn!(
+                    waited_secs = WAKE_WAIT.as_secs(),
+                    "a Wake is still under way; stopping the server anyway"
+                );
+            }
+        }
+        killer.kill(&why)
+    })
+    .await;
     outcome.map(|_| ())
 }
 
@@ -422,9 +479,13 @@ async fn bring_up(
 /// Calls Wake; the answer carries the agent's address as the control plane saw it.
 async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, String> {
     let control = aws.control.clone();
-    let woke: WakeResponse = blocking::unblock(move || control.wake())
-        .await
-        .map_err(|e| e.to_string())?;
+    let wakes = aws.wakes.clone();
+    let woke: WakeResponse = blocking::unblock(move || {
+        let _counted = wakes.enter();
+        control.wake()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
         changed = woke.changed, "server woken");
     Ok(woke)
@@ -777,6 +838,7 @@ mod tests {
             env: Env::empty(),
             credentials: None,
             quiet: true,
+            wakes: Arc::default(),
         }
     }
 
