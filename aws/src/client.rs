@@ -241,7 +241,9 @@ pub(crate) fn service_error(service: &'static str, operation: &str, resp: &HttpR
         operation: operation.to_string(),
         status: resp.status,
         code,
-        message: message.unwrap_or_else(|| resp.body_snippet()),
+        message: message
+            .map(|m| crate::http::message_for_humans(&m))
+            .unwrap_or_else(|| resp.body_snippet()),
         request_id,
     }
 }

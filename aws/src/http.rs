@@ -121,11 +121,36 @@ impl HttpResponse {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The start of the body as text, for error messages.
+    /// The start of the body as text, for error messages, without what an AWS signature
+    /// error adds after its first words ([`without_signing_details`]).
     pub(crate) fn body_snippet(&self) -> String {
         let end = self.body.len().min(512);
-        String::from_utf8_lossy(&self.body[..end]).into_owned()
+        without_signing_details(&String::from_utf8_lossy(&self.body[..end])).to_string()
     }
+}
+
+/// `text` up to the canonical request or string to sign that AWS appends to some
+/// `SignatureDoesNotMatch` messages: the canonical request holds the session token.
+fn without_signing_details(text: &str) -> &str {
+    let cut = text
+        .find("The Canonical String")
+        .or_else(|| text.find("The String-to-Sign"))
+        .unwrap_or(text.len());
+    &text[..cut]
+}
+
+/// The part of an AWS error message that is safe to log and pass on: its first line
+/// before any signing details ([`without_signing_details`]), at most 300 characters.
+pub(crate) fn message_for_humans(message: &str) -> String {
+    // By characters: `String::truncate` panics inside a multi-byte character.
+    without_signing_details(message)
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
 }
 
 /// The URL without its query string, which is what errors and logs show.
@@ -375,6 +400,48 @@ pub(crate) fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aws_messages_lose_the_canonical_request() {
+        let aws = "The request signature we calculated does not match the signature you \
+                   provided. Check your AWS Secret Access Key and signing method.\n\nThe \
+                   Canonical String for this request should have been\n'POST\n/\n\n\
+                   x-amz-security-token:SESSIONTOKEN\n'\n\nThe String-to-Sign should have been";
+        let m = message_for_humans(aws);
+        assert!(m.starts_with("The request signature we calculated"), "{m}");
+        assert!(
+            !m.contains("SESSIONTOKEN") && !m.contains("Canonical"),
+            "{m}"
+        );
+        let inline =
+            "Signature expired. The Canonical String for this request: x-amz-security-token:T";
+        assert_eq!(message_for_humans(inline), "Signature expired.");
+        assert_eq!(message_for_humans(&"é".repeat(400)).chars().count(), 300);
+        assert_eq!(message_for_humans(""), "");
+    }
+
+    #[test]
+    fn error_answers_lose_the_canonical_request() {
+        let body = br#"{"message":"The request signature we calculated does not match. The Canonical String for this request should have been 'POST / x-amz-security-token:SESSIONTOKEN'"}"#;
+        let resp = HttpResponse {
+            status: 403,
+            headers: vec![(
+                "x-amzn-errortype".into(),
+                "InvalidSignatureException".into(),
+            )],
+            body: body.to_vec(),
+        };
+        assert!(
+            !resp.body_snippet().contains("SESSIONTOKEN"),
+            "{}",
+            resp.body_snippet()
+        );
+        let e = crate::client::service_error("lambda", "Invoke", &resp).to_string();
+        assert!(
+            !e.contains("SESSIONTOKEN") && e.contains("does not match"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn backoff_stays_under_the_ceiling() {
