@@ -411,17 +411,18 @@ fn agent_gives_up_when_no_replacement_server_comes_and_kills_it() {
     );
 }
 
-/// A stop while Wake is under way (a slow control plane): Kill waits for the Wake, which
-/// would otherwise land after it and leave the server wanted until Sleep finds it idle.
-/// The control host here is a stand-in whose Wake takes two seconds.
-#[test]
-fn a_stop_during_wake_kills_after_the_wake_lands() {
+/// A stand-in control host on 127.0.0.1 that answers each path (`/wake`, `/query`,
+/// `/kill`) with what `answer` returns, after it pushed its events to the list returned.
+fn stand_in_control(
+    answer: fn(&str, &dyn Fn(&'static str)) -> &'static str,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+) {
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::sync::{Arc, Mutex};
-    let _wd = watchdog("stop_during_wake", Duration::from_secs(120));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a control host");
-    let control = listener.local_addr().expect("its address");
-    let events: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let addr = listener.local_addr().expect("its address");
+    let events: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>> = Default::default();
     let seen = events.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -444,38 +445,29 @@ fn a_stop_during_wake_kills_after_the_wake_lands() {
                 let mut body = vec![0; length];
                 let _ = r.read_exact(&mut body);
                 let push = |e| seen.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-                let answer = match path.as_str() {
-                    "/wake" => {
-                        push("wake begins");
-                        std::thread::sleep(Duration::from_secs(2));
-                        push("wake ends");
-                        r#"{"status":"starting","agent_public_ip_as_seen":"127.0.0.1","desired_count":1,"changed":true}"#
-                    }
-                    "/kill" => {
-                        push("kill");
-                        r#"{"status":"stopped","desired_count":0,"changed":true}"#
-                    }
-                    _ => r#"{"status":"starting","desired_count":1}"#,
-                };
+                let json = answer(&path, &push);
                 let mut w = conn;
                 let _ = write!(
                     w,
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
-                    answer.len()
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+                    json.len()
                 );
             });
         }
     });
+    (addr, events)
+}
 
-    let dir = tempfile::tempdir().expect("a temporary folder");
+/// Starts the agent in AWS mode against the control host at `control`.
+fn agent_against(control: SocketAddr, dir: &std::path::Path) -> fluidity_tests::e2e::proc::Proc {
     let listen = SocketAddr::from(([127, 0, 0, 1], fluidity_tests::e2e::tunnel::free_port()));
-    let config = dir.path().join("agent.toml");
+    let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
             "mode = \"aws\"\nlisten = \"{listen}\"\n[lifecycle]\ncontrol_url = \"http://{control}\"\n\
              wait_secs = 60\npoll_secs = 1\nstate_dir = \"{}\"\n",
-            dir.path().join("state").display()
+            dir.join("state").display()
         ),
     )
     .expect("writing the config");
@@ -487,15 +479,39 @@ fn a_stop_during_wake_kills_after_the_wake_lands() {
         .arg("run")
         .arg("--config")
         .arg(&config);
-    let mut agent =
-        fluidity_tests::e2e::proc::Proc::spawn("fluidity-stop-during-wake", cmd, dir.path());
-    wait_for("the Wake to begin", LIMIT, || {
-        events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&"wake begins")
-            .then_some(())
+    fluidity_tests::e2e::proc::Proc::spawn("fluidity-stand-in", cmd, dir)
+}
+
+/// Waits until `events` holds `n` copies of `event`.
+fn wait_events(events: &std::sync::Mutex<Vec<&'static str>>, event: &str, n: usize) {
+    wait_for(event, LIMIT, || {
+        let seen = events.lock().unwrap_or_else(|p| p.into_inner());
+        (seen.iter().filter(|e| **e == event).count() >= n).then_some(())
     });
+}
+
+/// A stop while Wake is under way (a slow control plane): Kill waits for the Wake, which
+/// would otherwise land after it and leave the server wanted until Sleep finds it idle.
+/// The control host's Wake takes two seconds.
+#[test]
+fn a_stop_during_wake_kills_after_the_wake_lands() {
+    let _wd = watchdog("stop_during_wake", Duration::from_secs(120));
+    let (control, events) = stand_in_control(|path, push| match path {
+        "/wake" => {
+            push("wake begins");
+            std::thread::sleep(Duration::from_secs(2));
+            push("wake ends");
+            r#"{"status":"starting","agent_public_ip_as_seen":"127.0.0.1","desired_count":1,"changed":true}"#
+        }
+        "/kill" => {
+            push("kill");
+            r#"{"status":"stopped","desired_count":0,"changed":true}"#
+        }
+        _ => r#"{"status":"starting","desired_count":1}"#,
+    });
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let mut agent = agent_against(control, dir.path());
+    wait_events(&events, "wake begins", 1);
     terminate(&mut agent);
     assert_eq!(
         *events.lock().unwrap_or_else(|p| p.into_inner()),
@@ -503,4 +519,25 @@ fn a_stop_during_wake_kills_after_the_wake_lands() {
         "{}",
         agent.log()
     );
+}
+
+/// The service stopped between the agent's Wake and the task's start (Sleep, or someone
+/// else's Kill): the waiting agent wakes it again instead of waiting its whole limit for
+/// a server nobody wants.
+#[test]
+fn a_service_stopped_while_the_agent_waits_is_woken_again() {
+    let _wd = watchdog("rewake_while_waiting", Duration::from_secs(120));
+    let (control, events) = stand_in_control(|path, push| match path {
+        "/wake" => {
+            push("wake");
+            r#"{"status":"starting","agent_public_ip_as_seen":"127.0.0.1","desired_count":1,"changed":true}"#
+        }
+        "/kill" => r#"{"status":"stopped","desired_count":0,"changed":false}"#,
+        _ => r#"{"status":"stopped","desired_count":0}"#,
+    });
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let mut agent = agent_against(control, dir.path());
+    wait_events(&events, "wake", 2);
+    assert!(agent.log().contains("waking it again"), "{}", agent.log());
+    terminate(&mut agent);
 }

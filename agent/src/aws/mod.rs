@@ -451,9 +451,18 @@ async fn bring_up(
         || {
             let c = control.clone();
             async move {
-                blocking::unblock(move || c.query())
+                let q = blocking::unblock(move || c.query())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                // Sleep (or someone) stopped the service since the Wake: waiting would
+                // not bring it up.
+                if q.desired_count == 0 {
+                    tracing::info!("the service has no task wanted; waking it again");
+                    if let Err(e) = wake(aws).await {
+                        tracing::warn!(error = %e, "Wake failed; retrying");
+                    }
+                }
+                Ok(q)
             }
         },
         limit,
