@@ -94,6 +94,14 @@ fn usable_ip(ip: &IpAddr) -> bool {
     !(ip.is_unspecified() || ip.is_multicast() || *ip == IpAddr::from([255, 255, 255, 255]))
 }
 
+/// `role` with its article, for messages: "an agent", "a server".
+fn a_role(role: CertRole) -> &'static str {
+    match role {
+        CertRole::Agent => "an agent",
+        CertRole::Server => "a server",
+    }
+}
+
 /// Applies the naming and validity policy to `req`; returns the validity to sign with.
 pub fn check_request(req: &CertificateRequest, max_days: u32) -> Result<Duration, ControlError> {
     let names = pki::csr_names(&req.csr)
@@ -120,8 +128,8 @@ pub fn check_request(req: &CertificateRequest, max_days: u32) -> Result<Duration
             CertRole::Server => "exactly two IP SANs (the server's and the agent's public IPs)",
         };
         return Err(ControlError::csr_refused(format!(
-            "a {} certificate needs {what}; the CSR has {got}",
-            req.role
+            "{} certificate needs {what}; the CSR has {got}",
+            a_role(req.role)
         )));
     }
     if let Some(ip) = names.ip_sans.iter().find(|ip| !usable_ip(ip)) {
@@ -132,8 +140,8 @@ pub fn check_request(req: &CertificateRequest, max_days: u32) -> Result<Duration
     let days = req.validity_days.unwrap_or(max_days);
     if days == 0 || days > max_days {
         return Err(ControlError::csr_refused(format!(
-            "a validity of {days} days is outside 1..={max_days} days for a {} certificate",
-            req.role
+            "a validity of {days} days is outside 1..={max_days} days for {} certificate",
+            a_role(req.role)
         )));
     }
     Ok(Duration::from_secs(u64::from(days) * 24 * 60 * 60))
@@ -175,6 +183,17 @@ pub fn sign(
     max_days: u32,
 ) -> Result<CertificateResponse, ControlError> {
     let validity = check_request(req, max_days)?;
+    // A certificate cannot be trusted past its CA's end: an expired CA issues nothing, and
+    // a leaf ends with its CA at the latest.
+    let ca_end = pki::not_after(ca.cert_pem())
+        .map_err(|e| ControlError::config(format!("the CA certificate is unreadable: {e}")))?;
+    let left = ca_end.duration_since(SystemTime::now()).map_err(|_| {
+        ControlError::config(
+            "the CA in the secret has expired: make a new one (ca_secret_json) and give \
+                 its certificate to the agents and servers",
+        )
+    })?;
+    let validity = validity.min(left);
     let usage = match req.role {
         CertRole::Agent => CertUsage::Client,
         CertRole::Server => CertUsage::Server,
@@ -323,6 +342,18 @@ mod tests {
             .unwrap_err()
             .message
             .contains("not acceptable"));
+    }
+
+    #[test]
+    fn a_certificate_ends_with_its_ca_at_the_latest() {
+        let day = Duration::from_secs(86_400);
+        let ca = pki::generate_ca("short-lived CA", 2 * day).unwrap();
+        let resp = sign(&ca, &req(ARN, &["203.0.113.9"], CertRole::Agent), 90).unwrap();
+        let ca_end = pki::not_after(ca.cert_pem()).unwrap();
+        assert!(
+            resp.not_after <= ca_end.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            "the agent certificate outlives its CA"
+        );
     }
 
     #[test]
