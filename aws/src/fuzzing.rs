@@ -9,7 +9,10 @@
 //! - [`control_event`]: the Lambda events the control functions receive;
 //! - [`control_local_request`]: the local control host's HTTP request reader, over a socket;
 //! - [`control_types`]: the control functions' JSON request and answer bodies;
-//! - [`ca_csr`]: the CA function's CSR policy, and signing with a fixed CA.
+//! - [`ca_csr`]: the CA function's CSR policy, and signing with a fixed CA;
+//! - [`aws_answers`]: the answers of the AWS APIs the control functions read (ECS
+//!   DescribeTasks and DescribeServices, EC2 DescribeNetworkInterfaces, CloudWatch
+//!   GetMetricStatistics).
 //!
 //! Not a stable API: it exists for the `fuzz/` targets and for the test below that replays
 //! the checked-in corpus (`fuzz/corpus/<target>/`).
@@ -129,6 +132,27 @@ pub fn sts_response(data: &[u8]) {
     };
     let err = crate::client::service_error("sts", "GetCallerIdentity", &resp);
     let _ = err.to_string();
+}
+
+// ----- the control functions' AWS answers -----
+
+/// Reads `data` as each answer the control functions decode: as JSON, the ECS
+/// DescribeTasks and DescribeServices answers; as XML, the EC2 DescribeNetworkInterfaces
+/// and CloudWatch GetMetricStatistics answers.
+pub fn aws_answers(data: &[u8]) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        let _ = crate::clients::ecs::tasks_answer(&v);
+        let _ = crate::clients::ecs::services_answer(&v);
+    }
+    if let Ok(root) = xml::parse(data) {
+        let _ = crate::clients::ec2::network_interfaces(&root);
+        if let Ok(points) = crate::clients::cloudwatch::datapoints(&root) {
+            assert!(
+                points.windows(2).all(|w| w[0].timestamp <= w[1].timestamp),
+                "datapoints out of order"
+            );
+        }
+    }
 }
 
 fn depth(node: &XmlNode) -> usize {
@@ -520,6 +544,14 @@ mod tests {
     }
 
     #[test]
+    fn corpus_replays_through_aws_answers() {
+        for (name, data) in corpus("aws_answers") {
+            eprintln!("{name}");
+            aws_answers(&data);
+        }
+    }
+
+    #[test]
     fn corpus_replays_through_sts_response() {
         for (name, data) in corpus("sts_response") {
             eprintln!("{name}");
@@ -902,6 +934,33 @@ mod tests {
             "own-payload",
             &[&[1u8, 0][..], &len, &encoded, identity.as_bytes()].concat(),
         );
+        write(
+            "aws_answers",
+            "describe-tasks",
+            br#"{"tasks":[{"taskArn":"arn:aws:ecs:eu-west-1:123456789012:task/c/1","lastStatus":"RUNNING","desiredStatus":"RUNNING","group":"service:s","attachments":[{"type":"ElasticNetworkInterface","details":[{"name":"networkInterfaceId","value":"eni-1"},{"name":"privateIPv4Address","value":"10.0.0.5"}]}]}],"failures":[{"arn":"x","reason":"MISSING"}]}"#,
+        );
+        write(
+            "aws_answers",
+            "describe-services",
+            br#"{"services":[{"serviceName":"s","desiredCount":1,"runningCount":1,"pendingCount":0,"status":"ACTIVE"}],"failures":[]}"#,
+        );
+        write(
+            "aws_answers",
+            "network-interfaces",
+            b"<DescribeNetworkInterfacesResponse><networkInterfaceSet><item><networkInterfaceId>eni-1</networkInterfaceId>\
+              <status>in-use</status><privateIpAddress>10.0.0.5</privateIpAddress><association><publicIp>203.0.113.7</publicIp>\
+              </association><subnetId>subnet-1</subnetId><vpcId>vpc-1</vpcId></item></networkInterfaceSet></DescribeNetworkInterfacesResponse>",
+        );
+        write(
+            "aws_answers",
+            "datapoints",
+            b"<GetMetricStatisticsResponse><GetMetricStatisticsResult><Datapoints><member><Timestamp>2026-12-07T10:05:00Z</Timestamp>\
+              <Maximum>1.0</Maximum><Unit>None</Unit></member><member><Timestamp>2026-12-07T10:00:00Z</Timestamp><Maximum>0.0</Maximum>\
+              </member></Datapoints><Label>ActiveTunnels</Label></GetMetricStatisticsResult></GetMetricStatisticsResponse>",
+        );
+        for entry in std::fs::read_dir(root.join("aws_answers")).unwrap() {
+            aws_answers(&std::fs::read(entry.unwrap().path()).unwrap());
+        }
         for target in ["auth_payload", "sts_response", "auth_verify"] {
             for entry in std::fs::read_dir(root.join(target)).unwrap() {
                 let data = std::fs::read(entry.unwrap().path()).unwrap();

@@ -137,26 +137,7 @@ impl CloudWatchClient {
         let root = self
             .config
             .call_query(Service::CloudWatch, "GetMetricStatistics", &params)?;
-        let result = root
-            .child("GetMetricStatisticsResult")
-            .ok_or_else(|| malformed("monitoring", "GetMetricStatistics", "no result"))?;
-        let num =
-            |n: &crate::xml::XmlNode, name: &str| n.text_at(&[name]).and_then(|v| v.parse().ok());
-        let mut points: Vec<Datapoint> = result
-            .items("Datapoints")
-            .map(|n| Datapoint {
-                timestamp: n
-                    .text_at(&["Timestamp"])
-                    .and_then(crate::chain::parse_rfc3339),
-                sum: num(n, "Sum"),
-                average: num(n, "Average"),
-                maximum: num(n, "Maximum"),
-                minimum: num(n, "Minimum"),
-                sample_count: num(n, "SampleCount"),
-            })
-            .collect();
-        points.sort_by_key(|p| p.timestamp);
-        Ok(points)
+        datapoints(&root)
     }
 
     /// GetMetricData for one metric and one statistic (`Sum`, `Average`, `Maximum`,
@@ -241,4 +222,27 @@ impl CloudWatchClient {
                 .to_string(),
         })
     }
+}
+
+/// The datapoints of a GetMetricStatistics answer, oldest first.
+pub(crate) fn datapoints(root: &crate::xml::XmlNode) -> Result<Vec<Datapoint>> {
+    let result = root
+        .child("GetMetricStatisticsResult")
+        .ok_or_else(|| malformed("monitoring", "GetMetricStatistics", "no result"))?;
+    let num = |n: &crate::xml::XmlNode, name: &str| n.text_at(&[name]).and_then(|v| v.parse().ok());
+    let mut points: Vec<Datapoint> = result
+        .items("Datapoints")
+        .map(|n| Datapoint {
+            timestamp: n
+                .text_at(&["Timestamp"])
+                .and_then(crate::chain::parse_rfc3339),
+            sum: num(n, "Sum"),
+            average: num(n, "Average"),
+            maximum: num(n, "Maximum"),
+            minimum: num(n, "Minimum"),
+            sample_count: num(n, "SampleCount"),
+        })
+        .collect();
+    points.sort_by_key(|p| p.timestamp);
+    Ok(points)
 }

@@ -48,21 +48,25 @@ impl Ec2Client {
         let root = self
             .config
             .call_query(Service::Ec2, "DescribeNetworkInterfaces", &params)?;
-        let text = |n: &crate::xml::XmlNode, path: &[&str]| {
-            n.text_at(path)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
-        Ok(root
-            .items("networkInterfaceSet")
-            .map(|n| NetworkInterface {
-                id: text(n, &["networkInterfaceId"]).unwrap_or_default(),
-                status: text(n, &["status"]).unwrap_or_default(),
-                private_ip: text(n, &["privateIpAddress"]),
-                public_ip: text(n, &["association", "publicIp"]),
-                subnet_id: text(n, &["subnetId"]),
-                vpc_id: text(n, &["vpcId"]),
-            })
-            .collect())
+        Ok(network_interfaces(&root))
     }
+}
+
+/// The interfaces of a DescribeNetworkInterfaces answer.
+pub(crate) fn network_interfaces(root: &crate::xml::XmlNode) -> Vec<NetworkInterface> {
+    let text = |n: &crate::xml::XmlNode, path: &[&str]| {
+        n.text_at(path)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    root.items("networkInterfaceSet")
+        .map(|n| NetworkInterface {
+            id: text(n, &["networkInterfaceId"]).unwrap_or_default(),
+            status: text(n, &["status"]).unwrap_or_default(),
+            private_ip: text(n, &["privateIpAddress"]),
+            public_ip: text(n, &["association", "publicIp"]),
+            subnet_id: text(n, &["subnetId"]),
+            vpc_id: text(n, &["vpcId"]),
+        })
+        .collect()
 }

@@ -171,17 +171,7 @@ impl EcsClient {
             "DescribeServices",
             &json!({ "cluster": cluster, "services": services }),
         )?;
-        let found = decode(
-            "ecs",
-            "DescribeServices",
-            out.get("services").cloned().unwrap_or(json!([])),
-        )?;
-        let failures = decode(
-            "ecs",
-            "DescribeServices",
-            out.get("failures").cloned().unwrap_or(json!([])),
-        )?;
-        Ok((found, failures))
+        services_answer(&out)
     }
 
     /// ListTasks, following pagination (up to 5000 tasks).
@@ -228,16 +218,36 @@ impl EcsClient {
             "DescribeTasks",
             &json!({ "cluster": cluster, "tasks": tasks }),
         )?;
-        let raw: Vec<RawTask> = decode(
-            "ecs",
-            "DescribeTasks",
-            out.get("tasks").cloned().unwrap_or(json!([])),
-        )?;
-        let failures = decode(
-            "ecs",
-            "DescribeTasks",
-            out.get("failures").cloned().unwrap_or(json!([])),
-        )?;
-        Ok((raw.into_iter().map(EcsTask::from).collect(), failures))
+        tasks_answer(&out)
     }
+}
+
+/// The services and failures of a DescribeServices answer.
+pub(crate) fn services_answer(out: &Value) -> Result<(Vec<EcsService>, Vec<Failure>)> {
+    let found = decode(
+        "ecs",
+        "DescribeServices",
+        out.get("services").cloned().unwrap_or(json!([])),
+    )?;
+    let failures = decode(
+        "ecs",
+        "DescribeServices",
+        out.get("failures").cloned().unwrap_or(json!([])),
+    )?;
+    Ok((found, failures))
+}
+
+/// The tasks and failures of a DescribeTasks answer.
+pub(crate) fn tasks_answer(out: &Value) -> Result<(Vec<EcsTask>, Vec<Failure>)> {
+    let raw: Vec<RawTask> = decode(
+        "ecs",
+        "DescribeTasks",
+        out.get("tasks").cloned().unwrap_or(json!([])),
+    )?;
+    let failures = decode(
+        "ecs",
+        "DescribeTasks",
+        out.get("failures").cloned().unwrap_or(json!([])),
+    )?;
+    Ok((raw.into_iter().map(EcsTask::from).collect(), failures))
 }
