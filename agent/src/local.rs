@@ -89,11 +89,8 @@ pub async fn run_local(
     // A set someone made for a server elsewhere (`certs init --server-name vpn…`) would
     // fail every tunnel on the certificate's names; it is refused before anything could
     // renew it. (A damaged one is left to ensure_dir, which says what is wrong.)
-    let complete = CertPaths::in_dir(&opts.dir)
-        .files()
-        .iter()
-        .all(|f| f.is_file());
     let paths = CertPaths::in_dir(&opts.dir);
+    let complete = paths.files().iter().all(|f| f.is_file());
     if complete {
         if let Ok(names) =
             Identity::load_as(&paths.server_cert, &paths.server_key, PeerRole::Server)

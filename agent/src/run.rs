@@ -1,12 +1,11 @@
 //! Running the agent: the proxy listener in front of a [`TunnelDialer`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fluidity_runtime_smol::listener::{out_of_descriptors, AcceptErrors};
-use fluidity_runtime_smol::relay::{reset_on_close, take_socket_error};
+use fluidity_runtime_smol::relay::{reset_on_close, take_socket_error, Connections};
 use fluidity_runtime_smol::tls::{self, CaRoots, Identity, PeerCheck};
 use fluidity_runtime_smol::PeerRole;
 use futures_lite::FutureExt;
@@ -18,7 +17,7 @@ use crate::config::{AgentAuth, AgentConfig};
 use crate::error::{Error, Result};
 use crate::iam::IamSigner;
 use crate::proxy::{self, Credentials, ProxyConfig};
-use crate::tunnel::{lock, CredentialSource, ServerAddr, TunnelDialer, TunnelSettings};
+use crate::tunnel::{CredentialSource, ServerAddr, TunnelDialer, TunnelSettings};
 
 /// The tunnel credentials `cfg` asks for: `None` for `auth = "none"`; for `auth = "iam"`,
 /// an [`IamSigner`] over the default AWS credential chain read from `env`.
@@ -186,30 +185,19 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     // The client connections being served, to reset those still open when the tunnel
     // closes under them.
-    let clients: Arc<Mutex<HashMap<u64, async_net::TcpStream>>> = Arc::default();
+    let clients = Connections::default();
     // A second signal exits at once: those connections are reset first, or they would end
     // with a clean close a client could take for the whole of its data.
-    let forced = Arc::downgrade(&clients);
-    fluidity_runtime_smol::app::on_forced_exit(move || {
-        if let Some(clients) = forced.upgrade() {
-            for sock in lock(&clients).values() {
-                reset_on_close(sock);
-            }
-        }
-    });
+    clients.reset_on_forced_exit();
     let accept_loop = async {
         let mut errors = AcceptErrors::new("proxy");
-        let mut next_id = 0u64;
         loop {
             match listener.accept().await {
                 Ok((client, peer)) => {
                     errors.accepted();
                     let _ = client.set_nodelay(true);
                     let (dialer, cfg) = (dialer.clone(), cfg.clone());
-                    let id = next_id;
-                    next_id += 1;
-                    lock(&clients).insert(id, client.clone());
-                    let clients = clients.clone();
+                    let tracked = clients.track(&client);
                     ex.spawn(async move {
                         let sock = client.clone();
                         let served = proxy::serve_connection(client, peer, &dialer, &cfg)
@@ -223,7 +211,7 @@ pub async fn serve(
                                 tracing::debug!(%peer, error = %e, "client connection ended");
                             }
                         }
-                        lock(&clients).remove(&id);
+                        drop(tracked);
                     })
                     .detach();
                 }
@@ -243,10 +231,8 @@ pub async fn serve(
     // Connections write their last bytes and end; those that have not by then are
     // reset, as the process may exit right after: a client must not take a cut stream
     // for a whole one.
-    fluidity_runtime_smol::app::wait_until(CLIENTS_GRACE, || lock(&clients).is_empty()).await;
-    for sock in lock(&clients).values() {
-        reset_on_close(sock);
-    }
+    fluidity_runtime_smol::app::wait_until(CLIENTS_GRACE, || clients.is_empty()).await;
+    clients.reset_all();
 }
 
 /// How long client connections get to end on their own once the tunnel is gone.

@@ -134,6 +134,70 @@ pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// The connections a process is relaying, to reset those a stop cuts ([`reset_on_close`]):
+/// ended by the exit, they would close plainly, and their peers could take a cut transfer
+/// for a whole one. Cheap to clone; clones share the set.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    inner: Arc<Mutex<ConnectionSet>>,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionSet {
+    next: u64,
+    open: std::collections::HashMap<u64, async_net::TcpStream>,
+}
+
+impl Connections {
+    /// Counts `sock` among them until the returned guard is dropped.
+    pub fn track(&self, sock: &async_net::TcpStream) -> Tracked {
+        let mut set = lock(&self.inner);
+        let id = set.next;
+        set.next += 1;
+        set.open.insert(id, sock.clone());
+        Tracked {
+            inner: self.inner.clone(),
+            id,
+        }
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.inner).open.is_empty()
+    }
+
+    /// Makes every one still open reset when it closes.
+    pub fn reset_all(&self) {
+        for sock in lock(&self.inner).open.values() {
+            reset_on_close(sock);
+        }
+    }
+
+    /// Has a second signal, which ends the process at once, reset them first
+    /// ([`crate::app::on_forced_exit`]).
+    pub fn reset_on_forced_exit(&self) {
+        let set = Arc::downgrade(&self.inner);
+        crate::app::on_forced_exit(move || {
+            if let Some(inner) = set.upgrade() {
+                Connections { inner }.reset_all();
+            }
+        });
+    }
+}
+
+/// One connection counted by [`Connections::track`], until dropped.
+#[derive(Debug)]
+pub struct Tracked {
+    inner: Arc<Mutex<ConnectionSet>>,
+    id: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        lock(&self.inner).open.remove(&self.id);
+    }
+}
+
 /// Takes `sock`'s pending error (`SO_ERROR`), such as the reset of its connection,
 /// without reading: found this way, it is no longer reported to the next read, so the
 /// caller must treat the connection as failed.

@@ -11,7 +11,7 @@ use async_io::{Async, Timer};
 use fluidity_proto::{Connection, ErrorCode, Limits, StreamId, Target};
 use fluidity_runtime_smol::app;
 use fluidity_runtime_smol::listener::AcceptErrors;
-use fluidity_runtime_smol::relay::{relay, reset_on_close, Direction};
+use fluidity_runtime_smol::relay::{relay, reset_on_close, Connections, Direction};
 use fluidity_runtime_smol::tls::{self, PeerCheck, TlsSession};
 use fluidity_runtime_smol::{Tunnel, TunnelEvent};
 use futures_lite::FutureExt;
@@ -82,8 +82,7 @@ pub struct Server {
     next_tunnel: AtomicU64,
     /// The connections to targets being relayed, to reset those an exit cuts (the drain
     /// deadline, a second signal): a clean close would pass a cut upload for a whole one.
-    origins: Arc<Mutex<HashMap<u64, async_net::TcpStream>>>,
-    next_origin: AtomicU64,
+    origins: Connections,
     handshakes: Mutex<Handshakes>,
     /// Connections dropped for the handshake limits are logged once in a while, per
     /// limit: a flood of them would otherwise flood the log, and one limit's flood must
@@ -226,8 +225,7 @@ impl Server {
             authenticator,
             tunnels: Mutex::new(HashMap::new()),
             next_tunnel: AtomicU64::new(1),
-            origins: Arc::default(),
-            next_origin: AtomicU64::new(0),
+            origins: Connections::default(),
             handshakes: Mutex::new(Handshakes::default()),
             dropped_total: app::LogThrottle::new(DROPPED_LOG_EVERY),
             dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
@@ -263,12 +261,7 @@ impl Server {
         listener: Async<TcpListener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let origins = Arc::downgrade(&self.origins);
-        app::on_forced_exit(move || {
-            if let Some(origins) = origins.upgrade() {
-                reset_all(&origins);
-            }
-        });
+        self.origins.reset_on_forced_exit();
         let local = listener.get_ref().local_addr().unwrap_or(self.cfg.listen);
         tracing::info!(listen = %local, auth = %self.cfg.auth, "fluidity-server listening");
         let accept_loop = async {
@@ -307,7 +300,7 @@ impl Server {
         }
         if !drained {
             // The process may exit before the relays of the streams just cut run again.
-            reset_all(&self.origins);
+            self.origins.reset_all();
         }
         tracing::info!("stopped");
     }
@@ -607,7 +600,7 @@ impl Server {
                 let Ok(stream) = tunnel.accept_open(id) else {
                     return; // The tunnel is gone.
                 };
-                let _origin = OriginEntry::new(&self, &tcp);
+                let _origin = self.origins.track(&tcp);
                 let _active = self.metrics.track_stream();
                 let metrics = self.metrics.clone();
                 let sock = tcp.clone();
@@ -634,40 +627,6 @@ impl Server {
                 }
             }
         }
-    }
-}
-
-/// Resets every connection in `origins` when it closes (see [`reset_on_close`]).
-fn reset_all(origins: &Mutex<HashMap<u64, async_net::TcpStream>>) {
-    for sock in origins.lock().unwrap_or_else(|e| e.into_inner()).values() {
-        reset_on_close(sock);
-    }
-}
-
-/// A connection to a target in [`Server`]'s list while its stream is relayed.
-struct OriginEntry {
-    origins: Arc<Mutex<HashMap<u64, async_net::TcpStream>>>,
-    id: u64,
-}
-
-impl OriginEntry {
-    fn new(server: &Server, sock: &async_net::TcpStream) -> OriginEntry {
-        let id = server.next_origin.fetch_add(1, Ordering::Relaxed);
-        let origins = server.origins.clone();
-        origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, sock.clone());
-        OriginEntry { origins, id }
-    }
-}
-
-impl Drop for OriginEntry {
-    fn drop(&mut self) {
-        self.origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
     }
 }
 

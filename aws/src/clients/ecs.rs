@@ -190,11 +190,7 @@ impl EcsClient {
         let mut arns = Vec::new();
         for _ in 0..MAX_PAGES {
             let out = self.config.call_json(Service::Ecs, "ListTasks", &input)?;
-            let page: Vec<String> = decode(
-                "ecs",
-                "ListTasks",
-                out.get("taskArns").cloned().unwrap_or(json!([])),
-            )?;
+            let page: Vec<String> = list(&out, "ListTasks", "taskArns")?;
             arns.extend(page);
             match out.get("nextToken").and_then(Value::as_str) {
                 Some(token) if !token.is_empty() => input["nextToken"] = json!(token),
@@ -222,32 +218,24 @@ impl EcsClient {
     }
 }
 
+/// The list under `key` of `operation`'s answer `out` (absent: empty).
+fn list<T: serde::de::DeserializeOwned>(out: &Value, operation: &str, key: &str) -> Result<Vec<T>> {
+    decode("ecs", operation, out.get(key).cloned().unwrap_or(json!([])))
+}
+
 /// The services and failures of a DescribeServices answer.
 pub(crate) fn services_answer(out: &Value) -> Result<(Vec<EcsService>, Vec<Failure>)> {
-    let found = decode(
-        "ecs",
-        "DescribeServices",
-        out.get("services").cloned().unwrap_or(json!([])),
-    )?;
-    let failures = decode(
-        "ecs",
-        "DescribeServices",
-        out.get("failures").cloned().unwrap_or(json!([])),
-    )?;
-    Ok((found, failures))
+    Ok((
+        list(out, "DescribeServices", "services")?,
+        list(out, "DescribeServices", "failures")?,
+    ))
 }
 
 /// The tasks and failures of a DescribeTasks answer.
 pub(crate) fn tasks_answer(out: &Value) -> Result<(Vec<EcsTask>, Vec<Failure>)> {
-    let raw: Vec<RawTask> = decode(
-        "ecs",
-        "DescribeTasks",
-        out.get("tasks").cloned().unwrap_or(json!([])),
-    )?;
-    let failures = decode(
-        "ecs",
-        "DescribeTasks",
-        out.get("failures").cloned().unwrap_or(json!([])),
-    )?;
-    Ok((raw.into_iter().map(EcsTask::from).collect(), failures))
+    let raw: Vec<RawTask> = list(out, "DescribeTasks", "tasks")?;
+    Ok((
+        raw.into_iter().map(EcsTask::from).collect(),
+        list(out, "DescribeTasks", "failures")?,
+    ))
 }
