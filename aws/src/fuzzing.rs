@@ -311,6 +311,7 @@ pub fn control_event(data: &[u8]) {
             }
             if inv.kind != EventKind::FunctionUrl {
                 assert_eq!(inv.source_ip, None, "an address without a function URL");
+                assert_eq!(inv.caller_arn, None, "a caller without a function URL");
             }
         }
         Err(e) => {

@@ -17,9 +17,9 @@ use fluidity_aws::clients::dynamodb::DynamoDbClient;
 use fluidity_aws::control::agent_ip::read_agent_ip;
 use fluidity_aws::control::ca::ca_secret_json;
 use fluidity_aws::control::{
-    CertRole, CertificateRequest, Control, ControlClient, ControlConfig, ControlError, ControlUrls,
-    IpKind, ServerId, ServerStatus, SleepAction, WakeRequest, WakeResponse, AGENT_IP_TTL,
-    METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
+    Caller, CertRole, CertificateRequest, Control, ControlClient, ControlConfig, ControlError,
+    ControlUrls, IpKind, ServerId, ServerStatus, SleepAction, WakeRequest, WakeResponse,
+    AGENT_IP_TTL, METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
 };
 use fluidity_aws::{AwsConfig, Service};
 use fluidity_runtime_smol::pki::{self, CaBundle};
@@ -212,6 +212,14 @@ fn openssl_csr(cn: &str, san: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("PEM is text")
+}
+
+/// A caller from `ip` that the function URL names no IAM identity for.
+fn from(ip_literal: &str) -> Caller {
+    Caller {
+        ip: Some(ip(ip_literal)),
+        arn: None,
+    }
 }
 
 fn refused(r: Result<impl std::fmt::Debug, ControlError>) -> ControlError {
@@ -425,7 +433,8 @@ fn ca_signs_agent_and_server_csrs_with_the_ca_from_secrets_manager() {
     let agent = control
         .sign_certificate(
             &csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent),
-            Some(ip("203.0.113.9")),
+            &from("203.0.113.9"),
+            now,
         )
         .expect("agent certificate");
     assert_eq!(agent.ca_certificate, w.ca.cert_pem());
@@ -437,24 +446,99 @@ fn ca_signs_agent_and_server_csrs_with_the_ca_from_secrets_manager() {
     assert!(life <= Duration::from_secs(90 * 86400 + 600), "{life:?}");
     assert!(life > Duration::from_secs(89 * 86400), "{life:?}");
 
+    // A server certificate names the service's task, its address and the agent's.
+    wake(&control, "203.0.113.9", now);
+    let (arn, eni, _) = w.run_task();
+    let public = w.moto.associate_public_ip(&eni);
     let server = control
         .sign_certificate(
-            &csr(
-                TASK_ARN_CN,
-                &["198.51.100.7", "203.0.113.9"],
-                CertRole::Server,
-            ),
-            Some(ip("198.51.100.7")),
+            &csr(&arn, &[&public, "203.0.113.9"], CertRole::Server),
+            &from(&public),
+            now,
         )
         .expect("server certificate");
     let names = names_of(&server.certificate);
-    assert_eq!(names.ip_sans, vec![ip("198.51.100.7"), ip("203.0.113.9")]);
+    assert_eq!(names.common_name.as_deref(), Some(arn.as_str()));
+    assert_eq!(names.ip_sans, vec![ip(&public), ip("203.0.113.9")]);
     let life =
         Duration::from_secs(server.not_after) - now.duration_since(SystemTime::UNIX_EPOCH).unwrap();
     assert!(
         life <= Duration::from_secs(7 * 86400 + 600),
         "server certificates are short: {life:?}"
     );
+}
+
+/// A server certificate is what agents trust the server by, so the CA issues one only for
+/// what the service's own task can claim: a caller that may invoke the CA cannot have one
+/// for another task, another address or another agent.
+#[test]
+fn ca_issues_a_server_certificate_only_for_the_services_task_and_addresses() {
+    let w = World::new();
+    let control = w.control();
+    let now = SystemTime::now();
+    let (arn, eni, private) = w.run_task();
+    let public = w.moto.associate_public_ip(&eni);
+    let agent = "203.0.113.9";
+    let server_csr = |cn: &str, ips: &[&str]| csr(cn, ips, CertRole::Server);
+    let sign = |req: &CertificateRequest| control.sign_certificate(req, &from(&public), now);
+
+    // No agent address stored yet: nothing to bind the certificate to.
+    let e = refused(sign(&server_csr(&arn, &[&public, agent])));
+    assert_eq!((e.status, e.code), (400, "csr_refused"), "{e}");
+    assert!(e.message.contains("none is stored for ECS service"), "{e}");
+
+    wake(&control, agent, now);
+    let cases: Vec<(CertificateRequest, String)> = vec![
+        (
+            server_csr(TASK_ARN_CN, &[&public, agent]),
+            format!("{TASK_ARN_CN} is not one"),
+        ),
+        (
+            server_csr(&arn, &["198.51.100.99", agent]),
+            format!("198.51.100.99 is not one of task {arn}'s"),
+        ),
+        (
+            server_csr(&arn, &[&public, "203.0.113.10"]),
+            format!("the agent address Wake stored, {agent}, and this CSR names 203.0.113.10"),
+        ),
+        (
+            server_csr(&arn, &[agent, &public]),
+            format!("{agent} is not one of task {arn}'s"),
+        ),
+    ];
+    for (req, why) in &cases {
+        let e = refused(sign(req));
+        assert_eq!((e.status, e.code), (400, "csr_refused"), "{e}");
+        assert!(e.message.contains(why.as_str()), "want {why:?} in: {e}");
+    }
+    // The task's private address is its own too (agents that reach the VPC privately).
+    sign(&server_csr(&arn, &[&private, agent])).expect("the task's private address");
+    sign(&server_csr(&arn, &[&public, agent])).expect("the task's public address");
+
+    // A task of another service in the cluster, or a stopped one, is not the server.
+    let other = w.moto.json(
+        Service::Ecs,
+        "RunTask",
+        &json!({
+            "cluster": CLUSTER,
+            "taskDefinition": w.ecs.task_definition_arn,
+            "launchType": "FARGATE",
+            "group": "service:another",
+            "networkConfiguration": Moto::awsvpc(&w.ecs.network),
+        }),
+    );
+    let other_arn = other
+        .pointer("/tasks/0/taskArn")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no task in {other}"));
+    let e = refused(sign(&server_csr(other_arn, &[&public, agent])));
+    assert!(
+        e.message.contains(&format!("{other_arn} is not one")),
+        "{e}"
+    );
+    w.stop_task(&arn);
+    let e = refused(sign(&server_csr(&arn, &[&public, agent])));
+    assert!(e.message.contains(&format!("{arn} is not one")), "{e}");
 }
 
 #[test]
@@ -507,7 +591,7 @@ fn ca_refuses_what_its_policy_does_not_allow_with_a_clear_reason() {
         ),
     ];
     for (req, why) in cases {
-        let e = refused(control.sign_certificate(&req, Some(ip("203.0.113.9"))));
+        let e = refused(control.sign_certificate(&req, &from("203.0.113.9"), SystemTime::now()));
         assert_eq!((e.status, e.code), (400, "csr_refused"), "{e}");
         assert!(e.message.contains(why), "want {why:?} in: {e}");
     }
@@ -519,7 +603,8 @@ fn ca_refuses_what_its_policy_does_not_allow_with_a_clear_reason() {
     });
     let e = refused(no_ca.sign_certificate(
         &csr(TASK_ARN_CN, &["203.0.113.9"], CertRole::Agent),
-        Some(ip("203.0.113.9")),
+        &from("203.0.113.9"),
+        SystemTime::now(),
     ));
     assert_eq!(e.code, "aws_error");
     assert!(

@@ -149,8 +149,8 @@ pub fn check_request(req: &CertificateRequest, max_days: u32) -> Result<Duration
 
 /// Checks that an agent certificate names the address its caller calls from (`source`,
 /// as the function URL saw it, the address Wake records): an agent may not have a
-/// certificate for another's address. Server certificates are left to
-/// [`check_request`]'s policy.
+/// certificate for another's address. Server certificates are checked against the
+/// service's task by the CA handler (`Control::sign_certificate`).
 pub fn check_caller(req: &CertificateRequest, source: Option<IpAddr>) -> Result<(), ControlError> {
     if req.role != CertRole::Agent {
         return Ok(());

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::error::ControlError;
 use super::types::{CertRole, ServerId, AGENT_IP_TTL, METRIC_NAMESPACE};
 use crate::env::Env;
+use crate::iam_auth::PrincipalPattern;
 
 /// Default idle time after which Sleep stops the server.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -42,6 +43,11 @@ pub struct ControlConfig {
     /// Whether Query may answer the task's private IP when it has no public one
     /// (`FLUIDITY_PRIVATE_IP_FALLBACK=true`), for agents that reach the VPC privately.
     pub private_ip_fallback: bool,
+    /// Who may have a server certificate (`FLUIDITY_SERVER_CALLERS`: ARNs, ARN prefixes
+    /// ending in `*` or `account:ID`, comma-separated, matched against the caller the
+    /// function URL's IAM authorisation names, assumed roles as their role's ARN). Empty:
+    /// any caller, the task and addresses being checked all the same.
+    pub server_callers: Vec<PrincipalPattern>,
 }
 
 impl Default for ControlConfig {
@@ -56,6 +62,7 @@ impl Default for ControlConfig {
             agent_cert_max_days: DEFAULT_AGENT_CERT_MAX_DAYS,
             server_cert_max_days: DEFAULT_SERVER_CERT_MAX_DAYS,
             private_ip_fallback: false,
+            server_callers: Vec::new(),
         }
     }
 }
@@ -111,6 +118,17 @@ impl ControlConfig {
             c.server_cert_max_days = d;
         }
         c.private_ip_fallback = env.is_true("FLUIDITY_PRIVATE_IP_FALLBACK");
+        if let Some(list) = env.get("FLUIDITY_SERVER_CALLERS") {
+            c.server_callers = list
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| {
+                    p.parse().map_err(|e: crate::Error| {
+                        ControlError::config(format!("FLUIDITY_SERVER_CALLERS: {e}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
         Ok(c)
     }
 
@@ -167,5 +185,15 @@ mod tests {
         assert!(e.message.contains("FLUIDITY_IDLE_MINUTES"), "{e}");
         let half = Env::from_pairs([("FLUIDITY_CLUSTER", "c")]);
         assert!(ControlConfig::from_env(&half).is_err());
+        assert!(c.server_callers.is_empty());
+        let callers = env.clone().with(
+            "FLUIDITY_SERVER_CALLERS",
+            "arn:aws:iam::123456789012:role/fluidity-server, account:210987654321",
+        );
+        let c = ControlConfig::from_env(&callers).unwrap();
+        assert_eq!(c.server_callers.len(), 2);
+        let bad = env.with("FLUIDITY_SERVER_CALLERS", "fluidity-server");
+        let e = ControlConfig::from_env(&bad).unwrap_err();
+        assert!(e.message.contains("FLUIDITY_SERVER_CALLERS"), "{e}");
     }
 }

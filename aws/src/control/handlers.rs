@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use fluidity_runtime_smol::pki::CaBundle;
+use fluidity_runtime_smol::pki::{self, CaBundle};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -14,7 +14,7 @@ use super::ca;
 use super::config::ControlConfig;
 use super::error::ControlError;
 use super::types::{
-    CertificateRequest, CertificateResponse, Function, IpKind, KillRequest, KillResponse,
+    CertRole, CertificateRequest, CertificateResponse, Function, IpKind, KillRequest, KillResponse,
     QueryRequest, QueryResponse, ServerId, ServerStatus, SleepAction, SleepResponse, WakeRequest,
     WakeResponse, METRIC_ACTIVE_TUNNELS, METRIC_DIMENSION, METRIC_PERIOD,
 };
@@ -23,6 +23,7 @@ use crate::clients::dynamodb::DynamoDbClient;
 use crate::clients::ec2::Ec2Client;
 use crate::clients::ecs::{EcsClient, EcsService, EcsTask, TaskFilter};
 use crate::clients::secrets::SecretsManagerClient;
+use crate::iam_auth::normalize_arn;
 use crate::AwsConfig;
 
 /// How long the CA is kept in memory between invocations: long enough to spare Secrets
@@ -38,6 +39,16 @@ pub struct Control {
     config: ControlConfig,
     aws: AwsConfig,
     ca_cache: Mutex<Option<(Instant, CaBundle)>>,
+}
+
+/// Who calls a function, as its function URL saw them (the local control host knows the
+/// address only; a scheduled or direct invocation, neither).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's source address.
+    pub ip: Option<IpAddr>,
+    /// The caller's IAM ARN, from the function URL's `AWS_IAM` authorisation.
+    pub arn: Option<String>,
 }
 
 /// The server's task, its addresses, and the service.
@@ -82,6 +93,18 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T
     })
 }
 
+/// Whether `task` is a live task of `id`'s service: not stopped or stopping, and not
+/// another service's (a task without a group was started by hand in its cluster).
+fn serves(task: &EcsTask, id: &ServerId) -> bool {
+    let own_group = format!("service:{}", id.service());
+    task.last_status != "STOPPED"
+        && task.desired_status != "STOPPED"
+        && task
+            .group
+            .as_deref()
+            .is_none_or(|g| !g.starts_with("service:") || g == own_group)
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| ControlError::config(format!("unserialisable answer: {e}")))
 }
@@ -102,12 +125,11 @@ impl Control {
     }
 
     /// Runs `function` on a raw request body: what the Lambda entry point and the local
-    /// control host call. `source_ip` is the caller's address (function URLs and the
-    /// local host know it; a scheduled or direct invocation does not).
+    /// control host call, for `caller`.
     pub fn dispatch(
         &self,
         function: Function,
-        source_ip: Option<IpAddr>,
+        caller: &Caller,
         body: &[u8],
         now: SystemTime,
     ) -> Result<Value, ControlError> {
@@ -120,7 +142,7 @@ impl Control {
         match function {
             Function::Wake => {
                 let req: WakeRequest = parse_body(body)?;
-                let ip = source_ip.ok_or_else(|| {
+                let ip = caller.ip.ok_or_else(|| {
                     ControlError::bad_request(
                         "Wake needs the caller's source IP: call it through its function URL",
                     )
@@ -141,7 +163,7 @@ impl Control {
                         "the request body is not {{\"csr\": PEM, \"role\": \"agent\"|\"server\"}}: {e}"
                     ))
                 })?;
-                to_value(&self.sign_certificate(&req, source_ip)?)
+                to_value(&self.sign_certificate(&req, caller, now)?)
             }
         }
     }
@@ -203,14 +225,7 @@ impl Control {
                 .map_err(|e| ControlError::aws(&what, &e))?;
             tasks.extend(found);
         }
-        let own_group = format!("service:{}", id.service());
-        tasks.retain(|t| {
-            t.last_status != "STOPPED"
-                && t.desired_status != "STOPPED"
-                && t.group
-                    .as_deref()
-                    .is_none_or(|g| !g.starts_with("service:") || g == own_group)
-        });
+        tasks.retain(|t| serves(t, id));
         tasks.sort_by_key(|t| t.last_status != "RUNNING");
         Ok(tasks.into_iter().next())
     }
@@ -481,20 +496,132 @@ impl Control {
         answer(SleepAction::ScaledToZero, reason)
     }
 
-    /// CA: checks the request against the policy and its caller's address (before
-    /// touching the CA) and signs it.
+    /// CA: checks the request against the policy, an agent certificate against its
+    /// caller's address and a server certificate against the service's task (before
+    /// touching the CA), and signs it.
     pub fn sign_certificate(
         &self,
         req: &CertificateRequest,
-        source_ip: Option<IpAddr>,
+        caller: &Caller,
+        now: SystemTime,
     ) -> Result<CertificateResponse, ControlError> {
         let max_days = self.config.max_cert_days(req.role);
         ca::check_request(req, max_days)?;
-        ca::check_caller(req, source_ip)?;
+        ca::check_caller(req, caller.ip)?;
+        if req.role == CertRole::Server {
+            self.check_server_request(req, caller, now)?;
+        }
         let bundle = self.ca()?;
         let resp = ca::sign(&bundle, req, max_days)?;
         tracing::info!(role = %req.role, not_after = resp.not_after, "certificate issued");
         Ok(resp)
+    }
+
+    /// Checks that a server certificate names what only the service's own task can claim:
+    /// its CN a live task of the service, its first IP SAN that task's address (public or
+    /// private) and its second the agent address Wake stored; and, with
+    /// `server_callers` set, that the caller is on that list. Without this, whoever may
+    /// call the CA could have a certificate agents trust for any task and address.
+    fn check_server_request(
+        &self,
+        req: &CertificateRequest,
+        caller: &Caller,
+        now: SystemTime,
+    ) -> Result<(), ControlError> {
+        if !self.config.server_callers.is_empty() {
+            let Some(arn) = caller.arn.as_deref() else {
+                return Err(ControlError::csr_refused(
+                    "a server certificate needs the caller's IAM identity: call the CA \
+                     through its function URL (AWS_IAM authorisation)",
+                ));
+            };
+            let who = normalize_arn(arn);
+            let account = who.split(':').nth(4).unwrap_or_default();
+            if !self
+                .config
+                .server_callers
+                .iter()
+                .any(|p| p.matches(&who, account))
+            {
+                return Err(ControlError::csr_refused(format!(
+                    "{who} may not have a server certificate: it is not in \
+                     FLUIDITY_SERVER_CALLERS"
+                )));
+            }
+        }
+        let id = self.config.server().map_err(|_| {
+            ControlError::config(
+                "the CA checks a server certificate against the service's task: set \
+                 FLUIDITY_CLUSTER, FLUIDITY_SERVICE and FLUIDITY_TABLE",
+            )
+        })?;
+        let table = self.config.table()?;
+        let names = pki::csr_names(&req.csr)
+            .map_err(|e| ControlError::csr_refused(format!("the CSR is not acceptable: {e}")))?;
+        let cn = names.common_name.as_deref().unwrap_or_default();
+        let [server_ip, agent_ip] = names.ip_sans.as_slice() else {
+            return Err(ControlError::csr_refused(
+                "a server certificate needs exactly two IP SANs (the server's and the agent's)",
+            ));
+        };
+        let (server_ip, agent_ip) = (canonical_ip(*server_ip), canonical_ip(*agent_ip));
+        let (found, _) = self
+            .ecs()
+            .describe_tasks(id.cluster(), &[cn])
+            .map_err(|e| ControlError::aws(&format!("could not read task {cn}"), &e))?;
+        let Some(task) = found
+            .into_iter()
+            .find(|t| t.task_arn == cn && serves(t, id))
+        else {
+            return Err(ControlError::csr_refused(format!(
+                "a server certificate is for a live task of ECS service {id}, and {cn} is not one"
+            )));
+        };
+        let mut addresses: Vec<IpAddr> = task
+            .private_ipv4
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .into_iter()
+            .collect();
+        if let Some(eni) = task.network_interface_id.as_deref() {
+            let (public, private) =
+                interface_ips(&Ec2Client::new(&self.aws), eni).map_err(|e| {
+                    ControlError::aws(&format!("could not read network interface {eni}"), &e)
+                })?;
+            addresses.extend(public.into_iter().chain(private));
+        }
+        if !addresses.iter().any(|a| canonical_ip(*a) == server_ip) {
+            return Err(ControlError::csr_refused(format!(
+                "a server certificate's first IP SAN is its task's address, and {server_ip} is \
+                 not one of task {cn}'s ({})",
+                if addresses.is_empty() {
+                    "it has none yet".to_string()
+                } else {
+                    addresses
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )));
+        }
+        let stored = live_agent_ip(&self.ddb(), table, id, now).map_err(|e| {
+            ControlError::aws(
+                &format!("could not read the agent IP from DynamoDB table {table}"),
+                &e,
+            )
+        })?;
+        match stored.map(|r| canonical_ip(r.agent_ip)) {
+            Some(ip) if ip == agent_ip => Ok(()),
+            Some(ip) => Err(ControlError::csr_refused(format!(
+                "a server certificate's second IP SAN is the agent address Wake stored, {ip}, \
+                 and this CSR names {agent_ip}"
+            ))),
+            None => Err(ControlError::csr_refused(format!(
+                "a server certificate names the agent address Wake stores, and none is stored \
+                 for ECS service {id} (a Wake's address lasts an hour)"
+            ))),
+        }
     }
 
     /// The CA from Secrets Manager, cached for [`CA_CACHE_TTL`].
@@ -543,7 +670,10 @@ mod tests {
     fn bad_requests_are_refused_before_any_aws_call() {
         let c = offline(ControlConfig::default());
         let now = SystemTime::now();
-        let ip = Some("203.0.113.9".parse().unwrap());
+        let ip = &Caller {
+            ip: Some("203.0.113.9".parse().unwrap()),
+            arn: None,
+        };
         for (function, body, why) in [
             (Function::Ca, &b""[..], "needs a JSON body"),
             (Function::Ca, b"{\"csr\": 1}", "not {\"csr\""),
@@ -554,7 +684,9 @@ mod tests {
             assert_eq!(e.code, "bad_request", "{function}: {e}");
             assert!(e.message.contains(why), "{function}: {e}");
         }
-        let e = c.dispatch(Function::Wake, None, b"{}", now).unwrap_err();
+        let e = c
+            .dispatch(Function::Wake, &Caller::default(), b"{}", now)
+            .unwrap_err();
         assert!(e.message.contains("source IP"), "{e}");
         let big = vec![b' '; MAX_BODY_LEN + 1];
         let e = c.dispatch(Function::Kill, ip, &big, now).unwrap_err();
@@ -562,6 +694,59 @@ mod tests {
         let e = c.dispatch(Function::Query, ip, b"", now).unwrap_err();
         assert_eq!((e.status, e.code), (500, "configuration"));
         assert!(e.message.contains("FLUIDITY_CLUSTER"), "{e}");
+    }
+
+    /// The caller and the settings are checked before the task, the addresses or the CA
+    /// are read: these handlers reach no AWS.
+    #[test]
+    fn a_server_certificate_is_refused_to_callers_off_the_list() {
+        let arn = "arn:aws:ecs:us-east-1:123456789012:task/fluidity/0a1b";
+        let ips: Vec<IpAddr> = vec![
+            "198.51.100.7".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+        ];
+        let req = CertificateRequest {
+            csr: pki::create_csr(arn, &ips).unwrap().csr_pem,
+            role: CertRole::Server,
+            validity_days: None,
+        };
+        let c = offline(ControlConfig {
+            server_callers: vec!["arn:aws:iam::123456789012:role/fluidity-server"
+                .parse()
+                .unwrap()],
+            ..ControlConfig::default()
+        });
+        let now = SystemTime::now();
+        let as_caller = |arn: Option<&str>| {
+            let caller = Caller {
+                ip: Some(ips[0]),
+                arn: arn.map(str::to_string),
+            };
+            c.sign_certificate(&req, &caller, now).unwrap_err()
+        };
+        let e = as_caller(None);
+        assert_eq!(e.code, "csr_refused", "{e}");
+        assert!(e.message.contains("the caller's IAM identity"), "{e}");
+        let e = as_caller(Some(
+            "arn:aws:sts::123456789012:assumed-role/fluidity-agent/s",
+        ));
+        assert_eq!(e.code, "csr_refused", "{e}");
+        assert!(
+            e.message.contains(
+                "arn:aws:iam::123456789012:role/fluidity-agent may not have a server certificate"
+            ),
+            "{e}"
+        );
+        // The server's own role passes the list and goes on to the task, which these
+        // settings cannot name.
+        let e = as_caller(Some(
+            "arn:aws:sts::123456789012:assumed-role/fluidity-server/0a1b",
+        ));
+        assert_eq!(e.code, "configuration", "{e}");
+        assert!(
+            e.message.contains("FLUIDITY_CLUSTER, FLUIDITY_SERVICE"),
+            "{e}"
+        );
     }
 
     #[test]

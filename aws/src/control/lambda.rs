@@ -14,7 +14,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::error::ControlError;
-use super::handlers::Control;
+use super::handlers::{Caller, Control};
 use super::types::Function;
 
 /// Where an event came from.
@@ -35,6 +35,9 @@ pub struct Invocation {
     pub kind: EventKind,
     /// The caller's address (function URLs only).
     pub source_ip: Option<IpAddr>,
+    /// The caller's IAM identity as the function URL's `AWS_IAM` authorisation saw it
+    /// (`requestContext.authorizer.iam.userArn`; function URLs only).
+    pub caller_arn: Option<String>,
     /// The request body.
     pub body: Vec<u8>,
 }
@@ -53,6 +56,11 @@ pub fn parse_event(event: &Value) -> Result<Invocation, ControlError> {
             .get("sourceIp")
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<IpAddr>().ok());
+        let caller_arn = event
+            .pointer("/requestContext/authorizer/iam/userArn")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
         let raw = event.get("body").and_then(Value::as_str).unwrap_or("");
         let body = if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) {
             base64::engine::general_purpose::STANDARD
@@ -64,6 +72,7 @@ pub fn parse_event(event: &Value) -> Result<Invocation, ControlError> {
         return Ok(Invocation {
             kind: EventKind::FunctionUrl,
             source_ip,
+            caller_arn,
             body,
         });
     }
@@ -73,6 +82,7 @@ pub fn parse_event(event: &Value) -> Result<Invocation, ControlError> {
         return Ok(Invocation {
             kind: EventKind::Scheduled,
             source_ip: None,
+            caller_arn: None,
             body: Vec::new(),
         });
     }
@@ -84,6 +94,7 @@ pub fn parse_event(event: &Value) -> Result<Invocation, ControlError> {
     Ok(Invocation {
         kind: EventKind::Direct,
         source_ip: None,
+        caller_arn: None,
         body,
     })
 }
@@ -114,7 +125,11 @@ pub fn handle_event(
         }
         Err(e) => return Err(e),
     };
-    let result = control.dispatch(function, inv.source_ip, &inv.body, now);
+    let caller = Caller {
+        ip: inv.source_ip,
+        arn: inv.caller_arn,
+    };
+    let result = control.dispatch(function, &caller, &inv.body, now);
     match inv.kind {
         EventKind::FunctionUrl => Ok(match result {
             Ok(v) => function_url_response(200, &v),
@@ -252,13 +267,23 @@ mod tests {
     fn function_url_events_give_source_ip_and_body() {
         let event = json!({
             "version": "2.0",
-            "requestContext": { "http": { "method": "POST", "sourceIp": "203.0.113.9" } },
+            "requestContext": {
+                "http": { "method": "POST", "sourceIp": "203.0.113.9" },
+                "authorizer": { "iam": {
+                    "accountId": "123456789012",
+                    "userArn": "arn:aws:sts::123456789012:assumed-role/fluidity-server/0a1b",
+                } },
+            },
             "body": "eyJjc3IiOiJ4In0=",
             "isBase64Encoded": true,
         });
         let inv = parse_event(&event).unwrap();
         assert_eq!(inv.kind, EventKind::FunctionUrl);
         assert_eq!(inv.source_ip, Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(
+            inv.caller_arn.as_deref(),
+            Some("arn:aws:sts::123456789012:assumed-role/fluidity-server/0a1b")
+        );
         assert_eq!(inv.body, br#"{"csr":"x"}"#);
         let get = json!({ "requestContext": { "http": { "method": "GET" } } });
         assert!(parse_event(&get).unwrap_err().message.contains("POST"));
@@ -272,6 +297,7 @@ mod tests {
         let direct = json!({ "csr": "x", "role": "agent" });
         let inv = parse_event(&direct).unwrap();
         assert_eq!(inv.kind, EventKind::Direct);
+        assert_eq!(inv.caller_arn, None, "a direct invocation names no caller");
         assert_eq!(serde_json::from_slice::<Value>(&inv.body).unwrap(), direct);
     }
 }

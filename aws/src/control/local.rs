@@ -16,7 +16,7 @@ use fluidity_runtime_smol::listener::AcceptErrors;
 use serde_json::{json, Value};
 
 use super::error::ControlError;
-use super::handlers::{canonical_ip, Control, MAX_BODY_LEN};
+use super::handlers::{canonical_ip, Caller, Control, MAX_BODY_LEN};
 use super::types::Function;
 
 /// Largest request head accepted.
@@ -190,12 +190,11 @@ fn route(
             "the request is not signed with SigV4 for service lambda",
         ));
     }
-    control.dispatch(
-        function,
-        Some(canonical_ip(peer)),
-        &req.body,
-        SystemTime::now(),
-    )
+    let caller = Caller {
+        ip: Some(canonical_ip(peer)),
+        arn: None,
+    };
+    control.dispatch(function, &caller, &req.body, SystemTime::now())
 }
 
 fn handle_connection(

@@ -259,6 +259,7 @@ impl World {
             control_url: self.control_url.clone(),
             server_port: self.server_port,
             dir: self.dir.path().to_path_buf(),
+            ca: self.ca.clone(),
         };
         let (s, srv) = (stop.clone(), server.clone());
         let thread = std::thread::spawn(move || ctx.run(&s, &srv));
@@ -354,6 +355,7 @@ struct PlayerCtx {
     control_url: String,
     server_port: u16,
     dir: PathBuf,
+    ca: fluidity_runtime_smol::pki::CaBundle,
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
@@ -444,7 +446,11 @@ impl PlayerCtx {
             );
             let decoy = &out["tasks"][0];
             self.give_address(&eni_of(decoy), ip);
-            str_at(decoy, &["taskArn"]).to_owned()
+            let decoy_arn = str_at(decoy, &["taskArn"]).to_owned();
+            // The CA function issues no certificate for another service's task, so the
+            // impostor's comes from the CA itself, cached where the server looks first.
+            self.cache_server_certificate(&decoy_arn, ip);
+            decoy_arn
         } else {
             task_arn
         };
@@ -491,6 +497,24 @@ impl PlayerCtx {
         slot.proc = Some(Proc::spawn("fluidity-server", cmd, &self.dir));
         slot.metadata = Some(metadata);
         slot.server_arn = Some(server_arn);
+    }
+
+    /// Writes a server certificate for `arn`, `ip` and the agent's address, made with the
+    /// CA itself, into the server's certificate cache.
+    fn cache_server_certificate(&self, arn: &str, ip: Ipv4Addr) {
+        use fluidity_runtime_smol::pki::{issue_server, SanEntry};
+        let names = [SanEntry::Ip(ip.into()), SanEntry::Ip(AGENT_IP.into())];
+        let made = issue_server(&self.ca, &names, arn, Duration::from_secs(7 * 86_400))
+            .expect("a server certificate from the CA");
+        let dir = self.dir.join("server-cache");
+        std::fs::create_dir_all(&dir).expect("the server's cache folder");
+        for (name, pem) in [
+            ("server.pem", &made.cert_pem),
+            ("server-key.pem", &made.key_pem),
+            ("server-ca.pem", &self.ca.cert_pem().to_owned()),
+        ] {
+            std::fs::write(dir.join(name), pem).expect("writing the cached certificate");
+        }
     }
 
     /// The task crashes: ECS marks it stopped and its server dies at once (SIGKILL, no
