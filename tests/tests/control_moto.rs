@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use fluidity_aws::clients::cloudwatch::{CloudWatchClient, MetricDatum};
 use fluidity_aws::clients::dynamodb::DynamoDbClient;
+use fluidity_aws::clients::ec2::Ec2Client;
+use fluidity_aws::clients::ecs::EcsClient;
 use fluidity_aws::control::agent_ip::read_agent_ip;
 use fluidity_aws::control::ca::ca_secret_json;
 use fluidity_aws::control::{
@@ -21,7 +23,7 @@ use fluidity_aws::control::{
     ControlUrls, IpKind, ServerId, ServerStatus, SleepAction, WakeRequest, WakeResponse,
     AGENT_IP_TTL, METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
 };
-use fluidity_aws::{AwsConfig, Service};
+use fluidity_aws::{AwsConfig, Env, Service};
 use fluidity_runtime_smol::pki::{self, CaBundle};
 use fluidity_runtime_smol::tls::PeerIdentity;
 use fluidity_tests::e2e::bin::workspace_root;
@@ -346,6 +348,43 @@ fn query_follows_the_task_its_interface_and_the_stored_agent_ip() {
     let q = control.query(&Default::default(), now).expect("query");
     assert_eq!(q.server_arn, None, "{q:?}");
     assert_eq!(q.status, ServerStatus::Starting);
+}
+
+/// The server finds the address its certificate names where Query finds the one agents
+/// dial: the task's public IP, or with the private-IP fallback (both sides' setting) its
+/// private IP while it has no public one.
+#[test]
+fn a_server_without_a_public_ip_serves_on_its_private_one_only_with_the_fallback() {
+    use fluidity_server::aws::discover::{discover_public_ip, ArnSource, ServerIdentity};
+    let w = World::new();
+    let (arn, eni, private) = w.run_task();
+    let identity = ServerIdentity {
+        arn,
+        source: ArnSource::EcsTaskArn,
+        task: None,
+    };
+    let aws = w.moto.aws_config(&w.user);
+    let discover = |fallback: bool| {
+        discover_public_ip(
+            &identity,
+            &Env::from_pairs([("AWS_EC2_METADATA_DISABLED", "true")]),
+            &EcsClient::new(&aws),
+            &Ec2Client::new(&aws),
+            Some(CLUSTER),
+            Duration::from_millis(1),
+            fallback,
+        )
+    };
+    let e = discover(false).expect_err("no public IP").to_string();
+    assert!(e.contains("got no public IP"), "{e}");
+    assert!(
+        e.contains("private_ip_fallback"),
+        "the message names the way out: {e}"
+    );
+    assert_eq!(discover(true).expect("the private IP"), ip(&private));
+    let public = w.moto.associate_public_ip(&eni);
+    assert_eq!(discover(true).expect("the public IP"), ip(&public));
+    assert_eq!(discover(false).expect("the public IP"), ip(&public));
 }
 
 #[test]

@@ -268,14 +268,14 @@ pub fn discover_identity(env: &Env) -> Result<ServerIdentity, Error> {
     })
 }
 
-/// The public address of an ECS task: DescribeTasks gives its network interface, and
-/// DescribeNetworkInterfaces that interface's public IP. `Ok(None)` while it has none.
-pub fn task_public_ip(
+/// The addresses of task `task_arn`'s network interface: (public, private), each `None`
+/// while not attached. The private one falls back to the task's own attachment details.
+pub fn task_ips(
     ecs: &EcsClient,
     ec2: &Ec2Client,
     cluster: &str,
     task_arn: &str,
-) -> Result<Option<IpAddr>, Error> {
+) -> Result<(Option<IpAddr>, Option<IpAddr>), Error> {
     let (tasks, failures) = ecs.describe_tasks(cluster, &[task_arn])?;
     let task = tasks
         .into_iter()
@@ -285,21 +285,29 @@ pub fn task_public_ip(
                 "ECS does not know this task ({task_arn} in cluster {cluster}): {failures:?}"
             ))
         })?;
+    let attached = task.private_ipv4.as_deref().and_then(|s| s.parse().ok());
     let Some(eni) = task.network_interface_id else {
-        return Ok(None);
+        return Ok((None, attached));
     };
-    let enis = ec2.describe_network_interfaces(&[eni.as_str()])?;
-    let public = enis
-        .into_iter()
-        .find(|n| n.id == eni)
-        .and_then(|n| n.public_ip)
-        .map(|ip| {
+    let read = |what: &str, ip: Option<String>| {
+        ip.map(|ip| {
             ip.parse::<IpAddr>().map_err(|_| {
-                Error::AwsStartup(format!("EC2 gave {eni} an unreadable public IP {ip:?}"))
+                Error::AwsStartup(format!("EC2 gave {eni} an unreadable {what} IP {ip:?}"))
             })
         })
-        .transpose()?;
-    Ok(public)
+        .transpose()
+    };
+    let Some(ni) = ec2
+        .describe_network_interfaces(&[eni.as_str()])?
+        .into_iter()
+        .find(|n| n.id == eni)
+    else {
+        return Ok((None, attached));
+    };
+    Ok((
+        read("public", ni.public_ip)?,
+        read("private", ni.private_ip)?.or(attached),
+    ))
 }
 
 /// The instance's public IPv4 address from the EC2 metadata service.
@@ -314,8 +322,10 @@ pub fn instance_public_ip(imds: &Imds) -> Result<IpAddr, Error> {
     })
 }
 
-/// The server's public address: the task's interface when running on ECS (waiting up to
-/// `limit` for the address to be attached), else the instance metadata.
+/// The server's address: the public IP of the task's interface when running on ECS
+/// (waiting up to `limit` for it to be attached), or with `private_fallback` its private
+/// IP when it has no public one (agents that reach the VPC privately, whose Query answers
+/// the same with `FLUIDITY_PRIVATE_IP_FALLBACK`); else the instance metadata.
 pub fn discover_public_ip(
     identity: &ServerIdentity,
     env: &Env,
@@ -323,6 +333,7 @@ pub fn discover_public_ip(
     ec2: &Ec2Client,
     cluster: Option<&str>,
     limit: Duration,
+    private_fallback: bool,
 ) -> Result<IpAddr, Error> {
     // An ECS task ARN (from the metadata or either variable) has a network interface to
     // look up; anything else is an instance, which the metadata service describes.
@@ -331,9 +342,13 @@ pub fn discover_public_ip(
         let deadline = fluidity_runtime_smol::app::deadline_in(limit);
         let mut delay = Duration::from_millis(500);
         loop {
-            match task_public_ip(ecs, ec2, cluster, &identity.arn) {
-                Ok(Some(ip)) => return Ok(ip),
-                Ok(None) => tracing::info!("the task's network interface has no public IP yet"),
+            match task_ips(ecs, ec2, cluster, &identity.arn) {
+                Ok((Some(ip), _)) => return Ok(ip),
+                Ok((None, Some(ip))) if private_fallback => {
+                    tracing::info!(%ip, "the task's network interface has no public IP: serving on its private IP (private_ip_fallback)");
+                    return Ok(ip);
+                }
+                Ok(_) => tracing::info!("the task's network interface has no public IP yet"),
                 Err(Error::Aws(e)) if e.is_retryable() => {
                     tracing::warn!(error = %e, "looking up the task's public IP")
                 }
@@ -342,7 +357,8 @@ pub fn discover_public_ip(
             if fluidity_runtime_smol::app::deadline_in(delay) > deadline {
                 return Err(Error::AwsStartup(format!(
                     "the task's network interface got no public IP within {limit:?}; run the \
-                     service with assignPublicIp ENABLED"
+                     service with assignPublicIp ENABLED, or set private_ip_fallback for \
+                     agents that reach the VPC privately"
                 )));
             }
             std::thread::sleep(delay);

@@ -67,6 +67,10 @@ pub struct AwsSettings {
     /// Require the agent's source address among its certificate's IP SANs. Turn off only
     /// for agents behind NAT whose public address changes. Default `true`.
     pub check_agent_ip: bool,
+    /// Serve on the task's private IP when its interface has no public one, as Query
+    /// answers it with the same setting. Default: `FLUIDITY_PRIVATE_IP_FALLBACK`, else
+    /// `false`.
+    pub private_ip_fallback: Option<bool>,
     /// Seconds to wait for the public IP and the agent's IP at start-up. Default 300.
     pub startup_wait_secs: u64,
     /// Seconds between CloudWatch samples. Default 60 (what Sleep expects).
@@ -85,6 +89,7 @@ impl Default for AwsSettings {
             region: None,
             cache_dir: None,
             check_agent_ip: true,
+            private_ip_fallback: None,
             startup_wait_secs: 300,
             metrics_period_secs: 60,
             metric_namespace: None,
@@ -206,6 +211,9 @@ pub fn start_up(
         &Ec2Client::new(&aws),
         Some(&cluster),
         wait,
+        settings
+            .private_ip_fallback
+            .unwrap_or_else(|| env.is_true("FLUIDITY_PRIVATE_IP_FALLBACK")),
     )?;
     tracing::info!(server = %server_id, %server_ip, "server public address");
     let agent_ip = agent_ip::wait_for_agent_ip(
