@@ -58,6 +58,8 @@ pub struct ServerState {
     pub service: EcsService,
     /// The task serving, if one exists (a running one in preference).
     pub task: Option<EcsTask>,
+    /// Tasks ECS is stopping that have not stopped yet (a server draining its tunnels).
+    pub draining: usize,
     /// The public IP of the task's network interface, if any.
     pub public_ip: Option<IpAddr>,
     /// The private IP of the task, if known.
@@ -93,16 +95,20 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T
     })
 }
 
-/// Whether `task` is a live task of `id`'s service: not stopped or stopping, and not
-/// another service's (a task without a group was started by hand in its cluster).
-fn serves(task: &EcsTask, id: &ServerId) -> bool {
+/// Whether `task` is a task of `id`'s service that has not stopped (it may be draining),
+/// and not another service's (a task without a group was started by hand in its cluster).
+fn of_service(task: &EcsTask, id: &ServerId) -> bool {
     let own_group = format!("service:{}", id.service());
     task.last_status != "STOPPED"
-        && task.desired_status != "STOPPED"
         && task
             .group
             .as_deref()
             .is_none_or(|g| !g.starts_with("service:") || g == own_group)
+}
+
+/// Whether `task` serves `id`: a task of the service that ECS is not stopping.
+fn serves(task: &EcsTask, id: &ServerId) -> bool {
+    of_service(task, id) && task.desired_status != "STOPPED"
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
@@ -202,12 +208,13 @@ impl Control {
         }
     }
 
-    /// The task serving `id`: listed by service, described, and chosen running first.
+    /// The tasks of `id`'s service that have not stopped, draining ones included: listed by
+    /// service and described.
     ///
     /// ListTasks filters by service in AWS (moto ignores that filter), and tasks whose
     /// group names another service are dropped as well, so a cluster shared with other
     /// services cannot lend this one a task.
-    fn task(&self, id: &ServerId) -> Result<Option<EcsTask>, ControlError> {
+    fn service_tasks(&self, id: &ServerId) -> Result<Vec<EcsTask>, ControlError> {
         let ecs = self.ecs();
         let filter = TaskFilter {
             service_name: Some(id.service().to_string()),
@@ -225,17 +232,21 @@ impl Control {
                 .map_err(|e| ControlError::aws(&what, &e))?;
             tasks.extend(found);
         }
-        tasks.retain(|t| serves(t, id));
-        tasks.sort_by_key(|t| t.last_status != "RUNNING");
-        Ok(tasks.into_iter().next())
+        tasks.retain(|t| of_service(t, id));
+        Ok(tasks)
     }
 
     /// The service, its task and the task's addresses.
     pub fn server_state(&self, id: &ServerId) -> Result<ServerState, ControlError> {
         let service = self.service(id)?;
-        let task = self.task(id)?;
+        let mut tasks = self.service_tasks(id)?;
+        let draining = tasks.iter().filter(|t| !serves(t, id)).count();
+        tasks.retain(|t| serves(t, id));
+        tasks.sort_by_key(|t| t.last_status != "RUNNING");
+        let task = tasks.into_iter().next();
         let mut state = ServerState {
             service,
+            draining,
             public_ip: None,
             private_ip: task
                 .as_ref()
@@ -275,6 +286,10 @@ impl Control {
                 Some(t) => (
                     ServerStatus::Stopping,
                     Some(format!("task is {} and being stopped", t.last_status)),
+                ),
+                None if state.draining > 0 => (
+                    ServerStatus::Stopping,
+                    Some("a task is draining its tunnels".into()),
                 ),
                 None => (ServerStatus::Stopped, None),
             };
@@ -380,7 +395,8 @@ impl Control {
         })
     }
 
-    /// Kill: sets the desired count to 0 unless it already is.
+    /// Kill: sets the desired count to 0 unless it already is; "stopping" while a task of the
+    /// service has not stopped (draining ones too), "stopped" once none is left.
     pub fn kill(&self, _req: &KillRequest) -> Result<KillResponse, ControlError> {
         let id = self.config.server()?;
         let service = self.service(id)?;
@@ -392,11 +408,11 @@ impl Control {
                     ControlError::aws(&format!("could not set ECS service {id} to 0 tasks"), &e)
                 })?;
         }
-        let task = self.task(id)?;
-        let status = if task.is_some() {
-            ServerStatus::Stopping
-        } else {
+        // A task ECS is stopping still runs (and bills) until it has drained.
+        let status = if self.service_tasks(id)?.is_empty() {
             ServerStatus::Stopped
+        } else {
+            ServerStatus::Stopping
         };
         tracing::info!(server = %id, changed, %status, "kill");
         Ok(KillResponse {
@@ -694,6 +710,38 @@ mod tests {
         let e = c.dispatch(Function::Query, ip, b"", now).unwrap_err();
         assert_eq!((e.status, e.code), (500, "configuration"));
         assert!(e.message.contains("FLUIDITY_CLUSTER"), "{e}");
+    }
+
+    /// After a Kill, ECS marks the task to stop at once but it runs on while the server
+    /// drains: that is "stopping", not "stopped".
+    #[test]
+    fn a_draining_task_is_stopping_not_stopped() {
+        let c = offline(ControlConfig::default());
+        let id = ServerId::new("c", "s");
+        let task = |last: &str, desired: &str| EcsTask {
+            task_arn: "arn:aws:ecs:us-east-1:123456789012:task/c/0a1b".into(),
+            last_status: last.into(),
+            desired_status: desired.into(),
+            group: Some("service:s".into()),
+            ..EcsTask::default()
+        };
+        assert!(of_service(&task("RUNNING", "STOPPED"), &id));
+        assert!(!serves(&task("RUNNING", "STOPPED"), &id));
+        assert!(!of_service(&task("STOPPED", "STOPPED"), &id));
+        let other = EcsTask {
+            group: Some("service:other".into()),
+            ..task("RUNNING", "RUNNING")
+        };
+        assert!(!of_service(&other, &id));
+        let stopped = ServerState::default();
+        assert_eq!(c.status(&stopped).0, ServerStatus::Stopped);
+        let draining = ServerState {
+            draining: 1,
+            ..ServerState::default()
+        };
+        let (status, detail) = c.status(&draining);
+        assert_eq!(status, ServerStatus::Stopping);
+        assert!(detail.unwrap_or_default().contains("draining"));
     }
 
     /// The caller and the settings are checked before the task, the addresses or the CA
