@@ -178,7 +178,7 @@ struct CertsInitArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = app::parse_cli();
     app::init_logging(cli.log_format, "info");
     let result = match cli.command {
         None => run_agent(cli.run, cli.log_format),

@@ -265,6 +265,73 @@ async fn wait_for_shutdown(second_stops: bool) {
     }
 }
 
+/// Parses the command line as clap does, and when a value is refused says so if it came
+/// from an environment variable: clap names only the flag, and a user who set the variable
+/// would look for the mistake on a command line that does not hold it.
+#[cfg(feature = "clap")]
+pub fn parse_cli<C: clap::Parser>() -> C {
+    C::try_parse().unwrap_or_else(|e| {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let Some(note) = env_note(&C::command(), &e, &args, |v| std::env::var_os(v)) else {
+            e.exit()
+        };
+        // Printing can fail only when stderr is gone, and then nothing can be said.
+        let _ = e.print();
+        eprintln!("{note}");
+        std::process::exit(e.exit_code())
+    })
+}
+
+/// The note [`parse_cli`] adds to `error`: which environment variable (read with
+/// `var`) holds the refused value, unless the flag is on the command line `args`.
+#[cfg(feature = "clap")]
+fn env_note(
+    cmd: &clap::Command,
+    error: &clap::Error,
+    args: &[std::ffi::OsString],
+    var: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    // clap writes the argument as `--long <VALUE>`.
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    let on_command_line = args.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    });
+    if on_command_line {
+        return None;
+    }
+    let env = find_env(cmd, long)?;
+    (var(env)?.to_str() == Some(value.as_str())).then(|| {
+        format!(
+            "note: the value comes from the environment variable {}; correct or unset it",
+            env.to_string_lossy()
+        )
+    })
+}
+
+/// The environment variable of the argument `--long` in `cmd` or its subcommands.
+#[cfg(feature = "clap")]
+fn find_env<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a std::ffi::OsStr> {
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(clap::Arg::get_env)
+        .or_else(|| cmd.get_subcommands().find_map(|s| find_env(s, long)))
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -468,6 +535,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "clap")]
+    #[test]
+    fn a_refused_value_from_the_environment_names_its_variable() {
+        use clap::{CommandFactory, Parser};
+        use std::ffi::{OsStr, OsString};
+        #[derive(Parser, Debug)]
+        struct Cli {
+            #[arg(long, env = "TEST_THREADS")]
+            threads: Option<usize>,
+        }
+        let env = |v: &OsStr| (v == "TEST_THREADS").then(|| OsString::from("abc"));
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let error = |a: &[&str]| Cli::try_parse_from(args(a)).expect_err("abc is not a number");
+        // The error clap gives for the value, wherever it came from.
+        let e = error(&["prog", "--threads", "abc"]);
+        let note = env_note(&Cli::command(), &e, &args(&["prog"]), env);
+        assert_eq!(
+            note.as_deref(),
+            Some("note: the value comes from the environment variable TEST_THREADS; correct or unset it")
+        );
+        // A bad value on the command line is the command line's.
+        for given in [
+            &["prog", "--threads", "abc"][..],
+            &["prog", "--threads=abc"],
+        ] {
+            assert_eq!(env_note(&Cli::command(), &e, &args(given), env), None);
+        }
+        // A variable holding another value is not the one refused.
+        let other = |v: &OsStr| (v == "TEST_THREADS").then(|| OsString::from("4"));
+        assert_eq!(env_note(&Cli::command(), &e, &args(&["prog"]), other), None);
+    }
 
     /// Each test runs in a process of its own (nextest), so lowering this process's limit
     /// touches no other test.

@@ -167,7 +167,7 @@ fn config(cli: &Cli) -> Result<ServerConfig, Error> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = app::parse_cli();
     app::init_logging(cli.log_format, "info");
     let cfg = match config(&cli) {
         Ok(c) => c,

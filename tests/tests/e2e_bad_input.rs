@@ -1860,3 +1860,34 @@ fn a_closed_tunnel_whose_peer_never_reads_is_let_go() {
     );
     drop(tls);
 }
+
+/// A bad value in an environment variable is refused naming the variable, not only the
+/// flag it stands for: the user looks for it where they set it.
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let bins = binaries();
+    for (exe, var) in [
+        (&bins.agent, "FLUIDITY_THREADS"),
+        (&bins.server, "FLUIDITY_SERVER_THREADS"),
+    ] {
+        let out = Command::new(exe)
+            .env(var, "abc")
+            .output()
+            .expect("running the binary");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("invalid value 'abc' for '--threads"), "{err}");
+        assert!(
+            err.contains(&format!("the environment variable {var}")),
+            "{err}"
+        );
+        // The same value on the command line is the command line's own mistake.
+        let out = Command::new(exe)
+            .args(["--threads", "abc"])
+            .output()
+            .expect("running the binary");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(!err.contains("environment variable"), "{err}");
+    }
+}
