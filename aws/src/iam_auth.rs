@@ -385,6 +385,13 @@ fn arn_account(arn: &str) -> Option<&str> {
     arn.split(':').nth(4)
 }
 
+/// Whether any of `patterns` admits the normalised `arn` ([`normalize_arn`]), in the
+/// account it names.
+pub fn allows(patterns: &[PrincipalPattern], arn: &str) -> bool {
+    let account = arn_account(arn).unwrap_or_default();
+    patterns.iter().any(|p| p.matches(arn, account))
+}
+
 /// `arn:aws:sts::ACCT:assumed-role/ROLE/SESSION` → `arn:aws:iam::ACCT:role/ROLE`; other
 /// ARNs unchanged.
 pub fn normalize_arn(arn: &str) -> String {
@@ -706,12 +713,8 @@ impl Verifier {
                 "STS answered an ARN of another account".into(),
             ));
         }
-        if !self
-            .config
-            .allowed
-            .iter()
-            .any(|pat| pat.matches(&arn, &identity.account))
-        {
+        // The ARN's account is STS's (checked above).
+        if !allows(&self.config.allowed, &arn) {
             return Err(AuthDenied::NotAllowed { arn });
         }
         Ok(Principal {

@@ -283,7 +283,8 @@ pub fn parse_cli<C: clap::Parser>() -> C {
 }
 
 /// The note [`parse_cli`] adds to `error`: which environment variable (read with
-/// `var`) holds the refused value, unless the flag is on the command line `args`.
+/// `var`) holds the refused value, unless the command line `args` gives the flag that
+/// value itself.
 #[cfg(feature = "clap")]
 fn env_note(
     cmd: &clap::Command,
@@ -306,15 +307,29 @@ fn env_note(
     };
     // clap writes the argument as `--long <VALUE>`.
     let long = arg.split_whitespace().next()?.strip_prefix("--")?;
-    let flag = format!("--{long}");
-    let on_command_line = args.iter().any(|a| {
-        a.to_str()
-            .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    });
-    if on_command_line {
+    let found = find_arg(cmd, long)?;
+    let env = found.get_env()?;
+    let forms: Vec<String> = [
+        Some(format!("--{long}")),
+        found.get_short().map(|c| format!("-{c}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // `--long VALUE`, `--long=VALUE`, `-s VALUE`, `-sVALUE`, `-s=VALUE`.
+    let given = args
+        .windows(2)
+        .any(|w| forms.iter().any(|f| w[0] == f.as_str()) && w[1].to_str() == Some(value.as_str()))
+        || args.iter().filter_map(|a| a.to_str()).any(|a| {
+            forms.iter().any(|f| {
+                a.strip_prefix(f.as_str())
+                    .map(|rest| rest.strip_prefix('=').unwrap_or(rest))
+                    .is_some_and(|rest| !rest.is_empty() && rest == value)
+            })
+        });
+    if given {
         return None;
     }
-    let env = find_env(cmd, long)?;
     (var(env)?.to_str() == Some(value.as_str())).then(|| {
         format!(
             "note: the value comes from the environment variable {}; correct or unset it",
@@ -323,13 +338,12 @@ fn env_note(
     })
 }
 
-/// The environment variable of the argument `--long` in `cmd` or its subcommands.
+/// The argument `--long` of `cmd` or of its subcommands.
 #[cfg(feature = "clap")]
-fn find_env<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a std::ffi::OsStr> {
+fn find_arg<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
     cmd.get_arguments()
         .find(|a| a.get_long() == Some(long))
-        .and_then(clap::Arg::get_env)
-        .or_else(|| cmd.get_subcommands().find_map(|s| find_env(s, long)))
+        .or_else(|| cmd.get_subcommands().find_map(|s| find_arg(s, long)))
 }
 
 /// Log output format.
@@ -543,7 +557,7 @@ mod tests {
         use std::ffi::{OsStr, OsString};
         #[derive(Parser, Debug)]
         struct Cli {
-            #[arg(long, env = "TEST_THREADS")]
+            #[arg(long, short, env = "TEST_THREADS")]
             threads: Option<usize>,
         }
         let env = |v: &OsStr| (v == "TEST_THREADS").then(|| OsString::from("abc"));
@@ -560,8 +574,15 @@ mod tests {
         for given in [
             &["prog", "--threads", "abc"][..],
             &["prog", "--threads=abc"],
+            &["prog", "-t", "abc"],
+            &["prog", "-tabc"],
         ] {
             assert_eq!(env_note(&Cli::command(), &e, &args(given), env), None);
+        }
+        // A good value on the command line does not hide the variable's bad one, which
+        // clap may read all the same (for the same flag of another subcommand).
+        for given in [&["prog", "run", "--threads", "4"][..], &["prog", "-t4"]] {
+            assert!(env_note(&Cli::command(), &e, &args(given), env).is_some());
         }
         // A variable holding another value is not the one refused.
         let other = |v: &OsStr| (v == "TEST_THREADS").then(|| OsString::from("4"));

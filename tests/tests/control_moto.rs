@@ -554,6 +554,38 @@ fn ca_issues_a_server_certificate_only_for_the_services_task_and_addresses() {
     sign(&server_csr(&arn, &[&private, agent])).expect("the task's private address");
     sign(&server_csr(&arn, &[&public, agent])).expect("the task's public address");
 
+    // With a caller list, the server's role goes on to the same checks; another does not.
+    let listed = w.control_with(ControlConfig {
+        server_callers: vec!["arn:aws:iam::123456789012:role/fluidity-server"
+            .parse()
+            .expect("a principal pattern")],
+        ..w.config()
+    });
+    let role = |name: &str| Caller {
+        ip: Some(ip(&public)),
+        arn: Some(format!(
+            "arn:aws:sts::123456789012:assumed-role/{name}/0a1b"
+        )),
+    };
+    let own = server_csr(&arn, &[&public, agent]);
+    listed
+        .sign_certificate(&own, &role("fluidity-server"), now)
+        .expect("the server's role");
+    let e = refused(listed.sign_certificate(&own, &role("fluidity-agent"), now));
+    assert!(
+        e.message.contains("may not have a server certificate"),
+        "{e}"
+    );
+    let e = refused(listed.sign_certificate(
+        &server_csr(TASK_ARN_CN, &[&public, agent]),
+        &role("fluidity-server"),
+        now,
+    ));
+    assert!(
+        e.message.contains(&format!("{TASK_ARN_CN} is not one")),
+        "{e}"
+    );
+
     // A task of another service in the cluster, or a stopped one, is not the server.
     let other = w.moto.json(
         Service::Ecs,
@@ -575,6 +607,23 @@ fn ca_issues_a_server_certificate_only_for_the_services_task_and_addresses() {
         e.message.contains(&format!("{other_arn} is not one")),
         "{e}"
     );
+    // Nor is a task started by hand in the cluster (a group of its own, or none).
+    let by_hand = w.moto.json(
+        Service::Ecs,
+        "RunTask",
+        &json!({
+            "cluster": CLUSTER,
+            "taskDefinition": w.ecs.task_definition_arn,
+            "launchType": "FARGATE",
+            "networkConfiguration": Moto::awsvpc(&w.ecs.network),
+        }),
+    );
+    let by_hand = by_hand
+        .pointer("/tasks/0/taskArn")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no task in {by_hand}"));
+    let e = refused(sign(&server_csr(by_hand, &[&public, agent])));
+    assert!(e.message.contains(&format!("{by_hand} is not one")), "{e}");
     w.stop_task(&arn);
     let e = refused(sign(&server_csr(&arn, &[&public, agent])));
     assert!(e.message.contains(&format!("{arn} is not one")), "{e}");

@@ -1883,6 +1883,7 @@ fn a_bad_value_from_the_environment_names_its_variable() {
         );
         // The same value on the command line is the command line's own mistake.
         let out = Command::new(exe)
+            .env(var, "abc")
             .args(["--threads", "abc"])
             .output()
             .expect("running the binary");

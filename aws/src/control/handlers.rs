@@ -23,7 +23,7 @@ use crate::clients::dynamodb::DynamoDbClient;
 use crate::clients::ec2::Ec2Client;
 use crate::clients::ecs::{EcsClient, EcsService, EcsTask, TaskFilter};
 use crate::clients::secrets::SecretsManagerClient;
-use crate::iam_auth::normalize_arn;
+use crate::iam_auth::{allows, normalize_arn};
 use crate::AwsConfig;
 
 /// How long the CA is kept in memory between invocations: long enough to spare Secrets
@@ -66,18 +66,26 @@ pub struct ServerState {
     pub private_ip: Option<IpAddr>,
 }
 
-/// The public and private IPs of network interface `eni`: how the server finds its own
-/// public IP from its task metadata, and how Query finds it from the task.
-pub fn interface_ips(
+/// The public and private IPs of `task`'s network interface (the private one from the
+/// task's own attachment while the interface has none): how Query finds the address to
+/// dial, the CA the addresses a server certificate may name, and the server its own.
+pub fn task_ips(
     ec2: &Ec2Client,
-    eni: &str,
+    task: &EcsTask,
 ) -> crate::Result<(Option<IpAddr>, Option<IpAddr>)> {
-    let found = ec2.describe_network_interfaces(&[eni])?;
-    let Some(ni) = found.into_iter().find(|n| n.id == eni) else {
-        return Ok((None, None));
+    let ip = |s: Option<&str>| s.and_then(|s| s.parse::<IpAddr>().ok());
+    let attached = ip(task.private_ipv4.as_deref());
+    let Some(eni) = task.network_interface_id.as_deref() else {
+        return Ok((None, attached));
     };
-    let ip = |s: Option<String>| s.and_then(|s| s.parse::<IpAddr>().ok());
-    Ok((ip(ni.public_ip), ip(ni.private_ip)))
+    let found = ec2.describe_network_interfaces(&[eni])?;
+    Ok(match found.into_iter().find(|n| n.id == eni) {
+        Some(ni) => (
+            ip(ni.public_ip.as_deref()),
+            ip(ni.private_ip.as_deref()).or(attached),
+        ),
+        None => (None, attached),
+    })
 }
 
 /// Unmaps IPv4-mapped IPv6 addresses (a dual-stack listener's view of an IPv4 caller),
@@ -95,8 +103,9 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T
     })
 }
 
-/// Whether `task` is a task of `id`'s service that has not stopped (it may be draining),
-/// and not another service's (a task without a group was started by hand in its cluster).
+/// Whether `task`, listed as a task of `id`'s service, has not stopped (it may be
+/// draining) and is not another service's: ListTasks filters by service in AWS, and a
+/// group naming another service drops the task where that filter is ignored (moto).
 fn of_service(task: &EcsTask, id: &ServerId) -> bool {
     let own_group = format!("service:{}", id.service());
     task.last_status != "STOPPED"
@@ -244,29 +253,30 @@ impl Control {
         tasks.retain(|t| serves(t, id));
         tasks.sort_by_key(|t| t.last_status != "RUNNING");
         let task = tasks.into_iter().next();
-        let mut state = ServerState {
-            service,
-            draining,
-            public_ip: None,
-            private_ip: task
-                .as_ref()
-                .and_then(|t| t.private_ipv4.as_deref())
-                .and_then(|s| s.parse().ok()),
-            task,
+        let (public_ip, private_ip) = match &task {
+            Some(t) => self.task_ips(t)?,
+            None => (None, None),
         };
-        if let Some(eni) = state
-            .task
-            .as_ref()
-            .and_then(|t| t.network_interface_id.clone())
-        {
-            let (public, private) =
-                interface_ips(&Ec2Client::new(&self.aws), &eni).map_err(|e| {
-                    ControlError::aws(&format!("could not read network interface {eni}"), &e)
-                })?;
-            state.public_ip = public;
-            state.private_ip = private.or(state.private_ip);
-        }
-        Ok(state)
+        Ok(ServerState {
+            service,
+            task,
+            draining,
+            public_ip,
+            private_ip,
+        })
+    }
+
+    /// [`task_ips`], or a clear error.
+    fn task_ips(&self, task: &EcsTask) -> Result<(Option<IpAddr>, Option<IpAddr>), ControlError> {
+        task_ips(&Ec2Client::new(&self.aws), task).map_err(|e| {
+            ControlError::aws(
+                &format!(
+                    "could not read the network interface of task {}",
+                    task.task_arn
+                ),
+                &e,
+            )
+        })
     }
 
     /// The address to dial and its kind, per the private-IP fallback setting.
@@ -289,7 +299,7 @@ impl Control {
                 ),
                 None if state.draining > 0 => (
                     ServerStatus::Stopping,
-                    Some("a task is draining its tunnels".into()),
+                    Some("a task ECS is stopping has not stopped yet".into()),
                 ),
                 None => (ServerStatus::Stopped, None),
             };
@@ -547,18 +557,13 @@ impl Control {
         if !self.config.server_callers.is_empty() {
             let Some(arn) = caller.arn.as_deref() else {
                 return Err(ControlError::csr_refused(
-                    "a server certificate needs the caller's IAM identity: call the CA \
-                     through its function URL (AWS_IAM authorisation)",
+                    "FLUIDITY_SERVER_CALLERS is set and this call names no caller: the CA's \
+                     function URL with AWS_IAM authorisation names it (the local control host \
+                     does not)",
                 ));
             };
             let who = normalize_arn(arn);
-            let account = who.split(':').nth(4).unwrap_or_default();
-            if !self
-                .config
-                .server_callers
-                .iter()
-                .any(|p| p.matches(&who, account))
-            {
+            if !allows(&self.config.server_callers, &who) {
                 return Err(ControlError::csr_refused(format!(
                     "{who} may not have a server certificate: it is not in \
                      FLUIDITY_SERVER_CALLERS"
@@ -585,27 +590,18 @@ impl Control {
             .ecs()
             .describe_tasks(id.cluster(), &[cn])
             .map_err(|e| ControlError::aws(&format!("could not read task {cn}"), &e))?;
-        let Some(task) = found
-            .into_iter()
-            .find(|t| t.task_arn == cn && serves(t, id))
-        else {
+        // DescribeTasks takes any task of the cluster: only one the service started (its
+        // group names it) is the server's.
+        let own_group = format!("service:{}", id.service());
+        let Some(task) = found.into_iter().find(|t| {
+            t.task_arn == cn && serves(t, id) && t.group.as_deref() == Some(own_group.as_str())
+        }) else {
             return Err(ControlError::csr_refused(format!(
                 "a server certificate is for a live task of ECS service {id}, and {cn} is not one"
             )));
         };
-        let mut addresses: Vec<IpAddr> = task
-            .private_ipv4
-            .as_deref()
-            .and_then(|s| s.parse().ok())
-            .into_iter()
-            .collect();
-        if let Some(eni) = task.network_interface_id.as_deref() {
-            let (public, private) =
-                interface_ips(&Ec2Client::new(&self.aws), eni).map_err(|e| {
-                    ControlError::aws(&format!("could not read network interface {eni}"), &e)
-                })?;
-            addresses.extend(public.into_iter().chain(private));
-        }
+        let (public, private) = self.task_ips(&task)?;
+        let addresses: Vec<IpAddr> = public.into_iter().chain(private).collect();
         if !addresses.iter().any(|a| canonical_ip(*a) == server_ip) {
             return Err(ControlError::csr_refused(format!(
                 "a server certificate's first IP SAN is its task's address, and {server_ip} is \
@@ -741,7 +737,7 @@ mod tests {
         };
         let (status, detail) = c.status(&draining);
         assert_eq!(status, ServerStatus::Stopping);
-        assert!(detail.unwrap_or_default().contains("draining"));
+        assert!(detail.unwrap_or_default().contains("not stopped yet"));
     }
 
     /// The caller and the settings are checked before the task, the addresses or the CA
@@ -774,7 +770,7 @@ mod tests {
         };
         let e = as_caller(None);
         assert_eq!(e.code, "csr_refused", "{e}");
-        assert!(e.message.contains("the caller's IAM identity"), "{e}");
+        assert!(e.message.contains("names no caller"), "{e}");
         let e = as_caller(Some(
             "arn:aws:sts::123456789012:assumed-role/fluidity-agent/s",
         ));

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use fluidity_aws::clients::dynamodb::DynamoDbClient;
-use fluidity_aws::control::agent_ip::live_agent_ip;
+pub use fluidity_aws::control::agent_ip::live_agent_ip;
 use fluidity_aws::control::ServerId;
 
 use crate::Error;

@@ -215,6 +215,47 @@ pub fn obtain(
     Ok(Obtained::Issued)
 }
 
+/// [`obtain`]s this server's certificate, naming `server_ip` and the agent's address, with
+/// [`SERVER_RENEW_BEFORE`](super::SERVER_RENEW_BEFORE); when the CA refuses, asks
+/// `latest_agent_ip` once more and, if the agent's address changed, asks the CA again. The
+/// CA certifies only the address Wake stored last, and a Wake from another address may land
+/// between the server's read and its request. Returns the agent address certified.
+pub fn obtain_server(
+    files: &CertFiles,
+    cn: &str,
+    server_ip: IpAddr,
+    agent_ip: IpAddr,
+    ca: &dyn CertificateAuthority,
+    latest_agent_ip: impl FnOnce() -> Option<IpAddr>,
+) -> Result<IpAddr, Error> {
+    let renew_before = super::SERVER_RENEW_BEFORE;
+    let Err(e) = obtain(
+        files,
+        cn,
+        &[server_ip, agent_ip],
+        PeerRole::Server,
+        ca,
+        renew_before,
+    ) else {
+        return Ok(agent_ip);
+    };
+    match latest_agent_ip() {
+        Some(now) if now != agent_ip => {
+            tracing::info!(was = %agent_ip, %now, "the agent's address changed: asking the CA again");
+            obtain(
+                files,
+                cn,
+                &[server_ip, now],
+                PeerRole::Server,
+                ca,
+                renew_before,
+            )?;
+            Ok(now)
+        }
+        _ => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +315,53 @@ mod tests {
 
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// A CA that signs only CSRs naming `agent` (the address Wake stored last).
+    struct WakeBoundCa(TestCa, IpAddr);
+
+    impl CertificateAuthority for WakeBoundCa {
+        fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
+            let names = pki::csr_names(csr_pem).map_err(|e| e.to_string())?;
+            if !names.ip_sans.contains(&self.1) {
+                return Err("csr_refused: not the agent address Wake stored".into());
+            }
+            self.0.sign(csr_pem)
+        }
+    }
+
+    #[test]
+    fn a_wake_from_another_address_during_start_up_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "server");
+        let [server, old, new] = [
+            ips(&["198.51.100.7"]),
+            ips(&["203.0.113.9"]),
+            ips(&["203.0.113.10"]),
+        ]
+        .map(|v| v[0]);
+        let ca = WakeBoundCa(TestCa::new(7), new);
+        let got = obtain_server(&files, ARN, server, old, &ca, || Some(new)).unwrap();
+        assert_eq!(got, new);
+        let names = Identity::load(&files.cert, &files.key)
+            .unwrap()
+            .names()
+            .unwrap();
+        assert_eq!(names.ip_sans, vec![server, new]);
+        // An address that did not change is the CA's refusal, not a race.
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "server");
+        let ca = WakeBoundCa(TestCa::new(7), new);
+        let e = obtain_server(&files, ARN, server, old, &ca, || Some(old)).unwrap_err();
+        assert!(
+            e.to_string().contains("not the agent address Wake stored"),
+            "{e}"
+        );
+        assert_eq!(
+            ca.0.calls.load(Ordering::Relaxed),
+            0,
+            "asked once, refused before signing"
+        );
     }
 
     #[test]

@@ -268,8 +268,8 @@ pub fn discover_identity(env: &Env) -> Result<ServerIdentity, Error> {
     })
 }
 
-/// The addresses of task `task_arn`'s network interface: (public, private), each `None`
-/// while not attached. The private one falls back to the task's own attachment details.
+/// The addresses of task `task_arn`: (public, private), each `None` while not attached
+/// ([`fluidity_aws::control::task_ips`], which Query and the CA read too).
 pub fn task_ips(
     ecs: &EcsClient,
     ec2: &Ec2Client,
@@ -285,29 +285,7 @@ pub fn task_ips(
                 "ECS does not know this task ({task_arn} in cluster {cluster}): {failures:?}"
             ))
         })?;
-    let attached = task.private_ipv4.as_deref().and_then(|s| s.parse().ok());
-    let Some(eni) = task.network_interface_id else {
-        return Ok((None, attached));
-    };
-    let read = |what: &str, ip: Option<String>| {
-        ip.map(|ip| {
-            ip.parse::<IpAddr>().map_err(|_| {
-                Error::AwsStartup(format!("EC2 gave {eni} an unreadable {what} IP {ip:?}"))
-            })
-        })
-        .transpose()
-    };
-    let Some(ni) = ec2
-        .describe_network_interfaces(&[eni.as_str()])?
-        .into_iter()
-        .find(|n| n.id == eni)
-    else {
-        return Ok((None, attached));
-    };
-    Ok((
-        read("public", ni.public_ip)?,
-        read("private", ni.private_ip)?.or(attached),
-    ))
+    Ok(fluidity_aws::control::task_ips(ec2, &task)?)
 }
 
 /// The instance's public IPv4 address from the EC2 metadata service.
@@ -355,11 +333,18 @@ pub fn discover_public_ip(
                 Err(e) => return Err(e),
             }
             if fluidity_runtime_smol::app::deadline_in(delay) > deadline {
-                return Err(Error::AwsStartup(format!(
-                    "the task's network interface got no public IP within {limit:?}; run the \
-                     service with assignPublicIp ENABLED, or set private_ip_fallback for \
-                     agents that reach the VPC privately"
-                )));
+                return Err(Error::AwsStartup(if private_fallback {
+                    format!(
+                        "the task's network interface got neither a public nor a private IP \
+                         within {limit:?}"
+                    )
+                } else {
+                    format!(
+                        "the task's network interface got no public IP within {limit:?}; run \
+                         the service with assignPublicIp ENABLED, or set private_ip_fallback \
+                         for agents that reach the VPC privately"
+                    )
+                }));
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(10));

@@ -36,7 +36,6 @@ use fluidity_aws::clients::ecs::EcsClient;
 use fluidity_aws::control::types::{CertRole, METRIC_NAMESPACE};
 use fluidity_aws::control::{ControlClient, ControlUrls, ServerId};
 use fluidity_aws::{AwsConfig, Env};
-use fluidity_runtime_smol::PeerRole;
 use serde::Deserialize;
 
 use self::cert::{CertFiles, ControlCa};
@@ -216,13 +215,9 @@ pub fn start_up(
             .unwrap_or_else(|| env.is_true("FLUIDITY_PRIVATE_IP_FALLBACK")),
     )?;
     tracing::info!(server = %server_id, %server_ip, "server public address");
-    let agent_ip = agent_ip::wait_for_agent_ip(
-        &DynamoDbClient::new(&aws),
-        &table,
-        &server_id,
-        wait,
-        Duration::from_millis(500),
-    )?;
+    let ddb = DynamoDbClient::new(&aws);
+    let agent_ip =
+        agent_ip::wait_for_agent_ip(&ddb, &table, &server_id, wait, Duration::from_millis(500))?;
 
     let cache_dir = settings
         .cache_dir
@@ -240,14 +235,12 @@ pub fn start_up(
         client: ControlClient::new(&aws, urls),
         role: CertRole::Server,
     };
-    cert::obtain(
-        &files,
-        &identity.arn,
-        &[server_ip, agent_ip],
-        PeerRole::Server,
-        &ca,
-        SERVER_RENEW_BEFORE,
-    )?;
+    let agent_ip = cert::obtain_server(&files, &identity.arn, server_ip, agent_ip, &ca, || {
+        agent_ip::live_agent_ip(&ddb, &table, &server_id, std::time::SystemTime::now())
+            .ok()
+            .flatten()
+            .map(|r| r.agent_ip)
+    })?;
 
     cfg.cert = files.cert;
     cfg.key = files.key;
