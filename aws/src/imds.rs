@@ -95,20 +95,10 @@ impl Imds {
                 body: resp.body_snippet(),
             });
         }
-        let token = String::from_utf8(resp.body)
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty() && t.len() <= 1024 && !t.contains(['\r', '\n']))
-            .ok_or_else(|| Error::Credentials {
-                provider: "imds",
-                message: "metadata service returned an unusable session token".into(),
-            })?;
-        let ttl = resp
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("x-aws-ec2-metadata-token-ttl-seconds"))
-            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
-            .map_or(TOKEN_TTL, Duration::from_secs);
+        let (token, ttl) = session_token(
+            &resp.body,
+            resp.header("x-aws-ec2-metadata-token-ttl-seconds"),
+        )?;
         *cached = Some((token.clone(), requested + ttl));
         Ok(token)
     }
@@ -142,5 +132,112 @@ impl Imds {
             provider: "imds",
             message: format!("{path} is not UTF-8"),
         })
+    }
+}
+
+/// The longest session token accepted.
+const MAX_TOKEN_LEN: usize = 1024;
+
+/// Reads the answer to a token request. The token is the body, trimmed: not empty, at
+/// most [`MAX_TOKEN_LEN`] bytes, printable ASCII (it goes into a header). Its lifetime is
+/// `ttl_header` (the `x-aws-ec2-metadata-token-ttl-seconds` header) capped at the
+/// lifetime asked for, or that lifetime when the header is missing or not a number.
+pub(crate) fn session_token(body: &[u8], ttl_header: Option<&str>) -> Result<(String, Duration)> {
+    let token = std::str::from_utf8(body)
+        .ok()
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty() && t.len() <= MAX_TOKEN_LEN && t.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| Error::Credentials {
+            provider: "imds",
+            message: "metadata service returned an unusable session token".into(),
+        })?;
+    // The cap keeps the token's deadline within what the clock can hold: the service
+    // grants what was asked for, and a longer lifetime is not believed.
+    let ttl = ttl_header
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(TOKEN_TTL, |secs| Duration::from_secs(secs).min(TOKEN_TTL));
+    Ok((token.to_string(), ttl))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A metadata service on 127.0.0.1 that answers each of `answers` (head and body) to
+    /// one connection in turn.
+    fn metadata_service(answers: Vec<String>) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            for answer in answers {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+                conn.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        (url, server)
+    }
+
+    fn answer(extra_header: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\n{extra_header}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A token TTL beyond what a clock can hold (`u64::MAX` seconds) is capped at the
+    /// lifetime asked for, rather than overflowing the token's deadline.
+    #[test]
+    fn a_token_ttl_past_the_clock_is_capped() {
+        let (url, server) = metadata_service(vec![
+            answer(
+                "x-aws-ec2-metadata-token-ttl-seconds: 18446744073709551615\r\n",
+                "token",
+            ),
+            answer("", "role-name"),
+        ]);
+        let imds = Imds::new(url).unwrap();
+        assert_eq!(
+            imds.get("/latest/meta-data/iam/security-credentials/")
+                .unwrap(),
+            "role-name"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn session_token_answers() {
+        assert_eq!(
+            session_token(b" tok\n", Some("60")).unwrap(),
+            ("tok".to_string(), Duration::from_secs(60))
+        );
+        assert_eq!(session_token(b"tok", None).unwrap().1, TOKEN_TTL);
+        assert_eq!(session_token(b"tok", Some("soon")).unwrap().1, TOKEN_TTL);
+        assert_eq!(
+            session_token(b"tok", Some("18446744073709551615"))
+                .unwrap()
+                .1,
+            TOKEN_TTL
+        );
+        for bad in [
+            &b""[..],
+            b" \r\n",
+            b"a\nb",
+            b"a\x01b",
+            b"a b",
+            b"\xff",
+            &[b'a'; MAX_TOKEN_LEN + 1],
+        ] {
+            assert!(session_token(bad, None).is_err(), "{bad:?}");
+        }
     }
 }
