@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::client::AwsConfig;
 use crate::clients::sts::StsClient;
-use crate::credentials::Credentials;
+use crate::credentials::{is_usable_part, Credentials};
 use crate::endpoints::Endpoints;
 use crate::env::Env;
 use crate::error::{Error, Result};
@@ -264,27 +264,75 @@ struct MetadataCredentials {
 
 impl MetadataCredentials {
     fn into_credentials(self, provider: &'static str) -> Result<Credentials> {
+        let fail = |message: String| Error::Credentials { provider, message };
         if let Some(code) = self.code.filter(|c| c != "Success") {
-            return Err(Error::Credentials {
-                provider,
-                message: format!("{code}: {}", self.message.unwrap_or_default()),
-            });
+            return Err(fail(format!(
+                "{code}: {}",
+                self.message.unwrap_or_default()
+            )));
         }
-        let (Some(id), Some(secret)) = (self.access_key_id, self.secret_access_key) else {
-            return Err(Error::Credentials {
-                provider,
-                message: "answer lacks AccessKeyId or SecretAccessKey".into(),
-            });
+        let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
+        let (Some(id), Some(secret)) = (
+            non_empty(self.access_key_id),
+            non_empty(self.secret_access_key),
+        ) else {
+            return Err(fail("answer lacks AccessKeyId or SecretAccessKey".into()));
         };
+        let token = non_empty(self.token);
+        for (name, part) in [
+            ("AccessKeyId", Some(&id)),
+            ("SecretAccessKey", Some(&secret)),
+            ("Token", token.as_ref()),
+        ] {
+            if part.is_some_and(|p| !is_usable_part(p)) {
+                return Err(fail(format!(
+                    "{name} holds characters other than printable ASCII"
+                )));
+            }
+        }
         let expiry = match self.expiration {
-            Some(e) => Some(parse_rfc3339(&e).ok_or_else(|| Error::Credentials {
-                provider,
-                message: format!("unparsable Expiration {e:?}"),
-            })?),
+            Some(e) => Some(
+                parse_rfc3339(&e).ok_or_else(|| fail(format!("unparsable Expiration {e:?}")))?,
+            ),
             None => None,
         };
-        Ok(Credentials::new(id, secret, self.token, expiry, provider))
+        Ok(Credentials::new(id, secret, token, expiry, provider))
     }
+}
+
+/// Reads the credentials answer of the container credentials endpoint or of the instance
+/// metadata service (`provider` names which): JSON with `AccessKeyId`, `SecretAccessKey`,
+/// `Token` and `Expiration`, and for the metadata service a `Code` other than `Success`
+/// when it has none to give.
+pub(crate) fn metadata_credentials(body: &[u8], provider: &'static str) -> Result<Credentials> {
+    let parsed: MetadataCredentials =
+        serde_json::from_slice(body).map_err(|e| Error::Credentials {
+            provider,
+            message: format!("invalid JSON: {e}"),
+        })?;
+    parsed.into_credentials(provider)
+}
+
+/// The longest IAM role name.
+const MAX_ROLE_NAME: usize = 64;
+
+/// The instance's role in the metadata service's answer to
+/// `/latest/meta-data/iam/security-credentials/`: its first line, trimmed, which must be
+/// a valid IAM role name (it goes into the next request's path).
+pub(crate) fn instance_role(listing: &str) -> Result<&str> {
+    let role = listing.lines().next().unwrap_or("").trim();
+    if role.is_empty()
+        || role.len() > MAX_ROLE_NAME
+        || !role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+    {
+        return Err(Error::Credentials {
+            provider: "imds",
+            message: "metadata service returned an invalid role name".into(),
+        });
+    }
+    Ok(role)
 }
 
 /// ECS (and EKS Pod Identity) container credentials: `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`
@@ -420,12 +468,7 @@ impl ProvideCredentials for ContainerProvider {
                     })
                 }
             })?;
-        let parsed: MetadataCredentials =
-            serde_json::from_slice(&resp.body).map_err(|e| Error::Credentials {
-                provider: "ecs-container",
-                message: format!("invalid JSON: {e}"),
-            })?;
-        parsed.into_credentials("ecs-container")
+        metadata_credentials(&resp.body, "ecs-container")
     }
 }
 
@@ -459,24 +502,9 @@ impl ProvideCredentials for ImdsProvider {
             }
             Err(e) => return Err(e),
         };
-        let role = role.lines().next().unwrap_or("").trim();
-        if role.is_empty()
-            || !role
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
-        {
-            return Err(Error::Credentials {
-                provider: "imds",
-                message: "metadata service returned an invalid role name".into(),
-            });
-        }
+        let role = instance_role(&role)?;
         let body = self.imds.get(&format!("{BASE}{role}"))?;
-        let parsed: MetadataCredentials =
-            serde_json::from_str(&body).map_err(|e| Error::Credentials {
-                provider: "imds",
-                message: format!("invalid JSON: {e}"),
-            })?;
-        parsed.into_credentials("imds")
+        metadata_credentials(body.as_bytes(), "imds")
     }
 }
 
@@ -810,5 +838,67 @@ mod tests {
             1_704_164_645
         );
         assert!(parse_rfc3339("yesterday").is_none());
+    }
+
+    #[test]
+    fn metadata_credentials_answers() {
+        let c = metadata_credentials(
+            br#"{"Code":"Success","AccessKeyId":"ASIAX","SecretAccessKey":"s/k+","Token":"t==","Expiration":"2024-01-02T03:04:05Z"}"#,
+            "imds",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.access_key_id(), c.secret_access_key(), c.session_token()),
+            ("ASIAX", "s/k+", Some("t=="))
+        );
+        assert_eq!(c.expiry(), parse_rfc3339("2024-01-02T03:04:05Z"));
+        let c = metadata_credentials(
+            br#"{"AccessKeyId":"AKID","SecretAccessKey":"s","Token":""}"#,
+            "ecs-container",
+        )
+        .unwrap();
+        assert_eq!((c.session_token(), c.expiry()), (None, None));
+        for (body, why) in [
+            (
+                &br#"{"Code":"Failure","Message":"no role"}"#[..],
+                "Failure: no role",
+            ),
+            (br#"{"AccessKeyId":"AKID"}"#, "lacks"),
+            // Empty parts were accepted before, and signed with.
+            (br#"{"AccessKeyId":"","SecretAccessKey":"s"}"#, "lacks"),
+            (br#"{"AccessKeyId":"AKID","SecretAccessKey":""}"#, "lacks"),
+            (
+                br#"{"AccessKeyId":"AKID\r\nx: y","SecretAccessKey":"s"}"#,
+                "AccessKeyId holds",
+            ),
+            (
+                br#"{"AccessKeyId":"AKID","SecretAccessKey":"s k"}"#,
+                "SecretAccessKey holds",
+            ),
+            (
+                br#"{"AccessKeyId":"AKID","SecretAccessKey":"s","Token":"t\u00e9"}"#,
+                "Token holds",
+            ),
+            (
+                br#"{"AccessKeyId":"AKID","SecretAccessKey":"s","Expiration":"soon"}"#,
+                "unparsable Expiration",
+            ),
+            (b"[1]", "invalid JSON"),
+        ] {
+            let e = metadata_credentials(body, "imds").unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+            assert!(!e.contains("s k"), "{e}");
+        }
+    }
+
+    #[test]
+    fn instance_role_is_the_first_line() {
+        assert_eq!(instance_role("role-1\nrole-2\n").unwrap(), "role-1");
+        assert_eq!(instance_role(" my.role@x \r\n").unwrap(), "my.role@x");
+        assert!(instance_role(&"r".repeat(MAX_ROLE_NAME)).is_ok());
+        let long = "r".repeat(MAX_ROLE_NAME + 1);
+        for bad in ["", "\nrole", "../x", "role name", "r\u{e9}le", &long] {
+            assert!(instance_role(bad).is_err(), "{bad:?}");
+        }
     }
 }

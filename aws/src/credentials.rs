@@ -40,6 +40,13 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Whether `part` (an access key id, a secret key or a session token read from an answer)
+/// can sign a request: not empty, and printable ASCII without spaces, as AWS issues them.
+/// Anything else would fail to sign or carry control characters into a header.
+pub(crate) fn is_usable_part(part: &str) -> bool {
+    !part.is_empty() && part.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl Credentials {
     /// Credentials from their parts; `provider` names where they came from, for diagnostics.
     pub fn new(

@@ -10,9 +10,13 @@
 //! - [`control_local_request`]: the local control host's HTTP request reader, over a socket;
 //! - [`control_types`]: the control functions' JSON request and answer bodies;
 //! - [`ca_csr`]: the CA function's CSR policy, and signing with a fixed CA;
-//! - [`aws_answers`]: the answers of the AWS APIs the control functions read (ECS
-//!   DescribeTasks and DescribeServices, EC2 DescribeNetworkInterfaces, CloudWatch
-//!   GetMetricStatistics).
+//! - [`aws_answers`]: the answers of the AWS APIs the control functions and their
+//!   clients read (ECS DescribeTasks and DescribeServices, EC2 DescribeNetworkInterfaces,
+//!   CloudWatch GetMetricStatistics, DynamoDB GetItem and the agent-IP record, Secrets
+//!   Manager GetSecretValue, CreateSecret and PutSecretValue, a function URL's answer);
+//! - [`aws_credentials`]: what the credential providers read (the container and instance
+//!   metadata credentials, the metadata service's role listing and session token, STS
+//!   AssumeRole, RFC 3339 expiry times) and the shared config and credentials files.
 //!
 //! Not a stable API: it exists for the `fuzz/` targets and for the test below that replays
 //! the checked-in corpus (`fuzz/corpus/<target>/`).
@@ -136,13 +140,28 @@ pub fn sts_response(data: &[u8]) {
 
 // ----- the control functions' AWS answers -----
 
-/// Reads `data` as each answer the control functions decode: as JSON, the ECS
-/// DescribeTasks and DescribeServices answers; as XML, the EC2 DescribeNetworkInterfaces
-/// and CloudWatch GetMetricStatistics answers.
+/// The table the fuzzed agent-IP records are read from, which their errors name.
+const FUZZ_TABLE: &str = "fuzz-table";
+
+/// The function URL the fuzzed answers come from; errors name it without its query.
+const FUZZ_FUNCTION_URL: &str = "https://fuzz.lambda-url.eu-west-1.on.aws/wake?fuzz-query";
+
+/// Reads `data` as each answer the control functions and their clients decode: as JSON,
+/// the ECS DescribeTasks and DescribeServices answers, the DynamoDB GetItem answer and
+/// the agent-IP record in its item, and the Secrets Manager GetSecretValue (with the CA
+/// secret it may hold), CreateSecret and PutSecretValue answers; as XML, the EC2
+/// DescribeNetworkInterfaces and CloudWatch GetMetricStatistics answers; as bytes, a
+/// function URL's answer.
+///
+/// An agent-IP record stored again reads back unchanged; a secret's `Debug` form shows no
+/// value, and its binary value is the base64 it came as; a function URL's answer is the
+/// body's JSON (`null` for a blank body), and its errors do not quote the URL's query.
 pub fn aws_answers(data: &[u8]) {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let _ = crate::clients::ecs::tasks_answer(&v);
         let _ = crate::clients::ecs::services_answer(&v);
+        dynamodb_answer(&v);
+        secrets_answer(&v);
     }
     if let Ok(root) = xml::parse(data) {
         let _ = crate::clients::ec2::network_interfaces(&root);
@@ -153,6 +172,259 @@ pub fn aws_answers(data: &[u8]) {
             );
         }
     }
+    match crate::clients::lambda_url::function_url_answer(FUZZ_FUNCTION_URL, data) {
+        Ok(serde_json::Value::Null) => assert!(
+            data.iter().all(u8::is_ascii_whitespace)
+                || serde_json::from_slice::<serde_json::Value>(data).is_ok_and(|v| v.is_null())
+        ),
+        Ok(v) => assert_eq!(Some(v), serde_json::from_slice(data).ok()),
+        Err(crate::Error::MalformedResponse { operation, .. }) => {
+            assert_eq!(operation, crate::http::redact_url(FUZZ_FUNCTION_URL));
+        }
+        Err(e) => panic!("a function URL's answer failed otherwise: {e}"),
+    }
+}
+
+/// The GetItem answer in `v`, and the agent-IP record in its item.
+fn dynamodb_answer(v: &serde_json::Value) {
+    use crate::clients::dynamodb::{attr_n, get_item_answer, get_n};
+    use crate::control::agent_ip::{agent_ip_item, agent_ip_record};
+    let item = match get_item_answer(v.clone()) {
+        Ok(Some(item)) => item,
+        Ok(None) => {
+            assert!(v.get("Item").is_none_or(serde_json::Value::is_null));
+            return;
+        }
+        Err(_) => return,
+    };
+    for name in item.keys() {
+        if let Some(n) = get_n(&item, name) {
+            let again = crate::clients::dynamodb::Item::from_iter([(name.clone(), attr_n(n))]);
+            assert_eq!(get_n(&again, name), Some(n));
+        }
+    }
+    let id = crate::control::ServerId::new("fuzz-cluster", "fuzz-service");
+    match agent_ip_record(&item, FUZZ_TABLE, &id) {
+        Ok(record) => {
+            let stored = agent_ip_item(&id, &record);
+            let again = agent_ip_record(&stored, FUZZ_TABLE, &id).expect("a stored record reads");
+            assert_eq!(again, record, "a record changed when stored again");
+        }
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("item fuzz-cluster/fuzz-service of table fuzz-table"),
+                "{text}"
+            );
+        }
+    }
+}
+
+/// The Secrets Manager answers in `v`, and the CA secret a GetSecretValue answer holds.
+fn secrets_answer(v: &serde_json::Value) {
+    use crate::clients::secrets::{
+        create_secret_answer, get_secret_value_answer, put_secret_value_answer, SecretValue,
+    };
+    let _ = create_secret_answer(v);
+    let _ = put_secret_value_answer(v);
+    let Ok(secret) = get_secret_value_answer(v.clone()) else {
+        return;
+    };
+    let shown = format!(
+        "{:?}",
+        SecretValue {
+            arn: String::new(),
+            name: String::new(),
+            version_id: String::new(),
+            ..secret.clone()
+        }
+    );
+    assert_eq!(
+        shown,
+        r#"SecretValue { arn: "", name: "", version_id: "", value: "** redacted **" }"#
+    );
+    // (Serde also reads a struct from an array of its fields, in order: the base64 is
+    // compared only when it came by name.)
+    if let (Some(binary), true) = (&secret.secret_binary, v.is_object()) {
+        assert_eq!(
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .encode(binary)
+                    .as_str()
+            ),
+            v.get("SecretBinary").and_then(serde_json::Value::as_str),
+            "SecretBinary is not the base64 of the decoded value"
+        );
+    }
+    if let Some(text) = &secret.secret_string {
+        let _ = ca::parse_ca_secret(text);
+    }
+}
+
+// ----- credentials -----
+
+/// Reads `data` as each thing a credential provider decodes, and as the shared files:
+///
+/// - as JSON, the container and instance-metadata credentials answer;
+/// - as XML, the STS AssumeRole answer;
+/// - as text, an RFC 3339 time, the metadata service's role listing, its session-token
+///   answer (the first line as the TTL header, the rest as the body; and all as the
+///   body), and both the config and the credentials file.
+///
+/// Accepted credentials have a key id and a secret key, all parts printable ASCII, sign
+/// a request whose every header can be sent, and show neither the secret nor the token
+/// in their `Debug` form; their expiry is the answer's `Expiration` as read alone. A
+/// parsed time written back in RFC 3339 reads as itself to the microsecond. A role name
+/// fits in a URL path; a session token fits in a header and lives no longer than asked.
+/// Profiles have names, their properties have lower-case names, and written back as a
+/// credentials file they read back unchanged.
+pub fn aws_credentials(data: &[u8]) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        for provider in ["ecs-container", "imds"] {
+            if let Ok(c) = crate::chain::metadata_credentials(data, provider) {
+                check_credentials(&c);
+                let expiration = v.get("Expiration").and_then(serde_json::Value::as_str);
+                assert_eq!(c.expiry(), expiration.and_then(crate::chain::parse_rfc3339));
+                assert!(v
+                    .get("Code")
+                    .is_none_or(|c| c.is_null() || c.as_str() == Some("Success")));
+            }
+        }
+    }
+    if let Ok(root) = xml::parse(data) {
+        if let Ok(c) = crate::clients::sts::assume_role_credentials(&root) {
+            check_credentials(&c);
+            assert!(c.session_token().is_some() && c.expiry().is_some());
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    rfc3339_round_trip(&text);
+    if let Ok(role) = crate::chain::instance_role(&text) {
+        assert!(!role.is_empty() && role.len() <= 64, "{role:?}");
+        assert_eq!(Some(role), text.lines().next().map(str::trim));
+        let url =
+            format!("http://169.254.169.254/latest/meta-data/iam/security-credentials/{role}");
+        assert!(url.parse::<ureq::http::Uri>().is_ok(), "{url}");
+    }
+    let (first, rest) = match data.iter().position(|b| *b == b'\n') {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &b""[..]),
+    };
+    let ttl = String::from_utf8_lossy(first);
+    for (body, header) in [(rest, Some(&*ttl)), (data, None)] {
+        if let Ok((token, lifetime)) = crate::imds::session_token(body, header) {
+            assert!(!token.is_empty() && token.len() <= 1024);
+            assert!(
+                ureq::http::HeaderValue::from_str(&token).is_ok(),
+                "{token:?}"
+            );
+            assert!(lifetime <= Duration::from_secs(21_600));
+        }
+    }
+    profiles(&text);
+}
+
+/// Checks credentials a provider accepted; see [`aws_credentials`].
+fn check_credentials(c: &Credentials) {
+    let usable = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic());
+    assert!(usable(c.access_key_id()) && usable(c.secret_access_key()));
+    assert!(c.session_token().is_none_or(usable));
+    // The Debug form is the same whatever the secret and the token.
+    let other = Credentials::new(
+        c.access_key_id(),
+        "other secret",
+        c.session_token().map(|_| "other token".to_string()),
+        c.expiry(),
+        c.provider(),
+    );
+    assert_eq!(format!("{c:?}"), format!("{other:?}"));
+    let url = "https://sts.amazonaws.com/";
+    let mut headers = vec![("host".to_string(), "sts.amazonaws.com".to_string())];
+    let signer = crate::sign::Signer {
+        creds: c,
+        region: "us-east-1",
+        service: "sts",
+        time: fuzz_now(),
+        payload_hash: crate::sign::PayloadHash::Implicit,
+    };
+    crate::sign::sign_headers(
+        &signer,
+        "POST",
+        url,
+        &mut headers,
+        b"Action=GetCallerIdentity",
+    )
+    .expect("accepted credentials sign");
+    for (name, value) in &headers {
+        assert!(
+            ureq::http::HeaderValue::from_str(value).is_ok(),
+            "header {name} cannot be sent"
+        );
+    }
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let auth = header("authorization").expect("an Authorization header");
+    assert!(auth.starts_with(&format!(
+        "AWS4-HMAC-SHA256 Credential={}/",
+        c.access_key_id()
+    )));
+    assert_eq!(
+        header("x-amz-security-token").map(String::as_str),
+        c.session_token()
+    );
+}
+
+/// A time `text` parses to, written back in RFC 3339 (microseconds), reads as itself to
+/// the microsecond, and writing that gives the same text.
+fn rfc3339_round_trip(text: &str) {
+    use aws_smithy_types::date_time::Format;
+    let Some(t) = crate::chain::parse_rfc3339(text) else {
+        return;
+    };
+    let Ok(written) = aws_smithy_types::DateTime::from(t).fmt(Format::DateTime) else {
+        // RFC 3339 allows year 0, which the writer does not.
+        let year_1 = SystemTime::UNIX_EPOCH - Duration::from_secs(62_135_596_800);
+        assert!(t < year_1, "{text:?} parsed but does not format");
+        return;
+    };
+    let again = crate::chain::parse_rfc3339(&written).expect("a written time parses");
+    let drift = t.duration_since(again).expect("writing does not round up");
+    assert!(drift < Duration::from_micros(1), "{text:?} -> {written}");
+    assert_eq!(
+        aws_smithy_types::DateTime::from(again)
+            .fmt(Format::DateTime)
+            .ok(),
+        Some(written)
+    );
+}
+
+/// Checks `text` read as the config file and as the credentials file; see
+/// [`aws_credentials`].
+fn profiles(text: &str) {
+    let profiles = crate::profile::merge_profiles(Some(text), Some(text));
+    let mut written = String::new();
+    for (name, props) in &profiles {
+        assert!(
+            !name.is_empty() && name.trim() == name && !name.contains([']', '\n']),
+            "profile name {name:?}"
+        );
+        written.push_str(&format!("[{name}]\n"));
+        for (k, v) in props {
+            assert!(
+                !k.is_empty()
+                    && k.trim() == k
+                    && *k == k.to_ascii_lowercase()
+                    && !k.contains(['=', '\n']),
+                "property name {k:?}"
+            );
+            assert!(v.trim() == v && !v.contains('\n'), "value {v:?}");
+            written.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    assert_eq!(
+        crate::profile::merge_profiles(None, Some(&written)),
+        profiles,
+        "written back:\n{written}"
+    );
 }
 
 fn depth(node: &XmlNode) -> usize {
@@ -550,6 +822,54 @@ mod tests {
             eprintln!("{name}");
             aws_answers(&data);
         }
+    }
+
+    #[test]
+    fn corpus_replays_through_aws_credentials() {
+        for (name, data) in corpus("aws_credentials") {
+            eprintln!("{name}");
+            aws_credentials(&data);
+        }
+    }
+
+    /// The credential seeds reach the checks: each is accepted by what it was written for.
+    #[test]
+    fn credential_seeds_are_accepted() {
+        let seed = |name: &str| {
+            corpus("aws_credentials")
+                .into_iter()
+                .find(|(path, _)| path.ends_with(&format!("/{name}")))
+                .unwrap_or_else(|| panic!("no seed {name}"))
+                .1
+        };
+        for name in ["container-credentials", "imds-credentials"] {
+            let c = crate::chain::metadata_credentials(&seed(name), "imds").unwrap();
+            assert!(c.expiry().is_some() && c.session_token().is_some());
+        }
+        let root = xml::parse(&seed("assume-role")).unwrap();
+        crate::clients::sts::assume_role_credentials(&root).unwrap();
+        for name in ["rfc3339", "rfc3339-leap-second"] {
+            let text = String::from_utf8(seed(name)).unwrap();
+            assert!(crate::chain::parse_rfc3339(&text).is_some(), "{name}");
+        }
+        let role = String::from_utf8(seed("imds-role")).unwrap();
+        assert_eq!(
+            crate::chain::instance_role(&role).unwrap(),
+            "fluidity-agent-role"
+        );
+        let token = seed("imds-token");
+        let (ttl, body) = token.split_at(token.iter().position(|b| *b == b'\n').unwrap());
+        let ttl = std::str::from_utf8(ttl).unwrap();
+        assert_eq!(
+            crate::imds::session_token(&body[1..], Some(ttl)).unwrap().1,
+            Duration::from_secs(21_600)
+        );
+        let config = String::from_utf8(seed("config-file")).unwrap();
+        let credentials = String::from_utf8(seed("credentials-file")).unwrap();
+        let profiles = crate::profile::merge_profiles(Some(&config), Some(&credentials));
+        assert_eq!(profiles["tunnel"]["external_id"], "x#y");
+        assert_eq!(profiles["ci"]["aws_access_key_id"], "AKIAFUZZCI");
+        assert_eq!(profiles["ci"]["aws_secret_access_key"], "s");
     }
 
     #[test]
@@ -959,8 +1279,93 @@ mod tests {
               <Maximum>1.0</Maximum><Unit>None</Unit></member><member><Timestamp>2026-12-07T10:00:00Z</Timestamp><Maximum>0.0</Maximum>\
               </member></Datapoints><Label>ActiveTunnels</Label></GetMetricStatisticsResult></GetMetricStatisticsResponse>",
         );
-        for entry in std::fs::read_dir(root.join("aws_answers")).unwrap() {
-            aws_answers(&std::fs::read(entry.unwrap().path()).unwrap());
+        write(
+            "aws_answers",
+            "get-item-agent-ip",
+            br#"{"Item":{"server_id":{"S":"fluidity/tunnel"},"agent_ip":{"S":"203.0.113.9"},"updated_at":{"N":"1767225600"},"ttl":{"N":"1767229200"}}}"#,
+        );
+        write("aws_answers", "get-item-none", b"{}");
+        write(
+            "aws_answers",
+            "get-secret-value",
+            br#"{"ARN":"arn:aws:secretsmanager:eu-west-1:123456789012:secret:fluidity/ca-AbCdEf","Name":"fluidity/ca","VersionId":"v-1","SecretString":"{\"ca_cert_pem\":\"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\",\"ca_key_pem\":\"\"}","VersionStages":["AWSCURRENT"],"CreatedDate":1.767225600E9}"#,
+        );
+        write(
+            "aws_answers",
+            "get-secret-value-binary",
+            br#"{"ARN":"arn:aws:secretsmanager:eu-west-1:123456789012:secret:b-AbCdEf","Name":"b","VersionId":"v-2","SecretBinary":"AAEC/w=="}"#,
+        );
+        write(
+            "aws_answers",
+            "put-secret-value",
+            br#"{"ARN":"arn:aws:secretsmanager:eu-west-1:123456789012:secret:b-AbCdEf","Name":"b","VersionId":"v-3","VersionStages":["AWSCURRENT"]}"#,
+        );
+        write(
+            "aws_answers",
+            "function-url-answer",
+            br#"{"status":"running","server_ip":"198.51.100.7","server_ip_kind":"public","desired_count":1}"#,
+        );
+        write("aws_answers", "function-url-blank", b" \r\n");
+        // Serde reads a struct from an array of its fields too.
+        write("aws_answers", "secret-as-array", br#"["","","","",""]"#);
+        for (_, data) in corpus("aws_answers") {
+            aws_answers(&data);
+        }
+
+        // What the credential providers read.
+        write(
+            "aws_credentials",
+            "container-credentials",
+            br#"{"RoleArn":"arn:aws:iam::123456789012:role/fluidity-agent","AccessKeyId":"ASIAFUZZEXAMPLE","SecretAccessKey":"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY","Token":"IQoJb3JpZ2luX2VjEFUZZ+/=","Expiration":"2026-01-01T06:00:00Z"}"#,
+        );
+        write(
+            "aws_credentials",
+            "imds-credentials",
+            br#"{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","Type":"AWS-HMAC","AccessKeyId":"ASIAFUZZEXAMPLE","SecretAccessKey":"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY","Token":"IQoJb3JpZ2luX2VjEFUZZ+/=","Expiration":"2026-01-01T06:00:00.123456Z"}"#,
+        );
+        write(
+            "aws_credentials",
+            "imds-failure",
+            br#"{"Code":"AssumeRoleUnauthorizedAccess","Message":"EC2 cannot assume the role","LastUpdated":"2026-01-01T00:00:00Z"}"#,
+        );
+        write(
+            "aws_credentials",
+            "assume-role",
+            b"<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+              <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/r/fluidity-1</Arn><AssumedRoleId>AROAFUZZ:fluidity-1</AssumedRoleId></AssumedRoleUser>\
+              <Credentials><AccessKeyId>ASIAFUZZEXAMPLE</AccessKeyId><SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY</SecretAccessKey>\
+              <SessionToken>IQoJb3JpZ2luX2VjEFUZZ+/=</SessionToken><Expiration>2026-01-01T01:00:00Z</Expiration></Credentials>\
+              </AssumeRoleResult><ResponseMetadata><RequestId>r-3</RequestId></ResponseMetadata></AssumeRoleResponse>",
+        );
+        write("aws_credentials", "rfc3339", b"1985-04-12T23:20:50.52Z");
+        write(
+            "aws_credentials",
+            "rfc3339-leap-second",
+            b"2016-12-31T23:59:60Z",
+        );
+        write("aws_credentials", "imds-role", b"fluidity-agent-role\n");
+        write(
+            "aws_credentials",
+            "imds-token",
+            b"21600\nAQAEAFUZZEXAMPLEtokenAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==",
+        );
+        write(
+            "aws_credentials",
+            "config-file",
+            b"# the shared config file\n[default]\nregion = eu-west-1\noutput=json\n\n\
+              [profile tunnel]\nrole_arn = arn:aws:iam::123456789012:role/fluidity ; the role\n\
+              source_profile = default\nexternal_id = x#y\ns3 =\n  max_concurrent_requests = 20\n\
+              [sso-session s]\nsso_region = eu-west-1\n",
+        );
+        write(
+            "aws_credentials",
+            "credentials-file",
+            b"[default]\r\naws_access_key_id = AKIAFUZZEXAMPLE\r\n\
+              aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\r\n\
+              ; a comment\r\n[ci]\r\nAWS_ACCESS_KEY_ID=AKIAFUZZCI\r\naws_secret_access_key\t=\ts\t# note\r\n",
+        );
+        for (_, data) in corpus("aws_credentials") {
+            aws_credentials(&data);
         }
         for target in ["auth_payload", "sts_response", "auth_verify"] {
             for entry in std::fs::read_dir(root.join(target)).unwrap() {

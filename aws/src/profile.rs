@@ -40,32 +40,41 @@ pub fn config_file(env: &Env) -> Option<PathBuf> {
 /// sections, overlaid by the credentials file's `[NAME]` sections (which win, as in the
 /// SDKs). Missing files are empty.
 pub fn load_profiles(env: &Env) -> Result<BTreeMap<String, Profile>> {
+    let config = match config_file(env) {
+        Some(path) => read_optional(&path)?,
+        None => None,
+    };
+    let credentials = match credentials_file(env) {
+        Some(path) => read_optional(&path)?,
+        None => None,
+    };
+    Ok(merge_profiles(config.as_deref(), credentials.as_deref()))
+}
+
+/// The profiles of a config file's and a credentials file's texts, as
+/// [`load_profiles`] merges them.
+pub(crate) fn merge_profiles(
+    config: Option<&str>,
+    credentials: Option<&str>,
+) -> BTreeMap<String, Profile> {
     let mut profiles: BTreeMap<String, Profile> = BTreeMap::new();
-    if let Some(path) = config_file(env) {
-        if let Some(text) = read_optional(&path)? {
-            for (section, props) in parse_ini(&text) {
-                let name = if section == "default" {
-                    Some("default".to_string())
-                } else {
-                    section
-                        .strip_prefix("profile")
-                        .filter(|rest| rest.starts_with([' ', '\t']))
-                        .map(|rest| rest.trim().to_string())
-                };
-                if let Some(name) = name {
-                    profiles.entry(name).or_default().extend(props);
-                }
-            }
+    for (section, props) in parse_ini(config.unwrap_or_default()) {
+        let name = if section == "default" {
+            Some("default".to_string())
+        } else {
+            section
+                .strip_prefix("profile")
+                .filter(|rest| rest.starts_with([' ', '\t']))
+                .map(|rest| rest.trim().to_string())
+        };
+        if let Some(name) = name {
+            profiles.entry(name).or_default().extend(props);
         }
     }
-    if let Some(path) = credentials_file(env) {
-        if let Some(text) = read_optional(&path)? {
-            for (section, props) in parse_ini(&text) {
-                profiles.entry(section).or_default().extend(props);
-            }
-        }
+    for (section, props) in parse_ini(credentials.unwrap_or_default()) {
+        profiles.entry(section).or_default().extend(props);
     }
-    Ok(profiles)
+    profiles
 }
 
 /// The selected profile, if either file defines it.
@@ -110,9 +119,13 @@ fn read_optional(path: &Path) -> Result<Option<String>> {
 }
 
 /// Parses the AWS flavour of INI: `[section]`, `key = value`, `#`/`;` comments, and
-/// indented continuation lines (nested sub-properties, which are skipped).
+/// indented continuation lines (nested sub-properties, which are skipped). A header
+/// without its `]` or with an empty name starts a section that is dropped, properties
+/// and all, as is a property with an empty name.
 fn parse_ini(text: &str) -> Vec<(String, Profile)> {
     let mut out: Vec<(String, Profile)> = Vec::new();
+    // Whether the properties that follow belong to the last section of `out`.
+    let mut in_section = false;
     for raw in text.lines() {
         if raw.starts_with([' ', '\t']) && !raw.trim().is_empty() {
             // A continuation of the previous property (e.g. `s3 =` sub-settings).
@@ -123,12 +136,22 @@ fn parse_ini(text: &str) -> Vec<(String, Profile)> {
             continue;
         }
         if let Some(rest) = line.strip_prefix('[') {
-            if let Some(end) = rest.find(']') {
-                out.push((rest[..end].trim().to_string(), Profile::new()));
+            let name = rest.find(']').map(|end| rest[..end].trim());
+            in_section = false;
+            if let Some(name) = name.filter(|n| !n.is_empty()) {
+                out.push((name.to_string(), Profile::new()));
+                in_section = true;
             }
             continue;
         }
-        if let (Some((_, props)), Some((k, v))) = (out.last_mut(), line.split_once('=')) {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        if !in_section || k.is_empty() {
+            continue;
+        }
+        if let Some((_, props)) = out.last_mut() {
             let v = v.trim();
             // Inline comments need whitespace before the marker, as in the SDKs.
             let v = [" #", "\t#", " ;", "\t;"]
@@ -136,7 +159,7 @@ fn parse_ini(text: &str) -> Vec<(String, Profile)> {
                 .filter_map(|m| v.find(m))
                 .min()
                 .map_or(v, |i| v[..i].trim_end());
-            props.insert(k.trim().to_ascii_lowercase(), v.to_string());
+            props.insert(k.to_ascii_lowercase(), v.to_string());
         }
     }
     out
@@ -155,5 +178,21 @@ mod tests {
         assert_eq!(p[1].0, "profile dev");
         assert_eq!(p[1].1["role_arn"], "arn:aws:iam::1:role/x");
         assert!(!p[1].1.contains_key("max_concurrent_requests"));
+    }
+
+    /// Headers with no name or no `]`, and properties with no name, are dropped with what
+    /// follows them; before, `[]` made a profile named "" and the properties after `[prod`
+    /// went to the profile above it.
+    #[test]
+    fn drops_nameless_and_unterminated_sections() {
+        let text = "[default]\nregion = eu-west-1\n[prod\naws_access_key_id = B\n[ ]\nx = 1\n\
+                    [profile  ]\ny = 2\n[profile dev]\n= v\nregion = us-east-2\n";
+        let profiles = merge_profiles(Some(text), Some(text));
+        let names: Vec<&str> = profiles.keys().map(String::as_str).collect();
+        assert_eq!(names, ["default", "dev", "profile", "profile dev"]);
+        let region = |r: &str| Profile::from([("region".to_string(), r.to_string())]);
+        assert_eq!(profiles["default"], region("eu-west-1"));
+        assert_eq!(profiles["dev"], region("us-east-2"));
+        assert_eq!(profiles["profile dev"], region("us-east-2"));
     }
 }

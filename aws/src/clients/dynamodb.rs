@@ -62,11 +62,7 @@ impl DynamoDbClient {
             "GetItem",
             &json!({ "TableName": table, "Key": key, "ConsistentRead": consistent_read }),
         )?;
-        match out.get("Item") {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(m.clone())),
-            Some(_) => Err(malformed("dynamodb", "GetItem", "Item is not an object")),
-        }
+        get_item_answer(out)
     }
 
     /// UpdateTimeToLive: enables or disables expiry on `attribute` (epoch seconds).
@@ -81,5 +77,40 @@ impl DynamoDbClient {
             }),
         )?;
         Ok(())
+    }
+}
+
+/// The item of a GetItem answer; `None` when the answer has none.
+pub(crate) fn get_item_answer(mut out: Value) -> Result<Option<Item>> {
+    match out.get_mut("Item").map(Value::take) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(malformed("dynamodb", "GetItem", "Item is not an object")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_item_answers() {
+        assert_eq!(get_item_answer(json!({})).unwrap(), None);
+        assert_eq!(get_item_answer(json!({ "Item": null })).unwrap(), None);
+        let item = get_item_answer(json!({ "Item": { "n": { "N": "-5" }, "s": { "S": "x" } } }))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (get_n(&item, "n"), get_s(&item, "s")),
+            (Some(-5), Some("x"))
+        );
+        assert_eq!((get_n(&item, "s"), get_s(&item, "n")), (None, None));
+        assert!(get_item_answer(json!({ "Item": [] })).is_err());
+        let huge = item_of(json!({ "n": { "N": "1".repeat(40) } }));
+        assert_eq!(get_n(&huge, "n"), None);
+    }
+
+    fn item_of(v: Value) -> Item {
+        v.as_object().unwrap().clone()
     }
 }

@@ -74,15 +74,21 @@ impl FunctionUrlClient {
                 })
             }
         })?;
-        if resp.body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&resp.body).map_err(|e| Error::MalformedResponse {
-            service: "lambda",
-            operation: redact_url(url),
-            message: e.to_string(),
-        })
+        function_url_answer(url, &resp.body)
     }
+}
+
+/// The JSON answer of the function at `url` (which errors name, without its query):
+/// `Value::Null` for an empty or blank body.
+pub(crate) fn function_url_answer(url: &str, body: &[u8]) -> Result<Value> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(body).map_err(|e| Error::MalformedResponse {
+        service: "lambda",
+        operation: redact_url(url),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -96,5 +102,18 @@ mod tests {
             Some("eu-west-2")
         );
         assert_eq!(region_of_function_url("http://127.0.0.1:9000/"), None);
+    }
+
+    #[test]
+    fn function_url_answers() {
+        let url = "https://abc.lambda-url.eu-west-1.on.aws/wake?token=x";
+        assert_eq!(function_url_answer(url, b" \r\n").unwrap(), Value::Null);
+        assert_eq!(
+            function_url_answer(url, br#"{"status":"running"}"#).unwrap()["status"],
+            "running"
+        );
+        let e = function_url_answer(url, b"<html>").unwrap_err().to_string();
+        assert!(e.contains("malformed response from lambda"), "{e}");
+        assert!(!e.contains("token=x"), "{e}");
     }
 }

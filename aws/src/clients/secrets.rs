@@ -2,7 +2,7 @@
 
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::client::AwsConfig;
 use crate::clients::{decode, idempotency_token, malformed};
@@ -67,28 +67,7 @@ impl SecretsManagerClient {
             "GetSecretValue",
             &json!({ "SecretId": secret_id }),
         )?;
-        let raw: RawSecret = decode("secretsmanager", "GetSecretValue", out)?;
-        let secret_binary = match raw.secret_binary {
-            None => None,
-            Some(b64) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|_| {
-                        malformed(
-                            "secretsmanager",
-                            "GetSecretValue",
-                            "SecretBinary is not base64",
-                        )
-                    })?,
-            ),
-        };
-        Ok(SecretValue {
-            arn: raw.arn,
-            name: raw.name,
-            version_id: raw.version_id,
-            secret_string: raw.secret_string,
-            secret_binary,
-        })
+        get_secret_value_answer(out)
     }
 
     /// CreateSecret with a string value; returns the new secret's ARN.
@@ -110,10 +89,7 @@ impl SecretsManagerClient {
         let out = self
             .config
             .call_json(Service::SecretsManager, "CreateSecret", &input)?;
-        out.get("ARN")
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| malformed("secretsmanager", "CreateSecret", "no ARN"))
+        create_secret_answer(&out)
     }
 
     /// PutSecretValue: stores a new current version; returns its version id.
@@ -127,9 +103,76 @@ impl SecretsManagerClient {
                 "ClientRequestToken": idempotency_token(),
             }),
         )?;
-        out.get("VersionId")
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| malformed("secretsmanager", "PutSecretValue", "no VersionId"))
+        put_secret_value_answer(&out)
+    }
+}
+
+/// The secret of a GetSecretValue answer; `SecretBinary` is decoded from base64.
+pub(crate) fn get_secret_value_answer(out: Value) -> Result<SecretValue> {
+    let raw: RawSecret = decode("secretsmanager", "GetSecretValue", out)?;
+    let secret_binary = match raw.secret_binary {
+        None => None,
+        Some(b64) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| {
+                    malformed(
+                        "secretsmanager",
+                        "GetSecretValue",
+                        "SecretBinary is not base64",
+                    )
+                })?,
+        ),
+    };
+    Ok(SecretValue {
+        arn: raw.arn,
+        name: raw.name,
+        version_id: raw.version_id,
+        secret_string: raw.secret_string,
+        secret_binary,
+    })
+}
+
+/// The new secret's ARN in a CreateSecret answer.
+pub(crate) fn create_secret_answer(out: &Value) -> Result<String> {
+    out.get("ARN")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| malformed("secretsmanager", "CreateSecret", "no ARN"))
+}
+
+/// The new version's id in a PutSecretValue answer.
+pub(crate) fn put_secret_value_answer(out: &Value) -> Result<String> {
+    out.get("VersionId")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| malformed("secretsmanager", "PutSecretValue", "no VersionId"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_secret_value_answers() {
+        let v = get_secret_value_answer(json!({
+            "ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:ca-AbCdEf",
+            "Name": "ca", "VersionId": "v1", "SecretString": "hush", "SecretBinary": "AAE=",
+        }))
+        .unwrap();
+        assert_eq!(v.name, "ca");
+        assert_eq!(v.secret_string.as_deref(), Some("hush"));
+        assert_eq!(v.secret_binary.as_deref(), Some(&[0u8, 1][..]));
+        assert!(!format!("{v:?}").contains("hush"));
+        let e = get_secret_value_answer(json!({ "SecretBinary": "not base64" })).unwrap_err();
+        assert!(e.to_string().contains("SecretBinary is not base64"), "{e}");
+        assert!(get_secret_value_answer(json!({ "Name": 1 })).is_err());
+        assert_eq!(create_secret_answer(&json!({ "ARN": "a" })).unwrap(), "a");
+        assert!(create_secret_answer(&json!({ "ARN": 1 })).is_err());
+        assert_eq!(
+            put_secret_value_answer(&json!({ "VersionId": "v" })).unwrap(),
+            "v"
+        );
+        assert!(put_secret_value_answer(&json!({})).is_err());
     }
 }

@@ -40,6 +40,19 @@ fn key(id: &ServerId) -> Item {
     k
 }
 
+/// The item that stores `record` under `id`. Times are whole epoch seconds (earlier
+/// than the epoch is stored as 0).
+pub(crate) fn agent_ip_item(id: &ServerId, record: &AgentIpRecord) -> Item {
+    let mut item = key(id);
+    item.insert(AGENT_IP_ATTR.into(), attr_s(record.agent_ip.to_string()));
+    item.insert(
+        UPDATED_AT_ATTR.into(),
+        attr_n(epoch_secs(record.updated_at)),
+    );
+    item.insert(TTL_ATTR.into(), attr_n(epoch_secs(record.expires_at)));
+    item
+}
+
 /// Stores `agent_ip` for `id`, valid for `ttl` from `now` (replacing any earlier item).
 pub fn put_agent_ip(
     ddb: &DynamoDbClient,
@@ -49,11 +62,12 @@ pub fn put_agent_ip(
     now: SystemTime,
     ttl: Duration,
 ) -> Result<()> {
-    let mut item = key(id);
-    item.insert(AGENT_IP_ATTR.into(), attr_s(agent_ip.to_string()));
-    item.insert(UPDATED_AT_ATTR.into(), attr_n(epoch_secs(now)));
-    item.insert(TTL_ATTR.into(), attr_n(epoch_secs(now + ttl)));
-    ddb.put_item(table, &item)
+    let record = AgentIpRecord {
+        agent_ip,
+        updated_at: now,
+        expires_at: now + ttl,
+    };
+    ddb.put_item(table, &agent_ip_item(id, &record))
 }
 
 /// Reads the record of `id`, expired or not (strongly consistent, so a server started
@@ -63,28 +77,33 @@ pub fn read_agent_ip(
     table: &str,
     id: &ServerId,
 ) -> Result<Option<AgentIpRecord>> {
-    let Some(item) = ddb.get_item(table, &key(id), true)? else {
-        return Ok(None);
-    };
+    ddb.get_item(table, &key(id), true)?
+        .map(|item| agent_ip_record(&item, table, id))
+        .transpose()
+}
+
+/// The record in an item of the agent-IP table (`table`, under `id`, which errors name):
+/// an IP address and two times in epoch seconds that a [`SystemTime`] can hold.
+pub(crate) fn agent_ip_record(item: &Item, table: &str, id: &ServerId) -> Result<AgentIpRecord> {
     let bad = |what: &str| Error::MalformedResponse {
         service: "dynamodb",
         operation: "GetItem".into(),
         message: format!("item {} of table {table}: {what}", id.key()),
     };
-    let agent_ip = get_s(&item, AGENT_IP_ATTR)
+    let agent_ip = get_s(item, AGENT_IP_ATTR)
         .and_then(|s| s.parse::<IpAddr>().ok())
         .ok_or_else(|| bad("agent_ip is missing or not an IP address"))?;
     let at = |name: &str| {
-        get_n(&item, name)
+        get_n(item, name)
             .and_then(|n| u64::try_from(n).ok())
             .and_then(|n| UNIX_EPOCH.checked_add(Duration::from_secs(n)))
             .ok_or_else(|| bad(&format!("{name} is missing or not a time")))
     };
-    Ok(Some(AgentIpRecord {
+    Ok(AgentIpRecord {
         agent_ip,
         updated_at: at(UPDATED_AT_ATTR)?,
         expires_at: at(TTL_ATTR)?,
-    }))
+    })
 }
 
 /// The unexpired record of `id` at `now`: what the server uses at start-up.
@@ -95,4 +114,54 @@ pub fn live_agent_ip(
     now: SystemTime,
 ) -> Result<Option<AgentIpRecord>> {
     Ok(read_agent_ip(ddb, table, id)?.filter(|r| !r.is_expired(now)))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn item(v: serde_json::Value) -> Item {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        let id = ServerId::new("c", "s");
+        let record = AgentIpRecord {
+            agent_ip: "2001:db8::9".parse().unwrap(),
+            updated_at: UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+            expires_at: UNIX_EPOCH + Duration::from_secs(1_767_229_200),
+        };
+        let written = agent_ip_item(&id, &record);
+        assert_eq!(get_s(&written, SERVER_ID_ATTR), Some("c/s"));
+        assert_eq!(agent_ip_record(&written, "t", &id).unwrap(), record);
+    }
+
+    #[test]
+    fn records_with_unreadable_times_or_addresses_are_refused() {
+        let id = ServerId::new("c", "s");
+        for (v, why) in [
+            (json!({}), "agent_ip is missing"),
+            (json!({ "agent_ip": { "S": "host" } }), "not an IP"),
+            (json!({ "agent_ip": { "N": "1" } }), "not an IP"),
+            (
+                json!({ "agent_ip": { "S": "10.0.0.1" }, "updated_at": { "N": "-1" }, "ttl": { "N": "1" } }),
+                "updated_at is missing or not a time",
+            ),
+            (
+                json!({ "agent_ip": { "S": "10.0.0.1" }, "updated_at": { "N": "1" }, "ttl": { "N": "1e3" } }),
+                "ttl is missing",
+            ),
+            // Past i64.
+            (
+                json!({ "agent_ip": { "S": "10.0.0.1" }, "updated_at": { "N": "1" }, "ttl": { "N": "99999999999999999999999" } }),
+                "ttl is missing",
+            ),
+        ] {
+            let e = agent_ip_record(&item(v), "t", &id).unwrap_err().to_string();
+            assert!(e.contains("item c/s of table t") && e.contains(why), "{e}");
+        }
+    }
 }
