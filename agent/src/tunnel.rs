@@ -396,22 +396,44 @@ impl TunnelDialer {
         cur.as_ref().filter(|t| t.can_open()).cloned()
     }
 
+    /// A tunnel to the first of the server's addresses that completes the tunnel
+    /// handshake: an address whose TLS or tunnel handshake fails gives way to the next.
     async fn connect(&self) -> Result<Tunnel, String> {
         let settings = self.settings();
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
         let mut addrs = s.server.resolve(s.connect_timeout).await?;
-        let (server, h) = connect_to_one(s, &mut addrs).await.map_err(|mut why| {
-            why.dedup();
-            match why.len() {
-                1 => why.remove(0),
-                _ => format!(
-                    "cannot connect to the server {} at any of its addresses: {}",
-                    s.server,
-                    why.join("; ")
-                ),
+        let mut why = Vec::new();
+        loop {
+            let (server, h) = match connect_to_one(s, &mut addrs).await {
+                Ok(found) => found,
+                Err(failed) => {
+                    why.extend(failed);
+                    return Err(all_failed(s, why));
+                }
+            };
+            match self.start_tunnel(s, server, h).await {
+                Ok(tunnel) => return Ok(tunnel),
+                Err((e, Next::Address)) if !addrs.is_empty() => {
+                    tracing::warn!(%server, error = %e, "the tunnel handshake failed; trying the server's next address");
+                    why.push(e);
+                }
+                Err((e, _)) => {
+                    why.push(e);
+                    return Err(all_failed(s, why));
+                }
             }
-        })?;
+        }
+    }
+
+    /// Runs the tunnel handshake on a TLS connection to `server`; on failure, says whether
+    /// another of the server's addresses might do better.
+    async fn start_tunnel(
+        &self,
+        s: &TunnelSettings,
+        server: SocketAddr,
+        h: Handshaken,
+    ) -> Result<Tunnel, (String, Next)> {
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
@@ -431,12 +453,12 @@ impl TunnelDialer {
                         ))
                     })
                     .await
-                    .map_err(|e| format!("cannot build tunnel credentials: {e}"))?
+                    .map_err(|e| (format!("cannot build tunnel credentials: {e}"), Next::Stop))?
             }
         };
         let conn = fluidity_proto::Connection::agent(s.proto.clone(), credentials, Instant::now());
-        let (tunnel, events, driver) =
-            fluidity_runtime_smol::start(h.sock, h.tls, conn).map_err(|e| e.to_string())?;
+        let (tunnel, events, driver) = fluidity_runtime_smol::start(h.sock, h.tls, conn)
+            .map_err(|e| (e.to_string(), Next::Stop))?;
         self.inner.ex.spawn(driver).detach();
         self.inner
             .ex
@@ -486,9 +508,31 @@ impl TunnelDialer {
         if let Err(e) = ready {
             // Nothing more will come of this connection; do not leave it half open.
             tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "handshake abandoned");
-            return Err(handshake_error(server, s, e));
+            return Err((handshake_error(server, s, e), Next::Address));
         }
         Ok(tunnel)
+    }
+}
+
+/// Whether a failed attempt should go on to the server's next address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The failure was this address's (its server refused, hung or broke the handshake).
+    Address,
+    /// The failure was this agent's (no credentials): no address would do better.
+    Stop,
+}
+
+/// One message for the failures of every address tried.
+fn all_failed(s: &TunnelSettings, mut why: Vec<String>) -> String {
+    why.dedup();
+    match why.len() {
+        1 => why.remove(0),
+        _ => format!(
+            "cannot connect to the server {} at any of its addresses: {}",
+            s.server,
+            why.join("; ")
+        ),
     }
 }
 

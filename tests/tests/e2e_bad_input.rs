@@ -605,6 +605,75 @@ fn a_server_address_that_answers_no_tls_is_passed_over_for_the_next() {
     drop(swallower);
 }
 
+/// A server name whose first address completes TLS and then breaks the tunnel handshake
+/// (another service with a certificate from the same CA, a server that cannot speak this
+/// protocol) is passed over for its next address. The agent's hosts file gives
+/// `twofold.test` [::1], where a TLS endpoint with the server's own certificate answers
+/// the agent's hello with bytes that are no tunnel frame, before 127.0.0.1, the server.
+#[test]
+fn a_server_address_that_breaks_the_tunnel_handshake_is_passed_over_for_the_next() {
+    use fluidity_runtime_smol::tls::{server_config, CaRoots, Identity, PeerCheck};
+    let _wd = watchdog("handshake_fallback", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = certs_init(dir.path());
+    let server = Server::start(&certs, &ServerOptions::default(), dir.path());
+    let port = server.listen.port();
+    let listener = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port))
+        .expect("a listener on [::1] at the server's port");
+    let config = server_config(
+        &Identity::load(&certs.server_cert, &certs.server_key).expect("the server's identity"),
+        &CaRoots::load(&certs.ca_cert).expect("the CA"),
+        &PeerCheck::default(),
+    )
+    .expect("a TLS configuration");
+    // It breaks every attempt, for as long as the test runs: an agent that kept to the
+    // first address would never get through.
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            let conn = rustls::ServerConnection::new(Arc::clone(&config)).expect("a TLS session");
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            // The handshake completes with the first write; what follows is no tunnel frame.
+            if tls.write_all(&[0xff; 64]).is_ok() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    let agent = Agent::start_with(
+        &certs,
+        server.listen,
+        &AgentOptions {
+            server_arg: Some(format!("twofold.test:{port}")),
+            hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
+            args: vec!["--server-name".into(), "localhost".into()],
+            ..AgentOptions::default()
+        },
+        dir.path(),
+    );
+    let origin = HttpOrigin::start("behind the second address");
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from behind the second address\n")
+    );
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the agent should have tried [::1] first and completed TLS there"
+    );
+    let log = agent.proc.log();
+    assert!(
+        log.contains("the tunnel handshake failed; trying the server's next address"),
+        "the agent should have gone on to the next address:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("tunnel ready server=127.0.0.1:{port}")),
+        "the tunnel should have come through 127.0.0.1:\n{log}"
+    );
+}
+
 #[test]
 fn a_private_address_is_refused_under_the_default_policy() {
     let _wd = watchdog("default_policy", Duration::from_secs(120));
