@@ -20,8 +20,8 @@ use fluidity_aws::control::agent_ip::read_agent_ip;
 use fluidity_aws::control::ca::ca_secret_json;
 use fluidity_aws::control::{
     Caller, CertRole, CertificateRequest, Control, ControlClient, ControlConfig, ControlError,
-    ControlUrls, IpKind, ServerId, ServerStatus, SleepAction, WakeRequest, WakeResponse,
-    AGENT_IP_TTL, METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
+    ControlUrls, IpKind, ServerId, ServerStatus, SleepAction, SleepStep, WakeRequest, WakeResponse,
+    WakeStep, AGENT_IP_TTL, METRIC_ACTIVE_TUNNELS, METRIC_NAMESPACE, SERVER_ID_ATTR, TTL_ATTR,
 };
 use fluidity_aws::{AwsConfig, Env, Service};
 use fluidity_runtime_smol::pki::{self, CaBundle};
@@ -461,6 +461,75 @@ fn sleep_keeps_a_busy_or_fresh_server_and_stops_an_idle_one() {
         ..w.config()
     });
     assert_eq!(patient.sleep(t3).expect("sleep").action, SleepAction::Kept);
+}
+
+/// A Wake landing while Sleep stops an idle server, before Sleep sets 0 (it has read the
+/// old wake and decided) or after (before it reads the wake again): either way the
+/// service ends wanted and Sleep says it kept the server. And a whole Sleep landing inside
+/// a Wake, after Wake read the count: Wake still sets 1. Before, a Wake of the first kind
+/// found the count still 1, left it, and Sleep's 0 undid it.
+#[test]
+fn a_wake_landing_while_sleep_stops_the_server_keeps_it_wanted() {
+    let w = World::new();
+    let control = w.control();
+    let long_ago = SystemTime::now();
+    let now = long_ago + minutes(60);
+    for step in [SleepStep::Decided, SleepStep::ScaledToZero] {
+        wake(&control, "203.0.113.9", long_ago);
+        assert_eq!(w.desired_count(), 1);
+        let mut landed = None;
+        let s = control
+            .sleep_observed(now, |at| {
+                if at == step {
+                    landed = Some(wake(&control, "203.0.113.10", now));
+                }
+            })
+            .expect("sleep");
+        assert!(landed.is_some(), "Sleep never reached {step:?}: {s:?}");
+        assert_eq!(s.action, SleepAction::Kept, "{step:?}: {s:?}");
+        assert!(s.reason.contains("woke the server while"), "{s:?}");
+        assert_eq!(w.desired_count(), 1, "a wake at {step:?} was lost");
+    }
+
+    // A whole Sleep between Wake's reading the count (1) and its storing the address:
+    // Sleep sees only the old wake and sets 0, and Wake's 1 comes after it.
+    wake(&control, "203.0.113.9", long_ago);
+    let mut slept = None;
+    control
+        .wake_observed(&WakeRequest::default(), ip("203.0.113.10"), now, |at| {
+            assert_eq!(at, WakeStep::ServiceRead);
+            slept = Some(control.sleep(now).expect("sleep"));
+        })
+        .expect("wake");
+    let s = slept.expect("Wake never read the count");
+    assert_eq!(s.action, SleepAction::ScaledToZero, "{s:?}");
+    assert_eq!(
+        w.desired_count(),
+        1,
+        "the wake was lost to the Sleep inside it"
+    );
+
+    // With no wake in between, the same Sleep stops it.
+    wake(&control, "203.0.113.9", long_ago);
+    let s = control.sleep_observed(now, |_| {}).expect("sleep");
+    assert_eq!(s.action, SleepAction::ScaledToZero, "{s:?}");
+    assert_eq!(w.desired_count(), 0);
+
+    // When the wake cannot be read again, the service is wanted again and Sleep fails.
+    wake(&control, "203.0.113.9", long_ago);
+    let e = control
+        .sleep_observed(now, |at| {
+            if at == SleepStep::ScaledToZero {
+                w.moto.json(
+                    Service::DynamoDb,
+                    "DeleteTable",
+                    &json!({ "TableName": TABLE }),
+                );
+            }
+        })
+        .expect_err("the table is gone");
+    assert!(e.to_string().contains("set it back to 1"), "{e}");
+    assert_eq!(w.desired_count(), 1);
 }
 
 #[test]

@@ -103,6 +103,24 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T
     })
 }
 
+/// The point in [`Control::wake_observed`] where a concurrent Sleep matters.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeStep {
+    /// Wake has read the service's desired count and will store the agent's address.
+    ServiceRead,
+}
+
+/// The points in [`Control::sleep_observed`] where a concurrent Wake matters.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SleepStep {
+    /// Sleep has read the last wake and the metric and will set 0.
+    Decided,
+    /// Sleep has set 0 and will read the last wake again.
+    ScaledToZero,
+}
+
 /// Whether `task`, listed as a task of `id`'s service, has not stopped (it may be
 /// draining) and is not another service's: ListTasks filters by service in AWS, and a
 /// group naming another service drops the task where that filter is ignored (moto).
@@ -327,19 +345,38 @@ impl Control {
     }
 
     /// Wake: stores the caller's IP for the server (one-hour TTL), then sets the
-    /// service's desired count to 1 unless it already is, and reports the task if one
-    /// exists. The IP is stored first so that a server never starts without it; a
-    /// missing service or table fails the call before anything changes.
+    /// service's desired count to 1, and reports the task if one exists. The IP is
+    /// stored first so that a server never starts without it; a missing service or
+    /// table fails the call before anything changes.
+    ///
+    /// The count is set even when the service already read 1: a Sleep may have read the
+    /// last wake before this one stored its record and set 0 since, and only the order
+    /// "record, then count" lets Sleep and Wake together always end at 1 (see
+    /// [`Control::sleep`]). `changed` reports whether the count read before was not 1.
     pub fn wake(
+        &self,
+        req: &WakeRequest,
+        source_ip: IpAddr,
+        now: SystemTime,
+    ) -> Result<WakeResponse, ControlError> {
+        self.wake_observed(req, source_ip, now, |_| {})
+    }
+
+    /// [`Control::wake`], calling `at` at the [`WakeStep`] where another function's call
+    /// can land: for tests of that race.
+    #[doc(hidden)]
+    pub fn wake_observed(
         &self,
         _req: &WakeRequest,
         source_ip: IpAddr,
         now: SystemTime,
+        mut at: impl FnMut(WakeStep),
     ) -> Result<WakeResponse, ControlError> {
         let id = self.config.server()?;
         let table = self.config.table()?;
         let agent_ip = canonical_ip(source_ip);
         let service = self.service(id)?;
+        at(WakeStep::ServiceRead);
         put_agent_ip(
             &self.ddb(),
             table,
@@ -355,13 +392,7 @@ impl Control {
             )
         })?;
         let changed = service.desired_count != 1;
-        if changed {
-            self.ecs()
-                .update_service(id.cluster(), id.service(), Some(1), false)
-                .map_err(|e| {
-                    ControlError::aws(&format!("could not set ECS service {id} to 1 task"), &e)
-                })?;
-        }
+        self.scale(id, 1)?;
         let mut state = self.server_state(id)?;
         state.service.desired_count = 1;
         let (status, _) = self.status(&state);
@@ -412,11 +443,7 @@ impl Control {
         let service = self.service(id)?;
         let changed = service.desired_count != 0;
         if changed {
-            self.ecs()
-                .update_service(id.cluster(), id.service(), Some(0), false)
-                .map_err(|e| {
-                    ControlError::aws(&format!("could not set ECS service {id} to 0 tasks"), &e)
-                })?;
+            self.scale(id, 0)?;
         }
         // A task ECS is stopping still runs (and bills) until it has drained.
         let status = if self.service_tasks(id)?.is_empty() {
@@ -440,7 +467,23 @@ impl Control {
     /// the window is above zero; otherwise stop it, whether the samples were all zero or
     /// there were none at all (a server that long after its wake publishes nothing is not
     /// serving). Any failure to read leaves the server running and fails the call.
+    ///
+    /// A Wake may land while Sleep decides: after setting 0, Sleep reads the last wake
+    /// again and, if it changed, sets 1 back and keeps the server. With Wake storing its
+    /// record before it sets 1, either Sleep sees the new record or Wake sets 1 after
+    /// Sleep's 0, so the service ends wanted either way.
     pub fn sleep(&self, now: SystemTime) -> Result<SleepResponse, ControlError> {
+        self.sleep_observed(now, |_| {})
+    }
+
+    /// [`Control::sleep`], calling `at` at each [`SleepStep`] where another function's
+    /// call can land: for tests of those races.
+    #[doc(hidden)]
+    pub fn sleep_observed(
+        &self,
+        now: SystemTime,
+        mut at: impl FnMut(SleepStep),
+    ) -> Result<SleepResponse, ControlError> {
         let id = self.config.server()?;
         let table = self.config.table()?;
         let idle = self.config.idle_timeout;
@@ -514,12 +557,46 @@ impl Control {
         } else {
             format!("no active tunnel in the last {idle_minutes} minutes")
         };
-        self.ecs()
-            .update_service(id.cluster(), id.service(), Some(0), false)
-            .map_err(|e| {
-                ControlError::aws(&format!("could not set ECS service {id} to 0 tasks"), &e)
-            })?;
+        at(SleepStep::Decided);
+        self.scale(id, 0)?;
+        at(SleepStep::ScaledToZero);
+        // Strongly consistent: a Wake whose record is not seen here sets 1 after the 0
+        // above. When the record cannot be read, the server is wanted again too: a
+        // server left idle until the next Sleep costs less than a wake lost.
+        let woken = match read_agent_ip(&self.ddb(), table, id) {
+            Ok(after) => after != record,
+            Err(e) => {
+                self.scale(id, 1)?;
+                return Err(ControlError::aws(
+                    &format!(
+                        "set ECS service {id} to 0 tasks, then could not read the last wake again from DynamoDB table {table}, so set it back to 1"
+                    ),
+                    &e,
+                ));
+            }
+        };
+        if woken {
+            self.scale(id, 1)?;
+            return answer(
+                SleepAction::Kept,
+                "an agent woke the server while it was being stopped".into(),
+            );
+        }
         answer(SleepAction::ScaledToZero, reason)
+    }
+
+    /// Sets the desired count of the service `id` to `count`.
+    fn scale(&self, id: &ServerId, count: u32) -> Result<(), ControlError> {
+        self.ecs()
+            .update_service(id.cluster(), id.service(), Some(count), false)
+            .map_err(|e| {
+                let tasks = if count == 1 { "task" } else { "tasks" };
+                ControlError::aws(
+                    &format!("could not set ECS service {id} to {count} {tasks}"),
+                    &e,
+                )
+            })?;
+        Ok(())
     }
 
     /// CA: checks the request against the policy, an agent certificate against its

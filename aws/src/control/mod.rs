@@ -27,5 +27,5 @@ pub mod types;
 pub use client::{ControlClient, ControlUrls};
 pub use config::ControlConfig;
 pub use error::ControlError;
-pub use handlers::{task_ips, Caller, Control, ServerState};
+pub use handlers::{task_ips, Caller, Control, ServerState, SleepStep, WakeStep};
 pub use types::*;

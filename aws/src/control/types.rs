@@ -198,7 +198,8 @@ pub struct KillResponse {
 pub enum SleepAction {
     /// The server was idle: its desired count is now 0.
     ScaledToZero,
-    /// The server is in use, or was woken too recently to judge: left alone.
+    /// The server is in use, was woken too recently to judge, or was woken while Sleep
+    /// stopped it: left alone, or wanted again.
     Kept,
     /// The desired count was already 0: nothing to do.
     AlreadyStopped,
