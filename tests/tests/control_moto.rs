@@ -138,6 +138,26 @@ impl World {
         )
     }
 
+    /// A RUNNING FARGATE task in the cluster that the service did not start: its ECS
+    /// group is `group` (another service's `service:NAME`, or none for a task run by
+    /// hand). Returns its ARN.
+    fn run_foreign_task(&self, group: Option<&str>) -> String {
+        let mut input = json!({
+            "cluster": CLUSTER,
+            "taskDefinition": self.ecs.task_definition_arn,
+            "launchType": "FARGATE",
+            "networkConfiguration": Moto::awsvpc(&self.ecs.network),
+        });
+        if let Some(group) = group {
+            input["group"] = group.into();
+        }
+        let out = self.moto.json(Service::Ecs, "RunTask", &input);
+        out.pointer("/tasks/0/taskArn")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no task in {out}"))
+            .to_string()
+    }
+
     fn stop_task(&self, arn: &str) {
         self.moto.json(
             Service::Ecs,
@@ -334,17 +354,7 @@ fn query_follows_the_task_its_interface_and_the_stored_agent_ip() {
 
     // A task of another service in the same cluster is never this server's.
     w.stop_task(&arn);
-    w.moto.json(
-        Service::Ecs,
-        "RunTask",
-        &json!({
-            "cluster": CLUSTER,
-            "taskDefinition": w.ecs.task_definition_arn,
-            "launchType": "FARGATE",
-            "group": "service:another",
-            "networkConfiguration": Moto::awsvpc(&w.ecs.network),
-        }),
-    );
+    w.run_foreign_task(Some("service:another"));
     let q = control.query(&Default::default(), now).expect("query");
     assert_eq!(q.server_arn, None, "{q:?}");
     assert_eq!(q.status, ServerStatus::Starting);
@@ -656,42 +666,15 @@ fn ca_issues_a_server_certificate_only_for_the_services_task_and_addresses() {
     );
 
     // A task of another service in the cluster, or a stopped one, is not the server.
-    let other = w.moto.json(
-        Service::Ecs,
-        "RunTask",
-        &json!({
-            "cluster": CLUSTER,
-            "taskDefinition": w.ecs.task_definition_arn,
-            "launchType": "FARGATE",
-            "group": "service:another",
-            "networkConfiguration": Moto::awsvpc(&w.ecs.network),
-        }),
-    );
-    let other_arn = other
-        .pointer("/tasks/0/taskArn")
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no task in {other}"));
-    let e = refused(sign(&server_csr(other_arn, &[&public, agent])));
+    let other_arn = w.run_foreign_task(Some("service:another"));
+    let e = refused(sign(&server_csr(&other_arn, &[&public, agent])));
     assert!(
         e.message.contains(&format!("{other_arn} is not one")),
         "{e}"
     );
     // Nor is a task started by hand in the cluster (a group of its own, or none).
-    let by_hand = w.moto.json(
-        Service::Ecs,
-        "RunTask",
-        &json!({
-            "cluster": CLUSTER,
-            "taskDefinition": w.ecs.task_definition_arn,
-            "launchType": "FARGATE",
-            "networkConfiguration": Moto::awsvpc(&w.ecs.network),
-        }),
-    );
-    let by_hand = by_hand
-        .pointer("/tasks/0/taskArn")
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no task in {by_hand}"));
-    let e = refused(sign(&server_csr(by_hand, &[&public, agent])));
+    let by_hand = w.run_foreign_task(None);
+    let e = refused(sign(&server_csr(&by_hand, &[&public, agent])));
     assert!(e.message.contains(&format!("{by_hand} is not one")), "{e}");
     w.stop_task(&arn);
     let e = refused(sign(&server_csr(&arn, &[&public, agent])));

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fluidity_runtime_smol::pki;
+use fluidity_runtime_smol::pki::{self, CertPaths};
 use fluidity_runtime_smol::tls::{certs_from_pem, key_from_pem};
 use fluidity_tests::e2e::bin::binaries;
 use fluidity_tests::e2e::client::{
@@ -547,6 +547,49 @@ fn a_name_whose_first_address_never_answers_is_reached_through_the_next() {
     );
 }
 
+/// An agent for the server `server` whose hosts file gives `twofold.test` [::1] (where
+/// the test puts something at the server's port that is not the server) before 127.0.0.1,
+/// the server; `args` and `log` as [`AgentOptions`] take them.
+fn twofold_agent(
+    certs: &CertPaths,
+    server: &Server,
+    args: &[String],
+    log: Option<&str>,
+    dir: &Path,
+) -> Agent {
+    let mut all = vec!["--server-name".to_string(), "localhost".to_string()];
+    all.extend_from_slice(args);
+    Agent::start_with(
+        certs,
+        server.listen,
+        &AgentOptions {
+            server_arg: Some(format!("twofold.test:{}", server.listen.port())),
+            hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
+            args: all,
+            log: log.map(str::to_string),
+            ..AgentOptions::default()
+        },
+        dir,
+    )
+}
+
+/// Fetches a page through `agent` and checks the tunnel came through 127.0.0.1 at the
+/// server's `port` (the second address of `twofold.test`); returns the agent's log.
+fn fetch_through_the_second_address(agent: &Agent, port: u16) -> String {
+    let origin = HttpOrigin::start("behind the second address");
+    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from behind the second address\n")
+    );
+    let log = agent.proc.log();
+    assert!(
+        log.contains(&format!("tunnel ready server=127.0.0.1:{port}")),
+        "the tunnel should have come through 127.0.0.1:\n{log}"
+    );
+    log
+}
+
 /// A server name whose first address takes TCP connections and answers no TLS (a
 /// middlebox that swallows TLS, a process that stopped reading) is reached through its
 /// next address while that handshake still hangs. The agent's hosts file gives
@@ -566,41 +609,21 @@ fn a_server_address_that_answers_no_tls_is_passed_over_for_the_next() {
         .expect("a listener on [::1] at the server's port");
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "connect_timeout_secs = 600\n").expect("agent config");
-    let agent = Agent::start_with(
+    let agent = twofold_agent(
         &certs,
-        server.listen,
-        &AgentOptions {
-            server_arg: Some(format!("twofold.test:{port}")),
-            hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
-            args: vec![
-                "--server-name".into(),
-                "localhost".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-            log: Some("info,fluidity_agent=debug".into()),
-            ..AgentOptions::default()
-        },
+        &server,
+        &["--config".into(), config.display().to_string()],
+        Some("info,fluidity_agent=debug"),
         dir.path(),
     );
-    let origin = HttpOrigin::start("behind the second address");
-    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
-    assert_eq!(
-        (status, body.as_str()),
-        (200, "hello from behind the second address\n")
-    );
+    let log = fetch_through_the_second_address(&agent, port);
     // The swallowing address was tried first and got a TCP connection: the tunnel came
     // through the fallback, not by order or by a refused connection.
-    let log = agent.proc.log();
     assert!(
         log.contains(
             "the TLS handshake with the server is slow; trying its next address beside it"
         ),
         "the agent should have tried the next address beside a hanging handshake:\n{log}"
-    );
-    assert!(
-        log.contains(&format!("tunnel ready server=127.0.0.1:{port}")),
-        "the tunnel should have come through 127.0.0.1:\n{log}"
     );
     drop(swallower);
 }
@@ -642,35 +665,15 @@ fn a_server_address_that_breaks_the_tunnel_handshake_is_passed_over_for_the_next
             }
         }
     });
-    let agent = Agent::start_with(
-        &certs,
-        server.listen,
-        &AgentOptions {
-            server_arg: Some(format!("twofold.test:{port}")),
-            hosts: Some("127.0.0.1 localhost\n::1 twofold.test\n127.0.0.1 twofold.test\n".into()),
-            args: vec!["--server-name".into(), "localhost".into()],
-            ..AgentOptions::default()
-        },
-        dir.path(),
-    );
-    let origin = HttpOrigin::start("behind the second address");
-    let (status, body) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
-    assert_eq!(
-        (status, body.as_str()),
-        (200, "hello from behind the second address\n")
-    );
+    let agent = twofold_agent(&certs, &server, &[], None, dir.path());
+    let log = fetch_through_the_second_address(&agent, port);
     assert!(
         served.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the agent should have tried [::1] first and completed TLS there"
     );
-    let log = agent.proc.log();
     assert!(
         log.contains("the tunnel handshake failed; trying the server's next address"),
         "the agent should have gone on to the next address:\n{log}"
-    );
-    assert!(
-        log.contains(&format!("tunnel ready server=127.0.0.1:{port}")),
-        "the tunnel should have come through 127.0.0.1:\n{log}"
     );
 }
 
