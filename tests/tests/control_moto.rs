@@ -525,6 +525,23 @@ fn a_wake_landing_while_sleep_stops_the_server_keeps_it_wanted() {
     assert_eq!(s.action, SleepAction::ScaledToZero, "{s:?}");
     assert_eq!(w.desired_count(), 0);
 
+    // A record gone between the two reads (DynamoDB's TTL) is no wake.
+    wake(&control, "203.0.113.9", long_ago);
+    let s = control
+        .sleep_observed(now, |at| {
+            if at == SleepStep::ScaledToZero {
+                let key = ServerId::new(CLUSTER, SERVICE).key();
+                w.moto.json(
+                    Service::DynamoDb,
+                    "DeleteItem",
+                    &json!({ "TableName": TABLE, "Key": { SERVER_ID_ATTR: { "S": key } } }),
+                );
+            }
+        })
+        .expect("sleep");
+    assert_eq!(s.action, SleepAction::ScaledToZero, "{s:?}");
+    assert_eq!(w.desired_count(), 0);
+
     // When the wake cannot be read again, the service is wanted again and Sleep fails.
     wake(&control, "203.0.113.9", long_ago);
     let e = control

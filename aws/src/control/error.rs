@@ -68,10 +68,15 @@ impl ControlError {
 
     /// An AWS call failed (502, `aws_error`): `what` says what the function was doing.
     pub fn aws(what: &str, err: &crate::Error) -> Self {
+        Self::aws_told(format!("{what}: {err}"))
+    }
+
+    /// An AWS call failed (502, `aws_error`), told whole by `message`.
+    pub fn aws_told(message: impl Into<String>) -> Self {
         ControlError {
             status: 502,
             code: "aws_error",
-            message: format!("{what}: {err}"),
+            message: message.into(),
         }
     }
 

@@ -466,12 +466,14 @@ impl Control {
     /// yet, so an empty metric must not kill it); keep it if any `ActiveTunnels` sample in
     /// the window is above zero; otherwise stop it, whether the samples were all zero or
     /// there were none at all (a server that long after its wake publishes nothing is not
-    /// serving). Any failure to read leaves the server running and fails the call.
+    /// serving). Any failure to read leaves the server running (or wanted again) and
+    /// fails the call.
     ///
     /// A Wake may land while Sleep decides: after setting 0, Sleep reads the last wake
-    /// again and, if it changed, sets 1 back and keeps the server. With Wake storing its
-    /// record before it sets 1, either Sleep sees the new record or Wake sets 1 after
-    /// Sleep's 0, so the service ends wanted either way.
+    /// again and, if a newer one is stored, sets 1 back and keeps the server. With Wake
+    /// storing its record before it sets 1, either Sleep sees the new record or Wake sets
+    /// 1 after Sleep's 0 (ECS applies a service's updates in order), so the service ends
+    /// wanted either way.
     pub fn sleep(&self, now: SystemTime) -> Result<SleepResponse, ControlError> {
         self.sleep_observed(now, |_| {})
     }
@@ -561,28 +563,44 @@ impl Control {
         self.scale(id, 0)?;
         at(SleepStep::ScaledToZero);
         // Strongly consistent: a Wake whose record is not seen here sets 1 after the 0
-        // above. When the record cannot be read, the server is wanted again too: a
-        // server left idle until the next Sleep costs less than a wake lost.
-        let woken = match read_agent_ip(&self.ddb(), table, id) {
-            Ok(after) => after != record,
-            Err(e) => {
-                self.scale(id, 1)?;
-                return Err(ControlError::aws(
-                    &format!(
-                        "set ECS service {id} to 0 tasks, then could not read the last wake again from DynamoDB table {table}, so set it back to 1"
-                    ),
-                    &e,
-                ));
-            }
+        // above. A record gone since (its TTL) is no wake. When the record cannot be read,
+        // the server is wanted again too: a server left idle until the next Sleep costs
+        // less than a wake lost.
+        let again = read_agent_ip(&self.ddb(), table, id);
+        let woken = match &again {
+            Ok(after) => after.is_some() && *after != record,
+            Err(_) => true,
         };
-        if woken {
-            self.scale(id, 1)?;
-            return answer(
+        if !woken {
+            return answer(SleepAction::ScaledToZero, reason);
+        }
+        let restored = self.scale(id, 1).map_err(|e| {
+            format!(
+                "{}; the service is left at 0 tasks until an agent wakes it again",
+                e.message
+            )
+        });
+        match (again, restored) {
+            (Ok(_), Ok(())) => answer(
                 SleepAction::Kept,
                 "an agent woke the server while it was being stopped".into(),
-            );
+            ),
+            (Ok(_), Err(failed)) => Err(ControlError::aws_told(format!(
+                "an agent woke the server while it was being stopped, and setting it back \
+                 failed: {failed}"
+            ))),
+            (Err(e), restored) => Err(ControlError::aws(
+                &format!(
+                    "set ECS service {id} to 0 tasks, then could not read the last wake again \
+                     from DynamoDB table {table}, {}",
+                    match restored {
+                        Ok(()) => "so set it back to 1".to_string(),
+                        Err(failed) => format!("and setting it back to 1 failed too ({failed})"),
+                    }
+                ),
+                &e,
+            )),
         }
-        answer(SleepAction::ScaledToZero, reason)
     }
 
     /// Sets the desired count of the service `id` to `count`.

@@ -129,7 +129,8 @@ pub struct WakeResponse {
     pub agent_public_ip_as_seen: IpAddr,
     /// The service's desired count after the call (1).
     pub desired_count: u32,
-    /// Whether this call changed the desired count (false when the server was already wanted).
+    /// Whether the desired count this call read was not 1 (false when the server was
+    /// already wanted); Wake sets 1 either way.
     pub changed: bool,
 }
 
