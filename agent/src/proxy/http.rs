@@ -1698,4 +1698,69 @@ mod tests {
             ["trailer", "x-kept", "content-length", "connection"]
         );
     }
+
+    /// A kept stream to the server's side of the tunnel, as `still_usable` sees it.
+    #[derive(Default)]
+    struct Kept {
+        /// The tunnel's server has stopped answering its probe.
+        unresponsive: bool,
+        /// Armed by `give_up_if_unresponsive`.
+        give_up: bool,
+        /// Bytes the idle origin sent.
+        sent: Option<bytes::Bytes>,
+        /// The origin closed the connection.
+        ended: bool,
+    }
+
+    impl ReadChunks for Kept {
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            out: &mut Vec<bytes::Bytes>,
+            _: usize,
+        ) -> Poll<std::io::Result<usize>> {
+            if let Some(b) = self.sent.take() {
+                let n = b.len();
+                out.push(b);
+                return Poll::Ready(Ok(n));
+            }
+            if self.ended {
+                return Poll::Ready(Ok(0));
+            }
+            if self.give_up && self.unresponsive {
+                return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
+            }
+            Poll::Pending
+        }
+
+        fn give_up_if_unresponsive(&mut self, on: bool) {
+            self.give_up = on;
+        }
+    }
+
+    /// A stream kept between requests carries the next one only while its origin has sent
+    /// nothing and its tunnel's server still answers: the check arms the stream's give-up,
+    /// so a tunnel found unresponsive sends the request to a new stream (and tunnel)
+    /// rather than into one that may never carry its answer.
+    #[test]
+    fn a_kept_stream_is_reused_only_while_its_origin_is_quiet_and_its_tunnel_answers() {
+        let target = Target::parse("example.com:80").unwrap();
+        let usable = |kept: Kept| still_usable(&mut Some(Upstream::new(target.clone(), kept)));
+        assert!(still_usable::<Kept>(&mut None));
+        assert!(usable(Kept::default()));
+        assert!(!usable(Kept {
+            unresponsive: true,
+            ..Kept::default()
+        }));
+        assert!(!usable(Kept {
+            sent: Some(bytes::Bytes::from_static(
+                b"HTTP/1.1 408 Request Timeout\r\n"
+            )),
+            ..Kept::default()
+        }));
+        assert!(!usable(Kept {
+            ended: true,
+            ..Kept::default()
+        }));
+    }
 }
