@@ -2,8 +2,11 @@
 //!
 //! The proxy forwards chunked bodies unchanged; it decodes only to know exactly where a
 //! body ends, so that the next message on the same connection starts at the right byte.
-//! The decoder is strict (CRLF only, bounded extensions and trailers): a lenient parser
-//! that finds a different end than the next hop is how request smuggling happens.
+//! The decoder is strict (CRLF only; extensions and trailer fields bounded and held to
+//! their grammar, so a quoted string ends on its line and a trailer line is a field, not a
+//! status line): a lenient parser that finds a different end than the next hop is how
+//! request smuggling happens, and what it forwards unchanged must read the same to every
+//! parser after it.
 
 use std::ops::Range;
 
@@ -40,7 +43,7 @@ enum State {
     Extension {
         value: u64,
         len: usize,
-        semicolon: bool,
+        at: Ext,
     },
     SizeLf {
         value: u64,
@@ -50,13 +53,86 @@ enum State {
     },
     DataCr,
     DataLf,
-    TrailerLine {
+    /// In a trailer field's name; `len` bytes of it so far (0: the line's start).
+    TrailerName {
         len: usize,
     },
+    /// After a trailer field's colon.
+    TrailerValue,
     TrailerLf {
         empty: bool,
     },
     Done,
+}
+
+/// Where a chunk extension's bytes are (RFC 9112 §7.1.1): `*( BWS ";" BWS name
+/// [ BWS "=" BWS ( token / quoted-string ) ] )`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext {
+    /// Whitespace after the size: a `;` must follow.
+    AfterSize,
+    /// After a `;`, before the name.
+    BeforeName,
+    /// In the name.
+    Name,
+    /// Whitespace after the name.
+    AfterName,
+    /// After `=`, before the value.
+    BeforeValue,
+    /// In a token value.
+    Token,
+    /// In a quoted-string value.
+    Quoted,
+    /// After a backslash in a quoted string.
+    Escaped,
+    /// After a value (whitespace, or the closing quote).
+    AfterValue,
+}
+
+impl Ext {
+    /// Whether the size line may end here.
+    fn may_end(self) -> bool {
+        matches!(
+            self,
+            Ext::Name | Ext::AfterName | Ext::Token | Ext::AfterValue
+        )
+    }
+
+    /// The state after byte `b` (not CR), or `None` if `b` cannot come here.
+    fn next(self, b: u8) -> Option<Ext> {
+        let ws = b == b' ' || b == b'\t';
+        let tchar = is_tchar(b);
+        Some(match self {
+            Ext::AfterSize if ws => Ext::AfterSize,
+            Ext::AfterSize | Ext::AfterName | Ext::AfterValue | Ext::Name | Ext::Token
+                if b == b';' =>
+            {
+                Ext::BeforeName
+            }
+            Ext::BeforeName if ws => Ext::BeforeName,
+            Ext::BeforeName | Ext::Name if tchar => Ext::Name,
+            Ext::Name | Ext::AfterName if ws => Ext::AfterName,
+            Ext::Name | Ext::AfterName if b == b'=' => Ext::BeforeValue,
+            Ext::BeforeValue if ws => Ext::BeforeValue,
+            Ext::BeforeValue if b == b'"' => Ext::Quoted,
+            Ext::BeforeValue | Ext::Token if tchar => Ext::Token,
+            Ext::Token | Ext::AfterValue if ws => Ext::AfterValue,
+            Ext::Quoted if b == b'"' => Ext::AfterValue,
+            Ext::Quoted if b == b'\\' => Ext::Escaped,
+            Ext::Quoted | Ext::Escaped if ws || is_vchar_or_obs(b) => Ext::Quoted,
+            _ => return None,
+        })
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A visible character or obs-text, as field values and quoted strings may hold.
+fn is_vchar_or_obs(b: u8) -> bool {
+    (0x21..=0x7e).contains(&b) || b >= 0x80
 }
 
 /// Result of one [`ChunkedDecoder::feed`] call.
@@ -133,6 +209,15 @@ impl ChunkedDecoder {
         })
     }
 
+    /// Counts one more byte of the trailer section, which then goes on in `next`.
+    fn trailer(&mut self, next: State) -> Result<State, ChunkedError> {
+        self.trailers += 1;
+        if self.trailers > MAX_TRAILERS_LEN {
+            return Err(ChunkedError::BadTrailers);
+        }
+        Ok(next)
+    }
+
     fn byte(&mut self, b: u8) -> Result<(), ChunkedError> {
         self.state = match self.state {
             State::Size { digits, value } => match (b as char).to_digit(16) {
@@ -150,38 +235,32 @@ impl ChunkedDecoder {
                 None if b == b';' => State::Extension {
                     value,
                     len: 1,
-                    semicolon: true,
+                    at: Ext::BeforeName,
                 },
                 None if b == b' ' || b == b'\t' => State::Extension {
                     value,
                     len: 1,
-                    semicolon: false,
+                    at: Ext::AfterSize,
                 },
                 None => return Err(ChunkedError::BadSize),
             },
-            State::Extension {
-                value,
-                len,
-                semicolon,
-            } => {
+            State::Extension { value, len, at } => {
                 if b == b'\r' {
-                    // Whitespace after the size is only allowed before an extension.
-                    if !semicolon {
+                    // Whitespace after the size is only allowed before an extension, and
+                    // a quoted string does not run past its line.
+                    if !at.may_end() {
                         return Err(ChunkedError::BadExtension);
                     }
                     self.state = State::SizeLf { value };
                     return Ok(());
                 }
-                let ok_char = b == b'\t' || (b >= 0x20 && b != 0x7f);
-                let whitespace = b == b' ' || b == b'\t';
-                if !ok_char || len >= MAX_EXTENSION_LEN || (!semicolon && !whitespace && b != b';')
-                {
+                if len >= MAX_EXTENSION_LEN {
                     return Err(ChunkedError::BadExtension);
                 }
                 State::Extension {
                     value,
                     len: len + 1,
-                    semicolon: semicolon || b == b';',
+                    at: at.next(b).ok_or(ChunkedError::BadExtension)?,
                 }
             }
             State::SizeLf { value } => {
@@ -189,7 +268,7 @@ impl ChunkedDecoder {
                     return Err(ChunkedError::MissingCrlf);
                 }
                 if value == 0 {
-                    State::TrailerLine { len: 0 }
+                    State::TrailerName { len: 0 }
                 } else {
                     State::Data { remaining: value }
                 }
@@ -201,19 +280,22 @@ impl ChunkedDecoder {
                 value: 0,
             },
             State::DataCr | State::DataLf => return Err(ChunkedError::MissingCrlf),
-            State::TrailerLine { len } => {
-                if b == b'\r' {
-                    State::TrailerLf { empty: len == 0 }
-                } else if (b < 0x20 && b != b'\t') || b == 0x7f {
-                    return Err(ChunkedError::BadTrailers);
-                } else {
-                    self.trailers += 1;
-                    if self.trailers > MAX_TRAILERS_LEN {
-                        return Err(ChunkedError::BadTrailers);
-                    }
-                    State::TrailerLine { len: len + 1 }
-                }
+            // A trailer line is a field (RFC 9110 §5.1): a token, a colon, a value of
+            // visible characters and whitespace. Anything else (a status line, a folded
+            // line, a name with spaces) could be read as something else further on.
+            State::TrailerName { len: 0 } if b == b'\r' => State::TrailerLf { empty: true },
+            State::TrailerName { len } if len > 0 && b == b':' => {
+                self.trailer(State::TrailerValue)?
             }
+            State::TrailerName { len } if is_tchar(b) => {
+                self.trailer(State::TrailerName { len: len + 1 })?
+            }
+            State::TrailerName { .. } => return Err(ChunkedError::BadTrailers),
+            State::TrailerValue if b == b'\r' => State::TrailerLf { empty: false },
+            State::TrailerValue if b == b' ' || b == b'\t' || is_vchar_or_obs(b) => {
+                self.trailer(State::TrailerValue)?
+            }
+            State::TrailerValue => return Err(ChunkedError::BadTrailers),
             State::TrailerLf { empty } => {
                 if b != b'\n' {
                     return Err(ChunkedError::MissingCrlf);
@@ -221,7 +303,7 @@ impl ChunkedDecoder {
                 if empty {
                     State::Done
                 } else {
-                    State::TrailerLine { len: 0 }
+                    State::TrailerName { len: 0 }
                 }
             }
         };
@@ -301,6 +383,23 @@ mod tests {
             b"0\r\nBad\x00Trailer\r\n\r\n",
             b"0\r\n\n",
             b"-1\r\n",
+            // A quoted string does not end its line's grammar, nor run past it.
+            b"1;a=\"x\r\nZ\r\n0\r\n\r\n",
+            b"1;a=\"x\\\r\nZ\r\n0\r\n\r\n",
+            b"1;a=\"x\"y\r\nZ\r\n0\r\n\r\n",
+            b"1;=v\r\nZ\r\n0\r\n\r\n",
+            b"1;a=\r\nZ\r\n0\r\n\r\n",
+            b"1;a b\r\nZ\r\n0\r\n\r\n",
+            b"1;a=b c\r\nZ\r\n0\r\n\r\n",
+            b"1;a@b\r\nZ\r\n0\r\n\r\n",
+            // Trailer lines that are not fields: a response a lenient client would read
+            // as the next one, a folded line, a line with no colon, an empty name.
+            b"0\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            b"0\r\nX: a\r\n  folded\r\n\r\n",
+            b"0\r\nNoColon\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nX : v\r\n\r\n",
+            b"0\r\nX: a\x01b\r\n\r\n",
         ] {
             assert!(
                 run(&[bad]).is_err(),
@@ -314,6 +413,19 @@ mod tests {
         let mut long_trailer = b"0\r\nX: ".to_vec();
         long_trailer.resize(MAX_TRAILERS_LEN + 10, b'a');
         assert_eq!(run(&[&long_trailer]), Err(ChunkedError::BadTrailers));
+    }
+
+    /// What the grammar allows: whitespace around `;` and `=`, several extensions, names
+    /// alone, token and quoted values with escapes and obs-text, empty trailer values.
+    #[test]
+    fn accepts_extensions_and_trailers_as_the_grammar_has_them() {
+        let body: &[u8] = b"1 ; a ; b = c;d=\"q \\\" ;\xe9\" ; e\r\nZ\r\n\
+                            2;x=y;z\r\nZZ\r\n0;last\r\nX-Empty:\r\nX-Sum:\t1 2\r\n\r\n";
+        let (payload, len, done) = run(&[body]).unwrap();
+        assert_eq!(
+            (payload.as_slice(), len, done),
+            (&b"ZZZ"[..], body.len(), true)
+        );
     }
 
     #[test]
