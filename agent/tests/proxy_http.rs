@@ -620,6 +620,23 @@ fn a_kept_stream_closed_by_the_origin_is_replaced() {
     });
 }
 
+/// An origin that framed an answer with both Transfer-Encoding and Content-Length may
+/// frame its next one no better: the answer reaches the client by its chunks, and the
+/// next request to that origin goes over a new connection.
+#[test]
+fn an_origin_answering_with_two_lengths_is_not_asked_again_on_that_connection() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        let p = proxy.url();
+        let url = a.url("/both-lengths");
+        let out = curl(&["-x", &p, &url, "--next", "-x", &p, &url]).await;
+        assert_eq!(stdout(&out), "hellohello", "{}", stderr(&out));
+        assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(a.connections.load(Ordering::SeqCst), 2);
+    });
+}
+
 #[test]
 fn pipelined_requests_to_two_origins_are_answered_in_order() {
     run(async {

@@ -502,11 +502,16 @@ fn origin_request(
                 continue;
             }
         }
-        if !h.is("host") && !h.is("content-length") && !is_hop_by_hop(&h, &tokens) {
+        if !h.is("host")
+            && !h.is("content-length")
+            && !h.is("transfer-encoding")
+            && !is_hop_by_hop(&h, &tokens)
+        {
             push_header(&mut out, h.name, h.value);
         }
     }
     push_content_length(&mut out, &head.headers);
+    push_transfer_encoding(&mut out, &head.headers);
     end_head(&mut out, &head.headers, websocket, close);
     out
 }
@@ -517,6 +522,22 @@ fn origin_request(
 fn push_content_length(out: &mut Vec<u8>, headers: &head::Headers) {
     if let Ok(Some(n)) = head::content_length(headers) {
         push_header(out, b"Content-Length", n.to_string().as_bytes());
+    }
+}
+
+/// The message's Transfer-Encoding as one field listing its codings as the framing check
+/// read them: `chunked` followed by an empty field, or `, chunked`, would leave the next
+/// recipient to read the message's framing its own way.
+fn push_transfer_encoding(out: &mut Vec<u8>, headers: &head::Headers) {
+    let mut value = Vec::new();
+    for coding in headers.tokens("transfer-encoding") {
+        if !value.is_empty() {
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(coding);
+    }
+    if !value.is_empty() {
+        push_header(out, b"Transfer-Encoding", &value);
     }
 }
 
@@ -558,6 +579,10 @@ fn client_response_head(
 ) -> Vec<u8> {
     let tokens: Vec<&[u8]> = resp.headers.tokens("connection").collect();
     let chunked = resp.headers.named("transfer-encoding").next().is_some();
+    // A 1xx or 204 has no body, and must not say it has one (RFC 9110 §8.6, RFC 9112
+    // §6.1): a client that believed its length would read the next answer as this body.
+    // A 304 and the answer to a HEAD keep theirs: they describe the representation.
+    let bodiless = (100..200).contains(&resp.status) || resp.status == 204;
     let mut out = Vec::with_capacity(512);
     // The status is 100..=999 (checked by the parser): three digits.
     let status = [100, 10, 1].map(|d| b'0' + ((resp.status / d) % 10) as u8);
@@ -567,16 +592,19 @@ fn client_response_head(
     out.extend_from_slice(one_line(resp.reason(), 200).as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        let dropped = is_hop_by_hop(&h, &tokens)
-            || h.is("content-length")
-            || (unchunked && h.is("transfer-encoding"));
+        let dropped =
+            is_hop_by_hop(&h, &tokens) || h.is("content-length") || h.is("transfer-encoding");
         if !dropped {
             push_header(&mut out, h.name, h.value);
         }
     }
     // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
-    if !chunked {
-        push_content_length(&mut out, &resp.headers);
+    if !bodiless {
+        if !chunked {
+            push_content_length(&mut out, &resp.headers);
+        } else if !unchunked {
+            push_transfer_encoding(&mut out, &resp.headers);
+        }
     }
     end_head(&mut out, &resp.headers, upgrade, close);
     out
@@ -1395,8 +1423,14 @@ where
         // may yet fail or stop, and the client is told now.
         let early = body_sent.load(Ordering::Relaxed) == u64::MAX;
         let close = ctx.client_close || framing == Framing::UntilClose || early;
-        let upstream_keep =
-            !close && resp.minor_version == 1 && !resp.headers.has_token("connection", "close");
+        // An origin that sent both Transfer-Encoding and Content-Length may frame its
+        // next answer no better (RFC 9112 §6.3): its connection carries no other.
+        let both_lengths = resp.headers.named("transfer-encoding").next().is_some()
+            && resp.headers.named("content-length").next().is_some();
+        let upstream_keep = !close
+            && !both_lengths
+            && resp.minor_version == 1
+            && !resp.headers.has_token("connection", "close");
         // An HTTP/1.0 client knows no chunked coding: it gets the payload alone, ended by
         // the close (its request asked for the close anyway).
         let unchunk = framing == Framing::Chunked && ctx.client_minor == 0;
@@ -1653,6 +1687,55 @@ mod tests {
         let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
         let out = String::from_utf8(client_response(&head, false, false)).unwrap();
         assert!(out.contains("\r\nContent-Length: 42\r\n"), "{out}");
+    }
+
+    /// A 1xx or a 204 says nothing of a body it cannot have: a client believing a length
+    /// there would read the next answer (perhaps another origin's) as this one's body.
+    #[test]
+    fn bodiless_answers_lose_their_length_fields() {
+        for raw in [
+            "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\nX-Kept: 1\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n",
+            "HTTP/1.1 103 Early Hints\r\nContent-Length: 7\r\nX-Kept: 1\r\n\r\n",
+        ] {
+            let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+            let out = client_response(&head, false, false);
+            assert_eq!(names(&out), ["x-kept"], "{raw}");
+        }
+    }
+
+    /// Transfer-Encoding goes on as one field of the codings the framing check read, in
+    /// both directions: an empty second field or an empty list member could make the next
+    /// recipient read no chunking where this proxy read some.
+    #[test]
+    fn transfer_encoding_goes_on_as_one_field_of_its_codings() {
+        for fields in [
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: \r\n",
+            "Transfer-Encoding: ,chunked\r\n",
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let want = if fields.contains("gzip") {
+                "\r\nTransfer-Encoding: gzip, chunked\r\n"
+            } else {
+                "\r\nTransfer-Encoding: chunked\r\n"
+            };
+            let raw = format!("POST http://a/ HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let (head, _) = head::parse_request_head(raw.as_bytes()).unwrap().unwrap();
+            assert_eq!(head::request_framing(&head), Ok(head::Framing::Chunked));
+            let abs = parse_absolute_target(head.target()).unwrap();
+            let out = String::from_utf8(origin_request(&head, &abs, false, false)).unwrap();
+            assert_eq!(out.matches("Transfer-Encoding").count(), 1, "{out}");
+            assert!(out.contains(want), "{out}");
+
+            let raw = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+            let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+            let out = String::from_utf8(client_response(&head, false, false)).unwrap();
+            assert_eq!(out.matches("Transfer-Encoding").count(), 1, "{out}");
+            assert!(out.contains(want), "{out}");
+            // An HTTP/1.0 client gets the payload alone: no coding named.
+            let out = String::from_utf8(client_response_unchunked(&head)).unwrap();
+            assert!(!out.contains("Transfer-Encoding"), "{out}");
+        }
     }
 
     #[test]

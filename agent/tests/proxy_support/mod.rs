@@ -531,6 +531,13 @@ async fn origin_conn(mut c: Conn, name: String) {
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             )
             .await;
+        } else if path == "/both-lengths" {
+            // Chunked and a Content-Length, and the connection kept for more.
+            c.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n",
+            )
+            .await;
         } else if path == "/close" {
             c.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body\n")
                 .await;
