@@ -418,13 +418,15 @@ impl Connection {
             // Nothing more is accepted once closing; the bytes are discarded.
             return data.len();
         }
-        self.heard(now);
         let mut consumed = 0;
         while consumed < data.len() {
             // A zero backlog would stop input for good; one frame's worth is the least that works.
             if self.ctrl.len() >= self.config.max_control_backlog.max(1) {
                 break;
             }
+            // Only bytes taken are word from the peer: input offered again while the
+            // backlog is full must not keep a silent peer's connection alive.
+            self.heard(now);
             let end = (consumed + INPUT_SLICE).min(data.len());
             self.reserve_rx(end - consumed);
             self.rx.extend_from_slice(&data[consumed..end]);
@@ -468,7 +470,6 @@ impl Connection {
             data.clear();
             return total;
         }
-        self.heard(now);
         let input = self.new_allocation(data.capacity());
         // The backlog is checked first, then after every `INPUT_SLICE` bytes or so (frames
         // are not cut here, so a check may come up to one frame later than in `handle_input`).
@@ -479,6 +480,8 @@ impl Connection {
                 if self.ctrl.len() >= self.config.max_control_backlog.max(1) {
                     break;
                 }
+                // As in `handle_input`: only bytes taken are word from the peer.
+                self.heard(now);
                 since_check = 0;
             }
             let before = data.len();

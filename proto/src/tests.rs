@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{Frame, HEADER_LEN};
 use crate::*;
@@ -1280,6 +1280,63 @@ fn ping_flood_is_backpressured_not_buffered_without_bound() {
     assert!(out.len() <= Config::default().max_control_backlog + 64 * 1024);
     let m = p.server.handle_input(p.now, &flood[n..]);
     assert!(m > 0, "consumes again once the backlog is sent");
+}
+
+/// A peer that floods pings, never reads the answers and then falls silent is timed out:
+/// the input the full backlog refused, offered again on every turn as a driver does, is
+/// no word from the peer. Before, each offer counted as one and the idle timeout never
+/// came, through either input call.
+#[test]
+fn input_the_backlog_refuses_does_not_keep_a_silent_peer_alive() {
+    let mut flood = Vec::new();
+    for i in 0..100_000u64 {
+        Frame::Ping {
+            ack: false,
+            opaque: i,
+        }
+        .encode(&mut flood);
+    }
+    for shared in [false, true] {
+        let mut p = Pair::ready();
+        let mut left = BytesMut::from(&flood[..]);
+        let n = if shared {
+            p.server.handle_input_bytes(p.now, &mut left)
+        } else {
+            let n = p.server.handle_input(p.now, &left);
+            left.advance(n);
+            n
+        };
+        assert!(n > 0 && !left.is_empty(), "the backlog fills");
+        let start = p.now;
+        let idle = Config::default().idle_timeout;
+        while p.now < start + idle * 3 {
+            let Some(at) = p.server.poll_timeout() else {
+                break;
+            };
+            p.now = at.max(p.now);
+            let taken = if shared {
+                p.server.handle_input_bytes(p.now, &mut left)
+            } else {
+                p.server.handle_input(p.now, &left)
+            };
+            assert_eq!(taken, 0, "nothing is sent, so nothing more is taken");
+            p.server.handle_timeout(p.now);
+            if !p.server.is_ready() {
+                break;
+            }
+        }
+        p.collect();
+        assert!(
+            p.server_events.iter().any(|e| matches!(
+                e,
+                Event::ConnectionLost {
+                    reason: Error::IdleTimeout(_)
+                }
+            )),
+            "a peer silent for {:?} was never timed out (shared input: {shared})",
+            p.now - start
+        );
+    }
 }
 
 #[test]
