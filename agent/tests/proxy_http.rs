@@ -503,6 +503,55 @@ fn refusals_become_honest_statuses() {
     });
 }
 
+/// A CONNECT refused for its credentials keeps its connection for the retry, unless the
+/// client sent its tunnel's first bytes with it: those are no next request, and the
+/// connection ends after the 407 instead of answering them 400 and refusing the retry.
+#[test]
+fn a_connect_refused_for_credentials_keeps_its_connection_unless_tunnel_bytes_came_along() {
+    run(async {
+        let a = start_origin("a").await;
+        let cfg = ProxyConfig {
+            auth: Some(Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            ..ProxyConfig::default()
+        };
+        let proxy = start_proxy(DirectDialer, cfg).await;
+        let t = a.addr.to_string();
+        let connect =
+            |auth: &str| format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n{auth}\r\n").into_bytes();
+        async fn answer(c: &mut Conn) -> String {
+            let head = String::from_utf8(c.until(b"\r\n\r\n").await.expect("an answer"))
+                .expect("a text head");
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |n| n.parse().expect("a length"));
+            c.exact(len).await.expect("the answer's body");
+            head
+        }
+
+        let mut c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
+        c.send(&connect("")).await;
+        assert!(answer(&mut c).await.starts_with("HTTP/1.1 407 "));
+        c.send(&connect("Proxy-Authorization: Basic dTpw\r\n"))
+            .await;
+        let head = answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        c.send(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert!(c.until(b"hello from a\n").await.is_some());
+
+        let mut c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());
+        let mut early = connect("");
+        early.extend_from_slice(&[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5]);
+        c.send(&early).await;
+        assert!(answer(&mut c).await.starts_with("HTTP/1.1 407 "));
+        let rest = c.read_to_close().await;
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    });
+}
+
 #[test]
 fn proxy_credentials_are_required_when_configured() {
     run(async {

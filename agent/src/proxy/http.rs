@@ -661,7 +661,10 @@ where
     let client_close = head.minor_version == 0
         || head.headers.has_token("connection", "close")
         || head.headers.has_token("proxy-connection", "close");
-    let keep = framing == Framing::Empty && !client_close;
+    // Bytes already behind a CONNECT are its tunnel's (a TLS hello sent early), not a
+    // next request: after a refusal they could only be misread, so the connection ends.
+    let tunnel_bytes = is_connect && !cin.buffered().is_empty();
+    let keep = framing == Framing::Empty && !client_close && !tunnel_bytes;
     let next_after_answer = if keep { Next::KeepAlive } else { Next::Close };
 
     if let Some(creds) = &cfg.auth {
