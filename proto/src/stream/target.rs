@@ -20,18 +20,16 @@ pub enum Host {
 }
 
 impl Host {
-    /// Parses a host as written in a URL or CONNECT line: an IP literal (IPv6 may be in
-    /// brackets) or a name of 1..=255 bytes of visible ASCII.
+    /// Parses a host as written in a URL or CONNECT line: an IP literal (brackets hold an
+    /// IPv6 address and nothing else, as in a URL) or a name of 1..=255 bytes of visible
+    /// ASCII.
     pub fn parse(s: &str) -> Option<Host> {
-        let bare = s
-            .strip_prefix('[')
-            .and_then(|rest| rest.strip_suffix(']'))
-            .unwrap_or(s);
-        if let Ok(ip) = bare.parse::<IpAddr>() {
-            return Some(Host::Ip(ip));
+        if let Some(inner) = s.strip_prefix('[') {
+            let v6: Ipv6Addr = inner.strip_suffix(']')?.parse().ok()?;
+            return Some(Host::Ip(IpAddr::V6(v6)));
         }
-        if s.starts_with('[') {
-            return None;
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Some(Host::Ip(ip));
         }
         Host::name(s)
     }
@@ -84,9 +82,13 @@ impl Target {
         Target { host, port }
     }
 
-    /// Parses `host:port` (IPv6 in brackets), as in a CONNECT request line.
+    /// Parses `host:port` (IPv6 in brackets), as in a CONNECT request line; the port is
+    /// decimal digits only, as in a URL (`+443` is refused, as the proxy's URLs refuse it).
     pub fn parse(s: &str) -> Option<Target> {
         let (host, port) = s.rsplit_once(':')?;
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         let port: u16 = port.parse().ok()?;
         if host.contains(':') && !host.starts_with('[') {
             return None;
@@ -223,6 +225,21 @@ mod tests {
         assert_eq!(Target::parse("::1:80"), None);
         assert_eq!(Target::parse("a b:80"), None);
         assert_eq!(Target::parse("host:99999"), None);
+        for lax in [
+            "host:+443",
+            "host:",
+            "host: 80",
+            "[127.0.0.1]:80",
+            "[::1]x:80",
+        ] {
+            assert_eq!(Target::parse(lax), None, "{lax}");
+        }
+        assert_eq!(Target::parse("host:0443").unwrap().port, 443);
+        assert_eq!(Host::parse("[127.0.0.1]"), None);
+        assert_eq!(
+            Host::parse("[::ffff:127.0.0.1]"),
+            Some(Host::Ip("::ffff:127.0.0.1".parse().unwrap()))
+        );
         assert_eq!(Target::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
     }
 
