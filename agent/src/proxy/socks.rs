@@ -121,7 +121,12 @@ where
         Some(t) => Ok(Handshake::Connect(t)),
         None => {
             w.write_all(&socks5::reply(reply::HOST_UNREACHABLE)).await?;
-            Ok(Handshake::Rejected("invalid host name".into()))
+            let why = if request.port == 0 {
+                "port 0 is not a destination".to_string()
+            } else {
+                "invalid host name".to_string()
+            };
+            Ok(Handshake::Rejected(why))
         }
     }
 }
