@@ -353,8 +353,12 @@ impl TunnelDialer {
                 streams,
                 "streams still open at the shutdown deadline; closing"
             );
+            // Not NO_ERROR, a goaway: the server would see only the connection end.
             for t in &all {
-                t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
+                t.close(
+                    fluidity_proto::ErrorCode::CANCEL,
+                    "agent stopped: its shutdown deadline passed with streams still open",
+                );
             }
         }
     }

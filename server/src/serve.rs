@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ pub struct Server {
     /// deadline, a second signal): a clean close would pass a cut upload for a whole one.
     origins: Connections,
     handshakes: Mutex<Handshakes>,
+    /// Tunnel drivers still running: a closed tunnel's driver is still sending its close.
+    drivers: AtomicUsize,
     /// Connections dropped for the handshake limits are logged once in a while, per
     /// limit: a flood of them would otherwise flood the log, and one limit's flood must
     /// not hide the other's.
@@ -96,6 +98,26 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("listen", &self.cfg.listen)
             .finish_non_exhaustive()
+    }
+}
+
+/// How long the tunnels closed at the drain deadline have to send their close before the
+/// server exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One of a count of things running, counted out when dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn count(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Running(n)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -227,6 +249,7 @@ impl Server {
             next_tunnel: AtomicU64::new(1),
             origins: Connections::default(),
             handshakes: Mutex::new(Handshakes::default()),
+            drivers: AtomicUsize::new(0),
             dropped_total: app::LogThrottle::new(DROPPED_LOG_EVERY),
             dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
         }))
@@ -295,12 +318,21 @@ impl Server {
                 "drain deadline reached; closing the tunnels left, and their streams with them"
             );
         }
+        // Not NO_ERROR: that is a goaway, which these tunnels have had; the agent would
+        // see only its connection end and report it lost for no reason.
         for t in self.tunnels().values() {
-            t.close(ErrorCode::NO_ERROR, "server stopped");
+            t.close(
+                ErrorCode::CANCEL,
+                "server stopped: its drain deadline passed with streams still open",
+            );
         }
         if !drained {
             // The process may exit before the relays of the streams just cut run again.
             self.origins.reset_all();
+            // The closes need their drivers' turns: an agent told why says so, where one
+            // whose connection just ends reports it lost. A peer that reads nothing does
+            // not hold the exit back for longer.
+            app::wait_until(CLOSE_GRACE, || self.drivers.load(Ordering::SeqCst) == 0).await;
         }
         tracing::info!("stopped");
     }
@@ -441,6 +473,7 @@ impl Server {
             tunnel.go_away();
         }
         let _active = self.metrics.track_tunnel();
+        let _running = Running::count(&self.drivers);
         let driver = ex.spawn(driver);
         tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");
 
@@ -481,7 +514,11 @@ impl Server {
                             expiry = Some((app::deadline_in(self.cfg.drain_timeout()), true));
                         }
                         _ => {
-                            tunnel.close(ErrorCode::NO_ERROR, "admission expired");
+                            // After its goaway: only another code says why it ends.
+                            tunnel.close(
+                                ErrorCode::CANCEL,
+                                "admission expired and the agent did not authenticate again",
+                            );
                             expiry = None;
                         }
                     }

@@ -177,6 +177,19 @@ fn streams_open_at_the_drain_deadline_are_ended_and_the_server_exits() {
     // (the agent resets a client connection whose stream broke off), nor wait for ever.
     assert_reset(live);
     origin_reset(&echo);
+    // The server's close reached the agent before the exit: it says the server stopped,
+    // not that its connection was lost for no reason.
+    let lost = wait_for(
+        "the agent to lose the tunnel",
+        Duration::from_secs(30),
+        || {
+            let log = t.agent.proc.log();
+            log.lines()
+                .find(|l| l.contains("tunnel lost"))
+                .map(str::to_string)
+        },
+    );
+    assert!(lost.contains("server stopped"), "{lost}");
 }
 
 /// Waits until `t`'s agent, stopping, refuses new clients.
