@@ -1,7 +1,7 @@
 //! The tunnel server: accepts TLS connections, runs one tunnel per agent, and dials the
 //! streams the agent opens under the egress policy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,6 +91,8 @@ pub struct Server {
     /// not hide the other's.
     dropped_total: app::LogThrottle,
     dropped_per_source: app::LogThrottle,
+    /// Handshakes that gave way to new connections, logged once in a while.
+    gave_way: app::LogThrottle,
 }
 
 impl std::fmt::Debug for Server {
@@ -124,11 +126,22 @@ impl Drop for Running<'_> {
 /// How often connections dropped for the handshake limits are logged.
 const DROPPED_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a TLS handshake may sit before, with every handshake slot taken, it gives
+/// way to a new connection. An agent's handshake takes a few round trips; connections
+/// that hold slots open without finishing (slowloris, from several sources at their
+/// per-source limit) would otherwise keep every agent out until the handshake deadline,
+/// and again after it.
+const GIVE_WAY_AFTER: Duration = Duration::from_secs(2);
+
 /// Connections in the TLS handshake, in all and by source.
 #[derive(Debug, Default)]
 struct Handshakes {
     total: usize,
     by_source: HashMap<Source, usize>,
+    /// The handshakes that may give way, oldest first: when one must, its sender is sent
+    /// on (or dropped), which ends its wait.
+    pending: VecDeque<(u64, Instant, async_channel::Sender<()>)>,
+    next_id: u64,
 }
 
 /// Where a connection comes from, for the per-source handshake limit: an IPv4 address, or
@@ -159,24 +172,48 @@ enum HandshakeLimit {
     PerSource,
 }
 
+/// A handshake's place among those that may give way: its id, and what ends its wait
+/// when it must.
+struct Yield {
+    id: u64,
+    told: async_channel::Receiver<()>,
+}
+
 impl Handshakes {
-    /// Counts a connection from `source` in, unless a limit is reached.
+    /// Counts a connection from `source` in at `now`, unless a limit is reached. With every
+    /// slot taken, the oldest handshake gives way if it has sat for [`GIVE_WAY_AFTER`]
+    /// (its slot is given back when its task ends; until then the count may exceed the
+    /// limit by the handshakes just told).
     fn take(
         &mut self,
         source: Source,
         total: usize,
         per_source: usize,
-    ) -> Result<(), HandshakeLimit> {
-        if self.total >= total {
-            return Err(HandshakeLimit::Total);
-        }
+        now: Instant,
+    ) -> Result<Yield, HandshakeLimit> {
         // Looked up before inserting: a refused source leaves no entry behind.
         if self.by_source.get(&source).copied().unwrap_or(0) >= per_source {
             return Err(HandshakeLimit::PerSource);
         }
+        if self.total >= total {
+            match self.pending.front() {
+                Some((_, since, _)) if now.saturating_duration_since(*since) >= GIVE_WAY_AFTER => {
+                    if let Some((_, _, tell)) = self.pending.pop_front() {
+                        let _ = tell.try_send(());
+                    }
+                }
+                _ => return Err(HandshakeLimit::Total),
+            }
+        }
         *self.by_source.entry(source).or_insert(0) += 1;
         self.total += 1;
-        Ok(())
+        self.next_id += 1;
+        let (tell, told) = async_channel::bounded(1);
+        self.pending.push_back((self.next_id, now, tell));
+        Ok(Yield {
+            id: self.next_id,
+            told,
+        })
     }
 
     /// Counts a connection in whatever the limits (a refusal on its way out).
@@ -185,7 +222,12 @@ impl Handshakes {
         self.total += 1;
     }
 
-    fn give_back(&mut self, source: Source) {
+    /// Gives back the slot of a connection from `source`; `id` is its place among those
+    /// that may give way, if it has one still.
+    fn give_back(&mut self, source: Source, id: Option<u64>) {
+        if let Some(id) = id {
+            self.pending.retain(|(p, _, _)| *p != id);
+        }
         self.total = self.total.saturating_sub(1);
         if let Some(n) = self.by_source.get_mut(&source) {
             *n -= 1;
@@ -200,11 +242,13 @@ impl Handshakes {
 struct HandshakeSlot {
     server: Arc<Server>,
     source: Source,
+    /// Its place among those that may give way.
+    id: Option<u64>,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.server.handshakes().give_back(self.source);
+        self.server.handshakes().give_back(self.source, self.id);
     }
 }
 
@@ -252,6 +296,7 @@ impl Server {
             drivers: AtomicUsize::new(0),
             dropped_total: app::LogThrottle::new(DROPPED_LOG_EVERY),
             dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
+            gave_way: app::LogThrottle::new(DROPPED_LOG_EVERY),
         }))
     }
 
@@ -351,34 +396,39 @@ impl Server {
             source,
             self.cfg.max_handshakes,
             self.cfg.max_handshakes_per_source,
+            Instant::now(),
         );
-        if let Err(limit) = taken {
-            let (setting, value, throttle) = match limit {
-                HandshakeLimit::Total => (
-                    "max_handshakes",
-                    self.cfg.max_handshakes,
-                    &self.dropped_total,
-                ),
-                HandshakeLimit::PerSource => (
-                    "max_handshakes_per_source",
-                    self.cfg.max_handshakes_per_source,
-                    &self.dropped_per_source,
-                ),
-            };
-            if let Some(also) = throttle.allow(Instant::now()) {
-                tracing::warn!(%peer, setting, limit = value, dropped_since_last_line = also,
+        let place = match taken {
+            Ok(place) => place,
+            Err(limit) => {
+                let (setting, value, throttle) = match limit {
+                    HandshakeLimit::Total => (
+                        "max_handshakes",
+                        self.cfg.max_handshakes,
+                        &self.dropped_total,
+                    ),
+                    HandshakeLimit::PerSource => (
+                        "max_handshakes_per_source",
+                        self.cfg.max_handshakes_per_source,
+                        &self.dropped_per_source,
+                    ),
+                };
+                if let Some(also) = throttle.allow(Instant::now()) {
+                    tracing::warn!(%peer, setting, limit = value, dropped_since_last_line = also,
                     "too many connections in the TLS handshake; dropped (logged at most every \
                      10 s)");
+                }
+                return;
             }
-            return;
-        }
+        };
         let slot = HandshakeSlot {
             server: self.clone(),
             source,
+            id: Some(place.id),
         };
         let ex2 = ex.clone();
         ex.spawn(async move {
-            if let Err(e) = self.serve_tunnel(&ex2, sock, peer, slot).await {
+            if let Err(e) = self.serve_tunnel(&ex2, sock, peer, slot, place.told).await {
                 tracing::info!(%peer, error = %e, "tunnel ended with an error");
             }
         })
@@ -391,6 +441,7 @@ impl Server {
         sock: Async<std::net::TcpStream>,
         peer: SocketAddr,
         slot: HandshakeSlot,
+        give_way: async_channel::Receiver<()>,
     ) -> Result<(), Error> {
         let check = PeerCheck {
             expected_cn: self.cfg.expected_client_cn.clone(),
@@ -398,17 +449,32 @@ impl Server {
         };
         let handshake = {
             let _slot = slot;
-            fluidity_runtime_smol::accept(
+            let accept = fluidity_runtime_smol::accept(
                 sock,
                 TlsSession::server(self.tls.clone())?,
                 &check,
                 self.cfg.tls_handshake_timeout(),
-            )
-            .await
+            );
+            async { Some(accept.await) }
+                .or(async {
+                    // Told, or its place dropped: either way it is to give way.
+                    let _ = give_way.recv().await;
+                    None
+                })
+                .await
         };
         let h = match handshake {
-            Ok(h) => h,
-            Err(e) => {
+            Some(Ok(h)) => h,
+            None => {
+                if let Some(also) = self.gave_way.allow(Instant::now()) {
+                    tracing::warn!(%peer, after_secs = GIVE_WAY_AFTER.as_secs(),
+                        gave_way_since_last_line = also,
+                        "every TLS handshake slot was taken: the oldest handshake, unfinished, \
+                         gave way to a new connection (logged at most every 10 s)");
+                }
+                return Ok(());
+            }
+            Some(Err(e)) => {
                 match handshake_advice(&e) {
                     Some(advice) => {
                         tracing::warn!(%peer, error = %e, advice, "TLS handshake failed")
@@ -439,6 +505,7 @@ impl Server {
             let _slot = HandshakeSlot {
                 server: self.clone(),
                 source,
+                id: None,
             };
             // Told why, in the tunnel's own close, the agent can say so; a bare close
             // would leave its user guessing.
@@ -723,26 +790,71 @@ mod tests {
     #[test]
     fn handshakes_are_limited_in_all_and_per_source() {
         let mut h = Handshakes::default();
+        let now = Instant::now();
         let (a, b) = (source("192.0.2.1"), source("192.0.2.2"));
-        assert_eq!(h.take(a, 3, 2), Ok(()));
-        assert_eq!(h.take(a, 3, 2), Ok(()));
-        assert_eq!(h.take(a, 3, 2), Err(HandshakeLimit::PerSource));
+        let take = |h: &mut Handshakes, s: Source, total: usize, per_source: usize| {
+            h.take(s, total, per_source, now).map(|y| y.id)
+        };
+        assert_eq!(take(&mut h, a, 3, 2), Ok(1));
+        assert_eq!(take(&mut h, a, 3, 2), Ok(2));
+        assert_eq!(take(&mut h, a, 3, 2), Err(HandshakeLimit::PerSource));
         assert_eq!(
-            h.take(source("192.0.2.9"), 3, 0),
+            take(&mut h, source("192.0.2.9"), 3, 0),
             Err(HandshakeLimit::PerSource)
         );
         assert_eq!(h.by_source.len(), 1, "a refused source leaves no entry");
-        assert_eq!(h.take(b, 3, 2), Ok(()));
-        assert_eq!(h.take(b, 3, 2), Err(HandshakeLimit::Total));
-        h.give_back(a);
-        assert_eq!(h.take(b, 3, 2), Ok(()));
+        assert_eq!(take(&mut h, b, 3, 2), Ok(3));
+        assert_eq!(take(&mut h, b, 3, 2), Err(HandshakeLimit::Total));
+        h.give_back(a, Some(1));
+        assert_eq!(take(&mut h, b, 3, 2), Ok(4));
         // A refusal on its way out is counted whatever the limits, and given back.
         h.force(a);
         assert_eq!(h.total, 4);
-        for s in [a, a, b, b] {
-            h.give_back(s);
+        for (s, id) in [(a, None), (a, Some(2)), (b, Some(3)), (b, Some(4))] {
+            h.give_back(s, id);
         }
         assert_eq!(h.total, 0);
         assert!(h.by_source.is_empty(), "no source is remembered once gone");
+        assert!(h.pending.is_empty(), "no handshake is remembered once gone");
+    }
+
+    /// With every slot taken, the oldest handshake gives way to a new connection once it
+    /// has sat for [`GIVE_WAY_AFTER`], and only then; a source at its own limit never
+    /// makes another give way.
+    #[test]
+    fn the_oldest_stalled_handshake_gives_way_when_every_slot_is_taken() {
+        let mut h = Handshakes::default();
+        let start = Instant::now();
+        let (a, b, c) = (
+            source("192.0.2.1"),
+            source("192.0.2.2"),
+            source("192.0.2.3"),
+        );
+        let first = h.take(a, 2, 2, start).expect("a slot");
+        let second = h
+            .take(b, 2, 2, start + Duration::from_secs(1))
+            .expect("a slot");
+        let early = start + GIVE_WAY_AFTER - Duration::from_millis(1);
+        assert_eq!(
+            h.take(c, 2, 2, early).map(|y| y.id),
+            Err(HandshakeLimit::Total)
+        );
+        assert!(first.told.try_recv().is_err(), "not told yet");
+        let late = start + GIVE_WAY_AFTER;
+        assert_eq!(
+            h.take(a, 2, 1, late).map(|y| y.id),
+            Err(HandshakeLimit::PerSource)
+        );
+        let third = h.take(c, 2, 2, late).expect("the oldest gave way");
+        assert_eq!(first.told.try_recv(), Ok(()), "the oldest is told");
+        assert!(second.told.try_recv().is_err(), "the younger one is not");
+        // Until the told one's task ends, its slot still counts.
+        assert_eq!(h.total, 3);
+        h.give_back(a, Some(first.id));
+        assert_eq!(h.total, 2);
+        assert_eq!(
+            h.pending.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+            [second.id, third.id]
+        );
     }
 }

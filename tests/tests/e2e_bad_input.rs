@@ -1479,6 +1479,83 @@ fn idle_kept_alive_clients_make_room_when_descriptors_run_out() {
     assert!(log.contains("out of file descriptors"), "{log}");
 }
 
+/// A TCP connection to `to` from the loopback address `from` (all of 127/8 is this host,
+/// each address a source of its own to the server).
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&SocketAddr::from((from, 0)).into())
+        .unwrap_or_else(|e| panic!("binding {from:?}: {e}"));
+    sock.connect(&to.into()).expect("connect");
+    TcpStream::from(sock)
+}
+
+/// Whether the server has ended `c` (it reads its end), without waiting.
+fn ended(c: &TcpStream) -> bool {
+    c.set_nonblocking(true).expect("nonblocking");
+    match (&*c).read(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Connections from several hosts, each within its per-source limit, that open and say
+/// nothing take every handshake slot. The oldest of them gives way to a new connection
+/// once it has sat for two seconds, so an agent gets through long before their TLS
+/// handshakes time out; before, every agent was turned away until then, and again as
+/// soon as the holders reconnected.
+#[test]
+fn idle_connections_holding_every_handshake_slot_give_way_to_an_agent() {
+    let _wd = watchdog("handshake_slots", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = certs_init(dir.path());
+    // Held handshakes time out long after the checks below, however slow the machine.
+    let server = Server::start(
+        &certs,
+        &ServerOptions {
+            config: Some("tls_handshake_secs = 600\n".into()),
+            ..ServerOptions::default()
+        },
+        dir.path(),
+    );
+    // The default limits: 8 per source, 64 in all. Eight hosts hold all 64.
+    let mut held = Vec::new();
+    for host in 2..10 {
+        for _ in 0..8 {
+            held.push(connect_from([127, 0, 0, host], server.listen));
+        }
+    }
+    // A ninth host's connection, at once, is dropped: the slots are full and young.
+    let late = connect_from([127, 0, 0, 10], server.listen);
+    wait_for(
+        "a connection beyond the slots to be dropped",
+        Duration::from_secs(30),
+        || ended(&late).then_some(()),
+    );
+    assert!(!held.iter().any(ended), "all 64 are held");
+
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("log folder");
+    // Its first attempt may come before any held handshake is old enough to give way;
+    // the requests below make it try again.
+    let agent = Agent::spawn(&certs, server.listen, &AgentOptions::default(), &agent_dir);
+    let origin = HttpOrigin::start("past the stalled handshakes");
+    let status = wait_for("the agent to get through", Duration::from_secs(60), || {
+        let (status, _) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
+        (status == 200).then_some(status)
+    });
+    assert_eq!(status, 200);
+    assert!(
+        held.iter().filter(|c| ended(c)).count() >= 1,
+        "a held connection gave way"
+    );
+    let log = server.proc.log();
+    assert!(
+        log.contains("gave way to a new connection"),
+        "the server says why it dropped a held connection:\n{log}"
+    );
+}
+
 /// Connections that open and then say nothing hold handshake slots until the TLS
 /// handshake times out. From one source they get at most `max_handshakes_per_source` of
 /// them: an agent elsewhere still connects, and the server logs the drops once, not once
@@ -1493,14 +1570,7 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
     });
     let origin = HttpOrigin::start("flood");
     // 127.0.0.2 is another source on loopback; the agents connect from 127.0.0.1.
-    let connect_from_elsewhere = || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        sock.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
-            .expect("binding 127.0.0.2");
-        sock.connect(&t.server.listen.into()).expect("connect");
-        TcpStream::from(sock)
-    };
+    let connect_from_elsewhere = || connect_from([127, 0, 0, 2], t.server.listen);
     // The default limits are 8 per source and 64 in all; 8 are held, and the 64 after
     // them dropped. (Without the per-source limit 64 would be held, and the agent below
     // turned away.)
@@ -1511,17 +1581,9 @@ fn idle_connections_from_one_host_do_not_lock_agents_out() {
     // A dropped connection reads its end; a held one has nothing to read until its TLS
     // handshake times out.
     let mut closed = vec![false; held.len()];
-    for c in &held {
-        c.set_nonblocking(true).expect("nonblocking");
-    }
     let mut count_closed = || {
-        for (c, done) in held.iter_mut().zip(closed.iter_mut()) {
-            if !*done {
-                *done = match c.read(&mut [0u8; 1]) {
-                    Ok(n) => n == 0,
-                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-                };
-            }
+        for (c, done) in held.iter().zip(closed.iter_mut()) {
+            *done = *done || ended(c);
         }
         closed.iter().filter(|d| **d).count()
     };
