@@ -130,7 +130,8 @@ pub struct ServerConfig {
     /// Tunnels served at once. Default 64.
     pub max_tunnels: usize,
     /// Connections allowed in the TLS handshake at once (before they earn a tunnel
-    /// slot). Default 64.
+    /// slot); beyond it the oldest, if stalled for two seconds, gives way to a new one.
+    /// Default 64.
     pub max_handshakes: usize,
     /// Of those, from one source at once: an IPv4 address or an IPv6 /64. Default 8, so
     /// that one host holding connections open cannot lock every agent out.
