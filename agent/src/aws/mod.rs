@@ -550,9 +550,10 @@ async fn watch(
 }
 
 /// The server `current` cannot be reached: Wake (refreshing the agent's stored address),
-/// then Query every `poll_secs` until a server runs; reconnect to it if it is the same,
-/// otherwise certify for the new ARN and point the dialer at it. Gives up after
-/// `wait_secs`. Returns the server now used and the agent's address.
+/// then Query every `poll_secs` until a server runs; reconnect to it if it is the same and
+/// the agent's address is the one its certificate names (`agent_ip`), otherwise certify
+/// for the server and the agent's address now and point the dialer at it. Gives up after
+/// `wait_secs`. Returns the server now used and the agent's certified address.
 async fn find_again(
     cfg: &AgentConfig,
     aws: &AwsRun,
@@ -567,6 +568,9 @@ async fn find_again(
     tracing::warn!(server_arn = %current.server_arn, server_ip = %current.server_ip,
         failures = dialer.consecutive_failures(), "the server went away; looking for it again");
     progress.report(Phase::Gone);
+    // The address the agent's certificate names: a laptop that moved to another network
+    // is refused by the same server until it has one for its new address.
+    let certified_ip = agent_ip;
     let mut need_wake = true;
     let mut wake_error: Option<String> = None;
     loop {
@@ -589,7 +593,8 @@ async fn find_again(
             Ok(q) => match wait::interpret(&q) {
                 Ok(found)
                     if found.server_arn == current.server_arn
-                        && found.server_ip == current.server_ip =>
+                        && found.server_ip == current.server_ip
+                        && agent_ip == certified_ip =>
                 {
                     // Still the same server: a drop, not a replacement.
                     match dialer.tunnel().await {
@@ -602,8 +607,14 @@ async fn find_again(
                     }
                 }
                 Ok(found) => {
-                    tracing::info!(server_arn = %found.server_arn, server_ip = %found.server_ip,
-                        "a new server runs");
+                    let same = found.server_arn == current.server_arn;
+                    if same {
+                        tracing::info!(%agent_ip, %certified_ip,
+                            "the agent's address changed; certifying it for the same server");
+                    } else {
+                        tracing::info!(server_arn = %found.server_arn, server_ip = %found.server_ip,
+                            "a new server runs");
+                    }
                     progress.report(Phase::Certifying);
                     // A CA call that fails is retried within the limit, like Query.
                     match certify(aws, &found, agent_ip).await {
@@ -617,8 +628,16 @@ async fn find_again(
                                 .await;
                             let left = limit.saturating_sub(progress.elapsed());
                             connect(dialer, &found, left.max(poll), &mut progress).await?;
-                            eprintln!("fluidity: ready again with the new server");
-                            tracing::info!(server_arn = %found.server_arn, "switched to the new server");
+                            if same {
+                                eprintln!(
+                                    "fluidity: reconnected to the server from this network's address ({agent_ip})"
+                                );
+                                tracing::info!(server_arn = %found.server_arn, %agent_ip,
+                                    "reconnected with a certificate for the new address");
+                            } else {
+                                eprintln!("fluidity: ready again with the new server");
+                                tracing::info!(server_arn = %found.server_arn, "switched to the new server");
+                            }
                             return Ok((found, agent_ip));
                         }
                     }
@@ -995,6 +1014,136 @@ mod tests {
     }
 
     const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/one";
+
+    /// A stand-in control host on 127.0.0.1: Wake and Query report the server `ARN` at
+    /// 127.0.0.2 and the agent seen at 127.0.0.1, the CA signs agent CSRs with `ca`, and
+    /// anything else answers as Kill does. Returns its base URL.
+    fn control_host(ca: CaBundle) -> String {
+        use fluidity_aws::control::types::CertificateRequest;
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+                let mut length = 0;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = r.read_exact(&mut body);
+                let json = match path.as_str() {
+                    "/wake" => serde_json::json!({"status": "running", "server_arn": ARN,
+                        "server_public_ip": "127.0.0.2", "agent_public_ip_as_seen": "127.0.0.1",
+                        "desired_count": 1, "changed": false}),
+                    "/query" => serde_json::json!({"status": "running", "server_ip": "127.0.0.2",
+                        "server_arn": ARN, "agent_public_ip": "127.0.0.1", "desired_count": 1,
+                        "task_status": "RUNNING"}),
+                    "/ca" => {
+                        let req: CertificateRequest = serde_json::from_slice(&body).unwrap();
+                        let cert = fluidity_runtime_smol::pki::sign_csr(
+                            &ca,
+                            &req.csr,
+                            fluidity_runtime_smol::pki::CertUsage::Client,
+                            YEAR,
+                        )
+                        .unwrap();
+                        serde_json::json!({"certificate": cert, "ca_certificate": ca.cert_pem(),
+                            "not_after": 4_000_000_000u64})
+                    }
+                    _ => serde_json::json!({"status": "stopping", "desired_count": 0, "changed": true}),
+                }
+                .to_string();
+                let mut w = conn;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+                    json.len()
+                );
+            }
+        });
+        base
+    }
+
+    /// The laptop moved to another network: its certificate names its old address
+    /// (127.0.0.5), it now connects from 127.0.0.1, which Wake reports, and the server is
+    /// the same task, which refuses the old certificate. The agent gets one for its new
+    /// address and reconnects; before, it retried the old one until it gave up, and
+    /// stopped the server on its way out.
+    #[test]
+    fn an_agent_whose_address_changed_is_certified_again_for_the_same_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let old = issue_client(&ca, ARN, &["127.0.0.5".parse().unwrap()], YEAR).unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        std::fs::write(&files.cert, &old.cert_pem).unwrap();
+        std::fs::write(&files.key, &old.key_pem).unwrap();
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        let (server, listener, port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            ARN,
+            &["127.0.0.2", "127.0.0.5"],
+            &files.ca,
+        );
+        let mut aws = test_aws(port);
+        aws.control = ControlClient::new(
+            &fluidity_aws::AwsConfig::new(
+                "us-east-1",
+                Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
+                fluidity_aws::Endpoints::none(),
+                fluidity_aws::HttpClient::direct().unwrap(),
+            ),
+            ControlUrls::on_host(&control_host(ca)),
+        );
+        aws.lifecycle.state_dir = Some(dir.path().to_path_buf());
+        aws.lifecycle.wait_secs = 10;
+        aws.lifecycle.poll_secs = 1;
+        let cfg = AgentConfig::default();
+        let current = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(async {
+            let (stop, stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let task = ex.spawn(async move {
+                server
+                    .run(&ex2, listener, async move {
+                        let _ = stopped.recv().await;
+                    })
+                    .await
+            });
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            let refused = dialer.tunnel().await.map(|_| ());
+            assert!(refused.is_err(), "the old address's certificate is refused");
+            let (found, agent_ip) =
+                find_again(&cfg, &aws, &dialer, &current, "127.0.0.5".parse().unwrap())
+                    .await
+                    .expect("certified again and reconnected");
+            assert_eq!(
+                (found.server_arn.as_str(), agent_ip),
+                (ARN, "127.0.0.1".parse().unwrap())
+            );
+            assert!(dialer.is_up());
+            dialer.shutdown(Duration::from_millis(100)).await;
+            drop(stop);
+            task.await;
+        }));
+    }
 
     #[test]
     fn connects_only_to_this_arn_at_the_dialled_address() {
