@@ -73,12 +73,20 @@ where
     // Linux reports a reset once: to the writer here, and the reader then sees only the
     // end of file.
     let socket_failed = AtomicBool::new(false);
+    // Told when the stream has ended towards the socket: the socket's direction is then
+    // all that is left, and a reset of the stream or the tunnel's loss must end it too, or
+    // a socket that sends nothing (a long poll whose request is complete) would keep its
+    // connection for ever.
+    let (ended, ended_rx) = async_channel::bounded::<()>(1);
     let to_socket = async {
         let copied = copy_from_stream(SharedHalf(&stream), sw, RELAY_BUF_MAX, |n| {
             on_bytes(Direction::StreamToSocket, n)
         });
         match copied.await {
-            Ok(n) => Ok(Ok(n)),
+            Ok(n) => {
+                let _ = ended.try_send(());
+                Ok(Ok(n))
+            }
             Err(Failed::Stream(e)) => Err(e),
             Err(Failed::Socket(e)) => {
                 tracing::debug!(error = %e, "the socket takes no more; relaying its last bytes");
@@ -91,6 +99,13 @@ where
     let from_socket = copy_into_stream(sr, &stream, &socket_failed, |n| {
         moved.fetch_add(n as u64, Ordering::Relaxed);
         on_bytes(Direction::SocketToStream, n)
+    })
+    .or(async {
+        if ended_rx.recv().await.is_err() {
+            return std::future::pending().await;
+        }
+        // Nothing reads the stream any more: its reader's waker is free to watch it.
+        Err(std::future::poll_fn(|cx| SharedHalf(&stream).poll_given_up(cx)).await)
     });
     let result = join_with_grace(
         to_socket,

@@ -592,3 +592,72 @@ fn a_chunk_read_takes_a_bounded_number_of_small_frames() {
         })
     });
 }
+
+/// A relay whose stream has ended towards its socket (the agent sent its request and its
+/// FIN; the origin read its end and answers nothing yet, as a long poll does) still ends
+/// when the stream is given up: reset by the agent, or its tunnel lost. Before, only a
+/// write to the socket noticed, so the origin's connection stayed open until the origin
+/// spoke or closed.
+#[test]
+fn a_half_closed_relay_ends_when_its_stream_is_given_up() {
+    for lose_tunnel in [false, true] {
+        let kind = run(move |ex| {
+            let certs = certs();
+            let (origin, origin_addr) = listen();
+            let (read_to_end, origin_read_to_end) = async_channel::bounded::<()>(1);
+            // Held until the test ends: the origin answers nothing.
+            let (_quiet, quiet_until) = async_channel::bounded::<()>(1);
+            ex.spawn(async move {
+                let (sock, _) = origin.accept().await.unwrap();
+                let mut s = smol::net::TcpStream::from(sock);
+                let mut request = Vec::new();
+                s.read_to_end(&mut request).await.unwrap();
+                read_to_end.send(()).await.unwrap();
+                let _ = quiet_until.recv().await;
+            })
+            .detach();
+            let (listener, addr) = listen();
+            let (relayed, relay_ended) = async_channel::bounded::<std::io::Result<(u64, u64)>>(1);
+            ex.spawn(serve_with(
+                ex.clone(),
+                listener,
+                certs.server,
+                proto_config(),
+                move |stream| {
+                    let relayed = relayed.clone();
+                    async move {
+                        let sock = smol::net::TcpStream::connect(origin_addr).await.unwrap();
+                        let _ = relayed.send(relay(stream, sock, |_, _| {}).await).await;
+                    }
+                },
+            ))
+            .detach();
+            let ex2 = ex.clone();
+            ex.spawn(async move {
+                let _quiet = _quiet;
+                let tunnel = agent(addr, certs.client, &ex2).await;
+                let mut s = tunnel
+                    .open(Target::parse("origin.test:80").unwrap())
+                    .await
+                    .unwrap();
+                s.write_all(b"GET /poll HTTP/1.0\r\n\r\n").await.unwrap();
+                s.close().await.unwrap();
+                origin_read_to_end.recv().await.unwrap();
+                if lose_tunnel {
+                    tunnel.close(fluidity_proto::ErrorCode::CANCEL, "gone");
+                } else {
+                    // Dropped before its end: a CANCEL reset.
+                    drop(s);
+                }
+                let ended = relay_ended.recv().await.unwrap();
+                ended.expect_err("a stream given up is no clean end").kind()
+            })
+        });
+        let want = if lose_tunnel {
+            std::io::ErrorKind::ConnectionAborted
+        } else {
+            std::io::ErrorKind::ConnectionReset
+        };
+        assert_eq!(kind, want, "tunnel lost: {lose_tunnel}");
+    }
+}
