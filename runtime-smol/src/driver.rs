@@ -689,6 +689,10 @@ impl Driver {
         let mut budget = TURN_BUDGET;
         // Whether reading stopped with more possibly waiting (budget or backpressure).
         let mut more_to_read = false;
+        // Whether it stopped for the turn's budget alone: the next turn reads on, whatever
+        // the writes wait for (two peers each waiting to write would otherwise each wait
+        // for the other to read, until a timer).
+        let mut budget_spent = false;
         // Read path.
         loop {
             if !self.plain_in.is_empty() {
@@ -704,6 +708,7 @@ impl Driver {
             }
             if budget == 0 {
                 more_to_read = true;
+                budget_spent = true;
                 break;
             }
             match self.read_tls(&mut s.conn, now) {
@@ -836,7 +841,7 @@ impl Driver {
             }
         }
         if write_blocked {
-            if self.sock.poll_writable(cx).is_ready() {
+            if self.sock.poll_writable(cx).is_ready() || budget_spent {
                 cx.waker().wake_by_ref();
             }
         } else if more_to_read {
