@@ -196,13 +196,45 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 /// process killed by that signal (130 for SIGINT, 143 for SIGTERM): a person pressing
 /// Ctrl-C again does not want to wait for the drain.
 pub async fn shutdown_signal() {
-    wait_for_shutdown(true).await;
+    wait_for_shutdown(Later::Exit).await;
 }
 
-/// [`shutdown_signal`] for a process whose shutdown must run to its end (the AWS-mode
-/// agent stops its server after the drain): a second signal changes nothing.
-pub async fn shutdown_signal_unforced() {
-    wait_for_shutdown(false).await;
+/// [`shutdown_signal`] for a process whose shutdown has work to finish (the AWS-mode
+/// agent stops its server after the drain): each later signal calls `later` with its
+/// count (2 for the second), which decides what it means; the process goes on unless
+/// `later` ends it.
+pub async fn shutdown_signal_then(later: impl Fn(u32) + Send + 'static) {
+    wait_for_shutdown(Later::Call(Box::new(later))).await;
+}
+
+/// What signals after the first do.
+enum Later {
+    /// End the process at once, as killed by the signal.
+    Exit,
+    /// Call this with the signal's count.
+    Call(Box<dyn Fn(u32) + Send>),
+}
+
+/// Runs the forced-exit hooks and exits as killed by `sig` (128 + its number).
+fn exit_as_killed_by(sig: async_signal::Signal) -> ! {
+    let number = match sig {
+        async_signal::Signal::Int => 2,
+        _ => 15,
+    };
+    for hook in FORCED_EXIT_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        hook();
+    }
+    std::process::exit(128 + number);
+}
+
+/// Runs the forced-exit hooks and exits with 130, as a process stopped by Ctrl-C: for a
+/// [`shutdown_signal_then`] callback that decides to end the process.
+pub fn exit_now() -> ! {
+    exit_as_killed_by(async_signal::Signal::Int)
 }
 
 /// What runs before a second signal ends the process at once.
@@ -220,38 +252,33 @@ pub fn on_forced_exit(hook: impl Fn() + Send + Sync + 'static) {
         .push(Box::new(hook));
 }
 
-async fn wait_for_shutdown(second_stops: bool) {
+async fn wait_for_shutdown(later: Later) {
     use async_signal::{Signal, Signals};
     use futures_lite::StreamExt;
     match Signals::new([Signal::Term, Signal::Int]) {
         Ok(mut signals) => {
             if let Some(Ok(sig)) = signals.next().await {
-                if second_stops {
-                    tracing::info!(signal = ?sig, "shutdown requested; a second signal stops at once");
-                } else {
-                    tracing::info!(signal = ?sig, "shutdown requested");
+                match later {
+                    Later::Exit => tracing::info!(signal = ?sig,
+                        "shutdown requested; a second signal stops at once"),
+                    Later::Call(_) => tracing::info!(signal = ?sig, "shutdown requested"),
                 }
             }
-            if !second_stops {
-                return;
-            }
+            // The signals stay caught: dropped, they would be neither handled nor back
+            // to their default, and a person pressing Ctrl-C again would get nothing.
             let spawned = std::thread::Builder::new()
-                .name("second-signal".into())
+                .name("later-signals".into())
                 .spawn(move || {
-                    if let Some(Ok(sig)) = async_io::block_on(signals.next()) {
-                        tracing::warn!(signal = ?sig, "second signal: stopping now, open streams cut");
-                        let number = match sig {
-                            Signal::Int => 2,
-                            _ => 15,
-                        };
-                        for hook in FORCED_EXIT_HOOKS
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .iter()
-                        {
-                            hook();
+                    let mut count = 1;
+                    while let Some(Ok(sig)) = async_io::block_on(signals.next()) {
+                        count += 1;
+                        match &later {
+                            Later::Exit => {
+                                tracing::warn!(signal = ?sig, "second signal: stopping now, open streams cut");
+                                exit_as_killed_by(sig);
+                            }
+                            Later::Call(f) => f(count),
                         }
-                        std::process::exit(128 + number);
                     }
                 });
             if let Err(e) = spawned {

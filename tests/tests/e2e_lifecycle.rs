@@ -521,6 +521,64 @@ fn a_stop_during_wake_kills_after_the_wake_lands() {
     );
 }
 
+/// Ctrl-C three times while the agent stops: the second does not skip the Kill (it says
+/// what the agent waits for), the third exits at once and says the server was left to
+/// Sleep. Before, the signals after the first did nothing, and the agent waited for a
+/// slow Kill whatever its user pressed. The control host's Kill takes 20 s, far longer
+/// than the test needs.
+#[test]
+fn a_third_ctrl_c_leaves_a_slow_kill_behind() {
+    let _wd = watchdog("ctrl_c_thrice", Duration::from_secs(120));
+    let (control, events) = stand_in_control(|path, push| match path {
+        "/wake" => {
+            push("wake");
+            r#"{"status":"starting","agent_public_ip_as_seen":"127.0.0.1","desired_count":1,"changed":true}"#
+        }
+        "/kill" => {
+            push("kill begins");
+            std::thread::sleep(Duration::from_secs(20));
+            push("kill ends");
+            r#"{"status":"stopped","desired_count":0,"changed":true}"#
+        }
+        _ => r#"{"status":"starting","desired_count":1}"#,
+    });
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let mut agent = agent_against(control, dir.path());
+    let interrupt = |agent: &fluidity_tests::e2e::proc::Proc| {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &agent.pid().to_string()])
+            .status();
+    };
+    wait_events(&events, "wake", 1);
+    interrupt(&agent);
+    wait_events(&events, "kill begins", 1);
+    interrupt(&agent);
+    assert!(
+        agent.wait_log(LIMIT, |l| l.contains("still stopping")),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.exited().is_none(),
+        "the second Ctrl-C does not end it"
+    );
+    interrupt(&agent);
+    let status = wait_for("the agent to exit", LIMIT, || agent.exited());
+    assert_eq!(status.code(), Some(130), "{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("exiting without stopping the server; Sleep stops it once idle"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        *events.lock().unwrap_or_else(|p| p.into_inner()),
+        ["wake", "kill begins"],
+        "the agent left before the Kill answered"
+    );
+}
+
 /// The service stopped between the agent's Wake and the task's start (Sleep, or someone
 /// else's Kill): the waiting agent wakes it again instead of waiting its whole limit for
 /// a server nobody wants.

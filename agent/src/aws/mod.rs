@@ -326,8 +326,24 @@ pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
         wakes: Arc::default(),
     };
     app::run(app::threads(cfg.threads), |ex| async move {
-        // A second Ctrl-C must not skip the Kill that follows the drain.
-        run_aws(&ex, cfg, aws, app::shutdown_signal_unforced()).await
+        // A second Ctrl-C (people press it twice) must not skip the Kill that follows the
+        // drain: the server would run on until Sleep. It says what the agent waits for; a
+        // third leaves at once.
+        let later = |count: u32| {
+            if count == 2 {
+                eprintln!(
+                    "fluidity: still stopping: the server is stopped before the agent exits; \
+                     press Ctrl-C again to exit now and leave it running until Sleep finds it idle"
+                );
+            } else {
+                eprintln!(
+                    "fluidity: exiting without stopping the server; Sleep stops it once idle"
+                );
+                tracing::warn!("third signal: exiting without stopping the server");
+                app::exit_now();
+            }
+        };
+        run_aws(&ex, cfg, aws, app::shutdown_signal_then(later)).await
     })
 }
 
