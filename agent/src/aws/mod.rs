@@ -497,9 +497,19 @@ async fn bring_up(
     let files = certify(aws, &located, agent_ip).await?;
     let settings = tunnel_settings(cfg, aws, &files, &located)?;
     let dialer = TunnelDialer::new(settings, ex.clone());
-    connect(&dialer, &located, limit, &mut progress).await?;
+    // A server that does not answer may be gone already (its task replaced since Query
+    // named it): looked for again, as one that goes away later is, within `wait_secs`.
+    if let Err(e) = connect(&dialer, &located, limit, CONNECT_PATIENCE, &mut progress).await {
+        tracing::info!(error = %e, "the server Query named does not answer; asking again");
+        let (found, ip) = find_again(cfg, aws, &dialer, &located, agent_ip).await?;
+        return Ok((dialer, found, ip));
+    }
     Ok((dialer, located, agent_ip))
 }
+
+/// How long the agent keeps dialling a server Query named that does not answer before it
+/// asks again: a task starts listening a few seconds after ECS reports it running.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Calls Wake; the answer carries the agent's address as the control plane saw it.
 async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, String> {
@@ -643,18 +653,34 @@ async fn find_again(
                                 .retarget(tunnel_settings(cfg, aws, &files, &found)?)
                                 .await;
                             let left = limit.saturating_sub(progress.elapsed());
-                            connect(dialer, &found, left.max(poll), &mut progress).await?;
-                            if same {
-                                eprintln!(
-                                    "fluidity: reconnected to the server from this network's address ({agent_ip})"
-                                );
-                                tracing::info!(server_arn = %found.server_arn, %agent_ip,
-                                    "reconnected with a certificate for the new address");
-                            } else {
-                                eprintln!("fluidity: ready again with the new server");
-                                tracing::info!(server_arn = %found.server_arn, "switched to the new server");
+                            let connected = connect(
+                                dialer,
+                                &found,
+                                left.max(poll),
+                                CONNECT_PATIENCE,
+                                &mut progress,
+                            )
+                            .await;
+                            match connected {
+                                // Perhaps replaced again: the next Query says.
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "the server does not answer; asking again");
+                                    last_note = Some(e);
+                                }
+                                Ok(()) => {
+                                    if same {
+                                        eprintln!(
+                                            "fluidity: reconnected to the server from this network's address ({agent_ip})"
+                                        );
+                                        tracing::info!(server_arn = %found.server_arn, %agent_ip,
+                                            "reconnected with a certificate for the new address");
+                                    } else {
+                                        eprintln!("fluidity: ready again with the new server");
+                                        tracing::info!(server_arn = %found.server_arn, "switched to the new server");
+                                    }
+                                    return Ok((found, agent_ip));
+                                }
                             }
-                            return Ok((found, agent_ip));
                         }
                     }
                 }
@@ -729,14 +755,17 @@ fn tunnel_settings(
     })
 }
 
-/// Connects until the tunnel is ready or `limit` passes: the task runs before the server
-/// in it listens (it discovers itself and gets its certificate first).
+/// Connects the dialer to `located` until it is up, `limit` has passed, or it has failed
+/// [`GONE_AFTER_FAILURES`] times in a row (after at least `patience`): a server that does
+/// not answer may have been replaced since Query named it, and the caller asks again. The
+/// error says why it stopped.
 async fn connect(
     dialer: &TunnelDialer,
     located: &Located,
     limit: Duration,
+    patience: Duration,
     progress: &mut Progress,
-) -> Result<()> {
+) -> std::result::Result<(), String> {
     let started = std::time::Instant::now();
     let phase = Phase::Connecting {
         server_ip: located.server_ip,
@@ -745,15 +774,17 @@ async fn connect(
         progress.report(phase.clone());
         match dialer.tunnel().await {
             Ok(_) => return Ok(()),
-            Err(e) if started.elapsed() + Duration::from_secs(1) > limit => {
-                let msg = format!(
-                    "cannot connect to the server {} at {} within {}s: {e}",
+            Err(e)
+                if started.elapsed() + Duration::from_secs(1) > limit
+                    || (started.elapsed() >= patience
+                        && dialer.consecutive_failures() >= GONE_AFTER_FAILURES) =>
+            {
+                return Err(format!(
+                    "cannot connect to the server {} at {} ({}s): {e}",
                     located.server_arn,
                     located.server_ip,
-                    limit.as_secs()
-                );
-                eprintln!("fluidity: {msg}");
-                return Err(Error::Lifecycle(msg));
+                    started.elapsed().as_secs()
+                ));
             }
             Err(e) => tracing::debug!(error = %e, "not connected yet"),
         }
@@ -1031,15 +1062,25 @@ mod tests {
 
     const ARN: &str = "arn:aws:ecs:us-east-1:123456789012:task/c/one";
 
-    /// A stand-in control host on 127.0.0.1: Wake and Query report the server `ARN` at
-    /// 127.0.0.2 and the agent seen at 127.0.0.1, the CA signs agent CSRs with `ca`, and
-    /// anything else answers as Kill does. Returns its base URL.
-    fn control_host(ca: CaBundle) -> String {
+    /// Query's answer naming the server `arn` at `ip`, running, and the agent at 127.0.0.1.
+    fn running(arn: &str, ip: &str) -> serde_json::Value {
+        serde_json::json!({"status": "running", "server_ip": ip, "server_arn": arn,
+            "agent_public_ip": "127.0.0.1", "desired_count": 1, "task_status": "RUNNING"})
+    }
+
+    /// A stand-in control host on 127.0.0.1: Wake reports the agent seen at 127.0.0.1,
+    /// Query answers `query(n)` to its `n`th call (from 0), the CA signs agent CSRs with
+    /// `ca`, and anything else answers as Kill does. Returns its base URL.
+    fn control_host(
+        ca: CaBundle,
+        query: impl Fn(usize) -> serde_json::Value + Send + 'static,
+    ) -> String {
         use fluidity_aws::control::types::CertificateRequest;
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
+            let mut queries = 0;
             for conn in listener.incoming().flatten() {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
                 let mut line = String::new();
@@ -1058,12 +1099,13 @@ mod tests {
                 let mut body = vec![0; length];
                 let _ = r.read_exact(&mut body);
                 let json = match path.as_str() {
-                    "/wake" => serde_json::json!({"status": "running", "server_arn": ARN,
-                        "server_public_ip": "127.0.0.2", "agent_public_ip_as_seen": "127.0.0.1",
-                        "desired_count": 1, "changed": false}),
-                    "/query" => serde_json::json!({"status": "running", "server_ip": "127.0.0.2",
-                        "server_arn": ARN, "agent_public_ip": "127.0.0.1", "desired_count": 1,
-                        "task_status": "RUNNING"}),
+                    "/wake" => serde_json::json!({"status": "starting",
+                        "agent_public_ip_as_seen": "127.0.0.1", "desired_count": 1,
+                        "changed": false}),
+                    "/query" => {
+                        queries += 1;
+                        query(queries - 1)
+                    }
                     "/ca" => {
                         let req: CertificateRequest = serde_json::from_slice(&body).unwrap();
                         let cert = fluidity_runtime_smol::pki::sign_csr(
@@ -1120,7 +1162,7 @@ mod tests {
                 fluidity_aws::Endpoints::none(),
                 fluidity_aws::HttpClient::direct().unwrap(),
             ),
-            ControlUrls::on_host(&control_host(ca)),
+            ControlUrls::on_host(&control_host(ca, |_| running(ARN, "127.0.0.2"))),
         );
         aws.lifecycle.state_dir = Some(dir.path().to_path_buf());
         aws.lifecycle.wait_secs = 10;
@@ -1154,6 +1196,64 @@ mod tests {
                 (found.server_arn.as_str(), agent_ip),
                 (ARN, "127.0.0.1".parse().unwrap())
             );
+            assert!(dialer.is_up());
+            dialer.shutdown(Duration::from_millis(100)).await;
+            drop(stop);
+            task.await;
+        }));
+    }
+
+    /// The server Query names at start-up is gone before the agent reaches it (its task
+    /// replaced meanwhile: nothing listens at its address); the next Query names its
+    /// replacement, which the agent certifies for and reaches. Before, the agent dialled
+    /// the first address until `wait_secs` had passed, then stopped the service.
+    #[test]
+    fn a_server_gone_before_the_first_connection_is_looked_for_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        let (server, listener, port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            ARN,
+            &["127.0.0.2", "127.0.0.1"],
+            &files.ca,
+        );
+        let gone = "arn:aws:ecs:us-east-1:123456789012:task/c/gone";
+        let mut aws = test_aws(port);
+        aws.control = ControlClient::new(
+            &fluidity_aws::AwsConfig::new(
+                "us-east-1",
+                Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
+                fluidity_aws::Endpoints::none(),
+                fluidity_aws::HttpClient::direct().unwrap(),
+            ),
+            ControlUrls::on_host(&control_host(ca, move |n| match n {
+                0 => running(gone, "127.0.0.6"),
+                _ => running(ARN, "127.0.0.2"),
+            })),
+        );
+        aws.lifecycle.state_dir = Some(dir.path().to_path_buf());
+        aws.lifecycle.wait_secs = 60;
+        aws.lifecycle.poll_secs = 1;
+        let cfg = AgentConfig::default();
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(async {
+            let (stop, stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let task = ex.spawn(async move {
+                server
+                    .run(&ex2, listener, async move {
+                        let _ = stopped.recv().await;
+                    })
+                    .await
+            });
+            let (dialer, located, _) = bring_up(&ex, &cfg, &aws)
+                .await
+                .expect("the replacement is reached");
+            assert_eq!(located.server_arn, ARN);
             assert!(dialer.is_up());
             dialer.shutdown(Duration::from_millis(100)).await;
             drop(stop);
