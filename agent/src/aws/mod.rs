@@ -48,7 +48,7 @@ use futures_lite::FutureExt;
 use serde::Deserialize;
 use smol::Executor;
 
-use self::wait::{Located, Phase, Progress};
+use self::wait::{CallFailed, Located, Phase, Progress};
 
 /// Reconnect attempts that fail in a row before the agent asks the control plane whether
 /// its server is still there. With the dialer's backoff (250 ms, doubling) three failures
@@ -458,9 +458,20 @@ async fn bring_up(
     let mut progress = Progress::new(Duration::from_secs(10), aws.quiet);
 
     progress.report(Phase::Waking);
-    let woke = wake(aws)
-        .await
-        .map_err(|e| Error::Lifecycle(format!("Wake failed: {e}")))?;
+    // Wake is idempotent: a failure that may pass (a 5xx, a timeout, a network error) is
+    // tried again a few times before the agent gives up.
+    let mut tries = 0;
+    let woke = loop {
+        tries += 1;
+        match wake(aws).await {
+            Ok(w) => break w,
+            Err(e) if !e.lasting && tries < WAKE_TRIES => {
+                tracing::warn!(error = %e, "Wake failed; trying again");
+                async_io::Timer::after(poll * tries).await;
+            }
+            Err(e) => return Err(Error::Lifecycle(format!("Wake failed: {e}"))),
+        }
+    };
 
     let control = aws.control.clone();
     let located = wait::wait_until_running(
@@ -469,7 +480,7 @@ async fn bring_up(
             async move {
                 let q = blocking::unblock(move || c.query())
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| CallFailed::of(&e))?;
                 // Sleep (or someone) stopped the service since the Wake: waiting would
                 // not bring it up.
                 if q.desired_count == 0 {
@@ -511,8 +522,11 @@ async fn bring_up(
 /// asks again: a task starts listening a few seconds after ECS reports it running.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How many times the first Wake is tried when it fails in a way that may pass.
+const WAKE_TRIES: u32 = 3;
+
 /// Calls Wake; the answer carries the agent's address as the control plane saw it.
-async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, String> {
+async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed> {
     let control = aws.control.clone();
     let wakes = aws.wakes.clone();
     let woke: WakeResponse = blocking::unblock(move || {
@@ -520,7 +534,7 @@ async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, String> {
         control.wake()
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| CallFailed::of(&e))?;
     tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
         changed = woke.changed, "server woken");
     Ok(woke)
@@ -607,6 +621,11 @@ async fn find_again(
                     agent_ip = w.agent_public_ip_as_seen;
                     need_wake = false;
                     wake_error = None;
+                }
+                Err(e) if e.lasting => {
+                    let msg = format!("Wake failed: {e}");
+                    eprintln!("fluidity: {msg}");
+                    return Err(Error::Lifecycle(msg));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Wake failed; retrying");
@@ -695,6 +714,12 @@ async fn find_again(
                 }
             },
             Err(e) => {
+                let e = CallFailed::of(&e);
+                if e.lasting {
+                    let msg = format!("Query failed: {e}");
+                    eprintln!("fluidity: {msg}");
+                    return Err(Error::Lifecycle(msg));
+                }
                 tracing::warn!(error = %e, "Query failed; retrying");
                 last_note = Some(format!("Query failed: {e}"));
             }

@@ -165,9 +165,49 @@ pub fn interpret(q: &QueryResponse) -> Result<Located, Phase> {
     }
 }
 
+/// A failed control call, as the waiting agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFailed {
+    /// What failed, in words.
+    pub message: String,
+    /// Whether retrying cannot help: the function refused the call (4xx other than 408
+    /// and 429: a permission or URL the user must fix) or there are no credentials to
+    /// sign with.
+    pub lasting: bool,
+}
+
+impl CallFailed {
+    /// `err` from a control call.
+    pub fn of(err: &fluidity_aws::Error) -> CallFailed {
+        use fluidity_aws::Error as E;
+        let lasting = match err {
+            E::HttpStatus { status, .. } => {
+                (400..500).contains(status) && *status != 408 && *status != 429
+            }
+            E::Credentials { .. } | E::Config(_) => true,
+            _ => false,
+        };
+        CallFailed {
+            message: err.to_string(),
+            lasting,
+        }
+    }
+}
+
+impl fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if self.lasting {
+            f.write_str(" (retrying cannot help: check the agent's AWS credentials and its permission to call the function URLs)")?;
+        }
+        Ok(())
+    }
+}
+
 /// Calls `query` every `poll` until it reports a running server with an address and an
 /// ARN, or `limit` has passed since `progress` began. Failed queries are retried (the
-/// control plane may throttle); each wait is a timer, never a busy loop.
+/// control plane may throttle) unless the failure is lasting, which ends the wait at
+/// once; each wait is a timer, never a busy loop.
 pub async fn wait_until_running<Q, F>(
     mut query: Q,
     limit: Duration,
@@ -176,7 +216,7 @@ pub async fn wait_until_running<Q, F>(
 ) -> Result<Located, GaveUp>
 where
     Q: FnMut() -> F,
-    F: Future<Output = Result<QueryResponse, String>>,
+    F: Future<Output = Result<QueryResponse, CallFailed>>,
 {
     let mut phase = Phase::Starting { task_status: None };
     loop {
@@ -188,6 +228,13 @@ where
                     q.detail.clone()
                 }
             },
+            Err(e) if e.lasting => {
+                return Err(GaveUp {
+                    waited: progress.elapsed(),
+                    phase,
+                    last_note: Some(format!("Query failed: {e}")),
+                });
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Query failed; retrying");
                 Some(format!("Query failed: {e}"))
@@ -230,7 +277,10 @@ mod tests {
     fn waits_through_starting_and_addressing() {
         let answers = RefCell::new(VecDeque::from(vec![
             Ok(q(ServerStatus::Starting, None, None)),
-            Err("throttled".to_owned()),
+            Err(CallFailed {
+                message: "throttled".to_owned(),
+                lasting: false,
+            }),
             Ok(q(ServerStatus::Running, None, Some(ARN))),
             Ok(q(ServerStatus::Running, Some("198.51.100.7"), Some(ARN))),
         ]));
@@ -270,6 +320,43 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("waiting for an address"), "{text}");
         assert!(*calls.borrow() >= 2, "it polled more than once");
+    }
+
+    /// A refusal that retrying cannot mend (a 403: no permission) ends the wait at once,
+    /// saying so; a throttled or failed call is retried.
+    #[test]
+    fn a_lasting_failure_ends_the_wait_at_once() {
+        let refused = fluidity_aws::Error::HttpStatus {
+            url: "https://q.lambda-url.eu-west-1.on.aws/".into(),
+            status: 403,
+            body: "forbidden".into(),
+        };
+        let throttled = fluidity_aws::Error::HttpStatus {
+            url: "https://q.lambda-url.eu-west-1.on.aws/".into(),
+            status: 429,
+            body: String::new(),
+        };
+        assert!(CallFailed::of(&refused).lasting);
+        assert!(!CallFailed::of(&throttled).lasting);
+        let calls = RefCell::new(0u32);
+        let mut progress = Progress::new(Duration::from_secs(10), true);
+        let err = smol::block_on(wait_until_running(
+            || {
+                *calls.borrow_mut() += 1;
+                let failed = CallFailed::of(&refused);
+                async move { Err(failed) }
+            },
+            Duration::from_secs(600),
+            Duration::from_millis(1),
+            &mut progress,
+        ))
+        .unwrap_err();
+        assert_eq!(*calls.borrow(), 1, "not retried");
+        let text = err.to_string();
+        assert!(
+            text.contains("403") && text.contains("retrying cannot help"),
+            "{text}"
+        );
     }
 
     #[test]
