@@ -1262,17 +1262,23 @@ fn oversize_frame_is_a_frame_size_error() {
     expect_violation(&mut p, ErrorCode::FRAME_SIZE);
 }
 
-#[test]
-fn ping_flood_is_backpressured_not_buffered_without_bound() {
-    let mut p = Pair::ready();
+/// `n` PING frames, one after another.
+fn ping_flood(n: u64) -> Vec<u8> {
     let mut flood = Vec::new();
-    for i in 0..100_000u64 {
+    for i in 0..n {
         Frame::Ping {
             ack: false,
             opaque: i,
         }
         .encode(&mut flood);
     }
+    flood
+}
+
+#[test]
+fn ping_flood_is_backpressured_not_buffered_without_bound() {
+    let mut p = Pair::ready();
+    let flood = ping_flood(100_000);
     let n = p.server.handle_input(p.now, &flood);
     assert!(n < flood.len(), "stops consuming while answers pile up");
     let mut out = Vec::new();
@@ -1288,14 +1294,7 @@ fn ping_flood_is_backpressured_not_buffered_without_bound() {
 /// came, through either input call.
 #[test]
 fn input_the_backlog_refuses_does_not_keep_a_silent_peer_alive() {
-    let mut flood = Vec::new();
-    for i in 0..100_000u64 {
-        Frame::Ping {
-            ack: false,
-            opaque: i,
-        }
-        .encode(&mut flood);
-    }
+    let flood = ping_flood(100_000);
     for shared in [false, true] {
         let mut p = Pair::ready();
         let mut left = BytesMut::from(&flood[..]);

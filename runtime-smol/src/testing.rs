@@ -117,3 +117,27 @@ impl ReadChunks for Batches {
         Poll::Ready(Ok(n))
     }
 }
+
+/// Reads one HTTP/1.1 request from `conn` as a stand-in server needs it: its path and its
+/// body (by its Content-Length). Anything it cannot read gives what it has (an empty path
+/// or body); for test servers, not for the network.
+pub fn read_http_request(conn: &std::net::TcpStream) -> (String, Vec<u8>) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    let _ = r.read_line(&mut line);
+    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = r.read_exact(&mut body);
+    (path, body)
+}

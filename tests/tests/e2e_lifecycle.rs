@@ -419,7 +419,7 @@ fn stand_in_control(
     SocketAddr,
     std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
 ) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a control host");
     let addr = listener.local_addr().expect("its address");
     let events: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>> = Default::default();
@@ -428,22 +428,7 @@ fn stand_in_control(
         for conn in listener.incoming().flatten() {
             let seen = seen.clone();
             std::thread::spawn(move || {
-                let mut r = BufReader::new(conn.try_clone().expect("a clone"));
-                let mut line = String::new();
-                let _ = r.read_line(&mut line);
-                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-                let mut length = 0;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; length];
-                let _ = r.read_exact(&mut body);
+                let (path, _) = fluidity_runtime_smol::testing::read_http_request(&conn);
                 let push = |e| seen.lock().unwrap_or_else(|p| p.into_inner()).push(e);
                 let json = answer(&path, &push);
                 let mut w = conn;

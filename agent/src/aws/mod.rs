@@ -942,6 +942,58 @@ mod tests {
         }
     }
 
+    /// Runs `server` on `listener` while `body` runs on the same executor, then stops it;
+    /// returns what `body` returns.
+    fn with_server<T, F>(
+        server: Arc<Server>,
+        listener: async_io::Async<std::net::TcpListener>,
+        body: impl FnOnce(Arc<Executor<'static>>) -> F,
+    ) -> T
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let ex = Arc::new(Executor::new());
+        smol::block_on(ex.run(async {
+            let (stop, stopped) = async_channel::bounded::<()>(1);
+            let ex2 = ex.clone();
+            let task = ex.spawn(async move {
+                server
+                    .run(&ex2, listener, async move {
+                        let _ = stopped.recv().await;
+                    })
+                    .await
+            });
+            let out = body(ex.clone()).await;
+            drop(stop);
+            task.await;
+            out
+        }))
+    }
+
+    /// [`test_aws`] with the control host at `base`, the state in `dir`, Query every
+    /// second for up to `wait_secs`.
+    fn test_aws_with_control(
+        port: u16,
+        base: &str,
+        dir: &std::path::Path,
+        wait_secs: u64,
+    ) -> AwsRun {
+        let mut aws = test_aws(port);
+        aws.control = ControlClient::new(
+            &fluidity_aws::AwsConfig::new(
+                "us-east-1",
+                Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
+                fluidity_aws::Endpoints::none(),
+                fluidity_aws::HttpClient::direct().unwrap(),
+            ),
+            ControlUrls::on_host(base),
+        );
+        aws.lifecycle.state_dir = Some(dir.to_path_buf());
+        aws.lifecycle.wait_secs = wait_secs;
+        aws.lifecycle.poll_secs = 1;
+        aws
+    }
+
     /// A server in this process with a certificate for `server_cn` and `server_ips`, on
     /// 127.0.0.2, and an agent's tunnel settings for `located` with a certificate for
     /// `arn` and 127.0.0.1; returns the agent's verdict on the server.
@@ -971,24 +1023,12 @@ mod tests {
         assert_eq!(settings.server_name, "127.0.0.2");
         assert_eq!(settings.peer_check, PeerCheck::cn(arn));
 
-        let ex = Arc::new(Executor::new());
-        smol::block_on(ex.run(async {
-            let (stop, stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let task = ex.spawn(async move {
-                server
-                    .run(&ex2, listener, async move {
-                        let _ = stopped.recv().await;
-                    })
-                    .await
-            });
-            let dialer = TunnelDialer::new(settings, ex.clone());
+        with_server(server, listener, |ex| async move {
+            let dialer = TunnelDialer::new(settings, ex);
             let verdict = dialer.tunnel().await.map(|_| ());
             dialer.shutdown(Duration::from_millis(100)).await;
-            drop(stop);
-            task.await;
             verdict
-        }))
+        })
     }
 
     /// A server replaced by another (new ARN, new address, new port): the dialer counts
@@ -1101,28 +1141,13 @@ mod tests {
         query: impl Fn(usize) -> serde_json::Value + Send + 'static,
     ) -> String {
         use fluidity_aws::control::types::CertificateRequest;
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
             let mut queries = 0;
             for conn in listener.incoming().flatten() {
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                let _ = r.read_line(&mut line);
-                let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-                let mut length = 0;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; length];
-                let _ = r.read_exact(&mut body);
+                let (path, body) = fluidity_runtime_smol::testing::read_http_request(&conn);
                 let json = match path.as_str() {
                     "/wake" => serde_json::json!({"status": "starting",
                         "agent_public_ip_as_seen": "127.0.0.1", "desired_count": 1,
@@ -1179,19 +1204,8 @@ mod tests {
             &["127.0.0.2", "127.0.0.5"],
             &files.ca,
         );
-        let mut aws = test_aws(port);
-        aws.control = ControlClient::new(
-            &fluidity_aws::AwsConfig::new(
-                "us-east-1",
-                Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
-                fluidity_aws::Endpoints::none(),
-                fluidity_aws::HttpClient::direct().unwrap(),
-            ),
-            ControlUrls::on_host(&control_host(ca, |_| running(ARN, "127.0.0.2"))),
-        );
-        aws.lifecycle.state_dir = Some(dir.path().to_path_buf());
-        aws.lifecycle.wait_secs = 10;
-        aws.lifecycle.poll_secs = 1;
+        let control = control_host(ca, |_| running(ARN, "127.0.0.2"));
+        let aws = test_aws_with_control(port, &control, dir.path(), 10);
         let cfg = AgentConfig::default();
         let current = Located {
             server_ip: "127.0.0.2".parse().unwrap(),
@@ -1199,18 +1213,8 @@ mod tests {
             agent_ip: None,
         };
         let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
-        let ex = Arc::new(Executor::new());
-        smol::block_on(ex.run(async {
-            let (stop, stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let task = ex.spawn(async move {
-                server
-                    .run(&ex2, listener, async move {
-                        let _ = stopped.recv().await;
-                    })
-                    .await
-            });
-            let dialer = TunnelDialer::new(settings, ex.clone());
+        with_server(server, listener, |ex| async move {
+            let dialer = TunnelDialer::new(settings, ex);
             let refused = dialer.tunnel().await.map(|_| ());
             assert!(refused.is_err(), "the old address's certificate is refused");
             let (found, agent_ip) =
@@ -1223,9 +1227,7 @@ mod tests {
             );
             assert!(dialer.is_up());
             dialer.shutdown(Duration::from_millis(100)).await;
-            drop(stop);
-            task.await;
-        }));
+        });
     }
 
     /// The server Query names at start-up is gone before the agent reaches it (its task
@@ -1247,43 +1249,20 @@ mod tests {
             &files.ca,
         );
         let gone = "arn:aws:ecs:us-east-1:123456789012:task/c/gone";
-        let mut aws = test_aws(port);
-        aws.control = ControlClient::new(
-            &fluidity_aws::AwsConfig::new(
-                "us-east-1",
-                Arc::new(fluidity_aws::Credentials::new("a", "b", None, None, "test")),
-                fluidity_aws::Endpoints::none(),
-                fluidity_aws::HttpClient::direct().unwrap(),
-            ),
-            ControlUrls::on_host(&control_host(ca, move |n| match n {
-                0 => running(gone, "127.0.0.6"),
-                _ => running(ARN, "127.0.0.2"),
-            })),
-        );
-        aws.lifecycle.state_dir = Some(dir.path().to_path_buf());
-        aws.lifecycle.wait_secs = 60;
-        aws.lifecycle.poll_secs = 1;
+        let control = control_host(ca, move |n| match n {
+            0 => running(gone, "127.0.0.6"),
+            _ => running(ARN, "127.0.0.2"),
+        });
+        let aws = test_aws_with_control(port, &control, dir.path(), 60);
         let cfg = AgentConfig::default();
-        let ex = Arc::new(Executor::new());
-        smol::block_on(ex.run(async {
-            let (stop, stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let task = ex.spawn(async move {
-                server
-                    .run(&ex2, listener, async move {
-                        let _ = stopped.recv().await;
-                    })
-                    .await
-            });
+        with_server(server, listener, |ex| async move {
             let (dialer, located, _) = bring_up(&ex, &cfg, &aws)
                 .await
                 .expect("the replacement is reached");
             assert_eq!(located.server_arn, ARN);
             assert!(dialer.is_up());
             dialer.shutdown(Duration::from_millis(100)).await;
-            drop(stop);
-            task.await;
-        }));
+        });
     }
 
     #[test]
