@@ -954,20 +954,31 @@ mod tests {
     {
         let ex = Arc::new(Executor::new());
         smol::block_on(ex.run(async {
-            let (stop, stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let task = ex.spawn(async move {
-                server
-                    .run(&ex2, listener, async move {
-                        let _ = stopped.recv().await;
-                    })
-                    .await
-            });
+            let (stop, task) = spawn_server(&ex, server, listener);
             let out = body(ex.clone()).await;
             drop(stop);
             task.await;
             out
         }))
+    }
+
+    /// Runs `server` on `listener` on `ex` until the returned sender is dropped; the task
+    /// ends once the server has stopped.
+    fn spawn_server(
+        ex: &Arc<Executor<'static>>,
+        server: Arc<Server>,
+        listener: async_io::Async<std::net::TcpListener>,
+    ) -> (async_channel::Sender<()>, smol::Task<()>) {
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let ex2 = ex.clone();
+        let task = ex.spawn(async move {
+            server
+                .run(&ex2, listener, async move {
+                    let _ = stopped.recv().await;
+                })
+                .await
+        });
+        (stop, task)
     }
 
     /// [`test_aws`] with the control host at `base`, the state in `dir`, Query every
@@ -1058,15 +1069,7 @@ mod tests {
 
         let ex = Arc::new(Executor::new());
         smol::block_on(ex.run(async {
-            let (stop_first, first_stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let first_task = ex.spawn(async move {
-                first_server
-                    .run(&ex2, first_listener, async move {
-                        let _ = first_stopped.recv().await;
-                    })
-                    .await
-            });
+            let (stop_first, first_task) = spawn_server(&ex, first_server, first_listener);
             let dialer = TunnelDialer::new(settings, ex.clone());
             dialer.tunnel().await.expect("the first server");
             assert!(dialer.is_up());
@@ -1094,15 +1097,7 @@ mod tests {
                 &["127.0.0.4", "127.0.0.1"],
                 &files.ca,
             );
-            let (stop, stopped) = async_channel::bounded::<()>(1);
-            let ex2 = ex.clone();
-            let task = ex.spawn(async move {
-                server
-                    .run(&ex2, listener, async move {
-                        let _ = stopped.recv().await;
-                    })
-                    .await
-            });
+            let (stop, task) = spawn_server(&ex, server, listener);
             let found = Located {
                 server_ip: "127.0.0.4".parse().unwrap(),
                 server_arn: second.to_owned(),
