@@ -348,6 +348,24 @@ fn websocket_upgrade_passes_through_as_raw_bytes() {
     });
 }
 
+#[test]
+fn a_switch_to_another_protocol_than_websocket_is_a_502() {
+    run(async {
+        let a = start_origin("a").await;
+        let proxy = start_proxy(DirectDialer, cfg()).await;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            a.url("/ws-h2c"),
+            a.addr
+        );
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        assert!(answer.contains("Upgrade: websocket"), "{answer}");
+        assert!(!answer.contains("PRI * HTTP/2.0"), "{answer}");
+    });
+}
+
 /// Sends `request` on a fresh connection and returns everything until the proxy closes.
 async fn raw_exchange(proxy: &Proxy, request: &[u8]) -> String {
     let mut c = Conn::new(async_net::TcpStream::connect(proxy.addr).await.unwrap());

@@ -1390,6 +1390,15 @@ where
                     "101 Switching Protocols without an upgrade request".into(),
                 ));
             }
+            // RFC 9110 §15.2.2 and RFC 6455 §4.2.2: the switch names the protocol. An
+            // answer that does not say websocket switched to something the client never
+            // asked for, and relaying raw bytes after it would hand the client a stream it
+            // cannot read.
+            if !resp.headers.has_token("upgrade", "websocket") {
+                return Err(ExchangeError::BadResponse(
+                    "101 Switching Protocols without 'Upgrade: websocket'".into(),
+                ));
+            }
             let bytes = client_response(&resp, true, false);
             started.store(true, Ordering::Relaxed);
             cw.write_all(&bytes)

@@ -542,6 +542,14 @@ async fn origin_conn(mut c: Conn, name: String) {
             c.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body\n")
                 .await;
             return;
+        } else if path == "/ws-h2c" {
+            // A switch to a protocol nobody asked for, then bytes in it.
+            c.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n\
+                  PRI * HTTP/2.0\r\n",
+            )
+            .await;
+            return;
         } else if path == "/ws" && req.header("upgrade").is_some() {
             c.send(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
