@@ -26,7 +26,8 @@ pub enum AgentAuth {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AwsSettings {
-    /// AWS region. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region.
+    /// AWS region. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region;
+    /// in AWS mode then the region the function URLs name.
     pub region: Option<String>,
     /// Profile of the shared credentials and config files. Default: `AWS_PROFILE`, else
     /// `default`.

@@ -21,14 +21,30 @@ use crate::tunnel::CredentialSource;
 /// The AWS configuration of the `[aws]` table over `env`: region, the default credential
 /// chain with AssumeRole on top when `iam_role_arn` is set, endpoint overrides (the
 /// table's `sts_endpoint` over `AWS_ENDPOINT_URL*`). Reads local files only.
-pub fn aws_config(cfg: &AgentConfig, env: &Env) -> Result<AwsConfig> {
+///
+/// `fallback_region` (the function URLs' region in AWS mode) is used when neither the
+/// table, the environment nor the profile names one.
+pub fn aws_config(
+    cfg: &AgentConfig,
+    env: &Env,
+    fallback_region: Option<&str>,
+) -> Result<AwsConfig> {
     let a = &cfg.aws;
+    let region = match (&a.region, fallback_region) {
+        (Some(r), _) => Some(r.clone()),
+        (None, Some(fallback)) => Some(
+            fluidity_aws::profile::resolve_region(env, a.profile.as_deref())
+                .map_err(|e| Error::Config(format!("AWS configuration: {e}")))?
+                .unwrap_or_else(|| fallback.to_owned()),
+        ),
+        (None, None) => None,
+    };
     let mut endpoints = Endpoints::none();
     if let Some(url) = &a.sts_endpoint {
         endpoints = endpoints.with_service(Service::Sts, url.clone());
     }
     let options = ChainOptions {
-        region: a.region.clone(),
+        region,
         profile: a.profile.clone(),
         iam_role_arn: a.iam_role_arn.clone(),
         role_session_name: a.role_session_name.clone(),
@@ -74,7 +90,7 @@ impl IamSigner {
                 )
             })?;
         IamSigner::new(
-            aws_config(cfg, env)?,
+            aws_config(cfg, env, None)?,
             server_id,
             cfg.aws.iam_role_arn.clone(),
         )
@@ -227,6 +243,26 @@ mod tests {
         let s = IamSigner::from_config(&c, &env()).unwrap();
         assert_eq!(s.sts_endpoint(), "http://127.0.0.1:5000");
         assert_eq!(s.server_id(), "server-cn");
+    }
+
+    #[test]
+    fn the_function_urls_region_serves_when_nothing_else_names_one() {
+        let mut c = cfg();
+        c.aws.region = None;
+        let region =
+            |c: &AgentConfig, env: &Env, fallback| aws_config(c, env, fallback).map(|a| a.region);
+        assert_eq!(region(&c, &env(), Some("eu-west-2")).unwrap(), "eu-west-2");
+        assert!(region(&c, &env(), None).is_err());
+        let mut with_env = env();
+        with_env.set("AWS_REGION", "us-east-2");
+        assert_eq!(
+            region(&c, &with_env, Some("eu-west-2")).unwrap(),
+            "us-east-2"
+        );
+        assert_eq!(
+            region(&cfg(), &env(), Some("eu-west-2")).unwrap(),
+            "eu-west-1"
+        );
     }
 
     #[test]

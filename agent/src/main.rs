@@ -91,7 +91,8 @@ struct RunArgs {
     /// request with the AWS credential chain) [default: none].
     #[arg(long, value_enum, env = "FLUIDITY_AUTH")]
     auth: Option<AgentAuth>,
-    /// AWS region [default: AWS_REGION, AWS_DEFAULT_REGION, the profile's region].
+    /// AWS region [default: AWS_REGION, AWS_DEFAULT_REGION, the profile's region; in AWS
+    /// mode then the function URLs' region].
     #[arg(long, env = "FLUIDITY_AWS_REGION")]
     region: Option<String>,
     /// AWS profile of the shared credentials and config files [default: AWS_PROFILE].

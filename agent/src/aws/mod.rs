@@ -303,8 +303,9 @@ pub fn run_configured(cfg: AgentConfig, quiet: bool) -> Result<()> {
         );
     }
     let env = Env::process();
-    let aws_config = crate::iam::aws_config(&cfg, &env)?;
-    let control = ControlClient::new(&aws_config, cfg.lifecycle.urls(&env)?);
+    let urls = cfg.lifecycle.urls(&env)?;
+    let aws_config = crate::iam::aws_config(&cfg, &env, urls.region())?;
+    let control = ControlClient::new(&aws_config, urls);
     let credentials: Option<CredentialsFor> = match cfg.auth {
         AgentAuth::None => None,
         AgentAuth::Iam => {

@@ -11,7 +11,7 @@ use super::types::{
     CertificateRequest, CertificateResponse, ErrorResponse, Function, KillRequest, KillResponse,
     QueryRequest, QueryResponse, WakeRequest, WakeResponse,
 };
-use crate::clients::lambda_url::FunctionUrlClient;
+use crate::clients::lambda_url::{region_of_function_url, FunctionUrlClient};
 use crate::env::Env;
 use crate::error::{Error, Result};
 use crate::AwsConfig;
@@ -41,6 +41,16 @@ impl ControlUrls {
             kill: url(Function::Kill),
             ca: url(Function::Ca),
         }
+    }
+
+    /// The region the function URLs name (`https://ID.lambda-url.REGION.on.aws/`), when
+    /// every URL that names one names the same; `None` for a local control host.
+    pub fn region(&self) -> Option<&str> {
+        let mut named = [&self.wake, &self.query, &self.kill, &self.ca]
+            .into_iter()
+            .filter_map(|u| region_of_function_url(u));
+        let first = named.next()?;
+        named.all(|r| r == first).then_some(first)
     }
 
     /// From the environment: `FLUIDITY_WAKE_URL`, `FLUIDITY_QUERY_URL`, `FLUIDITY_KILL_URL`
@@ -141,6 +151,23 @@ pub(crate) fn explain(err: Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_region_the_function_urls_agree_on() {
+        let url = |f: &str, r: &str| format!("https://{f}123.lambda-url.{r}.on.aws/");
+        let mut u = ControlUrls {
+            wake: url("w", "eu-west-2"),
+            query: url("q", "eu-west-2"),
+            kill: url("k", "eu-west-2"),
+            ca: url("c", "eu-west-2"),
+        };
+        assert_eq!(u.region(), Some("eu-west-2"));
+        u.ca = url("c", "us-east-1");
+        assert_eq!(u.region(), None);
+        u.ca = "https://ca.example.com/".into();
+        assert_eq!(u.region(), Some("eu-west-2"));
+        assert_eq!(ControlUrls::on_host("http://127.0.0.1:9000").region(), None);
+    }
 
     #[test]
     fn urls_from_a_host_and_from_the_environment() {
