@@ -44,6 +44,9 @@ pub struct Resolver {
     timeout: Duration,
     slots: Arc<Semaphore>,
     max_lookups: usize,
+    /// The slots of one user of shared slots ([`Resolver::share`]), taken before one of
+    /// `slots`, and how many there are.
+    share: Option<(Arc<Semaphore>, usize)>,
 }
 
 /// Why a lookup gave no address.
@@ -67,17 +70,21 @@ pub enum LookupError {
     /// The lookup took longer than the resolver's timeout.
     #[error("name lookup took longer than {0:?}")]
     TimedOut(Duration),
-    /// Every lookup slot stayed taken for the whole timeout: other lookups hang, not
-    /// necessarily this name's.
+    /// Every lookup slot open to this lookup stayed taken for the whole timeout: other
+    /// lookups hang, not necessarily this name's.
     #[error(
-        "no name lookup could start within {timeout:?}: all {busy} were waiting on slow \
-         answers from the DNS server"
+        "no name lookup could start within {timeout:?}: all {busy} {} were waiting on slow \
+         answers from the DNS server",
+        if *own_share { "lookups of this user's share" } else { "lookup slots" }
     )]
     NoSlot {
         /// The resolver's timeout.
         timeout: Duration,
         /// The number of lookup slots, all taken.
         busy: usize,
+        /// Whether the slots taken were this user's share ([`Resolver::share`]) rather
+        /// than the resolver's.
+        own_share: bool,
     },
 }
 
@@ -100,7 +107,24 @@ impl Resolver {
             timeout,
             slots: Arc::new(Semaphore::new(max_lookups.max(1))),
             max_lookups: max_lookups.max(1),
+            share: None,
         }
+    }
+
+    /// A resolver over the same slots for one of their users (a tunnel), which holds at
+    /// most `limit` (at least one) of them at a time: a user whose lookups all hang
+    /// leaves the other slots to the others. Clones of the result share its limit.
+    pub fn share(&self, limit: usize) -> Resolver {
+        let limit = limit.clamp(1, self.max_lookups);
+        Resolver {
+            share: Some((Arc::new(Semaphore::new(limit)), limit)),
+            ..self.clone()
+        }
+    }
+
+    /// How many lookups may run at once (over all users of shared slots).
+    pub fn max_lookups(&self) -> usize {
+        self.max_lookups
     }
 
     /// The time allowed for one lookup.
@@ -125,16 +149,24 @@ impl Resolver {
         }
         let name = host.to_owned();
         let slots = self.slots.clone();
-        // Whether the lookup got a slot: a timeout before it did is the slots' doing
-        // (other lookups hanging), not this name's.
+        let share = self.share.as_ref().map(|(s, _)| s.clone());
+        // Whether the lookup got its share's slot and then one of the resolver's: a
+        // timeout before it did is the slots' doing (other lookups hanging), not this
+        // name's.
+        let shared = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicBool::new(false));
-        let started_in = started.clone();
+        let (shared_in, started_in) = (shared.clone(), started.clone());
         let lookup = async move {
+            let own = match share {
+                Some(share) => Some(share.acquire_arc().await),
+                None => None,
+            };
+            shared_in.store(true, Ordering::Relaxed);
             let slot = slots.acquire_arc().await;
             started_in.store(true, Ordering::Relaxed);
             smol::unblock(move || {
-                // The slot is held until getaddrinfo returns, even if the caller gave up.
-                let _slot = slot;
+                // The slots are held until getaddrinfo returns, even if the caller gave up.
+                let _slots = (own, slot);
                 (name.as_str(), port)
                     .to_socket_addrs()
                     .map(|addrs| addrs.collect::<Vec<_>>())
@@ -165,9 +197,17 @@ impl Resolver {
                 addrs.truncate(max_addresses);
                 Ok(addrs)
             }
-            None if !started.load(Ordering::Relaxed) => Err(LookupError::NoSlot {
-                timeout,
-                busy: self.max_lookups,
+            None if !started.load(Ordering::Relaxed) => Err(match &self.share {
+                Some((_, limit)) if !shared.load(Ordering::Relaxed) => LookupError::NoSlot {
+                    timeout,
+                    busy: *limit,
+                    own_share: true,
+                },
+                _ => LookupError::NoSlot {
+                    timeout,
+                    busy: self.max_lookups,
+                    own_share: false,
+                },
             }),
             None => Err(LookupError::TimedOut(timeout)),
             Some(Err(e)) => Err(LookupError::Failed {
@@ -267,7 +307,14 @@ mod tests {
         let _held = smol::block_on(r.slots.acquire_arc());
         let err = smol::block_on(r.lookup("example.com", 80, 4)).unwrap_err();
         assert!(
-            matches!(err, LookupError::NoSlot { busy: 1, .. }),
+            matches!(
+                err,
+                LookupError::NoSlot {
+                    busy: 1,
+                    own_share: false,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         let text = err.to_string();
@@ -275,6 +322,38 @@ mod tests {
             text.contains("no name lookup could start") && text.contains("all 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_user_whose_share_is_taken_leaves_the_other_slots_to_the_others() {
+        let r = Resolver::new(Duration::from_millis(200), 4);
+        let greedy = r.share(2);
+        // The greedy user's two lookups hang on the DNS server.
+        let (_one, _two) = smol::block_on(async {
+            let own = greedy.share.as_ref().unwrap().0.clone();
+            let held = (own.acquire_arc().await, own.acquire_arc().await);
+            let slots = (r.slots.acquire_arc().await, r.slots.acquire_arc().await);
+            (held, slots)
+        });
+        let err = smol::block_on(greedy.lookup("localhost", 80, 4)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LookupError::NoSlot {
+                    busy: 2,
+                    own_share: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("this user's share"), "{err}");
+        // Another user, and a clone of the greedy one's, meet the same slots as before.
+        let other = r.share(2);
+        let got = smol::block_on(other.lookup("localhost", 80, 4)).expect("localhost");
+        assert!(got.iter().all(|a| a.ip().is_loopback()), "{got:?}");
+        let again = greedy.clone();
+        assert!(smol::block_on(again.lookup("localhost", 80, 4)).is_err());
     }
 
     #[test]

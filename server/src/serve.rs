@@ -543,6 +543,7 @@ impl Server {
         let _running = Running::count(&self.drivers);
         let driver = ex.spawn(driver);
         tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");
+        let dialer = self.dialer.for_tunnel();
 
         // The auth task reports an admission's lifetime here; the loop enforces it.
         let (admitted_tx, admitted_rx) = async_channel::bounded::<Duration>(1);
@@ -656,8 +657,8 @@ impl Server {
                 }
                 TunnelEvent::OpenRequested { id: sid, target } => {
                     let this = self.clone();
-                    let tunnel = tunnel.clone();
-                    ex.spawn(async move { this.serve_stream(tunnel, sid, target).await })
+                    let (tunnel, dialer) = (tunnel.clone(), dialer.clone());
+                    ex.spawn(async move { this.serve_stream(tunnel, &dialer, sid, target).await })
                         .detach();
                 }
                 // Probes are the agent's.
@@ -678,7 +679,13 @@ impl Server {
         Ok(())
     }
 
-    async fn serve_stream(self: Arc<Self>, tunnel: Tunnel, id: StreamId, target: Target) {
+    async fn serve_stream(
+        self: Arc<Self>,
+        tunnel: Tunnel,
+        dialer: &Dialer,
+        id: StreamId,
+        target: Target,
+    ) {
         self.metrics.touch();
         let started = Instant::now();
         // An open the agent resets while it is dialled (its client went away) stops the
@@ -688,7 +695,7 @@ impl Server {
             tunnel.open_abandoned(id).await;
             None
         }
-        .or(async { Some(self.dialer.dial(&target).await) })
+        .or(async { Some(dialer.dial(&target).await) })
         .await;
         let Some(dialled) = dialled else {
             tracing::debug!(stream = %id, %target, "open given up by the agent while dialling");

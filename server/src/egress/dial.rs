@@ -62,6 +62,16 @@ impl Dialer {
         self
     }
 
+    /// A dialer for one tunnel: the same policy and lookup slots, of which its lookups
+    /// hold at most half at a time, so one tunnel whose names all hang cannot stall
+    /// every other tunnel's lookups.
+    pub fn for_tunnel(&self) -> Dialer {
+        Dialer {
+            resolver: self.resolver.share(self.resolver.max_lookups() / 2),
+            ..self.clone()
+        }
+    }
+
     /// The policy this dialer enforces.
     pub fn policy(&self) -> &EgressPolicy {
         &self.policy

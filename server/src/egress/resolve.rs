@@ -98,6 +98,7 @@ mod tests {
                 LookupError::NoSlot {
                     timeout: Duration::from_secs(1),
                     busy: 1,
+                    own_share: false,
                 },
                 RefusalReason::TimedOut,
             ),
