@@ -7,7 +7,7 @@
 //! another path `404`, a malformed request `400`, an oversized head `431` and a client that
 //! does not finish its request head in time `408`. One request per connection.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
@@ -390,8 +390,13 @@ pub struct HealthOptions {
     pub write_timeout: Duration,
     /// Largest request head accepted, in bytes.
     pub max_head: usize,
-    /// Connections served at once; more are closed at once.
+    /// Connections served at once. Beyond it, the oldest connection that has spent
+    /// `give_way_after` without finishing its request head is closed to make room;
+    /// when none has, the new connection is closed at once.
     pub max_connections: usize,
+    /// How long a connection may sit on an unfinished request head before a new one may
+    /// take its place when every place is taken.
+    pub give_way_after: Duration,
 }
 
 impl Default for HealthOptions {
@@ -401,6 +406,7 @@ impl Default for HealthOptions {
             write_timeout: Duration::from_secs(5),
             max_head: 8 * 1024,
             max_connections: 32,
+            give_way_after: Duration::from_secs(1),
         }
     }
 }
@@ -425,6 +431,7 @@ pub async fn serve_health_with(
     // it cancels them and nothing outlives the endpoint.
     let executor = smol::LocalExecutor::new();
     let active = Rc::new(Cell::new(0usize));
+    let reading = Rc::new(RefCell::new(Reading::default()));
     let options = Rc::new(options);
     let accept_loop = async {
         let mut errors = AcceptErrors::new("health");
@@ -432,17 +439,29 @@ pub async fn serve_health_with(
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     errors.accepted();
-                    if active.get() >= options.max_connections {
+                    // Slow clients holding every place must not keep health checks out
+                    // (a task whose checks fail is replaced): the oldest one gives way.
+                    if active.get() >= options.max_connections
+                        && !reading.borrow_mut().give_way(options.give_way_after)
+                    {
                         tracing::debug!(%peer, "health endpoint busy; closing connection");
                         continue;
                     }
                     let slot = ConnectionSlot::take(&active);
-                    let metrics = metrics.clone();
-                    let options = options.clone();
+                    let (metrics, options) = (metrics.clone(), options.clone());
+                    let (id, told) = reading.borrow_mut().add();
+                    let reading = reading.clone();
                     executor
                         .spawn(async move {
                             let _slot = slot;
-                            if let Err(e) = handle_connection(stream, &metrics, &options).await {
+                            let served = handle_connection(stream, &metrics, &options, || {
+                                reading.borrow_mut().remove(id)
+                            })
+                            .or(async {
+                                let _ = told.recv().await;
+                                Err(io::Error::other("gave way to a new connection"))
+                            });
+                            if let Err(e) = served.await {
                                 tracing::debug!(%peer, error = %e, "health connection failed");
                             }
                         })
@@ -457,6 +476,43 @@ pub async fn serve_health_with(
             shutdown.await;
         }))
         .await;
+}
+
+/// The connections still reading their request heads, oldest first.
+#[derive(Default)]
+struct Reading {
+    next: u64,
+    waiting: std::collections::VecDeque<(u64, Instant, async_channel::Sender<()>)>,
+}
+
+impl Reading {
+    /// Registers a new connection: its id, and where it is told to give way.
+    fn add(&mut self) -> (u64, async_channel::Receiver<()>) {
+        let (tx, rx) = async_channel::bounded(1);
+        let id = self.next;
+        self.next += 1;
+        self.waiting.push_back((id, Instant::now(), tx));
+        (id, rx)
+    }
+
+    /// The connection `id` has its head (or failed): it no longer gives way.
+    fn remove(&mut self, id: u64) {
+        self.waiting.retain(|(w, _, _)| *w != id);
+    }
+
+    /// Tells the oldest connection that has waited `after` for its head to give way;
+    /// false when there is none.
+    fn give_way(&mut self, after: Duration) -> bool {
+        match self.waiting.front() {
+            Some((_, since, _)) if since.elapsed() >= after => {
+                if let Some((_, _, tx)) = self.waiting.pop_front() {
+                    let _ = tx.try_send(());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 struct ConnectionSlot(Rc<Cell<usize>>);
@@ -574,10 +630,13 @@ fn route(req: &RequestLine, metrics: &Metrics) -> Response {
     }
 }
 
+/// Serves one connection; `head_read` is called once its request head is read (or
+/// could not be).
 async fn handle_connection(
     mut stream: TcpStream,
     metrics: &Metrics,
     options: &HealthOptions,
+    head_read: impl FnOnce(),
 ) -> io::Result<()> {
     let read_timeout = options.read_timeout;
     let head = read_head(&mut stream, options.max_head)
@@ -586,6 +645,7 @@ async fn handle_connection(
             Err(HeadError::TimedOut)
         })
         .await;
+    head_read();
     let (response, head_only) = match head {
         Ok(req) => (route(&req, metrics), req.method == "HEAD"),
         Err(HeadError::TooLarge) => (
@@ -875,6 +935,53 @@ mod tests {
         assert!(answers[2].starts_with("HTTP/1.1 400 "), "{}", answers[2]);
         assert!(answers[3].starts_with("HTTP/1.1 408 "), "{}", answers[3]);
         assert!(answers[4].starts_with("HTTP/1.1 200 "), "{}", answers[4]);
+    }
+
+    #[test]
+    fn clients_sitting_on_every_place_give_way_to_a_health_check() {
+        let options = HealthOptions {
+            max_connections: 2,
+            give_way_after: Duration::ZERO,
+            read_timeout: Duration::from_secs(20),
+            ..HealthOptions::default()
+        };
+        let (answer, first, second) =
+            with_endpoint(Arc::new(Metrics::new()), options, async |addr| {
+                // Two clients that send half a head and then nothing, as a slow attack
+                // would; the third connection is accepted after them.
+                let mut first = TcpStream::connect(addr).await.unwrap();
+                first.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+                let mut second = TcpStream::connect(addr).await.unwrap();
+                second
+                    .write_all(b"GET /healthz HTTP/1.1\r\n")
+                    .await
+                    .unwrap();
+                let answer = raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+                let mut first_out = Vec::new();
+                first.read_to_end(&mut first_out).await.unwrap();
+                second.write_all(b"\r\n").await.unwrap();
+                let mut second_out = Vec::new();
+                second.read_to_end(&mut second_out).await.unwrap();
+                (answer, first_out, String::from_utf8(second_out).unwrap())
+            });
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        // The oldest gave way without an answer; the second, one place being enough, was
+        // still served.
+        assert!(first.is_empty(), "{first:?}");
+        assert!(second.starts_with("HTTP/1.1 200 "), "{second}");
+    }
+
+    #[test]
+    fn only_a_head_older_than_the_limit_gives_way() {
+        let mut r = Reading::default();
+        let (a, told_a) = r.add();
+        let (_b, told_b) = r.add();
+        assert!(!r.give_way(Duration::from_secs(3600)));
+        r.remove(a);
+        assert!(r.give_way(Duration::ZERO));
+        assert!(told_a.try_recv().is_err());
+        assert!(told_b.try_recv().is_ok());
+        assert!(!r.give_way(Duration::ZERO));
     }
 
     #[test]
