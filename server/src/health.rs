@@ -454,13 +454,17 @@ pub async fn serve_health_with(
                     executor
                         .spawn(async move {
                             let _slot = slot;
-                            let served = handle_connection(stream, &metrics, &options, || {
-                                reading.borrow_mut().remove(id)
-                            })
-                            .or(async {
-                                let _ = told.recv().await;
-                                Err(io::Error::other("gave way to a new connection"))
-                            });
+                            // Only the head's reading gives way: the channel closes when
+                            // the entry goes, once the head is read, and that says nothing.
+                            let give_way = async move {
+                                if told.recv().await.is_err() {
+                                    std::future::pending::<()>().await
+                                }
+                            };
+                            let served =
+                                handle_connection(stream, &metrics, &options, give_way, || {
+                                    reading.borrow_mut().remove(id)
+                                });
                             if let Err(e) = served.await {
                                 tracing::debug!(%peer, error = %e, "health connection failed");
                             }
@@ -534,6 +538,7 @@ enum HeadError {
     TooLarge,
     Malformed,
     TimedOut,
+    GaveWay,
     Io(io::Error),
 }
 
@@ -630,19 +635,26 @@ fn route(req: &RequestLine, metrics: &Metrics) -> Response {
     }
 }
 
-/// Serves one connection; `head_read` is called once its request head is read (or
-/// could not be).
+/// Serves one connection; until its request head is read, it ends without an answer
+/// when `give_way` completes. `head_read` is called once the head is read (or could not
+/// be).
 async fn handle_connection(
     mut stream: TcpStream,
     metrics: &Metrics,
     options: &HealthOptions,
+    give_way: impl Future<Output = ()>,
     head_read: impl FnOnce(),
 ) -> io::Result<()> {
     let read_timeout = options.read_timeout;
+    // Polled first, a head already there wins over a late eviction.
     let head = read_head(&mut stream, options.max_head)
         .or(async {
             Timer::after(read_timeout).await;
             Err(HeadError::TimedOut)
+        })
+        .or(async {
+            give_way.await;
+            Err(HeadError::GaveWay)
         })
         .await;
     head_read();
@@ -661,6 +673,7 @@ async fn handle_connection(
             false,
         ),
         Err(HeadError::Io(e)) => return Err(e),
+        Err(HeadError::GaveWay) => return Err(io::Error::other("gave way to a new connection")),
     };
     let mut out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n",
@@ -969,6 +982,30 @@ mod tests {
         // still served.
         assert!(first.is_empty(), "{first:?}");
         assert!(second.starts_with("HTTP/1.1 200 "), "{second}");
+    }
+
+    #[test]
+    fn a_served_connection_is_drained_not_dropped() {
+        let (answer, after) = with_endpoint(
+            Arc::new(Metrics::new()),
+            HealthOptions::default(),
+            async |addr| {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await.unwrap();
+                // The endpoint reads on until this client closes, so that bytes it sent
+                // after its head cannot turn into a reset that destroys the answer: a
+                // socket it had closed would answer the first bytes with a reset, and
+                // the next write would fail.
+                s.write_all(b"more").await.unwrap();
+                let _ = s.read(&mut [0u8; 16]).await;
+                let after = s.write_all(b"more").await;
+                (String::from_utf8(out).unwrap(), after.map_err(|e| e.kind()))
+            },
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert_eq!(after, Ok(()));
     }
 
     #[test]
