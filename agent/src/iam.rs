@@ -34,7 +34,12 @@ pub fn aws_config(
         (Some(r), _) => Some(r.clone()),
         (None, Some(fallback)) => Some(
             fluidity_aws::profile::resolve_region(env, a.profile.as_deref())
-                .map_err(|e| Error::Config(format!("AWS configuration: {e}")))?
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "AWS configuration: {e}; set [aws] region (or AWS_REGION) and check \
+                         the AWS profile files"
+                    ))
+                })?
                 .unwrap_or_else(|| fallback.to_owned()),
         ),
         (None, None) => None,
@@ -263,6 +268,14 @@ mod tests {
             region(&cfg(), &env(), Some("eu-west-2")).unwrap(),
             "eu-west-1"
         );
+        let dir = std::env::temp_dir().join(format!("fluidity-iam-region-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config");
+        std::fs::write(&config, "[default]\nregion = ap-south-1\n").unwrap();
+        let with_profile = env().with("AWS_CONFIG_FILE", config.to_str().unwrap());
+        let got = region(&c, &with_profile, Some("eu-west-2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(got.unwrap(), "ap-south-1");
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub enum LookupError {
     #[error(
         "no name lookup could start within {timeout:?}: all {busy} {} were waiting on slow \
          answers from the DNS server",
-        if *own_share { "lookups of this user's share" } else { "lookup slots" }
+        if *own_share { "lookups this tunnel may run at once" } else { "lookup slots" }
     )]
     NoSlot {
         /// The resolver's timeout.
@@ -347,7 +347,7 @@ mod tests {
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("this user's share"), "{err}");
+        assert!(err.to_string().contains("this tunnel may run"), "{err}");
         // Another user, and a clone of the greedy one's, meet the same slots as before.
         let other = r.share(2);
         let got = smol::block_on(other.lookup("localhost", 80, 4)).expect("localhost");
