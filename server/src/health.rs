@@ -710,6 +710,83 @@ async fn handle_connection(
     .await
 }
 
+/// Entry points for cargo-fuzz (`fuzz/fuzz_targets/health_request.rs`).
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    use super::{serve_health_with, HealthOptions, Metrics};
+
+    /// The endpoint's address; started once, on its own thread, with the default limits
+    /// but a short read deadline, so that a head that never ends costs one second.
+    fn endpoint() -> SocketAddr {
+        static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+        *ADDR.get_or_init(|| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+            let addr = listener.local_addr().expect("local address");
+            std::thread::spawn(move || {
+                let listener = async_net::TcpListener::try_from(listener).expect("async listener");
+                let options = HealthOptions {
+                    read_timeout: Duration::from_secs(1),
+                    ..HealthOptions::default()
+                };
+                smol::block_on(serve_health_with(
+                    listener,
+                    Arc::new(Metrics::new()),
+                    options,
+                    std::future::pending::<()>(),
+                ))
+            });
+            addr
+        })
+    }
+
+    /// Sends `data` to the health endpoint over a socket on 127.0.0.1, closes the
+    /// sending side and reads the answer. There is none only for a head cut short; any
+    /// other answer is one of the endpoint's, whole: a status it gives, `Connection:
+    /// close`, and a body of the length it announces (none for HEAD).
+    pub fn health_request(data: &[u8]) {
+        // Past the 8 KiB head limit, and small enough that the write never waits.
+        let data = &data[..data.len().min(16 * 1024)];
+        let mut client = TcpStream::connect(endpoint()).expect("connect to 127.0.0.1");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        // The endpoint may answer and close before it has read everything.
+        if client.write_all(data).is_err() {
+            return;
+        }
+        let _ = client.shutdown(Shutdown::Write);
+        let mut answer = Vec::new();
+        if client.read_to_end(&mut answer).is_err() {
+            return; // A reset: the endpoint closed with input unread.
+        }
+        if answer.is_empty() {
+            return;
+        }
+        let text = std::str::from_utf8(&answer).expect("the answer is text");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+        let status = head.get(9..12).unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.1 "), "{head}");
+        assert!(
+            ["200", "503", "400", "404", "405", "408", "431"].contains(&status),
+            "{head}"
+        );
+        assert!(head.contains("\r\nConnection: close"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.parse().ok())
+            .expect("a Content-Length");
+        // A HEAD request that was read (not refused for its form) gets no body.
+        let head_request = data.starts_with(b"HEAD ") && !matches!(status, "400" | "408" | "431");
+        assert_eq!(body.len(), if head_request { 0 } else { length }, "{head}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1006,6 +1083,22 @@ mod tests {
         );
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         assert_eq!(after, Ok(()));
+    }
+
+    #[test]
+    fn the_fuzz_entry_point_takes_answers_and_refusals() {
+        for input in [
+            &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /healthz HTTP/1.1\r\n\r\n",
+            b"HEAD /nowhere HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01\x00\x05hello\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\n",
+            b"",
+            &[b'a'; 9000],
+        ] {
+            fuzzing::health_request(input);
+        }
     }
 
     #[test]
