@@ -2026,3 +2026,111 @@ fn a_bad_value_from_the_environment_names_its_variable() {
         assert!(!err.contains("environment variable"), "{err}");
     }
 }
+
+/// The name in a DNS query datagram (RFC 1035 §4.1.2), lowercased; `None` if malformed.
+fn query_name(datagram: &[u8]) -> Option<String> {
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*datagram.get(at)?);
+        if len == 0 {
+            return Some(labels.join(".").to_ascii_lowercase());
+        }
+        let label = datagram.get(at + 1..at + 1 + len)?;
+        labels.push(String::from_utf8_lossy(label).into_owned());
+        at += 1 + len;
+    }
+}
+
+/// A tunnel whose names all hang at the DNS server leaves name lookups to the other
+/// tunnels. The server's resolv.conf names a DNS server that never answers (a UDP socket
+/// on 127.53.0.1:53 whose queries the test reads and drops, glibc asked to wait 30 s), and
+/// its hosts file gives `quick.test`. One agent asks for 70 names only that DNS server
+/// could answer, more than the server's 64 lookup slots; the server lets its tunnel hold
+/// 32 of them, so a second agent's request for `quick.test` still gets a slot and goes
+/// through. Needs root (port 53) and `unshare` with user namespaces.
+#[test]
+fn a_tunnel_whose_names_all_hang_leaves_lookups_to_the_others() {
+    let _wd = watchdog("lookup_share", Duration::from_secs(120));
+    let dns = match std::net::UdpSocket::bind("127.53.0.1:53") {
+        Ok(s) => s,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && std::env::var_os("CI").is_none() =>
+        {
+            eprintln!("skipped: binding a DNS server on port 53 needs root ({e})");
+            return;
+        }
+        Err(e) => panic!("binding the test's DNS server on 127.53.0.1:53: {e}"),
+    };
+    dns.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let origin = HttpOrigin::start("quick");
+    let t = Tunnel::with(ServerOptions {
+        hosts: Some("127.0.0.1 localhost\n127.0.0.1 quick.test\n".into()),
+        resolv_conf: Some("nameserver 127.53.0.1\noptions timeout:30 attempts:1\n".into()),
+        ..ServerOptions::default()
+    });
+    let other = Agent::start_with(
+        &t.certs,
+        t.server.listen,
+        &AgentOptions {
+            name: "other".into(),
+            ..AgentOptions::default()
+        },
+        t.dir.path(),
+    );
+    let mut hanging: Vec<TcpStream> = (0..70)
+        .map(|i| {
+            let mut s = TcpStream::connect(t.proxy()).expect("connect to the proxy");
+            write!(
+                s,
+                "CONNECT hang-{i}.test:80 HTTP/1.1\r\nHost: hang-{i}.test:80\r\n\r\n"
+            )
+            .expect("send CONNECT");
+            s
+        })
+        .collect();
+    // Every name that got a lookup slot reaches the DNS server. Wait for the tunnel's
+    // share, then until no new name comes for 1 s (or all the slots are taken, as they
+    // would be without shares).
+    let mut names = std::collections::HashSet::new();
+    let mut buf = [0u8; 1500];
+    let mut last_new = std::time::Instant::now();
+    while names.len() < 64 && (names.len() < 32 || last_new.elapsed() < Duration::from_secs(1)) {
+        if let Ok(n) = dns.recv(&mut buf) {
+            if let Some(name) = query_name(&buf[..n]) {
+                if names.insert(name) {
+                    last_new = std::time::Instant::now();
+                }
+            }
+        }
+    }
+    let port = origin.addr().port();
+    let (status, body) = curl_status(
+        &other.proxy_url(),
+        &format!("http://quick.test:{port}/hello"),
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from quick\n"),
+        "{}",
+        t.server.proc.log()
+    );
+    assert_eq!(names.len(), 32, "names asked of the DNS server: {names:?}");
+    // The hung lookups time out, and the rest find no slot in the tunnel's share: each
+    // CONNECT gets 504 with the reason.
+    let answers: Vec<String> = hanging
+        .iter_mut()
+        .map(|s| String::from_utf8_lossy(&read_all_lossy(s)).into_owned())
+        .collect();
+    let starved = answers
+        .iter()
+        .filter(|a| a.contains("lookups this tunnel may run at once"))
+        .count();
+    assert!(
+        answers.iter().all(|a| a.starts_with("HTTP/1.1 504 ")),
+        "{answers:#?}"
+    );
+    assert_eq!(starved, 38, "{answers:#?}");
+}

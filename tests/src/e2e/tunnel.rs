@@ -115,6 +115,9 @@ pub struct ServerOptions {
     /// names with the addresses a test needs. The server then runs in mount and user
     /// namespaces of its own (`unshare`, util-linux); its network is this machine's.
     pub hosts: Option<String>,
+    /// The contents of an `/etc/resolv.conf` the server sees instead of this machine's
+    /// (a DNS server the test controls), in namespaces as for `hosts`.
+    pub resolv_conf: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -128,24 +131,43 @@ impl Default for ServerOptions {
             env: Vec::new(),
             clear_aws_env: false,
             hosts: None,
+            resolv_conf: None,
         }
     }
 }
 
-/// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` if given (written to
-/// `file`): it then runs in mount and user namespaces of its own (`unshare`, util-linux),
-/// with this machine's network.
-fn command_with_hosts(binary: &Path, hosts: Option<&str>, file: PathBuf) -> Command {
-    let Some(text) = hosts else {
+/// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` and `resolv` as its
+/// `/etc/resolv.conf` where given (written to files named `prefix` + `hosts` and
+/// `prefix` + `resolv.conf`): it then runs in mount and user namespaces of its own
+/// (`unshare`, util-linux), with this machine's network.
+fn command_with_files(
+    binary: &Path,
+    hosts: Option<&str>,
+    resolv: Option<&str>,
+    prefix: PathBuf,
+) -> Command {
+    let mut script = String::new();
+    let mut files = Vec::new();
+    for (text, target) in [(hosts, "/etc/hosts"), (resolv, "/etc/resolv.conf")] {
+        let Some(text) = text else { continue };
+        let name = Path::new(target).file_name().expect("a file name");
+        let mut file = prefix.clone().into_os_string();
+        file.push(name);
+        std::fs::write(&file, text).expect("writing a file for /etc");
+        files.push(file);
+        script.push_str(&format!("mount --bind \"${}\" {target} && ", files.len()));
+    }
+    if files.is_empty() {
         return Command::new(binary);
-    };
-    std::fs::write(&file, text).expect("writing a hosts file");
+    }
+    script.push_str(&format!("shift {} && exec \"$@\"", files.len()));
     // unshare execs the shell, which execs the binary: the process the test holds is
     // the binary's.
     let mut cmd = Command::new("unshare");
     cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
-        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-        .arg(file)
+        .arg(script)
+        .arg("sh")
+        .args(files)
         .arg(binary);
     cmd
 }
@@ -193,10 +215,11 @@ impl Server {
             let [listen_port, health_port] = free_ports();
             let listen = opts.listen.unwrap_or_else(|| loopback(listen_port));
             let health = loopback(health_port);
-            let mut cmd = command_with_hosts(
+            let mut cmd = command_with_files(
                 &binaries().server,
                 opts.hosts.as_deref(),
-                log_dir.join("hosts"),
+                opts.resolv_conf.as_deref(),
+                log_dir.join(""),
             );
             if let Some(p) = &config {
                 cmd.arg("--config").arg(p);
@@ -365,10 +388,11 @@ impl Agent {
         log_dir: &Path,
     ) -> Agent {
         let listen = loopback(free_port());
-        let mut cmd = command_with_hosts(
+        let mut cmd = command_with_files(
             &binaries().agent,
             opts.hosts.as_deref(),
-            log_dir.join(format!("{}-hosts", opts.name)),
+            None,
+            log_dir.join(format!("{}-", opts.name)),
         );
         cmd.arg("run")
             .arg("--listen")
