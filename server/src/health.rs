@@ -751,7 +751,11 @@ pub mod fuzzing {
     pub fn health_request(data: &[u8]) {
         // Past the 8 KiB head limit, and small enough that the write never waits.
         let data = &data[..data.len().min(16 * 1024)];
-        let mut client = TcpStream::connect(endpoint()).expect("connect to 127.0.0.1");
+        // Running out of local ports (each run leaves one in TIME_WAIT) says nothing of
+        // the endpoint.
+        let Ok(mut client) = TcpStream::connect(endpoint()) else {
+            return;
+        };
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
@@ -781,8 +785,13 @@ pub mod fuzzing {
             .find_map(|l| l.strip_prefix("Content-Length: "))
             .and_then(|v| v.parse().ok())
             .expect("a Content-Length");
-        // A HEAD request that was read (not refused for its form) gets no body.
-        let head_request = data.starts_with(b"HEAD ") && !matches!(status, "400" | "408" | "431");
+        // A HEAD request that was read (not refused for its form) gets no body; read as
+        // the endpoint reads it (empty lines before the request line are skipped).
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_request = matches!(req.parse(data), Ok(httparse::Status::Complete(_)))
+            && req.method == Some("HEAD")
+            && !matches!(status, "400" | "408" | "431");
         assert_eq!(body.len(), if head_request { 0 } else { length }, "{head}");
     }
 }
@@ -1092,6 +1101,7 @@ mod tests {
             b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
             b"POST /healthz HTTP/1.1\r\n\r\n",
             b"HEAD /nowhere HTTP/1.1\r\n\r\n",
+            b"\n\nHEAD /metrics HTTP/1.0\r\n\r\ne",
             b"\x16\x03\x01\x00\x05hello\r\n\r\n",
             b"GET /healthz HTTP/1.1\r\n",
             b"",
