@@ -2096,8 +2096,15 @@ fn a_tunnel_whose_names_all_hang_leaves_lookups_to_the_others() {
     // would be without shares).
     let mut names = std::collections::HashSet::new();
     let mut buf = [0u8; 1500];
-    let mut last_new = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let mut last_new = started;
     while names.len() < 64 && (names.len() < 32 || last_new.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the DNS server was asked for only {} names in 30 s: {names:?}\n{}",
+            names.len(),
+            t.server.proc.log()
+        );
         if let Ok(n) = dns.recv(&mut buf) {
             if let Some(name) = query_name(&buf[..n]) {
                 if names.insert(name) {

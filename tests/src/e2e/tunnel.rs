@@ -116,7 +116,10 @@ pub struct ServerOptions {
     /// namespaces of its own (`unshare`, util-linux); its network is this machine's.
     pub hosts: Option<String>,
     /// The contents of an `/etc/resolv.conf` the server sees instead of this machine's
-    /// (a DNS server the test controls), in namespaces as for `hosts`.
+    /// (a DNS server the test controls), in namespaces as for `hosts`; the server then
+    /// also sees an `/etc/nsswitch.conf` of `hosts: files dns`, so that its lookups go
+    /// to that DNS server whatever this machine's resolver setup (systemd-resolved, a
+    /// cache).
     pub resolv_conf: Option<String>,
 }
 
@@ -137,8 +140,8 @@ impl Default for ServerOptions {
 }
 
 /// A command that runs `binary`, seeing `hosts` as its `/etc/hosts` and `resolv` as its
-/// `/etc/resolv.conf` where given (written to files named `prefix` + `hosts` and
-/// `prefix` + `resolv.conf`): it then runs in mount and user namespaces of its own
+/// `/etc/resolv.conf` where given (with an `/etc/nsswitch.conf` of `hosts: files dns`
+/// beside the latter), written to files named `prefix` + the file's name: it then runs in mount and user namespaces of its own
 /// (`unshare`, util-linux), with this machine's network.
 fn command_with_files(
     binary: &Path,
@@ -148,7 +151,12 @@ fn command_with_files(
 ) -> Command {
     let mut script = String::new();
     let mut files = Vec::new();
-    for (text, target) in [(hosts, "/etc/hosts"), (resolv, "/etc/resolv.conf")] {
+    let nsswitch = resolv.map(|_| "hosts: files dns\n");
+    for (text, target) in [
+        (hosts, "/etc/hosts"),
+        (resolv, "/etc/resolv.conf"),
+        (nsswitch, "/etc/nsswitch.conf"),
+    ] {
         let Some(text) = text else { continue };
         let name = Path::new(target).file_name().expect("a file name");
         let mut file = prefix.clone().into_os_string();
