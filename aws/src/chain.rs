@@ -94,8 +94,10 @@ impl ProvideCredentials for EnvProvider {
     }
 }
 
-/// Credentials from the shared `credentials`/`config` files: static keys, or `role_arn`
-/// with `source_profile` (static keys of another profile) or `credential_source`
+/// Credentials from the shared `credentials`/`config` files: static keys, a
+/// `credential_process` (a command that prints them, as `aws configure
+/// export-credentials --format process` does for an SSO profile), or `role_arn` with
+/// `source_profile` (the keys or process of another profile) or `credential_source`
 /// (`Environment`, `EcsContainer`, `Ec2InstanceMetadata`).
 #[derive(Debug, Clone)]
 pub struct ProfileProvider {
@@ -198,11 +200,19 @@ impl ProfileProvider {
                 )))
             }
         };
+        // Keys written in the profile win over a process, as in the SDKs.
+        let static_keys = match (static_keys, p.get("credential_process")) {
+            (None, Some(command)) => Some(run_credential_process(command, PROCESS_TIME_LIMIT)?),
+            (keys, _) => keys,
+        };
         let Some(role) = p.get("role_arn") else {
             return static_keys.ok_or_else(|| {
                 if visited.len() == 1 {
                     Error::NoCredentials(format!(
-                        "profile {name:?} (no keys; sso, web identity and credential_process are not supported)"
+                        "profile {name:?} (no keys and no credential_process; for an SSO \
+                         profile, set credential_process = aws configure export-credentials \
+                         --profile SSO_PROFILE --format process in another profile and use \
+                         that one; web identity profiles are not supported)"
                     ))
                 } else {
                     fail(format!("source_profile {name:?} has no keys"))
@@ -249,6 +259,129 @@ impl ProvideCredentials for ProfileProvider {
         let name = crate::profile::profile_name(&self.env, self.profile.as_deref());
         self.resolve(&profiles, &name, &mut Vec::new())
     }
+}
+
+/// How long a `credential_process` may take (a tool that asks for a login would wait for
+/// ever; the CLI's own SSO refresh takes seconds).
+pub const PROCESS_TIME_LIMIT: Duration = Duration::from_secs(60);
+
+/// The most a `credential_process` may print, on each of its outputs.
+const MAX_PROCESS_OUTPUT: u64 = 64 * 1024;
+
+/// Runs a profile's `credential_process` (through `sh -c`, as the SDKs on Unix do) and
+/// reads the credentials it prints. Its error output goes into the error when it fails;
+/// what it prints on standard output (secrets) never does.
+pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credentials> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let fail = |message: String| Error::Credentials {
+        provider: "credential_process",
+        message: format!("`{command}`: {message}"),
+    };
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start it: {e}")))?;
+    // Both outputs are read beside the wait, so that a process that fills a pipe is not
+    // stuck on it; each stops at the limit and the rest is left unread.
+    // Each output is read on a thread of its own, beside the wait, so that a process that
+    // fills a pipe is not stuck on it; each stops at the limit and leaves the rest unread.
+    // What they read comes back through a channel, so that a pipe a process's own child
+    // keeps open after it exited cannot hold the caller past the limit.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(MAX_PROCESS_OUTPUT + 1).read_to_end(&mut out);
+            }
+            let _ = tx.send(out);
+        });
+        rx
+    };
+    let boxed = |p: Box<dyn Read + Send>| p;
+    let stdout = reader(child.stdout.take().map(|p| boxed(Box::new(p))));
+    let stderr = reader(child.stderr.take().map(|p| boxed(Box::new(p))));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("gave no answer within {limit:?}")));
+            }
+            Err(e) => return Err(fail(format!("cannot wait for it: {e}"))),
+        }
+    };
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        rx.recv_timeout(left.max(Duration::from_millis(100)))
+    };
+    let (Ok(out), Ok(err)) = (collect(stdout), collect(stderr)) else {
+        return Err(fail(
+            "exited, but something it started keeps its output open".into(),
+        ));
+    };
+    // First: a process whose output was cut off dies of the closed pipe.
+    if out.len() as u64 > MAX_PROCESS_OUTPUT {
+        return Err(fail(format!(
+            "printed more than {MAX_PROCESS_OUTPUT} bytes"
+        )));
+    }
+    if !status.success() {
+        let err = String::from_utf8_lossy(&err);
+        let err: String = err.trim().chars().take(300).collect();
+        return Err(fail(format!("{status}: {err}")));
+    }
+    process_credentials(&out).map_err(|e| match e {
+        Error::Credentials { message, .. } => fail(message),
+        other => other,
+    })
+}
+
+/// What a `credential_process` prints.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ProcessCredentials {
+    version: Option<serde_json::Value>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+    expiration: Option<String>,
+}
+
+/// Reads the credentials a `credential_process` printed: JSON with `Version` 1,
+/// `AccessKeyId`, `SecretAccessKey`, and optionally `SessionToken` and `Expiration`.
+pub(crate) fn process_credentials(out: &[u8]) -> Result<Credentials> {
+    let provider = "credential_process";
+    let parsed: ProcessCredentials =
+        serde_json::from_slice(out).map_err(|e| Error::Credentials {
+            provider,
+            message: format!("its output is not the JSON expected: {e}"),
+        })?;
+    if parsed.version.as_ref().and_then(serde_json::Value::as_u64) != Some(1) {
+        return Err(Error::Credentials {
+            provider,
+            message: "its output must have \"Version\": 1".into(),
+        });
+    }
+    MetadataCredentials {
+        code: None,
+        message: None,
+        access_key_id: parsed.access_key_id,
+        secret_access_key: parsed.secret_access_key,
+        token: parsed.session_token,
+        expiration: parsed.expiration,
+    }
+    .into_credentials(provider)
 }
 
 #[derive(Deserialize)]
@@ -828,6 +961,89 @@ mod tests {
             Err(Error::NoCredentials(tried)) => assert!(tried.contains("environment")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn credential_process_output() {
+        let c = process_credentials(
+            br#"{"Version":1,"AccessKeyId":"ASIAX","SecretAccessKey":"s/k+","SessionToken":"t==","Expiration":"2030-01-02T03:04:05Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.session_token(), Some("t=="));
+        assert_eq!(c.expiry(), parse_rfc3339("2030-01-02T03:04:05Z"));
+        assert_eq!(c.provider(), "credential_process");
+        let long_lived =
+            process_credentials(br#"{"Version":1,"AccessKeyId":"AKID","SecretAccessKey":"s"}"#)
+                .unwrap();
+        assert_eq!(
+            (long_lived.session_token(), long_lived.expiry()),
+            (None, None)
+        );
+        for (out, why) in [
+            (
+                &br#"{"AccessKeyId":"AKID","SecretAccessKey":"s"}"#[..],
+                "\"Version\": 1",
+            ),
+            (
+                br#"{"Version":2,"AccessKeyId":"AKID","SecretAccessKey":"s"}"#,
+                "\"Version\": 1",
+            ),
+            (br#"{"Version":1,"AccessKeyId":"AKID"}"#, "lacks"),
+            (
+                br#"{"Version":1,"AccessKeyId":"AK ID","SecretAccessKey":"s"}"#,
+                "printable",
+            ),
+            (
+                br#"{"Version":1,"AccessKeyId":"A","SecretAccessKey":"s","Expiration":"later"}"#,
+                "Expiration",
+            ),
+            (b"AKID s", "not the JSON expected"),
+        ] {
+            let err = process_credentials(out).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_credential_process_is_run_and_its_failures_explained() {
+        let limit = Duration::from_secs(10);
+        let c = run_credential_process(
+            r#"printf '{"Version": 1, "AccessKeyId": "AKIDPROC", "SecretAccessKey": "s"}'"#,
+            limit,
+        )
+        .unwrap();
+        assert_eq!(c.access_key_id(), "AKIDPROC");
+        let err =
+            run_credential_process("echo 'Token expired: run aws sso login' >&2; exit 3", limit)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("exit status: 3") && err.contains("aws sso login"),
+            "{err}"
+        );
+        // What it printed is secret: an unreadable answer is not quoted.
+        let err = run_credential_process(
+            r#"s=SECRET; printf '{"Version": 1, "AccessKeyId": "%sPART"' "$s""#,
+            limit,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("not the JSON expected") && !err.contains("SECRETPART"),
+            "{err}"
+        );
+        let err = run_credential_process("head -c 100000 /dev/zero", limit)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("printed more than"), "{err}");
+        let err = run_credential_process("sleep 30", Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gave no answer within"), "{err}");
+        let err = run_credential_process("sleep 5 & echo started", Duration::from_millis(500))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keeps its output open"), "{err}");
     }
 
     #[test]

@@ -265,7 +265,8 @@ fn secrets_answer(v: &serde_json::Value) {
 
 /// Reads `data` as each thing a credential provider decodes, and as the shared files:
 ///
-/// - as JSON, the container and instance-metadata credentials answer;
+/// - as JSON, the container and instance-metadata credentials answer, and what a
+///   `credential_process` prints (accepted only with `Version` 1);
 /// - as XML, the STS AssumeRole answer;
 /// - as text, an RFC 3339 time, the metadata service's role listing, its session-token
 ///   answer (the first line as the TTL header, the rest as the body; and all as the
@@ -290,6 +291,16 @@ pub fn aws_credentials(data: &[u8]) {
                     .is_none_or(|c| c.is_null() || c.as_str() == Some("Success")));
             }
         }
+    }
+    if let Ok(c) = crate::chain::process_credentials(data) {
+        check_credentials(&c);
+        let v: serde_json::Value = serde_json::from_slice(data).expect("accepted output is JSON");
+        assert_eq!(
+            v.get("Version").and_then(serde_json::Value::as_u64),
+            Some(1)
+        );
+        let expiration = v.get("Expiration").and_then(serde_json::Value::as_str);
+        assert_eq!(c.expiry(), expiration.and_then(crate::chain::parse_rfc3339));
     }
     if let Ok(root) = xml::parse(data) {
         if let Ok(c) = crate::clients::sts::assume_role_credentials(&root) {

@@ -409,6 +409,75 @@ fn credentials_from_a_profile_in_shared_files() {
 }
 
 #[test]
+fn credentials_from_a_credential_process() {
+    let moto = Moto::start();
+    let alice = moto.create_user("alice");
+    let role = moto.create_role("from-process", &alice.arn);
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    // What `aws configure export-credentials --format process` prints for an SSO profile.
+    let script = dir.path().join("export-credentials");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat <<'EOF'\n{{\"Version\": 1, \"AccessKeyId\": \"{}\", \
+             \"SecretAccessKey\": \"{}\"}}\nEOF\n",
+            alice.access_key_id, alice.secret_access_key
+        ),
+    )
+    .expect("writing the script");
+    let refusing = dir.path().join("expired-login");
+    std::fs::write(
+        &refusing,
+        "#!/bin/sh\necho 'The SSO session has expired; run aws sso login' >&2\nexit 255\n",
+    )
+    .expect("writing the script");
+    for s in [&script, &refusing] {
+        std::fs::set_permissions(s, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("making the script executable");
+    }
+    let config_file = dir.path().join("config");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[profile sso-export]\nregion = {REGION}\ncredential_process = {}\n\n\
+             [profile deploy]\nregion = {REGION}\nrole_arn = {}\nsource_profile = sso-export\n\
+             role_session_name = via-process\n\n\
+             [profile expired]\nregion = {REGION}\ncredential_process = {}\n",
+            script.display(),
+            role.arn,
+            refusing.display()
+        ),
+    )
+    .expect("writing the config file");
+    let env_for = |profile: &str| {
+        Env::from_pairs([
+            ("AWS_ENDPOINT_URL", moto.endpoint()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_CONFIG_FILE", config_file.display().to_string()),
+            ("AWS_PROFILE", profile.into()),
+        ])
+    };
+    let config =
+        AwsConfig::from_env(&env_for("sso-export"), &ChainOptions::default()).expect("config");
+    let creds = config.credentials.provide().expect("credentials");
+    assert_eq!(creds.provider(), "credential_process");
+    assert_eq!(whoami(&config), alice.arn);
+    let deploy = AwsConfig::from_env(&env_for("deploy"), &ChainOptions::default()).expect("config");
+    assert_eq!(whoami(&deploy), role.assumed_arn("via-process"));
+    let expired = AwsConfig::from_env(&env_for("expired"), &ChainOptions::default())
+        .expect("config")
+        .credentials
+        .provide()
+        .expect_err("a process that fails gives no credentials");
+    let text = expired.to_string();
+    assert!(
+        text.contains("expired-login") && text.contains("run aws sso login"),
+        "{text}"
+    );
+}
+
+#[test]
 fn credentials_from_a_container_credentials_endpoint() {
     let moto = Moto::start();
     let task_user = moto.create_user("task-bootstrap");
