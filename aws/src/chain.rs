@@ -200,13 +200,19 @@ impl ProfileProvider {
                 )))
             }
         };
-        // Keys written in the profile win over a process, as in the SDKs.
-        let static_keys = match (static_keys, p.get("credential_process")) {
-            (None, Some(command)) => Some(run_credential_process(command, PROCESS_TIME_LIMIT)?),
-            (keys, _) => keys,
+        // Keys written in the profile win over a process (the AWS CLI does so for the
+        // credentials file; the SDKs differ); the process runs only when its keys are
+        // used, not when role_arn takes them from another profile or source.
+        let own_keys = |static_keys: Option<Credentials>| -> Result<Option<Credentials>> {
+            match (static_keys, p.get("credential_process")) {
+                (None, Some(command)) => {
+                    Ok(Some(run_credential_process(command, PROCESS_TIME_LIMIT)?))
+                }
+                (keys, _) => Ok(keys),
+            }
         };
         let Some(role) = p.get("role_arn") else {
-            return static_keys.ok_or_else(|| {
+            return own_keys(static_keys)?.ok_or_else(|| {
                 if visited.len() == 1 {
                     Error::NoCredentials(format!(
                         "profile {name:?} (no keys and no credential_process; for an SSO \
@@ -227,7 +233,8 @@ impl ProfileProvider {
             }
             // A profile that names itself uses its own keys to assume the role.
             (Some(src), None) if src == name => Arc::new(
-                static_keys.ok_or_else(|| fail(format!("profile {name:?} has no keys")))?,
+                own_keys(static_keys)?
+                    .ok_or_else(|| fail(format!("profile {name:?} has no keys")))?,
             ),
             (Some(src), None) => Arc::new(self.resolve(profiles, src, visited)?),
             (None, Some(source)) => match source.as_str() {
@@ -265,48 +272,67 @@ impl ProvideCredentials for ProfileProvider {
 /// ever; the CLI's own SSO refresh takes seconds).
 pub const PROCESS_TIME_LIMIT: Duration = Duration::from_secs(60);
 
-/// The most a `credential_process` may print, on each of its outputs.
+/// The most a `credential_process` may print on standard output; of its error output,
+/// this much is kept and the rest read and dropped.
 const MAX_PROCESS_OUTPUT: u64 = 64 * 1024;
 
-/// Runs a profile's `credential_process` (through `sh -c`, as the SDKs on Unix do) and
-/// reads the credentials it prints. Its error output goes into the error when it fails;
-/// what it prints on standard output (secrets) never does.
+/// How much of a failed `credential_process`'s error output its error shows (the end,
+/// where tools say what went wrong).
+const PROCESS_ERROR_CHARS: usize = 300;
+
+/// Runs a profile's `credential_process` (through `sh -c`, as the SDKs on Unix do; in a
+/// process group of its own, all of which is killed at the limit) and reads the
+/// credentials it prints. Its errors name the program, not its arguments (which may hold
+/// a token), and show the end of its error output when it fails; what it prints on
+/// standard output (secrets) never appears.
 pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credentials> {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
+    let program = command.split_whitespace().next().unwrap_or_default();
     let fail = |message: String| Error::Credentials {
         provider: "credential_process",
-        message: format!("`{command}`: {message}"),
+        message: format!("`{program}` (arguments not shown): {message}"),
     };
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
+        // Its own process group, so that a timeout ends what it started too.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot start it: {e}")))?;
-    // Both outputs are read beside the wait, so that a process that fills a pipe is not
-    // stuck on it; each stops at the limit and the rest is left unread.
     // Each output is read on a thread of its own, beside the wait, so that a process that
     // fills a pipe is not stuck on it; each stops at the limit and leaves the rest unread.
     // What they read comes back through a channel, so that a pipe a process's own child
     // keeps open after it exited cannot hold the caller past the limit.
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+    let reader = |pipe: Option<Box<dyn Read + Send>>, drain: bool| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut out = Vec::new();
-            if let Some(pipe) = pipe {
-                let _ = pipe.take(MAX_PROCESS_OUTPUT + 1).read_to_end(&mut out);
+            if let Some(mut pipe) = pipe {
+                let _ = (&mut pipe)
+                    .take(MAX_PROCESS_OUTPUT + 1)
+                    .read_to_end(&mut out);
+                if drain {
+                    let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+                }
             }
             let _ = tx.send(out);
         });
         rx
     };
     let boxed = |p: Box<dyn Read + Send>| p;
-    let stdout = reader(child.stdout.take().map(|p| boxed(Box::new(p))));
-    let stderr = reader(child.stderr.take().map(|p| boxed(Box::new(p))));
-    let deadline = std::time::Instant::now() + limit;
+    let stdout = reader(child.stdout.take().map(|p| boxed(Box::new(p))), false);
+    let stderr = reader(child.stderr.take().map(|p| boxed(Box::new(p))), true);
+    let group = rustix::process::Pid::from_child(&child);
+    let kill_group = || {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    };
+    let now = std::time::Instant::now();
+    let deadline = now.checked_add(limit).unwrap_or(now + PROCESS_TIME_LIMIT);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -314,21 +340,31 @@ pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credenti
                 std::thread::sleep(Duration::from_millis(10))
             }
             Ok(None) => {
-                let _ = child.kill();
+                kill_group();
                 let _ = child.wait();
                 return Err(fail(format!("gave no answer within {limit:?}")));
             }
-            Err(e) => return Err(fail(format!("cannot wait for it: {e}"))),
+            Err(e) => {
+                kill_group();
+                return Err(fail(format!("cannot wait for it: {e}")));
+            }
         }
     };
     let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         rx.recv_timeout(left.max(Duration::from_millis(100)))
     };
-    let (Ok(out), Ok(err)) = (collect(stdout), collect(stderr)) else {
+    let Ok(out) = collect(stdout) else {
+        kill_group();
         return Err(fail(
             "exited, but something it started keeps its output open".into(),
         ));
+    };
+    // A helper it left running may hold stderr: that only matters when it failed.
+    let err = if status.success() {
+        Vec::new()
+    } else {
+        collect(stderr).unwrap_or_default()
     };
     // First: a process whose output was cut off dies of the closed pipe.
     if out.len() as u64 > MAX_PROCESS_OUTPUT {
@@ -337,14 +373,28 @@ pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credenti
         )));
     }
     if !status.success() {
+        // One line, whatever it wrote (line breaks and terminal escapes are shown escaped,
+        // so that they cannot forge log lines).
         let err = String::from_utf8_lossy(&err);
-        let err: String = err.trim().chars().take(300).collect();
-        return Err(fail(format!("{status}: {err}")));
+        let err: String = err.trim().escape_debug().collect();
+        let skip = err.chars().count().saturating_sub(PROCESS_ERROR_CHARS);
+        let tail: String = err.chars().skip(skip).collect();
+        let cut = if skip > 0 { "…" } else { "" };
+        return Err(fail(format!("{status}: {cut}{tail}")));
     }
-    process_credentials(&out).map_err(|e| match e {
+    let creds = process_credentials(&out).map_err(|e| match e {
         Error::Credentials { message, .. } => fail(message),
         other => other,
-    })
+    })?;
+    // Expired ones would be asked for again at every use and refused by AWS each time.
+    if creds.expiry().is_some_and(|at| at <= SystemTime::now()) {
+        return Err(fail(
+            "the credentials it printed have already expired (renew its login, e.g. `aws sso \
+             login`)"
+                .into(),
+        ));
+    }
+    Ok(creds)
 }
 
 /// What a `credential_process` prints.
@@ -362,11 +412,19 @@ struct ProcessCredentials {
 /// `AccessKeyId`, `SecretAccessKey`, and optionally `SessionToken` and `Expiration`.
 pub(crate) fn process_credentials(out: &[u8]) -> Result<Credentials> {
     let provider = "credential_process";
+    // Only an object: serde_json's message for another type quotes the value (a bare
+    // "secret" string), and a struct would also be read from an array.
+    let not_expected = |why: String| Error::Credentials {
+        provider,
+        message: format!("its output is not the JSON expected: {why}"),
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(out).map_err(|e| not_expected(e.to_string()))?;
+    if !value.is_object() {
+        return Err(not_expected("not a JSON object".into()));
+    }
     let parsed: ProcessCredentials =
-        serde_json::from_slice(out).map_err(|e| Error::Credentials {
-            provider,
-            message: format!("its output is not the JSON expected: {e}"),
-        })?;
+        serde_json::from_value(value).map_err(|e| not_expected(e.to_string()))?;
     if parsed.version.as_ref().and_then(serde_json::Value::as_u64) != Some(1) {
         return Err(Error::Credentials {
             provider,
@@ -1044,6 +1102,131 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("keeps its output open"), "{err}");
+    }
+
+    #[test]
+    fn what_a_credential_process_prints_is_never_quoted() {
+        for out in [&br#""wJalrSECRETKEY""#[..], br#"["wJalrSECRETKEY"]"#] {
+            let err = process_credentials(out).unwrap_err().to_string();
+            assert!(
+                err.contains("not a JSON object") && !err.contains("SECRET"),
+                "{err}"
+            );
+        }
+        // Nor are its arguments, which may hold a token.
+        let err = run_credential_process(
+            "printf x --token SECRETTOKEN; exit 1",
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`printf` (arguments not shown)") && !err.contains("SECRETTOKEN"),
+            "{err}"
+        );
+        // Its error output is one line, its end kept.
+        let err = run_credential_process(
+            r#"i=0; while [ $i -lt 100 ]; do echo "noise $i" >&2; i=$((i+1)); done; printf 'fake\n\033[31mlog' >&2; exit 1"#,
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains('\n') && !err.contains('\u{1b}'), "{err:?}");
+        assert!(err.contains("\\nfake") || err.contains("fake\\n"), "{err}");
+        assert!(err.ends_with("log") && !err.contains("noise 0"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_process_may_talk_a_lot_and_leave_helpers_behind() {
+        let ok = r#"printf '{"Version": 1, "AccessKeyId": "AKID", "SecretAccessKey": "s"}'"#;
+        let noisy = format!(
+            r#"i=0; while [ $i -lt 3000 ]; do echo "debug line $i, padded to be long enough" >&2; i=$((i+1)); done; {ok}"#
+        );
+        assert!(run_credential_process(&noisy, Duration::from_secs(20)).is_ok());
+        // A helper left running holds its error output: that matters only on failure.
+        let helper = format!("sleep 3 >/dev/null & {ok}");
+        assert!(run_credential_process(&helper, Duration::from_secs(2)).is_ok());
+        let expired = r#"printf '{"Version": 1, "AccessKeyId": "AKID", "SecretAccessKey": "s", "SessionToken": "t", "Expiration": "2020-01-01T00:00:00Z"}'"#;
+        let err = run_credential_process(expired, Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already expired"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_process_that_gives_no_answer_ends_with_what_it_started() {
+        let marker = format!("sleep 7.{}", std::process::id());
+        let err = run_credential_process(
+            &format!("echo waiting for a login >&2; {marker}; echo '{{}}'"),
+            Duration::from_millis(300),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("gave no answer within"), "{err}");
+        let running = || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &marker])
+                .output()
+                .expect("pgrep");
+            !out.stdout.is_empty()
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while running() {
+            assert!(
+                std::time::Instant::now() < until,
+                "{marker} outlived its limit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_profile_runs_its_process_only_where_its_keys_are_used() {
+        let dir = std::env::temp_dir().join(format!("fluidity-process-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ran = |name: &str| dir.join(name).exists();
+        let config = dir.join("config");
+        std::fs::write(
+            &config,
+            format!(
+                "[profile base]\naws_access_key_id = AKIDBASE\naws_secret_access_key = s\n\n\
+                 [profile other-source]\nrole_arn = arn:aws:iam::123456789012:role/x\n\
+                 source_profile = base\ncredential_process = touch {0}/other; exit 1\n\n\
+                 [profile own-source]\nrole_arn = arn:aws:iam::123456789012:role/x\n\
+                 source_profile = own-source\ncredential_process = touch {0}/own; exit 1\n\n\
+                 [profile keys-first]\naws_access_key_id = AKIDKEYS\naws_secret_access_key = s\n\
+                 credential_process = touch {0}/keys; exit 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let env = Env::from_pairs([
+            ("AWS_CONFIG_FILE", config.display().to_string()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_string()),
+            // Nothing listens there: AssumeRole fails, after the keys were chosen.
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_string()),
+        ]);
+        let http = HttpClient::direct().unwrap();
+        let provide = |profile: &str| {
+            ProfileProvider::new(
+                &env,
+                Some(profile),
+                &http,
+                "us-east-1",
+                &Endpoints::default(),
+            )
+            .provide()
+        };
+        assert!(provide("other-source").is_err());
+        assert!(
+            !ran("other"),
+            "the role takes base's keys: the process must not run"
+        );
+        let err = provide("own-source").unwrap_err().to_string();
+        assert!(ran("own") && err.contains("exit status: 1"), "{err}");
+        assert_eq!(provide("keys-first").unwrap().access_key_id(), "AKIDKEYS");
+        assert!(!ran("keys"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
