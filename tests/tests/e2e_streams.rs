@@ -441,7 +441,16 @@ fn streams_beyond_the_server_limit_wait_for_a_free_one_and_idle_kept_streams_giv
     wait_for("the limit reached", Duration::from_secs(30), || {
         (t.server.metric("fluidity_streams_active") == LIMIT as f64).then_some(())
     });
-    let before = origin.ended();
+    // The origin connection of the stream given up above has ended, or has yet to be seen
+    // ending by the origin: counted first, so that only the next end is compared.
+    let before = wait_for(
+        "the origin to see the given-up stream's connection end",
+        Duration::from_secs(30),
+        || {
+            let e = origin.ended();
+            (e.closed + e.reset + e.other >= 1).then_some(e)
+        },
+    );
     let other = HttpOrigin::start("other");
     assert_eq!(
         idle.get(&other.url("/hello")),
