@@ -286,7 +286,6 @@ const PROCESS_ERROR_CHARS: usize = 300;
 /// a token), and show the end of its error output when it fails; what it prints on
 /// standard output (secrets) never appears.
 pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credentials> {
-    use std::io::Read;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let program = command.split_whitespace().next().unwrap_or_default();
@@ -304,29 +303,8 @@ pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credenti
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(format!("cannot start it: {e}")))?;
-    // Each output is read on a thread of its own, beside the wait, so that a process that
-    // fills a pipe is not stuck on it; each stops at the limit and leaves the rest unread.
-    // What they read comes back through a channel, so that a pipe a process's own child
-    // keeps open after it exited cannot hold the caller past the limit.
-    let reader = |pipe: Option<Box<dyn Read + Send>>, drain: bool| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut out = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = (&mut pipe)
-                    .take(MAX_PROCESS_OUTPUT + 1)
-                    .read_to_end(&mut out);
-                if drain {
-                    let _ = std::io::copy(&mut pipe, &mut std::io::sink());
-                }
-            }
-            let _ = tx.send(out);
-        });
-        rx
-    };
-    let boxed = |p: Box<dyn Read + Send>| p;
-    let stdout = reader(child.stdout.take().map(|p| boxed(Box::new(p))), false);
-    let stderr = reader(child.stderr.take().map(|p| boxed(Box::new(p))), true);
+    let stdout = read_beside(child.stdout.take(), false);
+    let stderr = read_beside(child.stderr.take(), true);
     let group = rustix::process::Pid::from_child(&child);
     let kill_group = || {
         let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
@@ -395,6 +373,33 @@ pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credenti
         ));
     }
     Ok(creds)
+}
+
+/// Reads `pipe` on a thread of its own, beside the wait for its process, so that a
+/// process that fills a pipe is not stuck on it: the first [`MAX_PROCESS_OUTPUT`] bytes
+/// and one more, and then, when `drain`, the rest read and dropped (without, the reading
+/// stops there, and a process that goes on writing dies of the closed pipe). What it read
+/// comes back through the channel, so that a pipe a process's own child keeps open after
+/// it exited cannot hold the caller past its limit.
+fn read_beside(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    drain: bool,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = (&mut pipe)
+                .take(MAX_PROCESS_OUTPUT + 1)
+                .read_to_end(&mut out);
+            if drain {
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+            }
+        }
+        let _ = tx.send(out);
+    });
+    rx
 }
 
 /// What a `credential_process` prints.
