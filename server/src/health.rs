@@ -21,6 +21,8 @@ use async_io::Timer;
 use async_net::{TcpListener, TcpStream};
 use fluidity_proto::RefusalReason;
 use fluidity_runtime_smol::listener::AcceptErrors;
+
+use crate::give_way::{GiveWay, Yield};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use serde::Serialize;
 
@@ -431,7 +433,8 @@ pub async fn serve_health_with(
     // it cancels them and nothing outlives the endpoint.
     let executor = smol::LocalExecutor::new();
     let active = Rc::new(Cell::new(0usize));
-    let reading = Rc::new(RefCell::new(Reading::default()));
+    // The connections still reading their request heads.
+    let reading = Rc::new(RefCell::new(GiveWay::default()));
     let options = Rc::new(options);
     let accept_loop = async {
         let mut errors = AcceptErrors::new("health");
@@ -442,14 +445,16 @@ pub async fn serve_health_with(
                     // Slow clients holding every place must not keep health checks out
                     // (a task whose checks fail is replaced): the oldest one gives way.
                     if active.get() >= options.max_connections
-                        && !reading.borrow_mut().give_way(options.give_way_after)
+                        && !reading
+                            .borrow_mut()
+                            .give_way(Instant::now(), options.give_way_after)
                     {
                         tracing::debug!(%peer, "health endpoint busy; closing connection");
                         continue;
                     }
                     let slot = ConnectionSlot::take(&active);
                     let (metrics, options) = (metrics.clone(), options.clone());
-                    let (id, told) = reading.borrow_mut().add();
+                    let Yield { id, told } = reading.borrow_mut().add(Instant::now());
                     let reading = reading.clone();
                     executor
                         .spawn(async move {
@@ -480,43 +485,6 @@ pub async fn serve_health_with(
             shutdown.await;
         }))
         .await;
-}
-
-/// The connections still reading their request heads, oldest first.
-#[derive(Default)]
-struct Reading {
-    next: u64,
-    waiting: std::collections::VecDeque<(u64, Instant, async_channel::Sender<()>)>,
-}
-
-impl Reading {
-    /// Registers a new connection: its id, and where it is told to give way.
-    fn add(&mut self) -> (u64, async_channel::Receiver<()>) {
-        let (tx, rx) = async_channel::bounded(1);
-        let id = self.next;
-        self.next += 1;
-        self.waiting.push_back((id, Instant::now(), tx));
-        (id, rx)
-    }
-
-    /// The connection `id` has its head (or failed): it no longer gives way.
-    fn remove(&mut self, id: u64) {
-        self.waiting.retain(|(w, _, _)| *w != id);
-    }
-
-    /// Tells the oldest connection that has waited `after` for its head to give way;
-    /// false when there is none.
-    fn give_way(&mut self, after: Duration) -> bool {
-        match self.waiting.front() {
-            Some((_, since, _)) if since.elapsed() >= after => {
-                if let Some((_, _, tx)) = self.waiting.pop_front() {
-                    let _ = tx.try_send(());
-                }
-                true
-            }
-            _ => false,
-        }
-    }
 }
 
 struct ConnectionSlot(Rc<Cell<usize>>);
@@ -1109,19 +1077,6 @@ mod tests {
         ] {
             fuzzing::health_request(input);
         }
-    }
-
-    #[test]
-    fn only_a_head_older_than_the_limit_gives_way() {
-        let mut r = Reading::default();
-        let (a, told_a) = r.add();
-        let (_b, told_b) = r.add();
-        assert!(!r.give_way(Duration::from_secs(3600)));
-        r.remove(a);
-        assert!(r.give_way(Duration::ZERO));
-        assert!(told_a.try_recv().is_err());
-        assert!(told_b.try_recv().is_ok());
-        assert!(!r.give_way(Duration::ZERO));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod iam;
 pub mod serve;
 
 mod error;
+mod give_way;
 
 pub use config::ServerConfig;
 pub use error::Error;

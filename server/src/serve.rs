@@ -1,7 +1,7 @@
 //! The tunnel server: accepts TLS connections, runs one tunnel per agent, and dials the
 //! streams the agent opens under the egress policy.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use smol::Executor;
 
 use crate::config::{AuthMode, ServerConfig};
 use crate::egress::Dialer;
+use crate::give_way::{GiveWay, Yield};
 use crate::health::Metrics;
 use crate::Error;
 
@@ -138,10 +139,9 @@ const GIVE_WAY_AFTER: Duration = Duration::from_secs(2);
 struct Handshakes {
     total: usize,
     by_source: HashMap<Source, usize>,
-    /// The handshakes that may give way, oldest first: when one must, its sender is sent
-    /// on (or dropped), which ends its wait.
-    pending: VecDeque<(u64, Instant, async_channel::Sender<()>)>,
-    next_id: u64,
+    /// The handshakes that may give way: when one must, it is told (or its place dropped),
+    /// which ends its wait.
+    pending: GiveWay,
 }
 
 /// Where a connection comes from, for the per-source handshake limit: an IPv4 address, or
@@ -172,13 +172,6 @@ enum HandshakeLimit {
     PerSource,
 }
 
-/// A handshake's place among those that may give way: its id, and what ends its wait
-/// when it must.
-struct Yield {
-    id: u64,
-    told: async_channel::Receiver<()>,
-}
-
 impl Handshakes {
     /// Counts a connection from `source` in at `now`, unless a limit is reached. With every
     /// slot taken, the oldest handshake gives way if it has sat for [`GIVE_WAY_AFTER`]
@@ -195,25 +188,12 @@ impl Handshakes {
         if self.by_source.get(&source).copied().unwrap_or(0) >= per_source {
             return Err(HandshakeLimit::PerSource);
         }
-        if self.total >= total {
-            match self.pending.front() {
-                Some((_, since, _)) if now.saturating_duration_since(*since) >= GIVE_WAY_AFTER => {
-                    if let Some((_, _, tell)) = self.pending.pop_front() {
-                        let _ = tell.try_send(());
-                    }
-                }
-                _ => return Err(HandshakeLimit::Total),
-            }
+        if self.total >= total && !self.pending.give_way(now, GIVE_WAY_AFTER) {
+            return Err(HandshakeLimit::Total);
         }
         *self.by_source.entry(source).or_insert(0) += 1;
         self.total += 1;
-        self.next_id += 1;
-        let (tell, told) = async_channel::bounded(1);
-        self.pending.push_back((self.next_id, now, tell));
-        Ok(Yield {
-            id: self.next_id,
-            told,
-        })
+        Ok(self.pending.add(now))
     }
 
     /// Counts a connection in whatever the limits (a refusal on its way out).
@@ -226,7 +206,7 @@ impl Handshakes {
     /// that may give way, if it has one still.
     fn give_back(&mut self, source: Source, id: Option<u64>) {
         if let Some(id) = id {
-            self.pending.retain(|(p, _, _)| *p != id);
+            self.pending.remove(id);
         }
         self.total = self.total.saturating_sub(1);
         if let Some(n) = self.by_source.get_mut(&source) {
@@ -822,7 +802,10 @@ mod tests {
         }
         assert_eq!(h.total, 0);
         assert!(h.by_source.is_empty(), "no source is remembered once gone");
-        assert!(h.pending.is_empty(), "no handshake is remembered once gone");
+        assert!(
+            h.pending.ids().is_empty(),
+            "no handshake is remembered once gone"
+        );
     }
 
     /// With every slot taken, the oldest handshake gives way to a new connection once it
@@ -859,9 +842,6 @@ mod tests {
         assert_eq!(h.total, 3);
         h.give_back(a, Some(first.id));
         assert_eq!(h.total, 2);
-        assert_eq!(
-            h.pending.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
-            [second.id, third.id]
-        );
+        assert_eq!(h.pending.ids(), [second.id, third.id]);
     }
 }
