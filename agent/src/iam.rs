@@ -30,26 +30,13 @@ pub fn aws_config(
     fallback_region: Option<&str>,
 ) -> Result<AwsConfig> {
     let a = &cfg.aws;
-    let region = match (&a.region, fallback_region) {
-        (Some(r), _) => Some(r.clone()),
-        (None, Some(fallback)) => Some(
-            fluidity_aws::profile::resolve_region(env, a.profile.as_deref())
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "AWS configuration: {e}; set [aws] region (or AWS_REGION) and check \
-                         the AWS profile files"
-                    ))
-                })?
-                .unwrap_or_else(|| fallback.to_owned()),
-        ),
-        (None, None) => None,
-    };
     let mut endpoints = Endpoints::none();
     if let Some(url) = &a.sts_endpoint {
         endpoints = endpoints.with_service(Service::Sts, url.clone());
     }
     let options = ChainOptions {
-        region,
+        region: a.region.clone(),
+        fallback_region: fallback_region.map(str::to_owned),
         profile: a.profile.clone(),
         iam_role_arn: a.iam_role_arn.clone(),
         role_session_name: a.role_session_name.clone(),

@@ -38,6 +38,9 @@ impl ProvideCredentials for Credentials {
 pub struct ChainOptions {
     /// The region; `None` resolves it from the environment and profile.
     pub region: Option<String>,
+    /// The region when neither `region`, the environment nor the profile names one (a
+    /// function URL's, say).
+    pub fallback_region: Option<String>,
     /// The profile; `None` means `AWS_PROFILE`, else `default`.
     pub profile: Option<String>,
     /// A role to assume on top of the chain's credentials.

@@ -48,7 +48,8 @@ impl AwsConfig {
     }
 
     /// Resolves everything as the AWS SDKs do from `env` and `options`: region
-    /// (`options.region`, `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's region), the
+    /// (`options.region`, `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's region, then
+    /// `options.fallback_region`), the
     /// default credential chain (with AssumeRole on top when `options.iam_role_arn` is set),
     /// endpoints (`options.endpoints` over `AWS_ENDPOINT_URL*`), proxy and CA bundle.
     ///
@@ -58,6 +59,7 @@ impl AwsConfig {
         let region = match &options.region {
             Some(r) => r.clone(),
             None => crate::profile::resolve_region(env, options.profile.as_deref())?
+                .or_else(|| options.fallback_region.clone())
                 .ok_or(Error::NoRegion)?,
         };
         let endpoints = options.endpoints.clone().over(Endpoints::from_env(env));
