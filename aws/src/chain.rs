@@ -653,10 +653,20 @@ impl ProvideCredentials for ContainerProvider {
             body: Vec::new(),
             timeout: Some(Duration::from_secs(5)),
         };
+        // Plain HTTP goes only to a local or link-local agent (see `url`); through a proxy
+        // it would show the token, and take credentials from, whoever runs the proxy.
+        let http = if url
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+        {
+            self.http.without_proxy()?
+        } else {
+            self.http.clone()
+        };
         // A GET of credentials is idempotent: retry transient failures.
         let resp =
             RetryPolicy::default().run("container credentials", Error::is_retryable, |_| {
-                let resp = self.http.send(&req)?;
+                let resp = http.send(&req)?;
                 if resp.status == 200 {
                     Ok(resp)
                 } else {
@@ -1235,6 +1245,56 @@ mod tests {
         assert_eq!(provide("keys-first").unwrap().access_key_id(), "AKIDKEYS");
         assert!(!ran("keys"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reads one request head from `conn`.
+    fn read_head(conn: &mut std::net::TcpStream) -> String {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    #[test]
+    fn container_credentials_over_plain_http_never_go_through_a_proxy() {
+        use std::io::Write;
+        use std::net::TcpListener;
+        // A loopback address other than 127.0.0.1, which the proxy settings bypass anyway.
+        let agent = TcpListener::bind("127.0.0.2:0").unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        proxy.set_nonblocking(true).unwrap();
+        let full = format!("http://{}/creds", agent.local_addr().unwrap());
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        let served = std::thread::spawn(move || {
+            let (mut conn, _) = agent.accept().unwrap();
+            let head = read_head(&mut conn);
+            let body = r#"{"AccessKeyId":"ASIALOCAL","SecretAccessKey":"s","Token":"t","Expiration":"2099-01-01T00:00:00Z"}"#;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            head
+        });
+        let env = Env::from_pairs([
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("HTTP_PROXY", proxy_url.as_str()),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", full.as_str()),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "POD-TOKEN"),
+        ]);
+        let http = HttpClient::new(crate::HttpConfig::from_env(&env)).unwrap();
+        assert!(http.config().proxy.is_some(), "the proxy is configured");
+        let c = ContainerProvider::new(&env, &http).provide().unwrap();
+        assert_eq!(c.access_key_id(), "ASIALOCAL");
+        assert!(served.join().unwrap().contains("POD-TOKEN"));
+        assert!(
+            proxy.accept().is_err(),
+            "the proxy was asked for the container's credentials"
+        );
     }
 
     #[test]

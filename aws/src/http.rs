@@ -50,8 +50,9 @@ impl Default for HttpConfig {
 
 impl HttpConfig {
     /// Settings from the environment: `HTTPS_PROXY`/`https_proxy`/`ALL_PROXY`, `NO_PROXY`,
-    /// and `AWS_CA_BUNDLE`. Loopback and the link-local metadata addresses always bypass
-    /// the proxy.
+    /// and `AWS_CA_BUNDLE`. `localhost`, `127.0.0.1`, `[::1]` and the link-local metadata
+    /// addresses always bypass the proxy; container credentials over plain HTTP never
+    /// use it ([`HttpClient::without_proxy`]).
     pub fn from_env(env: &Env) -> Self {
         let proxy = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
             .iter()
@@ -213,6 +214,19 @@ impl HttpClient {
     /// A client with default settings and no proxy, for link-local metadata services.
     pub fn direct() -> Result<Self> {
         HttpClient::new(HttpConfig::default())
+    }
+
+    /// A client with this one's settings that never uses a proxy: for plain HTTP to a
+    /// local credential endpoint, whose token a proxy must not see.
+    pub fn without_proxy(&self) -> Result<Self> {
+        if self.config.proxy.is_none() {
+            return Ok(self.clone());
+        }
+        HttpClient::new(HttpConfig {
+            proxy: None,
+            no_proxy: Vec::new(),
+            ..(*self.config).clone()
+        })
     }
 
     /// The settings this client was built with.
