@@ -481,6 +481,26 @@ fn unreachable_targets_get_502_and_504() {
         )
     );
     assert_tunnel_works(&t, &origin, "a refused port");
+    // The answer to a HEAD is its head alone, and the connection goes on: a body would be
+    // read as the start of the next answer.
+    let head_then_get = format!(
+        "HEAD http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n\
+         GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        origin.url("/hello"),
+        origin.addr()
+    );
+    let answers = send_raw(t.proxy(), head_then_get.into_bytes());
+    let (first, rest) = answers
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head: {answers:?}"));
+    assert!(
+        first.starts_with("HTTP/1.1 502 ") && !first.contains("Content-Length: 0"),
+        "{first}"
+    );
+    assert!(
+        rest.starts_with("HTTP/1.1 200 ") && rest.ends_with("hello from after-unreachable\n"),
+        "after the HEAD's 502: {rest:?}"
+    );
 
     let hole = BlackHole::start();
     let (status, body) = curl_status(&proxy, &format!("http://{}/", hole.addr()));

@@ -183,6 +183,7 @@ where
                         ),
                         true,
                         &[],
+                        false,
                     )
                     .await;
                     // What the client still sends must not turn the close into a reset
@@ -224,7 +225,15 @@ where
                     HeadError::Malformed(_) => (400, format!("malformed request: {e}")),
                 };
                 tracing::info!(%peer, status, error = %why, "bad request head");
-                let _ = answer(cw, status, &format!("fluidity proxy: {why}"), true, &[]).await;
+                let _ = answer(
+                    cw,
+                    status,
+                    &format!("fluidity proxy: {why}"),
+                    true,
+                    &[],
+                    false,
+                )
+                .await;
                 linger_close(cin, cw).await;
                 return Err(Error::ClientProtocol(why));
             }
@@ -269,17 +278,21 @@ pub(crate) async fn refuse_tls<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Res
          starts with http://",
         true,
         &[],
+        false,
     )
     .await
 }
 
-/// Writes a complete plain-text answer from the proxy itself.
+/// Writes a complete plain-text answer from the proxy itself; to a HEAD request
+/// (`to_head`), its head alone, whose Content-Length is the body's a GET would get (RFC
+/// 9110 §9.3.2): a body there would be read as the start of the next answer.
 async fn answer<W: AsyncWrite + Unpin>(
     w: &mut W,
     status: u16,
     line: &str,
     close: bool,
     extra: &[(&str, &str)],
+    to_head: bool,
 ) -> std::io::Result<()> {
     let body = format!("{}\n", one_line(line, 1000));
     let mut out = format!(
@@ -294,7 +307,9 @@ async fn answer<W: AsyncWrite + Unpin>(
         out.push_str("Connection: close\r\n");
     }
     out.push_str("\r\n");
-    out.push_str(&body);
+    if !to_head {
+        out.push_str(&body);
+    }
     w.write_all(out.as_bytes()).await?;
     w.flush().await
 }
@@ -637,6 +652,7 @@ where
             "fluidity proxy: more than one Host field",
             true,
             &[],
+            method == "HEAD",
         )
         .await?;
         return Ok(Next::Close);
@@ -648,7 +664,15 @@ where
             Ok(f) => f,
             Err(why) => {
                 tracing::info!(%peer, %method, status = 400, error = why, "bad request framing");
-                answer(cw, 400, &format!("fluidity proxy: {why}"), true, &[]).await?;
+                answer(
+                    cw,
+                    400,
+                    &format!("fluidity proxy: {why}"),
+                    true,
+                    &[],
+                    method == "HEAD",
+                )
+                .await?;
                 return Ok(Next::Close);
             }
         }
@@ -690,6 +714,7 @@ where
                 "fluidity proxy: authentication required; configure the proxy username and password",
                 !keep,
                 &[("Proxy-Authenticate", "Basic realm=\"fluidity\"")],
+                method == "HEAD",
             )
             .await?;
             return Ok(next_after_answer);
@@ -707,7 +732,15 @@ where
         Ok(a) => a,
         Err(e) => {
             tracing::info!(%peer, %method, target = %one_line(head.target(), 200), status = 400, error = %e, "not a proxy request");
-            answer(cw, 400, &format!("fluidity proxy: {e}"), true, &[]).await?;
+            answer(
+                cw,
+                400,
+                &format!("fluidity proxy: {e}"),
+                true,
+                &[],
+                method == "HEAD",
+            )
+            .await?;
             return Ok(Next::Close);
         }
     };
@@ -727,7 +760,15 @@ where
         };
         tracing::debug!(%peer, %method, status, "Max-Forwards 0 answered by the proxy");
         let allow = "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, PATCH";
-        answer(cw, status, line, !keep, &[("Allow", allow)]).await?;
+        answer(
+            cw,
+            status,
+            line,
+            !keep,
+            &[("Allow", allow)],
+            method == "HEAD",
+        )
+        .await?;
         return Ok(next_after_answer);
     }
     let websocket = is_websocket(&head);
@@ -772,10 +813,10 @@ where
                     let (status, line) = dial_failure(&abs.target, &e, cfg);
                     tracing::info!(%peer, %method, target = %abs.target, status, error = %e, "open refused");
                     if e == DialError::Stopping {
-                        answer(cw, status, &line, true, &[]).await?;
+                        answer(cw, status, &line, true, &[], method == "HEAD").await?;
                         return Ok(Next::Close);
                     }
-                    answer(cw, status, &line, !keep, &[]).await?;
+                    answer(cw, status, &line, !keep, &[], method == "HEAD").await?;
                     return Ok(next_after_answer);
                 }
             }
@@ -873,6 +914,7 @@ where
         ),
         true,
         &[],
+        method == "HEAD",
     )
     .await?;
     Ok(Next::Close)
@@ -999,6 +1041,7 @@ async fn fail<W: AsyncWrite + Unpin>(
                 &format!("fluidity proxy: invalid request body: {why}"),
                 true,
                 &[],
+                method == "HEAD",
             )
             .await?;
             return Ok(Next::Close);
@@ -1011,7 +1054,7 @@ async fn fail<W: AsyncWrite + Unpin>(
         }
         ExchangeError::CutShort => return Ok(Next::Close),
     };
-    answer(cw, 502, &line, true, &[]).await?;
+    answer(cw, 502, &line, true, &[], method == "HEAD").await?;
     Ok(Next::Close)
 }
 
@@ -1538,7 +1581,7 @@ where
         );
         tracing::info!(%peer, method = "CONNECT", target = %one_line(head.target(), 200),
             status = 400, "bad CONNECT target: host:port needed");
-        answer(cw, 400, &line, true, &[]).await?;
+        answer(cw, 400, &line, true, &[], false).await?;
         return Ok(Next::Close);
     };
     let stream = match dial(dialer, &target, cfg).await {
@@ -1548,7 +1591,7 @@ where
             tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
             // The connection ends with the refusal: a client may have sent its first bytes
             // for the tunnel (a TLS hello) behind the request, and those are no request.
-            answer(cw, status, &line, true, &[]).await?;
+            answer(cw, status, &line, true, &[], false).await?;
             return Ok(Next::Close);
         }
     };
