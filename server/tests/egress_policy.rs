@@ -273,6 +273,9 @@ fn allow_private_lifts_only_private_ranges() {
         ("169.254.169.254", RangeKind::CloudMetadata),
         ("169.254.170.2", RangeKind::CloudMetadata),
         ("fd00:ec2::254", RangeKind::CloudMetadata),
+        // Alibaba Cloud's, inside the shared range that allow_private lifts.
+        ("100.100.100.200", RangeKind::CloudMetadata),
+        ("::ffff:100.100.100.200", RangeKind::CloudMetadata),
         ("169.254.1.1", RangeKind::LinkLocal),
         ("fe80::1", RangeKind::LinkLocal),
         ("224.0.0.1", RangeKind::Multicast),

@@ -425,7 +425,7 @@ pub enum RangeKind {
     /// Unique-local `fc00::/7`. Lifted by `allow_private`.
     UniqueLocal,
     /// Instance and task metadata and credential endpoints (`169.254.169.254`,
-    /// `169.254.170.2`, `fd00:ec2::/32`).
+    /// `169.254.170.2`, `fd00:ec2::/32`, and Alibaba Cloud's `100.100.100.200`).
     CloudMetadata,
     /// Link-local `169.254/16` and `fe80::/10`.
     LinkLocal,
@@ -476,6 +476,8 @@ impl fmt::Display for RangeKind {
 const DEFAULT_DENY_V4: &[(Cidr, RangeKind)] = &[
     (Cidr::v4(0, 0, 0, 0, 8), RangeKind::Unspecified),
     (Cidr::v4(10, 0, 0, 0, 8), RangeKind::Private),
+    // Alibaba Cloud's metadata, inside the shared range that `allow_private` lifts.
+    (Cidr::v4(100, 100, 100, 200, 32), RangeKind::CloudMetadata),
     (Cidr::v4(100, 64, 0, 0, 10), RangeKind::Shared),
     (Cidr::v4(127, 0, 0, 0, 8), RangeKind::Loopback),
     (Cidr::v4(169, 254, 169, 254, 32), RangeKind::CloudMetadata),
