@@ -283,6 +283,21 @@ const MAX_PROCESS_OUTPUT: u64 = 64 * 1024;
 /// where tools say what went wrong).
 const PROCESS_ERROR_CHARS: usize = 300;
 
+/// The program a `credential_process` command runs, for errors: its first word that is not
+/// a variable assignment (`VAULT_TOKEN=… helper` must not show the token).
+fn program_name(command: &str) -> &str {
+    let is_assignment = |word: &str| {
+        word.split_once('=').is_some_and(|(name, _)| {
+            name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    command
+        .split_whitespace()
+        .find(|word| !is_assignment(word))
+        .unwrap_or_default()
+}
+
 /// Runs a profile's `credential_process` (through `sh -c`, as the SDKs on Unix do; in a
 /// process group of its own, all of which is killed at the limit) and reads the
 /// credentials it prints. Its errors name the program, not its arguments (which may hold
@@ -291,7 +306,7 @@ const PROCESS_ERROR_CHARS: usize = 300;
 pub fn run_credential_process(command: &str, limit: Duration) -> Result<Credentials> {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
-    let program = command.split_whitespace().next().unwrap_or_default();
+    let program = program_name(command);
     let fail = |message: String| Error::Credentials {
         provider: "credential_process",
         message: format!("`{program}` (arguments not shown): {message}"),
@@ -1294,6 +1309,29 @@ mod tests {
         assert!(
             proxy.accept().is_err(),
             "the proxy was asked for the container's credentials"
+        );
+    }
+
+    #[test]
+    fn a_credential_process_is_named_by_its_program_never_by_an_assignment_before_it() {
+        for (command, program) in [
+            ("/usr/bin/helper --token s3cr3t", "/usr/bin/helper"),
+            ("VAULT_TOKEN=s.SECRET A_1=x helper get", "helper"),
+            ("  aws configure export-credentials", "aws"),
+            ("--x=1 helper", "--x=1"),
+            ("TOKEN=s.SECRET", ""),
+        ] {
+            assert_eq!(program_name(command), program, "{command}");
+        }
+        let err = run_credential_process(
+            "VAULT_TOKEN=s.SECRET /nonexistent/helper",
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`/nonexistent/helper`") && !err.contains("SECRET"),
+            "{err}"
         );
     }
 
