@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
@@ -816,16 +816,24 @@ impl ProvideCredentials for ChainProvider {
 }
 
 /// Caches another provider's credentials and refreshes them a margin before they expire.
-/// If a refresh fails while the old credentials are still valid, they are used on.
+/// Credentials that name no expiry are fetched again after [`UNTIMED_LIFETIME`]: keys in
+/// the credentials file may be temporary ones that a login tool rewrites. If a refresh
+/// fails while the old credentials are still valid (or name no expiry), they are used on.
 #[derive(Debug)]
 pub struct CachedProvider {
     inner: Arc<dyn ProvideCredentials>,
     margin: Duration,
-    cache: Mutex<Option<Credentials>>,
+    untimed_lifetime: Duration,
+    /// The credentials and when they were fetched.
+    cache: Mutex<Option<(Credentials, Instant)>>,
 }
 
 /// The SDKs refresh five minutes before expiry.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+/// How long credentials without an expiry are used before they are fetched again, as in
+/// the Rust SDK.
+pub const UNTIMED_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 impl CachedProvider {
     /// Caches `inner`, refreshing `margin` before expiry.
@@ -833,6 +841,7 @@ impl CachedProvider {
         CachedProvider {
             inner,
             margin,
+            untimed_lifetime: UNTIMED_LIFETIME,
             cache: Mutex::new(None),
         }
     }
@@ -844,24 +853,26 @@ impl ProvideCredentials for CachedProvider {
         // instead of stampeding the credential source.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
-        if let Some(c) = cache.as_ref() {
-            match c.expiry() {
-                None => return Ok(c.clone()),
-                Some(exp) if exp > now + self.margin => return Ok(c.clone()),
-                _ => {}
+        if let Some((c, fetched)) = cache.as_ref() {
+            let fresh = match c.expiry() {
+                None => fetched.elapsed() < self.untimed_lifetime,
+                Some(exp) => exp > now + self.margin,
+            };
+            if fresh {
+                return Ok(c.clone());
             }
         }
         match self.inner.provide() {
             Ok(c) => {
-                *cache = Some(c.clone());
+                *cache = Some((c.clone(), Instant::now()));
                 Ok(c)
             }
             Err(e) => match cache.as_ref() {
-                Some(c)
+                Some((c, _))
                     if c.expiry()
-                        .is_some_and(|exp| exp > now + Duration::from_secs(10)) =>
+                        .is_none_or(|exp| exp > now + Duration::from_secs(10)) =>
                 {
-                    tracing::warn!(error = %e, "credential refresh failed; using the cached credentials until they expire");
+                    tracing::warn!(error = %e, "credential refresh failed; using the cached credentials");
                     Ok(c.clone())
                 }
                 _ => Err(e),
@@ -1029,6 +1040,43 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Keys in the credentials file name no expiry, yet may be temporary ones that a login
+    /// tool rewrites every hour: they are read again after the untimed lifetime, and
+    /// used on while the file cannot be read.
+    #[test]
+    fn keys_without_an_expiry_are_read_again_after_a_while() {
+        let dir = std::env::temp_dir().join(format!("fluidity-untimed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("credentials");
+        let write = |akid: &str| {
+            std::fs::write(
+                &file,
+                format!("[default]\naws_access_key_id = {akid}\naws_secret_access_key = s\naws_session_token = t\n"),
+            )
+            .unwrap()
+        };
+        write("ASIAOLD");
+        let env = Env::from_pairs([
+            ("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string()),
+            ("AWS_CONFIG_FILE", "/nonexistent".to_string()),
+        ]);
+        let http = HttpClient::direct().unwrap();
+        let profile = ProfileProvider::new(&env, None, &http, "us-east-1", &Endpoints::default());
+        let cache = |untimed_lifetime| CachedProvider {
+            untimed_lifetime,
+            ..CachedProvider::new(Arc::new(profile.clone()), DEFAULT_REFRESH_MARGIN)
+        };
+        let (kept, renewed) = (cache(UNTIMED_LIFETIME), cache(Duration::ZERO));
+        assert_eq!(kept.provide().unwrap().access_key_id(), "ASIAOLD");
+        assert_eq!(renewed.provide().unwrap().access_key_id(), "ASIAOLD");
+        write("ASIANEW");
+        assert_eq!(kept.provide().unwrap().access_key_id(), "ASIAOLD");
+        assert_eq!(renewed.provide().unwrap().access_key_id(), "ASIANEW");
+        std::fs::write(&file, "[default]\naws_access_key_id = ASIAHALF\n").unwrap();
+        assert_eq!(renewed.provide().unwrap().access_key_id(), "ASIANEW");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
