@@ -695,6 +695,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    // No resumption: a resumed session skips the certificate checks, and would carry a
+    // certificate past its expiry (or its CA's replacement) for as long as the agent
+    // reconnects. A tunnel lives long; a full handshake now and then costs nothing.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
@@ -722,6 +727,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    // No resumption, as on the server (see `server_config`).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -1307,6 +1314,11 @@ pub(crate) mod tests {
                 "exporter value repeated across sessions"
             );
             seen.push(a);
+            // Never resumed, though both ends keep their configurations: every handshake
+            // checks the certificates in full.
+            for end in [client.connection(), server.connection()] {
+                assert_eq!(end.handshake_kind(), Some(rustls::HandshakeKind::Full));
+            }
         }
     }
 
