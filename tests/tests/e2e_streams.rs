@@ -528,3 +528,61 @@ fn agent_config_args(toml: &str) -> (tempfile::TempDir, Vec<String>) {
     std::fs::write(&path, toml).expect("writing the agent config");
     (dir, vec!["--config".into(), path.display().to_string()])
 }
+
+/// A client that goes away while its CONNECT is still opening abandons it, as it would
+/// an answer: its stream is reset and the server stops dialling; the opens queued behind
+/// it for room are dropped too. Here each would otherwise hold the server's only stream
+/// while it dialled a port that never answers (for the dial's 30 s), and the first would
+/// get a 504 on its half-closed connection.
+#[test]
+fn connects_whose_clients_leave_while_they_open_are_given_up() {
+    let _wd = watchdog("abandoned_opens", Duration::from_secs(150));
+    let mut t = Tunnel::with(ServerOptions {
+        config: Some("max_streams = 1\nconnect_timeout_secs = 120\n".into()),
+        log: Some("info,fluidity_server=debug".into()),
+        ..Default::default()
+    });
+    let hole = fluidity_tests::e2e::origin::BlackHole::start();
+    let abandoned: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(t.proxy()).expect("connecting");
+            write!(s, "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", hole.addr()).expect("CONNECT");
+            // Gone: a close and a half-close look alike to the proxy.
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            s
+        })
+        .collect();
+    for mut s in abandoned {
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let answer = fluidity_tests::e2e::client::read_all_lossy(&mut s);
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            "",
+            "a CONNECT whose client left was still answered"
+        );
+    }
+    let given_up = format!(
+        "open given up by the agent while dialling stream=1 target={}",
+        hole.addr()
+    );
+    assert!(
+        t.server
+            .proc
+            .wait_log(Duration::from_secs(30), |l| l.contains(&given_up)),
+        "the server went on dialling:\n{}",
+        t.server.proc.log()
+    );
+    assert!(
+        !t.server.proc.log().contains("open refused"),
+        "{}",
+        t.server.proc.log()
+    );
+    let origin = HttpOrigin::start("after-abandoned");
+    let (status, body) = curl_status(&t.proxy_url(), &origin.url("/hello"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from after-abandoned\n"),
+        "a request after opens whose clients left"
+    );
+}

@@ -27,7 +27,7 @@ use super::io::{
     copy_chunked, copy_exact, copy_unchunked, linger_close, read_head, relay, relay_stream,
     CopyError, Inbound, ReadHeadError, SharedStream, Source,
 };
-use super::{dial, one_line, DialError, Dialer, ProxyConfig};
+use super::{dial, one_line, watch_client, DialError, Dialer, ProxyConfig, WATCH_AFTER};
 use crate::error::{Error, Result};
 
 /// An open stream to an origin, kept between requests.
@@ -801,9 +801,14 @@ where
             *upstream = None;
         }
         if upstream.is_none() {
-            match while_releasing(previous.take(), dial(dialer, &abs.target, cfg)).await {
-                Ok(s) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
-                Err(e) => {
+            let opened = while_releasing(previous.take(), dial(dialer, &abs.target, cfg, cin));
+            match opened.await {
+                Ok(Ok(s)) => *upstream = Some(Upstream::new(abs.target.clone(), s)),
+                Err(left) => {
+                    tracing::debug!(%peer, %method, target = %abs.target, how = left.0, "client gone before its stream opened");
+                    return Ok(Next::Abort(format!("open of {}: {}", abs.target, left.0)));
+                }
+                Ok(Err(e)) => {
                     // The agent stopping is why the first attempt's tunnel closed: the
                     // request may have reached the origin, which "takes no new requests"
                     // would deny.
@@ -1298,30 +1303,6 @@ where
     Ok(outcome)
 }
 
-/// Once a request has been sent, waits while its client stays connected: returns
-/// `Err(CopyError::Eof)` when the client closes its side and `Err(CopyError::Read(_))`
-/// when its connection fails. What the client sends meanwhile (a pipelined request) stays
-/// buffered for later; once [`WATCH_LIMIT`] bytes wait there, it stops reading and only
-/// waits.
-async fn watch_client<R: AsyncRead + Unpin>(cin: &mut Inbound<R>) -> Result<u64, CopyError> {
-    while cin.buffered().len() < WATCH_LIMIT {
-        match cin.fill().await {
-            Ok(0) => return Err(CopyError::Eof),
-            Ok(_) => {}
-            Err(e) => return Err(CopyError::Read(e)),
-        }
-    }
-    std::future::pending().await
-}
-
-/// How long a request waits for its answer before its client is watched (see
-/// [`watch_client`]).
-const WATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// How much of a client's next requests [`watch_client`] reads ahead: the client
-/// connection's first buffer, so that a pipelining client costs no more memory.
-const WATCH_LIMIT: usize = 4096;
-
 /// A writer that counts what it has written, to tell a response that still moves.
 struct Counted<'a, W> {
     w: &'a mut W,
@@ -1584,9 +1565,13 @@ where
         answer(cw, 400, &line, true, &[], false).await?;
         return Ok(Next::Close);
     };
-    let stream = match dial(dialer, &target, cfg).await {
-        Ok(s) => s,
-        Err(e) => {
+    let stream = match dial(dialer, &target, cfg, cin).await {
+        Ok(Ok(s)) => s,
+        Err(left) => {
+            tracing::debug!(%peer, method = "CONNECT", %target, how = left.0, "client gone before its stream opened");
+            return Ok(Next::Abort(format!("CONNECT to {target}: {}", left.0)));
+        }
+        Ok(Err(e)) => {
             let (status, line) = dial_failure(&target, &e, cfg);
             tracing::info!(%peer, method = "CONNECT", %target, status, error = %e, "open refused");
             // The connection ends with the refusal: a client may have sent its first bytes

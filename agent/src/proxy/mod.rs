@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use fluidity_proto::{OpenRefusal, Target};
 use fluidity_runtime_smol::app::LogThrottle;
-use fluidity_runtime_smol::relay::ReadChunks;
+use fluidity_runtime_smol::relay::{ReadChunks, LAST_BYTES_TIME};
 use futures_io::{AsyncRead, AsyncWrite};
+use futures_lite::FutureExt;
 
 use crate::error::{Error, Result};
-use io::Source;
+use io::{CopyError, Inbound, Source};
 
 mod auth;
 pub mod chunked;
@@ -198,21 +199,77 @@ where
     }
 }
 
-/// Opens a stream, bounded by the configured dial timeout.
-async fn dial<D: Dialer>(
+/// Opens a stream, bounded by the configured dial timeout, for a client that waits for it
+/// on `cin`. The open is given up (its stream reset, so the server stops dialling) when
+/// the client leaves meanwhile: at once when its connection fails, and after
+/// [`LAST_BYTES_TIME`] when it has closed its side (a close and a half-close look alike,
+/// and a half-closed client still reads its answer). Otherwise an abandoned open would
+/// hold its stream while the server dialled, up to its connect timeout, and opens queued
+/// for room would all be dialled in turn. The client is watched after [`WATCH_AFTER`], as
+/// for a request; what it sends meanwhile stays buffered.
+async fn dial<D: Dialer, R: AsyncRead + Unpin>(
     dialer: &D,
     target: &Target,
     cfg: &ProxyConfig,
-) -> Result<D::Stream, DialError> {
+    cin: &mut Inbound<R>,
+) -> Result<std::result::Result<D::Stream, DialError>, ClientLeft> {
     // On the heap while it runs: an open's future is large (it may connect a new tunnel),
     // and inline it would make every client connection's task that much larger for the
     // whole life of the connection, though it opens a stream only now and then.
     let open = Box::pin(dialer.open(target.clone()));
-    match io::timeout(cfg.dial_timeout, open).await {
-        Some(r) => r,
-        None => Err(DialError::NoStream(cfg.dial_timeout)),
+    let mut open = pin!(io::timeout(cfg.dial_timeout, open));
+    let watched = async {
+        async_io::Timer::after(WATCH_AFTER).await;
+        watch_client(cin).await
+    };
+    let raced = async { Ok(open.as_mut().await) }.or(async { Err(watched.await) });
+    let left = match raced.await {
+        Ok(opened) => return Ok(opened.unwrap_or(Err(DialError::NoStream(cfg.dial_timeout)))),
+        Err(left) => left,
+    };
+    match left {
+        Err(CopyError::Eof) => match io::timeout(LAST_BYTES_TIME, open).await {
+            Some(opened) => Ok(opened.unwrap_or(Err(DialError::NoStream(cfg.dial_timeout)))),
+            None => Err(ClientLeft(
+                "the client closed its side while its stream opened, and did not wait for it",
+            )),
+        },
+        _ => Err(ClientLeft(
+            "the client's connection failed while its stream opened",
+        )),
     }
 }
+
+/// A client that left while its stream opened; the text says how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientLeft(&'static str);
+
+/// Waits while a client that waits for an answer stays connected: returns
+/// `Err(CopyError::Eof)` when the client closes its side and `Err(CopyError::Read(_))`
+/// when its connection fails. What the client sends meanwhile (a pipelined request, a
+/// tunnel's first bytes) stays buffered for later; once [`WATCH_LIMIT`] bytes wait there,
+/// it stops reading and only waits.
+async fn watch_client<R: AsyncRead + Unpin>(
+    cin: &mut Inbound<R>,
+) -> std::result::Result<u64, CopyError> {
+    while cin.buffered().len() < WATCH_LIMIT {
+        match cin.fill().await {
+            Ok(0) => return Err(CopyError::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(CopyError::Read(e)),
+        }
+    }
+    std::future::pending().await
+}
+
+/// How long a client waits for its answer before it is watched (see [`watch_client`]):
+/// most answers come sooner, and a watch costs a read of the client's socket bound to
+/// fail.
+const WATCH_AFTER: Duration = Duration::from_secs(1);
+
+/// How much of a client's next bytes [`watch_client`] reads ahead: the client
+/// connection's first buffer, so that a pipelining client costs no more memory.
+const WATCH_LIMIT: usize = 4096;
 
 /// One printable line of at most `max` characters, for putting peer-supplied text in an
 /// answer or a log. Borrowed when `s` already is one, as a response's reason usually is.

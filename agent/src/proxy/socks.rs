@@ -184,9 +184,13 @@ where
         }
         Some(Ok(Handshake::Connect(t))) => t,
     };
-    let stream = match dial(dialer, &target, cfg).await {
-        Ok(s) => s,
-        Err(e) => {
+    let stream = match dial(dialer, &target, cfg, inb).await {
+        Ok(Ok(s)) => s,
+        Err(left) => {
+            tracing::debug!(%peer, proto = "socks5", %target, how = left.0, "client gone before its stream opened");
+            return Err(Error::Aborted(format!("SOCKS5 to {target}: {}", left.0)));
+        }
+        Ok(Err(e)) => {
             let code = match &e {
                 DialError::Refused(r) => socks5::reply_for_refusal(r.reason),
                 DialError::TunnelDown(_) | DialError::Stopping => reply::GENERAL_FAILURE,
