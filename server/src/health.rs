@@ -392,9 +392,10 @@ pub struct HealthOptions {
     pub write_timeout: Duration,
     /// Largest request head accepted, in bytes.
     pub max_head: usize,
-    /// Connections served at once. Beyond it, the oldest connection that has spent
-    /// `give_way_after` without finishing its request head is closed to make room;
-    /// when none has, the new connection is closed at once.
+    /// Connections served at once. Beyond it, the oldest connection already answered (and
+    /// waiting for its client to close) is closed to make room, else the oldest that has
+    /// spent `give_way_after` without finishing its request head; when there is neither,
+    /// the new connection is closed at once.
     pub max_connections: usize,
     /// How long a connection may sit on an unfinished request head before a new one may
     /// take its place when every place is taken.
@@ -433,8 +434,10 @@ pub async fn serve_health_with(
     // it cancels them and nothing outlives the endpoint.
     let executor = smol::LocalExecutor::new();
     let active = Rc::new(Cell::new(0usize));
-    // The connections still reading their request heads.
+    // The connections still reading their request heads, and those answered (which only
+    // wait for their client to close).
     let reading = Rc::new(RefCell::new(GiveWay::default()));
+    let answered = Rc::new(RefCell::new(GiveWay::default()));
     let options = Rc::new(options);
     let accept_loop = async {
         let mut errors = AcceptErrors::new("health");
@@ -443,33 +446,26 @@ pub async fn serve_health_with(
                 Ok((stream, peer)) => {
                     errors.accepted();
                     // Slow clients holding every place must not keep health checks out
-                    // (a task whose checks fail is replaced): the oldest one gives way.
+                    // (a task whose checks fail is replaced): the oldest answered one gives
+                    // way at once, else the oldest still reading its head.
+                    let now = Instant::now();
                     if active.get() >= options.max_connections
-                        && !reading
-                            .borrow_mut()
-                            .give_way(Instant::now(), options.give_way_after)
+                        && !answered.borrow_mut().give_way(now, Duration::ZERO)
+                        && !reading.borrow_mut().give_way(now, options.give_way_after)
                     {
                         tracing::debug!(%peer, "health endpoint busy; closing connection");
                         continue;
                     }
                     let slot = ConnectionSlot::take(&active);
                     let (metrics, options) = (metrics.clone(), options.clone());
-                    let Yield { id, told } = reading.borrow_mut().add(Instant::now());
-                    let reading = reading.clone();
+                    let places = Places {
+                        reading: reading.clone(),
+                        answered: answered.clone(),
+                    };
                     executor
                         .spawn(async move {
                             let _slot = slot;
-                            // Only the head's reading gives way: the channel closes when
-                            // the entry goes, once the head is read, and that says nothing.
-                            let give_way = async move {
-                                if told.recv().await.is_err() {
-                                    std::future::pending::<()>().await
-                                }
-                            };
-                            let served =
-                                handle_connection(stream, &metrics, &options, give_way, || {
-                                    reading.borrow_mut().remove(id)
-                                });
+                            let served = handle_connection(stream, &metrics, &options, &places);
                             if let Err(e) = served.await {
                                 tracing::debug!(%peer, error = %e, "health connection failed");
                             }
@@ -485,6 +481,39 @@ pub async fn serve_health_with(
             shutdown.await;
         }))
         .await;
+}
+
+/// The queues of connections that may give way to a new one: those still reading their
+/// request heads (after [`HealthOptions::give_way_after`]), and those answered (at once).
+struct Places {
+    reading: Rc<RefCell<GiveWay>>,
+    answered: Rc<RefCell<GiveWay>>,
+}
+
+/// A connection's place in one of the [`Places`], left when dropped.
+struct Place<'a> {
+    queue: &'a RefCell<GiveWay>,
+    id: u64,
+}
+
+impl<'a> Place<'a> {
+    /// Takes a place at the end of `queue`; the future completes when it must give way.
+    fn take(queue: &'a RefCell<GiveWay>) -> (Place<'a>, impl Future<Output = ()>) {
+        let Yield { id, told } = queue.borrow_mut().add(Instant::now());
+        // The channel also closes when the place is left, which says nothing.
+        let give_way = async move {
+            if told.recv().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        };
+        (Place { queue, id }, give_way)
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.queue.borrow_mut().remove(self.id);
+    }
 }
 
 struct ConnectionSlot(Rc<Cell<usize>>);
@@ -603,16 +632,16 @@ fn route(req: &RequestLine, metrics: &Metrics) -> Response {
     }
 }
 
-/// Serves one connection; until its request head is read, it ends without an answer
-/// when `give_way` completes. `head_read` is called once the head is read (or could not
-/// be).
+/// Serves one connection, which holds a place among `places` that gives way: while it
+/// reads its request head it then ends without an answer, and once answered it ends
+/// without waiting for its client to close.
 async fn handle_connection(
     mut stream: TcpStream,
     metrics: &Metrics,
     options: &HealthOptions,
-    give_way: impl Future<Output = ()>,
-    head_read: impl FnOnce(),
+    places: &Places,
 ) -> io::Result<()> {
+    let (reading, give_way) = Place::take(&places.reading);
     let read_timeout = options.read_timeout;
     // Polled first, a head already there wins over a late eviction.
     let head = read_head(&mut stream, options.max_head)
@@ -625,7 +654,8 @@ async fn handle_connection(
             Err(HeadError::GaveWay)
         })
         .await;
-    head_read();
+    drop(reading);
+    let (_answered, give_way) = Place::take(&places.answered);
     let (response, head_only) = match head {
         Ok(req) => (route(&req, metrics), req.method == "HEAD"),
         Err(HeadError::TooLarge) => (
@@ -663,13 +693,22 @@ async fn handle_connection(
         // closes too.
         let mut sink = [0u8; 4096];
         let mut drained = 0usize;
-        while drained < 64 * 1024 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
+        let drain = async {
+            while drained < 64 * 1024 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => drained += n,
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        // Answered: a client that does not close gives way to a new connection at once.
+        drain
+            .or(async {
+                give_way.await;
+                Ok(())
+            })
+            .await
     }
     .or(async {
         Timer::after(write_timeout).await;
@@ -1036,6 +1075,38 @@ mod tests {
         // still served.
         assert!(first.is_empty(), "{first:?}");
         assert!(second.starts_with("HTTP/1.1 200 "), "{second}");
+    }
+
+    /// Clients that keep their answered connections open hold no place a new connection
+    /// needs: the oldest gives way at once, though none of them would give way as a slow
+    /// reader (`give_way_after` is an hour).
+    #[test]
+    fn answered_connections_left_open_give_way_to_a_health_check() {
+        let options = HealthOptions {
+            max_connections: 2,
+            give_way_after: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(60),
+            ..HealthOptions::default()
+        };
+        let answers = with_endpoint(Arc::new(Metrics::new()), options, async |addr| {
+            let mut kept = Vec::new();
+            for _ in 0..2 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+                // The whole answer, then the endpoint's end of the connection: it is
+                // answered and only waits for this client to close, which it does not.
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).await.unwrap();
+                kept.push((s, String::from_utf8(out).unwrap()));
+            }
+            let third = raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+            let mut answers: Vec<String> = kept.into_iter().map(|(_, a)| a).collect();
+            answers.push(third);
+            answers
+        });
+        for answer in &answers {
+            assert!(answer.starts_with("HTTP/1.1 200 "), "{answers:?}");
+        }
     }
 
     #[test]
