@@ -533,7 +533,7 @@ impl Control {
                 &[(METRIC_DIMENSION, key.as_str())],
                 start,
                 now,
-                METRIC_PERIOD,
+                sleep_period(idle),
                 &["Maximum"],
             )
             .map_err(|e| {
@@ -754,8 +754,38 @@ impl Control {
     }
 }
 
+/// The period in which Sleep reads the metric over `idle`: the one it is published in,
+/// or a multiple of it that keeps the answer well within GetMetricStatistics' 1,440
+/// datapoints (CloudWatch rounds the start down, so an idle timeout of 1,440 periods
+/// would ask for 1,441). A period's maximum is the maximum of the samples in it.
+fn sleep_period(idle: Duration) -> Duration {
+    const MAX_POINTS: u64 = 1000;
+    let periods = idle.as_secs().div_ceil(METRIC_PERIOD.as_secs());
+    METRIC_PERIOD
+        * u32::try_from(periods.div_ceil(MAX_POINTS))
+            .unwrap_or(u32::MAX)
+            .max(1)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sleep_reads_at_most_a_thousand_periods() {
+        use super::{sleep_period, METRIC_PERIOD};
+        use std::time::Duration;
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        for (idle, period) in [
+            (minutes(1), METRIC_PERIOD),
+            (minutes(15), METRIC_PERIOD),
+            (minutes(1000), METRIC_PERIOD),
+            (minutes(1001), METRIC_PERIOD * 2),
+            (minutes(24 * 60), METRIC_PERIOD * 2),
+        ] {
+            assert_eq!(sleep_period(idle), period, "{idle:?}");
+            assert!(idle.as_secs() / period.as_secs() < 1440);
+        }
+    }
+
     use std::sync::Arc;
 
     use super::*;
