@@ -93,6 +93,16 @@ pub enum Error {
         ends: String,
     },
 
+    /// A folder for keys belongs to another user, or every user may write to it: what
+    /// they put there (a CA of their own) would be trusted.
+    #[error("{} {why}; keys and certificates are kept only in a folder of your own that others cannot write to (remove it, or give another)", .path.display())]
+    UnsafeFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+
     /// A path given as a folder is something else (a file).
     #[error("{} is not a folder; give a folder's path (it is created if missing)", .0.display())]
     NotAFolder(PathBuf),

@@ -832,7 +832,8 @@ pub const KEY_MODE: u32 = 0o600;
 /// File mode of a certificate.
 pub const CERT_MODE: u32 = 0o644;
 
-/// Creates `dir` and its parents, readable by their owner only.
+/// Creates `dir` and its parents, readable by their owner only; a `dir` that exists must
+/// belong to this user and not be writable by every user ([`Error::UnsafeFolder`]).
 pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
@@ -851,7 +852,32 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
                 source,
             }
         }
-    })
+    })?;
+    // A folder made earlier, perhaps by someone else (in a shared /tmp): what is in it is
+    // trusted, so it must be this user's alone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(dir).map_err(|source| Error::ReadFile {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let why = if meta.uid() != rustix::process::geteuid().as_raw() {
+            Some("belongs to another user")
+        } else if meta.mode() & 0o002 != 0 {
+            // Group-writable is let be: many systems give each user a group of their own.
+            Some("may be written to by every user")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::UnsafeFolder {
+                path: dir.to_path_buf(),
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees a half-written

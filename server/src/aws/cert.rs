@@ -176,6 +176,10 @@ pub fn obtain(
     ca: &dyn CertificateAuthority,
     renew_before: Duration,
 ) -> Result<Obtained, Error> {
+    // Before anything in it is read: a folder someone else made is refused, not trusted.
+    if let Some(dir) = files.cert.parent() {
+        pki::create_private_dir(dir)?;
+    }
     match cached_unusable(files, cn, ips, role, SystemTime::now(), renew_before) {
         None => {
             tracing::info!(cert = %files.cert.display(), cn, "using the cached certificate");
@@ -205,9 +209,6 @@ pub fn obtain(
         )));
     }
     certs_from_pem(&signed.ca_pem, "the CA function's CA certificate")?;
-    if let Some(dir) = files.cert.parent() {
-        pki::create_private_dir(dir)?;
-    }
     pki::write_atomic(&files.key, csr.key_pem.as_bytes(), pki::KEY_MODE)?;
     pki::write_atomic(&files.cert, signed.cert_pem.as_bytes(), pki::CERT_MODE)?;
     pki::write_atomic(&files.ca, signed.ca_pem.as_bytes(), pki::CERT_MODE)?;
@@ -425,6 +426,34 @@ mod tests {
             let mode = fs::metadata(&files.key).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "the key must not be readable by others");
         }
+    }
+
+    /// A cache folder that someone else made (in a shared /tmp, say) holds what they put
+    /// there, a CA of their own among it: it is refused before anything in it is read.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_folder_of_another_user_or_writable_by_all_is_refused_unread() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "server");
+        let ca = TestCa::new(365);
+        let addrs = ips(&["198.51.100.7"]);
+        let get = || obtain(&files, ARN, &addrs, PeerRole::Server, &ca, RENEW_BEFORE);
+        assert_eq!(get().unwrap(), Obtained::Issued);
+        assert_eq!(get().unwrap(), Obtained::Cached);
+
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = get().unwrap_err().to_string();
+        assert!(err.contains("may be written to by every user"), "{err}");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o770)).unwrap();
+        assert_eq!(get().unwrap(), Obtained::Cached);
+
+        // Another owner: only root can make one here (as CI runs).
+        if std::os::unix::fs::chown(dir.path(), Some(65534), None).is_ok() {
+            let err = get().unwrap_err().to_string();
+            assert!(err.contains("belongs to another user"), "{err}");
+        }
+        assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
     }
 
     #[test]
