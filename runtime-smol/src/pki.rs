@@ -402,9 +402,16 @@ fn dn_value_string(value: &DnValue) -> Option<String> {
 
 /// When a PEM certificate stops being valid (its notAfter), for renewal decisions.
 pub fn not_after(cert_pem: &str) -> Result<SystemTime, Error> {
+    Ok(validity_period(cert_pem)?.1)
+}
+
+/// When a PEM certificate starts and stops being valid (notBefore, notAfter).
+pub fn validity_period(cert_pem: &str) -> Result<(SystemTime, SystemTime), Error> {
     let der = single_cert(cert_pem, "certificate")?;
     let cert = parse_x509(&der, "certificate")?;
-    Ok(cert_not_after(&cert))
+    let secs = cert.validity().not_before.timestamp();
+    let not_before = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok((not_before, cert_not_after(&cert)))
 }
 
 /// How long before its end a certificate in use is reported as expiring.

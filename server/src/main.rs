@@ -236,7 +236,12 @@ fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     };
     app::run(threads, |ex| async move {
         // Dropped (cancelled) when the server has stopped.
-        let _publisher = aws.map(|a| ex.spawn(a.publish_metrics(metrics.clone())));
+        let _publisher = aws
+            .as_ref()
+            .map(|a| ex.spawn(a.publish_metrics(metrics.clone())));
+        let _renewer = aws
+            .as_ref()
+            .map(|a| ex.spawn(a.keep_certificate_renewed(server.clone())));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
         // The health endpoint runs on this (main) task: it is not Send.
         let stopped = stop_rx.clone();

@@ -74,7 +74,9 @@ enum Next {
 /// A running server's shared state.
 pub struct Server {
     cfg: ServerConfig,
-    tls: Arc<rustls::ServerConfig>,
+    /// Replaced when the certificate is renewed ([`Server::reload_certificate`]); a
+    /// handshake takes the one current when it starts.
+    tls: Mutex<Arc<rustls::ServerConfig>>,
     proto: Arc<fluidity_proto::Config>,
     dialer: Dialer,
     metrics: Arc<Metrics>,
@@ -239,13 +241,7 @@ impl Server {
         metrics: Arc<Metrics>,
         authenticator: Option<Arc<dyn Authenticator>>,
     ) -> Result<Arc<Server>, Error> {
-        let identity = cfg.load_identity()?;
-        let roots = cfg.load_client_ca()?;
-        let check = PeerCheck {
-            expected_cn: cfg.expected_client_cn.clone(),
-            expected_ip: None,
-        };
-        let tls = tls::server_config(&identity, &roots, &check)?;
+        let tls = Self::tls_config(&cfg)?;
         if cfg.auth == AuthMode::Iam && authenticator.is_none() {
             return Err(Error::Config(
                 "auth = \"iam\" needs an authenticator; configure [iam]".into(),
@@ -264,7 +260,7 @@ impl Server {
             .with_connect_timeout(Duration::from_secs(cfg.connect_timeout_secs.max(1)));
         Ok(Arc::new(Server {
             cfg,
-            tls,
+            tls: Mutex::new(tls),
             proto,
             dialer,
             metrics,
@@ -278,6 +274,26 @@ impl Server {
             dropped_per_source: app::LogThrottle::new(DROPPED_LOG_EVERY),
             gave_way: app::LogThrottle::new(DROPPED_LOG_EVERY),
         }))
+    }
+
+    /// The TLS configuration from the certificate, key and client CA files `cfg` names.
+    fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, Error> {
+        let identity = cfg.load_identity()?;
+        let roots = cfg.load_client_ca()?;
+        let check = PeerCheck {
+            expected_cn: cfg.expected_client_cn.clone(),
+            expected_ip: None,
+        };
+        Ok(tls::server_config(&identity, &roots, &check)?)
+    }
+
+    /// Loads the certificate, key and client CA files again (after a renewal wrote new
+    /// ones): handshakes from now on present the new certificate; tunnels already up go
+    /// on. On an error the current configuration stays.
+    pub fn reload_certificate(&self) -> Result<(), Error> {
+        let tls = Self::tls_config(&self.cfg)?;
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = tls;
+        Ok(())
     }
 
     /// Binds the tunnel listener from the configuration.
@@ -431,7 +447,7 @@ impl Server {
             let _slot = slot;
             let accept = fluidity_runtime_smol::accept(
                 sock,
-                TlsSession::server(self.tls.clone())?,
+                TlsSession::server(self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone())?,
                 &check,
                 self.cfg.tls_handshake_timeout(),
             );
@@ -761,6 +777,74 @@ fn handshake_advice(e: &fluidity_runtime_smol::Error) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a TLS handshake in memory; the certificate the server presented, or why it
+    /// failed.
+    fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> Result<Vec<u8>, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+        }
+        Ok(c.peer_certificates().unwrap()[0].to_vec())
+    }
+
+    /// A renewal writes new files; once reloaded, new handshakes present the new
+    /// certificate and trust the client CA written with it.
+    #[test]
+    fn a_reloaded_certificate_is_presented_to_new_handshakes() {
+        use fluidity_runtime_smol::pki::{self, CertInitOptions};
+        use fluidity_runtime_smol::tls::{certs_from_pem, CaRoots, Identity};
+        let dir = tempfile::tempdir().unwrap();
+        let init = |server_cn: &str| {
+            let opts = CertInitOptions {
+                server_cn: server_cn.into(),
+                force: true,
+                ..CertInitOptions::default()
+            };
+            let paths = pki::init_dir(dir.path(), &opts).unwrap();
+            let client = tls::client_config(
+                &Identity::load(&paths.client_cert, &paths.client_key).unwrap(),
+                &CaRoots::load(&paths.ca_cert).unwrap(),
+                &PeerCheck::default(),
+            )
+            .unwrap();
+            let pem = std::fs::read_to_string(&paths.server_cert).unwrap();
+            let presented = certs_from_pem(&pem, "server").unwrap()[0].to_vec();
+            (paths, client, presented)
+        };
+        let (paths, first_client, first) = init("first");
+        let cfg = ServerConfig {
+            cert: paths.server_cert.clone(),
+            key: paths.server_key.clone(),
+            client_ca: paths.ca_cert.clone(),
+            ..ServerConfig::default()
+        };
+        let server = Server::new(cfg, Arc::new(Metrics::new()), None).unwrap();
+        let current = || server.tls.lock().unwrap().clone();
+        assert_eq!(handshake(current(), first_client.clone()).unwrap(), first);
+
+        let (_, renewed_client, renewed) = init("renewed");
+        assert!(handshake(current(), renewed_client.clone()).is_err());
+        server.reload_certificate().unwrap();
+        assert_eq!(handshake(current(), renewed_client).unwrap(), renewed);
+        assert!(handshake(current(), first_client).is_err());
+    }
 
     fn source(ip: &str) -> Source {
         Source::of(ip.parse().unwrap())

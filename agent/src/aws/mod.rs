@@ -541,6 +541,17 @@ async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed> {
     Ok(woke)
 }
 
+/// Whether the agent's cached certificate is within [`RENEW_BEFORE`] of its end (or
+/// unreadable): a tunnel up keeps working past it, but a new one would be refused, so a
+/// reconnection renews it first.
+fn certificate_due(aws: &AwsRun) -> bool {
+    let files = CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent");
+    std::fs::read_to_string(&files.cert)
+        .ok()
+        .and_then(|pem| fluidity_runtime_smol::pki::not_after(&pem).ok())
+        .is_none_or(|end| end <= std::time::SystemTime::now() + RENEW_BEFORE)
+}
+
 /// The agent's certificate for `located` (CN = its ARN, SAN = `agent_ip`), from the cache
 /// or the CA function. Only the ARN and the agent's address go into it: the server's
 /// address is never written down.
@@ -640,7 +651,8 @@ async fn find_again(
                 Ok(found)
                     if found.server_arn == current.server_arn
                         && found.server_ip == current.server_ip
-                        && agent_ip == certified_ip =>
+                        && agent_ip == certified_ip
+                        && !certificate_due(aws) =>
                 {
                     // Still the same server: a drop, not a replacement.
                     match dialer.tunnel().await {
@@ -654,7 +666,10 @@ async fn find_again(
                 }
                 Ok(found) => {
                     let same = found.server_arn == current.server_arn;
-                    if same {
+                    if same && agent_ip == certified_ip {
+                        tracing::info!(%agent_ip,
+                            "the agent's certificate nears its end; renewing it");
+                    } else if same {
                         tracing::info!(%agent_ip, %certified_ip,
                             "the agent's address changed; certifying it for the same server");
                     } else {
@@ -688,7 +703,11 @@ async fn find_again(
                                     last_note = Some(e);
                                 }
                                 Ok(()) => {
-                                    if same {
+                                    if same && agent_ip == certified_ip {
+                                        eprintln!("fluidity: reconnected to the server");
+                                        tracing::info!(server_arn = %found.server_arn,
+                                            "reconnected with a renewed certificate");
+                                    } else if same {
                                         eprintln!(
                                             "fluidity: reconnected to the server from this network's address ({agent_ip})"
                                         );
@@ -1223,6 +1242,51 @@ mod tests {
             );
             assert!(dialer.is_up());
             dialer.shutdown(Duration::from_millis(100)).await;
+        });
+    }
+
+    /// The agent's certificate ends while it runs (same server, same address): the next
+    /// reconnection asks the CA for a new one instead of retrying the expired one until
+    /// `wait_secs`, then giving up on the server.
+    #[test]
+    fn a_reconnection_renews_an_agent_certificate_that_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let agent_ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let short = issue_client(&ca, ARN, &[agent_ip], Duration::from_secs(2)).unwrap();
+        let files = CertFiles::in_dir(dir.path(), "agent");
+        std::fs::write(&files.cert, &short.cert_pem).unwrap();
+        std::fs::write(&files.key, &short.key_pem).unwrap();
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        let (server, listener, port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            ARN,
+            &["127.0.0.2", "127.0.0.1"],
+            &files.ca,
+        );
+        let control = control_host(ca, |_| running(ARN, "127.0.0.2"));
+        let aws = test_aws_with_control(port, &control, dir.path(), 8);
+        let cfg = AgentConfig::default();
+        let current = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
+        with_server(server, listener, |ex| async move {
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            // Past its end.
+            async_io::Timer::after(Duration::from_secs(3)).await;
+            assert!(dialer.tunnel().await.is_err(), "an ended certificate works");
+            let (found, _) = find_again(&cfg, &aws, &dialer, &current, agent_ip)
+                .await
+                .expect("the agent renews its certificate and reconnects");
+            assert_eq!(found.server_arn, ARN);
+            assert!(dialer.tunnel().await.is_ok());
+            let pem = std::fs::read_to_string(&files.cert).unwrap();
+            assert_ne!(pem, short.cert_pem, "the certificate was not renewed");
         });
     }
 

@@ -216,8 +216,8 @@ pub fn obtain(
     Ok(Obtained::Issued)
 }
 
-/// [`obtain`]s this server's certificate, naming `server_ip` and the agent's address, with
-/// [`SERVER_RENEW_BEFORE`](super::SERVER_RENEW_BEFORE); when the CA refuses, asks
+/// [`obtain`]s this server's certificate, naming `server_ip` and the agent's address,
+/// renewing one with less than `renew_before` left; when the CA refuses, asks
 /// `latest_agent_ip` once more and, if the agent's address changed, asks the CA again. The
 /// CA certifies only the address Wake stored last, and a Wake from another address may land
 /// between the server's read and its request. Returns the agent address certified.
@@ -227,9 +227,9 @@ pub fn obtain_server(
     server_ip: IpAddr,
     agent_ip: IpAddr,
     ca: &dyn CertificateAuthority,
+    renew_before: Duration,
     latest_agent_ip: impl FnOnce() -> Option<IpAddr>,
 ) -> Result<IpAddr, Error> {
-    let renew_before = super::SERVER_RENEW_BEFORE;
     let Err(e) = obtain(
         files,
         cn,
@@ -257,6 +257,80 @@ pub fn obtain_server(
     }
 }
 
+/// How long before its end a certificate valid from `not_before` to `not_after` is
+/// renewed while the server runs: when a third of its life is left, and at most
+/// [`SERVER_RENEW_BEFORE`](super::SERVER_RENEW_BEFORE) before its end (the last day of a
+/// 7-day server certificate).
+pub fn renewal_window(not_before: SystemTime, not_after: SystemTime) -> Duration {
+    let life = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    (life / 3).min(super::SERVER_RENEW_BEFORE)
+}
+
+/// How long after a failed renewal it is tried again while the certificate is valid.
+const RETRY_WHILE_VALID: Duration = Duration::from_secs(5 * 60);
+
+/// How long after a failed renewal it is tried again once the certificate has expired,
+/// and the least time between two attempts. New tunnels fail until it is renewed; the CA
+/// may have refused for want of an agent address stored in the last hour, which an agent
+/// that reconnects stores with its Wake, and that agent should not wait long.
+const RETRY_EXPIRED: Duration = Duration::from_secs(30);
+
+/// Keeps the certificate in `files` renewed for as long as it runs (drop it to stop): once
+/// within its [`renewal_window`], `renew(window)` is run on a thread (it should [`obtain`]
+/// a certificate with that `renew_before`), then `reload` so that new handshakes present
+/// the new one. A failure is logged and tried again ([`RETRY_WHILE_VALID`],
+/// [`RETRY_EXPIRED`]). Tunnels already up are not affected by the certificate's end.
+pub async fn keep_renewed(
+    files: CertFiles,
+    renew: impl Fn(Duration) -> Result<(), Error> + Send + Sync + 'static,
+    reload: impl Fn() -> Result<(), Error>,
+) {
+    let renew = std::sync::Arc::new(renew);
+    let mut tried = false;
+    loop {
+        let validity = fs::read_to_string(&files.cert)
+            .map_err(|e| format!("{}: {e}", files.cert.display()))
+            .and_then(|pem| pki::validity_period(&pem).map_err(|e| e.to_string()));
+        let (window, not_after) = match validity {
+            Ok((not_before, not_after)) => (renewal_window(not_before, not_after), not_after),
+            Err(why) => {
+                tracing::warn!(error = %why, "cannot read the server certificate; renewing it");
+                (super::SERVER_RENEW_BEFORE, SystemTime::UNIX_EPOCH)
+            }
+        };
+        let due = not_after
+            .checked_sub(window)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut wait = due
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if tried {
+            wait = wait.max(RETRY_EXPIRED);
+        }
+        async_io::Timer::after(wait).await;
+        tried = true;
+        let r = renew.clone();
+        let outcome = blocking::unblock(move || r(window))
+            .await
+            .and_then(|()| reload());
+        match outcome {
+            Ok(()) => tracing::info!(cert = %files.cert.display(), "server certificate renewed"),
+            Err(e) => {
+                let retry = if SystemTime::now() >= not_after {
+                    RETRY_EXPIRED
+                } else {
+                    RETRY_WHILE_VALID
+                };
+                tracing::warn!(error = %e, retry_secs = retry.as_secs(),
+                    "could not renew the server certificate; trying again");
+                async_io::Timer::after(retry).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,10 +340,10 @@ mod tests {
     const ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/0123456789abcdef";
     const OTHER_ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/fedcba9876543210";
 
-    /// A CA that signs everything with a real CA key, for `days`, and counts its calls.
+    /// A CA that signs everything with a real CA key, for `life`, and counts its calls.
     struct TestCa {
         ca: CaBundle,
-        days: u64,
+        life: Duration,
         /// The end every certificate it issues is for.
         usage: CertUsage,
         calls: AtomicUsize,
@@ -280,7 +354,7 @@ mod tests {
         fn new(days: u64) -> TestCa {
             TestCa {
                 ca: generate_ca("test CA", Duration::from_secs(3650 * 86400)).unwrap(),
-                days,
+                life: Duration::from_secs(days * 86400),
                 usage: CertUsage::Server,
                 calls: AtomicUsize::new(0),
             }
@@ -290,13 +364,8 @@ mod tests {
     impl CertificateAuthority for TestCa {
         fn sign(&self, csr_pem: &str) -> Result<SignedCertificate, String> {
             self.calls.fetch_add(1, Ordering::Relaxed);
-            let cert_pem = sign_csr(
-                &self.ca,
-                csr_pem,
-                self.usage,
-                Duration::from_secs(self.days * 86400),
-            )
-            .map_err(|e| e.to_string())?;
+            let cert_pem =
+                sign_csr(&self.ca, csr_pem, self.usage, self.life).map_err(|e| e.to_string())?;
             Ok(SignedCertificate {
                 cert_pem,
                 ca_pem: self.ca.cert_pem().to_owned(),
@@ -342,7 +411,16 @@ mod tests {
         ]
         .map(|v| v[0]);
         let ca = WakeBoundCa(TestCa::new(7), new);
-        let got = obtain_server(&files, ARN, server, old, &ca, || Some(new)).unwrap();
+        let got = obtain_server(
+            &files,
+            ARN,
+            server,
+            old,
+            &ca,
+            super::super::SERVER_RENEW_BEFORE,
+            || Some(new),
+        )
+        .unwrap();
         assert_eq!(got, new);
         let names = Identity::load(&files.cert, &files.key)
             .unwrap()
@@ -353,7 +431,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = CertFiles::in_dir(dir.path(), "server");
         let ca = WakeBoundCa(TestCa::new(7), new);
-        let e = obtain_server(&files, ARN, server, old, &ca, || Some(old)).unwrap_err();
+        let e = obtain_server(
+            &files,
+            ARN,
+            server,
+            old,
+            &ca,
+            super::super::SERVER_RENEW_BEFORE,
+            || Some(old),
+        )
+        .unwrap_err();
         assert!(
             e.to_string().contains("not the agent address Wake stored"),
             "{e}"
@@ -454,6 +541,85 @@ mod tests {
             assert!(err.contains("belongs to another user"), "{err}");
         }
         assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_running_server_renews_its_certificate_in_the_last_third_of_its_life() {
+        let day = Duration::from_secs(86_400);
+        let t0 = SystemTime::UNIX_EPOCH + 1000 * day;
+        assert_eq!(renewal_window(t0, t0 + 7 * day), day);
+        assert_eq!(renewal_window(t0, t0 + 2 * day), 2 * day / 3);
+        assert_eq!(
+            renewal_window(t0, t0 + Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(renewal_window(t0, t0), Duration::ZERO);
+    }
+
+    /// While the server runs, a certificate in its renewal window is replaced by a new one
+    /// from the CA, and the server is told to load it.
+    #[test]
+    fn keep_renewed_replaces_a_certificate_before_it_ends_and_reloads() {
+        use futures_lite::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let files = CertFiles::in_dir(dir.path(), "server");
+        let addrs = ips(&["198.51.100.7", "203.0.113.9"]);
+        // A certificate 6 s from its end, well inside its window (a third of a life that
+        // began 5 minutes back, as issued certificates do); the CA then issues for a day.
+        let short = TestCa {
+            life: Duration::from_secs(6),
+            ..TestCa::new(1)
+        };
+        obtain(
+            &files,
+            ARN,
+            &addrs,
+            PeerRole::Server,
+            &short,
+            Duration::ZERO,
+        )
+        .unwrap();
+        let first = fs::read_to_string(&files.cert).unwrap();
+        let ca = std::sync::Arc::new(TestCa::new(1));
+        let (renewer, renew_files, renew_addrs) = (ca.clone(), files.clone(), addrs.clone());
+        let renew = move |window| {
+            obtain(
+                &renew_files,
+                ARN,
+                &renew_addrs,
+                PeerRole::Server,
+                &*renewer,
+                window,
+            )
+            .map(|_| ())
+        };
+        // The reload reads what the renewal wrote, as the server's does.
+        let (loaded_tx, loaded_rx) = async_channel::unbounded();
+        let reload_files = files.clone();
+        let reload = move || {
+            let loaded = Identity::load(&reload_files.cert, &reload_files.key)?;
+            let names = loaded
+                .names()
+                .map_err(|e| Error::AwsStartup(e.to_string()))?;
+            let _ = loaded_tx.try_send(names.common_name);
+            Ok(())
+        };
+        let renewing = async {
+            keep_renewed(files.clone(), renew, reload).await;
+            None
+        };
+        let loaded =
+            futures_lite::future::block_on(renewing.or(async { loaded_rx.recv().await.ok() }).or(
+                async {
+                    async_io::Timer::after(Duration::from_secs(60)).await;
+                    None
+                },
+            ));
+        assert_eq!(loaded, Some(Some(ARN.to_owned())), "no renewal was loaded");
+        assert_eq!(ca.calls.load(Ordering::Relaxed), 1);
+        let second = fs::read_to_string(&files.cert).unwrap();
+        assert_ne!(first, second);
+        assert!(pki::not_after(&second).unwrap() > pki::not_after(&first).unwrap());
     }
 
     #[test]

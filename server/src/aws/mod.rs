@@ -27,6 +27,7 @@ pub mod metrics;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fluidity_aws::chain::ChainOptions;
@@ -113,9 +114,50 @@ pub struct AwsStartup {
     pub metric_namespace: String,
     /// The sample period.
     pub metrics_period: Duration,
+    renewal: Renewal,
 }
 
 impl AwsStartup {
+    /// Renews the server's certificate before it ends, for as long as the server runs
+    /// (see [`cert::keep_renewed`]), naming the agent address Wake stored last (the CA
+    /// certifies no other); `server` then presents the new one. A task kept up past its
+    /// first certificate (an agent stays connected) keeps taking new tunnels. Spawn it on
+    /// the executor and drop (cancel) the task at shutdown.
+    pub fn keep_certificate_renewed(
+        &self,
+        server: Arc<crate::Server>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let r = self.renewal.clone();
+        let (aws, server_id) = (self.aws.clone(), self.server_id.clone());
+        let renew = move |window| {
+            let ddb = DynamoDbClient::new(&aws);
+            let latest = || live_agent_ip(&ddb, &r.table, &server_id);
+            // The CA certifies only an address stored in the last hour: without one, it is
+            // not asked. An agent that stays connected stores none; one that reconnects
+            // does, with its Wake.
+            let Some(agent_ip) = latest() else {
+                return Err(Error::AwsStartup(
+                    "no agent address stored in the last hour, which the CA needs (an \
+                     agent's Wake stores one)"
+                        .into(),
+                ));
+            };
+            cert::obtain_server(
+                &r.files,
+                &r.arn,
+                r.server_ip,
+                agent_ip,
+                &r.ca,
+                window,
+                latest,
+            )?;
+            Ok(())
+        };
+        cert::keep_renewed(self.renewal.files.clone(), renew, move || {
+            server.reload_certificate()
+        })
+    }
+
     /// Publishes `metrics` to CloudWatch every period, forever: spawn it on the executor
     /// and drop (cancel) the task at shutdown.
     pub fn publish_metrics(
@@ -235,12 +277,22 @@ pub fn start_up(
         client: ControlClient::new(&aws, urls),
         role: CertRole::Server,
     };
-    let agent_ip = cert::obtain_server(&files, &identity.arn, server_ip, agent_ip, &ca, || {
-        agent_ip::live_agent_ip(&ddb, &table, &server_id, std::time::SystemTime::now())
-            .ok()
-            .flatten()
-            .map(|r| r.agent_ip)
-    })?;
+    let agent_ip = cert::obtain_server(
+        &files,
+        &identity.arn,
+        server_ip,
+        agent_ip,
+        &ca,
+        SERVER_RENEW_BEFORE,
+        || live_agent_ip(&ddb, &table, &server_id),
+    )?;
+    let renewal = Renewal {
+        files: files.clone(),
+        arn: identity.arn.clone(),
+        server_ip,
+        ca,
+        table: table.clone(),
+    };
 
     cfg.cert = files.cert;
     cfg.key = files.key;
@@ -268,7 +320,26 @@ pub fn start_up(
         )
         .unwrap_or_else(|| METRIC_NAMESPACE.to_owned()),
         metrics_period: Duration::from_secs(settings.metrics_period_secs.max(1)),
+        renewal,
     })
+}
+
+/// The agent address Wake stored for `server_id` in the last hour, if any.
+fn live_agent_ip(ddb: &DynamoDbClient, table: &str, server_id: &ServerId) -> Option<IpAddr> {
+    agent_ip::live_agent_ip(ddb, table, server_id, std::time::SystemTime::now())
+        .ok()
+        .flatten()
+        .map(|r| r.agent_ip)
+}
+
+/// What renewing the server's certificate while it runs needs.
+#[derive(Debug, Clone)]
+struct Renewal {
+    files: CertFiles,
+    arn: String,
+    server_ip: IpAddr,
+    ca: ControlCa,
+    table: String,
 }
 
 #[cfg(test)]
