@@ -280,8 +280,9 @@ const RETRY_EXPIRED: Duration = Duration::from_secs(30);
 /// Keeps the certificate in `files` renewed for as long as it runs (drop it to stop): once
 /// within its [`renewal_window`], `renew(window)` is run on a thread (it should [`obtain`]
 /// a certificate with that `renew_before`), then `reload` so that new handshakes present
-/// the new one. A failure is logged and tried again ([`RETRY_WHILE_VALID`],
-/// [`RETRY_EXPIRED`]). Tunnels already up are not affected by the certificate's end.
+/// the new one. A failure is logged and tried again, after 5 minutes while the
+/// certificate is valid and 30 s once it has ended. Tunnels already up are not affected
+/// by the certificate's end.
 pub async fn keep_renewed(
     files: CertFiles,
     renew: impl Fn(Duration) -> Result<(), Error> + Send + Sync + 'static,
