@@ -1673,6 +1673,50 @@ fn a_request_head_that_stalls_gets_408() {
     );
 }
 
+/// A keep-alive connection's next head that begins while the connection sits idle gets
+/// the head's whole limit from then, not what was left of the idle wait: here it begins
+/// 2 s into a 10 s wait and ends 9 s later, past the wait's end but within its own.
+#[test]
+fn a_head_begun_late_in_an_idle_wait_gets_its_own_time() {
+    let _wd = watchdog("head_after_idle", Duration::from_secs(90));
+    let cfg_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg_dir.path().join("agent.toml");
+    std::fs::write(&cfg, "head_timeout_secs = 10\n").expect("config");
+    let t = Tunnel::with_agent(
+        ServerOptions::default(),
+        fluidity_tests::e2e::tunnel::AgentOptions {
+            args: vec!["--config".into(), cfg.to_str().expect("path").into()],
+            ..Default::default()
+        },
+    );
+    let origin = HttpOrigin::start("after-idle");
+    let mut client = KeptAlive::open(t.proxy());
+    assert_eq!(
+        client.get(&origin.url("/hello")),
+        (200, "hello from after-idle\n".to_owned())
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url("/hello"),
+        origin.addr()
+    );
+    let (start, rest) = head.split_at(20);
+    client
+        .s
+        .write_all(start.as_bytes())
+        .expect("the head's start");
+    std::thread::sleep(Duration::from_secs(9));
+    client
+        .s
+        .write_all(rest.as_bytes())
+        .expect("the head's rest");
+    assert_eq!(
+        client.read_response(),
+        (200, "hello from after-idle\n".to_owned())
+    );
+}
+
 /// A client that speaks TLS to the proxy (a proxy URL starting with https://) cannot be
 /// answered in words; the agent's log says what to change.
 #[test]

@@ -161,6 +161,13 @@ where
                 continue;
             }
             Some(Some(r)) => Some(r),
+            // The next head began while the connection sat idle, whose limit it shared: it
+            // gets its own, from now, instead of a 408 after what was left of the wait.
+            None if !first && !arriving && !cin.buffered().is_empty() => {
+                arriving = true;
+                head_due = None;
+                continue;
+            }
             None => None,
         };
         arriving = false;

@@ -468,6 +468,11 @@ impl KeptAlive {
         req.extend_from_slice(b"\r\n");
         req.extend_from_slice(body.unwrap_or_default());
         self.s.write_all(&req).expect("request");
+        self.read_response()
+    }
+
+    /// Status and body of the next response (a Content-Length one).
+    pub fn read_response(&mut self) -> (u16, String) {
         let head = read_head_bytewise(&mut self.s).expect("response head");
         let status = parse_status(&head).expect("status");
         let len: usize = head
