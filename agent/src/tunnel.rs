@@ -231,6 +231,25 @@ impl TunnelDialer {
         }
     }
 
+    /// A ready tunnel for an open, connecting if there is none; given up when the agent
+    /// stops (its clients get their 503 now, not a reset when the process exits before
+    /// the attempt ends).
+    async fn ready_tunnel(&self) -> Result<Tunnel, DialError> {
+        if self.is_stopping() {
+            return Err(DialError::Stopping);
+        }
+        let stopping = self.inner.stopping.1.clone();
+        let stopped = async move {
+            let _ = stopping.recv().await;
+            Err(String::new())
+        };
+        match self.tunnel().or(stopped).await {
+            Ok(t) => Ok(t),
+            Err(_) if self.is_stopping() => Err(DialError::Stopping),
+            Err(e) => Err(DialError::TunnelDown(e)),
+        }
+    }
+
     /// Returns a ready tunnel, connecting if there is none.
     pub async fn tunnel(&self) -> Result<Tunnel, String> {
         if let Some(t) = self.usable() {
@@ -796,23 +815,9 @@ impl Dialer for TunnelDialer {
     type Stream = TunnelStream;
 
     async fn open(&self, target: Target) -> Result<TunnelStream, DialError> {
-        if self.is_stopping() {
-            return Err(DialError::Stopping);
-        }
         // One retry: a tunnel that died between the check and the open is replaced.
         for attempt in 0..2 {
-            // A stop gives up a connection attempt under way: its clients get their 503
-            // now, not a reset when the process exits before the attempt ends.
-            let stopping = self.inner.stopping.1.clone();
-            let stopped = async move {
-                let _ = stopping.recv().await;
-                Err(String::new())
-            };
-            let tunnel = match self.tunnel().or(stopped).await {
-                Ok(t) => t,
-                Err(_) if self.is_stopping() => return Err(DialError::Stopping),
-                Err(e) => return Err(DialError::TunnelDown(e)),
-            };
+            let tunnel = self.ready_tunnel().await?;
             match tunnel.open(target.clone()).await {
                 Ok(s) => return Ok(s),
                 // Refused unprocessed by a tunnel that takes no new streams (the server's
@@ -835,6 +840,10 @@ impl Dialer for TunnelDialer {
             }
         }
         Err(DialError::TunnelDown("the tunnel keeps failing".into()))
+    }
+
+    async fn ready(&self) -> Result<(), DialError> {
+        self.ready_tunnel().await.map(|_| ())
     }
 
     fn wait_close_idle(&self) -> impl std::future::Future<Output = ()> + Send {

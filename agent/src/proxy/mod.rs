@@ -44,6 +44,14 @@ pub trait Dialer: Send + Sync + 'static {
     /// Opens a stream to `target`. Must finish in bounded time, with a stream or a reason.
     fn open(&self, target: Target) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
 
+    /// Returns when [`open`](Self::open) can start at once (a tunnel is up), or why it
+    /// cannot. Work done here (connecting a tunnel) serves every client that waits for
+    /// it, so it is not given up with the client that happened to start it. Ready at
+    /// once unless the dialer says otherwise.
+    fn ready(&self) -> impl Future<Output = Result<(), DialError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Whether an open is waiting for another stream to end (the tunnel is at its stream
     /// limit). A client connection that keeps an idle stream for its next request gives
     /// it up then. Never, unless the dialer has such a limit.
@@ -206,18 +214,26 @@ where
 /// and a half-closed client still reads its answer). Otherwise an abandoned open would
 /// hold its stream while the server dialled, up to its connect timeout, and opens queued
 /// for room would all be dialled in turn. The client is watched after [`WATCH_AFTER`], as
-/// for a request; what it sends meanwhile stays buffered.
+/// for a request; what it sends meanwhile stays buffered. A tunnel being connected
+/// ([`Dialer::ready`]) is waited for first, whatever the client does.
 async fn dial<D: Dialer, R: AsyncRead + Unpin>(
     dialer: &D,
     target: &Target,
     cfg: &ProxyConfig,
     cin: &mut Inbound<R>,
 ) -> Result<std::result::Result<D::Stream, DialError>, ClientLeft> {
-    // On the heap while it runs: an open's future is large (it may connect a new tunnel),
-    // and inline it would make every client connection's task that much larger for the
-    // whole life of the connection, though it opens a stream only now and then.
+    let start = std::time::Instant::now();
+    // On the heap while they run: these futures are large (they may connect a new
+    // tunnel), and inline they would make every client connection's task that much larger
+    // for the whole life of the connection, though it opens a stream only now and then.
+    match io::timeout(cfg.dial_timeout, Box::pin(dialer.ready())).await {
+        None => return Ok(Err(DialError::NoStream(cfg.dial_timeout))),
+        Some(Err(e)) => return Ok(Err(e)),
+        Some(Ok(())) => {}
+    }
+    let left = cfg.dial_timeout.saturating_sub(start.elapsed());
     let open = Box::pin(dialer.open(target.clone()));
-    let mut open = pin!(io::timeout(cfg.dial_timeout, open));
+    let mut open = pin!(io::timeout(left, open));
     let watched = async {
         async_io::Timer::after(WATCH_AFTER).await;
         watch_client(cin).await
