@@ -284,7 +284,9 @@ const MAX_PROCESS_OUTPUT: u64 = 64 * 1024;
 const PROCESS_ERROR_CHARS: usize = 300;
 
 /// The program a `credential_process` command runs, for errors: its first word that is not
-/// a variable assignment (`VAULT_TOKEN=… helper` must not show the token).
+/// a variable assignment (`VAULT_TOKEN=… helper` must not show the token). An assignment
+/// that quotes its value may hold spaces, so no word after it is sure to be the program:
+/// then it is named `credential_process`.
 fn program_name(command: &str) -> &str {
     let is_assignment = |word: &str| {
         word.split_once('=').is_some_and(|(name, _)| {
@@ -292,10 +294,15 @@ fn program_name(command: &str) -> &str {
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
     };
-    command
-        .split_whitespace()
-        .find(|word| !is_assignment(word))
-        .unwrap_or_default()
+    for word in command.split_whitespace() {
+        if !is_assignment(word) {
+            return word;
+        }
+        if word.contains(['\'', '"', '\\']) {
+            return "credential_process";
+        }
+    }
+    ""
 }
 
 /// Runs a profile's `credential_process` (through `sh -c`, as the SDKs on Unix do; in a
@@ -824,9 +831,17 @@ pub struct CachedProvider {
     inner: Arc<dyn ProvideCredentials>,
     margin: Duration,
     untimed_lifetime: Duration,
-    /// The credentials and when they were fetched.
+    /// The credentials and when to fetch them again even if they do not expire (or, after
+    /// a failed refresh, no sooner than).
     cache: Mutex<Option<(Credentials, Instant)>>,
 }
+
+/// How long after a failed refresh the cached credentials are used before the next try:
+/// without it, every call (each signed request) would run the whole chain again.
+const RETRY_FAILED_REFRESH: Duration = Duration::from_secs(60);
+
+/// Cached credentials are used only while they have this long left.
+const USABLE_FOR: Duration = Duration::from_secs(10);
 
 /// The SDKs refresh five minutes before expiry.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -853,10 +868,12 @@ impl ProvideCredentials for CachedProvider {
         // instead of stampeding the credential source.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
-        if let Some((c, fetched)) = cache.as_ref() {
+        let usable = |c: &Credentials| c.expiry().is_none_or(|exp| exp > now + USABLE_FOR);
+        if let Some((c, recheck)) = cache.as_ref() {
             let fresh = match c.expiry() {
-                None => fetched.elapsed() < self.untimed_lifetime,
-                Some(exp) => exp > now + self.margin,
+                None => Instant::now() < *recheck,
+                // After a failed refresh, the next waits a while (while they still work).
+                Some(exp) => exp > now + self.margin || (Instant::now() < *recheck && usable(c)),
             };
             if fresh {
                 return Ok(c.clone());
@@ -864,15 +881,18 @@ impl ProvideCredentials for CachedProvider {
         }
         match self.inner.provide() {
             Ok(c) => {
-                *cache = Some((c.clone(), Instant::now()));
+                let recheck = match c.expiry() {
+                    None => Instant::now() + self.untimed_lifetime,
+                    Some(_) => Instant::now(),
+                };
+                *cache = Some((c.clone(), recheck));
                 Ok(c)
             }
-            Err(e) => match cache.as_ref() {
-                Some((c, _))
-                    if c.expiry()
-                        .is_none_or(|exp| exp > now + Duration::from_secs(10)) =>
-                {
-                    tracing::warn!(error = %e, "credential refresh failed; using the cached credentials");
+            Err(e) => match cache.as_mut() {
+                Some((c, recheck)) if usable(c) => {
+                    tracing::warn!(error = %e, retry_secs = RETRY_FAILED_REFRESH.as_secs(),
+                        "credential refresh failed; using the cached credentials");
+                    *recheck = Instant::now() + RETRY_FAILED_REFRESH;
                     Ok(c.clone())
                 }
                 _ => Err(e),
@@ -1025,9 +1045,12 @@ mod tests {
         assert_ne!(first.access_key_id(), second.access_key_id());
         assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
 
-        // A failed refresh while the old credentials still work: the old ones are used.
+        // A failed refresh while the old credentials still work: the old ones are used,
+        // and the next refresh waits a while rather than come with every call.
         inner.fail.store(true, Ordering::SeqCst);
         assert_eq!(cached.provide().unwrap(), second);
+        assert_eq!(cached.provide().unwrap(), second);
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 3);
 
         // Nothing cached and the source fails: the error comes through.
         let inner = counting(Duration::from_secs(120));
@@ -1368,6 +1391,9 @@ mod tests {
             ("  aws configure export-credentials", "aws"),
             ("--x=1 helper", "--x=1"),
             ("TOKEN=s.SECRET", ""),
+            ("TOKEN='s.SECRET PART' helper", "credential_process"),
+            ("TOKEN=\"s.SECRET PART\" helper", "credential_process"),
+            ("TOKEN=s.SECRET\\ PART helper", "credential_process"),
         ] {
             assert_eq!(program_name(command), program, "{command}");
         }
