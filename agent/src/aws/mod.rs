@@ -403,7 +403,14 @@ pub async fn run_aws(
             // signal: while the proxy drains, a tunnel going away is the agent's own doing,
             // not a server to look for.
             let (gone_tx, gone_rx) = async_channel::bounded::<()>(1);
-            let watched = watch(cfg.clone(), aws.clone(), dialer.clone(), located, agent_ip);
+            let watched = watch(
+                cfg.clone(),
+                aws.clone(),
+                dialer.clone(),
+                located,
+                agent_ip,
+                ADDRESS_REFRESH,
+            );
             let signal = stopped();
             let watcher = ex.spawn(async move {
                 let _gone = gone_tx;
@@ -574,19 +581,34 @@ async fn certify(aws: &AwsRun, located: &Located, agent_ip: IpAddr) -> Result<Ce
     Ok(files)
 }
 
-/// Keeps the tunnel up while the proxy serves and, when reconnecting keeps failing, finds
-/// the server again ([`find_again`]). Ends, with the reason, only when no usable server
-/// came within `wait_secs`.
+/// How often an agent whose tunnel is up calls Wake again, which stores its address: the
+/// CA certifies a server only for an agent address stored in the last hour, and a server
+/// that an agent keeps up renews its certificate a day before it ends.
+const ADDRESS_REFRESH: Duration = Duration::from_secs(30 * 60);
+
+/// Keeps the tunnel up while the proxy serves, calling Wake every `refresh` while it is
+/// up (see [`ADDRESS_REFRESH`]), and, when reconnecting keeps failing, finds the server
+/// again ([`find_again`]). Ends, with the reason, only when no usable server came within
+/// `wait_secs`.
 async fn watch(
     cfg: AgentConfig,
     aws: AwsRun,
     dialer: TunnelDialer,
     mut current: Located,
     mut agent_ip: IpAddr,
+    refresh: Duration,
 ) -> Error {
+    let mut stored = std::time::Instant::now();
     loop {
         async_io::Timer::after(WATCH_EVERY).await;
         if dialer.is_up() {
+            if stored.elapsed() >= refresh {
+                stored = std::time::Instant::now();
+                if let Err(e) = wake(&aws).await {
+                    tracing::warn!(error = %e, "could not store this agent's address again \
+                        (the server needs it to renew its certificate); trying again later");
+                }
+            }
             continue;
         }
         // Reconnect between clients too, so that a server that went away is noticed
@@ -668,7 +690,7 @@ async fn find_again(
                     let same = found.server_arn == current.server_arn;
                     if same && agent_ip == certified_ip {
                         tracing::info!(%agent_ip,
-                            "the agent's certificate nears its end; renewing it");
+                            "the agent's certificate nears its end (or cannot be read); renewing it");
                     } else if same {
                         tracing::info!(%agent_ip, %certified_ip,
                             "the agent's address changed; certifying it for the same server");
@@ -1155,14 +1177,27 @@ mod tests {
         ca: CaBundle,
         query: impl Fn(usize) -> serde_json::Value + Send + 'static,
     ) -> String {
+        control_host_counting_wakes(ca, query).0
+    }
+
+    /// [`control_host`], and how many times Wake was called.
+    fn control_host_counting_wakes(
+        ca: CaBundle,
+        query: impl Fn(usize) -> serde_json::Value + Send + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use fluidity_aws::control::types::CertificateRequest;
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = wakes.clone();
         std::thread::spawn(move || {
             let mut queries = 0;
             for conn in listener.incoming().flatten() {
                 let (path, body) = fluidity_runtime_smol::testing::read_http_request(&conn);
+                if path == "/wake" {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 let json = match path.as_str() {
                     "/wake" => serde_json::json!({"status": "starting",
                         "agent_public_ip_as_seen": "127.0.0.1", "desired_count": 1,
@@ -1194,7 +1229,7 @@ mod tests {
                 );
             }
         });
-        base
+        (base, wakes)
     }
 
     /// The laptop moved to another network: its certificate names its old address
@@ -1243,6 +1278,63 @@ mod tests {
             assert!(dialer.is_up());
             dialer.shutdown(Duration::from_millis(100)).await;
         });
+    }
+
+    /// While its tunnel is up, the agent calls Wake again every refresh period, so that an
+    /// agent address stored in the last hour is there when the server renews its
+    /// certificate; while the tunnel is down, it does not.
+    #[test]
+    fn an_agent_with_its_tunnel_up_stores_its_address_again() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let agent_ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let files = agent_files(dir.path(), &ca, ARN);
+        let (server, listener, port) = test_server(
+            dir.path(),
+            &ca,
+            "127.0.0.2",
+            ARN,
+            &["127.0.0.2", "127.0.0.1"],
+            &files.ca,
+        );
+        let (control, wakes) = control_host_counting_wakes(ca, |_| running(ARN, "127.0.0.2"));
+        let aws = test_aws_with_control(port, &control, dir.path(), 8);
+        let cfg = AgentConfig::default();
+        let current = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
+        let counted = wakes.clone();
+        with_server(server, listener, |ex| async move {
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            assert!(dialer.tunnel().await.is_ok());
+            let watched = async {
+                let e = watch(
+                    cfg.clone(),
+                    aws.clone(),
+                    dialer.clone(),
+                    current,
+                    agent_ip,
+                    Duration::from_secs(1),
+                )
+                .await;
+                panic!("the watch ended: {e}");
+            };
+            let stored_twice = async {
+                while counted.load(Ordering::SeqCst) < 2 {
+                    async_io::Timer::after(Duration::from_millis(50)).await;
+                }
+            };
+            let limit = async {
+                async_io::Timer::after(Duration::from_secs(30)).await;
+                panic!("Wake was not called again within 30 s");
+            };
+            watched.or(stored_twice).or(limit).await;
+        });
+        assert!(wakes.load(Ordering::SeqCst) >= 2);
     }
 
     /// The agent's certificate ends while it runs (same server, same address): the next

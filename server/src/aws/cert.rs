@@ -220,7 +220,8 @@ pub fn obtain(
 /// renewing one with less than `renew_before` left; when the CA refuses, asks
 /// `latest_agent_ip` once more and, if the agent's address changed, asks the CA again. The
 /// CA certifies only the address Wake stored last, and a Wake from another address may land
-/// between the server's read and its request. Returns the agent address certified.
+/// between the server's read and its request. Returns where the certificate came from and
+/// the agent address it names.
 pub fn obtain_server(
     files: &CertFiles,
     cn: &str,
@@ -229,21 +230,22 @@ pub fn obtain_server(
     ca: &dyn CertificateAuthority,
     renew_before: Duration,
     latest_agent_ip: impl FnOnce() -> Option<IpAddr>,
-) -> Result<IpAddr, Error> {
-    let Err(e) = obtain(
+) -> Result<(Obtained, IpAddr), Error> {
+    let e = match obtain(
         files,
         cn,
         &[server_ip, agent_ip],
         PeerRole::Server,
         ca,
         renew_before,
-    ) else {
-        return Ok(agent_ip);
+    ) {
+        Ok(obtained) => return Ok((obtained, agent_ip)),
+        Err(e) => e,
     };
     match latest_agent_ip() {
         Some(now) if now != agent_ip => {
             tracing::info!(was = %agent_ip, %now, "the agent's address changed: asking the CA again");
-            obtain(
+            let obtained = obtain(
                 files,
                 cn,
                 &[server_ip, now],
@@ -251,7 +253,7 @@ pub fn obtain_server(
                 ca,
                 renew_before,
             )?;
-            Ok(now)
+            Ok((obtained, now))
         }
         _ => Err(e),
     }
@@ -285,11 +287,18 @@ const RETRY_EXPIRED: Duration = Duration::from_secs(30);
 /// by the certificate's end.
 pub async fn keep_renewed(
     files: CertFiles,
-    renew: impl Fn(Duration) -> Result<(), Error> + Send + Sync + 'static,
+    renew: impl Fn(Duration) -> Result<Obtained, Error> + Send + Sync + 'static,
     reload: impl Fn() -> Result<(), Error>,
 ) {
     let renew = std::sync::Arc::new(renew);
-    let mut tried = false;
+    // A renewal that waits for an agent's address may fail every 30 s for long: said once
+    // an hour.
+    let failures = fluidity_runtime_smol::app::LogThrottle::new(Duration::from_secs(3600));
+    // The least wait before the next attempt: the retry interval after a failure.
+    let mut pause = Duration::ZERO;
+    // A new certificate was written but could not be loaded: it is loaded again after
+    // `pause`, however far off its own renewal is.
+    let mut unloaded = false;
     loop {
         let validity = fs::read_to_string(&files.cert)
             .map_err(|e| format!("{}: {e}", files.cert.display()))
@@ -304,29 +313,47 @@ pub async fn keep_renewed(
         let due = not_after
             .checked_sub(window)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut wait = due
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        if tried {
-            wait = wait.max(RETRY_EXPIRED);
-        }
-        async_io::Timer::after(wait).await;
-        tried = true;
-        let r = renew.clone();
-        let outcome = blocking::unblock(move || r(window))
-            .await
-            .and_then(|()| reload());
-        match outcome {
-            Ok(()) => tracing::info!(cert = %files.cert.display(), "server certificate renewed"),
+        let wait = if unloaded {
+            Duration::ZERO
+        } else {
+            due.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        };
+        async_io::Timer::after(wait.max(pause)).await;
+        let obtained = if unloaded {
+            Ok(Obtained::Issued)
+        } else {
+            let r = renew.clone();
+            blocking::unblock(move || r(window)).await
+        };
+        let result = match obtained {
+            Ok(Obtained::Issued) => {
+                let loaded = reload();
+                unloaded = loaded.is_err();
+                loaded.map(|()| true)
+            }
+            // Not due yet by the wall clock (a timer may fire a little early).
+            Ok(Obtained::Cached) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(renewed) => {
+                pause = RETRY_EXPIRED;
+                if renewed {
+                    tracing::info!(cert = %files.cert.display(), "server certificate renewed");
+                }
+            }
             Err(e) => {
-                let retry = if SystemTime::now() >= not_after {
+                pause = if SystemTime::now() >= not_after {
                     RETRY_EXPIRED
                 } else {
                     RETRY_WHILE_VALID
                 };
-                tracing::warn!(error = %e, retry_secs = retry.as_secs(),
-                    "could not renew the server certificate; trying again");
-                async_io::Timer::after(retry).await;
+                match failures.allow(std::time::Instant::now()) {
+                    Some(_) => tracing::warn!(error = %e, retry_secs = pause.as_secs(),
+                        "could not renew the server certificate; trying again"),
+                    None => tracing::debug!(error = %e, "could not renew the server certificate"),
+                }
             }
         }
     }
@@ -422,7 +449,7 @@ mod tests {
             || Some(new),
         )
         .unwrap();
-        assert_eq!(got, new);
+        assert_eq!(got, (Obtained::Issued, new));
         let names = Identity::load(&files.cert, &files.key)
             .unwrap()
             .names()
@@ -592,7 +619,6 @@ mod tests {
                 &*renewer,
                 window,
             )
-            .map(|_| ())
         };
         // The reload reads what the renewal wrote, as the server's does.
         let (loaded_tx, loaded_rx) = async_channel::unbounded();

@@ -133,8 +133,8 @@ impl AwsStartup {
             let ddb = DynamoDbClient::new(&aws);
             let latest = || live_agent_ip(&ddb, &r.table, &server_id);
             // The CA certifies only an address stored in the last hour: without one, it is
-            // not asked. An agent that stays connected stores none; one that reconnects
-            // does, with its Wake.
+            // not asked. An agent stores its address with each Wake, every 30 minutes while
+            // its tunnel is up and whenever it reconnects.
             let Some(agent_ip) = latest() else {
                 return Err(Error::AwsStartup(
                     "no agent address stored in the last hour, which the CA needs (an \
@@ -142,7 +142,7 @@ impl AwsStartup {
                         .into(),
                 ));
             };
-            cert::obtain_server(
+            let (obtained, _) = cert::obtain_server(
                 &r.files,
                 &r.arn,
                 r.server_ip,
@@ -151,7 +151,7 @@ impl AwsStartup {
                 window,
                 latest,
             )?;
-            Ok(())
+            Ok(obtained)
         };
         cert::keep_renewed(self.renewal.files.clone(), renew, move || {
             server.reload_certificate()
@@ -277,7 +277,7 @@ pub fn start_up(
         client: ControlClient::new(&aws, urls),
         role: CertRole::Server,
     };
-    let agent_ip = cert::obtain_server(
+    let (_, agent_ip) = cert::obtain_server(
         &files,
         &identity.arn,
         server_ip,
