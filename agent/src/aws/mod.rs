@@ -914,11 +914,50 @@ mod tests {
     /// The agent's certificate for `arn` and 127.0.0.1, with the CA, in `dir`.
     fn agent_files(dir: &std::path::Path, ca: &CaBundle, arn: &str) -> CertFiles {
         let agent_cert = issue_client(ca, arn, &["127.0.0.1".parse().unwrap()], YEAR).unwrap();
+        write_agent_files(dir, ca, &agent_cert)
+    }
+
+    /// `cert` as the agent's certificate, with the CA, in `dir`.
+    fn write_agent_files(
+        dir: &std::path::Path,
+        ca: &CaBundle,
+        cert: &fluidity_runtime_smol::pki::CertifiedKeyPem,
+    ) -> CertFiles {
         let files = CertFiles::in_dir(dir, "agent");
-        std::fs::write(&files.cert, &agent_cert.cert_pem).unwrap();
-        std::fs::write(&files.key, &agent_cert.key_pem).unwrap();
+        std::fs::write(&files.cert, &cert.cert_pem).unwrap();
+        std::fs::write(&files.key, &cert.key_pem).unwrap();
         std::fs::write(&files.ca, ca.cert_pem()).unwrap();
         files
+    }
+
+    /// The one server of the tests that reconnect to it: at 127.0.0.2 for [`ARN`],
+    /// admitting agents from `admitted`; the agent's run against the control host that
+    /// `control` makes with the CA (giving up after `wait_secs`), and the server it knows.
+    fn one_server(
+        dir: &std::path::Path,
+        ca: CaBundle,
+        files: &CertFiles,
+        admitted: &[&str],
+        control: impl FnOnce(CaBundle) -> String,
+        wait_secs: u64,
+    ) -> (
+        Arc<Server>,
+        async_io::Async<std::net::TcpListener>,
+        AwsRun,
+        Located,
+    ) {
+        let mut server_ips = vec!["127.0.0.2"];
+        server_ips.extend_from_slice(admitted);
+        let (server, listener, port) =
+            test_server(dir, &ca, "127.0.0.2", ARN, &server_ips, &files.ca);
+        let control = control(ca);
+        let aws = test_aws_with_control(port, &control, dir, wait_secs);
+        let current = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        (server, listener, aws, current)
     }
 
     /// A server listening on `ip` with a certificate for `server_cn` and `server_ips`,
@@ -1242,26 +1281,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = generate_ca("test CA", YEAR).unwrap();
         let old = issue_client(&ca, ARN, &["127.0.0.5".parse().unwrap()], YEAR).unwrap();
-        let files = CertFiles::in_dir(dir.path(), "agent");
-        std::fs::write(&files.cert, &old.cert_pem).unwrap();
-        std::fs::write(&files.key, &old.key_pem).unwrap();
-        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
-        let (server, listener, port) = test_server(
+        let files = write_agent_files(dir.path(), &ca, &old);
+        let (server, listener, aws, current) = one_server(
             dir.path(),
-            &ca,
-            "127.0.0.2",
-            ARN,
-            &["127.0.0.2", "127.0.0.5"],
-            &files.ca,
+            ca,
+            &files,
+            &["127.0.0.5"],
+            |ca| control_host(ca, |_| running(ARN, "127.0.0.2")),
+            10,
         );
-        let control = control_host(ca, |_| running(ARN, "127.0.0.2"));
-        let aws = test_aws_with_control(port, &control, dir.path(), 10);
         let cfg = AgentConfig::default();
-        let current = Located {
-            server_ip: "127.0.0.2".parse().unwrap(),
-            server_arn: ARN.to_owned(),
-            agent_ip: None,
-        };
         let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
         with_server(server, listener, |ex| async move {
             let dialer = TunnelDialer::new(settings, ex);
@@ -1290,22 +1319,22 @@ mod tests {
         let ca = generate_ca("test CA", YEAR).unwrap();
         let agent_ip: IpAddr = "127.0.0.1".parse().unwrap();
         let files = agent_files(dir.path(), &ca, ARN);
-        let (server, listener, port) = test_server(
+        let mut wakes = None;
+        let (server, listener, aws, current) = one_server(
             dir.path(),
-            &ca,
-            "127.0.0.2",
-            ARN,
-            &["127.0.0.2", "127.0.0.1"],
-            &files.ca,
+            ca,
+            &files,
+            &["127.0.0.1"],
+            |ca| {
+                let (control, counted) =
+                    control_host_counting_wakes(ca, |_| running(ARN, "127.0.0.2"));
+                wakes = Some(counted);
+                control
+            },
+            8,
         );
-        let (control, wakes) = control_host_counting_wakes(ca, |_| running(ARN, "127.0.0.2"));
-        let aws = test_aws_with_control(port, &control, dir.path(), 8);
+        let wakes = wakes.unwrap();
         let cfg = AgentConfig::default();
-        let current = Located {
-            server_ip: "127.0.0.2".parse().unwrap(),
-            server_arn: ARN.to_owned(),
-            agent_ip: None,
-        };
         let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
         let counted = wakes.clone();
         with_server(server, listener, |ex| async move {
@@ -1346,26 +1375,16 @@ mod tests {
         let ca = generate_ca("test CA", YEAR).unwrap();
         let agent_ip: IpAddr = "127.0.0.1".parse().unwrap();
         let short = issue_client(&ca, ARN, &[agent_ip], Duration::from_secs(2)).unwrap();
-        let files = CertFiles::in_dir(dir.path(), "agent");
-        std::fs::write(&files.cert, &short.cert_pem).unwrap();
-        std::fs::write(&files.key, &short.key_pem).unwrap();
-        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
-        let (server, listener, port) = test_server(
+        let files = write_agent_files(dir.path(), &ca, &short);
+        let (server, listener, aws, current) = one_server(
             dir.path(),
-            &ca,
-            "127.0.0.2",
-            ARN,
-            &["127.0.0.2", "127.0.0.1"],
-            &files.ca,
+            ca,
+            &files,
+            &["127.0.0.1"],
+            |ca| control_host(ca, |_| running(ARN, "127.0.0.2")),
+            8,
         );
-        let control = control_host(ca, |_| running(ARN, "127.0.0.2"));
-        let aws = test_aws_with_control(port, &control, dir.path(), 8);
         let cfg = AgentConfig::default();
-        let current = Located {
-            server_ip: "127.0.0.2".parse().unwrap(),
-            server_arn: ARN.to_owned(),
-            agent_ip: None,
-        };
         let settings = tunnel_settings(&cfg, &aws, &files, &current).unwrap();
         with_server(server, listener, |ex| async move {
             let dialer = TunnelDialer::new(settings, ex.clone());
