@@ -11,14 +11,14 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fluidity_proto::{OpenRefusal, Target};
 use fluidity_runtime_smol::app::LogThrottle;
 use fluidity_runtime_smol::relay::{ReadChunks, LAST_BYTES_TIME};
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_lite::FutureExt;
 
 use crate::error::{Error, Result};
 use io::{CopyError, Inbound, Source};
@@ -215,7 +215,8 @@ where
 /// hold its stream while the server dialled, up to its connect timeout, and opens queued
 /// for room would all be dialled in turn. The client is watched after [`WATCH_AFTER`], as
 /// for a request; what it sends meanwhile stays buffered. A tunnel being connected
-/// ([`Dialer::ready`]) is waited for first, whatever the client does.
+/// ([`Dialer::ready`]) is waited for whatever the client does, since other clients may
+/// wait for it too; a client that left meanwhile is let go once it is up.
 async fn dial<D: Dialer, R: AsyncRead + Unpin>(
     dialer: &D,
     target: &Target,
@@ -223,36 +224,69 @@ async fn dial<D: Dialer, R: AsyncRead + Unpin>(
     cin: &mut Inbound<R>,
 ) -> Result<std::result::Result<D::Stream, DialError>, ClientLeft> {
     let start = std::time::Instant::now();
+    let mut watched = pin!(async {
+        async_io::Timer::after(WATCH_AFTER).await;
+        watch_client(cin).await
+    });
+    let mut gone = None;
     // On the heap while they run: these futures are large (they may connect a new
     // tunnel), and inline they would make every client connection's task that much larger
     // for the whole life of the connection, though it opens a stream only now and then.
-    match io::timeout(cfg.dial_timeout, Box::pin(dialer.ready())).await {
+    let mut ready = pin!(io::timeout(cfg.dial_timeout, Box::pin(dialer.ready())));
+    let ready = std::future::poll_fn(|cx| {
+        note_departure(watched.as_mut(), &mut gone, cx);
+        ready.as_mut().poll(cx)
+    })
+    .await;
+    match ready {
         None => return Ok(Err(DialError::NoStream(cfg.dial_timeout))),
         Some(Err(e)) => return Ok(Err(e)),
         Some(Ok(())) => {}
     }
     let left = cfg.dial_timeout.saturating_sub(start.elapsed());
-    let open = Box::pin(dialer.open(target.clone()));
-    let mut open = pin!(io::timeout(left, open));
-    let watched = async {
-        async_io::Timer::after(WATCH_AFTER).await;
-        watch_client(cin).await
-    };
-    let raced = async { Ok(open.as_mut().await) }.or(async { Err(watched.await) });
-    let left = match raced.await {
-        Ok(opened) => return Ok(opened.unwrap_or(Err(DialError::NoStream(cfg.dial_timeout)))),
-        Err(left) => left,
-    };
-    match left {
-        Err(CopyError::Eof) => match io::timeout(LAST_BYTES_TIME, open).await {
-            Some(opened) => Ok(opened.unwrap_or(Err(DialError::NoStream(cfg.dial_timeout)))),
-            None => Err(ClientLeft(
+    let mut open = pin!(io::timeout(left, Box::pin(dialer.open(target.clone()))));
+    std::future::poll_fn(|cx| {
+        note_departure(watched.as_mut(), &mut gone, cx);
+        let why = match &mut gone {
+            Some(Departure::Failed) => {
+                Some("the client's connection failed while its stream opened")
+            }
+            Some(Departure::Closed(grace)) => Pin::new(grace).poll(cx).is_ready().then_some(
                 "the client closed its side while its stream opened, and did not wait for it",
-            )),
-        },
-        _ => Err(ClientLeft(
-            "the client's connection failed while its stream opened",
-        )),
+            ),
+            None => None,
+        };
+        if let Some(why) = why {
+            return Poll::Ready(Err(ClientLeft(why)));
+        }
+        open.as_mut()
+            .poll(cx)
+            .map(|opened| Ok(opened.unwrap_or(Err(DialError::NoStream(cfg.dial_timeout)))))
+    })
+    .await
+}
+
+/// How a client waiting for its stream left.
+enum Departure {
+    /// Its connection failed.
+    Failed,
+    /// It closed its side; the open gets until the timer fires.
+    Closed(async_io::Timer),
+}
+
+/// Notes how the client left once `watched` ([`watch_client`]) ends, into `gone`.
+fn note_departure(
+    watched: Pin<&mut impl Future<Output = std::result::Result<u64, CopyError>>>,
+    gone: &mut Option<Departure>,
+    cx: &mut Context<'_>,
+) {
+    if gone.is_none() {
+        if let Poll::Ready(how) = watched.poll(cx) {
+            *gone = Some(match how {
+                Err(CopyError::Eof) => Departure::Closed(async_io::Timer::after(LAST_BYTES_TIME)),
+                _ => Departure::Failed,
+            });
+        }
     }
 }
 
@@ -302,8 +336,6 @@ fn one_line(s: &str, max: usize) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     /// A socket that never moves a byte.
     #[derive(Clone)]
