@@ -285,8 +285,8 @@ const PROCESS_ERROR_CHARS: usize = 300;
 
 /// The program a `credential_process` command runs, for errors: its first word that is not
 /// a variable assignment (`VAULT_TOKEN=… helper` must not show the token). An assignment
-/// that quotes its value may hold spaces, so no word after it is sure to be the program:
-/// then it is named `credential_process`.
+/// that quotes its value, or substitutes one (`$(…)`, `${…}`), may hold spaces, so no word
+/// after it is sure to be the program: then it is named `credential_process`.
 fn program_name(command: &str) -> &str {
     let is_assignment = |word: &str| {
         word.split_once('=').is_some_and(|(name, _)| {
@@ -298,7 +298,7 @@ fn program_name(command: &str) -> &str {
         if !is_assignment(word) {
             return word;
         }
-        if word.contains(['\'', '"', '\\']) {
+        if word.contains(['\'', '"', '\\', '$', '`', '(', '{']) {
             return "credential_process";
         }
     }
@@ -888,8 +888,13 @@ impl ProvideCredentials for CachedProvider {
                 *cache = Some((c.clone(), recheck));
                 Ok(c)
             }
+            // Judged at the end of the refresh, which may have taken a while (a
+            // credential_process has a minute).
             Err(e) => match cache.as_mut() {
-                Some((c, recheck)) if usable(c) => {
+                Some((c, recheck))
+                    if c.expiry()
+                        .is_none_or(|exp| exp > SystemTime::now() + USABLE_FOR) =>
+                {
                     tracing::warn!(error = %e, retry_secs = RETRY_FAILED_REFRESH.as_secs(),
                         "credential refresh failed; using the cached credentials");
                     *recheck = Instant::now() + RETRY_FAILED_REFRESH;
@@ -1394,6 +1399,9 @@ mod tests {
             ("TOKEN='s.SECRET PART' helper", "credential_process"),
             ("TOKEN=\"s.SECRET PART\" helper", "credential_process"),
             ("TOKEN=s.SECRET\\ PART helper", "credential_process"),
+            ("TOKEN=$(echo s.SECRET PART) helper", "credential_process"),
+            ("TOKEN=${X:-s.SECRET PART} helper", "credential_process"),
+            ("TOKEN=`echo s.SECRET PART` helper", "credential_process"),
         ] {
             assert_eq!(program_name(command), program, "{command}");
         }
