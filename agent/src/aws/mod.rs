@@ -535,17 +535,22 @@ const WAKE_TRIES: u32 = 3;
 
 /// Calls Wake; the answer carries the agent's address as the control plane saw it.
 async fn wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed> {
+    let woke = call_wake(aws).await?;
+    tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
+        changed = woke.changed, "server woken");
+    Ok(woke)
+}
+
+/// Calls Wake, counted among the Wakes under way (which a stop waits for).
+async fn call_wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed> {
     let control = aws.control.clone();
     let wakes = aws.wakes.clone();
-    let woke: WakeResponse = blocking::unblock(move || {
+    blocking::unblock(move || {
         let _counted = wakes.enter();
         control.wake()
     })
     .await
-    .map_err(|e| CallFailed::of(&e))?;
-    tracing::info!(status = %woke.status, agent_ip = %woke.agent_public_ip_as_seen,
-        changed = woke.changed, "server woken");
-    Ok(woke)
+    .map_err(|e| CallFailed::of(&e))
 }
 
 /// Whether the agent's cached certificate is within [`RENEW_BEFORE`] of its end (or
@@ -586,6 +591,9 @@ async fn certify(aws: &AwsRun, located: &Located, agent_ip: IpAddr) -> Result<Ce
 /// that an agent keeps up renews its certificate a day before it ends.
 const ADDRESS_REFRESH: Duration = Duration::from_secs(30 * 60);
 
+/// How soon a Wake of [`ADDRESS_REFRESH`] that failed is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(60);
+
 /// Keeps the tunnel up while the proxy serves, calling Wake every `refresh` while it is
 /// up (see [`ADDRESS_REFRESH`]), and, when reconnecting keeps failing, finds the server
 /// again ([`find_again`]). Ends, with the reason, only when no usable server came within
@@ -598,16 +606,25 @@ async fn watch(
     mut agent_ip: IpAddr,
     refresh: Duration,
 ) -> Error {
-    let mut stored = std::time::Instant::now();
+    let mut next_store = std::time::Instant::now() + refresh;
     loop {
         async_io::Timer::after(WATCH_EVERY).await;
         if dialer.is_up() {
-            if stored.elapsed() >= refresh {
-                stored = std::time::Instant::now();
-                if let Err(e) = wake(&aws).await {
-                    tracing::warn!(error = %e, "could not store this agent's address again \
-                        (the server needs it to renew its certificate); trying again later");
-                }
+            if std::time::Instant::now() >= next_store {
+                next_store = match call_wake(&aws).await {
+                    Ok(w) => {
+                        tracing::debug!(agent_ip = %w.agent_public_ip_as_seen,
+                            "this agent's address stored again");
+                        std::time::Instant::now() + refresh
+                    }
+                    Err(e) => {
+                        let retry = refresh.min(STORE_RETRY);
+                        tracing::warn!(error = %e, retry_secs = retry.as_secs(),
+                            "could not store this agent's address again (the server needs \
+                             it to renew its certificate); trying again");
+                        std::time::Instant::now() + retry
+                    }
+                };
             }
             continue;
         }
@@ -617,7 +634,11 @@ async fn watch(
             continue;
         }
         match find_again(&cfg, &aws, &dialer, &current, agent_ip).await {
-            Ok((found, ip)) => (current, agent_ip) = (found, ip),
+            // It called Wake.
+            Ok((found, ip)) => {
+                (current, agent_ip) = (found, ip);
+                next_store = std::time::Instant::now() + refresh;
+            }
             Err(e) => return e,
         }
     }
@@ -1309,9 +1330,9 @@ mod tests {
         });
     }
 
-    /// While its tunnel is up, the agent calls Wake again every refresh period, so that an
-    /// agent address stored in the last hour is there when the server renews its
-    /// certificate; while the tunnel is down, it does not.
+    /// While its tunnel is up, the agent calls Wake again every refresh period (not every
+    /// turn of its watch, once a second), so that an agent address stored in the last
+    /// hour is there when the server renews its certificate.
     #[test]
     fn an_agent_with_its_tunnel_up_stores_its_address_again() {
         use std::sync::atomic::Ordering;
@@ -1347,7 +1368,7 @@ mod tests {
                     dialer.clone(),
                     current,
                     agent_ip,
-                    Duration::from_secs(1),
+                    Duration::from_secs(2),
                 )
                 .await;
                 panic!("the watch ended: {e}");
@@ -1356,6 +1377,9 @@ mod tests {
                 while counted.load(Ordering::SeqCst) < 2 {
                     async_io::Timer::after(Duration::from_millis(50)).await;
                 }
+                // The next is 2 s after the second: a watch that called Wake at every turn
+                // would have called it again within a second.
+                async_io::Timer::after(Duration::from_secs(1)).await;
             };
             let limit = async {
                 async_io::Timer::after(Duration::from_secs(30)).await;
@@ -1363,7 +1387,7 @@ mod tests {
             };
             watched.or(stored_twice).or(limit).await;
         });
-        assert!(wakes.load(Ordering::SeqCst) >= 2);
+        assert_eq!(wakes.load(Ordering::SeqCst), 2);
     }
 
     /// The agent's certificate ends while it runs (same server, same address): the next

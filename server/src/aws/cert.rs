@@ -276,7 +276,8 @@ const RETRY_WHILE_VALID: Duration = Duration::from_secs(5 * 60);
 /// How long after a failed renewal it is tried again once the certificate has expired,
 /// and the least time between two attempts. New tunnels fail until it is renewed; the CA
 /// may have refused for want of an agent address stored in the last hour, which an agent
-/// that reconnects stores with its Wake, and that agent should not wait long.
+/// that looks for the server again stores with its Wake, and that agent should not wait
+/// long.
 const RETRY_EXPIRED: Duration = Duration::from_secs(30);
 
 /// Keeps the certificate in `files` renewed for as long as it runs (drop it to stop): once
@@ -303,24 +304,23 @@ pub async fn keep_renewed(
         let validity = fs::read_to_string(&files.cert)
             .map_err(|e| format!("{}: {e}", files.cert.display()))
             .and_then(|pem| pki::validity_period(&pem).map_err(|e| e.to_string()));
-        let (window, not_after) = match validity {
-            Ok((not_before, not_after)) => (renewal_window(not_before, not_after), not_after),
-            Err(why) => {
-                tracing::warn!(error = %why, "cannot read the server certificate; renewing it");
-                (super::SERVER_RENEW_BEFORE, SystemTime::UNIX_EPOCH)
-            }
+        // An unreadable certificate is renewed at once: `obtain` writes a new one.
+        let (window, not_after) = match &validity {
+            Ok((not_before, not_after)) => (renewal_window(*not_before, *not_after), *not_after),
+            Err(_) => (super::SERVER_RENEW_BEFORE, SystemTime::UNIX_EPOCH),
         };
         let due = not_after
             .checked_sub(window)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let wait = if unloaded {
-            Duration::ZERO
-        } else {
-            due.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        };
+        let until_due = due
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        // Only loading is tried again while the certificate written is readable and not
+        // due itself.
+        let load_only = unloaded && validity.is_ok() && !until_due.is_zero();
+        let wait = if load_only { Duration::ZERO } else { until_due };
         async_io::Timer::after(wait.max(pause)).await;
-        let obtained = if unloaded {
+        let obtained = if load_only {
             Ok(Obtained::Issued)
         } else {
             let r = renew.clone();
@@ -328,13 +328,14 @@ pub async fn keep_renewed(
         };
         let result = match obtained {
             Ok(Obtained::Issued) => {
-                let loaded = reload();
+                let loaded =
+                    reload().map_err(|e| format!("a renewed certificate could not be loaded: {e}"));
                 unloaded = loaded.is_err();
                 loaded.map(|()| true)
             }
             // Not due yet by the wall clock (a timer may fire a little early).
             Ok(Obtained::Cached) => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(format!("could not renew the server certificate: {e}")),
         };
         match result {
             Ok(renewed) => {
@@ -344,15 +345,19 @@ pub async fn keep_renewed(
                 }
             }
             Err(e) => {
-                pause = if SystemTime::now() >= not_after {
+                // Every 30 s from the certificate's end, however soon that is.
+                let until_end = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                pause = if unloaded {
                     RETRY_EXPIRED
                 } else {
-                    RETRY_WHILE_VALID
+                    RETRY_WHILE_VALID.min(until_end).max(RETRY_EXPIRED)
                 };
                 match failures.allow(std::time::Instant::now()) {
-                    Some(_) => tracing::warn!(error = %e, retry_secs = pause.as_secs(),
-                        "could not renew the server certificate; trying again"),
-                    None => tracing::debug!(error = %e, "could not renew the server certificate"),
+                    Some(held_back) => tracing::warn!(error = %e, retry_secs = pause.as_secs(),
+                        held_back, "trying again"),
+                    None => tracing::debug!(error = %e, "trying again"),
                 }
             }
         }

@@ -133,8 +133,8 @@ impl AwsStartup {
             let ddb = DynamoDbClient::new(&aws);
             let latest = || live_agent_ip(&ddb, &r.table, &server_id);
             // The CA certifies only an address stored in the last hour: without one, it is
-            // not asked. An agent stores its address with each Wake, every 30 minutes while
-            // its tunnel is up and whenever it reconnects.
+            // not asked. An agent stores its address with each Wake: every 30 minutes while
+            // its tunnel is up, and when it looks for the server again.
             let Some(agent_ip) = latest() else {
                 return Err(Error::AwsStartup(
                     "no agent address stored in the last hour, which the CA needs (an \
