@@ -689,6 +689,7 @@ pub fn ensure_dir(dir: &Path, opts: &CertInitOptions) -> Result<(CertPaths, Ensu
         });
     }
 
+    check_private_dir(dir)?;
     let expires = check_dir(&paths)?;
     let renew_at = expires.checked_sub(RENEW_BEFORE).unwrap_or(UNIX_EPOCH);
     if SystemTime::now() < renew_at {
@@ -860,8 +861,14 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
             }
         }
     })?;
-    // A folder made earlier, perhaps by someone else (in a shared /tmp): what is in it is
-    // trusted, so it must be this user's alone.
+    // A folder made earlier, perhaps by someone else (in a shared /tmp).
+    check_private_dir(dir)
+}
+
+/// Refuses a folder that belongs to another user, or that every user may write to
+/// ([`Error::UnsafeFolder`]): the keys and certificates in it are trusted, so what others
+/// put there (a CA of their own) would be too.
+pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
@@ -1433,6 +1440,15 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
         assert!(not_after(&renewed).expect("not_after") > SystemTime::now() + 300 * DAY);
         let (_, outcome) = ensure_dir(&dir, &opts).expect("keep");
         assert_eq!(outcome, EnsureOutcome::Kept);
+
+        // A folder every user may write to is not read from: its CA may be anyone's.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+            let err = ensure_dir(&dir, &opts).expect_err("a folder anyone may write to");
+            assert!(matches!(err, Error::UnsafeFolder { .. }), "{err}");
+        }
     }
 
     #[test]
