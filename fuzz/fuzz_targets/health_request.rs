@@ -2,4 +2,6 @@
 //! answer is one of its own, whole.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fluidity_server::health::fuzzing::health_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    fluidity_server::health::fuzzing::health_request(data);
+});

@@ -754,29 +754,30 @@ pub mod fuzzing {
     /// Sends `data` to the health endpoint over a socket on 127.0.0.1, closes the
     /// sending side and reads the answer. There is none only for a head cut short; any
     /// other answer is one of the endpoint's, whole: a status it gives, `Connection:
-    /// close`, and a body of the length it announces (none for HEAD).
-    pub fn health_request(data: &[u8]) {
+    /// close`, and a body of the length it announces (none for HEAD). Returns the status,
+    /// or `None` when nothing was answered (or the socket failed).
+    pub fn health_request(data: &[u8]) -> Option<String> {
         // Past the 8 KiB head limit, and small enough that the write never waits.
         let data = &data[..data.len().min(16 * 1024)];
         // Running out of local ports (each run leaves one in TIME_WAIT) says nothing of
         // the endpoint.
         let Ok(mut client) = TcpStream::connect(endpoint()) else {
-            return;
+            return None;
         };
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
         // The endpoint may answer and close before it has read everything.
         if client.write_all(data).is_err() {
-            return;
+            return None;
         }
         let _ = client.shutdown(Shutdown::Write);
         let mut answer = Vec::new();
         if client.read_to_end(&mut answer).is_err() {
-            return; // A reset: the endpoint closed with input unread.
+            return None; // A reset: the endpoint closed with input unread.
         }
         if answer.is_empty() {
-            return;
+            return None;
         }
         let text = std::str::from_utf8(&answer).expect("the answer is text");
         let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
@@ -800,6 +801,7 @@ pub mod fuzzing {
             && req.method == Some("HEAD")
             && !matches!(status, "400" | "408" | "431");
         assert_eq!(body.len(), if head_request { 0 } else { length }, "{head}");
+        Some(status.to_owned())
     }
 }
 
@@ -1135,18 +1137,24 @@ mod tests {
 
     #[test]
     fn the_fuzz_entry_point_takes_answers_and_refusals() {
-        for input in [
-            &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
-            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"POST /healthz HTTP/1.1\r\n\r\n",
-            b"HEAD /nowhere HTTP/1.1\r\n\r\n",
-            b"\n\nHEAD /metrics HTTP/1.0\r\n\r\ne",
-            b"\x16\x03\x01\x00\x05hello\r\n\r\n",
-            b"GET /healthz HTTP/1.1\r\n",
-            b"",
-            &[b'a'; 9000],
+        for (input, status) in [
+            (&b"GET /healthz HTTP/1.1\r\n\r\n"[..], Some("200")),
+            (b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Some("200")),
+            (b"POST /healthz HTTP/1.1\r\n\r\n", Some("405")),
+            (b"HEAD /nowhere HTTP/1.1\r\n\r\n", Some("404")),
+            (b"\n\nHEAD /metrics HTTP/1.0\r\n\r\ne", Some("200")),
+            (b"\x16\x03\x01\x00\x05hello\r\n\r\n", Some("400")),
+            (b"GET /healthz HTTP/1.1\r\n", None),
+            (b"", None),
+            (&[b'a'; 9000], Some("431")),
         ] {
-            fuzzing::health_request(input);
+            let got = fuzzing::health_request(input);
+            assert_eq!(
+                got.as_deref(),
+                status,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
