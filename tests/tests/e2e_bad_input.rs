@@ -207,15 +207,15 @@ fn clients_without_a_valid_certificate_are_turned_away() {
             ),
         }
     }
-    let failures = wait_for(
+    // Both refusals are counted (the wait fails the test otherwise).
+    wait_for(
         "the refusals to be counted",
         Duration::from_secs(20),
         || {
             let n = t.server.metric("fluidity_auth_failures_total");
-            (n >= failures_before + 2.0).then_some(n)
+            (n >= failures_before + 2.0).then_some(())
         },
     );
-    assert!(failures >= 2.0);
     // The log says what to check for the certificate from another CA.
     let log = t.server.proc.log();
     assert!(
@@ -1560,11 +1560,11 @@ fn idle_connections_holding_every_handshake_slot_give_way_to_an_agent() {
     // the requests below make it try again.
     let agent = Agent::spawn(&certs, server.listen, &AgentOptions::default(), &agent_dir);
     let origin = HttpOrigin::start("past the stalled handshakes");
-    let status = wait_for("the agent to get through", Duration::from_secs(60), || {
+    // A 200 comes within the minute (the wait fails the test otherwise).
+    wait_for("the agent to get through", Duration::from_secs(60), || {
         let (status, _) = curl_status(&agent.proxy_url(), &origin.url("/hello"));
-        (status == 200).then_some(status)
+        (status == 200).then_some(())
     });
-    assert_eq!(status, 200);
     assert!(
         held.iter().filter(|c| ended(c)).count() >= 1,
         "a held connection gave way"
@@ -1675,7 +1675,8 @@ fn a_request_head_that_stalls_gets_408() {
 
 /// A keep-alive connection's next head that begins while the connection sits idle gets
 /// the head's whole limit from then, not what was left of the idle wait: here it begins
-/// 2 s into a 10 s wait and ends 9 s later, past the wait's end but within its own.
+/// 8 s into a 10 s wait and ends 6 s later, 4 s past the wait's end and 4 s within its
+/// own.
 #[test]
 fn a_head_begun_late_in_an_idle_wait_gets_its_own_time() {
     let _wd = watchdog("head_after_idle", Duration::from_secs(90));
@@ -1695,7 +1696,7 @@ fn a_head_begun_late_in_an_idle_wait_gets_its_own_time() {
         client.get(&origin.url("/hello")),
         (200, "hello from after-idle\n".to_owned())
     );
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(8));
     let head = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
         origin.url("/hello"),
@@ -1706,7 +1707,7 @@ fn a_head_begun_late_in_an_idle_wait_gets_its_own_time() {
         .s
         .write_all(start.as_bytes())
         .expect("the head's start");
-    std::thread::sleep(Duration::from_secs(9));
+    std::thread::sleep(Duration::from_secs(6));
     client
         .s
         .write_all(rest.as_bytes())

@@ -657,10 +657,10 @@ fn logs_of_approved_and_denied_authentication_hold_no_secret() {
     let second = handshake_as_agent(&w.certs, server.listen, |_| sts_credentials(&replay));
     assert!(matches!(second, Outcome::Denied(..)), "{second:?}");
 
-    // Let everything that was going to be logged be logged, then stop both sides.
-    ok.proc.kill();
-    bad.proc.kill();
-    server.proc.kill();
+    // Let everything that was going to be logged be logged: each side stops cleanly.
+    for p in [&mut ok.proc, &mut bad.proc, &mut server.proc] {
+        p.terminate(Duration::from_secs(30));
+    }
 
     let mut logs = String::new();
     for p in [&ok.proc, &bad.proc, &server.proc] {

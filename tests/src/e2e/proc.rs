@@ -91,6 +91,15 @@ impl Proc {
         self.status
     }
 
+    /// Sends SIGTERM and waits, up to `limit`, for the process to exit (cleanly, after
+    /// whatever it logs on the way out).
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        wait_for("the process to exit after SIGTERM", limit, || self.exited())
+    }
+
     /// Kills the process with SIGKILL (no clean shutdown) and reaps it.
     pub fn kill(&mut self) {
         if self.status.is_none() {

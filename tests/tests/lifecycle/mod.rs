@@ -562,10 +562,7 @@ impl PlayerCtx {
 
 /// Sends SIGTERM to `proc` and waits (up to [`LIMIT`]) for it to exit.
 pub fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-TERM", &proc.pid().to_string()])
-        .status();
-    wait_for("the process to exit after SIGTERM", LIMIT, || proc.exited())
+    proc.terminate(LIMIT)
 }
 
 /// Opens a TLS connection to the server at `addr` from this machine with `cert`/`key`
