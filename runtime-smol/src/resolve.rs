@@ -221,11 +221,13 @@ impl Resolver {
 /// Whether `name` is `invalid` or under the `.invalid` special-use domain.
 fn is_special_invalid(name: &str) -> bool {
     let name = name.trim_end_matches('.');
-    name.eq_ignore_ascii_case("invalid")
+    // By bytes: a name that is not ASCII must not be cut inside a character.
+    let name = name.as_bytes();
+    name.eq_ignore_ascii_case(b"invalid")
         || name
             .len()
-            .checked_sub(".invalid".len())
-            .is_some_and(|i| name[i..].eq_ignore_ascii_case(".invalid"))
+            .checked_sub(b".invalid".len())
+            .is_some_and(|i| name[i..].eq_ignore_ascii_case(b".invalid"))
 }
 
 /// The kind of a failed lookup; see the [module documentation](self).
@@ -264,6 +266,14 @@ fn lookup_message(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_that_is_not_ascii_is_judged_without_a_panic() {
+        assert!(!is_special_invalid("\u{e9}aaaaaaa"));
+        assert!(!is_special_invalid("\u{e9}"));
+        assert!(is_special_invalid("x\u{e9}.INVALID."));
+        assert!(is_special_invalid("invalid"));
+    }
 
     #[test]
     fn invalid_names_fail_without_a_lookup() {
