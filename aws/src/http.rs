@@ -159,6 +159,9 @@ pub(crate) fn redact_url(url: &str) -> String {
     url.split(['?', '#']).next().unwrap_or(url).to_string()
 }
 
+/// The largest `AWS_CA_BUNDLE` read: several times a whole system trust store.
+const MAX_CA_BUNDLE: u64 = 4 * 1024 * 1024;
+
 impl HttpClient {
     /// A client with these settings, TLS through rustls with Fluidity's crypto provider.
     pub fn new(config: HttpConfig) -> Result<Self> {
@@ -166,10 +169,23 @@ impl HttpClient {
         let roots = match &config.ca_bundle {
             None => RootCerts::WebPki,
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|source| Error::Io {
+                use std::io::Read;
+                let io = |source| Error::Io {
                     path: path.display().to_string(),
                     source,
-                })?;
+                };
+                let mut pem = Vec::new();
+                std::fs::File::open(path)
+                    .map_err(io)?
+                    .take(MAX_CA_BUNDLE + 1)
+                    .read_to_end(&mut pem)
+                    .map_err(io)?;
+                if pem.len() as u64 > MAX_CA_BUNDLE {
+                    return Err(Error::Config(format!(
+                        "CA bundle {} is larger than {MAX_CA_BUNDLE} bytes",
+                        path.display()
+                    )));
+                }
                 let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                     .filter_map(|item| match item {
                         Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -414,6 +430,16 @@ pub(crate) fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_bundle_past_the_size_limit_is_refused_unread() {
+        let config = HttpConfig {
+            ca_bundle: Some(PathBuf::from("/dev/zero")),
+            ..HttpConfig::default()
+        };
+        let err = HttpClient::new(config).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("is larger than"), "{err}");
+    }
 
     #[test]
     fn aws_messages_lose_the_canonical_request() {

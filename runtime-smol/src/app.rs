@@ -551,6 +551,29 @@ pub fn log_filter(var: Option<&str>, default: &str) -> (Targets, Option<String>)
     (capped, invalid)
 }
 
+/// The largest configuration file read: far above any real one, and a bound on what a
+/// wrong path (`/dev/zero`) costs.
+pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+
+/// A configuration file's text, of at most [`MAX_CONFIG_LEN`] bytes.
+fn read_config(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| format!("cannot read config file {}: {e}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(fail)?
+        .take(MAX_CONFIG_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > MAX_CONFIG_LEN {
+        return Err(format!(
+            "config file {} is larger than {MAX_CONFIG_LEN} bytes; is it the right file?",
+            path.display()
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads a TOML configuration file and makes the relative paths `paths(&mut cfg)` yields
 /// relative to the file's folder, as a user expects of paths written in a config file.
 /// The error says which file and what is wrong.
@@ -559,8 +582,7 @@ where
     T: serde::de::DeserializeOwned,
     F: FnOnce(&mut T) -> Vec<&mut PathBuf>,
 {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let text = read_config(path)?;
     let mut cfg: T =
         toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
     if let Some(dir) = path.parent() {
@@ -576,6 +598,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_file_past_the_size_limit_is_refused_unread() {
+        let err = load_toml::<toml::Table, _>(Path::new("/dev/zero"), |_| Vec::new())
+            .expect_err("/dev/zero is no config file");
+        assert!(err.contains("is larger than"), "{err}");
+    }
 
     #[cfg(feature = "clap")]
     #[test]

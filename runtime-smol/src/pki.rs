@@ -741,7 +741,7 @@ fn check_dir(paths: &CertPaths) -> Result<SystemTime, Error> {
 }
 
 /// Reads a PEM file of at most [`MAX_PEM_LEN`] bytes.
-pub(crate) fn read_pem_file(path: &Path) -> Result<String, Error> {
+pub fn read_pem_file(path: &Path) -> Result<String, Error> {
     let read_err = |source| Error::ReadFile {
         path: path.to_path_buf(),
         source,

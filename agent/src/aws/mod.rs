@@ -558,7 +558,7 @@ async fn call_wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed
 /// reconnection renews it first.
 fn certificate_due(aws: &AwsRun) -> bool {
     let files = CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent");
-    std::fs::read_to_string(&files.cert)
+    fluidity_runtime_smol::pki::read_pem_file(&files.cert)
         .ok()
         .and_then(|pem| fluidity_runtime_smol::pki::not_after(&pem).ok())
         .is_none_or(|end| end <= std::time::SystemTime::now() + RENEW_BEFORE)

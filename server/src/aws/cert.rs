@@ -7,7 +7,6 @@
 //! a missing or unreadable file) means a new key, a new CSR and a new signature. The agent
 //! uses this module too, so the two sides can never disagree on what "usable" means.
 
-use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -108,7 +107,7 @@ pub fn cached_unusable(
     now: SystemTime,
     renew_before: Duration,
 ) -> Option<String> {
-    let read = |p: &Path| fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: &Path| pki::read_pem_file(p).map_err(|e| e.to_string());
     let (cert_pem, key_pem, ca_pem) = match (read(&files.cert), read(&files.key), read(&files.ca)) {
         (Ok(c), Ok(k), Ok(a)) => (c, k, a),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Some(e),
@@ -301,9 +300,7 @@ pub async fn keep_renewed(
     // `pause`, however far off its own renewal is.
     let mut unloaded = false;
     loop {
-        let validity = fs::read_to_string(&files.cert)
-            .map_err(|e| format!("{}: {e}", files.cert.display()))
-            .and_then(|pem| pki::validity_period(&pem).map_err(|e| e.to_string()));
+        let validity = pki::read_pem_file(&files.cert).and_then(|pem| pki::validity_period(&pem));
         // An unreadable certificate is renewed at once: `obtain` writes a new one.
         let (window, not_after) = match &validity {
             Ok((not_before, not_after)) => (renewal_window(*not_before, *not_after), *not_after),
@@ -368,6 +365,7 @@ pub async fn keep_renewed(
 mod tests {
     use super::*;
     use fluidity_runtime_smol::pki::{generate_ca, sign_csr, CaBundle, CertUsage, RENEW_BEFORE};
+    use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task/fluidity/0123456789abcdef";
