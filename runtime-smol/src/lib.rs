@@ -19,6 +19,8 @@
 
 pub mod app;
 pub mod driver;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod happy_eyeballs;
 pub mod listener;
 pub mod pki;

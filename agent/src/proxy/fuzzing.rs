@@ -169,6 +169,27 @@ pub fn fuzz_socks5(data: &[u8]) {
     }
 }
 
+/// Text that users and clients hand the agent and the server: a CONNECT or SOCKS
+/// target, a `Proxy-Authorization` value, an egress rule, a server address, and the
+/// agent's and the server's configuration files.
+pub fn fuzz_settings_text(data: &[u8]) {
+    let creds = super::Credentials {
+        username: "user".into(),
+        password: "pa:ss w\u{f6}rd".into(),
+    };
+    let _ = creds.matches_basic(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Some(target) = fluidity_proto::Target::parse(text) {
+        assert!(fluidity_proto::Target::parse(&target.to_string()).is_some());
+    }
+    let _ = text.parse::<fluidity_server::egress::EgressRule>();
+    let _ = crate::tunnel::ServerAddr::parse(text);
+    let _ = toml::from_str::<crate::config::AgentConfig>(text);
+    let _ = toml::from_str::<fluidity_server::ServerConfig>(text);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +214,33 @@ mod tests {
             .collect();
         assert!(!out.is_empty(), "no corpus in {}", dir.display());
         out
+    }
+
+    #[test]
+    fn corpus_replays_through_settings_text() {
+        for (name, data) in corpus("settings_text") {
+            eprintln!("{name}");
+            fuzz_settings_text(&data);
+        }
+        // The seeds are good examples, so that the fuzzer starts from text that parses.
+        let seed = |n: &str| {
+            let (_, data) = corpus("settings_text")
+                .into_iter()
+                .find(|(p, _)| p.ends_with(n))
+                .unwrap();
+            String::from_utf8(data).unwrap()
+        };
+        toml::from_str::<crate::config::AgentConfig>(&seed("agent-config")).unwrap();
+        toml::from_str::<fluidity_server::ServerConfig>(&seed("server-config")).unwrap();
+        seed("egress-rule")
+            .parse::<fluidity_server::egress::EgressRule>()
+            .unwrap();
+        assert!(fluidity_proto::Target::parse(&seed("ipv6-target")).is_some());
+        let creds = crate::proxy::Credentials {
+            username: "user".into(),
+            password: "pa:ss w\u{f6}rd".into(),
+        };
+        assert!(creds.matches_basic(seed("basic-credentials").as_bytes()));
     }
 
     #[test]

@@ -1,0 +1,49 @@
+//! Entry points for fuzzing (`fuzz/fuzz_targets/`): certificates and keys as a peer or a
+//! file hands them over. Each must never panic, whatever the bytes.
+
+use std::time::SystemTime;
+
+use rustls::pki_types::CertificateDer;
+
+use crate::{pki, tls};
+
+/// `data` as a peer's DER certificate, and as PEM text: certificates, a key, a CA bundle,
+/// an identity (certificate and key in one text), a validity period.
+pub fn certificates(data: &[u8]) {
+    let now = SystemTime::now();
+    let _ = tls::PeerIdentity::from_der(data);
+    let der = CertificateDer::from(data.to_vec());
+    let _ = pki::validity_problem(&der, now);
+    let _ = pki::outside_validity(&der, now);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(certs) = tls::certs_from_pem(text, "fuzz") {
+        for cert in &certs {
+            let _ = tls::PeerIdentity::from_der(cert);
+            let _ = pki::validity_problem(cert, now);
+        }
+    }
+    let _ = tls::key_from_pem(text, "fuzz");
+    let _ = tls::CaRoots::from_pem(text);
+    let _ = pki::validity_period(text);
+    if let Ok(identity) = tls::Identity::from_pem(text, text) {
+        let _ = identity.names();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_entry_point_takes_real_and_broken_certificates() {
+        let ca = crate::pki::generate_ca("fuzz CA", std::time::Duration::from_secs(86_400))
+            .expect("a CA");
+        let pem = ca.cert_pem().to_owned();
+        let der = crate::tls::certs_from_pem(&pem, "CA").expect("its certificate")[0].to_vec();
+        super::certificates(pem.as_bytes());
+        super::certificates(&der);
+        super::certificates(&der[..der.len() / 2]);
+        super::certificates(&pem.as_bytes()[..pem.len() / 2]);
+        super::certificates(b"");
+    }
+}
