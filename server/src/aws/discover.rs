@@ -256,16 +256,36 @@ pub fn discover_identity(env: &Env) -> Result<ServerIdentity, Error> {
         ))
     })?;
     Ok(ServerIdentity {
-        arn: format!(
-            "arn:{}:ec2:{}:{}:instance/{}",
-            partition(&id.region),
-            id.region,
-            id.account_id,
-            id.instance_id
-        ),
+        arn: instance_arn(&id)?,
         source: ArnSource::Ec2Metadata,
         task: None,
     })
+}
+
+/// The ARN of the instance an identity document describes, whose parts must be what
+/// AWS writes there: a region of letters, digits and dashes, an account of digits, an
+/// instance id of letters, digits and dashes. Anything else would make another ARN (a
+/// `:` or `/` moves its fields), and the ARN is the name agents must find in certificates.
+fn instance_arn(id: &InstanceIdentity) -> Result<String, Error> {
+    let word = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.len() <= 64 && s.chars().all(ok);
+    let name = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if !word(&id.region, name)
+        || !word(&id.account_id, |c| c.is_ascii_digit())
+        || !word(&id.instance_id, name)
+    {
+        return Err(Error::AwsStartup(format!(
+            "the EC2 instance identity document names region {:?}, account {:?} and instance \
+             {:?}, which do not make an ARN",
+            id.region, id.account_id, id.instance_id
+        )));
+    }
+    Ok(format!(
+        "arn:{}:ec2:{}:{}:instance/{}",
+        partition(&id.region),
+        id.region,
+        id.account_id,
+        id.instance_id
+    ))
 }
 
 /// The addresses of task `task_arn`: (public, private), each `None` while not attached
@@ -370,6 +390,24 @@ mod tests {
             "arn:aws:ecs:us-east-1:123456789012:task/fluidity/abc"
         ));
         assert!(is_well_formed_arn("arn:aws:ec2:us-east-1:1:instance/i-1"));
+        let doc = |region: &str, account: &str, instance: &str| InstanceIdentity {
+            region: region.into(),
+            account_id: account.into(),
+            instance_id: instance.into(),
+        };
+        assert_eq!(
+            instance_arn(&doc("cn-north-1", "123456789012", "i-0abc")).unwrap(),
+            "arn:aws-cn:ec2:cn-north-1:123456789012:instance/i-0abc"
+        );
+        for bad in [
+            doc("us-east-1:999", "123456789012", "i-0abc"),
+            doc("us-east-1", "1234/5", "i-0abc"),
+            doc("us-east-1", "123456789012", "i-0abc/../x"),
+            doc("us-east-1", "123456789012", ""),
+            doc("US EAST", "123456789012", "i-0abc"),
+        ] {
+            assert!(instance_arn(&bad).is_err(), "{:?}", bad.region);
+        }
         assert!(!is_well_formed_arn("fluidity-server"));
         assert!(!is_well_formed_arn("arn:aws:ecs:us-east-1:1"));
         assert!(!is_well_formed_arn("arn::ecs:r:1:task/x"));
