@@ -189,8 +189,8 @@ impl RuntimeApi {
             .headers()
             .get("lambda-runtime-aws-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("GET {url}: no Lambda-Runtime-Aws-Request-Id"))?
+            .filter(|v| is_request_id(v))
+            .ok_or_else(|| format!("GET {url}: no usable Lambda-Runtime-Aws-Request-Id"))?
             .to_string();
         let body = resp
             .body_mut()
@@ -259,9 +259,23 @@ impl RuntimeApi {
     }
 }
 
+/// Whether `id` can be a request id: it goes into the path of the answer's URL, so only
+/// the letters, digits and dashes the runtime uses (a UUID), not `/`, `?` or `..`.
+fn is_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_id_is_a_uuid_like_word() {
+        assert!(is_request_id("8476a536-e9f4-11e8-9739-2dfe598c3fcd"));
+        for bad in ["", "../next", "a/b", "a?b", "a b", &"a".repeat(129)] {
+            assert!(!is_request_id(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn function_url_events_give_source_ip_and_body() {
