@@ -619,18 +619,19 @@ impl ContainerProvider {
                 path: path.display().to_string(),
                 source,
             };
-            if std::fs::metadata(&path).map_err(io)?.len() > MAX_TOKEN_FILE {
+            let Some(bytes) =
+                fluidity_runtime_smol::files::read_limited(&path, MAX_TOKEN_FILE).map_err(io)?
+            else {
                 return Err(Error::Credentials {
                     provider: "ecs-container",
                     message: "authorization token file is too large".into(),
                 });
-            }
-            Some(
-                std::fs::read_to_string(&path)
-                    .map_err(io)?
-                    .trim()
-                    .to_string(),
-            )
+            };
+            let text = String::from_utf8(bytes).map_err(|_| Error::Credentials {
+                provider: "ecs-container",
+                message: "authorization token file is not text".into(),
+            })?;
+            Some(text.trim().to_string())
         } else {
             self.env
                 .get("AWS_CONTAINER_AUTHORIZATION_TOKEN")

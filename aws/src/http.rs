@@ -169,23 +169,17 @@ impl HttpClient {
         let roots = match &config.ca_bundle {
             None => RootCerts::WebPki,
             Some(path) => {
-                use std::io::Read;
-                let io = |source| Error::Io {
-                    path: path.display().to_string(),
-                    source,
-                };
-                let mut pem = Vec::new();
-                std::fs::File::open(path)
-                    .map_err(io)?
-                    .take(MAX_CA_BUNDLE + 1)
-                    .read_to_end(&mut pem)
-                    .map_err(io)?;
-                if pem.len() as u64 > MAX_CA_BUNDLE {
-                    return Err(Error::Config(format!(
-                        "CA bundle {} is larger than {MAX_CA_BUNDLE} bytes",
-                        path.display()
-                    )));
-                }
+                let pem = fluidity_runtime_smol::files::read_limited(path, MAX_CA_BUNDLE)
+                    .map_err(|source| Error::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })?
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "CA bundle {} is larger than {MAX_CA_BUNDLE} bytes",
+                            path.display()
+                        ))
+                    })?;
                 let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                     .filter_map(|item| match item {
                         Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),

@@ -101,18 +101,17 @@ fn read_optional(path: &Path) -> Result<Option<String>> {
         path: path.display().to_string(),
         source,
     };
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    let bytes = match fluidity_runtime_smol::files::read_limited(path, MAX_FILE_BYTES) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            return Err(Error::Config(format!(
+                "{} is larger than {MAX_FILE_BYTES} bytes",
+                path.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(e)),
     };
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(Error::Config(format!(
-            "{} is larger than {MAX_FILE_BYTES} bytes",
-            path.display()
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(io_err)?;
     String::from_utf8(bytes)
         .map(Some)
         .map_err(|_| Error::Config(format!("{} is not UTF-8", path.display())))

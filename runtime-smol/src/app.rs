@@ -557,21 +557,16 @@ pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
 
 /// A configuration file's text, of at most [`MAX_CONFIG_LEN`] bytes.
 fn read_config(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let fail = |e: std::io::Error| format!("cannot read config file {}: {e}", path.display());
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(fail)?
-        .take(MAX_CONFIG_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(fail)?;
-    if text.len() as u64 > MAX_CONFIG_LEN {
-        return Err(format!(
-            "config file {} is larger than {MAX_CONFIG_LEN} bytes; is it the right file?",
-            path.display()
-        ));
-    }
-    Ok(text)
+    let bytes = crate::files::read_limited(path, MAX_CONFIG_LEN)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?
+        .ok_or_else(|| {
+            format!(
+                "config file {} is larger than {MAX_CONFIG_LEN} bytes; is it the right file?",
+                path.display()
+            )
+        })?;
+    String::from_utf8(bytes)
+        .map_err(|_| format!("config file {} is not UTF-8 text", path.display()))
 }
 
 /// Reads a TOML configuration file and makes the relative paths `paths(&mut cfg)` yields

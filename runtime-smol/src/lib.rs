@@ -19,6 +19,7 @@
 
 pub mod app;
 pub mod driver;
+pub mod files;
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
 pub mod happy_eyeballs;

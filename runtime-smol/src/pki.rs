@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -746,17 +746,12 @@ pub fn read_pem_file(path: &Path) -> Result<String, Error> {
         path: path.to_path_buf(),
         source,
     };
-    let file = fs::File::open(path).map_err(read_err)?;
-    let mut buf = Vec::new();
-    file.take(MAX_PEM_LEN as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(read_err)?;
-    if buf.len() > MAX_PEM_LEN {
+    let Some(buf) = crate::files::read_limited(path, MAX_PEM_LEN as u64).map_err(read_err)? else {
         return Err(Error::BadPem {
             origin: path.display().to_string(),
             problem: format!("file is larger than the {MAX_PEM_LEN}-byte limit for PEM files"),
         });
-    }
+    };
     String::from_utf8(buf).map_err(|_| Error::BadPem {
         origin: path.display().to_string(),
         problem: "file is not text (PEM expected)".into(),
