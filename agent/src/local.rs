@@ -92,6 +92,8 @@ pub async fn run_local(
     let paths = CertPaths::in_dir(&opts.dir);
     let complete = paths.files().iter().all(|f| f.is_file());
     if complete {
+        // Nothing in a folder others may have filled is read or written.
+        pki::check_private_dir(&opts.dir)?;
         if let Ok(names) =
             Identity::load_as(&paths.server_cert, &paths.server_key, PeerRole::Server)
                 .map_err(|_| ())

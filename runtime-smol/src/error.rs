@@ -95,12 +95,14 @@ pub enum Error {
 
     /// A folder for keys belongs to another user, or every user may write to it: what
     /// they put there (a CA of their own) would be trusted.
-    #[error("{} {why}; keys and certificates are kept only in a folder of your own that others cannot write to (remove it, or give another)", .path.display())]
+    #[error("{} {why}; keys and certificates are kept only in a folder of your own that others cannot write to ({fix})", .path.display())]
     UnsafeFolder {
         /// The folder.
         path: PathBuf,
         /// What is wrong with it.
         why: &'static str,
+        /// What to do.
+        fix: &'static str,
     },
 
     /// A path given as a folder is something else (a file).

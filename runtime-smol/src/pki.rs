@@ -871,18 +871,25 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
             path: dir.to_path_buf(),
             source,
         })?;
-        let why = if meta.uid() != rustix::process::geteuid().as_raw() {
-            Some("belongs to another user")
+        let problem = if meta.uid() != rustix::process::geteuid().as_raw() {
+            Some((
+                "belongs to another user",
+                "give a folder of your own, or have its owner give it to you",
+            ))
         } else if meta.mode() & 0o002 != 0 {
             // Group-writable is let be: many systems give each user a group of their own.
-            Some("may be written to by every user")
+            Some((
+                "may be written to by every user",
+                "`chmod o-w` it if nobody else has put files there, or give another folder",
+            ))
         } else {
             None
         };
-        if let Some(why) = why {
+        if let Some((why, fix)) = problem {
             return Err(Error::UnsafeFolder {
                 path: dir.to_path_buf(),
                 why,
+                fix,
             });
         }
     }
