@@ -34,6 +34,28 @@ pub fn certificates(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    /// The seeds of `fuzz/corpus/certificates` go through the entry point, and each is a
+    /// certificate that parses (as DER or as PEM), so the fuzzer starts from real ones.
+    #[test]
+    fn the_seeds_replay_and_are_certificates() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/certificates");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("the corpus") {
+            let path = entry.expect("an entry").path();
+            let data = std::fs::read(&path).expect("a seed");
+            super::certificates(&data);
+            let parses = crate::tls::PeerIdentity::from_der(&data).is_ok()
+                || std::str::from_utf8(&data).is_ok_and(|pem| {
+                    crate::tls::certs_from_pem(pem, "seed")
+                        .is_ok_and(|c| crate::tls::PeerIdentity::from_der(&c[0]).is_ok())
+                });
+            assert!(parses, "{} is no certificate", path.display());
+            seeds += 1;
+        }
+        assert!(seeds >= 3, "{seeds} seeds");
+    }
+
     #[test]
     fn the_entry_point_takes_real_and_broken_certificates() {
         let ca = crate::pki::generate_ca("fuzz CA", std::time::Duration::from_secs(86_400))

@@ -169,9 +169,9 @@ pub fn fuzz_socks5(data: &[u8]) {
     }
 }
 
-/// Text that users and clients hand the agent and the server: a CONNECT or SOCKS
-/// target, a `Proxy-Authorization` value, an egress rule, a server address, and the
-/// agent's and the server's configuration files.
+/// Text that users and clients hand the agent and the server: a CONNECT target, a
+/// `Proxy-Authorization` value, an egress rule, a server address, and the agent's and
+/// the server's configuration files.
 pub fn fuzz_settings_text(data: &[u8]) {
     let creds = super::Credentials {
         username: "user".into(),

@@ -94,10 +94,18 @@ impl Proc {
     /// Sends SIGTERM and waits, up to `limit`, for the process to exit (cleanly, after
     /// whatever it logs on the way out).
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        wait_for("the process to exit after SIGTERM", limit, || self.exited())
+        // A process already reaped no longer owns its pid.
+        if self.exited().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+        }
+        let status = wait_for("the process to exit after SIGTERM", limit, || self.exited());
+        registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.child.id());
+        status
     }
 
     /// Kills the process with SIGKILL (no clean shutdown) and reaps it.
