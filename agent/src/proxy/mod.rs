@@ -408,6 +408,101 @@ mod tests {
         );
     }
 
+    /// A dialer whose tunnel is being connected until `up` closes; it counts the opens
+    /// and whether getting ready ran to its end.
+    struct Connecting {
+        up: async_channel::Receiver<()>,
+        ready_done: std::sync::atomic::AtomicBool,
+        opened: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Dialer for Connecting {
+        type Stream = NoIo;
+
+        async fn open(&self, _: Target) -> Result<NoIo, DialError> {
+            self.opened
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(NoIo)
+        }
+
+        async fn ready(&self) -> Result<(), DialError> {
+            let _ = self.up.recv().await;
+            self.ready_done
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A client connection that fails (a reset) once its timer fires.
+    struct FailsAt(async_io::Timer);
+
+    impl AsyncRead for FailsAt {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0)
+                .poll(cx)
+                .map(|_| Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    /// A tunnel being connected is not given up when the client that needed it leaves
+    /// (other clients may wait for it), but that client's stream is then not opened; a
+    /// client that stays gets its stream once the tunnel is up.
+    #[test]
+    fn a_client_gone_while_the_tunnel_connects_lets_the_connection_finish_and_opens_nothing() {
+        use std::sync::atomic::Ordering;
+        let cfg = ProxyConfig::default();
+        let target = Target::parse("example.com:443").unwrap();
+        let outcome = |client_fails: bool| {
+            let (release, up) = async_channel::bounded::<()>(1);
+            let dialer = Connecting {
+                up,
+                ready_done: false.into(),
+                opened: 0.into(),
+            };
+            let dialled = futures_lite::future::block_on(async {
+                // The tunnel comes up 2 s on; a leaving client fails after 1.5 s (its
+                // watch starts after 1 s).
+                let connecting = async {
+                    async_io::Timer::after(Duration::from_secs(2)).await;
+                    drop(release);
+                    std::future::pending().await
+                };
+                let dial = async {
+                    if client_fails {
+                        let reader = FailsAt(async_io::Timer::after(Duration::from_millis(1500)));
+                        let mut cin = io::Inbound::with_capacity(reader, 64);
+                        dial(&dialer, &target, &cfg, &mut cin)
+                            .await
+                            .map(|r| r.is_ok())
+                    } else {
+                        let mut cin = io::Inbound::with_capacity(NoIo, 64);
+                        dial(&dialer, &target, &cfg, &mut cin)
+                            .await
+                            .map(|r| r.is_ok())
+                    }
+                };
+                futures_lite::future::or(dial, connecting).await
+            });
+            (
+                dialled,
+                dialer.ready_done.load(Ordering::SeqCst),
+                dialer.opened.load(Ordering::SeqCst),
+            )
+        };
+        let (dialled, ready_done, opened) = outcome(true);
+        assert!(dialled.is_err(), "the leaving client got a stream");
+        assert!(
+            ready_done,
+            "the tunnel's connection was given up with its client"
+        );
+        assert_eq!(opened, 0, "a stream was opened for a client that had left");
+        assert_eq!(outcome(false), (Ok(true), true, 1));
+    }
+
     #[test]
     fn one_line_borrows_clean_text_and_cleans_the_rest() {
         assert!(matches!(
