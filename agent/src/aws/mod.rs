@@ -557,11 +557,15 @@ async fn call_wake(aws: &AwsRun) -> std::result::Result<WakeResponse, CallFailed
 /// unreadable): a tunnel up keeps working past it, but a new one would be refused, so a
 /// reconnection renews it first.
 fn certificate_due(aws: &AwsRun) -> bool {
-    let files = CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent");
-    fluidity_runtime_smol::pki::read_pem_file(&files.cert)
+    fluidity_runtime_smol::pki::read_pem_file(&agent_cert_files(aws).cert)
         .ok()
         .and_then(|pem| fluidity_runtime_smol::pki::not_after(&pem).ok())
         .is_none_or(|end| end <= std::time::SystemTime::now() + RENEW_BEFORE)
+}
+
+/// Where the agent keeps its certificate, key and CA.
+fn agent_cert_files(aws: &AwsRun) -> CertFiles {
+    CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent")
 }
 
 /// The agent's certificate for `located` (CN = its ARN, SAN = `agent_ip`), from the cache
@@ -572,7 +576,7 @@ async fn certify(aws: &AwsRun, located: &Located, agent_ip: IpAddr) -> Result<Ce
         tracing::warn!(%stored, seen = %agent_ip,
             "the control plane holds another agent address for this server; the server will refuse this agent");
     }
-    let files = CertFiles::in_dir(&aws.lifecycle.state_dir(&aws.env), "agent");
+    let files = agent_cert_files(aws);
     let ca = ControlCa {
         client: aws.control.clone(),
         role: CertRole::Agent,
