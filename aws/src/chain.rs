@@ -869,12 +869,15 @@ impl ProvideCredentials for CachedProvider {
         // instead of stampeding the credential source.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
-        let usable = |c: &Credentials| c.expiry().is_none_or(|exp| exp > now + USABLE_FOR);
+        let usable_at =
+            |c: &Credentials, at: SystemTime| c.expiry().is_none_or(|exp| exp > at + USABLE_FOR);
         if let Some((c, recheck)) = cache.as_ref() {
             let fresh = match c.expiry() {
                 None => Instant::now() < *recheck,
                 // After a failed refresh, the next waits a while (while they still work).
-                Some(exp) => exp > now + self.margin || (Instant::now() < *recheck && usable(c)),
+                Some(exp) => {
+                    exp > now + self.margin || (Instant::now() < *recheck && usable_at(c, now))
+                }
             };
             if fresh {
                 return Ok(c.clone());
@@ -892,10 +895,7 @@ impl ProvideCredentials for CachedProvider {
             // Judged at the end of the refresh, which may have taken a while (a
             // credential_process has a minute).
             Err(e) => match cache.as_mut() {
-                Some((c, recheck))
-                    if c.expiry()
-                        .is_none_or(|exp| exp > SystemTime::now() + USABLE_FOR) =>
-                {
+                Some((c, recheck)) if usable_at(c, SystemTime::now()) => {
                     tracing::warn!(error = %e, retry_secs = RETRY_FAILED_REFRESH.as_secs(),
                         "credential refresh failed; using the cached credentials");
                     *recheck = Instant::now() + RETRY_FAILED_REFRESH;
