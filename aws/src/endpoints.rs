@@ -98,23 +98,98 @@ impl Service {
     }
 }
 
-/// The DNS suffix of the partition a region belongs to.
-fn dns_suffix(region: &str) -> &'static str {
-    if region.starts_with("cn-") {
-        "amazonaws.com.cn"
-    } else {
-        "amazonaws.com"
-    }
+/// An AWS partition: a group of regions with its own DNS suffix, ARNs and global
+/// endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Partition {
+    /// The commercial regions.
+    Aws,
+    /// China (`cn-*`).
+    AwsCn,
+    /// GovCloud (`us-gov-*`).
+    AwsUsGov,
+    /// US ISO (`us-iso-*`).
+    AwsIso,
+    /// US ISOB (`us-isob-*`).
+    AwsIsoB,
+    /// EU ISOE (`eu-isoe-*`).
+    AwsIsoE,
+    /// US ISOF (`us-isof-*`).
+    AwsIsoF,
+    /// European Sovereign Cloud (`eusc-*`).
+    AwsEusc,
 }
 
-/// The region a global service is signed for, by partition.
-pub(crate) fn global_signing_region(region: &str) -> &'static str {
-    if region.starts_with("cn-") {
-        "cn-north-1"
-    } else if region.starts_with("us-gov-") {
-        "us-gov-west-1"
-    } else {
-        "us-east-1"
+impl Partition {
+    /// The partition `region` belongs to, by its prefix as the SDKs' partition table
+    /// matches it; any other region is in `aws`.
+    pub fn of(region: &str) -> Partition {
+        // Longer prefixes first: `us-isob-` also starts with `us-iso`.
+        const PREFIXES: [(&str, Partition); 7] = [
+            ("cn-", Partition::AwsCn),
+            ("us-gov-", Partition::AwsUsGov),
+            ("us-isob-", Partition::AwsIsoB),
+            ("us-isof-", Partition::AwsIsoF),
+            ("us-iso-", Partition::AwsIso),
+            ("eu-isoe-", Partition::AwsIsoE),
+            ("eusc-", Partition::AwsEusc),
+        ];
+        PREFIXES
+            .into_iter()
+            .find(|(prefix, _)| region.starts_with(prefix))
+            .map_or(Partition::Aws, |(_, p)| p)
+    }
+
+    /// The name used in ARNs (`arn:<name>:...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Partition::Aws => "aws",
+            Partition::AwsCn => "aws-cn",
+            Partition::AwsUsGov => "aws-us-gov",
+            Partition::AwsIso => "aws-iso",
+            Partition::AwsIsoB => "aws-iso-b",
+            Partition::AwsIsoE => "aws-iso-e",
+            Partition::AwsIsoF => "aws-iso-f",
+            Partition::AwsEusc => "aws-eusc",
+        }
+    }
+
+    /// The DNS suffix of its endpoints.
+    pub fn dns_suffix(self) -> &'static str {
+        match self {
+            Partition::Aws | Partition::AwsUsGov => "amazonaws.com",
+            Partition::AwsCn => "amazonaws.com.cn",
+            Partition::AwsIso => "c2s.ic.gov",
+            Partition::AwsIsoB => "sc2s.sgov.gov",
+            Partition::AwsIsoE => "cloud.adc-e.uk",
+            Partition::AwsIsoF => "csp.hci.ic.gov",
+            Partition::AwsEusc => "amazonaws.eu",
+        }
+    }
+
+    /// The region its global services (IAM) are signed for.
+    pub fn global_signing_region(self) -> &'static str {
+        match self {
+            Partition::Aws => "us-east-1",
+            Partition::AwsCn => "cn-north-1",
+            Partition::AwsUsGov => "us-gov-west-1",
+            Partition::AwsIso => "us-iso-east-1",
+            Partition::AwsIsoB => "us-isob-east-1",
+            Partition::AwsIsoE => "eu-isoe-west-1",
+            Partition::AwsIsoF => "us-isof-south-1",
+            Partition::AwsEusc => "eusc-de-east-1",
+        }
+    }
+
+    /// The public endpoint of global service `service` (IAM) in this partition.
+    fn global_endpoint(self, service: Service) -> String {
+        let (name, suffix) = (service.signing_name(), self.dns_suffix());
+        match self {
+            Partition::Aws => format!("https://{name}.{suffix}"),
+            Partition::AwsUsGov => format!("https://{name}.us-gov.{suffix}"),
+            _ => format!("https://{name}.{}.{suffix}", self.global_signing_region()),
+        }
     }
 }
 
@@ -205,16 +280,15 @@ impl Endpoints {
                 {
                     return Err(Error::Config(format!("invalid region {region:?}")));
                 }
-                let suffix = dns_suffix(region);
-                match service {
-                    Service::Iam if region.starts_with("cn-") => {
-                        format!("https://iam.cn-north-1.{suffix}")
-                    }
-                    Service::Iam if region.starts_with("us-gov-") => {
-                        format!("https://iam.us-gov.{suffix}")
-                    }
-                    s if s.is_global() => format!("https://{}.{suffix}", s.signing_name()),
-                    s => format!("https://{}.{region}.{suffix}", s.signing_name()),
+                let partition = Partition::of(region);
+                if service.is_global() {
+                    partition.global_endpoint(service)
+                } else {
+                    format!(
+                        "https://{}.{region}.{}",
+                        service.signing_name(),
+                        partition.dns_suffix()
+                    )
                 }
             }
         };
@@ -232,7 +306,7 @@ impl Endpoints {
     /// at their public endpoint.
     pub fn signing_region<'a>(&self, service: Service, region: &'a str) -> &'a str {
         if service.is_global() && !self.is_overridden(service) {
-            global_signing_region(region)
+            Partition::of(region).global_signing_region()
         } else {
             region
         }
@@ -259,7 +333,52 @@ mod tests {
             "https://iam.amazonaws.com"
         );
         assert_eq!(e.signing_region(Service::Iam, "eu-west-1"), "us-east-1");
+        assert_eq!(
+            e.resolve(Service::Iam, "cn-northwest-1").unwrap(),
+            "https://iam.cn-north-1.amazonaws.com.cn"
+        );
+        assert_eq!(
+            e.resolve(Service::Iam, "us-gov-east-1").unwrap(),
+            "https://iam.us-gov.amazonaws.com"
+        );
+        assert_eq!(
+            e.signing_region(Service::Iam, "us-gov-east-1"),
+            "us-gov-west-1"
+        );
+        assert_eq!(
+            e.resolve(Service::Ecs, "us-isob-east-1").unwrap(),
+            "https://ecs.us-isob-east-1.sc2s.sgov.gov"
+        );
+        assert_eq!(
+            e.resolve(Service::Iam, "us-iso-west-1").unwrap(),
+            "https://iam.us-iso-east-1.c2s.ic.gov"
+        );
+        assert_eq!(
+            e.signing_region(Service::Iam, "us-iso-west-1"),
+            "us-iso-east-1"
+        );
+        assert_eq!(
+            e.resolve(Service::Sts, "eusc-de-east-1").unwrap(),
+            "https://sts.eusc-de-east-1.amazonaws.eu"
+        );
         assert!(e.resolve(Service::Sts, "eu/west").is_err());
+    }
+
+    #[test]
+    fn regions_fall_in_their_partitions() {
+        for (region, name) in [
+            ("eu-west-1", "aws"),
+            ("us-east-1", "aws"),
+            ("cn-north-1", "aws-cn"),
+            ("us-gov-west-1", "aws-us-gov"),
+            ("us-iso-east-1", "aws-iso"),
+            ("us-isob-east-1", "aws-iso-b"),
+            ("us-isof-south-1", "aws-iso-f"),
+            ("eu-isoe-west-1", "aws-iso-e"),
+            ("eusc-de-east-1", "aws-eusc"),
+        ] {
+            assert_eq!(Partition::of(region).name(), name, "{region}");
+        }
     }
 
     #[test]

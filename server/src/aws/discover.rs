@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use fluidity_aws::clients::ec2::Ec2Client;
 use fluidity_aws::clients::ecs::EcsClient;
+use fluidity_aws::endpoints::Partition;
 use fluidity_aws::imds::Imds;
 use fluidity_aws::Env;
 use serde::Deserialize;
@@ -197,17 +198,6 @@ struct InstanceIdentity {
     instance_id: String,
 }
 
-/// The partition of a region: `aws-cn`, `aws-us-gov` or `aws`.
-fn partition(region: &str) -> &'static str {
-    if region.starts_with("cn-") {
-        "aws-cn"
-    } else if region.starts_with("us-gov-") {
-        "aws-us-gov"
-    } else {
-        "aws"
-    }
-}
-
 /// Discovers the server's ARN (see the module documentation for the order).
 pub fn discover_identity(env: &Env) -> Result<ServerIdentity, Error> {
     if let Some(base) = env.get("ECS_CONTAINER_METADATA_URI_V4") {
@@ -281,7 +271,7 @@ fn instance_arn(id: &InstanceIdentity) -> Result<String, Error> {
     }
     Ok(format!(
         "arn:{}:ec2:{}:{}:instance/{}",
-        partition(&id.region),
+        Partition::of(&id.region).name(),
         id.region,
         id.account_id,
         id.instance_id
@@ -399,6 +389,10 @@ mod tests {
             instance_arn(&doc("cn-north-1", "123456789012", "i-0abc")).unwrap(),
             "arn:aws-cn:ec2:cn-north-1:123456789012:instance/i-0abc"
         );
+        assert_eq!(
+            instance_arn(&doc("us-isob-east-1", "123456789012", "i-0abc")).unwrap(),
+            "arn:aws-iso-b:ec2:us-isob-east-1:123456789012:instance/i-0abc"
+        );
         for bad in [
             doc("us-east-1:999", "123456789012", "i-0abc"),
             doc("us-east-1", "1234/5", "i-0abc"),
@@ -417,9 +411,6 @@ mod tests {
             "fluidity"
         );
         assert_eq!(resource_name("fluidity"), "fluidity");
-        assert_eq!(partition("cn-north-1"), "aws-cn");
-        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
-        assert_eq!(partition("eu-west-1"), "aws");
         assert!(is_ecs_task_arn("arn:aws:ecs:r:1:task/c/abc"));
         assert!(!is_ecs_task_arn("arn:aws:ec2:r:1:instance/i-1"));
         assert!(!is_ecs_task_arn("arn:aws:ecs:r:1:service/c/s"));
