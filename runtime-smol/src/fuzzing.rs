@@ -35,12 +35,14 @@ pub fn certificates(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     /// The seeds of `fuzz/corpus/certificates` go through the entry point, and each is a
-    /// certificate that parses (as DER or as PEM), so the fuzzer starts from real ones.
+    /// certificate that parses (as DER or as PEM), so the fuzzer starts from real ones; one
+    /// holds its key too, so the key and identity parsers start from real input as well.
     #[test]
     fn the_seeds_replay_and_are_certificates() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/certificates");
         let mut seeds = 0;
+        let mut identities = 0;
         for entry in std::fs::read_dir(&dir).expect("the corpus") {
             let path = entry.expect("an entry").path();
             let data = std::fs::read(&path).expect("a seed");
@@ -51,9 +53,17 @@ mod tests {
                         .is_ok_and(|c| crate::tls::PeerIdentity::from_der(&c[0]).is_ok())
                 });
             assert!(parses, "{} is no certificate", path.display());
+            if let Ok(pem) = std::str::from_utf8(&data) {
+                if crate::tls::key_from_pem(pem, "seed").is_ok()
+                    && crate::tls::Identity::from_pem(pem, pem).is_ok()
+                {
+                    identities += 1;
+                }
+            }
             seeds += 1;
         }
-        assert!(seeds >= 3, "{seeds} seeds");
+        assert!(seeds >= 4, "{seeds} seeds");
+        assert!(identities >= 1, "no seed holds a certificate with its key");
     }
 
     #[test]

@@ -463,6 +463,34 @@ mod tests {
     }
 
     /// Serves one canned HTTP answer per connection on 127.0.0.1, `n` times.
+    /// The seeds of `fuzz/corpus/ecs_task_metadata` are read as ECS would serve them:
+    /// the documents of a Fargate task and of an EC2 task in bridge mode are accepted
+    /// (so the fuzzer starts from ones that get through), the one without a TaskARN
+    /// refused. A seed not listed here fails the test, so that each says what it is.
+    #[test]
+    fn the_task_metadata_seeds_are_read_as_they_should_be() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/ecs_task_metadata");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let accepted = match name.as_str() {
+                "fargate" | "ec2-bridge" => true,
+                "no-task-arn" => false,
+                other => panic!("seed {other} is not listed in this test"),
+            };
+            let doc = std::fs::read_to_string(&path).unwrap();
+            let got = task_metadata(&serve(vec![(200, doc)]));
+            assert_eq!(got.is_ok(), accepted, "{name}: {:?}", got.err());
+            if let Ok(md) = got {
+                assert!(!md.private_ips().is_empty(), "{name} names no address");
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
+    }
+
     fn serve(answers: Vec<(u16, String)>) -> String {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
