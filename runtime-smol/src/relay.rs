@@ -43,7 +43,7 @@ pub enum Direction {
 /// Copies between a tunnel stream and a socket, both ways at once, until both directions
 /// have ended. When one source ends, the other side's write half is closed (half-close)
 /// and the other direction goes on. Returns the bytes moved each way (stream to socket,
-/// socket to stream), or the first error. On an error the stream is reset after the
+/// socket to stream), or the first error, with the end it happened at. On an error the stream is reset after the
 /// bytes already passed to it, so what the socket sent before it failed still arrives.
 ///
 /// A socket that takes no more bytes (its peer closed or reset the connection) fails only
@@ -61,7 +61,7 @@ pub async fn relay<S>(
     stream: TunnelStream,
     sock: S,
     on_bytes: impl Fn(Direction, usize) + Send + Sync,
-) -> io::Result<(u64, u64)>
+) -> Result<(u64, u64), RelayError>
 where
     S: AsyncRead + AsyncWrite + Clone + Unpin,
 {
@@ -87,8 +87,8 @@ where
                 let _ = ended.try_send(());
                 Ok(Ok(n))
             }
-            Err(Failed::Stream(e)) => Err(e),
-            Err(Failed::Socket(e)) => {
+            Err(e @ RelayError::Stream(_)) => Err(e),
+            Err(e @ RelayError::Socket(_)) => {
                 tracing::debug!(error = %e, "the socket takes no more; relaying its last bytes");
                 socket_failed.store(true, Ordering::Relaxed);
                 Ok(Err(e))
@@ -105,7 +105,9 @@ where
             return std::future::pending().await;
         }
         // Nothing reads the stream any more: its reader's waker is free to watch it.
-        Err(std::future::poll_fn(|cx| SharedHalf(&stream).poll_given_up(cx)).await)
+        Err(RelayError::Stream(
+            std::future::poll_fn(|cx| SharedHalf(&stream).poll_given_up(cx)).await,
+        ))
     });
     let result = join_with_grace(
         to_socket,
@@ -113,10 +115,10 @@ where
         LAST_BYTES_TIME,
         Some(&moved),
         || {
-            io::Error::new(
+            RelayError::Socket(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the socket's last bytes did not get through in time",
-            )
+                "its last bytes did not get through in time",
+            ))
         },
     )
     .await;
@@ -133,10 +135,14 @@ where
 /// reads it), long enough for any link that still moves.
 pub const LAST_BYTES_TIME: Duration = Duration::from_secs(5);
 
-/// Which end of a copy between a stream and a socket failed.
-#[derive(Debug)]
-enum Failed {
+/// A relay's failure, by the end it happened at.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The tunnel stream: reset by the peer, the tunnel lost, or its reader gone.
+    #[error("the tunnel stream: {0}")]
     Stream(io::Error),
+    /// The socket: its peer reset or left, or it stopped taking or giving bytes.
+    #[error("the socket: {0}")]
     Socket(io::Error),
 }
 
@@ -265,7 +271,7 @@ async fn copy_from_stream<R, W>(
     mut w: W,
     max: usize,
     on_bytes: impl Fn(usize),
-) -> Result<u64, Failed>
+) -> Result<u64, RelayError>
 where
     R: ReadChunks,
     W: AsyncWrite + Unpin,
@@ -275,9 +281,9 @@ where
     loop {
         let n = std::future::poll_fn(|cx| stream.poll_read_chunks(cx, &mut chunks, max.max(1)))
             .await
-            .map_err(Failed::Stream)?;
+            .map_err(RelayError::Stream)?;
         if n == 0 {
-            w.close().await.map_err(Failed::Socket)?;
+            w.close().await.map_err(RelayError::Socket)?;
             return Ok(total);
         }
         // A socket that takes nothing (a peer that reads nothing) must not keep the stream
@@ -285,11 +291,11 @@ where
         async {
             write_chunks(&mut w, &mut chunks)
                 .await
-                .map_err(Failed::Socket)
+                .map_err(RelayError::Socket)
         }
         .or(async {
             let why = std::future::poll_fn(|cx| stream.poll_given_up(cx)).await;
-            Err(Failed::Stream(why))
+            Err(RelayError::Stream(why))
         })
         .await?;
         total += n as u64;
@@ -631,7 +637,7 @@ async fn copy_into_stream<R, S>(
     stream: &Mutex<S>,
     socket_failed: &AtomicBool,
     on_bytes: impl Fn(usize),
-) -> io::Result<u64>
+) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
     S: WriteBytes + AsyncWrite + Unpin,
@@ -644,15 +650,18 @@ where
         if buf.len() != size {
             buf = pool.take(size);
         }
-        let n = r.read(&mut buf).await?;
+        let n = r.read(&mut buf).await.map_err(RelayError::Socket)?;
         if n == 0 && socket_failed.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
+            return Err(RelayError::Socket(io::Error::new(
                 io::ErrorKind::ConnectionReset,
                 "the connection was reset (its writer failed first)",
-            ));
+            )));
         }
         if n == 0 {
-            SharedHalf(stream).close().await?;
+            SharedHalf(stream)
+                .close()
+                .await
+                .map_err(RelayError::Stream)?;
             return Ok(total);
         }
         if size > RELAY_BUF_MIN && n >= size / 2 {
@@ -661,9 +670,14 @@ where
                 len: n,
                 pool: pool.clone(),
             };
-            write_all_bytes(stream, Bytes::from_owner(lent)).await?;
+            write_all_bytes(stream, Bytes::from_owner(lent))
+                .await
+                .map_err(RelayError::Stream)?;
         } else {
-            SharedHalf(stream).write_all(&buf[..n]).await?;
+            SharedHalf(stream)
+                .write_all(&buf[..n])
+                .await
+                .map_err(RelayError::Stream)?;
         }
         total += n as u64;
         on_bytes(n);
@@ -882,6 +896,9 @@ mod tests {
             assert_eq!(end.got, b"last bytes", "writer failed: {writer_failed}");
             if writer_failed {
                 let err = copied.expect_err("an end of file after a failed write");
+                let RelayError::Socket(err) = err else {
+                    panic!("not the socket's failure: {err}");
+                };
                 assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
                 assert!(
                     !end.finished,

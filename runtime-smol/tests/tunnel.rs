@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use fluidity_proto::{Config, Connection, Credentials, OpenRefusal, RefusalReason, Target};
 use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server, SanEntry};
-use fluidity_runtime_smol::relay::{relay, Direction, ReadChunks, MAX_READ_CHUNKS};
+use fluidity_runtime_smol::relay::{relay, Direction, ReadChunks, RelayError, MAX_READ_CHUNKS};
 use fluidity_runtime_smol::tls::{
     client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
 };
@@ -458,7 +458,7 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
         // The server relays every stream to the origin and reports each relay's result, and
         // the largest read from the origin.
         let (listener, addr) = listen();
-        let (done_tx, done) = async_channel::unbounded::<std::io::Result<(u64, u64)>>();
+        let (done_tx, done) = async_channel::unbounded::<Result<(u64, u64), RelayError>>();
         let largest = Arc::new(AtomicUsize::new(0));
         let largest2 = largest.clone();
         ex.spawn(serve_with(
@@ -518,6 +518,9 @@ fn the_relay_carries_a_socket_both_ways_byte_exact() {
             assert!(part[..] == payload(2, DOWN)[..1 << 20]);
             drop(s);
             let err = done.recv().await.unwrap().unwrap_err();
+            let RelayError::Stream(err) = err else {
+                panic!("the relay blamed the socket for the stream's reset: {err}");
+            };
             assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
             got_up.recv().await.unwrap();
             // The tunnel carries on.
@@ -617,7 +620,8 @@ fn a_half_closed_relay_ends_when_its_stream_is_given_up() {
             })
             .detach();
             let (listener, addr) = listen();
-            let (relayed, relay_ended) = async_channel::bounded::<std::io::Result<(u64, u64)>>(1);
+            let (relayed, relay_ended) =
+                async_channel::bounded::<Result<(u64, u64), RelayError>>(1);
             ex.spawn(serve_with(
                 ex.clone(),
                 listener,
@@ -650,7 +654,10 @@ fn a_half_closed_relay_ends_when_its_stream_is_given_up() {
                     drop(s);
                 }
                 let ended = relay_ended.recv().await.unwrap();
-                ended.expect_err("a stream given up is no clean end").kind()
+                match ended.expect_err("a stream given up is no clean end") {
+                    RelayError::Stream(e) => e.kind(),
+                    other => panic!("the relay blamed the socket: {other}"),
+                }
             })
         });
         let want = if lose_tunnel {

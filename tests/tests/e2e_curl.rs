@@ -320,7 +320,7 @@ fn streams_that_carry_no_further_request_end_plainly() {
     let end_of = |id: u32| {
         let done = log.contains(&format!("stream done stream={id} "));
         let cancelled = log.contains(&format!(
-            "stream aborted stream={id} target={} error=stream reset by the peer (CANCEL)",
+            "stream aborted stream={id} target={} error=the tunnel stream: stream reset by the peer (CANCEL)",
             origin.addr()
         ));
         (done, cancelled)

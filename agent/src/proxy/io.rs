@@ -391,6 +391,26 @@ impl CopyError {
     }
 }
 
+/// A relay's failure, by the end it happened at.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RelayError {
+    /// The local client's connection: it failed, left, or did not take the last bytes.
+    #[error("the client's connection: {0}")]
+    Client(CopyError),
+    /// The tunnel stream: the server reset it, or the tunnel was lost.
+    #[error("the tunnel stream: {0}")]
+    Tunnel(CopyError),
+}
+
+impl RelayError {
+    /// Whether the relay ended as connections end every day ([`CopyError::is_routine`]).
+    pub(crate) fn is_routine(&self) -> bool {
+        match self {
+            RelayError::Client(e) | RelayError::Tunnel(e) => e.is_routine(),
+        }
+    }
+}
+
 /// Sends `head` (a message head) before a body that `from` delivers. When body bytes
 /// are already buffered, the head stays in `head` and goes out with them in one write
 /// ([`write_after`]): for a small message one system call instead of two. Otherwise it
@@ -598,7 +618,7 @@ pub(crate) async fn relay_stream<C, W, S>(
     cin: &mut C,
     cw: &mut W,
     stream: S,
-) -> Result<(u64, u64), CopyError>
+) -> Result<(u64, u64), RelayError>
 where
     C: Source,
     W: AsyncWrite + Unpin,
@@ -610,7 +630,8 @@ where
 }
 
 /// Relays between a client (`a`) and a tunnel stream (`b`) until each direction has
-/// ended; returns (a→b, b→a) byte counts. An error in either direction ends both: the
+/// ended; returns (a→b, b→a) byte counts, or the first error with the end it happened at
+/// (`a` is the client's). An error in either direction ends both: the
 /// caller drops both ends, which resets them. Except one: a stream that takes no more
 /// (the server reset it) ends only the client's direction at first, because what the
 /// server sent before the reset (an origin's answer to an upload it refused) still reaches
@@ -620,7 +641,7 @@ pub(crate) async fn relay<A, AW, B, BW>(
     a_out: &mut AW,
     b_in: &mut B,
     b_out: &mut BW,
-) -> Result<(u64, u64), CopyError>
+) -> Result<(u64, u64), RelayError>
 where
     A: Source,
     AW: AsyncWrite + Unpin,
@@ -629,17 +650,24 @@ where
 {
     let up = async {
         match pipe(a_in, b_out).await {
-            Err(CopyError::Write(e)) => Ok(Err(CopyError::Write(e))),
-            other => other.map(Ok),
+            Ok(n) => Ok(Ok(n)),
+            Err(e @ CopyError::Write(_)) => Ok(Err(RelayError::Tunnel(e))),
+            Err(e) => Err(RelayError::Client(e)),
         }
+    };
+    let down = async {
+        pipe(b_in, a_out).await.map_err(|e| match e {
+            CopyError::Write(_) => RelayError::Client(e),
+            _ => RelayError::Tunnel(e),
+        })
     };
     // A local client takes the last bytes (at most a stream window) at once or not at all:
     // a fixed time, not moved on by progress.
-    join_with_grace(up, pipe(b_in, a_out), LAST_BYTES_TIME, None, || {
-        CopyError::Write(io::Error::new(
+    join_with_grace(up, down, LAST_BYTES_TIME, None, || {
+        RelayError::Client(CopyError::Write(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the stream's last bytes did not reach the client in time",
-        ))
+            "the stream's last bytes did not reach it in time",
+        )))
     })
     .await
 }
@@ -706,6 +734,85 @@ mod tests {
 
     fn block_on<T>(f: impl Future<Output = T>) -> T {
         futures_lite::future::block_on(f)
+    }
+
+    /// A connection that fails every read and write.
+    struct Broken(io::ErrorKind);
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+    }
+
+    /// A relay's error names the end that failed, reading or writing: the client's or
+    /// the tunnel stream's.
+    #[test]
+    fn a_relay_error_names_the_end_that_failed() {
+        use io::ErrorKind::{BrokenPipe, ConnectionReset};
+        let ends = |e: &RelayError| match e {
+            RelayError::Client(CopyError::Read(_)) => "client read",
+            RelayError::Client(CopyError::Write(_)) => "client write",
+            RelayError::Tunnel(CopyError::Read(_)) => "tunnel read",
+            RelayError::Tunnel(CopyError::Write(_)) => "tunnel write",
+            _ => "other",
+        };
+        // The client's reads fail; the stream ends at once.
+        let mut a_in = Inbound::with_capacity(Broken(ConnectionReset), 64);
+        let mut b_in = Inbound::with_capacity(&b""[..], 64);
+        let err = block_on(relay(
+            &mut a_in,
+            &mut Vec::new(),
+            &mut b_in,
+            &mut Vec::new(),
+        ));
+        assert_eq!(ends(&err.unwrap_err()), "client read");
+        // The stream's reads fail; the client ends at once.
+        let mut a_in = Inbound::with_capacity(&b""[..], 64);
+        let mut b_in = Inbound::with_capacity(Broken(ConnectionReset), 64);
+        let err = block_on(relay(
+            &mut a_in,
+            &mut Vec::new(),
+            &mut b_in,
+            &mut Vec::new(),
+        ));
+        assert_eq!(ends(&err.unwrap_err()), "tunnel read");
+        // The client takes nothing of what the stream sends.
+        let mut a_in = Inbound::with_capacity(&b""[..], 64);
+        let mut b_in = Inbound::with_capacity(&b"answer"[..], 64);
+        let mut a_out = Broken(BrokenPipe);
+        let err = block_on(relay(&mut a_in, &mut a_out, &mut b_in, &mut Vec::new()));
+        assert_eq!(ends(&err.unwrap_err()), "client write");
+        // The stream takes nothing of what the client sends; its own bytes still end.
+        let mut a_in = Inbound::with_capacity(&b"upload"[..], 64);
+        let mut b_in = Inbound::with_capacity(&b""[..], 64);
+        let mut b_out = Broken(ConnectionReset);
+        let err = block_on(relay(&mut a_in, &mut Vec::new(), &mut b_in, &mut b_out));
+        let err = err.unwrap_err();
+        assert_eq!(ends(&err), "tunnel write");
+        assert!(err.to_string().starts_with("the tunnel stream: "), "{err}");
     }
 
     #[test]
