@@ -860,18 +860,30 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
     check_private_dir(dir)
 }
 
-/// Refuses a folder that belongs to another user, or that every user may write to
-/// ([`Error::UnsafeFolder`]): the keys and certificates in it are trusted, so what others
-/// put there (a CA of their own) would be too.
+/// Refuses a folder that belongs to another user, or that every user may write to, or
+/// that is reached through a link another user made ([`Error::UnsafeFolder`]): the keys
+/// and certificates in it are trusted, so what others put there (a CA of their own) would
+/// be too.
 pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(dir).map_err(|source| Error::ReadFile {
+        let read_err = |source| Error::ReadFile {
             path: dir.to_path_buf(),
             source,
-        })?;
-        let problem = if meta.uid() != rustix::process::geteuid().as_raw() {
+        };
+        let me = rustix::process::geteuid().as_raw();
+        let link = fs::symlink_metadata(dir).map_err(read_err)?;
+        let meta = fs::metadata(dir).map_err(read_err)?;
+        // A link's owner may point it elsewhere at any time, so the folder it leads to
+        // today says nothing of tomorrow's (in /tmp, anyone may make the link). Links of
+        // the system's (root's) are let be.
+        let problem = if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+            Some((
+                "is a link made by another user",
+                "give the folder it leads to by its own path, or a folder of your own",
+            ))
+        } else if meta.uid() != me {
             Some((
                 "belongs to another user",
                 "give a folder of your own, or have its owner give it to you",
@@ -1450,6 +1462,36 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
             let err = ensure_dir(&dir, &opts).expect_err("a folder anyone may write to");
             assert!(matches!(err, Error::UnsafeFolder { .. }), "{err}");
+        }
+    }
+
+    /// A folder of one's own passes, directly or through one's own link; one every user
+    /// may write to does not, nor (where the test may hand things to another user, as
+    /// root) one of another user's or a link another user made.
+    #[cfg(unix)]
+    #[test]
+    fn only_a_folder_of_ones_own_is_trusted() {
+        use std::os::unix::fs::{lchown, symlink, PermissionsExt};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("mine");
+        fs::create_dir(&dir).expect("mkdir");
+        check_private_dir(&dir).expect("a folder of one's own");
+        let link = tmp.path().join("link");
+        symlink(&dir, &link).expect("symlink");
+        check_private_dir(&link).expect("one's own link to one's own folder");
+        let refused = |path: &Path, why: &str| match check_private_dir(path) {
+            Err(Error::UnsafeFolder { why: got, .. }) => assert_eq!(got, why),
+            other => panic!("{} not refused for {why}: {other:?}", path.display()),
+        };
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        refused(&dir, "may be written to by every user");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        if rustix::process::geteuid().is_root() {
+            let nobody = Some(65534);
+            lchown(&link, nobody, nobody).expect("lchown");
+            refused(&link, "is a link made by another user");
+            std::os::unix::fs::chown(&dir, nobody, nobody).expect("chown");
+            refused(&dir, "belongs to another user");
         }
     }
 
