@@ -610,6 +610,7 @@ impl Connection {
                 // they have been read. Anything short of that is a broken transport.
                 let peer_drained = (self.go_away_received || self.go_away_sent)
                     && self.rx.is_empty()
+                    && self.decoder.is_idle()
                     && self
                         .streams
                         .values()

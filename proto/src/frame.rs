@@ -599,6 +599,12 @@ impl Decoder {
         }
     }
 
+    /// Whether no frame is part-way through: a header taken off the input waits for its
+    /// payload otherwise, and the input alone no longer shows it.
+    pub fn is_idle(&self) -> bool {
+        self.header.is_none()
+    }
+
     /// Takes one frame off the front of `buf`: `Ok(None)` when more bytes are needed. After
     /// an error the input is unusable (the stream of frames has lost its framing).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Error> {

@@ -1006,6 +1006,39 @@ fn eof_after_goaway_with_an_incomplete_stream_is_reported() {
     )));
 }
 
+/// After a goaway, a transport that ends inside a frame is broken, not drained, even when
+/// the frame's header is all that arrived (the decoder holds it, the input is empty): the
+/// cut frame may have been a reset of a stream that would otherwise read as complete.
+#[test]
+fn eof_after_goaway_inside_a_frame_is_reported_even_after_its_whole_header() {
+    for arrived in [HEADER_LEN - 1, HEADER_LEN, HEADER_LEN + 1] {
+        let mut p = Pair::ready();
+        let id = p.open_accepted();
+        p.agent.send_stream(id).finish().unwrap();
+        p.server.send_stream(id).write(b"body").unwrap();
+        p.server.send_stream(id).finish().unwrap();
+        p.server.go_away(p.now);
+        p.drive();
+        let cut = raw(Frame::Data {
+            id,
+            fin: false,
+            payload: Bytes::from_static(b"xy"),
+        });
+        assert_eq!(p.agent.handle_input(p.now, &cut[..arrived]), arrived);
+        p.agent.handle_eof(p.now);
+        p.collect();
+        assert!(
+            p.agent_events.iter().any(|e| matches!(
+                e,
+                Event::ConnectionLost {
+                    reason: Error::TransportClosed
+                }
+            )),
+            "{arrived} bytes of a frame, then the end, taken for a drained peer"
+        );
+    }
+}
+
 /// A ready pair whose server lets the agent have one stream at a time.
 fn one_stream_pair() -> Pair {
     let scfg = Arc::new(Config {
