@@ -1081,6 +1081,10 @@ impl Connection {
             .get(&id)
             .filter(|s| !s.let_go())
             .ok_or(Error::UnknownStream(id))?;
+        // As `stream_write_len` judges it, so that room promised is room a write gets.
+        if self.side == Side::Server && s.phase != OpenPhase::Open {
+            return Err(Error::NotOpen(id));
+        }
         if s.send.fin != Fin::Open {
             return Err(Error::StreamFinished(id));
         }
@@ -1147,6 +1151,12 @@ impl Connection {
             return Err(Error::NotOpen(id));
         }
         if max == 0 {
+            // Nothing is taken, and a reader told Blocked waits for `Readable`: only true
+            // when nothing waits, and then that event must come.
+            if s.recv.buffered() > 0 || s.recv.fin_received {
+                return Ok(Some(Bytes::new()));
+            }
+            s.recv.signalled = false;
             return Err(Error::Blocked);
         }
         if let Some(chunk) = s.recv.take(max) {
@@ -1691,14 +1701,15 @@ impl Connection {
             );
         }
         s.recv.received += n;
+        // Recorded on a stream let go too, so that DATA after its FIN is still refused.
+        if fin {
+            s.recv.fin_received = true;
+        }
         if s.let_go() {
             return; // Reset by the application; only its last bytes still go out.
         }
         if !payload.is_empty() {
             self.stats.rx_copied += s.recv.push(payload, from) as u64;
-        }
-        if fin {
-            s.recv.fin_received = true;
         }
         if s.phase == OpenPhase::Open && (n > 0 || fin) {
             self.signal_readable(id);

@@ -1267,6 +1267,72 @@ fn data_after_fin_is_a_stream_closed_error() {
     expect_violation(&mut p, ErrorCode::STREAM_CLOSED);
 }
 
+/// DATA after the peer's FIN is refused on a stream this side has let go of with
+/// `reset_after_sent` too (its bytes are dropped, not its checks).
+#[test]
+fn data_after_fin_on_a_stream_let_go_is_a_stream_closed_error() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    p.server.send_stream(id).write(b"tail").unwrap();
+    p.server
+        .send_stream(id)
+        .reset_after_sent(ErrorCode::CANCEL)
+        .unwrap();
+    for fin in [true, false] {
+        p.server.handle_input(
+            p.now,
+            &raw(Frame::Data {
+                id,
+                fin,
+                payload: Bytes::from_static(b"x"),
+            }),
+        );
+    }
+    expect_violation(&mut p, ErrorCode::STREAM_CLOSED);
+}
+
+/// A read of 0 bytes takes nothing and says `Blocked` only when nothing waits, so a
+/// reader told to wait for `Readable` gets one.
+#[test]
+fn a_read_of_nothing_is_blocked_only_when_nothing_waits() {
+    let mut p = Pair::ready();
+    let id = p.open_accepted();
+    assert_eq!(p.agent.recv_stream(id).read(0), Err(Error::Blocked));
+    p.server.send_stream(id).write(b"hello").unwrap();
+    p.drive();
+    assert_eq!(p.agent.recv_stream(id).read(0), Ok(Some(Bytes::new())));
+    assert_eq!(read_all(&mut p.agent, id), (b"hello".to_vec(), false));
+    // Told Blocked by a read of nothing, then bytes arrive: `Readable` follows.
+    assert_eq!(p.agent.recv_stream(id).read(0), Err(Error::Blocked));
+    p.agent_events.clear();
+    p.server.send_stream(id).write(b"more").unwrap();
+    p.server.send_stream(id).finish().unwrap();
+    p.drive();
+    assert!(
+        p.agent_events
+            .iter()
+            .any(|e| matches!(e, Event::Stream(StreamEvent::Readable { id: r }) if *r == id)),
+        "{:?}",
+        p.agent_events
+    );
+    assert_eq!(read_all(&mut p.agent, id), (b"more".to_vec(), true));
+}
+
+/// A server stream not yet accepted has no room to write, as its write says.
+#[test]
+fn a_server_stream_not_yet_accepted_promises_no_room() {
+    let mut p = Pair::ready();
+    let id = p.agent.open(p.now, target()).unwrap();
+    p.drive();
+    assert_eq!(p.server.send_stream(id).writable(), Err(Error::NotOpen(id)));
+    assert_eq!(
+        p.server.send_stream(id).write(b"x"),
+        Err(Error::NotOpen(id))
+    );
+    p.server.accept_open(id).unwrap();
+    assert!(p.server.send_stream(id).writable().unwrap() > 0);
+}
+
 #[test]
 fn window_overflow_is_a_flow_control_error() {
     let mut p = Pair::ready();

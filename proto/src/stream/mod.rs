@@ -198,7 +198,8 @@ pub struct RecvStream<'a> {
 impl RecvStream<'_> {
     /// Takes up to `max` buffered bytes. `Ok(None)` is the end of the stream (the peer's
     /// FIN). [`Error::Blocked`] (not fatal) means nothing yet: wait for
-    /// [`StreamEvent::Readable`]. Reading returns credit to the peer.
+    /// [`StreamEvent::Readable`]. Reading returns credit to the peer. A read of 0 bytes
+    /// takes nothing: an empty chunk when bytes or the end wait, else `Blocked`.
     pub fn read(&mut self, max: usize) -> Result<Option<Bytes>, Error> {
         self.conn.stream_read(self.id, max)
     }
