@@ -1227,13 +1227,18 @@ impl Connection {
     }
 
     fn remove_stream(&mut self, id: StreamId) {
-        // The round-robin skips ids that no longer exist.
         self.take_stream(id);
     }
 
     /// Removes stream `id`, giving its window's growth back to the budget.
     fn take_stream(&mut self, id: StreamId) -> Option<StreamState> {
         let s = self.streams.remove(&id)?;
+        if s.scheduled {
+            // The round-robin skips ids that are gone, but only those it reaches: one
+            // starved of connection credit stops at its first stream, and ids gone behind
+            // it would pile up for as long as the peer withholds credit.
+            self.sendable.retain(|&queued| queued != id);
+        }
         let grown = u64::from(s.recv.window.window() - self.limits.stream_window);
         debug_assert!(self.windows_grown >= grown, "window growth counted short");
         self.windows_grown -= grown;
@@ -1804,6 +1809,43 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams that end while the round-robin is starved of connection credit leave no
+    /// ids behind in it: a peer that withholds credit must not make it grow with every
+    /// stream the application abandons.
+    #[test]
+    fn streams_gone_while_connection_credit_is_withheld_leave_no_ids_queued() {
+        let now = Instant::now();
+        let mut a = Connection::agent(Arc::new(Config::default()), Credentials::none(), now);
+        let mut wire = Vec::new();
+        let limits = Limits {
+            connection_window: 1,
+            ..Limits::default()
+        };
+        Frame::Hello(Hello::ours(limits)).encode(&mut wire);
+        Frame::AuthResult(AuthResult::Accepted {
+            principal: String::new(),
+            lifetime_secs: 0,
+        })
+        .encode(&mut wire);
+        assert_eq!(a.handle_input(now, &wire), wire.len());
+        assert!(a.is_ready());
+        let target = || crate::Target::parse("example.com:80").expect("a target");
+        let stuck = a.open(now, target()).expect("open");
+        a.send_stream(stuck)
+            .write(b"waits for credit")
+            .expect("write");
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            let id = a.open(now, target()).expect("open");
+            a.send_stream(id).write(b"request").expect("write");
+            a.send_stream(id).reset(ErrorCode::CANCEL).expect("reset");
+            out.clear();
+            a.poll_transmit(now, &mut out);
+        }
+        assert_eq!(a.streams.len(), 1);
+        assert!(a.sendable.len() <= 1, "{} ids queued", a.sendable.len());
+    }
 
     #[test]
     fn the_receive_allocation_is_taken_back_once_its_payloads_are_gone() {
