@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::frame::{encode_data_header, Decoder, Frame, HEADER_LEN, MIN_MAX_FRAME_LEN};
+use crate::frame::{
+    encode_data_header, Decoder, Frame, HEADER_LEN, MAX_AUTH_METHOD_LEN, MIN_MAX_FRAME_LEN,
+};
 use crate::handshake::{AuthFailure, AuthRequest, AuthResult, Credentials, Hello, Phase};
 use crate::stream::flow::{RecvWindow, SendWindow};
 use crate::stream::recv::{Allocation, RecvState};
 use crate::stream::send::{Fin, SendBuf};
 use crate::stream::{OpenPhase, RecvStream, SendStream, StreamEvent, StreamInfo, StreamState};
 use crate::{
-    deadline, Config, Error, ErrorCode, Limits, OpenRefusal, RefusalReason, Side, StreamId, Target,
-    PROBE_QUIET,
+    deadline, Config, Error, ErrorCode, Host, Limits, OpenRefusal, RefusalReason, Side, StreamId,
+    Target, PROBE_QUIET,
 };
 
 /// The round trip window growth assumes until a ping has measured one (the first goes out
@@ -256,9 +258,19 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The agent end. It sends its hello and `credentials` at once.
+    /// The agent end. It sends its hello and `credentials` at once. Credentials whose
+    /// method name no AUTH frame can carry end the connection at once
+    /// ([`Error::InvalidAuthMethod`], reported as [`Event::ConnectionLost`]).
     pub fn agent(config: Arc<Config>, credentials: Credentials, now: Instant) -> Connection {
         let mut c = Connection::new(Side::Agent, config, now);
+        let m = credentials.method.as_bytes();
+        if m.is_empty() || m.len() > MAX_AUTH_METHOD_LEN || !m.iter().all(u8::is_ascii_graphic) {
+            // The frame would be cut or refused by the server; say why here instead, and
+            // send nothing, not even the hello.
+            c.ctrl.clear();
+            c.fail(Error::InvalidAuthMethod(credentials.method), false);
+            return c;
+        }
         c.queue(&Frame::Auth {
             method: credentials.method,
             payload: credentials.payload,
@@ -882,11 +894,18 @@ impl Connection {
     // ----- streams -----
 
     /// Agent: opens a stream to `target`. Data may be written at once (it is carried
-    /// behind the open); reading waits for [`StreamEvent::Opened`].
-    pub fn open(&mut self, now: Instant, target: Target) -> Result<StreamId, Error> {
+    /// behind the open); reading waits for [`StreamEvent::Opened`]. A host name is taken
+    /// in its normal form ([`Host::name`]), and one without any is refused
+    /// ([`Error::InvalidTarget`]).
+    pub fn open(&mut self, now: Instant, mut target: Target) -> Result<StreamId, Error> {
         self.advance(now);
         if self.side != Side::Agent {
             return Err(Error::WrongSide);
+        }
+        if let Host::Name(name) = &target.host {
+            // The server refuses a name not in its normal form as a malformed frame, which
+            // ends the whole tunnel, and a longer one would be cut into another name.
+            target.host = Host::name(name).ok_or_else(|| Error::InvalidTarget(name.clone()))?;
         }
         self.check_alive()?;
         if self.phase != Phase::Ready {

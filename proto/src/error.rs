@@ -106,6 +106,13 @@ pub enum Error {
     /// The stream was opened but the server has not accepted it, so it cannot be read yet.
     #[error("stream {0} is not open yet")]
     NotOpen(StreamId),
+    /// The application asked to open a stream to a host name no OPEN can carry: empty,
+    /// over 255 bytes, or not visible ASCII (see [`Host::name`](crate::Host::name)).
+    #[error("invalid target host name {0:?}: 1 to 255 bytes of visible ASCII")]
+    InvalidTarget(String),
+    /// The agent was given credentials whose method name no AUTH can carry.
+    #[error("invalid authentication method name {0:?}: 1 to 64 bytes of visible ASCII")]
+    InvalidAuthMethod(String),
     /// All stream ids have been used; a new connection is needed.
     #[error("stream ids exhausted on this connection")]
     StreamIdsExhausted,
@@ -222,6 +229,7 @@ impl Error {
                 | Error::NotPendingOpen(_)
                 | Error::NotOpen(_)
                 | Error::StreamIdsExhausted
+                | Error::InvalidTarget(_)
         )
     }
 

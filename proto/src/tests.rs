@@ -1039,6 +1039,63 @@ fn eof_after_goaway_inside_a_frame_is_reported_even_after_its_whole_header() {
     }
 }
 
+/// A host name built by hand goes out in its normal form, and one no OPEN can carry is
+/// refused locally: neither costs the tunnel or its other streams (the server ends the
+/// tunnel on a malformed OPEN), nor is a long name cut into another host.
+#[test]
+fn open_takes_host_names_in_their_normal_form_and_refuses_the_rest() {
+    let mut p = Pair::ready();
+    let innocent = p.open_accepted();
+    let name = |n: &str| Target::new(Host::Name(n.to_owned()), 443);
+    let id = p.agent.open(p.now, name("Example.COM")).unwrap();
+    let long = format!("{}.example", "a".repeat(250));
+    for bad in [long.as_str(), "", "spa ce", "a/b"] {
+        assert_eq!(
+            p.agent.open(p.now, name(bad)),
+            Err(Error::InvalidTarget(bad.to_owned()))
+        );
+    }
+    p.drive();
+    let asked = p.server_events.iter().find_map(|e| match e {
+        Event::Stream(StreamEvent::OpenRequested { id: i, target }) if *i == id => {
+            Some(target.host.to_string())
+        }
+        _ => None,
+    });
+    assert_eq!(asked.as_deref(), Some("example.com"));
+    let lost = |events: &[Event]| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ConnectionLost { .. }))
+    };
+    assert!(!lost(&p.agent_events) && !lost(&p.server_events));
+    p.server.send_stream(innocent).write(b"still here").unwrap();
+    p.drive();
+    assert_eq!(read_all(&mut p.agent, innocent).0, b"still here");
+}
+
+/// Credentials whose method name no AUTH frame can carry end the agent's connection at
+/// once, saying why, instead of reaching the server cut short or malformed.
+#[test]
+fn an_agent_with_an_impossible_method_name_fails_at_once() {
+    let long = "m".repeat(65);
+    for method in ["", "two words", long.as_str()] {
+        let creds = Credentials {
+            method: method.to_owned(),
+            payload: Bytes::new(),
+        };
+        let mut agent = Connection::agent(cfg(false), creds, Instant::now());
+        let lost = std::iter::from_fn(|| agent.poll()).find_map(|e| match e {
+            Event::ConnectionLost { reason } => Some(reason),
+            _ => None,
+        });
+        assert_eq!(lost, Some(Error::InvalidAuthMethod(method.to_owned())));
+        let mut out = Vec::new();
+        agent.poll_transmit(Instant::now(), &mut out);
+        assert!(out.is_empty(), "{method:?}: sent {} bytes", out.len());
+    }
+}
+
 /// A ready pair whose server lets the agent have one stream at a time.
 fn one_stream_pair() -> Pair {
     let scfg = Arc::new(Config {
