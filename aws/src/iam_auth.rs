@@ -35,7 +35,9 @@ pub const CHANNEL_BINDING_HEADER: &str = "x-fluidity-channel-binding";
 pub const GET_CALLER_IDENTITY_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 
 /// Limits on an encoded payload (it is read from the network before any authentication).
-pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
+/// An AUTH frame (a length byte, a method name of at most 64 bytes, the payload) then fits
+/// the 16 KiB every server takes before the agent knows its limits.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 - 1 - 64;
 /// At most this many headers.
 pub const MAX_HEADERS: usize = 16;
 /// Longest header name.

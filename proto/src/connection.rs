@@ -258,9 +258,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The agent end. It sends its hello and `credentials` at once. Credentials whose
-    /// method name no AUTH frame can carry end the connection at once
-    /// ([`Error::InvalidAuthMethod`], reported as [`Event::ConnectionLost`]).
+    /// The agent end. It sends its hello and `credentials` at once. Credentials no AUTH
+    /// frame can carry (a method name out of bounds, a frame over 16 KiB) end the
+    /// connection at once ([`Error::InvalidAuthMethod`], [`Error::CredentialsTooLarge`],
+    /// reported as [`Event::ConnectionLost`]).
     pub fn agent(config: Arc<Config>, credentials: Credentials, now: Instant) -> Connection {
         let mut c = Connection::new(Side::Agent, config, now);
         let m = credentials.method.as_bytes();
@@ -269,6 +270,14 @@ impl Connection {
             // send nothing, not even the hello.
             c.ctrl.clear();
             c.fail(Error::InvalidAuthMethod(credentials.method), false);
+            return c;
+        }
+        let len = 1 + m.len() + credentials.payload.len();
+        if len > MIN_MAX_FRAME_LEN as usize {
+            // AUTH goes out before the server's limits are known: only the least any
+            // server takes is sure to arrive.
+            c.ctrl.clear();
+            c.fail(Error::CredentialsTooLarge(len), false);
             return c;
         }
         c.queue(&Frame::Auth {
@@ -1504,6 +1513,8 @@ impl Connection {
             || h.limits.stream_window > crate::MAX_WINDOW
             || h.limits.connection_window == 0
             || h.limits.connection_window > crate::MAX_WINDOW
+            // An agent could open nothing through the tunnel, and would wait for ever.
+            || (self.side == Side::Agent && h.limits.max_streams == 0)
         {
             return self.violation(ErrorCode::PROTOCOL, "hello limits out of range");
         }
@@ -1828,6 +1839,29 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's HELLO that allows no stream ends the agent's connection with a
+    /// protocol error, rather than leaving it ready with nothing it could open.
+    #[test]
+    fn a_server_hello_allowing_no_stream_is_refused() {
+        let now = Instant::now();
+        for max_streams in [0, 1] {
+            let mut a = Connection::agent(Arc::new(Config::default()), Credentials::none(), now);
+            let mut wire = Vec::new();
+            let limits = Limits {
+                max_streams,
+                ..Limits::default()
+            };
+            Frame::Hello(Hello::ours(limits)).encode(&mut wire);
+            a.handle_input(now, &wire);
+            let lost = std::iter::from_fn(|| a.poll()).find_map(|e| match e {
+                Event::ConnectionLost { reason } => Some(reason.code()),
+                _ => None,
+            });
+            let want = (max_streams == 0).then_some(ErrorCode::PROTOCOL);
+            assert_eq!(lost, want, "max_streams {max_streams}");
+        }
+    }
 
     /// Streams that end while the round-robin is starved of connection credit leave no
     /// ids behind in it: a peer that withholds credit must not make it grow with every

@@ -113,6 +113,10 @@ pub enum Error {
     /// The agent was given credentials whose method name no AUTH can carry.
     #[error("invalid authentication method name {0:?}: 1 to 64 bytes of visible ASCII")]
     InvalidAuthMethod(String),
+    /// The agent was given credentials whose AUTH frame would be longer than the
+    /// 16 KiB every server takes before its limits are known.
+    #[error("credentials of {0} bytes do not fit an AUTH frame of 16 KiB")]
+    CredentialsTooLarge(usize),
     /// All stream ids have been used; a new connection is needed.
     #[error("stream ids exhausted on this connection")]
     StreamIdsExhausted,

@@ -1074,8 +1074,9 @@ fn open_takes_host_names_in_their_normal_form_and_refuses_the_rest() {
     assert_eq!(read_all(&mut p.agent, innocent).0, b"still here");
 }
 
-/// Credentials whose method name no AUTH frame can carry end the agent's connection at
-/// once, saying why, instead of reaching the server cut short or malformed.
+/// Credentials no AUTH frame can carry (a method name out of bounds, a frame longer than
+/// any server is sure to take) end the agent's connection at once, saying why, instead of
+/// reaching the server cut short, malformed or too long.
 #[test]
 fn an_agent_with_an_impossible_method_name_fails_at_once() {
     let long = "m".repeat(65);
@@ -1093,6 +1094,22 @@ fn an_agent_with_an_impossible_method_name_fails_at_once() {
         let mut out = Vec::new();
         agent.poll_transmit(Instant::now(), &mut out);
         assert!(out.is_empty(), "{method:?}: sent {} bytes", out.len());
+    }
+    // A payload whose AUTH frame fits 16 KiB goes; one byte more does not.
+    let method = "aws-sts-v1";
+    for (extra, fits) in [(0, true), (1, false)] {
+        let len = 16 * 1024 - 1 - method.len() + extra;
+        let creds = Credentials {
+            method: method.to_owned(),
+            payload: Bytes::from(vec![b'x'; len]),
+        };
+        let mut agent = Connection::agent(cfg(false), creds, Instant::now());
+        let lost = std::iter::from_fn(|| agent.poll()).find_map(|e| match e {
+            Event::ConnectionLost { reason } => Some(reason),
+            _ => None,
+        });
+        let want = (!fits).then_some(Error::CredentialsTooLarge(16 * 1024 + 1));
+        assert_eq!(lost, want, "payload of {len} bytes");
     }
 }
 
