@@ -105,6 +105,34 @@ pub fn control_binary() -> &'static Path {
     })
 }
 
+/// The server's permissions, exactly as docs/AWS.md lists them: a server that needs one
+/// more fails to start here (moto checks IAM). The function URL actions are not checked
+/// (the control host plays Lambda), nor is moto's signing-name alias of CloudWatch's
+/// action one AWS knows.
+fn server_policy() -> Value {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Action": [
+                "ecs:DescribeTasks",
+                "ec2:DescribeNetworkInterfaces",
+                "dynamodb:GetItem",
+                // AWS names the action cloudwatch:…; moto 5.2 checks it under the
+                // signing name, monitoring:….
+                "cloudwatch:PutMetricData", "monitoring:PutMetricData",
+                "lambda:InvokeFunctionUrl"
+            ],
+            "Resource": "*"
+        }, {
+            "Effect": "Allow",
+            "Action": "lambda:InvokeFunction",
+            "Resource": "*",
+            "Condition": {"Bool": {"lambda:InvokedViaFunctionUrl": "true"}}
+        }]
+    })
+}
+
 /// How the played ECS behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -156,7 +184,7 @@ impl World {
         moto.create_secret("fluidity-ca", &ca_secret_json(&ca));
         let control_user = moto.create_user("fluidity-control");
         let agent_user = moto.create_user("fluidity-agent");
-        let server_user = moto.create_user("fluidity-server");
+        let server_user = moto.create_user_with_policy("fluidity-server", Some(&server_policy()));
         let dir = tempfile::Builder::new()
             .prefix("fluidity-lifecycle-")
             .tempdir()
