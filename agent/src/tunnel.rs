@@ -155,7 +155,26 @@ impl std::fmt::Debug for TunnelSettings {
 struct Breaker {
     failures: u32,
     retry_at: Option<Instant>,
-    last_error: String,
+    last_error: Failure,
+}
+
+/// Why no tunnel could be made, and whether that lasts until something the text names is
+/// changed (a certificate, a setting, the server's allow list): retrying alone does not
+/// help then, and clients are told so rather than to retry in a moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Failure {
+    why: String,
+    lasting: bool,
+}
+
+impl Failure {
+    /// A failure that may pass by itself (the network, a server starting or stopping).
+    fn passing(why: impl Into<String>) -> Failure {
+        Failure {
+            why: why.into(),
+            lasting: false,
+        }
+    }
 }
 
 struct Inner {
@@ -241,40 +260,48 @@ impl TunnelDialer {
         let stopping = self.inner.stopping.1.clone();
         let stopped = async move {
             let _ = stopping.recv().await;
-            Err(String::new())
+            Err(Failure::default())
         };
-        match self.tunnel().or(stopped).await {
+        match self.ready_or_failure().or(stopped).await {
             Ok(t) => Ok(t),
             Err(_) if self.is_stopping() => Err(DialError::Stopping),
-            Err(e) => Err(DialError::TunnelDown(e)),
+            Err(Failure { why, lasting: true }) => Err(DialError::TunnelUnusable(why)),
+            Err(Failure { why, .. }) => Err(DialError::TunnelDown(why)),
         }
     }
 
     /// Returns a ready tunnel, connecting if there is none.
     pub async fn tunnel(&self) -> Result<Tunnel, String> {
+        self.ready_or_failure().await.map_err(|f| f.why)
+    }
+
+    async fn ready_or_failure(&self) -> Result<Tunnel, Failure> {
         if let Some(t) = self.usable() {
             return Ok(t);
         }
         if self.is_stopping() {
-            return Err("the agent is stopping".into());
+            return Err(Failure::passing("the agent is stopping"));
         }
         let _one_at_a_time = self.inner.connecting.lock().await;
         if let Some(t) = self.usable() {
             return Ok(t);
         }
         if self.is_stopping() {
-            return Err("the agent is stopping".into());
+            return Err(Failure::passing("the agent is stopping"));
         }
         {
             let b = lock(&self.inner.breaker);
             if let Some(at) = b.retry_at {
                 let now = Instant::now();
                 if now < at {
-                    return Err(format!(
-                        "{} (next attempt in {:.1} s)",
-                        b.last_error,
-                        (at - now).as_secs_f32()
-                    ));
+                    return Err(Failure {
+                        why: format!(
+                            "{} (next attempt in {:.1} s)",
+                            b.last_error.why,
+                            (at - now).as_secs_f32()
+                        ),
+                        lasting: b.last_error.lasting,
+                    });
                 }
             }
         }
@@ -287,7 +314,7 @@ impl TunnelDialer {
                 if self.is_stopping() {
                     drop(current);
                     t.close(fluidity_proto::ErrorCode::NO_ERROR, "agent stopped");
-                    return Err("the agent is stopping".into());
+                    return Err(Failure::passing("the agent is stopping"));
                 }
                 if let Some(old) = current.replace(t.clone()) {
                     self.retire(old);
@@ -307,7 +334,7 @@ impl TunnelDialer {
                 b.last_error = e.clone();
                 // The next attempt is made by the next client that needs the tunnel, no
                 // sooner than this.
-                tracing::warn!(server = %s.server, error = %e, failures = b.failures,
+                tracing::warn!(server = %s.server, error = %e.why, lasting = e.lasting, failures = b.failures,
                     next_attempt_after_ms = backoff.as_millis() as u64,
                     "cannot reach the server; the next client to need it tries again");
                 Err(e)
@@ -421,11 +448,15 @@ impl TunnelDialer {
 
     /// A tunnel to the first of the server's addresses that completes the tunnel
     /// handshake: an address whose TLS or tunnel handshake fails gives way to the next.
-    async fn connect(&self) -> Result<Tunnel, String> {
+    async fn connect(&self) -> Result<Tunnel, Failure> {
         let settings = self.settings();
         let s = &*settings;
         tracing::info!(server = %s.server, "connecting to the server");
-        let mut addrs = s.server.resolve(s.connect_timeout).await?;
+        let mut addrs = s
+            .server
+            .resolve(s.connect_timeout)
+            .await
+            .map_err(Failure::passing)?;
         let mut why = Vec::new();
         loop {
             let (server, h) = match connect_to_one(s, &mut addrs).await {
@@ -438,7 +469,7 @@ impl TunnelDialer {
             match self.start_tunnel(s, server, h).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err((e, Next::Address)) if !addrs.is_empty() => {
-                    tracing::warn!(%server, error = %e, "the tunnel handshake failed; trying the server's next address");
+                    tracing::warn!(%server, error = %e.why, "the tunnel handshake failed; trying the server's next address");
                     why.push(e);
                 }
                 Err((e, _)) => {
@@ -456,7 +487,7 @@ impl TunnelDialer {
         s: &TunnelSettings,
         server: SocketAddr,
         h: Handshaken,
-    ) -> Result<Tunnel, (String, Next)> {
+    ) -> Result<Tunnel, (Failure, Next)> {
         // One deadline covers credentials, signing and the server's verdict: no wait of
         // the tunnel handshake is unbounded.
         let limit = s.proto.handshake_timeout;
@@ -476,12 +507,16 @@ impl TunnelDialer {
                         ))
                     })
                     .await
-                    .map_err(|e| (format!("cannot build tunnel credentials: {e}"), Next::Stop))?
+                    .map_err(|e| {
+                        // The credential chain's own advice says what to fix.
+                        let why = format!("cannot build tunnel credentials: {e}");
+                        (Failure { why, lasting: true }, Next::Stop)
+                    })?
             }
         };
         let conn = fluidity_proto::Connection::agent(s.proto.clone(), credentials, Instant::now());
         let (tunnel, events, driver) = fluidity_runtime_smol::start(h.sock, h.tls, conn)
-            .map_err(|e| (e.to_string(), Next::Stop))?;
+            .map_err(|e| (Failure::passing(e.to_string()), Next::Stop))?;
         self.inner.ex.spawn(driver).detach();
         self.inner
             .ex
@@ -531,7 +566,9 @@ impl TunnelDialer {
         if let Err(e) = ready {
             // Nothing more will come of this connection; do not leave it half open.
             tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "handshake abandoned");
-            return Err((handshake_error(server, s, e), Next::Address));
+            let lasting = is_lasting(&e);
+            let why = handshake_error(server, s, e);
+            return Err((Failure { why, lasting }, Next::Address));
         }
         Ok(tunnel)
     }
@@ -547,15 +584,73 @@ enum Next {
 }
 
 /// One message for the failures of every address tried.
-fn all_failed(s: &TunnelSettings, mut why: Vec<String>) -> String {
+/// Lasting only if every address's failure lasts.
+fn all_failed(s: &TunnelSettings, mut why: Vec<Failure>) -> Failure {
     why.dedup();
+    let lasting = !why.is_empty() && why.iter().all(|f| f.lasting);
     match why.len() {
         1 => why.remove(0),
-        _ => format!(
-            "cannot connect to the server {} at any of its addresses: {}",
-            s.server,
-            why.join("; ")
+        _ => Failure {
+            why: format!(
+                "cannot connect to the server {} at any of its addresses: {}",
+                s.server,
+                why.iter()
+                    .map(|f| f.why.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            lasting,
+        },
+    }
+}
+
+/// Whether a failure to connect or to complete the tunnel handshake lasts until a
+/// certificate, a setting or the server's configuration changes: the server's certificate
+/// or name is not what this agent trusts, the server refuses this agent's certificate or
+/// credentials, or the two do not speak the same protocol.
+fn is_lasting(e: &fluidity_runtime_smol::Error) -> bool {
+    use fluidity_proto::AuthFailure as F;
+    use fluidity_runtime_smol::Error as E;
+    use rustls::AlertDescription as A;
+    match e {
+        E::Tls(rustls::Error::InvalidCertificate(_))
+        | E::Tls(rustls::Error::PeerIncompatible(_))
+        | E::Tls(rustls::Error::NoApplicationProtocol)
+        | E::Tls(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
+        | E::InvalidServerName(_)
+        | E::AlpnMismatch { .. }
+        | E::NoPeerCertificate { .. }
+        | E::PeerIdentity { .. } => true,
+        E::Tls(rustls::Error::AlertReceived(alert)) => matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+                | A::NoApplicationProtocol
+                | A::ProtocolVersion
+                | A::HandshakeFailure
         ),
+        E::Tunnel(fluidity_proto::Error::AuthRejected { failure, .. }) => matches!(
+            failure,
+            F::InvalidCredentials
+                | F::NotAllowed
+                | F::ClockSkew
+                | F::WrongServer
+                | F::UnsupportedMethod
+                | F::Malformed
+        ),
+        E::Tunnel(fluidity_proto::Error::VersionMismatch { .. }) => true,
+        // In TLS 1.3 the server's refusal of this agent's certificate arrives after the
+        // handshake, as an alert the transport reports (see `handshake_error`).
+        E::Tunnel(fluidity_proto::Error::TransportFailed(why)) => {
+            why.contains("received fatal alert")
+        }
+        _ => false,
     }
 }
 
@@ -574,7 +669,7 @@ const HANDSHAKE_FALLBACK: Duration = Duration::from_secs(2);
 async fn connect_to_one(
     s: &TunnelSettings,
     addrs: &mut Vec<SocketAddr>,
-) -> Result<(SocketAddr, Handshaken), Vec<String>> {
+) -> Result<(SocketAddr, Handshaken), Vec<Failure>> {
     type Raced = Result<Won<Async<TcpStream>, io::Error>, Vec<(SocketAddr, io::Error)>>;
     type Race<'a> = Pin<Box<dyn Future<Output = Raced> + Send + 'a>>;
     type Handshook = Box<Result<Handshaken, fluidity_runtime_smol::Error>>;
@@ -586,7 +681,12 @@ async fn connect_to_one(
         Fallback,
     }
     // Before any connection: a name rustls refuses fails here, with no socket opened.
-    TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| vec![e.to_string()])?;
+    TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| {
+        vec![Failure {
+            lasting: is_lasting(&e),
+            why: e.to_string(),
+        }]
+    })?;
     let race = |addrs: Vec<SocketAddr>| -> (Instant, Race<'_>) {
         let raced = first_to_connect(addrs, ATTEMPT_DELAY, |addr| {
             tcp_connect(addr, s.connect_timeout)
@@ -595,9 +695,10 @@ async fn connect_to_one(
     };
     let mut why = Vec::new();
     let mut failed = |addr: SocketAddr, e| {
+        let lasting = is_lasting(&e);
         let e = connect_error(&s.server.at(addr), &s.ca_file, e);
-        tracing::debug!(%addr, error = %e, "server address failed");
-        why.push(e);
+        tracing::debug!(%addr, error = %e, lasting, "server address failed");
+        why.push(Failure { why: e, lasting });
     };
     let mut racing = (!addrs.is_empty()).then(|| race(addrs.clone()));
     let mut handshakes: Vec<Handshake<'_>> = Vec::new();

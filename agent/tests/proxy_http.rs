@@ -465,18 +465,29 @@ fn refusals_become_honest_statuses() {
             .await;
             assert_eq!(stdout(&out), status.to_string(), "CONNECT {reason:?}");
         }
-        let down = RefusingDialer::new(DialError::TunnelDown("reconnecting".into()));
-        let proxy = start_proxy(down, cfg()).await;
-        let out = curl(&[
-            "-w",
-            "\n%{http_code}",
-            "-x",
-            &proxy.url(),
-            "http://a.example/",
-        ])
-        .await;
-        let text = stdout(&out);
-        assert!(text.ends_with("\n502") && text.contains("tunnel"), "{text}");
+        // A tunnel that is down for now is retried in a moment; one that cannot be made
+        // until something is fixed says so, and not to retry.
+        for (down, passes) in [
+            (DialError::TunnelDown("reconnecting".into()), true),
+            (
+                DialError::TunnelUnusable("the server's certificate is not for this name".into()),
+                false,
+            ),
+        ] {
+            let proxy = start_proxy(RefusingDialer::new(down), cfg()).await;
+            let out = curl(&[
+                "-w",
+                "\n%{http_code}",
+                "-x",
+                &proxy.url(),
+                "http://a.example/",
+            ])
+            .await;
+            let text = stdout(&out);
+            assert!(text.ends_with("\n502") && text.contains("tunnel"), "{text}");
+            assert_eq!(text.contains("retry in a moment"), passes, "{text}");
+            assert_eq!(text.contains("until this is fixed"), !passes, "{text}");
+        }
 
         // No stream in time: 504, and the answer says what the wait was for, not that the
         // origin did not answer.

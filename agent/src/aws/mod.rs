@@ -934,6 +934,8 @@ mod tests {
     use fluidity_server::health::Metrics;
     use fluidity_server::{Server, ServerConfig};
 
+    use crate::proxy::{DialError, Dialer};
+
     const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
     /// The agent's certificate for `arn` and 127.0.0.1, with the CA, in `dir`.
@@ -1114,7 +1116,7 @@ mod tests {
     /// A server in this process with a certificate for `server_cn` and `server_ips`, on
     /// 127.0.0.2, and an agent's tunnel settings for `located` with a certificate for
     /// `arn` and 127.0.0.1; returns the agent's verdict on the server.
-    fn dial(server_cn: &str, server_ips: &[&str], arn: &str) -> std::result::Result<(), String> {
+    fn dial(server_cn: &str, server_ips: &[&str], arn: &str) -> std::result::Result<(), DialError> {
         let dir = tempfile::tempdir().unwrap();
         let ca = generate_ca("test CA", YEAR).unwrap();
         let files = agent_files(dir.path(), &ca, arn);
@@ -1142,7 +1144,7 @@ mod tests {
 
         with_server(server, listener, |ex| async move {
             let dialer = TunnelDialer::new(settings, ex);
-            let verdict = dialer.tunnel().await.map(|_| ());
+            let verdict = Dialer::ready(&dialer).await;
             dialer.shutdown(Duration::from_millis(100)).await;
             verdict
         })
@@ -1464,18 +1466,54 @@ mod tests {
         });
     }
 
+    /// A server with nothing listening at its address is a failure that may pass: clients
+    /// are told that the agent reconnects, not that something must be fixed.
+    #[test]
+    fn a_server_not_listening_is_a_passing_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = generate_ca("test CA", YEAR).unwrap();
+        let files = agent_files(dir.path(), &ca, ARN);
+        let port = std::net::TcpListener::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let located = Located {
+            server_ip: "127.0.0.2".parse().unwrap(),
+            server_arn: ARN.to_owned(),
+            agent_ip: None,
+        };
+        let settings =
+            tunnel_settings(&AgentConfig::default(), &test_aws(port), &files, &located).unwrap();
+        let ex = Arc::new(Executor::new());
+        let verdict = smol::block_on(ex.run(async {
+            let dialer = TunnelDialer::new(settings, ex.clone());
+            Dialer::ready(&dialer).await
+        }));
+        assert!(
+            matches!(verdict, Err(DialError::TunnelDown(_))),
+            "{verdict:?}"
+        );
+    }
+
     #[test]
     fn connects_only_to_this_arn_at_the_dialled_address() {
         dial(ARN, &["127.0.0.2", "127.0.0.1"], ARN).expect("the right server is accepted");
 
+        // Refusals of the server's identity last until a setting or certificate changes:
+        // clients are not told to retry in a moment.
+        let lasting = |e: DialError| match e {
+            DialError::TunnelUnusable(why) => why,
+            other => panic!("not a lasting failure: {other}"),
+        };
         let other = "arn:aws:ecs:us-east-1:123456789012:task/c/two";
-        let err = dial(other, &["127.0.0.2", "127.0.0.1"], ARN).unwrap_err();
+        let err = lasting(dial(other, &["127.0.0.2", "127.0.0.1"], ARN).unwrap_err());
         assert!(
             err.contains(&format!("CN is \"{other}\", expected \"{ARN}\"")),
             "{err}"
         );
 
-        let err = dial(ARN, &["127.0.0.9", "127.0.0.1"], ARN).unwrap_err();
+        let err = lasting(dial(ARN, &["127.0.0.9", "127.0.0.1"], ARN).unwrap_err());
         assert!(
             err.contains("certificate not valid for name \"127.0.0.2\""),
             "the dialled address is not in the server's SANs: {err}"

@@ -332,6 +332,14 @@ fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, Stri
                 one_line(why, 300)
             ),
         ),
+        DialError::TunnelUnusable(why) => (
+            502,
+            format!(
+                "fluidity: cannot reach {target}: no tunnel to the fluidity server can be made \
+                 until this is fixed: {}",
+                one_line(why, 400)
+            ),
+        ),
         DialError::Stopping => (
             503,
             format!("fluidity: the proxy is stopping and takes no new requests (for {target})"),

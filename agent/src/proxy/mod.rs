@@ -89,6 +89,10 @@ pub enum DialError {
     /// There is no working tunnel to the server right now; the text says why.
     #[error("the tunnel is down: {0}")]
     TunnelDown(String),
+    /// No tunnel can be made until what the text names is fixed (a certificate, a
+    /// setting, the server's allow list): retrying alone does not help.
+    #[error("no tunnel can be made: {0}")]
+    TunnelUnusable(String),
     /// The agent is stopping and opens no more streams.
     #[error("the agent is stopping")]
     Stopping,

@@ -193,7 +193,9 @@ where
         Ok(Err(e)) => {
             let code = match &e {
                 DialError::Refused(r) => socks5::reply_for_refusal(r.reason),
-                DialError::TunnelDown(_) | DialError::Stopping => reply::GENERAL_FAILURE,
+                DialError::TunnelDown(_) | DialError::TunnelUnusable(_) | DialError::Stopping => {
+                    reply::GENERAL_FAILURE
+                }
                 DialError::NoStream(_) => reply::TTL_EXPIRED,
             };
             tracing::info!(%peer, proto = "socks5", %target, reply = code, error = %e, "connect refused");
