@@ -401,6 +401,12 @@ fn dial_failure(target: &Target, e: &DialError, cfg: &ProxyConfig) -> (u16, Stri
 /// `detail` (which names the rule that matched): in local mode, the option that allows
 /// exactly this target; otherwise the server's settings, which its operator keeps.
 fn allow_advice(target: &Target, local: bool, detail: &str) -> String {
+    // A deny rule wins over any allow (README, egress): only removing it helps.
+    if !local && detail.contains("deny_") {
+        return "if it should be allowed, the matching deny rule must be removed from the \
+                server's egress settings (an allow rule cannot override it)"
+            .into();
+    }
     if !local {
         return "if it should be allowed, the server's egress settings (allow_cidrs, \
                 allow_hosts, allow_ports) can allow it"
@@ -1647,6 +1653,31 @@ mod tests {
             policy.apply(rule.parse::<EgressRule>().unwrap());
             assert!(check(&policy).is_ok(), "{target}: {rule} did not allow it");
         }
+    }
+
+    /// A standalone server's 403 points at the rule that would change the verdict: an
+    /// allow rule for a default refusal, removing the deny rule for one of the server's
+    /// deny rules (an allow cannot override it).
+    #[test]
+    fn a_servers_403_advises_what_can_change_it() {
+        use fluidity_server::egress::{EgressPolicy, EgressRule};
+        let t = Target::parse("127.0.0.1:8000").unwrap();
+        let mut policy = EgressPolicy::default();
+        let denied = policy.check_target(&t).expect_err("loopback").to_string();
+        let advice = allow_advice(&t, false, &denied);
+        assert!(advice.contains("allow_cidrs"), "{advice}");
+        for rule in ["allow_cidrs=127.0.0.1/32", "deny_ports=8000-8100"] {
+            policy.apply(rule.parse::<EgressRule>().unwrap());
+        }
+        let denied = policy
+            .check_target(&t)
+            .expect_err("denied port")
+            .to_string();
+        let advice = allow_advice(&t, false, &denied);
+        assert!(
+            advice.contains("deny rule must be removed") && !advice.contains("allow_cidrs"),
+            "{denied}: {advice}"
+        );
     }
 
     #[test]
