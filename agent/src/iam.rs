@@ -45,8 +45,8 @@ pub fn aws_config(
     };
     AwsConfig::from_env(env, &options).map_err(|e| {
         Error::Config(format!(
-            "AWS configuration: {e}; set [aws] region (or AWS_REGION) and check the AWS \
-             profile files"
+            "AWS configuration: {e}; set --region (FLUIDITY_AWS_REGION, [aws] region in the \
+             config file, or AWS_REGION) and check the AWS profile files"
         ))
     })
 }
@@ -75,9 +75,10 @@ impl IamSigner {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| {
                 Error::Config(
-                    "auth = \"iam\" needs the server's id: set [iam] server_id to the \
-                     server's [iam] server_id (by default its certificate CN), or set \
-                     expected_server_cn"
+                    "auth = \"iam\" needs the server's id: set --iam-server-id \
+                     (FLUIDITY_IAM_SERVER_ID, or [iam] server_id in the config file) to the \
+                     server's IAM server id (by default its certificate CN), or set \
+                     expected_server_cn in the config file"
                         .into(),
                 )
             })?;
@@ -270,11 +271,17 @@ mod tests {
         let mut c = cfg();
         c.iam.server_id = None;
         let err = IamSigner::from_config(&c, &env()).unwrap_err().to_string();
-        assert!(err.contains("server_id"), "{err}");
+        assert!(
+            err.contains("--iam-server-id") && err.contains("[iam] server_id"),
+            "{err}"
+        );
         let mut c = cfg();
         c.aws.region = None;
         let err = IamSigner::from_config(&c, &env()).unwrap_err().to_string();
-        assert!(err.contains("region"), "{err}");
+        assert!(
+            err.contains("--region") && err.contains("[aws] region"),
+            "{err}"
+        );
         let no_keys = Env::from_pairs([
             ("AWS_CONFIG_FILE", "/nonexistent"),
             ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),

@@ -200,6 +200,11 @@ impl ServerConfig {
         Duration::from_secs(self.tls_handshake_secs.max(1))
     }
 
+    /// The tunnel handshake deadline (hello, authentication).
+    pub fn tunnel_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.tunnel_handshake_secs.max(1))
+    }
+
     /// The graceful shutdown deadline.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_secs)

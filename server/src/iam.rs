@@ -89,8 +89,9 @@ pub fn resolve(iam: &IamSettings, cert_cn: Option<&str>, env: &Env) -> Result<Re
             };
             if region.is_none() && !endpoints.is_overridden(Service::Sts) {
                 return Err(Error::Config(
-                    "auth = \"iam\" needs an STS endpoint: set [iam] region (or AWS_REGION) \
-                     or [iam] sts_endpoint"
+                    "auth = \"iam\" needs an STS endpoint: set --region \
+                     (FLUIDITY_SERVER_REGION, [iam] region in the config file, or AWS_REGION) \
+                     or --sts-endpoint (FLUIDITY_SERVER_STS_ENDPOINT, [iam] sts_endpoint)"
                         .into(),
                 ));
             }
@@ -116,11 +117,14 @@ impl IamAuthenticator {
             .ok()
             .and_then(|n| n.common_name);
         let iam = &cfg.iam;
-        if iam.sts_timeout_secs == 0 || iam.sts_timeout_secs >= cfg.tunnel_handshake_secs {
+        // Against the deadline in force (0 counts as 1), as the handshake uses it.
+        let handshake = cfg.tunnel_handshake_timeout().as_secs();
+        if iam.sts_timeout_secs == 0 || iam.sts_timeout_secs >= handshake {
             return Err(Error::Config(format!(
                 "[iam] sts_timeout_secs ({}) must be at least 1 and shorter than \
-                 tunnel_handshake_secs ({}), or agents give up before STS answers",
-                iam.sts_timeout_secs, cfg.tunnel_handshake_secs
+                 tunnel_handshake_secs ({handshake} s in force), or agents give up before STS \
+                 answers",
+                iam.sts_timeout_secs
             )));
         }
         if iam.time_window_secs == 0 {
@@ -252,7 +256,11 @@ mod tests {
         assert!(err.to_string().contains("server_id"), "{err}");
         let no_region = Env::from_pairs([("AWS_CONFIG_FILE", "/nonexistent")]);
         let err = resolve(&settings(&["account:123456789012"]), Some("s"), &no_region).unwrap_err();
-        assert!(err.to_string().contains("region"), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("--region") && err.contains("--sts-endpoint"),
+            "{err}"
+        );
     }
 
     #[test]

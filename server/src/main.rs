@@ -83,7 +83,7 @@ struct Cli {
     #[arg(long = "egress", value_name = "KEY=VALUE")]
     egress: Vec<EgressRule>,
     /// Log format. What is logged comes from FLUIDITY_LOG: a level (debug), targets with
-    /// levels (fluidity_agent=debug), or both, comma-separated; info when unset.
+    /// levels (fluidity_server=debug), or both, comma-separated; info when unset.
     #[arg(long, value_enum, default_value = "text", env = "FLUIDITY_LOG_FORMAT")]
     log_format: LogFormat,
 }

@@ -252,7 +252,7 @@ impl Server {
                 max_streams: cfg.max_streams,
                 ..Limits::default()
             },
-            handshake_timeout: Duration::from_secs(cfg.tunnel_handshake_secs.max(1)),
+            handshake_timeout: cfg.tunnel_handshake_timeout(),
             require_auth: cfg.auth == AuthMode::Iam,
             ..fluidity_proto::Config::default()
         });
