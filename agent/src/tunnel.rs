@@ -808,6 +808,14 @@ fn connect_error(
             "cannot connect to the server at {server}: its certificate is not valid yet ({e}); \
              check the clocks of this machine and the server"
         ),
+        fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => format!(
+            "cannot connect to the server at {server}: its certificate is not issued for the \
+             name this agent expects ({e}); set server_name (--server-name) to a name the \
+             certificate names, or give the server a certificate for that name \
+             (`fluidity certs init --dir DIR --server-name NAME`)"
+        ),
         // What a plain HTTP service (the server's health port, say) sends back to a TLS
         // hello: not a TLS record at all.
         fluidity_runtime_smol::Error::Tls(rustls::Error::InvalidMessage(
@@ -1062,7 +1070,7 @@ mod tests {
     }
 
     #[test]
-    fn a_server_certificate_out_of_its_validity_says_what_to_check() {
+    fn a_server_certificate_out_of_its_validity_or_for_another_name_says_what_to_check() {
         use rustls::CertificateError as C;
         let say = |c: C| {
             connect_error(
@@ -1080,6 +1088,11 @@ mod tests {
         assert!(
             early.contains("not valid yet") && early.contains("clocks"),
             "{early}"
+        );
+        let named = say(C::NotValidForName);
+        assert!(
+            named.contains("--server-name") && named.contains("certs init"),
+            "{named}"
         );
     }
 }
