@@ -614,6 +614,10 @@ pub struct Driver {
     rx_end: usize,
     eof: bool,
     done: bool,
+    /// The peer's close_notify has been processed: the transport has ended for reading.
+    peer_closed: bool,
+    /// Our write side is shut down after a drain; reading goes on until the peer's end.
+    shut: bool,
     /// When the connection began to close (or was lost), or its peer last took bytes
     /// since: its last words get [`CLOSE_LIMIT`] from then.
     closing_since: Option<Instant>,
@@ -665,15 +669,18 @@ pub fn start(
         eof: false,
         done: false,
         closing_since: None,
+        peer_closed: false,
+        shut: false,
     };
     // The handshake may have decrypted the peer's first frames along with its last
     // handshake message; they wait in rustls, not in the socket.
     {
         let shared = driver.shared.clone();
         let mut s = lock(&shared);
-        driver
+        let (_, closed) = driver
             .take_plaintext(&mut s.conn, Instant::now())
             .map_err(Error::Io)?;
+        driver.peer_closed = closed;
     }
     Ok((Tunnel { shared, peer }, rx, driver))
 }
@@ -793,9 +800,17 @@ impl Driver {
             match self.flush_tls() {
                 Ok(false) => write_blocked = true,
                 Ok(true) | Err(_) => {
-                    let _ = self.sock.get_ref().shutdown(std::net::Shutdown::Write);
-                    s.finish(None);
-                    return Poll::Ready(Ok(()));
+                    if !self.shut {
+                        self.shut = true;
+                        let _ = self.sock.get_ref().shutdown(std::net::Shutdown::Write);
+                        s.finish(None);
+                    }
+                    // Closing now with input unread (or arriving later) would make the
+                    // kernel reset the connection and discard what it still holds of
+                    // ours: read (and discard) until the peer's end, within CLOSE_LIMIT.
+                    if self.eof {
+                        return Poll::Ready(Ok(()));
+                    }
                 }
             }
         }
@@ -853,6 +868,9 @@ impl Driver {
     /// Reads ciphertext, decrypts it and hands it to `conn`. `Ok(0)` is the end of the
     /// transport (EOF or the peer's close_notify).
     fn read_tls(&mut self, conn: &mut Connection, now: Instant) -> io::Result<usize> {
+        if self.peer_closed {
+            return Ok(0);
+        }
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -870,7 +888,11 @@ impl Driver {
         }
         let (got, closed) = self.take_plaintext(conn, now)?;
         if closed {
-            return Ok(0);
+            // Reported now, or by the next call when plaintext came with it.
+            self.peer_closed = true;
+            if got == 0 {
+                return Ok(0);
+            }
         }
         Ok(n.max(got))
     }
@@ -903,7 +925,7 @@ impl Driver {
             reader.consume(len);
             left = left.saturating_sub(len);
         }
-        Ok((want - left, state.peer_has_closed() && want == 0))
+        Ok((want - left, state.peer_has_closed()))
     }
 
     /// Hands `plain_out` to rustls in one vectored write, so that records are filled across

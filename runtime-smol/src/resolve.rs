@@ -134,7 +134,8 @@ impl Resolver {
 
     /// The addresses of `host` with `port`, without duplicates, IPv6 and IPv4 alternating
     /// from the family of the resolver's first (RFC 8305 §4; each family in the resolver's
-    /// order), at most `max_addresses`. An IP literal is returned as is, without a lookup.
+    /// order), at most `max_addresses`. An IP literal is returned as is, without a lookup
+    /// (one address, whatever `max_addresses`).
     pub async fn lookup(
         &self,
         host: &str,

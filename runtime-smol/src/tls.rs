@@ -1015,7 +1015,9 @@ impl TlsSession {
         self.conn.send_close_notify();
     }
 
-    /// Bounds rustls's buffers of outgoing and received plaintext (`None` = unbounded).
+    /// Bounds rustls's buffer of outgoing TLS records, and of plaintext written before
+    /// the handshake ends (`None` = unbounded). Received plaintext has rustls's own fixed
+    /// bound; the driver empties it on every read.
     pub fn set_buffer_limit(&mut self, limit: Option<usize>) {
         self.conn.set_buffer_limit(limit);
     }
