@@ -199,7 +199,8 @@ impl RecvStream<'_> {
     /// Takes up to `max` buffered bytes. `Ok(None)` is the end of the stream (the peer's
     /// FIN). [`Error::Blocked`] (not fatal) means nothing yet: wait for
     /// [`StreamEvent::Readable`]. Reading returns credit to the peer. A read of 0 bytes
-    /// takes nothing: an empty chunk when bytes or the end wait, else `Blocked`.
+    /// takes nothing: an empty chunk when bytes or the end wait, else `Blocked` (so a loop
+    /// that reads until `Blocked` must ask for at least one byte).
     pub fn read(&mut self, max: usize) -> Result<Option<Bytes>, Error> {
         self.conn.stream_read(self.id, max)
     }
