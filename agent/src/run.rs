@@ -107,6 +107,7 @@ pub fn tunnel_settings(
         // 30 s). A dead server then costs one attempt per 5 s, each bounded by the
         // connect timeout per address tried.
         max_backoff: Duration::from_secs(5),
+        server_may_move: false,
     })
 }
 

@@ -138,6 +138,10 @@ pub struct TunnelSettings {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// Whether the server is found anew when it is replaced (AWS mode): a certificate for
+    /// another identity or address is then most likely a replacement under way, which
+    /// the agent follows by itself, not a setting to fix.
+    pub server_may_move: bool,
 }
 
 impl std::fmt::Debug for TunnelSettings {
@@ -507,10 +511,11 @@ impl TunnelDialer {
                         ))
                     })
                     .await
+                    // Passing: an instance or container endpoint, or STS for a role, may
+                    // fail for a moment; the chain's own advice says what to check.
                     .map_err(|e| {
-                        // The credential chain's own advice says what to fix.
                         let why = format!("cannot build tunnel credentials: {e}");
-                        (Failure { why, lasting: true }, Next::Stop)
+                        (Failure::passing(why), Next::Stop)
                     })?
             }
         };
@@ -566,7 +571,7 @@ impl TunnelDialer {
         if let Err(e) = ready {
             // Nothing more will come of this connection; do not leave it half open.
             tunnel.close(fluidity_proto::ErrorCode::NO_ERROR, "handshake abandoned");
-            let lasting = is_lasting(&e);
+            let lasting = is_lasting(&e, s.server_may_move);
             let why = handshake_error(server, s, e);
             return Err((Failure { why, lasting }, Next::Address));
         }
@@ -604,37 +609,48 @@ fn all_failed(s: &TunnelSettings, mut why: Vec<Failure>) -> Failure {
     }
 }
 
+/// TLS alerts by which a server refuses what it will keep refusing: this agent's
+/// certificate, or the protocol it speaks.
+const LASTING_ALERTS: [rustls::AlertDescription; 11] = {
+    use rustls::AlertDescription as A;
+    [
+        A::BadCertificate,
+        A::UnsupportedCertificate,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::CertificateUnknown,
+        A::UnknownCA,
+        A::AccessDenied,
+        A::CertificateRequired,
+        A::NoApplicationProtocol,
+        A::ProtocolVersion,
+        A::HandshakeFailure,
+    ]
+};
+
 /// Whether a failure to connect or to complete the tunnel handshake lasts until a
 /// certificate, a setting or the server's configuration changes: the server's certificate
 /// or name is not what this agent trusts, the server refuses this agent's certificate or
-/// credentials, or the two do not speak the same protocol.
-fn is_lasting(e: &fluidity_runtime_smol::Error) -> bool {
+/// credentials, or the two do not speak the same protocol. When unsure, passing: clients
+/// are then told that the agent reconnects, which it does. With `server_may_move`, a
+/// certificate for another identity or address is passing too (a replaced server).
+fn is_lasting(e: &fluidity_runtime_smol::Error, server_may_move: bool) -> bool {
     use fluidity_proto::AuthFailure as F;
     use fluidity_runtime_smol::Error as E;
-    use rustls::AlertDescription as A;
+    use rustls::CertificateError as C;
     match e {
+        E::Tls(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ))
+        | E::PeerIdentity { .. } => !server_may_move,
         E::Tls(rustls::Error::InvalidCertificate(_))
         | E::Tls(rustls::Error::PeerIncompatible(_))
         | E::Tls(rustls::Error::NoApplicationProtocol)
         | E::Tls(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
         | E::InvalidServerName(_)
         | E::AlpnMismatch { .. }
-        | E::NoPeerCertificate { .. }
-        | E::PeerIdentity { .. } => true,
-        E::Tls(rustls::Error::AlertReceived(alert)) => matches!(
-            alert,
-            A::BadCertificate
-                | A::UnsupportedCertificate
-                | A::CertificateRevoked
-                | A::CertificateExpired
-                | A::CertificateUnknown
-                | A::UnknownCA
-                | A::AccessDenied
-                | A::CertificateRequired
-                | A::NoApplicationProtocol
-                | A::ProtocolVersion
-                | A::HandshakeFailure
-        ),
+        | E::NoPeerCertificate { .. } => true,
+        E::Tls(rustls::Error::AlertReceived(alert)) => LASTING_ALERTS.contains(alert),
         E::Tunnel(fluidity_proto::Error::AuthRejected { failure, .. }) => matches!(
             failure,
             F::InvalidCredentials
@@ -644,12 +660,20 @@ fn is_lasting(e: &fluidity_runtime_smol::Error) -> bool {
                 | F::UnsupportedMethod
                 | F::Malformed
         ),
-        E::Tunnel(fluidity_proto::Error::VersionMismatch { .. }) => true,
+        E::Tunnel(
+            fluidity_proto::Error::VersionMismatch { .. }
+            | fluidity_proto::Error::InvalidAuthMethod(_)
+            | fluidity_proto::Error::CredentialsTooLarge(_),
+        ) => true,
         // In TLS 1.3 the server's refusal of this agent's certificate arrives after the
-        // handshake, as an alert the transport reports (see `handshake_error`).
-        E::Tunnel(fluidity_proto::Error::TransportFailed(why)) => {
-            why.contains("received fatal alert")
-        }
+        // handshake, as an alert the transport reports by name (see `handshake_error`).
+        E::Tunnel(fluidity_proto::Error::TransportFailed(why)) => why
+            .split_once("received fatal alert: ")
+            .is_some_and(|(_, name)| {
+                LASTING_ALERTS
+                    .iter()
+                    .any(|a| name.starts_with(&format!("{a:?}")))
+            }),
         _ => false,
     }
 }
@@ -683,7 +707,7 @@ async fn connect_to_one(
     // Before any connection: a name rustls refuses fails here, with no socket opened.
     TlsSession::client(s.tls.clone(), &s.server_name).map_err(|e| {
         vec![Failure {
-            lasting: is_lasting(&e),
+            lasting: is_lasting(&e, s.server_may_move),
             why: e.to_string(),
         }]
     })?;
@@ -695,7 +719,7 @@ async fn connect_to_one(
     };
     let mut why = Vec::new();
     let mut failed = |addr: SocketAddr, e| {
-        let lasting = is_lasting(&e);
+        let lasting = is_lasting(&e, s.server_may_move);
         let e = connect_error(&s.server.at(addr), &s.ca_file, e);
         tracing::debug!(%addr, error = %e, lasting, "server address failed");
         why.push(Failure { why: e, lasting });
@@ -1067,6 +1091,49 @@ mod tests {
             "{valid}"
         );
         assert!(refused_as_expired(server, None, alert, now).contains("valid now"));
+    }
+
+    /// What lasts until something is fixed, and what may pass (clients are told to retry
+    /// in a moment): an alert is judged by its name, however it arrives.
+    #[test]
+    fn failures_that_last_are_told_from_those_that_may_pass() {
+        use fluidity_runtime_smol::Error as E;
+        use rustls::AlertDescription as A;
+        let alert = |a: A| E::Tls(rustls::Error::AlertReceived(a));
+        let reported = |name: &str| {
+            E::Tunnel(fluidity_proto::Error::TransportFailed(format!(
+                "TLS: received fatal alert: {name}"
+            )))
+        };
+        let not_for_name = || {
+            E::Tls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        };
+        for (e, lasting) in [
+            (alert(A::CertificateExpired), true),
+            (alert(A::InternalError), false),
+            (reported("CertificateExpired"), true),
+            (reported("UnknownCA"), true),
+            (reported("InternalError"), false),
+            (reported("DecodeError"), false),
+            (
+                E::Tunnel(fluidity_proto::Error::InvalidAuthMethod("".into())),
+                true,
+            ),
+            (
+                E::Tunnel(fluidity_proto::Error::CredentialsTooLarge(20_000)),
+                true,
+            ),
+            (E::Io(std::io::ErrorKind::ConnectionRefused.into()), false),
+            (E::Timeout("tunnel handshake"), false),
+            (not_for_name(), true),
+        ] {
+            assert_eq!(is_lasting(&e, false), lasting, "{e}");
+        }
+        // A server that may have been replaced: another name is a replacement under way.
+        assert!(!is_lasting(&not_for_name(), true));
+        assert!(is_lasting(&alert(A::CertificateExpired), true));
     }
 
     #[test]

@@ -844,6 +844,8 @@ fn tunnel_settings(
         credentials,
         min_backoff: Duration::from_millis(250),
         max_backoff: Duration::from_secs(5),
+        // A server replaced is found again (`find_again`).
+        server_may_move: true,
     })
 }
 
@@ -1500,11 +1502,12 @@ mod tests {
     fn connects_only_to_this_arn_at_the_dialled_address() {
         dial(ARN, &["127.0.0.2", "127.0.0.1"], ARN).expect("the right server is accepted");
 
-        // Refusals of the server's identity last until a setting or certificate changes:
-        // clients are not told to retry in a moment.
+        // In AWS mode a certificate for another identity or address is most likely a
+        // replaced server, which the agent finds by itself: clients are told it
+        // reconnects, not that something must be fixed.
         let lasting = |e: DialError| match e {
-            DialError::TunnelUnusable(why) => why,
-            other => panic!("not a lasting failure: {other}"),
+            DialError::TunnelDown(why) => why,
+            other => panic!("not a passing failure: {other}"),
         };
         let other = "arn:aws:ecs:us-east-1:123456789012:task/c/two";
         let err = lasting(dial(other, &["127.0.0.2", "127.0.0.1"], ARN).unwrap_err());
