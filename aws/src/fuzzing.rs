@@ -899,6 +899,36 @@ mod tests {
         }
     }
 
+    /// STS busy (throttled by any of its names, or 429) makes the verifier unavailable,
+    /// not the caller's signature rejected: agents are told to retry, not to fix their
+    /// credentials.
+    #[test]
+    fn a_throttled_sts_is_unavailable_not_a_rejected_signature() {
+        let error = |code: &str| {
+            format!(
+                "<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>\
+                 <Message>no</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+            )
+        };
+        let payload = signed_payload().encode();
+        let source = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        for (status, code, unavailable) in [
+            (400, "Throttling", true),
+            (400, "ThrottlingException", true),
+            (400, "RequestLimitExceeded", true),
+            (429, "TooManyRequests", true),
+            (403, "InvalidClientTokenId", false),
+            (403, "SignatureDoesNotMatch", false),
+        ] {
+            let got = verify_with(status, error(code).as_bytes(), &payload, source);
+            match got {
+                Err(AuthDenied::StsUnreachable(_)) => assert!(unavailable, "{code}"),
+                Err(AuthDenied::SignatureRejected { .. }) => assert!(!unavailable, "{code}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn corpus_replays_through_control_event() {
         for (name, data) in corpus("control_event") {

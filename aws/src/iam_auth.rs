@@ -35,9 +35,11 @@ pub const CHANNEL_BINDING_HEADER: &str = "x-fluidity-channel-binding";
 pub const GET_CALLER_IDENTITY_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 
 /// Limits on an encoded payload (it is read from the network before any authentication).
-/// An AUTH frame (a length byte, a method name of at most 64 bytes, the payload) then fits
-/// the 16 KiB every server takes before the agent knows its limits.
-pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 - 1 - 64;
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
+/// Largest payload this crate signs: its AUTH frame (a length byte, a method name of at
+/// most 64 bytes, the payload) then fits the 16 KiB every server takes before the agent
+/// knows its limits.
+pub const MAX_SIGNED_PAYLOAD_BYTES: usize = MAX_PAYLOAD_BYTES - 1 - 64;
 /// At most this many headers.
 pub const MAX_HEADERS: usize = 16;
 /// Longest header name.
@@ -243,7 +245,7 @@ pub fn sign_auth_request_at(
         headers,
         body: GET_CALLER_IDENTITY_BODY.into(),
     };
-    if payload.encode().len() > MAX_PAYLOAD_BYTES {
+    if payload.encode().len() > MAX_SIGNED_PAYLOAD_BYTES {
         return Err(Error::Config(
             "signed auth request exceeds the payload limit".into(),
         ));
@@ -752,7 +754,13 @@ impl Verifier {
                 Error::Service { code, message, .. } => (code, message),
                 other => (format!("Http{}", resp.status), other.to_string()),
             };
-            if code == "Throttling" {
+            // Throttled (by whatever name) is STS busy, not the caller's signature wrong.
+            let throttled = resp.status == 429
+                || matches!(
+                    code.as_str(),
+                    "Throttling" | "ThrottlingException" | "RequestLimitExceeded"
+                );
+            if throttled {
                 return Err(AuthDenied::StsUnreachable(format!(
                     "STS throttled the call: {message}"
                 )));
