@@ -822,11 +822,19 @@ impl Driver {
         if s.conn.is_closing() || s.closed.is_some() {
             let give_up = *self.closing_since.get_or_insert(now) + CLOSE_LIMIT;
             if now >= give_up {
-                tracing::debug!(
-                    limit_secs = CLOSE_LIMIT.as_secs(),
-                    "the peer took nothing of the closing tunnel's last words for the limit; \
-                     dropping it"
-                );
+                if self.shut {
+                    tracing::debug!(
+                        limit_secs = CLOSE_LIMIT.as_secs(),
+                        "the peer did not end its side of the closed tunnel within the limit; \
+                         dropping it"
+                    );
+                } else {
+                    tracing::debug!(
+                        limit_secs = CLOSE_LIMIT.as_secs(),
+                        "the peer took nothing of the closing tunnel's last words for the \
+                         limit; dropping it"
+                    );
+                }
                 s.finish(Some(fluidity_proto::Error::TransportFailed(format!(
                     "the peer took nothing for {} s while the tunnel closed",
                     CLOSE_LIMIT.as_secs()

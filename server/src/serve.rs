@@ -106,8 +106,8 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// How long the tunnels closed at the drain deadline have to send their close before the
-/// server exits.
+/// How long closed tunnels have, at the exit, to send their close (those closed at the
+/// drain deadline) or to hear their agents end (those drained).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// One of a count of things running, counted out when dropped.
@@ -370,11 +370,13 @@ impl Server {
         if !drained {
             // The process may exit before the relays of the streams just cut run again.
             self.origins.reset_all();
-            // The closes need their drivers' turns: an agent told why says so, where one
-            // whose connection just ends reports it lost. A peer that reads nothing does
-            // not hold the exit back for longer.
-            app::wait_until(CLOSE_GRACE, || self.drivers.load(Ordering::SeqCst) == 0).await;
         }
+        // The closes need their drivers' turns: an agent told why says so, where one whose
+        // connection just ends reports it lost. After a drain, a driver keeps its socket
+        // until the agent ends its side, so that the exit does not reset a connection
+        // whose last bytes the kernel still holds. A peer that reads nothing does not hold
+        // the exit back for longer.
+        app::wait_until(CLOSE_GRACE, || self.drivers.load(Ordering::SeqCst) == 0).await;
         tracing::info!("stopped");
     }
 
@@ -535,7 +537,7 @@ impl Server {
             tracing::info!(%peer, tunnel = id, "the server is draining: the new tunnel is told to go away");
             tunnel.go_away();
         }
-        let _active = self.metrics.track_tunnel();
+        let active = self.metrics.track_tunnel();
         let _running = Running::count(&self.drivers);
         let driver = ex.spawn(driver);
         tracing::info!(%peer, tunnel = id, agent = %agent_cn, "tunnel connected");
@@ -669,8 +671,11 @@ impl Server {
             }
         }
         self.tunnels().remove(&id);
+        // Closed for the metrics now, though its driver may linger (below).
+        drop(active);
         // Its goaway or close_notify may still be on the way out, to a peer that may never
-        // read it: the driver gives up on it after CLOSE_LIMIT.
+        // read it, and after a drain the driver reads until the peer's end: it gives up
+        // after CLOSE_LIMIT.
         let _ = driver.await;
         Ok(())
     }

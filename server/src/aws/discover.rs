@@ -462,7 +462,6 @@ mod tests {
         );
     }
 
-    /// Serves one canned HTTP answer per connection on 127.0.0.1, `n` times.
     /// The seeds of `fuzz/corpus/ecs_task_metadata` are read as ECS would serve them:
     /// the documents of a Fargate task and of an EC2 task in bridge mode are accepted
     /// (so the fuzzer starts from ones that get through), the one without a TaskARN
@@ -491,6 +490,7 @@ mod tests {
         assert_eq!(seen, 3);
     }
 
+    /// Serves one canned HTTP answer per connection on 127.0.0.1, `n` times.
     fn serve(answers: Vec<(u16, String)>) -> String {
         use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
