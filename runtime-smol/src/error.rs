@@ -100,7 +100,7 @@ pub enum Error {
         /// The folder.
         path: PathBuf,
         /// What is wrong with it.
-        why: &'static str,
+        why: String,
         /// What to do.
         fix: &'static str,
     },

@@ -861,48 +861,82 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
 }
 
 /// Refuses a folder that belongs to another user, or that every user may write to, or
-/// that is reached through a link another user made ([`Error::UnsafeFolder`]): the keys
-/// and certificates in it are trusted, so what others put there (a CA of their own) would
-/// be too.
+/// that is reached through a link another user made, or that is inside a folder another
+/// user could move it out of ([`Error::UnsafeFolder`]): the keys and certificates in it
+/// are trusted, so what others put there (a CA of their own) would be too.
 pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
     #[cfg(unix)]
     {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::MetadataExt;
         let read_err = |source| Error::ReadFile {
             path: dir.to_path_buf(),
             source,
         };
-        let me = rustix::process::geteuid().as_raw();
-        let link = fs::symlink_metadata(dir).map_err(read_err)?;
-        let meta = fs::metadata(dir).map_err(read_err)?;
-        // A link's owner may point it elsewhere at any time, so the folder it leads to
-        // today says nothing of tomorrow's (in /tmp, anyone may make the link). Links of
-        // the system's (root's) are let be.
-        let problem = if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
-            Some((
-                "is a link made by another user",
-                "give the folder it leads to by its own path, or a folder of your own",
-            ))
-        } else if meta.uid() != me {
-            Some((
-                "belongs to another user",
-                "give a folder of your own, or have its owner give it to you",
-            ))
-        } else if meta.mode() & 0o002 != 0 {
-            // Group-writable is let be: many systems give each user a group of their own.
-            Some((
-                "may be written to by every user",
-                "`chmod o-w` it if nobody else has put files there, or give another folder",
-            ))
-        } else {
-            None
+        let refuse = |why: String, fix: &'static str| Error::UnsafeFolder {
+            path: dir.to_path_buf(),
+            why,
+            fix,
         };
-        if let Some((why, fix)) = problem {
-            return Err(Error::UnsafeFolder {
-                path: dir.to_path_buf(),
-                why,
-                fix,
-            });
+        let me = rustix::process::geteuid().as_raw();
+        // Root's are the system's own.
+        let trusted = |uid: u32| uid == me || uid == 0;
+        // A trailing slash would make the lookup follow a final link; the link is judged.
+        let bytes = dir.as_os_str().as_bytes();
+        let end = bytes.len() - bytes.iter().rev().take_while(|&&b| b == b'/').count();
+        let path = Path::new(std::ffi::OsStr::from_bytes(&bytes[..end.max(1)]));
+        let link = fs::symlink_metadata(path).map_err(read_err)?;
+        let meta = fs::metadata(path).map_err(read_err)?;
+        // A link's owner may point it elsewhere at any time, so the folder it leads to
+        // today says nothing of tomorrow's (in /tmp, anyone may make the link).
+        if link.file_type().is_symlink() && !trusted(link.uid()) {
+            return Err(refuse(
+                "is a link made by another user".into(),
+                "give the folder it leads to by its own path, or a folder of your own",
+            ));
+        }
+        if meta.uid() != me {
+            return Err(refuse(
+                "belongs to another user".into(),
+                "give a folder of your own, or have its owner give it to you",
+            ));
+        }
+        if meta.mode() & 0o002 != 0 {
+            // Group-writable is let be: many systems give each user a group of their own.
+            return Err(refuse(
+                "may be written to by every user".into(),
+                "`chmod o-w` it if nobody else has put files there, or give another folder",
+            ));
+        }
+        // The folders it is in: whoever may rename entries in one of them could move this
+        // folder aside and put one of their own in its place. A folder every user may
+        // write to is safe only with the sticky bit (as /tmp), which keeps each user's
+        // entries their own.
+        let absolute = std::path::absolute(path).map_err(read_err)?;
+        for parent in absolute.ancestors().skip(1) {
+            let shown = parent.display();
+            let link = fs::symlink_metadata(parent).map_err(read_err)?;
+            if link.file_type().is_symlink() && !trusted(link.uid()) {
+                return Err(refuse(
+                    format!("is reached through {shown}, a link made by another user"),
+                    "give a folder whose path holds no link of another user's",
+                ));
+            }
+            let meta = fs::metadata(parent).map_err(read_err)?;
+            if !trusted(meta.uid()) {
+                return Err(refuse(
+                    format!("is inside {shown}, a folder of another user, who could replace it"),
+                    "give a folder inside folders of your own (your home, say)",
+                ));
+            }
+            if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+                return Err(refuse(
+                    format!(
+                        "is inside {shown}, which every user may write to without the sticky bit"
+                    ),
+                    "give a folder inside folders of your own (your home, say)",
+                ));
+            }
         }
     }
     Ok(())
@@ -1486,10 +1520,40 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
         refused(&dir, "may be written to by every user");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        // A trailing slash does not hide the link.
+        let slashed = PathBuf::from(format!("{}/", link.display()));
+        check_private_dir(&slashed).expect("one's own link, with a slash");
+        // Inside a folder every user may write to: only with the sticky bit.
+        let open = tmp.path().join("open");
+        let inner = open.join("certs");
+        fs::create_dir_all(&inner).expect("mkdir");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        check_private_dir(&inner).expect("inside a sticky folder");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let why = format!(
+            "is inside {}, which every user may write to without the sticky bit",
+            open.display()
+        );
+        refused(&inner, &why);
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).expect("chmod");
         if rustix::process::geteuid().is_root() {
             let nobody = Some(65534);
             lchown(&link, nobody, nobody).expect("lchown");
             refused(&link, "is a link made by another user");
+            refused(&slashed, "is a link made by another user");
+            let through = link.join("sub");
+            fs::create_dir(dir.join("sub")).expect("mkdir");
+            let why = format!(
+                "is reached through {}, a link made by another user",
+                link.display()
+            );
+            refused(&through, &why);
+            std::os::unix::fs::chown(&open, nobody, nobody).expect("chown");
+            let why = format!(
+                "is inside {}, a folder of another user, who could replace it",
+                open.display()
+            );
+            refused(&inner, &why);
             std::os::unix::fs::chown(&dir, nobody, nobody).expect("chown");
             refused(&dir, "belongs to another user");
         }
