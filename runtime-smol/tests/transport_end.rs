@@ -14,7 +14,7 @@ use fluidity_runtime_smol::pki::{generate_ca, issue_client, issue_server};
 use fluidity_runtime_smol::tls::{
     client_config, server_config, CaRoots, Identity, PeerCheck, TlsSession,
 };
-use fluidity_runtime_smol::{accept, connect, start, TunnelEvent};
+use fluidity_runtime_smol::{accept, connect, start, Handshaken, TunnelEvent};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 /// Generous bound for every wait (readiness, never timing).
@@ -38,6 +38,15 @@ fn config() -> Arc<Config> {
         require_auth: false,
         ..Config::default()
     })
+}
+
+/// The TLS handshake of the first connection `listener` accepts.
+async fn accept_one(listener: &Async<TcpListener>, tls: Arc<rustls::ServerConfig>) -> Handshaken {
+    let (sock, _) = listener.accept().await.unwrap();
+    let tls = TlsSession::server(tls).unwrap();
+    accept(sock, tls, &PeerCheck::default(), LIMIT)
+        .await
+        .unwrap()
 }
 
 /// One end of a tunnel driven by hand.
@@ -107,11 +116,7 @@ fn a_close_notify_behind_data_ends_the_tunnel_at_once() {
         let listener = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
         let addr = listener.get_ref().local_addr().unwrap();
         let _server = smol::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let tls = TlsSession::server(server_tls).unwrap();
-            let h = accept(sock, tls, &PeerCheck::default(), LIMIT)
-                .await
-                .unwrap();
+            let h = accept_one(&listener, server_tls).await;
             let conn = Connection::server(config(), Instant::now());
             let mut raw = Raw {
                 sock: h.sock,
@@ -176,11 +181,7 @@ fn a_drained_tunnel_delivers_its_last_bytes_though_a_ping_crosses_its_close() {
         let (closed_tx, closed) = async_channel::bounded::<()>(1);
         // The real server driver; its one stream sends LEN bytes behind a goaway.
         let _server = smol::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let tls = TlsSession::server(server_tls).unwrap();
-            let h = accept(sock, tls, &PeerCheck::default(), LIMIT)
-                .await
-                .unwrap();
+            let h = accept_one(&listener, server_tls).await;
             let conn = Connection::server(config(), Instant::now());
             let (tunnel, events, driver) = start(h.sock, h.tls, conn).unwrap();
             smol::spawn(driver).detach();
