@@ -174,8 +174,18 @@ impl ChunkedDecoder {
         self.state == State::Done
     }
 
+    /// Whether the last chunk has been consumed and the trailer section (its final empty
+    /// line included) is what comes next.
+    pub fn in_trailers(&self) -> bool {
+        matches!(
+            self.state,
+            State::TrailerName { .. } | State::TrailerValue | State::TrailerLf { .. }
+        )
+    }
+
     /// Consumes body bytes from the start of `input`. Returns as soon as it reaches chunk
-    /// payload (so the caller can use it), the end of the body, or the end of the input.
+    /// payload (so the caller can use it), the trailer section (so the caller can hold it
+    /// apart), the end of the body, or the end of the input.
     /// Bytes after the body are never consumed. Call again with the rest of the input until
     /// `consumed` is zero or the body is done.
     pub fn feed(&mut self, input: &[u8]) -> Result<Step, ChunkedError> {
@@ -200,8 +210,12 @@ impl ChunkedDecoder {
             if self.state == State::Done {
                 break;
             }
+            let was_trailers = self.in_trailers();
             self.byte(input[i])?;
             i += 1;
+            if !was_trailers && self.in_trailers() {
+                break;
+            }
         }
         Ok(Step {
             consumed: i,

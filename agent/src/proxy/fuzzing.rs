@@ -132,7 +132,9 @@ fn read_responses<S: Source>(from: &mut S, per_write: usize, unchunk: bool) -> V
             Ok(Framing::Chunked) if unchunk => {
                 block_on(copy_unchunked(from, &mut body, &mut Vec::new()))
             }
-            Ok(Framing::Chunked) => block_on(copy_chunked(from, &mut body, &mut Vec::new())),
+            Ok(Framing::Chunked) => {
+                block_on(copy_chunked(from, &mut body, &mut Vec::new(), &|_| true))
+            }
             Ok(Framing::UntilClose) => block_on(pipe(from, &mut body)),
             Err(why) => {
                 out.push(Err(why.to_string()));

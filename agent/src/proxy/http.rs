@@ -478,6 +478,21 @@ fn is_hop_by_hop(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
             && !NEVER_BY_CONNECTION.iter().any(|n| h.is(n)))
 }
 
+/// Whether a trailer field goes on: not hop-by-hop (named in the message's `Connection`
+/// tokens, or always), and not a field that frames or routes a message, which has no
+/// meaning in a trailer (RFC 9110 §6.5.1) and which a careless recipient could merge into
+/// the head.
+fn keeps_trailer(h: &Header<'_>, connection_tokens: &[&[u8]]) -> bool {
+    const FRAMING: [&str; 5] = [
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "trailer",
+        "content-encoding",
+    ];
+    !is_hop_by_hop(h, connection_tokens) && !FRAMING.iter().any(|n| h.is(n))
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -796,6 +811,7 @@ where
     let head_bytes = origin_request(&head, &abs, websocket, client_close);
     let ctx = Exchange {
         method,
+        connection: head.headers.tokens("connection").collect(),
         framing,
         websocket,
         client_close,
@@ -1096,6 +1112,8 @@ const CLOSED_SIDE: &str =
 /// What a request needs to know while its response is relayed.
 struct Exchange<'a> {
     method: &'a str,
+    /// The request's `Connection` tokens: fields its trailers must not pass on either.
+    connection: Vec<&'a [u8]>,
     framing: Framing,
     websocket: bool,
     client_close: bool,
@@ -1207,7 +1225,8 @@ where
                 w: &mut uw,
                 n: &body_moved,
             };
-            let n = send_request(head_bytes, ctx.framing, cin, &mut counted).await?;
+            let keep = |h: &Header<'_>| keeps_trailer(h, &ctx.connection);
+            let n = send_request(head_bytes, ctx.framing, cin, &mut counted, &keep).await?;
             body_sent.store(n, Ordering::Relaxed);
             // Then the client is watched: one that goes away abandons the request, and
             // must not leave its stream waiting for an origin that may never answer. Not
@@ -1378,6 +1397,7 @@ async fn send_request<R, W>(
     framing: Framing,
     cin: &mut Inbound<R>,
     uw: &mut W,
+    keep_trailer: &(dyn Fn(&Header<'_>) -> bool + Sync),
 ) -> Result<u64, CopyError>
 where
     R: AsyncRead + Unpin,
@@ -1392,7 +1412,7 @@ where
         Framing::Length(n) => copy_exact(cin, uw, &mut head_bytes.to_vec(), n)
             .await
             .map(|()| n),
-        Framing::Chunked => copy_chunked(cin, uw, &mut head_bytes.to_vec()).await,
+        Framing::Chunked => copy_chunked(cin, uw, &mut head_bytes.to_vec(), keep_trailer).await,
     }
 }
 
@@ -1511,7 +1531,11 @@ where
             Framing::Empty => copy_exact(uin, cw, &mut bytes, 0).await.map(|()| 0),
             Framing::Length(n) => copy_exact(uin, cw, &mut bytes, n).await.map(|()| n),
             Framing::Chunked if unchunk => copy_unchunked(uin, cw, &mut bytes).await,
-            Framing::Chunked => copy_chunked(uin, cw, &mut bytes).await,
+            Framing::Chunked => {
+                let tokens: Vec<&[u8]> = resp.headers.tokens("connection").collect();
+                let keep = |h: &Header<'_>| keeps_trailer(h, &tokens);
+                copy_chunked(uin, cw, &mut bytes, &keep).await
+            }
             Framing::UntilClose => {
                 cw.write_all(&bytes)
                     .await
@@ -1652,6 +1676,29 @@ mod tests {
                 .unwrap_or_else(|| panic!("{target}: {advice}"));
             policy.apply(rule.parse::<EgressRule>().unwrap());
             assert!(check(&policy).is_ok(), "{target}: {rule} did not allow it");
+        }
+    }
+
+    /// Trailer fields go on unless hop-by-hop (always, or named in the message's
+    /// `Connection`) or framing fields, which mean nothing in a trailer.
+    #[test]
+    fn trailers_keep_only_end_to_end_fields() {
+        let h = |name: &'static str| Header {
+            name: name.as_bytes(),
+            value: b"v",
+        };
+        let tokens: [&[u8]; 1] = [b"X-Secret"];
+        for (name, kept) in [
+            ("X-Checksum", true),
+            ("Server-Timing", true),
+            ("x-secret", false),
+            ("Keep-Alive", false),
+            ("Proxy-Status", false),
+            ("Content-Length", false),
+            ("Transfer-Encoding", false),
+            ("Host", false),
+        ] {
+            assert_eq!(keeps_trailer(&h(name), &tokens), kept, "{name}");
         }
     }
 

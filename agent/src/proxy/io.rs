@@ -16,7 +16,7 @@ use futures_io::{AsyncRead, AsyncWrite};
 use futures_lite::AsyncWriteExt;
 
 use super::chunked::{ChunkedDecoder, ChunkedError};
-use super::head::{leading_empty_lines, HeadError, MAX_HEAD_LEN};
+use super::head::{leading_empty_lines, HeadError, Header, MAX_HEAD_LEN};
 
 /// Largest capacity of a read buffer, and most bytes taken from a stream at once: a
 /// maximal head plus room to notice that it is too long.
@@ -504,14 +504,18 @@ where
     to.flush().await.map_err(CopyError::Write)
 }
 
-/// Sends `head`, then copies one chunked body unchanged, stopping exactly at its end;
-/// returns the body's length. `head` is emptied once sent, as in [`copy_exact`]. Invalid
-/// coding is found before the bytes buffered with it are written, so a body invalid
-/// within the bytes that arrived with the head leaves `head` unsent.
+/// Sends `head`, then copies one chunked body, stopping exactly at its end; returns the
+/// body's length as sent. Chunks go unchanged; the trailer section (bounded by the
+/// decoder) is held and sent with only the fields `keep_trailer` keeps, since a proxy must
+/// not pass on hop-by-hop fields there either (RFC 9110 §7.6.1). `head` is emptied once
+/// sent, as in [`copy_exact`]. Invalid coding is found before the bytes buffered with it
+/// are written, so a body invalid within the bytes that arrived with the head leaves
+/// `head` unsent.
 pub(crate) async fn copy_chunked<S, W>(
     from: &mut S,
     to: &mut W,
     head: &mut Vec<u8>,
+    keep_trailer: &(dyn Fn(&Header<'_>) -> bool + Sync),
 ) -> Result<u64, CopyError>
 where
     S: Source,
@@ -520,19 +524,34 @@ where
     start_message(from, to, head).await?;
     let mut decoder = ChunkedDecoder::new();
     let mut total = 0u64;
+    let mut trailers = Vec::new();
     while !decoder.is_done() {
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             return Err(CopyError::Eof);
         }
-        // Find how much of the buffered bytes belongs to the body, then forward it in one
-        // write.
+        if decoder.in_trailers() {
+            let buffered = from.buffered();
+            let mut at = 0;
+            while at < buffered.len() && !decoder.is_done() {
+                let step = decoder.feed(&buffered[at..]).map_err(CopyError::Chunked)?;
+                if step.consumed == 0 {
+                    break;
+                }
+                at += step.consumed;
+            }
+            trailers.extend_from_slice(&buffered[..at]);
+            from.consume(at);
+            continue;
+        }
+        // Find how much of the buffered bytes belongs to the chunks, then forward it in
+        // one write.
         let mut used = 0;
         {
             let mut pieces = [IoSlice::new(&[]); MAX_SLICES];
             let k = from.buffered_slices(&mut pieces, usize::MAX);
             'pieces: for piece in &pieces[..k] {
                 let mut at = 0;
-                while at < piece.len() && !decoder.is_done() {
+                while at < piece.len() && !decoder.is_done() && !decoder.in_trailers() {
                     let step = decoder.feed(&piece[at..]).map_err(CopyError::Chunked)?;
                     if step.consumed == 0 {
                         used += at;
@@ -541,12 +560,40 @@ where
                     at += step.consumed;
                 }
                 used += at;
+                if decoder.in_trailers() {
+                    break;
+                }
             }
         }
         total += write_after(to, head, from, used as u64).await?;
     }
+    let kept = kept_trailers(&trailers, keep_trailer);
+    write_after(to, head, from, 0).await?;
+    to.write_all(&kept).await.map_err(CopyError::Write)?;
     to.flush().await.map_err(CopyError::Write)?;
-    Ok(total)
+    Ok(total + kept.len() as u64)
+}
+
+/// A trailer section (field lines and the final empty line, as the decoder checked them)
+/// with only the fields `keep` keeps.
+fn kept_trailers(section: &[u8], keep: &dyn Fn(&Header<'_>) -> bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(section.len());
+    for line in section.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let header = Header {
+            name: &line[..colon],
+            value: line[colon + 1..].trim_ascii(),
+        };
+        if keep(&header) {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Sends `head`, then the payload of one chunked body without its coding (sizes,
@@ -903,6 +950,44 @@ mod tests {
         assert!(matches!(err, CopyError::Eof), "{err:?}");
     }
 
+    /// A chunked body's trailer section reaches the other side with only the fields kept,
+    /// however its bytes are cut; chunks go unchanged and what follows the body stays.
+    #[test]
+    fn a_chunked_copy_passes_on_only_the_trailer_fields_kept() {
+        let body: &[u8] = b"5\r\nhello\r\n0\r\nX-Keep: a\r\nX-Secret: s\r\nKeep-Alive: 1\r\n\
+            X-Also:  b c \r\n\r\nNEXT";
+        let keep = |h: &Header<'_>| !(h.is("x-secret") || h.is("keep-alive"));
+        let want: &[u8] = b"5\r\nhello\r\n0\r\nX-Keep: a\r\nX-Also:  b c \r\n\r\n";
+        for sizes in [&[1][..], &[2, 3], &[14, 4096], &[body.len()]] {
+            let mut stream = SharedStream::new(Batches::cut(body, sizes, 100));
+            let (mut from, _) = stream.halves();
+            let mut out = Vec::new();
+            let n = block_on(copy_chunked(&mut from, &mut out, &mut Vec::new(), &keep)).unwrap();
+            assert_eq!(out, want, "{sizes:?}: {}", String::from_utf8_lossy(&out));
+            assert_eq!(n, out.len() as u64, "{sizes:?}");
+            let mut rest = Vec::new();
+            loop {
+                let k = from.buffered().len();
+                if k == 0 {
+                    if block_on(from.fill()).unwrap() == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                rest.extend_from_slice(from.buffered());
+                from.consume(k);
+            }
+            assert_eq!(rest, b"NEXT", "{sizes:?}");
+        }
+        // Without trailers, the body goes unchanged.
+        let plain: &[u8] = b"3\r\nabc\r\n0\r\n\r\n";
+        let mut stream = SharedStream::new(Batches::cut(plain, &[1], 100));
+        let (mut from, _) = stream.halves();
+        let mut out = Vec::new();
+        block_on(copy_chunked(&mut from, &mut out, &mut Vec::new(), &keep)).unwrap();
+        assert_eq!(out, plain);
+    }
+
     /// Two responses on one kept stream, cut into chunks anywhere (a head in many pieces,
     /// a chunk holding the end of one message and the start of the next): each is read
     /// whole and byte-exact, and what belongs to the next stays for it.
@@ -952,7 +1037,10 @@ mod tests {
                     "{case}"
                 );
                 let mut out = Vec::new();
-                let n = block_on(copy_chunked(&mut from, &mut out, &mut Vec::new())).unwrap();
+                let n = block_on(copy_chunked(&mut from, &mut out, &mut Vec::new(), &|_| {
+                    true
+                }))
+                .unwrap();
                 let body_start = second.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                 assert_eq!(out, &second[body_start..], "{case}");
                 assert_eq!(n, out.len() as u64, "{case}");
