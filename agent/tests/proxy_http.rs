@@ -865,6 +865,23 @@ fn a_transfer_coding_an_http_1_0_client_cannot_take_gets_502() {
             "{answer}"
         );
         assert!(answer.ends_with("3\r\nabc\r\n0\r\n\r\n"), "{answer}");
+        // A coding without chunked, ended by the close: the same for an HTTP/1.0 client,
+        // and no Transfer-Encoding to it even on an answer without a body.
+        let request = format!("GET {} HTTP/1.0\r\n\r\n", a.url("/gzip-until-close"));
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        let request = format!("HEAD {} HTTP/1.0\r\n\r\n", a.url("/gzip-chunked"));
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(!answer.contains("Transfer-Encoding"), "{answer}");
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            a.url("/gzip-until-close")
+        );
+        let answer = raw_exchange(&proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.contains("Transfer-Encoding: gzip\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nGZIPDATA"), "{answer}");
     });
 }
 

@@ -394,6 +394,16 @@ fn transfer_chunked(headers: &Headers) -> Result<Option<bool>, &'static str> {
     Ok(Some(chunked_last))
 }
 
+/// Whether chunked is among the transfer codings more than once (RFC 9112 §6.1 forbids
+/// it).
+fn chunked_twice(headers: &Headers) -> bool {
+    headers
+        .tokens("transfer-encoding")
+        .filter(|c| c.eq_ignore_ascii_case(b"chunked"))
+        .nth(1)
+        .is_some()
+}
+
 /// Framing of a request body (RFC 9112 §6.3, rules 4-7 for requests). Transfer-Encoding
 /// together with Content-Length is refused: it is the classic request smuggling vector.
 pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
@@ -421,10 +431,14 @@ pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'
     {
         return Ok(Framing::Empty);
     }
-    match transfer_chunked(&head.headers)? {
-        Some(true) => return Ok(Framing::Chunked),
-        Some(false) => return Ok(Framing::UntilClose),
-        None => {}
+    match transfer_chunked(&head.headers) {
+        Ok(Some(true)) => return Ok(Framing::Chunked),
+        Ok(Some(false)) => return Ok(Framing::UntilClose),
+        // A response whose last coding is not chunked is read until the close (RFC 9112
+        // §6.3 rule 4), chunked inside it or not; chunked applied twice stays an error.
+        Err(_) if !chunked_twice(&head.headers) => return Ok(Framing::UntilClose),
+        Err(e) => return Err(e),
+        Ok(None) => {}
     }
     match content_length(&head.headers)? {
         Some(0) => Ok(Framing::Empty),
@@ -720,6 +734,12 @@ mod tests {
             ),
             Ok(Framing::UntilClose)
         );
+        // Chunked not last: read until the close (RFC 9112 §6.3 rule 4), as a request
+        // is not; chunked twice stays an error.
+        let inside = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n");
+        assert_eq!(response_framing("GET", &inside), Ok(Framing::UntilClose));
+        let twice = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n");
+        assert!(response_framing("GET", &twice).is_err());
     }
 
     #[test]

@@ -616,17 +616,14 @@ fn client_response(resp: &ResponseHead, upgrade: bool, close: bool) -> Vec<u8> {
     client_response_head(resp, upgrade, close, false)
 }
 
-/// [`client_response`] for a body sent without its transfer coding (to an HTTP/1.0
-/// client, which knows none): no `Transfer-Encoding`, no length, and the close ends it.
-fn client_response_unchunked(resp: &ResponseHead) -> Vec<u8> {
-    client_response_head(resp, false, true, true)
-}
-
+/// [`client_response`], and with `no_coding` for an HTTP/1.0 client, which knows no
+/// transfer coding: no `Transfer-Encoding` (a chunked body then goes without its coding,
+/// with no length, and the close ends it).
 fn client_response_head(
     resp: &ResponseHead,
     upgrade: bool,
     close: bool,
-    unchunked: bool,
+    no_coding: bool,
 ) -> Vec<u8> {
     let tokens: Vec<&[u8]> = resp.headers.tokens("connection").collect();
     let chunked = resp.headers.named("transfer-encoding").next().is_some();
@@ -653,7 +650,7 @@ fn client_response_head(
     if !bodiless {
         if !chunked {
             push_content_length(&mut out, &resp.headers);
-        } else if !unchunked {
+        } else if !no_coding {
             push_transfer_encoding(&mut out, &resp.headers);
         }
     }
@@ -1519,8 +1516,18 @@ where
                 "a transfer coding besides chunked, which an HTTP/1.0 client cannot take".into(),
             ));
         }
-        let mut bytes = if unchunk {
-            client_response_unchunked(&resp)
+        // Read until the close with a transfer coding (gzip, say): the HTTP/1.0 client
+        // could not undo it and would keep the coded bytes as the body.
+        let coded = resp.headers.named("transfer-encoding").next().is_some();
+        if ctx.client_minor == 0 && framing == Framing::UntilClose && coded {
+            return Err(ExchangeError::BadResponse(
+                "a transfer coding, which an HTTP/1.0 client cannot take".into(),
+            ));
+        }
+        // No Transfer-Encoding ever goes to an HTTP/1.0 client (RFC 9112 §6.1), not even
+        // on an answer without a body (HEAD, 304).
+        let mut bytes = if unchunk || ctx.client_minor == 0 {
+            client_response_head(&resp, false, close || unchunk, true)
         } else {
             client_response(&resp, false, close)
         };
@@ -1866,7 +1873,7 @@ mod tests {
             assert_eq!(out.matches("Transfer-Encoding").count(), 1, "{out}");
             assert!(out.contains(want), "{out}");
             // An HTTP/1.0 client gets the payload alone: no coding named.
-            let out = String::from_utf8(client_response_unchunked(&head)).unwrap();
+            let out = String::from_utf8(client_response_head(&head, false, true, true)).unwrap();
             assert!(!out.contains("Transfer-Encoding"), "{out}");
         }
     }

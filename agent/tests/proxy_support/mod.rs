@@ -525,6 +525,11 @@ async fn origin_conn(mut c: Conn, name: String) {
             )
             .await;
             return;
+        } else if path == "/gzip-until-close" {
+            // A transfer coding that is not chunked: the body ends with the connection.
+            c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nGZIPDATA")
+                .await;
+            return;
         } else if path == "/gzip-chunked" {
             // A transfer coding besides chunked, which no request asked for.
             c.send(
