@@ -639,7 +639,7 @@ fn proxy_credentials_are_required_when_configured() {
 }
 
 #[test]
-fn two_host_fields_get_400_for_every_method() {
+fn two_host_fields_or_none_in_http_1_1_get_400() {
     run(async {
         let proxy = start_proxy(DirectDialer, ProxyConfig::default()).await;
         for request in [
@@ -654,6 +654,18 @@ fn two_host_fields_get_400_for_every_method() {
                 "{answer}"
             );
         }
+        // None at all: 400 for an HTTP/1.1 request (RFC 9112 §3.2), not for HTTP/1.0 or
+        // a CONNECT, whose target says where.
+        let a = start_origin("a").await;
+        let lacking = format!("GET {} HTTP/1.1\r\n\r\n", a.url("/hello"));
+        let answer = raw_exchange(&proxy, lacking.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 ") && answer.contains("without a Host"),
+            "{answer}"
+        );
+        let old = format!("GET {} HTTP/1.0\r\n\r\n", a.url("/hello"));
+        let answer = raw_exchange(&proxy, old.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     });
 }
 

@@ -676,13 +676,23 @@ where
 {
     let method = head.method();
     let is_connect = method == "CONNECT";
-    // RFC 9112 §3.2: a server must answer 400 to more than one Host field, CONNECT too.
-    if head.headers.named("host").nth(1).is_some() {
-        tracing::info!(%peer, %method, status = 400, "more than one Host field");
+    // RFC 9112 §3.2: a server must answer 400 to more than one Host field, CONNECT too,
+    // and to an HTTP/1.1 request without one. A CONNECT without one is let through: some
+    // clients send none, and its target says all there is to say.
+    let hosts = head.headers.named("host").count();
+    let host_problem = if hosts > 1 {
+        Some("more than one Host field")
+    } else if hosts == 0 && head.minor_version == 1 && !is_connect {
+        Some("an HTTP/1.1 request without a Host field")
+    } else {
+        None
+    };
+    if let Some(problem) = host_problem {
+        tracing::info!(%peer, %method, status = 400, problem, "bad Host field");
         answer(
             cw,
             400,
-            "fluidity proxy: more than one Host field",
+            &format!("fluidity proxy: {problem}"),
             true,
             &[],
             method == "HEAD",
