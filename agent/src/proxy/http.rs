@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use fluidity_proto::{Host, RefusalReason, Target};
 use fluidity_runtime_smol::relay::{IdleDeadline, OwnWaker, ReadChunks, LAST_BYTES_TIME};
@@ -646,6 +647,10 @@ fn client_response_head(
             push_header(&mut out, h.name, h.value);
         }
     }
+    // A recipient with a clock adds the Date an origin left out (RFC 9110 §6.6.1).
+    if resp.status >= 200 && resp.headers.named("date").next().is_none() {
+        push_header(&mut out, b"Date", http_date(SystemTime::now()).as_bytes());
+    }
     // With Transfer-Encoding, Content-Length is wrong by definition (RFC 9112 §6.3).
     if !bodiless {
         if !chunked {
@@ -656,6 +661,35 @@ fn client_response_head(
     }
     end_head(&mut out, &resp.headers, upgrade, close);
     out
+}
+
+/// `t` as an HTTP date (RFC 9110 §5.6.7, IMF-fixdate): `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn http_date(t: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // The civil date of a day count (H. Hinnant's algorithm), in eras of 400 years.
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rest / 3_600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 /// Handles one request whose head has been read.
@@ -1696,6 +1730,17 @@ mod tests {
         }
     }
 
+    #[test]
+    fn http_dates_are_imf_fixdates() {
+        let at =
+            |secs: u64| http_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        assert_eq!(at(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(at(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(at(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(at(1_798_761_599), "Thu, 31 Dec 2026 23:59:59 GMT");
+        assert_eq!(at(4_107_542_400), "Mon, 01 Mar 2100 00:00:00 GMT");
+    }
+
     /// Trailer fields go on unless hop-by-hop (always, or named in the message's
     /// `Connection`) or framing fields, which mean nothing in a trailer.
     #[test]
@@ -1844,14 +1889,45 @@ mod tests {
     #[test]
     fn bodiless_answers_lose_their_length_fields() {
         for raw in [
-            "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\nX-Kept: 1\r\n\r\n",
-            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\nX-Kept: 1\r\nDate: x\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\nDate: x\r\n\r\n",
             "HTTP/1.1 103 Early Hints\r\nContent-Length: 7\r\nX-Kept: 1\r\n\r\n",
         ] {
             let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
             let out = client_response(&head, false, false);
-            assert_eq!(names(&out), ["x-kept"], "{raw}");
+            let want: &[&str] = if head.status < 200 {
+                &["x-kept"]
+            } else {
+                &["x-kept", "date"]
+            };
+            assert_eq!(names(&out), want, "{raw}");
         }
+    }
+
+    /// A final answer without a Date gets one (RFC 9110 §6.6.1), an interim one does
+    /// not, and one with a Date keeps its own.
+    #[test]
+    fn a_missing_date_is_added_to_final_answers() {
+        let date = |raw: &str| {
+            let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
+            let out = String::from_utf8(client_response(&head, false, false)).unwrap();
+            let dates: Vec<String> = out
+                .lines()
+                .filter_map(|l| l.strip_prefix("Date: ").map(str::to_owned))
+                .collect();
+            dates
+        };
+        let added = date("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(added.len(), 1);
+        assert!(
+            added[0].ends_with(" GMT") && added[0].len() == 29,
+            "{added:?}"
+        );
+        assert!(date("HTTP/1.1 100 Continue\r\n\r\n").is_empty());
+        assert_eq!(
+            date("HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"),
+            ["Sun, 06 Nov 1994 08:49:37 GMT"]
+        );
     }
 
     /// Transfer-Encoding goes on as one field of the codings the framing check read, in
@@ -1921,14 +1997,14 @@ mod tests {
 
     #[test]
     fn responses_lose_hop_by_hop_fields_and_keep_the_rest() {
-        let raw = format!("HTTP/1.1 200 OK\r\n{HOP_BY_HOP}Content-Length: 3\r\n\r\n");
+        let raw = format!("HTTP/1.1 200 OK\r\n{HOP_BY_HOP}Content-Length: 3\r\nDate: x\r\n\r\n");
         let (head, _) = head::parse_response_head(raw.as_bytes()).unwrap().unwrap();
         let out = client_response(&head, false, false);
-        assert_eq!(names(&out), ["trailer", "x-kept", "content-length"]);
+        assert_eq!(names(&out), ["trailer", "x-kept", "date", "content-length"]);
         let out = client_response(&head, false, true);
         assert_eq!(
             names(&out),
-            ["trailer", "x-kept", "content-length", "connection"]
+            ["trailer", "x-kept", "date", "content-length", "connection"]
         );
     }
 
