@@ -1,7 +1,8 @@
 //! Sans-IO decoder for the chunked transfer coding (RFC 9112 §7.1).
 //!
-//! The proxy forwards chunked bodies unchanged; it decodes only to know exactly where a
-//! body ends, so that the next message on the same connection starts at the right byte.
+//! The proxy forwards chunks unchanged (and the trailer section without hop-by-hop
+//! fields); it decodes to know exactly where a body ends, so that the next message on
+//! the same connection starts at the right byte, and where its trailers begin.
 //! The decoder is strict (CRLF only; extensions and trailer fields bounded and held to
 //! their grammar, so a quoted string ends on its line and a trailer line is a field, not a
 //! status line): a lenient parser that finds a different end than the next hop is how

@@ -505,12 +505,13 @@ where
 }
 
 /// Sends `head`, then copies one chunked body, stopping exactly at its end; returns the
-/// body's length as sent. Chunks go unchanged; the trailer section (bounded by the
-/// decoder) is held and sent with only the fields `keep_trailer` keeps, since a proxy must
-/// not pass on hop-by-hop fields there either (RFC 9110 §7.6.1). `head` is emptied once
-/// sent, as in [`copy_exact`]. Invalid coding is found before the bytes buffered with it
-/// are written, so a body invalid within the bytes that arrived with the head leaves
-/// `head` unsent.
+/// body's length as sent. Chunks go unchanged; a trailer section that keeps every field
+/// goes unchanged with them, and one that does not (bounded by the decoder) is held and
+/// sent with only the fields `keep_trailer` keeps, since a proxy must not pass on
+/// hop-by-hop fields there either (RFC 9110 §7.6.1). `head` is emptied once sent, as in
+/// [`copy_exact`]. Invalid coding, trailers included, is found before the bytes buffered
+/// with it are written, so a body invalid within the bytes that arrived with the head
+/// leaves `head` unsent.
 pub(crate) async fn copy_chunked<S, W>(
     from: &mut S,
     to: &mut W,
@@ -524,54 +525,60 @@ where
     start_message(from, to, head).await?;
     let mut decoder = ChunkedDecoder::new();
     let mut total = 0u64;
+    // The trailer section so far, held apart from the chunks.
     let mut trailers = Vec::new();
     while !decoder.is_done() {
         if from.buffered().is_empty() && from.fill().await.map_err(CopyError::Read)? == 0 {
             return Err(CopyError::Eof);
         }
-        if decoder.in_trailers() {
-            let buffered = from.buffered();
-            let mut at = 0;
-            while at < buffered.len() && !decoder.is_done() {
-                let step = decoder.feed(&buffered[at..]).map_err(CopyError::Chunked)?;
-                if step.consumed == 0 {
-                    break;
-                }
-                at += step.consumed;
-            }
-            trailers.extend_from_slice(&buffered[..at]);
-            from.consume(at);
-            continue;
-        }
-        // Find how much of the buffered bytes belongs to the chunks, then forward it in
-        // one write.
-        let mut used = 0;
+        // How much of the buffered bytes are chunks (`used`, forwarded in one write) and
+        // trailer section after them (`held`).
+        let (mut used, mut held) = (0, 0);
         {
             let mut pieces = [IoSlice::new(&[]); MAX_SLICES];
             let k = from.buffered_slices(&mut pieces, usize::MAX);
             'pieces: for piece in &pieces[..k] {
                 let mut at = 0;
-                while at < piece.len() && !decoder.is_done() && !decoder.in_trailers() {
+                while at < piece.len() && !decoder.is_done() {
+                    // A step never crosses into the trailer section: it stops there.
+                    let in_trailers = decoder.in_trailers();
                     let step = decoder.feed(&piece[at..]).map_err(CopyError::Chunked)?;
                     if step.consumed == 0 {
-                        used += at;
                         break 'pieces;
+                    }
+                    if in_trailers {
+                        trailers.extend_from_slice(&piece[at..at + step.consumed]);
+                        held += step.consumed;
+                    } else {
+                        used += step.consumed;
                     }
                     at += step.consumed;
                 }
-                used += at;
-                if decoder.in_trailers() {
+                if decoder.is_done() {
                     break;
                 }
             }
         }
+        // A whole section in these bytes that keeps every field goes as it came.
+        if decoder.is_done()
+            && held == trailers.len()
+            && kept_trailers(&trailers, keep_trailer) == trailers
+        {
+            used += held;
+            held = 0;
+            trailers.clear();
+        }
         total += write_after(to, head, from, used as u64).await?;
+        from.consume(held);
     }
-    let kept = kept_trailers(&trailers, keep_trailer);
-    write_after(to, head, from, 0).await?;
-    to.write_all(&kept).await.map_err(CopyError::Write)?;
+    if !trailers.is_empty() {
+        let kept = kept_trailers(&trailers, keep_trailer);
+        write_after(to, head, from, 0).await?;
+        to.write_all(&kept).await.map_err(CopyError::Write)?;
+        total += kept.len() as u64;
+    }
     to.flush().await.map_err(CopyError::Write)?;
-    Ok(total + kept.len() as u64)
+    Ok(total)
 }
 
 /// A trailer section (field lines and the final empty line, as the decoder checked them)
@@ -979,6 +986,16 @@ mod tests {
             }
             assert_eq!(rest, b"NEXT", "{sizes:?}");
         }
+        // An invalid trailer that arrived with the head is found before anything is
+        // written: the caller can still answer in its place.
+        let bad: &[u8] = b"3\r\nabc\r\n0\r\nBad\x00Trailer: x\r\n\r\n";
+        let mut stream = SharedStream::new(Batches::cut(bad, &[bad.len()], 100));
+        let (mut from, _) = stream.halves();
+        let (mut out, mut head) = (Vec::new(), b"HTTP/1.1 200 OK\r\n\r\n".to_vec());
+        block_on(from.fill()).unwrap();
+        let got = block_on(copy_chunked(&mut from, &mut out, &mut head, &keep));
+        assert!(matches!(got, Err(CopyError::Chunked(_))), "{got:?}");
+        assert!(out.is_empty() && !head.is_empty(), "sent before the check");
         // Without trailers, the body goes unchanged.
         let plain: &[u8] = b"3\r\nabc\r\n0\r\n\r\n";
         let mut stream = SharedStream::new(Batches::cut(plain, &[1], 100));
