@@ -669,10 +669,14 @@ fn is_lasting(e: &fluidity_runtime_smol::Error, server_may_move: bool) -> bool {
         // handshake, as an alert the transport reports by name (see `handshake_error`).
         E::Tunnel(fluidity_proto::Error::TransportFailed(why)) => why
             .split_once("received fatal alert: ")
-            .is_some_and(|(_, name)| {
+            .is_some_and(|(_, rest)| {
+                // The whole name: `BadCertificate` is not `BadCertificateHashValue`.
+                let end = rest
+                    .find(|c: char| !c.is_ascii_alphanumeric())
+                    .unwrap_or(rest.len());
                 LASTING_ALERTS
                     .iter()
-                    .any(|a| name.starts_with(&format!("{a:?}")))
+                    .any(|a| format!("{a:?}") == rest[..end])
             }),
         _ => false,
     }
@@ -1117,6 +1121,8 @@ mod tests {
             (reported("UnknownCA"), true),
             (reported("InternalError"), false),
             (reported("DecodeError"), false),
+            (reported("BadCertificateHashValue"), false),
+            (reported("BadCertificate"), true),
             (
                 E::Tunnel(fluidity_proto::Error::InvalidAuthMethod("".into())),
                 true,

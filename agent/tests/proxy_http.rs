@@ -398,10 +398,14 @@ fn bad_requests_get_400_and_431() {
         let answer = raw_exchange(&proxy, many.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
 
-        let smuggle = b"POST http://127.0.0.1:1/ HTTP/1.1\r\nContent-Length: 3\r\n\
+        let smuggle = b"POST http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
                         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         let answer = raw_exchange(&proxy, smuggle).await;
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 400 ")
+                && answer.contains("both Transfer-Encoding and Content-Length"),
+            "{answer}"
+        );
     });
 }
 
@@ -661,6 +665,11 @@ fn two_host_fields_or_none_in_http_1_1_get_400() {
         let answer = raw_exchange(&proxy, lacking.as_bytes()).await;
         assert!(
             answer.starts_with("HTTP/1.1 400 ") && answer.contains("without a Host"),
+            "{answer}"
+        );
+        // The proxy's own answers carry a Date, as an origin's must.
+        assert!(
+            answer.contains("\r\nDate: ") && answer.contains(" GMT\r\n"),
             "{answer}"
         );
         let old = format!("GET {} HTTP/1.0\r\n\r\n", a.url("/hello"));

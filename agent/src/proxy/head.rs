@@ -431,6 +431,11 @@ pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'
     {
         return Ok(Framing::Empty);
     }
+    // HTTP/1.0 knows no transfer coding: a message that names one has faulty framing
+    // (RFC 9112 §6.1).
+    if head.minor_version == 0 && head.headers.named("transfer-encoding").next().is_some() {
+        return Err("Transfer-Encoding in an HTTP/1.0 response");
+    }
     match transfer_chunked(&head.headers) {
         Ok(Some(true)) => return Ok(Framing::Chunked),
         Ok(Some(false)) => return Ok(Framing::UntilClose),
@@ -740,6 +745,8 @@ mod tests {
         assert_eq!(response_framing("GET", &inside), Ok(Framing::UntilClose));
         let twice = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n");
         assert!(response_framing("GET", &twice).is_err());
+        let old = resp("HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(response_framing("GET", &old).is_err());
     }
 
     #[test]

@@ -303,9 +303,12 @@ async fn answer<W: AsyncWrite + Unpin>(
     to_head: bool,
 ) -> std::io::Result<()> {
     let body = format!("{}\n", one_line(line, 1000));
+    // The proxy is the origin of its own answers, which carry a Date (RFC 9110 §6.6.1).
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        "HTTP/1.1 {status} {}\r\nDate: {}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n",
         status_text(status),
+        http_date(SystemTime::now()),
         body.len()
     );
     for (name, value) in extra {
@@ -1562,7 +1565,10 @@ where
         }
         // Read until the close with a transfer coding (gzip, say): the HTTP/1.0 client
         // could not undo it and would keep the coded bytes as the body.
-        let coded = resp.headers.named("transfer-encoding").next().is_some();
+        let coded = resp
+            .headers
+            .tokens("transfer-encoding")
+            .any(|c| !c.eq_ignore_ascii_case(b"identity"));
         if ctx.client_minor == 0 && framing == Framing::UntilClose && coded {
             return Err(ExchangeError::BadResponse(
                 "a transfer coding, which an HTTP/1.0 client cannot take".into(),
