@@ -835,6 +835,7 @@ impl Driver {
                          limit; dropping it"
                     );
                 }
+                // Already finished (with no error) when only the peer's end was awaited.
                 s.finish(Some(fluidity_proto::Error::TransportFailed(format!(
                     "the peer took nothing for {} s while the tunnel closed",
                     CLOSE_LIMIT.as_secs()

@@ -884,7 +884,11 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
         // A trailing slash would make the lookup follow a final link; the link is judged.
         let bytes = dir.as_os_str().as_bytes();
         let end = bytes.len() - bytes.iter().rev().take_while(|&&b| b == b'/').count();
-        let path = Path::new(std::ffi::OsStr::from_bytes(&bytes[..end.max(1)]));
+        let path = match end {
+            // An empty path stays empty, and fails to be read below; slashes alone are `/`.
+            0 if !bytes.is_empty() => Path::new("/"),
+            _ => Path::new(std::ffi::OsStr::from_bytes(&bytes[..end])),
+        };
         let link = fs::symlink_metadata(path).map_err(read_err)?;
         let meta = fs::metadata(path).map_err(read_err)?;
         // A link's owner may point it elsewhere at any time, so the folder it leads to
@@ -908,25 +912,33 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
                 "`chmod o-w` it if nobody else has put files there, or give another folder",
             ));
         }
-        // The folders it is in: whoever may rename entries in one of them could move this
-        // folder aside and put one of their own in its place. A folder every user may
-        // write to is safe only with the sticky bit (as /tmp), which keeps each user's
-        // entries their own.
+        // The links on the way as written: their owners may point them elsewhere.
         let absolute = std::path::absolute(path).map_err(read_err)?;
         for parent in absolute.ancestors().skip(1) {
-            let shown = parent.display();
             let link = fs::symlink_metadata(parent).map_err(read_err)?;
             if link.file_type().is_symlink() && !trusted(link.uid()) {
                 return Err(refuse(
-                    format!("is reached through {shown}, a link made by another user"),
+                    format!(
+                        "is reached through {}, a link made by another user",
+                        parent.display()
+                    ),
                     "give a folder whose path holds no link of another user's",
                 ));
             }
+        }
+        // The folders it is really in: whoever may rename entries in one of them could
+        // move this folder aside and put one of their own in its place. A folder every
+        // user may write to is safe only with the sticky bit (as /tmp), which keeps each
+        // user's entries their own.
+        let real = fs::canonicalize(path).map_err(read_err)?;
+        for parent in real.ancestors().skip(1) {
+            let shown = parent.display();
             let meta = fs::metadata(parent).map_err(read_err)?;
             if !trusted(meta.uid()) {
                 return Err(refuse(
                     format!("is inside {shown}, a folder of another user, who could replace it"),
-                    "give a folder inside folders of your own (your home, say)",
+                    "give a folder inside folders of your own (your home, say), or have that \
+                     folder given to you",
                 ));
             }
             if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
@@ -934,7 +946,8 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
                     format!(
                         "is inside {shown}, which every user may write to without the sticky bit"
                     ),
-                    "give a folder inside folders of your own (your home, say)",
+                    "`chmod +t` that folder (as /tmp is), or give a folder inside folders of \
+                     your own (your home, say)",
                 ));
             }
         }
@@ -1510,6 +1523,13 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
         let dir = tmp.path().join("mine");
         fs::create_dir(&dir).expect("mkdir");
         check_private_dir(&dir).expect("a folder of one's own");
+        assert!(
+            matches!(
+                check_private_dir(Path::new("")),
+                Err(Error::ReadFile { .. })
+            ),
+            "an empty path is no folder"
+        );
         let link = tmp.path().join("link");
         symlink(&dir, &link).expect("symlink");
         check_private_dir(&link).expect("one's own link to one's own folder");
