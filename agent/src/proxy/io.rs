@@ -790,6 +790,22 @@ mod tests {
         futures_lite::future::block_on(f)
     }
 
+    /// Everything `from` still delivers, to its end.
+    fn rest_of(from: &mut impl Source) -> Vec<u8> {
+        let mut rest = Vec::new();
+        loop {
+            let n = from.buffered().len();
+            if n == 0 {
+                if block_on(from.fill()).unwrap() == 0 {
+                    return rest;
+                }
+                continue;
+            }
+            rest.extend_from_slice(from.buffered());
+            from.consume(n);
+        }
+    }
+
     /// A connection that fails every read and write.
     struct Broken(io::ErrorKind);
 
@@ -929,19 +945,7 @@ mod tests {
                 assert_eq!(n, 11, "{sizes:?} {per_call}");
                 assert_eq!(w.out, expected, "{sizes:?} {per_call}");
                 assert!(head.is_empty());
-                let mut rest = Vec::new();
-                loop {
-                    let n = from.buffered().len();
-                    if n == 0 {
-                        if block_on(from.fill()).unwrap() == 0 {
-                            break;
-                        }
-                        continue;
-                    }
-                    rest.extend_from_slice(from.buffered());
-                    from.consume(n);
-                }
-                assert_eq!(rest, b"NEXT", "{sizes:?} {per_call}");
+                assert_eq!(rest_of(&mut from), b"NEXT", "{sizes:?} {per_call}");
             }
         }
         // An invalid size is an error, not a silently short body.
@@ -972,19 +976,7 @@ mod tests {
             let n = block_on(copy_chunked(&mut from, &mut out, &mut Vec::new(), &keep)).unwrap();
             assert_eq!(out, want, "{sizes:?}: {}", String::from_utf8_lossy(&out));
             assert_eq!(n, out.len() as u64, "{sizes:?}");
-            let mut rest = Vec::new();
-            loop {
-                let k = from.buffered().len();
-                if k == 0 {
-                    if block_on(from.fill()).unwrap() == 0 {
-                        break;
-                    }
-                    continue;
-                }
-                rest.extend_from_slice(from.buffered());
-                from.consume(k);
-            }
-            assert_eq!(rest, b"NEXT", "{sizes:?}");
+            assert_eq!(rest_of(&mut from), b"NEXT", "{sizes:?}");
         }
         // An invalid trailer that arrived with the head is found before anything is
         // written: the caller can still answer in its place.
