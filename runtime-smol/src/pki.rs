@@ -912,9 +912,10 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
                 "`chmod o-w` it if nobody else has put files there, or give another folder",
             ));
         }
-        // The links on the way as written: their owners may point them elsewhere.
+        // The links on the way as written, the last one included (`link/.` reads as the
+        // folder it leads to): their owners may point them elsewhere.
         let absolute = std::path::absolute(path).map_err(read_err)?;
-        for parent in absolute.ancestors().skip(1) {
+        for parent in absolute.ancestors() {
             let link = fs::symlink_metadata(parent).map_err(read_err)?;
             if link.file_type().is_symlink() && !trusted(link.uid()) {
                 return Err(refuse(
@@ -926,12 +927,12 @@ pub fn check_private_dir(dir: &Path) -> Result<(), Error> {
                 ));
             }
         }
-        // The folders it is really in: whoever may rename entries in one of them could
-        // move this folder aside and put one of their own in its place. A folder every
-        // user may write to is safe only with the sticky bit (as /tmp), which keeps each
-        // user's entries their own.
+        // The folders it is in, as written (where its links are) and really: whoever may
+        // rename entries in one of them could move this folder, or a link to it, aside and
+        // put one of their own in its place. A folder every user may write to is safe
+        // only with the sticky bit (as /tmp), which keeps each user's entries their own.
         let real = fs::canonicalize(path).map_err(read_err)?;
-        for parent in real.ancestors().skip(1) {
+        for parent in absolute.ancestors().skip(1).chain(real.ancestors().skip(1)) {
             let shown = parent.display();
             let meta = fs::metadata(parent).map_err(read_err)?;
             if !trusted(meta.uid()) {
@@ -1555,12 +1556,26 @@ AwEHoUQDQgAEKx95x7V1grrWGtq5Jr6fKDKb3Q5SXFV7GF20xk0MohgU/fMW+7I8
             open.display()
         );
         refused(&inner, &why);
+        // One's own link to one's own folder, but inside that folder: whoever may write
+        // there could swap the link.
+        let swappable = open.join("link");
+        symlink(&dir, &swappable).expect("symlink");
+        let why = format!(
+            "is inside {}, which every user may write to without the sticky bit",
+            open.display()
+        );
+        refused(&swappable, &why);
         fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).expect("chmod");
         if rustix::process::geteuid().is_root() {
             let nobody = Some(65534);
             lchown(&link, nobody, nobody).expect("lchown");
             refused(&link, "is a link made by another user");
             refused(&slashed, "is a link made by another user");
+            let why = format!(
+                "is reached through {}, a link made by another user",
+                link.display()
+            );
+            refused(&link.join("."), &why);
             let through = link.join("sub");
             fs::create_dir(dir.join("sub")).expect("mkdir");
             let why = format!(
