@@ -1682,8 +1682,11 @@ where
             return Ok(Next::Close);
         }
     };
-    cw.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await?;
+    let established = format!(
+        "HTTP/1.1 200 Connection established\r\nDate: {}\r\n\r\n",
+        http_date(SystemTime::now())
+    );
+    cw.write_all(established.as_bytes()).await?;
     cw.flush().await?;
     Ok(match relay_stream(cin, cw, stream).await {
         Ok((up, down)) => {

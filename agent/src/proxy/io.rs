@@ -510,8 +510,8 @@ where
 /// sent with only the fields `keep_trailer` keeps, since a proxy must not pass on
 /// hop-by-hop fields there either (RFC 9110 §7.6.1). `head` is emptied once sent, as in
 /// [`copy_exact`]. Invalid coding, trailers included, is found before the bytes buffered
-/// with it are written, so a body invalid within the bytes that arrived with the head
-/// leaves `head` unsent.
+/// with it are written, so a body invalid within the bytes that arrived with the head (in
+/// its first [`MAX_SLICES`] pieces) leaves `head` unsent.
 pub(crate) async fn copy_chunked<S, W>(
     from: &mut S,
     to: &mut W,
