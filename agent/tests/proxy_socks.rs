@@ -159,6 +159,42 @@ fn socks4_clients_get_socks4_refusals() {
     });
 }
 
+/// A refused client that sent more behind its request reads the refusal and then a plain
+/// close, not a reset: what it sent is read and dropped, as for SOCKS4.
+#[test]
+fn a_refusal_ends_in_a_plain_close_though_the_client_sent_more() {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    run(async {
+        let refused = OpenRefusal::new(RefusalReason::ConnectionRefused, "");
+        let proxy = start_proxy(
+            RefusingDialer::new(DialError::Refused(refused)),
+            ProxyConfig::default(),
+        )
+        .await;
+        let target: std::net::SocketAddr = "127.0.0.1:80".parse().unwrap();
+        // A refused open, and a command that is not served (BIND).
+        for (command, code) in [(1, 0x05), (2, 0x07)] {
+            let mut c = greeted(&proxy).await;
+            let mut m = connect_ipv4(target, command);
+            m.extend_from_slice(&vec![0u8; 200_000]);
+            // The proxy may close before it has read it all: a failed send is the bug too,
+            // and shows below.
+            let _ = c.s.write_all(&m).await;
+            let mut got = Vec::new();
+            let end = loop {
+                let mut tmp = [0u8; 4096];
+                match c.s.read(&mut tmp).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => got.extend_from_slice(&tmp[..n]),
+                    Err(e) => break Err(e.kind()),
+                }
+            };
+            assert_eq!(got, socks_reply(code), "command {command}");
+            assert_eq!(end, Ok(()), "command {command}: not a plain close");
+        }
+    });
+}
+
 #[test]
 fn refusals_map_to_socks_reply_codes() {
     run(async {

@@ -180,6 +180,9 @@ where
         Some(Ok(Handshake::Rejected(why))) => {
             let _ = w.flush().await;
             tracing::info!(%peer, proto = "socks5", error = %why, "request rejected");
+            // As for SOCKS4: what the client sent behind its request is read, so that the
+            // close does not reset the connection before it has read the refusal.
+            linger_close(inb, w).await;
             return Err(Error::ClientProtocol(why));
         }
         Some(Ok(Handshake::Connect(t))) => t,
@@ -201,6 +204,7 @@ where
             tracing::info!(%peer, proto = "socks5", %target, reply = code, error = %e, "connect refused");
             w.write_all(&socks5::reply(code)).await?;
             w.flush().await?;
+            linger_close(inb, w).await;
             return Ok(());
         }
     };
