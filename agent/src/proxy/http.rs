@@ -855,7 +855,7 @@ where
     let head_bytes = origin_request(&head, &abs, websocket, client_close);
     let ctx = Exchange {
         method,
-        connection: head.headers.tokens("connection").collect(),
+        request: &head.headers,
         framing,
         websocket,
         client_close,
@@ -1156,8 +1156,9 @@ const CLOSED_SIDE: &str =
 /// What a request needs to know while its response is relayed.
 struct Exchange<'a> {
     method: &'a str,
-    /// The request's `Connection` tokens: fields its trailers must not pass on either.
-    connection: Vec<&'a [u8]>,
+    /// The request's fields; its `Connection` tokens name fields its trailers must not
+    /// pass on either.
+    request: &'a Headers,
     framing: Framing,
     websocket: bool,
     client_close: bool,
@@ -1269,8 +1270,7 @@ where
                 w: &mut uw,
                 n: &body_moved,
             };
-            let keep = |h: &Header<'_>| keeps_trailer(h, &ctx.connection);
-            let n = send_request(head_bytes, ctx.framing, cin, &mut counted, &keep).await?;
+            let n = send_request(head_bytes, ctx, cin, &mut counted).await?;
             body_sent.store(n, Ordering::Relaxed);
             // Then the client is watched: one that goes away abandons the request, and
             // must not leave its stream waiting for an origin that may never answer. Not
@@ -1438,16 +1438,15 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<'_, W> {
 
 async fn send_request<R, W>(
     head_bytes: &[u8],
-    framing: Framing,
+    ctx: &Exchange<'_>,
     cin: &mut Inbound<R>,
     uw: &mut W,
-    keep_trailer: &(dyn Fn(&Header<'_>) -> bool + Sync),
 ) -> Result<u64, CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    match framing {
+    match ctx.framing {
         Framing::Empty | Framing::UntilClose => {
             uw.write_all(head_bytes).await.map_err(CopyError::Write)?;
             uw.flush().await.map_err(CopyError::Write)?;
@@ -1456,7 +1455,12 @@ where
         Framing::Length(n) => copy_exact(cin, uw, &mut head_bytes.to_vec(), n)
             .await
             .map(|()| n),
-        Framing::Chunked => copy_chunked(cin, uw, &mut head_bytes.to_vec(), keep_trailer).await,
+        Framing::Chunked => {
+            // Collected only here: most requests have no chunked body.
+            let tokens: Vec<&[u8]> = ctx.request.tokens("connection").collect();
+            let keep = |h: &Header<'_>| keeps_trailer(h, &tokens);
+            copy_chunked(cin, uw, &mut head_bytes.to_vec(), &keep).await
+        }
     }
 }
 
